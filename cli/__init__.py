@@ -1,0 +1,1 @@
+"""Command-line interface (installed as ``emtile.cli``): thin click commands over the Python API."""

@@ -1,0 +1,57 @@
+"""The ``emtile`` root command.
+
+Each subcommand lives in its own module under ``cli/`` and is imported only when it is run (or
+when ``--help`` lists it), so ``emtile --help`` stays instant. User mistakes (:class:`EmtileError`)
+become a one-line ``Error: ...`` and exit code 1; anything else keeps its traceback.
+"""
+
+import importlib
+
+import click
+
+from emtile import EmtileError, __version__
+
+# command name -> "module:attribute" of its click command
+COMMANDS = {
+    "convert": "emtile.cli.convert:convert",
+    "info": "emtile.cli.info:info",
+    "predict": "emtile.cli.predict:predict",
+    "bench": "emtile.cli.bench:bench",
+    "train": "emtile.cli.train:train",
+    "evaluate": "emtile.cli.evaluate:evaluate",
+    "show": "emtile.cli.show:show",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if self.get_command(ctx, name) is not None]
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # the command is not built yet
+                return None
+            raise
+        return getattr(module, attr)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EmtileError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="emtile")
+def main():
+    """Tiled training and inference of U-Nets on large electron-microscopy volumes."""
+
+
+if __name__ == "__main__":
+    main()
