@@ -1,0 +1,662 @@
+"""Open any EM stack as a lazy array; convert it to a chunked OME-Zarr store; describe a store.
+
+Sources that :func:`open_volume` reads, each without loading it whole:
+
+- a TIFF file (multi-page, BigTIFF, compressed, tiled), read page by page through tifffile's
+  Zarr interface;
+- a folder (or glob pattern) of 2-D PNG / TIFF / JPEG images, one per slice, in natural order
+  (``slice2`` before ``slice10``);
+- a Zarr array, or an OME-Zarr group (its full-resolution array), Zarr v2 or v3;
+- an HDF5 dataset (``file.h5`` with one dataset, ``file.h5/path/to/dataset`` or ``dataset=``),
+  if h5py is installed.
+
+Everything returned follows one small contract: ``.shape``, ``.dtype``, ``.ndim`` and basic
+slicing (ints and slices) returning a NumPy array.
+"""
+
+import glob as _glob
+import math
+import os
+import queue
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from emtile._errors import EmtileError
+from emtile import store as _store
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+_SLAB_BYTES = 64 * 2**20  # how much convert and info hold in memory at a time
+
+
+# --------------------------------------------------------------------------- lazy views
+
+
+def _normalize_key(key, shape):
+    """Expand a basic-indexing key into one int or slice per axis (bounds-checked ints)."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1:]
+    if len(key) > len(shape):
+        raise IndexError(f"too many indices ({len(key)}) for an array of shape {shape}")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    out = []
+    for k, n in zip(key, shape):
+        if isinstance(k, (int, np.integer)):
+            k = int(k)
+            if not -n <= k < n:
+                raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
+            out.append(k % n)
+        elif isinstance(k, slice):
+            out.append(k)
+        else:
+            raise TypeError(f"only ints and slices are supported, got {k!r}")
+    return out
+
+
+class LazyArray:
+    """Base of emtile's lazy views: subclasses define ``shape``, ``dtype`` and ``_read(key)``."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        return self._read(_normalize_key(key, self.shape))
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[...]
+        return data.astype(dtype) if dtype is not None else data
+
+    def __repr__(self):
+        return f"<{type(self).__name__} shape={self.shape} dtype={self.dtype}>"
+
+
+class ChannelView(LazyArray):
+    """One channel (``index`` along ``axis``) of a multi-channel array, read lazily."""
+
+    def __init__(self, array, axis, index):
+        self.array, self.axis, self.index = array, axis, index
+        self.shape = tuple(s for i, s in enumerate(array.shape) if i != axis)
+        self.dtype = np.dtype(array.dtype)
+
+    def _read(self, key):
+        full = list(key)
+        full.insert(self.axis, self.index)
+        return np.asarray(self.array[tuple(full)])
+
+
+def _natural_key(path):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", Path(path).name)]
+
+
+def _read_image_file(path):
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            return tifffile.imread(path)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except Exception as exc:  # corrupt file: say which
+        raise EmtileError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def _image_header(path):
+    """(shape, dtype) of a 2-D image file from its header only."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                series = tf.series[0]
+                return tuple(series.shape), np.dtype(series.dtype)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            mode_dtype = {"1": np.bool_, "L": np.uint8, "P": np.uint8, "RGB": np.uint8,
+                          "RGBA": np.uint8, "LA": np.uint8, "I;16": np.uint16,
+                          "I;16B": np.uint16, "I": np.int32, "F": np.float32}
+            bands = len(im.getbands())
+            shape = (im.height, im.width) + ((bands,) if bands > 1 else ())
+            if im.mode not in mode_dtype:
+                raise EmtileError(f"image {str(path)!r} has unsupported mode {im.mode!r}")
+            return shape, np.dtype(mode_dtype[im.mode])
+    except EmtileError:
+        raise
+    except Exception as exc:
+        raise EmtileError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+class ImageStack(LazyArray):
+    """A folder or glob of 2-D images as a ``(Z, Y, X)`` array (or ``(Y, X)`` for one file).
+
+    Reads only the files a slice asks for. All images must have the first one's shape and dtype;
+    the first that does not is named in the error.
+    """
+
+    def __init__(self, files, *, channel=None, squeeze=False):
+        self.files = [str(f) for f in files]
+        shape, dtype = _image_header(self.files[0])
+        for f in self.files[1:]:
+            s, d = _image_header(f)
+            if s != shape or d != dtype:
+                raise EmtileError(
+                    f"slice {f!r} has shape {s} and dtype {d}, but the first slice "
+                    f"{self.files[0]!r} has shape {shape} and dtype {dtype}; all slices must match"
+                )
+        if len(shape) == 3:
+            if channel is None:
+                raise EmtileError(
+                    f"{self.files[0]!r} has {shape[2]} channels (shape {shape}); "
+                    f"pick one with --channel N (0 to {shape[2] - 1})"
+                )
+            _check_channel(channel, shape[2], self.files[0])
+            shape = shape[:2]
+        elif channel is not None:
+            raise EmtileError(f"--channel {channel} was given but {self.files[0]!r} has one channel")
+        self.channel = channel
+        self.squeeze = squeeze
+        self.shape = shape if squeeze else (len(self.files),) + shape
+        self.dtype = dtype
+
+    def _read(self, key):
+        if self.squeeze:
+            key = [0] + list(key)
+        zkey, yx = key[0], tuple(key[1:])
+        indices = [zkey] if isinstance(zkey, int) else range(len(self.files))[zkey]
+        slabs = []
+        for i in indices:
+            img = _read_image_file(self.files[i])
+            if self.channel is not None:
+                img = img[..., self.channel]
+            slabs.append(img[yx])
+        if isinstance(zkey, int):
+            return slabs[0]
+        if not slabs:
+            probe = np.empty(self.shape[1:], self.dtype)[yx]
+            return np.empty((0,) + probe.shape, self.dtype)
+        return np.stack(slabs)
+
+
+def _check_channel(channel, n, what):
+    if not 0 <= channel < n:
+        raise EmtileError(f"--channel {channel} is out of range for {what!r}: it has channels 0 to {n - 1}")
+
+
+# --------------------------------------------------------------------------- open_volume
+
+
+def open_volume(path, *, channel=None, dataset=None):
+    """Open an image stack lazily, whatever its format.
+
+    Parameters
+    ----------
+    path : str or Path
+        A TIFF file, a folder or glob of 2-D images, a Zarr array or OME-Zarr group (its
+        full-resolution array; ``store.zarr/labels/mask`` for a nested one), or an HDF5 file
+        (``file.h5/dataset`` picks a dataset).
+    channel : int, optional
+        For multi-channel (RGB, ``C`` or ``S`` axis) sources, the channel to read.
+    dataset : str, optional
+        HDF5 dataset path inside the file.
+
+    Returns
+    -------
+    array-like, shape (Z, Y, X) or (Y, X)
+        A ``zarr.Array`` or a :class:`LazyArray`; slicing reads only what it asks for.
+
+    Examples
+    --------
+    >>> vol = open_volume("../shared/data/isbi2012/train-volume.tif")  # doctest: +SKIP
+    >>> vol.shape, vol[0, :2, :2]                                        # doctest: +SKIP
+    ((30, 512, 512), array([[...]], dtype=uint8))
+    """
+    text = str(path)
+    if any(ch in text for ch in "*?["):
+        files = sorted(_glob.glob(text), key=_natural_key)
+        files = [f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise EmtileError(f"no PNG or TIFF images match {text!r}")
+        return ImageStack(files, channel=channel)
+    h5 = _split_hdf5(text)
+    if h5 is not None:
+        return _open_hdf5(h5[0], dataset or h5[1], channel)
+    p = Path(text)
+    if not p.exists():
+        raise EmtileError(f"input {text!r} does not exist")
+    if p.is_dir():
+        if _store.is_zarr_store(p):
+            return _select_channel(_open_zarr(p), channel, text)
+        files = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+                        and not f.name.startswith(".")), key=_natural_key)
+        if not files:
+            raise EmtileError(
+                f"folder {text!r} holds no PNG, TIFF or JPEG images (and is not a Zarr store)"
+            )
+        return ImageStack(files, channel=channel)
+    suffix = p.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return _open_tiff(p, channel)
+    if suffix in IMAGE_SUFFIXES:
+        return ImageStack([p], channel=channel, squeeze=True)
+    raise EmtileError(
+        f"input {text!r} has an unknown format: expected a TIFF, a folder of PNG/TIFF images, "
+        "a Zarr store or an HDF5 file"
+    )
+
+
+def _open_tiff(path, channel):
+    import tifffile
+    import zarr
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            series = tf.series[0]
+            axes, shape = series.axes, tuple(series.shape)
+            last = series.pages[-1] if len(series.pages) else None
+            if last is not None and hasattr(last, "dataoffsets"):
+                end = max((o + n for o, n in zip(last.dataoffsets, last.databytecounts)), default=0)
+                if end > os.path.getsize(path):
+                    raise EmtileError(
+                        f"TIFF {str(path)!r} is truncated: its last image needs {end} bytes "
+                        f"but the file has {os.path.getsize(path)}"
+                    )
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        arr = zarr.open_array(store, mode="r")
+    except EmtileError:
+        raise
+    except Exception as exc:
+        raise EmtileError(f"{str(path)!r} is not a readable TIFF file: {exc}") from None
+    channel_axes = [i for i, a in enumerate(axes) if a in "SC"]
+    if channel_axes:
+        axis = channel_axes[0]
+        if channel is None:
+            raise EmtileError(
+                f"{str(path)!r} has {shape[axis]} channels (shape {shape}, axes {axes}); "
+                f"pick one with --channel N (0 to {shape[axis] - 1})"
+            )
+        _check_channel(channel, shape[axis], str(path))
+        return ChannelView(arr, axis, channel)
+    if channel is not None:
+        raise EmtileError(f"--channel {channel} was given but {str(path)!r} has one channel")
+    return arr
+
+
+def _open_zarr(path):
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise EmtileError(f"cannot open Zarr store {str(path)!r}: {exc}") from None
+    if isinstance(node, zarr.Array):
+        return node
+    attrs = node.attrs.asdict()
+    multiscales = attrs.get("ome", attrs).get("multiscales")
+    if multiscales:
+        return node[multiscales[0]["datasets"][0]["path"]]
+    arrays = sorted(name for name, _ in node.arrays())
+    if "0" in arrays:
+        return node["0"]
+    if len(arrays) == 1:
+        return node[arrays[0]]
+    raise EmtileError(
+        f"Zarr group {str(path)!r} has no OME multiscales and {len(arrays)} arrays "
+        f"({', '.join(arrays) or 'none'}); open one of them as {str(path)}/NAME"
+    )
+
+
+def _select_channel(arr, channel, text):
+    if channel is None:
+        return arr
+    _check_channel(channel, arr.shape[0], text)
+    return ChannelView(arr, 0, channel)
+
+
+def _split_hdf5(text):
+    """``'a/b.h5/raw/data'`` -> (``'a/b.h5'``, ``'raw/data'``); None if not an HDF5 path."""
+    m = re.match(r"^(.*?\.(?:h5|hdf5|hdf))(?:/(.*))?$", text, flags=re.IGNORECASE)
+    if m is None:
+        return None
+    return m.group(1), m.group(2)
+
+
+class HDF5Dataset(LazyArray):
+    """An HDF5 dataset opened per read, so it survives forking into DataLoader workers."""
+
+    def __init__(self, filename, name, shape, dtype):
+        self.filename, self.name, self.shape, self.dtype = filename, name, shape, dtype
+
+    def _read(self, key):
+        import h5py
+
+        with h5py.File(self.filename, "r") as f:
+            return np.asarray(f[self.name][tuple(key)])
+
+
+def _open_hdf5(filename, name, channel):
+    try:
+        import h5py
+    except ImportError:
+        raise EmtileError(
+            f"reading {filename!r} needs h5py: pip install 'emtile[hdf5]'"
+        ) from None
+    if not Path(filename).exists():
+        raise EmtileError(f"input {filename!r} does not exist")
+    with h5py.File(filename, "r") as f:
+        names = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        if name is None:
+            if len(names) != 1:
+                raise EmtileError(
+                    f"{filename!r} holds {len(names)} datasets ({', '.join(names)}); "
+                    f"pick one as {filename}/NAME or with --dataset"
+                )
+            name = names[0]
+        if name not in names:
+            raise EmtileError(
+                f"{filename!r} has no dataset {name!r}; it has: {', '.join(names) or 'none'}"
+            )
+        ds = f[name]
+        arr = HDF5Dataset(filename, name, tuple(ds.shape), np.dtype(ds.dtype))
+    return _select_channel(arr, channel, filename) if channel is not None else arr
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _slab_depth(shape, dtype, chunk_z):
+    """Slices per slab: whole z-chunks, about _SLAB_BYTES of data."""
+    per_slice = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+    n = max(1, _SLAB_BYTES // max(per_slice, 1) // chunk_z) * chunk_z
+    return min(n, max(shape[0], 1))
+
+
+def _downsample(a, labels):
+    """Halve the last two axes: 2×2 mean for images, top-left sample for labels."""
+    if labels:
+        return a[..., ::2, ::2]
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, a.shape[-2] % 2), (0, a.shape[-1] % 2)]
+    b = np.pad(a, pad, mode="edge").astype(np.float32)
+    b = 0.25 * (b[..., ::2, ::2] + b[..., 1::2, ::2] + b[..., ::2, 1::2] + b[..., 1::2, 1::2])
+    if np.issubdtype(a.dtype, np.integer):
+        return np.rint(b).astype(a.dtype)
+    return b.astype(a.dtype)
+
+
+class _LabelCheck:
+    """Maps a label slab to uint8 {0, 1} and collects the distinct values it has seen."""
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+        self.values = set()
+
+    def __call__(self, slab):
+        if self.threshold is not None:
+            return (slab > self.threshold).astype(np.uint8)
+        if slab.dtype == np.bool_:
+            self.values.update({0, 1} & set(np.unique(slab).astype(int).tolist()))
+        else:
+            self.values.update(np.unique(slab).tolist())
+            if len(self.values) > 2:
+                self.fail()
+        return (slab != 0).astype(np.uint8)
+
+    def fail(self):
+        shown = sorted(self.values)
+        listing = ", ".join(f"{v:g}" for v in shown[:8]) + (", ..." if len(shown) > 8 else "")
+        raise EmtileError(
+            f"labels must be binary (0/1, 0/255 or bool), but found {len(shown)} values: "
+            f"{listing}; pass --threshold T to binarise (values > T become 1)"
+        )
+
+    def finish(self):
+        if self.threshold is None and not (self.values <= {0, 1} or self.values <= {0, 255}):
+            self.fail()
+
+
+def convert(input, output, *, labels=False, threshold=None, channel=None, dataset=None,
+            chunks=None, voxel_size=None, levels=1, compression="zstd", compression_level=3,
+            overwrite=False, progress=True):
+    """Convert a stack to a chunked, compressed OME-Zarr store, streaming in bounded memory.
+
+    Parameters
+    ----------
+    input : str or Path
+        Anything :func:`open_volume` reads.
+    output : str or Path
+        The new store (a folder). An existing complete output is refused unless ``overwrite``;
+        an incomplete one (an interrupted conversion) is replaced.
+    labels : bool
+        Store a binary mask as uint8 {0, 1}. Accepts 0/1, 0/255 and bool input; more than two
+        values is an error that names them, unless ``threshold`` is given (``value > threshold``).
+    chunks : tuple of int, optional
+        Chunk shape ``(Z, Y, X)``; default one slice by up to 1024×1024.
+    voxel_size : tuple of float, optional
+        ``(Z, Y, X)`` in nanometres; default ``(1, 1, 1)`` (recorded as unknown).
+    levels : int
+        Resolution levels for viewers: level ``k`` is 2^k times smaller in y and x.
+
+    Returns
+    -------
+    dict
+        What :func:`info` reports for the new store.
+
+    Memory stays bounded by a few 64 MB slabs whatever the stack size. The store is marked
+    complete only after its last chunk is written.
+    """
+    from tqdm.auto import tqdm
+
+    src = open_volume(input, channel=channel, dataset=dataset)
+    dtype = np.dtype(src.dtype)
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise EmtileError(f"input {str(input)!r} has non-numeric dtype {dtype}")
+    if src.ndim not in (2, 3):
+        raise EmtileError(
+            f"input {str(input)!r} has shape {src.shape}: expected a 2-D image or a 3-D stack "
+            "(for multi-channel data pick one with --channel N)"
+        )
+    if threshold is not None and not labels:
+        raise EmtileError("--threshold only applies to --labels")
+    out_dtype = np.uint8 if labels else (np.uint8 if dtype == np.bool_ else dtype)
+    squeeze = src.ndim == 2
+    shape = (1,) + tuple(src.shape) if squeeze else tuple(src.shape)
+    if chunks is not None and len(chunks) == 2:
+        chunks = (1,) + tuple(chunks)
+    if chunks is not None and len(chunks) != 3:
+        raise EmtileError(f"chunks={tuple(chunks)} must have 3 values (Z,Y,X)")
+    if voxel_size is not None and len(voxel_size) == 2:
+        voxel_size = (1.0,) + tuple(voxel_size)
+    if levels < 1 or 2 ** (levels - 1) > max(shape[1:]):
+        raise EmtileError(f"levels={levels} is not valid for slices of {shape[1:]}: "
+                          f"at most {int(math.log2(max(shape[1:]))) + 1}")
+
+    _store.prepare_output(output, overwrite=overwrite)
+    group = _store.create_image(
+        output, shape, out_dtype, chunks=chunks, voxel_size=voxel_size, levels=levels,
+        kind="labels" if labels else "image", name=Path(str(output)).stem,
+        compression=compression, compression_level=compression_level,
+        attrs={"source": str(input), "source_dtype": str(dtype),
+               "voxel_size_given": voxel_size is not None},
+    )
+    arrays = [group[str(level)] for level in range(levels)]
+    chunk_z = arrays[0].chunks[0]
+    depth = _slab_depth(shape, dtype, chunk_z)
+    check = _LabelCheck(threshold) if labels else None
+
+    def read(z0, z1):
+        slab = np.asarray(src[...] if squeeze else src[z0:z1])
+        slab = slab[None] if squeeze else slab
+        if check is not None:
+            slab = check(slab)
+        elif slab.dtype != out_dtype:
+            slab = slab.astype(out_dtype)
+        return slab
+
+    def write(z0, z1, slab):
+        for level, arr in enumerate(arrays):
+            if level:
+                slab = _downsample(slab, labels)
+            arr[z0:z1] = slab
+
+    try:
+        with tqdm(total=shape[0], unit="slice", desc=f"convert {Path(str(input)).name}",
+                  disable=not progress, delay=1.0) as bar:
+            _pipeline(((z0, min(z0 + depth, shape[0])) for z0 in range(0, shape[0], depth)),
+                      read, write, on_done=lambda z0, z1: bar.update(z1 - z0))
+        if check is not None:
+            check.finish()
+    except EmtileError:
+        _store._remove(output)  # bad input: leave nothing behind
+        raise
+    _store.mark_complete(group)
+    return info(output)
+
+
+def _pipeline(ranges, read, write, *, on_done, depth=2):
+    """Read slabs on this thread while a writer thread writes the previous ones."""
+    q = queue.Queue(maxsize=depth)
+    errors = []
+
+    def writer():
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if errors:
+                continue
+            try:
+                write(*item)
+                on_done(item[0], item[1])
+            except BaseException as exc:  # re-raised on the main thread
+                errors.append(exc)
+
+    thread = threading.Thread(target=writer, name="emtile-writer", daemon=True)
+    thread.start()
+    try:
+        for z0, z1 in ranges:
+            if errors:
+                break
+            q.put((z0, z1, read(z0, z1)))
+    finally:
+        q.put(None)
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _du(path):
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def info(path, *, stats=False, progress=False):
+    """Describe a volume: shape, dtype, chunks, compression, sizes, voxel size, completeness.
+
+    Parameters
+    ----------
+    path : str or Path
+        Anything :func:`open_volume` reads.
+    stats : bool
+        Also compute min / max / mean, reading the volume slab by slab (bounded memory).
+
+    Returns
+    -------
+    dict
+        ``complete`` is True/False for stores emtile wrote and None for other sources.
+    """
+    arr = open_volume(path)
+    out = {
+        "path": str(path),
+        "shape": tuple(int(s) for s in arr.shape),
+        "dtype": str(arr.dtype),
+        "chunks": None,
+        "compressor": None,
+        "bytes_uncompressed": int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize,
+        "bytes_on_disk": _du(_split_hdf5(str(path))[0] if _split_hdf5(str(path)) else path)
+        if Path(str(path)).exists() else None,
+        "voxel_size": None,
+        "levels": None,
+        "kind": None,
+        "complete": None,
+    }
+    p = Path(str(path))
+    if hasattr(arr, "chunks") and hasattr(arr, "compressors"):
+        out["chunks"] = tuple(int(c) for c in arr.chunks)
+        out["compressor"] = ", ".join(_codec_name(c) for c in arr.compressors) or "none"
+    if p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
+        import tifffile
+
+        with tifffile.TiffFile(p) as tf:
+            page = tf.pages[0]
+            out["compressor"] = f"TIFF {page.compression.name.lower()}"
+            out["chunks"] = (1,) + (tuple(page.chunks) if page.is_tiled else tuple(page.shape[:2]))
+    if _store.is_zarr_store(p):
+        import zarr
+
+        node = zarr.open(str(p), mode="r")
+        attrs = node.attrs.asdict()
+        meta = attrs.get("emtile")
+        if meta is not None:
+            out["complete"] = bool(meta.get("complete"))
+            out["kind"] = meta.get("kind")
+        ms = attrs.get("ome", attrs).get("multiscales")
+        if ms:
+            out["levels"] = len(ms[0]["datasets"])
+            out["bytes_on_disk_level0"] = _du(p / ms[0]["datasets"][0]["path"])
+            scale = ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+            names = [a["name"] for a in ms[0]["axes"]]
+            out["voxel_size"] = {n: s for n, s in zip(names, scale) if n != "c"}
+            if meta is not None and not meta.get("voxel_size_given", True):
+                out["voxel_size_note"] = "not given at conversion; recorded as 1 nm"
+    if stats:
+        out.update(_stats(arr, progress=progress))
+    return out
+
+
+def _codec_name(codec):
+    name = type(codec).__name__
+    cname = getattr(codec, "cname", None)
+    level = getattr(codec, "clevel", None)
+    if cname is not None:
+        cname = getattr(cname, "value", cname)
+        return f"{name}({cname}, level {level})"
+    return name
+
+
+def _stats(arr, *, progress=False):
+    from tqdm.auto import tqdm
+
+    if arr.ndim < 3:
+        data = np.asarray(arr[...], dtype=np.float64)
+        return {"min": float(data.min()), "max": float(data.max()), "mean": float(data.mean())}
+    chunk_z = arr.chunks[0] if hasattr(arr, "chunks") else 1
+    depth = _slab_depth(arr.shape, arr.dtype, chunk_z)
+    lo, hi, total = math.inf, -math.inf, 0.0
+    for z0 in tqdm(range(0, arr.shape[0], depth), disable=not progress, desc="stats"):
+        slab = np.asarray(arr[z0:z0 + depth])
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        total += float(slab.sum(dtype=np.float64))
+    return {"min": lo, "max": hi, "mean": total / max(int(np.prod(arr.shape)), 1)}
