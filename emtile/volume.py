@@ -262,6 +262,39 @@ def open_volume(path, *, channel=None, dataset=None):
     )
 
 
+class TiffPageStack(LazyArray):
+    """A TIFF whose 2-D pages were written as separate series (one ``write`` per page), read as
+    a ``(Z, Y, X)`` stack page by page. The file is opened per read, so it survives forking."""
+
+    def __init__(self, path, n, shape, dtype):
+        self.path, self.shape, self.dtype = str(path), (n,) + tuple(shape), np.dtype(dtype)
+
+    def _read(self, key):
+        import tifffile
+
+        zkey, yx = key[0], tuple(key[1:])
+        indices = [zkey] if isinstance(zkey, int) else list(range(self.shape[0])[zkey])
+        if not indices:
+            return np.empty((0,) + np.empty(self.shape[1:], self.dtype)[yx].shape, self.dtype)
+        with tifffile.TiffFile(self.path) as tf:
+            data = np.stack([tf.pages[i].asarray()[yx] for i in indices])
+        return data[0] if isinstance(zkey, int) else data
+
+
+def _single_page_series(tf):
+    """(n, shape, dtype) if every series is one 2-D page of one shape and dtype, else None."""
+    series = tf.series
+    if len(series) < 2:
+        return None
+    first = series[0]
+    if len(first.shape) != 2 or any(
+        tuple(s.shape) != tuple(first.shape) or s.dtype != first.dtype or len(s.pages) != 1
+        for s in series
+    ):
+        return None
+    return len(series), tuple(first.shape), first.dtype
+
+
 def _open_tiff(path, channel):
     import tifffile
     import zarr
@@ -270,14 +303,20 @@ def _open_tiff(path, channel):
         with tifffile.TiffFile(path) as tf:
             series = tf.series[0]
             axes, shape = series.axes, tuple(series.shape)
-            last = series.pages[-1] if len(series.pages) else None
+            paged = _single_page_series(tf) if channel is None else None
+            last = tf.pages[-1] if paged else (series.pages[-1] if len(series.pages) else None)
+            end = 0
             if last is not None and hasattr(last, "dataoffsets"):
                 end = max((o + n for o, n in zip(last.dataoffsets, last.databytecounts)), default=0)
-                if end > os.path.getsize(path):
-                    raise EmtileError(
-                        f"TIFF {str(path)!r} is truncated: its last image needs {end} bytes "
-                        f"but the file has {os.path.getsize(path)}"
-                    )
+            if not paged and getattr(series, "dataoffset", None) is not None:
+                end = max(end, series.dataoffset + series.nbytes)
+            if end > os.path.getsize(path):
+                raise EmtileError(
+                    f"TIFF {str(path)!r} is truncated: its image data needs {end} bytes "
+                    f"but the file has {os.path.getsize(path)}"
+                )
+        if paged:
+            return TiffPageStack(path, *paged)
         store = tifffile.imread(path, aszarr=True, series=0, level=0)
         arr = zarr.open_array(store, mode="r")
     except EmtileError:
@@ -502,7 +541,12 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
     check = _LabelCheck(threshold) if labels else None
 
     def read(z0, z1):
-        slab = np.asarray(src[...] if squeeze else src[z0:z1])
+        try:
+            slab = np.asarray(src[...] if squeeze else src[z0:z1])
+        except EmtileError:
+            raise
+        except Exception as exc:  # a corrupt or truncated file shows itself only when read
+            raise EmtileError(f"cannot read {str(input)!r} at slices {z0}:{z1}: {exc}") from None
         slab = slab[None] if squeeze else slab
         if check is not None:
             slab = check(slab)
