@@ -1,0 +1,85 @@
+"""`emtile evaluate`: table, JSON and CSV output, exit codes."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from emtile.cli.main import main
+from emtile.metrics import evaluate
+
+
+@pytest.fixture
+def files(tmp_path, isbi_labels):
+    import tifffile
+    import zarr
+    from scipy import ndimage
+
+    labels = isbi_labels[:4, :96, :96]
+    pred = ndimage.gaussian_filter((labels > 0).astype(np.float32), (0, 1.5, 1.5))
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="minisblack")
+    z = zarr.create_array(str(tmp_path / "pred.zarr"), shape=pred.shape, dtype="float32",
+                          chunks=(1, 96, 96))
+    z[:] = pred
+    return tmp_path, pred, labels
+
+
+def test_table_json_csv(files):
+    d, pred, labels = files
+    res = CliRunner().invoke(main, [
+        "evaluate", str(d / "pred.zarr"), str(d / "labels.tif"), "--slices", "1:4",
+        "--json", str(d / "s.json"), "--csv", str(d / "s.csv"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "V-Rand" in res.output and "mean" in res.output
+    assert "membrane (0)" in res.output  # the classification report
+    data = json.loads((d / "s.json").read_text())
+    direct = evaluate(pred, labels, slices=slice(1, 4), progress=False)
+    assert data["mean"] == pytest.approx(direct["mean"])
+    assert [r["z"] for r in data["slices"]] == [1, 2, 3]
+    assert data["settings"]["threshold"] == 0.5 and data["settings"]["slices"] == [1, 2, 3]
+    assert data["pixel"]["confusion_matrix"] == direct["pixel"]["confusion_matrix"]
+    rows = list(csv.reader((d / "s.csv").open()))
+    assert rows[0][0] == "# emtile evaluate" and "threshold=0.5" in rows[0]
+    header = rows[1]
+    kinds = [r[0] for r in rows[2:]]
+    assert kinds == ["slice"] * 3 + ["mean", "pixel"]
+    mean_row = dict(zip(header, rows[5]))
+    assert float(mean_row["v_rand"]) == pytest.approx(direct["mean"]["v_rand"], abs=1e-12)
+    for line in res.output.splitlines():
+        if line.strip().startswith("mean"):
+            assert f"{direct['mean']['v_rand']:.4f}" in line
+
+
+def test_sweep_and_invert(files):
+    d, pred, labels = files
+    import tifffile
+
+    tifffile.imwrite(d / "inv.tif", (1 - pred).astype(np.float32), photometric="minisblack")
+    res = CliRunner().invoke(main, ["evaluate", str(d / "inv.tif"), str(d / "labels.tif"),
+                                    "--invert", "--sweep", "--slices", "0,2", "--no-progress",
+                                    "--json", str(d / "w.json")])
+    assert res.exit_code == 0, res.output
+    assert "threshold sweep" in res.output and "best V-Rand" in res.output
+    data = json.loads((d / "w.json").read_text())
+    assert data["settings"]["invert"] is True and data["settings"]["sweep"] is True
+    assert len(data["sweep"]["v_rand"]) == 11
+    assert len(data["slices"][0]["sweep_v_rand"]) == 11
+
+
+def test_user_errors_exit_1(files):
+    d, pred, labels = files
+    runner = CliRunner()
+    res = runner.invoke(main, ["evaluate", str(d / "pred.zarr"), str(d / "labels.tif"),
+                               "--slices", "25:30", "--no-progress"])
+    assert res.exit_code == 1 and "Error:" in res.output and "outside the volume" in res.output
+    import tifffile
+
+    tifffile.imwrite(d / "small.tif", labels[:, :50], photometric="minisblack")
+    res = runner.invoke(main, ["evaluate", str(d / "pred.zarr"), str(d / "small.tif"), "--no-progress"])
+    assert res.exit_code == 1 and "pred.zarr" in res.output and "small.tif" in res.output
+    res = runner.invoke(main, ["evaluate", str(d / "pred.zarr"), str(d / "labels.tif"),
+                               "--threshold", "2"])
+    assert res.exit_code == 2
+    assert runner.invoke(main, ["evaluate", "--help"]).exit_code == 0
