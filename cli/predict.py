@@ -1,0 +1,73 @@
+"""``emtile predict``: run a model folder over a volume, tile by tile, into an OME-Zarr store."""
+
+import click
+
+from emtile.cli._types import Roi
+
+
+class TileSize(click.ParamType):
+    """A positive integer tile size, or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a tile size: give an integer such as 572, or auto", param, ctx)
+        if n <= 0:
+            self.fail(f"{value!r}: the tile size must be positive", param, ctx)
+        return n
+
+
+@click.command()
+@click.argument("input", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option("--model", "model", required=True, type=click.Path(),
+              help="Model folder written by emtile train or emtile.save_model.")
+@click.option("--tile", default="572", show_default=True, type=TileSize(),
+              help="Input tile size (valid for the model's depth, e.g. 572 at depth 4), or auto: "
+                   "the size that computes the fewest pixels for this volume.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tiles per forward pass.")
+@click.option("--workers", default=None, type=click.IntRange(min=0),
+              help="DataLoader worker processes reading tiles [default: 1 on CPU, up to 4 on CUDA].")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs.")
+@click.option("--amp", default=None, type=click.Choice(["bf16", "fp16"]),
+              help="Mixed precision for the forward pass [default: off].")
+@click.option("--blend", default="none", show_default=True,
+              type=click.Choice(["none", "linear", "cosine", "gaussian"]),
+              help="Weighting of overlapping tile outputs (used with --overlap).")
+@click.option("--overlap", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Minimum output overlap between neighbouring tiles, in pixels.")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: average over 8 flips/transposes.")
+@click.option("--roi", default=None, type=Roi(),
+              help="Region to predict, start:stop per axis, e.g. 0:5,0:256,0:256.")
+@click.option("--dtype", default="uint8", show_default=True,
+              type=click.Choice(["uint8", "float16", "float32"]),
+              help="Storage type of the probabilities (uint8 stores round(255 p)).")
+@click.option("--threshold", default=None, type=click.FloatRange(0, 1),
+              help="Also write a binary mask (p >= T) at OUTPUT/labels/mask.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing complete OUTPUT.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the model (faster at small widths; 10-20 s to compile).")
+def predict(input, output, model, tile, batch_size, workers, device, amp, blend, overlap, tta, roi,
+            dtype, threshold, overwrite, no_progress, compile_):
+    """Predict INPUT (TIFF, image folder, Zarr, HDF5) into the OME-Zarr store OUTPUT.
+
+    A 2-D model runs slice by slice over a (Z, Y, X) stack. An interrupted run started again
+    finishes the blocks that are missing.
+    """
+    from emtile.predict import predict as run
+
+    result = run(model, input, output, tile=tile, batch_size=batch_size, num_workers=workers,
+                 device=device, amp=amp, blend=blend, overlap=overlap, tta=tta, roi=roi,
+                 dtype=dtype, threshold=threshold, overwrite=overwrite, progress=not no_progress,
+                 compile=compile_)
+    if result.blocks_resumed:
+        click.echo(f"resumed: {result.blocks_resumed} of {result.blocks} blocks were already done")
+    click.echo(str(result))

@@ -1,0 +1,504 @@
+"""Pure arithmetic of tiled valid-convolution inference: sizes, the global tile grid, the block plan.
+
+A valid-convolution U-Net maps an input tile of ``n`` pixels per axis to ``n - 2 * halo`` output
+pixels, and only some ``n`` are valid (every feature map must stay even before each 2×2 max-pool).
+:class:`ShapeMap` holds that arithmetic; :class:`emtile.unet.UNet` delegates to it, so tests and
+planners can use it without torch.
+
+The **tile grid** (:func:`tile_grid`) covers a region of a volume with output tiles whose origins
+lie on multiples of ``2 ** depth`` in *volume* coordinates. Max-pooling is shift-equivariant for
+such shifts only, so every tile computes exactly what one forward pass over the whole
+(mirror-padded) volume computes at the same pixels, and a region's result is the crop of the
+whole volume's result. Context outside the volume is mirrored (NumPy ``"reflect"``) per tile at
+read time (:func:`read_window`); the volume is never padded as a whole.
+
+The **block plan** (:func:`block_plan`) groups the grid into blocks of whole output chunks. A block
+is the unit of work, of writing and of resumption: it owns its chunks, and it lists every tile
+whose output reaches into it. Local, multi-worker and distributed prediction all iterate over the
+same plan, so the output does not depend on how the work is split.
+
+Every function is N-dimensional: a 2-D model over a ``(Z, Y, X)`` stack is a grid whose tiles are
+one slice deep (tile 1, halo 0, alignment 1 along Z).
+"""
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from emtile._errors import EmtileError
+
+__all__ = ["ShapeMap", "Grid", "Block", "BlockPlan", "tile_grid", "block_plan", "choose_tile",
+           "normalize_roi", "reflect_index", "read_window"]
+
+
+# --------------------------------------------------------------------------- shape map
+
+
+class ShapeMap:
+    """Input -> output size arithmetic of a valid-convolution U-Net.
+
+    Parameters
+    ----------
+    depth : int
+        Number of 2×2 max-pools (4 in the U-Net paper).
+    ndim : int
+        Spatial dimensions of the model (2 for a 2-D U-Net).
+    convs : int
+        Unpadded convolutions per level (2).
+    kernel : int
+        Convolution kernel size (3).
+
+    Examples
+    --------
+    >>> m = ShapeMap(depth=4)
+    >>> m.output_size(572), m.input_size(388), m.halo, m.align
+    (388, 572, 92, 16)
+    >>> m.valid_sizes(550, 590)
+    [556, 572, 588]
+    """
+
+    def __init__(self, depth=4, ndim=2, *, convs=2, kernel=3):
+        if depth < 0:
+            raise EmtileError(f"depth={depth} must be 0 or more")
+        self.depth, self.ndim, self.convs, self.kernel = int(depth), int(ndim), convs, kernel
+        self._loss = convs * (kernel - 1)  # pixels lost per axis by one level's convolutions
+        self.min_size = next(n for n in itertools.count(1) if self._out(n) is not None)
+
+    def _out(self, n):
+        """Output size for input ``n`` along one axis, or None if ``n`` is not valid."""
+        for _ in range(self.depth):
+            n -= self._loss
+            if n < 2 or n % 2:
+                return None
+            n //= 2
+        n -= self._loss
+        if n < 1:
+            return None
+        for _ in range(self.depth):
+            n = 2 * n - self._loss
+            if n < 1:
+                return None
+        return n
+
+    @property
+    def align(self):
+        """Tile origins must be multiples of this (``2 ** depth``) for exact stitching."""
+        return 2 ** self.depth
+
+    @property
+    def halo(self):
+        """Context pixels per side: ``(input - output) / 2``, the same for every valid size."""
+        return (self.min_size - self._out(self.min_size)) // 2
+
+    def is_valid(self, n):
+        """True if ``n`` (an int, or one per axis) is a valid input size."""
+        return all(self._out(int(v)) is not None for v in _per_axis(n, self.ndim, "n"))
+
+    def nearest_valid(self, n):
+        """The valid input sizes just below and just above ``n`` (below is None if there is none)."""
+        lo = next((m for m in range(n - 1, self.min_size - 1, -1) if self._out(m) is not None), None)
+        hi = next(m for m in itertools.count(max(n + 1, self.min_size)) if self._out(m) is not None)
+        return lo, hi
+
+    def check(self, n, name="tile"):
+        """Return ``n`` as a tuple (one per axis), raising :class:`EmtileError` if not valid."""
+        sizes = _per_axis(n, self.ndim, name)
+        for v in sizes:
+            if self._out(v) is None:
+                lo, hi = self.nearest_valid(v)
+                near = (f"nearest valid sizes are {lo} and {hi}" if lo is not None
+                        else f"the smallest valid size is {hi}")
+                raise EmtileError(f"{name}={v} is not valid for depth {self.depth}: {near}")
+        return sizes
+
+    def output_size(self, n):
+        """Output size for a valid input size ``n`` (int -> int, tuple -> tuple)."""
+        out = tuple(self._out(v) for v in self.check(n, "input size"))
+        return out[0] if isinstance(n, (int, np.integer)) else out
+
+    def input_size(self, n):
+        """Input size that gives output size ``n`` (int -> int, tuple -> tuple)."""
+        sizes = _per_axis(n, self.ndim, "output size")
+        ins = []
+        for v in sizes:
+            m = v + 2 * self.halo
+            if v < 1 or self._out(m) is None:
+                below = next((o for o in range(v - 1, 0, -1) if self._out(o + 2 * self.halo)), None)
+                above = next(o for o in itertools.count(v + 1) if self._out(o + 2 * self.halo))
+                near = f"{below} and {above}" if below else f"{above}"
+                raise EmtileError(f"output size {v} is not reachable at depth {self.depth}: "
+                                  f"nearest output sizes are {near}")
+            ins.append(m)
+        return ins[0] if isinstance(n, (int, np.integer)) else tuple(ins)
+
+    def valid_sizes(self, lo, hi):
+        """Valid input sizes ``n`` with ``lo <= n <= hi``."""
+        return [n for n in range(max(lo, self.min_size), hi + 1) if self._out(n) is not None]
+
+
+def _per_axis(value, ndim, name):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return (int(value),) * ndim
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise EmtileError(f"{name}={value!r} is not an integer or a tuple of integers") from None
+    if len(out) != ndim:
+        raise EmtileError(f"{name}={value!r} has {len(out)} values; expected 1 or {ndim}")
+    return out
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def normalize_roi(roi, shape):
+    """``roi`` (slices, ``(start, stop)`` pairs or None per axis) -> ``((start, stop), ...)``.
+
+    None (or a missing ``roi``) means the whole axis. Raises :class:`EmtileError` when the ROI has the
+    wrong number of axes, is empty, has a step, or reaches outside ``shape``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if roi is None:
+        return tuple((0, s) for s in shape)
+    roi = tuple(roi)
+    text = ",".join(_fmt_slice(r) for r in roi)
+    if len(roi) != len(shape):
+        raise EmtileError(f"roi={text} has {len(roi)} axes; the volume of shape {shape} has "
+                          f"{len(shape)} (give start:stop for each axis)")
+    out = []
+    for axis, (r, n) in enumerate(zip(roi, shape)):
+        if r is None:
+            r = slice(None)
+        if isinstance(r, slice):
+            if r.step not in (None, 1):
+                raise EmtileError(f"roi={text}: steps are not supported (axis {axis})")
+            start, stop = r.start, r.stop
+        else:
+            start, stop = r
+        start = 0 if start is None else int(start)
+        stop = n if stop is None else int(stop)
+        if start < 0 or stop > n or start >= stop:
+            raise EmtileError(f"roi={text} is outside the volume of shape {shape}: axis {axis} "
+                              f"needs 0 <= start < stop <= {n}, got {start}:{stop}")
+        out.append((start, stop))
+    return tuple(out)
+
+
+def _fmt_slice(r):
+    if r is None:
+        return ":"
+    if isinstance(r, slice):
+        return f"{'' if r.start is None else r.start}:{'' if r.stop is None else r.stop}"
+    return f"{r[0]}:{r[1]}"
+
+
+# --------------------------------------------------------------------------- the tile grid
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The global tile grid over a region of a volume (all coordinates are volume coordinates).
+
+    Tile ``k`` along an axis has its output window at ``[origin + k * stride, ... + out_tile)`` and
+    reads its input from ``halo`` pixels further on each side. Tiles are indexed by a tuple (one
+    index per axis). With ``owned=True`` (no blending) each tile contributes only its first
+    ``stride`` output pixels (the last tile: all of them), so every region pixel comes from exactly
+    one tile; otherwise every tile contributes its whole output window, weighted.
+    """
+
+    volume_shape: tuple
+    region: tuple  # ((start, stop), ...)
+    in_tile: tuple
+    out_tile: tuple
+    halo: tuple
+    stride: tuple
+    origin: tuple
+    counts: tuple
+    owned: bool = True
+
+    @property
+    def ndim(self):
+        return len(self.volume_shape)
+
+    @property
+    def overlap(self):
+        """Output pixels shared by neighbouring tiles, per axis (``out_tile - stride``)."""
+        return tuple(o - s for o, s in zip(self.out_tile, self.stride))
+
+    @property
+    def n_tiles(self):
+        return math.prod(self.counts)
+
+    @property
+    def region_shape(self):
+        return tuple(b - a for a, b in self.region)
+
+    def tiles(self):
+        """Every tile index, in C order."""
+        return itertools.product(*(range(n) for n in self.counts))
+
+    def out_window(self, idx):
+        """``(start, stop)`` of tile ``idx``'s full output window (may pass the region's end)."""
+        start = tuple(o + k * s for o, k, s in zip(self.origin, idx, self.stride))
+        return start, tuple(a + n for a, n in zip(start, self.out_tile))
+
+    def in_window(self, idx):
+        """``(start, stop)`` of tile ``idx``'s input window (may reach outside the volume)."""
+        start, stop = self.out_window(idx)
+        return (tuple(a - h for a, h in zip(start, self.halo)),
+                tuple(b + h for b, h in zip(stop, self.halo)))
+
+    def own_window(self, idx):
+        """``(start, stop)`` of the region pixels tile ``idx`` contributes to."""
+        start, stop = self.out_window(idx)
+        if self.owned:
+            stop = tuple(b if k == n - 1 else a + s
+                         for a, b, k, n, s in zip(start, stop, idx, self.counts, self.stride))
+        return (tuple(max(a, r0) for a, (r0, _) in zip(start, self.region)),
+                tuple(min(b, r1) for b, (_, r1) in zip(stop, self.region)))
+
+    def _axis_range(self, axis, lo, hi):
+        """Tile indices along ``axis`` whose full output window meets ``[lo, hi)`` (a superset)."""
+        o, s, n, w = self.origin[axis], self.stride[axis], self.counts[axis], self.out_tile[axis]
+        first = max(0, (lo - w - o) // s + 1)
+        last = min(n - 1, (hi - 1 - o) // s)
+        return range(first, last + 1)
+
+    def tiles_in(self, start, stop):
+        """Tile indices whose own window intersects the box ``[start, stop)``, in C order."""
+        ranges = [self._axis_range(ax, a, b) for ax, (a, b) in enumerate(zip(start, stop))]
+        out = []
+        for idx in itertools.product(*ranges):
+            own0, own1 = self.own_window(idx)
+            if all(max(a, s) < min(b, e) for a, b, s, e in zip(own0, own1, start, stop)):
+                out.append(idx)
+        return out
+
+
+def tile_grid(volume_shape, shape_map, tile, *, roi=None, overlap=0, owned=None):
+    """The global tile grid for ``tile`` (input size) over a region of a volume.
+
+    Parameters
+    ----------
+    volume_shape : tuple of int
+        ``(Y, X)`` or ``(Z, Y, X)``: the model's spatial axes are the last ``shape_map.ndim``; any
+        leading axes are tiled one slice at a time.
+    shape_map : ShapeMap (or a UNet)
+        Anything with ``ndim``, ``halo``, ``align``, ``check`` and ``output_size``.
+    tile : int or tuple of int
+        Valid input tile size along the model axes.
+    roi : tuple, optional
+        Region to predict (see :func:`normalize_roi`); default the whole volume.
+    overlap : int or tuple of int
+        Minimum output overlap between neighbouring tiles, along the model axes.
+    owned : bool, optional
+        Each region pixel from exactly one tile (True, for no blending) or from every tile that
+        covers it (False). Default: True when ``overlap == 0``.
+
+    Returns
+    -------
+    Grid
+
+    Examples
+    --------
+    >>> g = tile_grid((512, 512), ShapeMap(depth=4), 572)
+    >>> g.out_tile, g.stride, g.counts, g.overlap
+    ((388, 388), (384, 384), (2, 2), (4, 4))
+    """
+    volume_shape = tuple(int(s) for s in volume_shape)
+    k = shape_map.ndim
+    lead = len(volume_shape) - k
+    if lead < 0:
+        raise EmtileError(f"a {k}-D model cannot tile a {len(volume_shape)}-D volume of shape "
+                          f"{volume_shape}")
+    region = normalize_roi(roi, volume_shape)
+    tile = tuple(shape_map.check(tile))
+    out = tuple(shape_map.output_size(tile))
+    overlap = _per_axis(overlap, k, "overlap")
+    a, h = shape_map.align, shape_map.halo
+    stride = []
+    for o, ov in zip(out, overlap):
+        s = (o - ov) // a * a
+        if ov < 0 or s < a:
+            raise EmtileError(f"overlap={ov} is too large for tile={tile[0]} (output {o}): the "
+                              f"stride must stay at least {a}, so overlap <= {o - a}")
+        stride.append(s)
+    in_tile = (1,) * lead + tile
+    out_tile = (1,) * lead + out
+    stride = (1,) * lead + tuple(stride)
+    align = (1,) * lead + (a,) * k
+    origin = tuple(r0 // al * al for (r0, _), al in zip(region, align))
+    counts = tuple(max(1, -(-(r1 - g - o) // s) + 1)
+                   for (_, r1), g, o, s in zip(region, origin, out_tile, stride))
+    if owned is None:
+        owned = not any(overlap)
+    return Grid(volume_shape, region, in_tile, out_tile, (0,) * lead + (h,) * k, stride,
+                origin, counts, bool(owned))
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+@dataclass(frozen=True)
+class Block:
+    """One unit of work: whole output chunks ``[start, stop)`` (volume coordinates) and its tiles."""
+
+    index: int
+    start: tuple
+    stop: tuple
+    tiles: tuple
+
+    @property
+    def shape(self):
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    def slices(self, region):
+        """Slices of this block in an output array that covers ``region`` (region coordinates)."""
+        return tuple(slice(a - r0, b - r0) for a, b, (r0, _) in zip(self.start, self.stop, region))
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The blocks of a grid, computed on demand: ``len(plan)``, ``plan[i]``, ``iter(plan)``."""
+
+    grid: Grid
+    chunks: tuple  # output chunk shape (region coordinates)
+    block_shape: tuple
+    counts: tuple
+
+    def __len__(self):
+        return math.prod(self.counts)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        pos = np.unravel_index(i, self.counts)
+        start = tuple(r0 + int(p) * b for (r0, _), p, b in zip(self.grid.region, pos, self.block_shape))
+        stop = tuple(min(a + b, r1) for a, b, (_, r1) in zip(start, self.block_shape, self.grid.region))
+        return Block(i, start, stop, tuple(self.grid.tiles_in(start, stop)))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def n_tile_runs(self):
+        """Tiles computed over the whole plan (tiles that straddle blocks count once per block)."""
+        return sum(len(b.tiles) for b in self)
+
+
+def block_plan(grid, chunks, *, max_block_px=2**22):
+    """Group ``grid`` into blocks of whole output chunks, at most ``max_block_px`` pixels each.
+
+    Blocks grow one chunk at a time along the model axes, keeping them as square as possible
+    (fewer tiles straddle two blocks), then along the slice axes; every block holds at least one
+    chunk, and a block spans the whole region along an axis when it fits.
+    """
+    chunks = tuple(int(c) for c in chunks)
+    if len(chunks) != grid.ndim or any(c < 1 for c in chunks):
+        raise EmtileError(f"chunks={chunks} must give one positive size per axis of "
+                          f"{grid.region_shape}")
+    shape = grid.region_shape
+    full = [-(-n // c) * c for n, c in zip(shape, chunks)]
+    block = list(chunks)
+    budget = max(1, int(max_block_px))
+    model_axes = [ax for ax in range(grid.ndim) if grid.halo[ax] > 0 or grid.out_tile[ax] > 1]
+    while True:  # model axes: one chunk at a time, the smallest first
+        size = math.prod(block)
+        grow = [ax for ax in model_axes if block[ax] < full[ax]
+                and size // block[ax] * (block[ax] + chunks[ax]) <= budget]
+        if not grow:
+            break
+        ax = min(grow, key=lambda a: (min(block[a], shape[a]), -a))
+        block[ax] += chunks[ax]
+    for ax in reversed([a for a in range(grid.ndim) if a not in model_axes]):  # then the others
+        rest = math.prod(block) // block[ax]
+        block[ax] = min(full[ax], max(chunks[ax], budget // rest // chunks[ax] * chunks[ax]))
+    counts = tuple(-(-n // b) for n, b in zip(shape, block))
+    return BlockPlan(grid, chunks, tuple(block), counts)
+
+
+# --------------------------------------------------------------------------- auto tile
+
+
+def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None):
+    """The valid tile size that computes the fewest input pixels for this region.
+
+    Tries every valid size from ``min_tile`` (default the smallest) to ``max_tile`` (default: a
+    size whose output covers the region's largest model axis in one tile).
+
+    Returns
+    -------
+    tile : int
+        Input tile size (the same along every model axis).
+    efficiency : float
+        Region pixels / input pixels computed, in (0, 1].
+
+    Examples
+    --------
+    >>> choose_tile((512, 512), ShapeMap(depth=4), max_tile=800)  # one 700 tile beats four 572s
+    (700, 0.5349877551020408)
+    """
+    region = normalize_roi(roi, volume_shape)
+    k = shape_map.ndim
+    spatial = [b - a for a, b in region[len(region) - k:]]
+    need = max(spatial) + 2 * shape_map.halo + 2 * shape_map.align
+    hi = need if max_tile is None else min(int(max_tile), need)
+    lo = shape_map.min_size if min_tile is None else int(min_tile)
+    sizes = shape_map.valid_sizes(lo, hi)
+    if not sizes:
+        raise EmtileError(f"no valid tile size between {lo} and {hi} at depth {shape_map.depth} "
+                          f"(the smallest is {shape_map.min_size}); raise the memory budget")
+    best = None
+    region_px = math.prod(b - a for a, b in region)
+    for t in sizes:
+        try:
+            g = tile_grid(volume_shape, shape_map, t, roi=region, overlap=overlap)
+        except EmtileError:  # overlap too large for this tile
+            continue
+        cost = g.n_tiles * math.prod(g.in_tile)
+        if best is None or cost < best[1]:
+            best = (t, cost)
+    if best is None:
+        raise EmtileError(f"overlap={overlap} is too large for every tile size up to {hi}")
+    return best[0], region_px / best[1]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def reflect_index(idx, n):
+    """Map indices (any integers) into ``[0, n)`` by mirroring without repeating the edge.
+
+    The same as NumPy's ``np.pad(..., mode="reflect")``: -1 -> 1, n -> n - 2, for any distance.
+    """
+    idx = np.asarray(idx)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    m = np.mod(idx, period)
+    return np.where(m < n, m, period - m)
+
+
+def read_window(array, start, stop):
+    """Read ``array[start:stop]`` (per axis), mirroring where the window leaves the array.
+
+    Only the bounding box of the pixels needed is read, so an interior window is one plain read.
+    """
+    shape = array.shape
+    box, take = [], []
+    for a, b, n in zip(start, stop, shape):
+        if 0 <= a and b <= n:
+            box.append(slice(a, b))
+            take.append(None)
+        else:
+            idx = reflect_index(np.arange(a, b), n)
+            lo, hi = int(idx.min()), int(idx.max()) + 1
+            box.append(slice(lo, hi))
+            take.append(idx - lo)
+    data = np.asarray(array[tuple(box)])
+    for axis, idx in enumerate(take):
+        if idx is not None:
+            data = np.take(data, idx, axis=axis)
+    return data

@@ -1,0 +1,315 @@
+"""The valid-convolution U-Net of Ronneberger et al. (2015), its shape map, and model folders.
+
+Every 3×3 convolution is unpadded, so a 572×572 input gives a 388×388 output at depth 4 and each
+output pixel sees a fixed context of 92 pixels per side (:attr:`UNet.halo`). That is what makes
+tiled prediction exact (see :mod:`emtile.geometry`).
+
+A model is saved as a folder that can be trusted: ``model.safetensors`` (tensors only; loading it
+cannot run code), ``config.json`` (the constructor arguments) and optionally ``metadata.json``
+(whatever the trainer wants to keep: epochs, losses, data paths). :func:`load_model` rebuilds the
+model from the folder alone.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from emtile._errors import EmtileError
+from emtile.geometry import ShapeMap
+
+__all__ = ["UNet", "save_model", "load_model", "load_metadata"]
+
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "model.pt"  # a torch.save'd state dict, read with weights_only=True
+CONFIG = "config.json"
+METADATA = "metadata.json"
+FORMAT = "emtile-unet"
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class DoubleConv(nn.Sequential):
+    """Two unpadded 3×3 convolutions, each followed by (batch norm and) ReLU."""
+
+    def __init__(self, cin, cout, batch_norm=False):
+        layers = []
+        for c in (cin, cout):
+            layers.append(nn.Conv2d(c, cout, 3, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class Down(nn.Sequential):
+    """2×2 max-pool, then a double convolution doubling the channels."""
+
+    def __init__(self, cin, cout, batch_norm=False, dropout=0.0):
+        layers = [nn.MaxPool2d(2), DoubleConv(cin, cout, batch_norm)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        super().__init__(*layers)
+
+
+def center_crop(x, size):
+    """The centre ``size`` (H, W) of ``x`` (N, C, H', W')."""
+    dy, dx = (x.shape[-2] - size[0]) // 2, (x.shape[-1] - size[1]) // 2
+    return x[..., dy:dy + size[0], dx:dx + size[1]]
+
+
+class Up(nn.Module):
+    """2×2 transposed convolution (halving the channels), concatenation with the centre-cropped
+    skip connection, then a double convolution."""
+
+    def __init__(self, cin, cout, batch_norm=False):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
+        self.conv = DoubleConv(cin // 2 + cout, cout, batch_norm)
+
+    def forward(self, x, skip):
+        x = self.up(x)
+        return self.conv(torch.cat([center_crop(skip, x.shape[-2:]), x], dim=1))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class UNet(nn.Module):
+    """Valid-convolution U-Net; ``forward`` returns logits (apply a sigmoid for probabilities).
+
+    Parameters
+    ----------
+    in_channels : int
+        Input channels (1 for grey-level EM).
+    out_channels : int
+        Output channels (1 for membranes; more for several classes, each its own sigmoid).
+    base : int
+        Channels of the first level, doubled at every level down (64 in the paper).
+    depth : int
+        Number of 2×2 max-pools (4 in the paper).
+    batch_norm : bool
+        Batch normalisation after every convolution (not in the paper).
+    dropout : float
+        Dropout probability at the end of the contracting path (the paper uses 0.5 when training).
+
+    Examples
+    --------
+    >>> net = UNet(base=8, depth=4)
+    >>> net.output_size(572), net.input_size(388), net.halo
+    (388, 572, 92)
+    >>> net(torch.zeros(1, 1, 188, 188)).shape
+    torch.Size([1, 1, 4, 4])
+    """
+
+    ndim = 2
+
+    def __init__(self, in_channels=1, out_channels=1, base=64, depth=4, batch_norm=False,
+                 dropout=0.0):
+        super().__init__()
+        for name, value, lo in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
+                                ("base", base, 1), ("depth", depth, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise EmtileError(f"{name}={value!r} must be an integer >= {lo}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise EmtileError(f"dropout={dropout!r} must be in [0, 1)")
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, base=base,
+                           depth=depth, batch_norm=bool(batch_norm), dropout=float(dropout))
+        self.shape_map = ShapeMap(depth, self.ndim)
+        widths = [base * 2**level for level in range(depth + 1)]
+        self.inc = DoubleConv(in_channels, base, batch_norm)
+        self.downs = nn.ModuleList(
+            Down(widths[i], widths[i + 1], batch_norm, dropout if i == depth - 1 else 0.0)
+            for i in range(depth))
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], batch_norm)
+                                 for i in reversed(range(depth)))
+        self.head = nn.Conv2d(base, out_channels, 1)
+
+    # -- shape map (pure arithmetic, see emtile.geometry.ShapeMap)
+
+    @property
+    def in_channels(self):
+        return self.config["in_channels"]
+
+    @property
+    def out_channels(self):
+        return self.config["out_channels"]
+
+    @property
+    def depth(self):
+        return self.config["depth"]
+
+    @property
+    def halo(self):
+        """Context pixels per side of every output pixel (92 at depth 4)."""
+        return self.shape_map.halo
+
+    @property
+    def align(self):
+        """Tile origins must be multiples of ``2 ** depth`` for exact stitching."""
+        return self.shape_map.align
+
+    @property
+    def min_size(self):
+        return self.shape_map.min_size
+
+    def output_size(self, n_in):
+        """Output size for input size ``n_in`` (int or tuple); EmtileError if not valid."""
+        return self.shape_map.output_size(n_in)
+
+    def input_size(self, n_out):
+        """Input size that gives output size ``n_out`` (int or tuple)."""
+        return self.shape_map.input_size(n_out)
+
+    def valid_sizes(self, lo, hi):
+        """Valid input sizes between ``lo`` and ``hi`` inclusive."""
+        return self.shape_map.valid_sizes(lo, hi)
+
+    def is_valid(self, n):
+        return self.shape_map.is_valid(n)
+
+    def check(self, n, name="tile"):
+        return self.shape_map.check(n, name)
+
+    def activation_bytes(self, tile, batch_size=1):
+        """Rough peak memory of one inference forward pass on ``batch_size`` tiles of ``tile``².
+
+        Measured on CPU (float32): the skip connections, the two largest feature maps and the
+        concatenation at full resolution, about ``6 * base`` floats per input pixel.
+        """
+        t = tile if isinstance(tile, int) else max(tile)
+        return 4 * batch_size * t * t * (self.in_channels + 6 * self.config["base"])
+
+    # -- forward
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise EmtileError(f"UNet input has shape {tuple(x.shape)}; expected (N, "
+                              f"{self.in_channels}, H, W)")
+        if not self.shape_map.is_valid(tuple(x.shape[-2:])):
+            h, w = x.shape[-2:]
+            bad = h if not self.shape_map.is_valid((h, h)) else w
+            lo, hi = self.shape_map.nearest_valid(int(bad))
+            near = f"{lo} and {hi}" if lo is not None else f"{hi} (the smallest)"
+            raise EmtileError(f"UNet input of size {h}x{w} is not valid for depth {self.depth}: "
+                              f"nearest valid sizes are {near}")
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+# --------------------------------------------------------------------------- model folders
+
+
+def save_model(model, directory, *, metadata=None):
+    """Save ``model`` as a folder: ``model.safetensors``, ``config.json`` (+ ``metadata.json``).
+
+    ``metadata`` is any JSON-serialisable dict (training settings, epochs, scores).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, UNet):
+        raise EmtileError(f"save_model expects an emtile UNet, got {type(model).__name__}")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise EmtileError(f"model folder {str(directory)!r} exists and is not a folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    if metadata is not None:
+        try:
+            meta_text = json.dumps(metadata, indent=2, sort_keys=True)
+        except TypeError as exc:
+            raise EmtileError(f"metadata is not JSON-serialisable: {exc}") from None
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(directory / WEIGHTS)
+    (directory / CONFIG).write_text(
+        json.dumps({"format": FORMAT, "version": 1, "config": model.config}, indent=2) + "\n")
+    if metadata is not None:
+        (directory / METADATA).write_text(meta_text + "\n")
+    return directory
+
+
+def _read_config(directory):
+    directory = Path(directory)
+    if not directory.exists():
+        raise EmtileError(f"model folder {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise EmtileError(f"model {str(directory)!r} is not a folder: an emtile model is a folder "
+                          f"with {CONFIG} and {WEIGHTS}")
+    path = directory / CONFIG
+    if not path.exists():
+        raise EmtileError(f"model folder {str(directory)!r} has no {CONFIG}: an emtile model is a "
+                          f"folder with {CONFIG} and {WEIGHTS} (written by emtile.save_model)")
+    try:
+        doc = json.loads(path.read_text())
+        config = doc["config"]
+        if doc.get("format") != FORMAT or not isinstance(config, dict):
+            raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EmtileError(f"{str(path)!r} is not an emtile model config: {exc}") from None
+    return config
+
+
+def _read_weights(directory):
+    directory = Path(directory)
+    path = directory / WEIGHTS
+    if path.exists():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise EmtileError(f"{str(path)!r} is not a valid safetensors file ({exc}); refusing to "
+                              f"read it any other way (a pickle could run code)") from None
+    legacy = directory / LEGACY_WEIGHTS
+    if legacy.exists():
+        try:
+            return torch.load(str(legacy), map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for anything that is not plain tensors
+            raise EmtileError(f"{str(legacy)!r} is not a plain tensor file and was not loaded "
+                              f"(weights_only=True refused it: {type(exc).__name__})") from None
+    raise EmtileError(f"model folder {str(directory)!r} has no weights: expected {WEIGHTS}")
+
+
+def load_model(directory, device="cpu"):
+    """Rebuild a :class:`UNet` from a model folder written by :func:`save_model`.
+
+    Nothing in the folder is executed: the weights are read with safetensors (or, for
+    ``model.pt``, ``torch.load(weights_only=True)``), the architecture from ``config.json``.
+    The model is returned in eval mode.
+    """
+    config = _read_config(directory)
+    try:
+        model = UNet(**config)
+    except TypeError as exc:
+        raise EmtileError(f"config.json in {str(directory)!r} has unknown arguments: {exc}") from None
+    state = _read_weights(directory)
+    if not isinstance(state, dict):
+        raise EmtileError(f"weights in {str(directory)!r} are not a state dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise EmtileError(f"weights in {str(directory)!r} do not match its config.json: "
+                          f"{first}") from None
+    return model.to(device).eval()
+
+
+def load_metadata(directory):
+    """The ``metadata.json`` dict of a model folder ({} if there is none)."""
+    _read_config(directory)
+    path = Path(directory) / METADATA
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())

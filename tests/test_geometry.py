@@ -1,0 +1,176 @@
+"""emtile.geometry: hand-worked cases and property tests of the tile grid and block plan."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emtile import EmtileError
+from emtile.geometry import (ShapeMap, block_plan, choose_tile, normalize_roi, read_window,
+                             reflect_index, tile_grid)
+
+M4 = ShapeMap(depth=4)
+
+
+# ------------------------------------------------------------------ hand-worked cases
+
+
+def test_shape_map_by_hand():
+    # 572 -(4)-> 568 /2 284 -> 280 /2 140 -> 136 /2 68 -> 64 /2 32 -> 28, up: 56-4 104-4 200-4 392-4
+    assert M4.output_size(572) == 388
+    assert M4.halo == 92 and M4.align == 16 and M4.min_size == 188
+    assert M4.valid_sizes(540, 600) == [540, 556, 572, 588]
+    assert ShapeMap(depth=2).halo == 20 and ShapeMap(depth=3).halo == 44
+    assert M4.input_size((388, 4)) == (572, 188)
+
+
+def test_shape_map_errors():
+    with pytest.raises(EmtileError, match="tile=570 is not valid for depth 4: nearest valid sizes "
+                                          "are 556 and 572"):
+        M4.check(570)
+    with pytest.raises(EmtileError, match="output size 390 is not reachable at depth 4: nearest "
+                                          "output sizes are 388 and 404"):
+        M4.input_size(390)
+    with pytest.raises(EmtileError, match=r"tile=\(572, 572, 572\) has 3 values; expected 1 or 2"):
+        M4.check((572, 572, 572))
+
+
+def test_isbi_grid_at_572():
+    """The issue's example: 572 -> 388, stride 384, neighbours overlap by 4 px."""
+    g = tile_grid((30, 512, 512), M4, 572)
+    assert g.in_tile == (1, 572, 572) and g.out_tile == (1, 388, 388)
+    assert g.stride == (1, 384, 384) and g.overlap == (0, 4, 4) and g.halo == (0, 92, 92)
+    assert g.counts == (30, 2, 2) and g.n_tiles == 120
+    assert g.out_window((0, 1, 1)) == ((0, 384, 384), (1, 772, 772))
+    assert g.in_window((0, 1, 1)) == ((0, 292, 292), (1, 864, 864))
+    assert g.own_window((0, 0, 0)) == ((0, 0, 0), (1, 384, 384))  # owned: stride part only
+    assert g.own_window((0, 1, 1)) == ((0, 384, 384), (1, 512, 512))  # last: to the region end
+
+
+def test_overlap_reduces_the_stride_to_a_multiple_of_the_alignment():
+    g = tile_grid((512, 512), M4, 572, overlap=40)
+    assert g.stride == (336, 336) and g.overlap == (52, 52) and not g.owned
+    with pytest.raises(EmtileError, match="overlap=380 is too large for tile=572"):
+        tile_grid((512, 512), M4, 572, overlap=380)
+
+
+def test_roi_grid_stays_on_the_global_alignment():
+    g = tile_grid((5, 512, 512), M4, 572, roi=(slice(1, 3), slice(100, 300), slice(None)))
+    assert g.region == ((1, 3), (100, 300), (0, 512))
+    assert g.origin == (1, 96, 0)  # 100 rounded down to a multiple of 16
+
+
+def test_block_plan_by_hand():
+    g = tile_grid((2, 1000, 900), M4, 572)
+    plan = block_plan(g, (1, 384, 384), max_block_px=800 * 800)
+    assert plan.block_shape == (1, 768, 768) and plan.counts == (2, 2, 2) and len(plan) == 8
+    b = plan[3]
+    assert (b.start, b.stop) == ((0, 768, 768), (1, 1000, 900))
+    assert b.tiles == ((0, 2, 2),)  # owned windows meet block edges exactly: no tile twice
+    assert plan.n_tile_runs == g.n_tiles
+
+
+def test_choose_tile_prefers_one_big_tile_on_a_small_slice():
+    tile, eff = choose_tile((30, 512, 512), M4, max_tile=800)
+    assert tile == 700  # output 516 >= 512: one tile per slice
+    assert eff == pytest.approx(512 * 512 / 700**2)
+    tile, eff = choose_tile((30, 512, 512), M4, max_tile=600)
+    assert tile in M4.valid_sizes(188, 600) and eff < 0.5
+    with pytest.raises(EmtileError, match="no valid tile size between 10 and 100"):
+        choose_tile((512, 512), M4, max_tile=100, min_tile=10)
+
+
+def test_normalize_roi():
+    assert normalize_roi(None, (3, 4)) == ((0, 3), (0, 4))
+    assert normalize_roi((slice(1, None), slice(None, 2)), (3, 4)) == ((1, 3), (0, 2))
+    with pytest.raises(EmtileError, match=r"roi=0:5,0:9 is outside the volume of shape \(3, 4\): "
+                                          r"axis 0 needs 0 <= start < stop <= 3, got 0:5"):
+        normalize_roi((slice(0, 5), slice(0, 9)), (3, 4))
+    with pytest.raises(EmtileError, match="has 1 axes; the volume of shape"):
+        normalize_roi((slice(0, 1),), (3, 4))
+    with pytest.raises(EmtileError, match="got 2:2"):
+        normalize_roi((slice(2, 2), slice(None)), (3, 4))
+
+
+def test_reflect_index_matches_numpy_pad():
+    for n in (1, 2, 3, 7):
+        a = np.arange(n)
+        padded = np.pad(a, (25, 31), mode="reflect")
+        np.testing.assert_array_equal(a[reflect_index(np.arange(-25, n + 31), n)], padded)
+
+
+def test_read_window_mirrors_only_outside():
+    a = np.arange(5 * 6).reshape(5, 6)
+    np.testing.assert_array_equal(read_window(a, (1, 2), (4, 5)), a[1:4, 2:5])
+    expected = np.pad(a, ((3, 4), (2, 9)), mode="reflect")
+    np.testing.assert_array_equal(read_window(a, (-3, -2), (9, 15)), expected)
+
+
+# ------------------------------------------------------------------ properties
+
+
+@st.composite
+def grids(draw):
+    depth = draw(st.integers(1, 4))
+    m = ShapeMap(depth=depth)
+    lead = draw(st.integers(0, 1))
+    shape = tuple(draw(st.integers(1, 4)) for _ in range(lead)) + tuple(
+        draw(st.integers(1, 300)) for _ in range(2))
+    roi = []
+    for n in shape:
+        a = draw(st.integers(0, n - 1))
+        roi.append(slice(a, draw(st.integers(a + 1, n))))
+    smallest = next(t for t in m.valid_sizes(m.min_size, 2000) if m.output_size(t) >= m.align)
+    tile = draw(st.sampled_from(m.valid_sizes(smallest, smallest + 12 * m.align)))
+    out = m.output_size(tile)
+    overlap = draw(st.integers(0, out - m.align))
+    grid = tile_grid(shape, m, tile, roi=tuple(roi), overlap=overlap)
+    return m, grid
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids())
+def test_tiles_cover_the_region_and_stay_aligned(args):
+    m, g = args
+    count = np.zeros(g.region_shape, np.int32)
+    r0 = [a for a, _ in g.region]
+    for idx in g.tiles():
+        start, stop = g.out_window(idx)
+        istart, istop = g.in_window(idx)
+        # origins on multiples of 2**depth along the model axes (volume coordinates)
+        assert all(s % m.align == 0 for s in start[-2:])
+        assert all(b - a == t for a, b, t in zip(istart, istop, g.in_tile))
+        own0, own1 = g.own_window(idx)
+        assert all(a <= b for a, b in zip(own0, own1))
+        # crops stay inside the tile and the region
+        assert all(s <= a and b <= e for a, b, s, e in zip(own0, own1, start, stop))
+        assert all(lo <= a and b <= hi for a, b, (lo, hi) in zip(own0, own1, g.region))
+        count[tuple(slice(a - o, b - o) for a, b, o in zip(own0, own1, r0))] += 1
+    if g.owned:
+        assert (count == 1).all()  # every pixel from exactly one tile
+    else:
+        assert (count >= 1).all()
+    # no tile is wasted: each one's own window meets the region
+    assert all(all(a < b for a, b in zip(*g.own_window(i))) for i in g.tiles())
+
+
+@settings(max_examples=40, deadline=None)
+@given(grids(), st.integers(1, 3), st.integers(1, 5000))
+def test_blocks_partition_the_region_on_chunk_boundaries(args, chunk_factor, budget):
+    m, g = args
+    chunks = (1,) * (g.ndim - 2) + (chunk_factor * 7, chunk_factor * 5)
+    plan = block_plan(g, chunks, max_block_px=budget)
+    seen = np.zeros(g.region_shape, np.int32)
+    needed = {}
+    for idx in g.tiles():
+        needed[idx] = g.own_window(idx)
+    for block in plan:
+        sl = block.slices(g.region)
+        seen[sl] += 1
+        for (a, _), s, c in zip(g.region, block.start, chunks):
+            assert (s - a) % c == 0  # blocks start on chunk boundaries: they own whole chunks
+        # exactly the tiles that contribute to the block
+        expect = {i for i, (o0, o1) in needed.items()
+                  if all(max(a, b) < min(c, d) for a, b, c, d in zip(o0, block.start, o1, block.stop))}
+        assert set(block.tiles) == expect
+    assert (seen == 1).all()
