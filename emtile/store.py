@@ -161,8 +161,8 @@ def prepare_output(path, *, overwrite=False, resume=False):
     - nothing there: fine;
     - an incomplete emtile store: removed (it is the leftover of an interrupted run) unless
       ``resume`` is True, in which case it is kept and ``"resume"`` is returned;
-    - a complete store, another Zarr store, or a file: refused unless ``overwrite``;
-    - a folder that is not a Zarr store: always refused (emtile never deletes such a folder).
+    - a complete store or another Zarr store: refused unless ``overwrite``;
+    - a file, or a folder that is not a Zarr store: always refused (emtile never deletes them).
 
     Returns ``"new"``, ``"replaced"`` or ``"resume"``.
     """
@@ -174,10 +174,11 @@ def prepare_output(path, *, overwrite=False, resume=False):
         if not _writable(parent):
             raise EmtileError(f"output location {str(parent)!r} is not writable")
         return "new"
-    if path.is_dir() and not is_zarr_store(path):
+    if not is_zarr_store(path):
+        what = "folder" if path.is_dir() else "file"
         raise EmtileError(
-            f"output {str(path)!r} is an existing folder that is not a Zarr store; "
-            "choose another output path (emtile never deletes such a folder)"
+            f"output {str(path)!r} is an existing {what} that is not a Zarr store; "
+            f"choose another output path (emtile never deletes such a {what})"
         )
     meta = _emtile_attrs(path) if path.is_dir() else None
     if meta is not None and not meta.get("complete"):
@@ -204,7 +205,5 @@ def _writable(folder):
 
 def _remove(path):
     path = Path(path)
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
+    assert is_zarr_store(path), f"refusing to delete {path}: not a Zarr store"
+    shutil.rmtree(path)

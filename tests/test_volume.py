@@ -374,3 +374,12 @@ def test_corrupt_compressed_page_is_reported_and_leaves_nothing(tmp_path, isbi_r
     with pytest.raises(EmtileError, match=r"cannot read .*bad\.tif' at slices 0:3"):
         emtile.convert(path, out, progress=False)
     assert not out.exists()
+
+
+def test_overwrite_never_deletes_a_plain_file(tmp_path, isbi_raw):
+    tifffile.imwrite(tmp_path / "a.tif", isbi_raw[:1])
+    keep = tmp_path / "notes.txt"
+    keep.write_text("data")
+    r = run_cli("convert", tmp_path / "a.tif", keep, "--overwrite")
+    assert r.exit_code == 1 and "existing file that is not a Zarr store" in r.output
+    assert keep.read_text() == "data"
