@@ -1,0 +1,343 @@
+"""Where does prediction time go? The model alone against the whole ``predict`` path, in one process.
+
+:func:`run_bench` times, on the same machine and in the same process,
+
+(a) the model alone: ``model(x)`` on batches of random tiles already on the device, after a
+    warm-up, under ``torch.inference_mode`` (and autocast with ``amp``);
+(b) :func:`emtile.predict.predict` on an OME-Zarr volume whose output area is exactly ``tiles``
+    output tiles (reading, mirroring, batching, the model, stitching, writing),
+
+and returns both, their ratio, output voxels per second, GFLOP/s from the model's convolution
+shapes, and the peak resident memory. :func:`mirrored_volume` builds the test volumes (by
+mirroring the slices of a real stack, e.g. ISBI 2012, to any shape; random data without one) and
+is shared with the ``examples/bench_*.py`` scripts. ``emtile bench`` is the command line.
+"""
+
+import math
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from emtile._errors import EmtileError
+
+__all__ = ["run_bench", "format_bench", "mirrored_volume", "conv_flops", "peak_rss"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def peak_rss():
+    """Peak resident memory in bytes: ``(this process, its largest finished child)``.
+
+    Children are DataLoader workers that have exited; ``ru_maxrss`` is in KiB on Linux and in
+    bytes on macOS.
+    """
+    unit = 1 if sys.platform == "darwin" else 1024
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit
+    return own, children
+
+
+def conv_flops(model, x):
+    """Floating-point operations (2 per multiply-add) of the convolutions in ``model(x)``.
+
+    Counted with forward hooks on every ``Conv*`` and ``ConvTranspose*`` module while running
+    ``model(x)`` once; returns ``(flops, output)``. Pooling, ReLU and copies are not counted.
+    """
+    import torch
+    from torch import nn
+
+    total = [0]
+
+    def hook(module, inputs, output):
+        k = math.prod(module.kernel_size)
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):  # every input feeds cout * k
+            total[0] += 2 * inputs[0].numel() * module.out_channels // module.groups * k
+        else:  # every output reads cin * k
+            total[0] += 2 * output.numel() * module.in_channels // module.groups * k
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.modules.conv._ConvNd)]
+    try:
+        with torch.inference_mode():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0], out
+
+
+def mirrored_volume(path, shape, *, source=None, chunks=None, seed=0, progress=False):
+    """Write an OME-Zarr uint8 volume of ``shape`` (Z, Y, X) made by mirroring a real stack.
+
+    Parameters
+    ----------
+    path : str or Path
+        The new store (must not exist).
+    shape : tuple of int
+        ``(Z, Y, X)`` of the volume to write.
+    source : str, Path or array, optional
+        A stack (anything :func:`emtile.open_volume` reads, or an array) whose slices are mirrored
+        (NumPy ``"reflect"``) along every axis to fill ``shape``: slices 0, 1, …, n-1, n-2, …
+        Without one, smoothed random noise (seeded) is used.
+    chunks : tuple of int, optional
+        Chunk shape; default one slice by up to 1024×1024.
+
+    Written one slice at a time, so memory stays at a few slices whatever ``shape``.
+    """
+    from emtile.geometry import reflect_index
+    from emtile.store import create_image, mark_complete
+    from emtile.volume import open_volume
+
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise EmtileError(f"shape={shape} must be (Z, Y, X) with positive sizes")
+    if source is None:
+        rng = np.random.default_rng(seed)
+        noise = rng.integers(0, 256, (min(shape[0], 8), 256, 256), dtype=np.uint8)
+        src = (noise.astype(np.uint16) + np.roll(noise, 1, axis=2) + np.roll(noise, 1, axis=1)) // 3
+        src = src.astype(np.uint8)
+        name = "random"
+    else:
+        src = open_volume(source) if isinstance(source, (str, Path)) else source
+        if src.ndim == 2:
+            src = np.asarray(src[...])[None]
+        if src.ndim != 3:
+            raise EmtileError(f"source {source!r} has shape {src.shape}; expected a (Z, Y, X) stack")
+        name = Path(str(source)).name if isinstance(source, (str, Path)) else "array"
+    zi = reflect_index(np.arange(shape[0]), src.shape[0])
+    yi = reflect_index(np.arange(shape[1]), src.shape[1])
+    xi = reflect_index(np.arange(shape[2]), src.shape[2])
+    group = create_image(path, shape, np.uint8, chunks=chunks, kind="image",
+                         attrs={"source": f"mirrored {name}"})
+    arr = group["0"]
+    cache = {}
+    for z in range(shape[0]):
+        k = int(zi[z])
+        if k not in cache:
+            cache.clear()
+            plane = np.asarray(src[k])
+            if plane.dtype != np.uint8:
+                lo, hi = float(plane.min()), float(plane.max())
+                plane = ((plane - lo) * (255.0 / max(hi - lo, 1e-12))).astype(np.uint8)
+            cache[k] = plane[yi][:, xi]
+        arr[z] = cache[k]
+    mark_complete(group)
+    return group
+
+
+def _resolve_device(device):
+    import torch
+
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise EmtileError(f"device={device!r} is not supported: choose auto, cpu or cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EmtileError("device='cuda' was asked for but torch sees no CUDA device "
+                          "(use --device cpu or auto)")
+    return torch.device(device)
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _amp_name(device, amp):
+    """``--amp`` -> predict's ``amp``: bfloat16 on CPU, float16 on CUDA."""
+    return ("fp16" if device.type == "cuda" else "bf16") if amp else None
+
+
+def _autocast(device, amp):
+    import contextlib
+
+    import torch
+
+    if not amp:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def tiles_volume_shape(model, tile, tiles):
+    """``(Z, Y, X)`` whose output area is exactly ``tiles`` output tiles of the global grid.
+
+    Up to 2×2 tiles per slice (so tiles meet and are stitched), the rest in further slices.
+    """
+    from emtile.geometry import tile_grid
+
+    if tiles < 1:
+        raise EmtileError(f"tiles={tiles} must be at least 1")
+    per = 4 if tiles % 4 == 0 else 2 if tiles % 2 == 0 else 1
+    ny, nx = {4: (2, 2), 2: (1, 2), 1: (1, 1)}[per]
+    g = tile_grid((1, 10_000, 10_000), model, tile)
+    (_, oy, ox), (_, sy, sx) = g.out_tile, g.stride
+    shape = (tiles // per, oy + (ny - 1) * sy, ox + (nx - 1) * sx)
+    assert tile_grid(shape, model, tile).n_tiles == tiles, shape
+    return shape
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=8,
+              channels_last=True, amp=False, num_workers=None, repeat=1, warmup=2, data=None,
+              seed=0, workdir=None, progress=False):
+    """Time the model alone and the full ``predict`` path on the same tiles; return the figures.
+
+    Parameters
+    ----------
+    base, depth : int
+        U-Net width and depth (random weights; the time does not depend on them).
+    tile : int
+        Input tile size (valid for ``depth``).
+    batch_size : int
+        Tiles per forward pass, for both measurements.
+    device : {"auto", "cpu", "cuda"}
+    tiles : int
+        Tiles timed in each measurement; the predicted volume is exactly that many output tiles.
+    channels_last : bool
+        Model and inputs in channels_last memory format (the faster layout on CPU).
+    amp : bool
+        Autocast (bfloat16 on CPU, float16 on CUDA).
+    num_workers : int, optional
+        DataLoader workers for ``predict`` (default: predict's own default).
+    repeat : int
+        Rounds of (model alone, predict), interleaved; the best of each is reported.
+    warmup : int
+        Untimed batches before timing the model alone; ``predict`` is warmed up on a one-tile
+        volume first (this compiles the stitcher and starts the allocator).
+    data : str or Path, optional
+        A stack whose slices are mirrored to build the volume (e.g. ISBI's train-volume.tif);
+        default random data.
+    workdir : str or Path, optional
+        Where the temporary volume and output go (default the system temp folder).
+
+    Returns
+    -------
+    dict
+        ``model_s``, ``predict_s``, ``ratio`` (predict / model), ``out_voxels``,
+        ``model_vox_s``, ``predict_vox_s``, ``gflop_per_tile``, ``model_gflops``,
+        ``predict_gflops``, ``peak_rss``, ``peak_rss_children``, ``cuda_peak`` (bytes or None),
+        and the settings used.
+    """
+    import torch
+
+    from emtile.predict import predict
+    from emtile.unet import UNet
+
+    for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat)):
+        if not isinstance(value, int) or value < 1:
+            raise EmtileError(f"{name}={value!r} must be a positive integer")
+    dev = _resolve_device(device)
+    torch.manual_seed(seed)
+    model = UNet(base=base, depth=depth)
+    model.check(tile)
+    out_tile = model.output_size(tile)
+    model = model.eval().to(dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+
+    # (a) the model alone on tiles already in memory
+    x = torch.rand(batch_size, model.in_channels, tile, tile, device=dev)
+    x = x.contiguous(memory_format=fmt)
+    n_batches = -(-tiles // batch_size)
+
+    def time_model():
+        model.to(memory_format=fmt)  # predict restores the default layout when it returns
+        with _autocast(dev, amp), torch.inference_mode():
+            model(x)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                model(x)
+            _sync(dev)
+        return (time.perf_counter() - t0) * tiles / (n_batches * batch_size)
+
+    with _autocast(dev, amp):
+        flops, _ = conv_flops(model, x[:1])
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+
+    # (b) the whole predict path on a volume of exactly `tiles` output tiles
+    shape = tiles_volume_shape(model, tile, tiles)
+    kwargs = dict(tile=tile, batch_size=batch_size, device=str(dev), progress=progress,
+                  amp=_amp_name(dev, amp), channels_last=channels_last, overwrite=True)
+    if num_workers is not None:
+        kwargs["num_workers"] = num_workers
+    model_times, predict_times = [], []
+    with tempfile.TemporaryDirectory(prefix="emtile-bench-", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        mirrored_volume(tmp / "warm.zarr", (1, out_tile, out_tile), source=data, seed=seed)
+        predict(model, tmp / "warm.zarr", tmp / "warm-pred.zarr", **kwargs)
+        mirrored_volume(tmp / "vol.zarr", shape, source=data, seed=seed)
+        for _ in range(repeat):  # interleaved, so that load from other processes hits both alike
+            model_times.append(time_model())
+            _sync(dev)
+            t0 = time.perf_counter()
+            result = predict(model, tmp / "vol.zarr", tmp / "pred.zarr", **kwargs)
+            _sync(dev)
+            predict_times.append(time.perf_counter() - t0)
+    model_s, predict_s = min(model_times), min(predict_times)
+
+    out_voxels = tiles * out_tile * out_tile
+    own, children = peak_rss()
+    return {
+        "base": base, "depth": depth, "tile": tile, "out_tile": out_tile,
+        "batch_size": batch_size, "tiles": tiles, "device": str(dev),
+        "threads": torch.get_num_threads(), "channels_last": channels_last, "amp": amp,
+        "num_workers": num_workers, "volume_shape": shape, "repeat": repeat,
+        "model_times": model_times, "predict_times": predict_times,
+        "data": str(data) if data is not None else "random",
+        "model_s": model_s, "predict_s": predict_s, "ratio": predict_s / model_s,
+        "out_voxels": out_voxels, "predict_tile_runs": result.tiles,
+        "predict_efficiency": result.efficiency,
+        "model_vox_s": out_voxels / model_s, "predict_vox_s": out_voxels / predict_s,
+        "gflop_per_tile": flops / 1e9,
+        "model_gflops": flops * tiles / model_s / 1e9,
+        "predict_gflops": flops * tiles / predict_s / 1e9,
+        "peak_rss": own, "peak_rss_children": children,
+        "cuda_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+    }
+
+
+def format_bench(r):
+    """The report :func:`run_bench` returns, as a short table."""
+    gib = 2.0**30
+    layout = "channels_last" if r["channels_last"] else "contiguous"
+    precision = ("amp bf16" if r["device"] == "cpu" else "amp fp16") if r["amp"] else "fp32"
+    device = f"{r['device']} ({r['threads']} threads)" if r["device"] == "cpu" else r["device"]
+    workers = "default" if r["num_workers"] is None else r["num_workers"]
+    per_slice = r["tiles"] // r["volume_shape"][0]
+    lines = [
+        f"model     UNet base {r['base']} depth {r['depth']}, tile {r['tile']} -> {r['out_tile']}, "
+        f"{r['gflop_per_tile']:.3g} GFLOP per tile",
+        f"run       {device}, batch {r['batch_size']}, {layout}, {precision}, workers {workers}",
+        f"volume    {'x'.join(map(str, r['volume_shape']))} ({r['tiles']} tiles, {per_slice} per "
+        f"slice; predict ran {r['predict_tile_runs']}), data {r['data']}",
+        f"timing    best of {r['repeat']} interleaved round(s)",
+        "",
+        f"{'':<13}{'time s':>9}{'tiles/s':>9}{'Mvox/s':>9}{'GFLOP/s':>9}",
+    ]
+    for name, key, vkey, gkey in (("model alone", "model_s", "model_vox_s", "model_gflops"),
+                                  ("predict", "predict_s", "predict_vox_s", "predict_gflops")):
+        lines.append(f"{name:<13}{r[key]:>9.2f}{r['tiles'] / r[key]:>9.2f}"
+                     f"{r[vkey] / 1e6:>9.3f}{r[gkey]:>9.1f}")
+    lines += [
+        "",
+        f"predict / model alone: {r['ratio']:.3f}  (target <= 1.10 on CPU, <= 1.15 on CUDA with amp)",
+        f"output voxels/s: {r['predict_vox_s']:.4g} (predict), {r['model_vox_s']:.4g} (model alone)",
+        f"peak RSS: {r['peak_rss'] / gib:.2f} GiB (largest DataLoader worker "
+        f"{r['peak_rss_children'] / gib:.2f} GiB)",
+    ]
+    if r["cuda_peak"] is not None:
+        lines.append(f"peak CUDA memory: {r['cuda_peak'] / gib:.2f} GiB")
+    return "\n".join(lines)
