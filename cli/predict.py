@@ -51,7 +51,8 @@ class TileSize(click.ParamType):
               help="Storage type of the probabilities (uint8 stores round(255 p)).")
 @click.option("--threshold", default=None, type=click.FloatRange(0, 1),
               help="Also write a binary mask (p >= T) at OUTPUT/labels/mask.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing complete OUTPUT.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the model (faster at small widths; 10-20 s to compile).")
@@ -60,7 +61,7 @@ def predict(input, output, model, tile, batch_size, workers, device, amp, blend,
     """Predict INPUT (TIFF, image folder, Zarr, HDF5) into the OME-Zarr store OUTPUT.
 
     A 2-D model runs slice by slice over a (Z, Y, X) stack. An interrupted run started again
-    finishes the blocks that are missing.
+    (same input, model and options, without --overwrite) finishes the blocks that are missing.
     """
     from emtile.predict import predict as run
 

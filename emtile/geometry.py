@@ -443,9 +443,10 @@ def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, 
     region = normalize_roi(roi, volume_shape)
     k = shape_map.ndim
     spatial = [b - a for a, b in region[len(region) - k:]]
-    need = max(spatial) + 2 * shape_map.halo + 2 * shape_map.align
-    hi = need if max_tile is None else min(int(max_tile), need)
     lo = shape_map.min_size if min_tile is None else int(min_tile)
+    # larger tiles than one covering the region gain nothing; but at least one size from lo up
+    need = max(max(spatial) + 2 * shape_map.halo + 2 * shape_map.align, lo + shape_map.align)
+    hi = need if max_tile is None else min(int(max_tile), need)
     sizes = shape_map.valid_sizes(lo, hi)
     if not sizes:
         raise EmtileError(f"no valid tile size between {lo} and {hi} at depth {shape_map.depth} "

@@ -14,13 +14,20 @@ into blocks of whole output chunks. For every block still to do,
 So reading, computing and writing overlap, memory is bounded by a block and a few groups of tiles
 (never by the volume), and a killed run started again finishes only the blocks not yet recorded;
 its output is byte-identical to an uninterrupted run, because a block's batches are the same
-whichever blocks are left. The output is marked complete only after the last block.
+whichever blocks are left. The output is marked complete only after every block is recorded.
+
+A run resumes an interrupted store only when everything that determines its bytes is the same
+(:func:`_fingerprint`: the input's path and a token of its files, the model's weights, the grid
+and every option that changes the arithmetic) and the store's set-up finished (its block markers,
+created last, exist). An in-memory input is never resumed, and ``overwrite=True`` always starts
+over. An output that is, holds or lies inside the input is refused.
 
 :func:`predict_array` runs the same code path in memory (no store), e.g. for validation during
 training.
 """
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -47,7 +54,10 @@ MARKERS = "emtile_blocks"  # per-block completion flags inside the output group
 AUTO_TILE_MEMORY = 2**30  # activation memory --tile auto may use
 GROUP_BYTES = 64 * 2**20  # input tiles a DataLoader worker reads at once
 CHUNK_TARGET = 512  # output chunks are the multiple of the tile stride nearest to this
-_CRASH_ENV = "EMTILE_TEST_CRASH_AFTER_BLOCKS"  # tests: SIGKILL the run after N blocks are recorded
+# Test-only, private: ``_EMTILE_TEST_CRASH=N`` SIGKILLs the run right after the N-th block is
+# recorded, ``N:before-marker`` right after its chunks are written but before it is recorded. Unset
+# (the only state outside emtile's own tests) it does nothing.
+_CRASH_ENV = "_EMTILE_TEST_CRASH"
 
 
 @dataclass
@@ -68,8 +78,14 @@ class PredictResult:
     device: str
 
     def __str__(self):
-        return (f"{self.output}: {self.shape} {self.dtype}, tile {self.tile[-1]} -> "
-                f"{self.out_tile[-1]} (stride {self.stride[-1]}), {self.tiles} tiles in "
+        model_axes = [ax for ax, (t, o) in enumerate(zip(self.tile, self.out_tile))
+                      if (t, o) != (1, 1)]  # the slice axes of a 2-D model over a stack are 1
+
+        def fmt(sizes):
+            return "x".join(str(sizes[ax]) for ax in model_axes)
+
+        return (f"{self.output}: {self.shape} {self.dtype}, tile {fmt(self.tile)} -> "
+                f"{fmt(self.out_tile)} (stride {fmt(self.stride)}), {self.tiles} tiles in "
                 f"{self.blocks} blocks, efficiency {self.efficiency:.0%}, {self.seconds:.1f} s "
                 f"on {self.device}")
 
@@ -163,6 +179,7 @@ class _Job:
     grid: geometry.Grid
     plan: geometry.BlockPlan
     channels: int
+    blocks: list  # plan[i] for every i, computed once (each one lists its tiles)
 
 
 def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, max_block_px,
@@ -171,15 +188,21 @@ def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, m
     _choice("blend", blend, BLENDS)
     shape = tuple(int(s) for s in arr.shape)
     region = geometry.normalize_roi(roi, shape)
+    ramps = blend in ("linear", "cosine")
     if isinstance(tile, str):
         if tile != "auto":
             raise EmtileError(f"tile={tile!r} is not a tile size: give a valid size (e.g. 572) or "
                               f"'auto'")
         per_px = net.activation_bytes(1, batch_size)
         max_tile = int(math.sqrt(max_tile_memory / per_px))
+        min_out = net.align
+        if ramps:  # both ramps fit in the output whatever the stride's rounding
+            min_out = 2 * (max(geometry._per_axis(overlap, net.ndim, "overlap")) + net.align) + 1
         tile, _ = geometry.choose_tile(shape, net.shape_map, roi=region, overlap=overlap,
-                                       max_tile=max_tile, min_tile=2 * net.halo + net.align)
+                                       max_tile=max_tile, min_tile=2 * net.halo + min_out)
     grid = _grid(net, shape, tile, region, overlap)
+    if ramps and not grid.owned:
+        _check_ramps(net, grid, overlap, blend)
     k = net.ndim
     lead = len(shape) - k
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -202,6 +225,26 @@ def _grid(net, shape, tile, region, overlap):
                               f"the {net.align}-px alignment at depth {net.depth}; use a tile of "
                               f"at least {smallest}")
     return geometry.tile_grid(shape, net.shape_map, sizes, roi=region, overlap=overlap)
+
+
+def _check_ramps(net, grid, overlap, blend):
+    """Linear / cosine ramps of neighbouring tiles must fit in a tile's output (before the output
+    store exists, in the user's terms). The actual overlap is ``out - stride``: the stride is
+    rounded down to a multiple of ``2 ** depth``, so it can exceed what was asked for."""
+    k = net.ndim
+    asked = geometry._per_axis(overlap, k, "overlap")
+    for ax in range(k):
+        g = grid.ndim - k + ax
+        out, ov = grid.out_tile[g], grid.overlap[g]
+        if 2 * ov < out:
+            continue
+        strides = {v: (out - v) // net.align * net.align for v in range(out)}
+        fits = [v for v, s in strides.items() if s >= net.align and 2 * (out - s) < out]
+        most = f"at most {max(fits)}" if fits else "no overlap fits; use a larger tile"
+        raise EmtileError(f"--overlap {asked[ax]} is too large for tile {grid.in_tile[g]} "
+                          f"(output {out}) with --blend {blend}: tiles would overlap by {ov} px "
+                          f"(the stride is a multiple of {net.align}) and each {blend} ramp must "
+                          f"fit in half the output; {most}")
 
 
 def _efficiency(grid, n_tile_runs):
@@ -230,9 +273,9 @@ class _Tiles:
     re-opens a path input itself, and reads each group's bounding box once.
     """
 
-    def __init__(self, array, spec, plan, block_ids, group, model_ndim):
-        self.array, self.spec, self.plan = array, spec, plan
-        self.block_ids, self.group, self.model_ndim = block_ids, group, model_ndim
+    def __init__(self, array, spec, grid, blocks, group, model_ndim):
+        self.array, self.spec, self.grid = array, spec, grid
+        self.blocks, self.group, self.model_ndim = blocks, group, model_ndim  # blocks: to do
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -241,8 +284,7 @@ class _Tiles:
         return state
 
     def _items(self):
-        for b in self.block_ids:
-            block = self.plan[b]
+        for block in self.blocks:
             for first in range(0, len(block.tiles), self.group):
                 yield block, first
 
@@ -263,7 +305,7 @@ class _Tiles:
                 yield block.index, first, torch.from_numpy(self.read(array, tiles))
 
     def read(self, array, tiles):
-        grid = self.plan.grid
+        grid = self.grid
         windows = [grid.in_window(t) for t in tiles]
         lo = tuple(min(w[0][ax] for w in windows) for ax in range(grid.ndim))
         hi = tuple(max(w[1][ax] for w in windows) for ax in range(grid.ndim))
@@ -350,17 +392,31 @@ class _Forward:
 
 
 class _Stitcher:
-    """Block buffers: accumulate output tiles of one block, hand the finished block on."""
+    """Block buffers: accumulate output tiles of one block, hand the finished block on.
+
+    Every tile is added whole (no cropped copies): :func:`emtile.stitch.accumulate` clips it to
+    the block buffer. Blending grids weight the whole output window (clipped to the block, that
+    is the tile's own window). Owned grids (no blending) weight a tile 1 on its own window and 0
+    on the pixels its neighbour owns (``0 * p`` adds exactly nothing), one window per combination
+    of "last along this axis", where a tile owns its whole output.
+    """
 
     def __init__(self, grid, channels, blend):
         from emtile import stitch
 
         self.stitch, self.grid, self.channels = stitch, grid, channels
-        spatial_out = grid.out_tile
-        if grid.owned or blend == "none":
-            self.weight = np.ones(spatial_out, np.float32)
+        if not grid.owned:
+            w = (np.ones(grid.out_tile, np.float32) if blend == "none" else
+                 stitch.weight_window(grid.out_tile, blend=blend, overlap=grid.overlap))
+            self.weights = {None: w}
         else:
-            self.weight = stitch.weight_window(spatial_out, blend=blend, overlap=grid.overlap)
+            self.weights = {}
+            for last in np.ndindex((2,) * grid.ndim):
+                w = np.ones(grid.out_tile, np.float32)
+                for ax, is_last in enumerate(last):
+                    if not is_last:
+                        w[(slice(None),) * ax + (slice(grid.stride[ax], None),)] = 0
+                self.weights[last] = w
 
     def new(self, block):
         return (np.zeros((self.channels,) + block.shape, np.float32),
@@ -370,16 +426,14 @@ class _Stitcher:
         """``tile`` (C, *O model axes): add it where it contributes inside ``block``."""
         acc, wsum = buffers
         grid = self.grid
-        tile = tile.reshape((self.channels,) + grid.out_tile)
+        tile = tile.reshape((self.channels,) + grid.out_tile)  # a view
         start, _ = grid.out_window(idx)
-        own0, own1 = grid.own_window(idx)
-        lo = [max(a, b) for a, b in zip(own0, block.start)]
-        hi = [min(a, b) for a, b in zip(own1, block.stop)]
-        crop = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-        part = np.ascontiguousarray(tile[(slice(None),) + crop])
-        weight = np.ascontiguousarray(self.weight[crop])
-        origin = tuple(a - b for a, b in zip(lo, block.start))
-        self.stitch.accumulate(acc, wsum, part, weight, origin)
+        if grid.owned:
+            weight = self.weights[tuple(int(k == n - 1) for k, n in zip(idx, grid.counts))]
+        else:
+            weight = self.weights[None]
+        origin = tuple(a - b for a, b in zip(start, block.start))
+        self.stitch.accumulate(acc, wsum, tile, weight, origin)
 
 
 # --------------------------------------------------------------------------- writing
@@ -395,6 +449,7 @@ class _Writer:
         self.thread.start()
 
     def _loop(self):
+        _single_numba_thread()  # this thread's setting only: never compete with torch's threads
         while True:
             item = self.queue.get()
             if item is None:
@@ -417,6 +472,21 @@ class _Writer:
             raise self.error
 
 
+def _single_numba_thread():
+    """Run this thread's Numba kernels on this thread only; return the previous setting.
+
+    The stitching kernels are ``parallel=True``. Per tile (main thread, between forward passes)
+    and per block (writer thread, while torch computes), their OpenMP threads only wake and
+    spin-wait on cores torch is using: measured 3-4x slower on 2 cores. Numba's thread count is
+    thread-local, so this changes nothing for other callers of the kernels.
+    """
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    return previous
+
+
 def _blocks_to_values(stitch, acc, wsum, dtype, threshold):
     """Normalised block -> (probabilities in ``dtype``, mask or None), both (C, *S)."""
     if threshold is None:
@@ -434,14 +504,16 @@ def _blocks_to_values(stitch, acc, wsum, dtype, threshold):
 def _execute(job, block_ids, finish, *, batch_size, num_workers, device, amp, tta, blend,
              channels_last, compile, progress, desc="predict"):
     """Run the blocks ``block_ids``; ``finish(block, acc, wsum)`` is called in the writer thread."""
+    import numba
     import torch
     from tqdm.auto import tqdm
 
-    grid, plan = job.grid, job.plan
+    grid, blocks = job.grid, job.blocks
     tile_bytes = 4 * math.prod(grid.in_tile)
     group = max(1, GROUP_BYTES // (tile_bytes * batch_size)) * batch_size
-    dataset = _tiles_dataset(job.array, job.spec, plan, block_ids, group, job.net.ndim)
-    total = sum(len(plan[b].tiles) for b in block_ids)
+    todo = [blocks[b] for b in block_ids]
+    dataset = _tiles_dataset(job.array, job.spec, grid, todo, group, job.net.ndim)
+    total = sum(len(b.tiles) for b in todo)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
         prefetch_factor=2 if num_workers else None)
@@ -451,12 +523,13 @@ def _execute(job, block_ids, finish, *, batch_size, num_workers, device, amp, tt
     bar = tqdm(total=total, unit="tile", desc=desc, disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
     current, buffers, done = None, None, 0
+    numba_threads = _single_numba_thread()
     try:
         with _prepared(job.net, device, channels_last, compile) as fn:
             forward = _Forward(fn, device, amp, channels_last, tta)
             for block_index, first, tiles in batches:
                 if current is None or current.index != block_index:
-                    current = plan[block_index]
+                    current = blocks[block_index]
                     buffers, done = stitcher.new(current), 0
                 for b0 in range(0, len(tiles), batch_size):
                     probs = forward(tiles[b0:b0 + batch_size])
@@ -471,6 +544,7 @@ def _execute(job, block_ids, finish, *, batch_size, num_workers, device, amp, tt
         writer.queue.put(None)
         raise
     finally:
+        numba.set_num_threads(numba_threads)
         bar.close()
     writer.close()
 
@@ -490,7 +564,7 @@ def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, o
     grid, plan = _plan(net, arr, tile=tile, overlap=overlap, roi=roi, blend=blend,
                        max_tile_memory=max_tile_memory, batch_size=batch_size,
                        max_block_px=max_block_px, chunk_size=chunk_size)
-    job = _Job(net, arr, spec, grid, plan, net.out_channels)
+    job = _Job(net, arr, spec, grid, plan, net.out_channels, list(plan))
     return job, dev, num_workers
 
 
@@ -536,20 +610,62 @@ def predict_array(model, array, *, tile=572, batch_size=1, num_workers=0, device
 # --------------------------------------------------------------------------- the store
 
 
-def _fingerprint(job, *, dtype, threshold, tta, blend, amp):
-    """Everything that determines the output bytes; a resumed run must match it exactly."""
+def _input_token(spec, array):
+    """A cheap stand-in for the input's content: ``[name, inode, size, mtime_ns, ctime_ns]`` of its
+    file (TIFF, HDF5), its images (a folder or glob of them), or its Zarr metadata documents
+    (``zarr.json`` / ``.zarray`` / ``.zgroup`` / ``.zattrs`` of the store's root and of the array
+    read). Re-writing or replacing an input changes it; overwriting chunks of a Zarr array in
+    place does not (that would take reading the data)."""
+    text = str(spec)
+    if any(ch in text for ch in "*?["):
+        paths = sorted(glob.glob(text))
+    else:
+        from emtile.store import is_zarr_store
+        from emtile.volume import _split_hdf5
+
+        h5 = _split_hdf5(text)
+        p = Path(h5[0] if h5 is not None else text)
+        if p.is_dir() and is_zarr_store(p):
+            names = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
+            inner = str(getattr(array, "path", "") or "")
+            folders = [p] + ([p / inner] if inner and (p / inner).is_dir() else [])
+            paths = [f / n for f in folders for n in names if (f / n).exists()]
+        elif p.is_dir():
+            paths = sorted(f for f in p.iterdir() if f.is_file())
+        else:
+            paths = [p]
+    token = []
+    for f in paths:
+        st = os.stat(f)
+        token.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return token
+
+
+def _fingerprint(job, *, dtype, threshold, tta, blend, amp, device, batch_size, channels_last,
+                 compile):
+    """Everything that determines the output bytes; a resumed run must match it exactly.
+
+    Only for path inputs (an in-memory array is never resumed): its resolved path and
+    :func:`_input_token`; the model's config and a hash of its weights; the grid, chunks and
+    blocks; every option that changes the arithmetic (device type, batch size, memory format,
+    compile, AMP, torch version).
+    """
+    import torch
+
     h = hashlib.sha256()
     for name, t in job.net.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
     g = job.grid
     return {
-        "input": None if job.spec is None else str(Path(job.spec).resolve()),
+        "input": str(Path(job.spec).resolve()), "input_token": _input_token(job.spec, job.array),
         "input_shape": list(g.volume_shape), "input_dtype": str(np.dtype(job.array.dtype)),
         "region": [list(r) for r in g.region], "tile": list(g.in_tile), "stride": list(g.stride),
         "owned": g.owned, "chunks": list(job.plan.chunks), "block": list(job.plan.block_shape),
         "blend": blend, "tta": bool(tta), "amp": amp, "dtype": dtype, "threshold": threshold,
         "model": job.net.config, "weights_sha256": h.hexdigest(),
+        "device": device.type, "batch_size": batch_size, "channels_last": bool(channels_last),
+        "compile": bool(compile), "torch": torch.__version__,
     }
 
 
@@ -574,24 +690,77 @@ def _voxel_size(spec, ndim):
         return None
 
 
+def _check_output_is_not_input(spec, output):
+    """An output that is, contains or lies inside the input could destroy it (``--overwrite``
+    removes the output first)."""
+    if spec is None:
+        return
+    inp, out = Path(os.path.realpath(spec)), Path(os.path.realpath(output))
+    if out == inp:
+        how = "is the input"
+    elif out in inp.parents:
+        how = "contains the input"
+    elif inp in out.parents:
+        how = "lies inside the input"
+    else:
+        return
+    raise EmtileError(f"output {str(output)!r} {how} {str(spec)!r}: writing it could destroy the "
+                      f"input; choose an output path outside the input")
+
+
+def _translate(group, region):
+    """Record the ROI's place in the input volume (NGFF 0.5: ``scale`` then ``translation``, in
+    physical units), so viewers overlay the output on the input."""
+    if not any(a for a, _ in region):
+        return
+    ome = dict(group.attrs["ome"])
+    ms = [dict(m) for m in ome["multiscales"]]
+    names = [a["name"] for a in ms[0]["axes"]]
+    (d,) = ms[0]["datasets"]  # predict writes full resolution only
+    scale = d["coordinateTransformations"][0]["scale"]
+    starts = iter(a for a, _ in region)
+    translation = [0.0 if n == "c" else float(next(starts) * s) for n, s in zip(names, scale)]
+    ms[0]["datasets"] = [dict(d, coordinateTransformations=[
+        d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])]
+    ome["multiscales"] = ms
+    group.attrs["ome"] = ome
+
+
+def _resumable(group, fingerprint, n_blocks, threshold):
+    """``(probabilities, mask or None, markers)`` of an interrupted store this run can finish,
+    or None. The markers array is created last, so its presence means the set-up finished."""
+    meta = group.attrs.asdict().get("emtile", {})
+    if meta.get("predict") != json.loads(json.dumps(fingerprint)):
+        return None
+    try:
+        markers = group[MARKERS]
+        probs = group["0"]
+        mask = group["labels/mask/0"] if threshold is not None else None
+    except (KeyError, FileNotFoundError, ValueError, OSError):
+        return None
+    if markers.shape != (n_blocks,):
+        return None
+    return probs, mask, markers
+
+
 def _open_output(job, output, *, dtype, threshold, overwrite, fingerprint):
     """Create the output store, or re-open an interrupted run's store with the same fingerprint.
 
-    Returns ``(group, probabilities, mask or None, markers, resumed)``.
+    ``fingerprint`` None (an in-memory input) or ``overwrite`` never resumes: the output is
+    replaced. Returns ``(group, probabilities, mask or None, markers, resumed)``.
     """
     import zarr
 
     from emtile import store
 
-    state = store.prepare_output(output, overwrite=overwrite, resume=True)
+    resume = fingerprint is not None and not overwrite
+    state = store.prepare_output(output, overwrite=overwrite, resume=resume)
     if state == "resume":
         group = zarr.open_group(str(output), mode="r+")
-        meta = group.attrs.asdict().get("emtile", {})
-        if meta.get("predict") == json.loads(json.dumps(fingerprint)) and MARKERS in group:
-            probs = group["0"]
-            mask = zarr.open_group(f"{output}/labels/mask", mode="r+")["0"] if threshold is not None else None
-            return group, probs, mask, group[MARKERS], True
-        store.prepare_output(output, overwrite=overwrite)  # another run's leftovers: replace
+        found = _resumable(group, fingerprint, len(job.plan), threshold)
+        if found is not None:
+            return (group, *found, True)
+        store.prepare_output(output, overwrite=overwrite)  # not this run's, or set-up unfinished
     region_shape = job.grid.region_shape
     c = job.channels
     shape = ((c,) if c > 1 else ()) + region_shape
@@ -601,18 +770,21 @@ def _open_output(job, output, *, dtype, threshold, overwrite, fingerprint):
     group = store.create_image(output, shape, np.dtype(dtype), chunks=chunks, voxel_size=voxel,
                                axes=axes, name="probabilities", kind="probabilities",
                                attrs={"predict": fingerprint})
-    markers = group.create_array(MARKERS, shape=(len(job.plan),), chunks=(1,), dtype="uint8",
-                                 fill_value=0, compressors=None)
+    _translate(group, job.grid.region)
     mask = None
     if threshold is not None:
         group.create_group("labels", attributes={"labels": ["mask"]})
         mgroup = store.create_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
                                     voxel_size=voxel, axes=axes, name="mask", kind="labels",
                                     attrs={"threshold": threshold})
+        _translate(mgroup, job.grid.region)
         ome = dict(mgroup.attrs["ome"])
         ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
         mgroup.attrs["ome"] = ome
         mask = mgroup["0"]
+    # last: its existence means the set-up finished (see _resumable)
+    markers = group.create_array(MARKERS, shape=(len(job.plan),), chunks=(1,), dtype="uint8",
+                                 fill_value=0, compressors=None)
     return group, group["0"], mask, markers, False
 
 
@@ -658,7 +830,8 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
     threshold : float, optional
         Also write ``labels/mask`` (uint8, 1 where ``p >= threshold``).
     overwrite : bool
-        Replace a complete existing output (an interrupted one is resumed or replaced anyway).
+        Replace an existing output, and never resume an interrupted one (without it, an
+        interrupted run's output is resumed when everything matches, else replaced).
     progress : bool
         Show a progress bar (tiles/s, ETA).
     channels_last : bool
@@ -684,8 +857,10 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
                                    num_workers=num_workers, device=device, amp=amp, blend=blend,
                                    overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
                                    max_block_px=max_block_px, chunk_size=chunk_size)
-    fingerprint = _fingerprint(job, dtype=dtype, threshold=threshold, tta=tta, blend=blend,
-                               amp=amp)
+    _check_output_is_not_input(job.spec, output)
+    fingerprint = None if job.spec is None else _fingerprint(
+        job, dtype=dtype, threshold=threshold, tta=tta, blend=blend, amp=amp, device=dev,
+        batch_size=batch_size, channels_last=channels_last, compile=compile)
     from emtile import stitch, store
 
     group, probs, mask, markers, resumed = _open_output(
@@ -695,7 +870,7 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
     todo = [i for i in range(len(plan)) if not flags[i]]
     lead = (slice(None),) if job.channels > 1 else ()
     region = job.grid.region
-    crash_after = int(os.environ.get(_CRASH_ENV, "0") or 0)
+    crash_after, crash_before_marker = _crash_hook()
     recorded = [0]
 
     def finish(block, acc, wsum):
@@ -704,6 +879,8 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         probs[sl] = p if job.channels > 1 else p[0]
         if mask is not None:
             mask[sl] = m if job.channels > 1 else m[0]
+        if crash_before_marker and recorded[0] + 1 >= crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
         markers[block.index] = 1  # only after every chunk of the block is written
         recorded[0] += 1
         if crash_after and recorded[0] >= crash_after:
@@ -712,15 +889,30 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
     _execute(job, todo, finish, batch_size=batch_size, num_workers=num_workers, device=dev,
              amp=amp, tta=tta, blend=blend, channels_last=channels_last, compile=compile,
              progress=progress)
+    missing = np.flatnonzero(markers[:] == 0)
+    if missing.size:  # every block was handed to the writer: a bug, never a user error
+        raise RuntimeError(f"internal error: {missing.size} of {len(plan)} blocks of {output} "
+                           f"were not recorded (first: {int(missing[0])}); the output is left "
+                           f"incomplete")
     if mask is not None:
         store.mark_complete(_open_group(f"{output}/labels/mask"))
     store.mark_complete(group)
-    n_runs = plan.n_tile_runs
+    n_runs = sum(len(b.tiles) for b in job.blocks)
     return PredictResult(
         output=str(output), shape=tuple(probs.shape), dtype=dtype, tile=job.grid.in_tile,
         out_tile=job.grid.out_tile, stride=job.grid.stride, tiles=n_runs, blocks=len(plan),
         blocks_resumed=len(plan) - len(todo), efficiency=_efficiency(job.grid, n_runs),
         seconds=time.perf_counter() - t0, device=str(dev))
+
+
+def _crash_hook():
+    """``(N, before_marker)`` from the private, test-only ``_EMTILE_TEST_CRASH``; ``(0, False)``
+    when it is not set."""
+    value = os.environ.get(_CRASH_ENV, "")
+    if not value:
+        return 0, False
+    n, _, mode = value.partition(":")
+    return int(n), mode == "before-marker"
 
 
 def _open_group(path):

@@ -7,10 +7,12 @@ tiled prediction exact (see :mod:`emtile.geometry`).
 A model is saved as a folder that can be trusted: ``model.safetensors`` (tensors only; loading it
 cannot run code), ``config.json`` (the constructor arguments) and optionally ``metadata.json``
 (whatever the trainer wants to keep: epochs, losses, data paths). :func:`load_model` rebuilds the
-model from the folder alone.
+model from the folder alone. emtile never unpickles anything from a model folder: a ``model.pt``
+(or any other pickle) is refused, not read.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -22,10 +24,14 @@ from emtile.geometry import ShapeMap
 __all__ = ["UNet", "save_model", "load_model", "load_metadata"]
 
 WEIGHTS = "model.safetensors"
-LEGACY_WEIGHTS = "model.pt"  # a torch.save'd state dict, read with weights_only=True
+PICKLED_WEIGHTS = ("model.pt", "model.pth", "model.bin", "model.ckpt")  # refused, never read
 CONFIG = "config.json"
 METADATA = "metadata.json"
 FORMAT = "emtile-unet"
+# bounds on the constructor arguments: a crafted config.json must not make emtile build something
+# absurd (depth 8 is a 256x down-sampling; the paper's U-Net has depth 4, base 64, 31 M parameters)
+LIMITS = {"in_channels": (1, 1024), "out_channels": (1, 1024), "base": (1, 1024), "depth": (1, 8)}
+MAX_PARAMETERS = 2**30  # 4 GiB of float32 weights
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -77,6 +83,38 @@ class Up(nn.Module):
 # --------------------------------------------------------------------------- the model
 
 
+def _check_config(*, in_channels, out_channels, base, depth, batch_norm, dropout):
+    """EmtileError for arguments of the wrong type or out of bounds (see ``LIMITS``)."""
+    values = dict(in_channels=in_channels, out_channels=out_channels, base=base, depth=depth)
+    for name, value in values.items():
+        lo, hi = LIMITS[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise EmtileError(f"{name}={value!r} must be an integer from {lo} to {hi}")
+    if not isinstance(batch_norm, bool) and batch_norm not in (0, 1):
+        raise EmtileError(f"batch_norm={batch_norm!r} must be true or false")
+    if (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
+            or not 0.0 <= dropout < 1.0):
+        raise EmtileError(f"dropout={dropout!r} must be a number in [0, 1)")
+    n = _n_parameters(in_channels, out_channels, base, depth)
+    if n > MAX_PARAMETERS:
+        raise EmtileError(f"base={base}, depth={depth} would give {n:,} parameters, more than "
+                          f"emtile builds ({MAX_PARAMETERS:,}); use a smaller base or depth")
+
+
+def _n_parameters(cin, cout, base, depth):
+    """Weights and biases of a UNet without batch norm (a bound on what the constructor allocates)."""
+    def conv(a, b, k):
+        return a * b * k * k + b
+
+    widths = [base * 2**level for level in range(depth + 1)]
+    n = conv(cin, base, 3) + conv(base, base, 3) + conv(base, cout, 1)
+    for i in range(depth):
+        w0, w1 = widths[i], widths[i + 1]
+        n += conv(w0, w1, 3) + conv(w1, w1, 3)  # down
+        n += conv(w1, w0, 2) + conv(w0 + w0, w0, 3) + conv(w0, w0, 3)  # up
+    return n
+
+
 class UNet(nn.Module):
     """Valid-convolution U-Net; ``forward`` returns logits (apply a sigmoid for probabilities).
 
@@ -109,12 +147,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels=1, out_channels=1, base=64, depth=4, batch_norm=False,
                  dropout=0.0):
         super().__init__()
-        for name, value, lo in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
-                                ("base", base, 1), ("depth", depth, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise EmtileError(f"{name}={value!r} must be an integer >= {lo}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise EmtileError(f"dropout={dropout!r} must be in [0, 1)")
+        _check_config(in_channels=in_channels, out_channels=out_channels, base=base, depth=depth,
+                      batch_norm=batch_norm, dropout=dropout)
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base=base,
                            depth=depth, batch_norm=bool(batch_norm), dropout=float(dropout))
         self.shape_map = ShapeMap(depth, self.ndim)
@@ -231,12 +265,21 @@ def save_model(model, directory, *, metadata=None):
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = directory / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(directory / WEIGHTS)
-    (directory / CONFIG).write_text(
-        json.dumps({"format": FORMAT, "version": 1, "config": model.config}, indent=2) + "\n")
+    os.replace(tmp, directory / WEIGHTS)
+    _write_atomic(directory / CONFIG,
+                  json.dumps({"format": FORMAT, "version": 1, "config": model.config}, indent=2))
     if metadata is not None:
-        (directory / METADATA).write_text(meta_text + "\n")
+        _write_atomic(directory / METADATA, meta_text)
+    else:
+        (directory / METADATA).unlink(missing_ok=True)  # a previous model's, not this one's
     return directory
+
+
+def _write_atomic(path, text):
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
 
 
 def _read_config(directory):
@@ -252,15 +295,18 @@ def _read_config(directory):
                           f"folder with {CONFIG} and {WEIGHTS} (written by emtile.save_model)")
     try:
         doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
         config = doc["config"]
         if doc.get("format") != FORMAT or not isinstance(config, dict):
             raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
         raise EmtileError(f"{str(path)!r} is not an emtile model config: {exc}") from None
     return config
 
 
 def _read_weights(directory):
+    """The state dict in ``model.safetensors``; never anything else (nothing is unpickled)."""
     directory = Path(directory)
     path = directory / WEIGHTS
     if path.exists():
@@ -272,31 +318,43 @@ def _read_weights(directory):
         except (SafetensorError, OSError, ValueError) as exc:
             raise EmtileError(f"{str(path)!r} is not a valid safetensors file ({exc}); refusing to "
                               f"read it any other way (a pickle could run code)") from None
-    legacy = directory / LEGACY_WEIGHTS
-    if legacy.exists():
-        try:
-            return torch.load(str(legacy), map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError for anything that is not plain tensors
-            raise EmtileError(f"{str(legacy)!r} is not a plain tensor file and was not loaded "
-                              f"(weights_only=True refused it: {type(exc).__name__})") from None
+    pickled = [name for name in PICKLED_WEIGHTS if (directory / name).exists()]
+    if pickled:
+        raise EmtileError(f"model folder {str(directory)!r} has {pickled[0]} but no {WEIGHTS}: "
+                          f"emtile reads weights only from {WEIGHTS} and never unpickles a file "
+                          f"(a pickle can run code); convert trusted weights with "
+                          f"emtile.save_model")
     raise EmtileError(f"model folder {str(directory)!r} has no weights: expected {WEIGHTS}")
 
 
 def load_model(directory, device="cpu"):
     """Rebuild a :class:`UNet` from a model folder written by :func:`save_model`.
 
-    Nothing in the folder is executed: the weights are read with safetensors (or, for
-    ``model.pt``, ``torch.load(weights_only=True)``), the architecture from ``config.json``.
+    Nothing in the folder is executed: the weights are read with safetensors only, the
+    architecture from ``config.json`` (checked for types and bounds before anything is built).
     The model is returned in eval mode.
     """
     config = _read_config(directory)
     try:
-        model = UNet(**config)
+        with torch.device("meta"):  # no memory: the expected tensor shapes only
+            expected = UNet(**config).state_dict()
     except TypeError as exc:
         raise EmtileError(f"config.json in {str(directory)!r} has unknown arguments: {exc}") from None
+    except EmtileError as exc:
+        raise EmtileError(f"config.json in {str(directory)!r} is not valid: {exc}") from None
     state = _read_weights(directory)
     if not isinstance(state, dict):
         raise EmtileError(f"weights in {str(directory)!r} are not a state dict")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected
+             if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        what = (f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+                if unexpected else f"{wrong[0]!r} has shape {tuple(state[wrong[0]].shape)}, "
+                f"expected {tuple(expected[wrong[0]].shape)}")
+        raise EmtileError(f"weights in {str(directory)!r} do not match its config.json: {what}")
+    model = UNet(**config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -312,4 +370,10 @@ def load_metadata(directory):
     path = Path(directory) / METADATA
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise EmtileError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise EmtileError(f"{str(path)!r} holds a JSON {type(meta).__name__}, not an object")
+    return meta

@@ -42,7 +42,7 @@ def test_small_run_writes_a_complete_store(tmp_path, model_and_volume):
     result = run_cli("predict", "--model", model, "--tile", "64", "--threshold", "0.5",
                      "--roi", "0:2,5:70,:", "--workers", "0", "--no-progress", vol, out)
     assert result.exit_code == 0, result.output
-    assert "tile 64 -> 24" in result.output and "efficiency" in result.output
+    assert "tile 64x64 -> 24x24 (stride 24x24)" in result.output and "efficiency" in result.output
     assert is_complete(out)
     assert emtile.open_volume(out).shape == (2, 65, 61)
     assert emtile.open_volume(out / "labels" / "mask").dtype == np.uint8
@@ -53,7 +53,7 @@ def test_auto_tile_prints_its_choice_and_efficiency(tmp_path, model_and_volume):
     result = run_cli("predict", "--model", model, "--tile", "auto", "--no-progress", vol,
                      tmp_path / "p.zarr")
     assert result.exit_code == 0, result.output
-    assert "tile 112 -> 72" in result.output  # one tile per slice: output 72 >= 70
+    assert "tile 112x112 -> 72x72" in result.output  # one tile per slice: output 72 >= 70
     assert "efficiency" in result.output
 
 

@@ -78,6 +78,9 @@ def test_choose_tile_prefers_one_big_tile_on_a_small_slice():
     assert tile in M4.valid_sizes(188, 600) and eff < 0.5
     with pytest.raises(EmtileError, match="no valid tile size between 10 and 100"):
         choose_tile((512, 512), M4, max_tile=100, min_tile=10)
+    # a lower bound above one tile covering the region (blending ramps need room): the smallest
+    # valid size from there
+    assert choose_tile((50, 50), M4, min_tile=400)[0] == 412
 
 
 def test_normalize_roi():

@@ -5,7 +5,9 @@ multiples of anything; every tile size, batch size, worker count, ROI and blend 
 same probabilities as the reference, to float32 rounding.
 """
 
+import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,13 +23,15 @@ from emtile.predict import predict, predict_array
 from emtile.store import create_image, is_complete
 from emtile.unet import UNet, save_model
 
+predict_module = sys.modules["emtile.predict"]
+
 TOL = 1e-5
 
 
-def make_net(depth, base=4, out_channels=1, seed=0):
+def make_net(depth, base=4, out_channels=1, seed=0, cls=UNet):
     """A random model whose output varies (He init keeps the ReLUs alive through the levels)."""
     torch.manual_seed(seed)
-    net = UNet(base=base, depth=depth, out_channels=out_channels).eval()
+    net = cls(base=base, depth=depth, out_channels=out_channels).eval()
     for m in net.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
@@ -126,6 +130,91 @@ def test_blending_with_overlap_still_equals_the_reference(cases, depth, blend, o
     assert np.abs(p - ref).max() <= TOL
 
 
+def border_pattern(shape):
+    """A fixed pattern, different at every position of an output tile."""
+    g = torch.Generator().manual_seed(7)
+    return 2 * torch.rand(shape, generator=g, dtype=torch.float64) - 1
+
+
+class BorderNet(UNet):
+    """A U-Net whose output depends on where a pixel lies in its tile, like the borders of a
+    padded-convolution network: every tile adds the same pattern to its logits. Overlapping
+    tiles then disagree, and the blended result depends on each weight landing on its pixel."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y + border_pattern(tuple(y.shape[-2:])).to(y.dtype)
+
+
+def profile(n, blend, overlap):
+    """1-D blending weights as documented: ramps (i / (overlap + 1)) over ``overlap`` pixels at
+    each end for linear and cosine; exp(-x^2 / 2 (n/8)^2), max 1, floor 1e-4, for gaussian."""
+    if blend == "gaussian":
+        x = np.arange(n) - (n - 1) / 2
+        g = np.exp(-0.5 * (x / (n / 8)) ** 2)
+        return np.maximum(g / g.max(), 1e-4)
+    t = np.arange(1, overlap + 1) / (overlap + 1)
+    ramp = t if blend == "linear" else 0.5 - 0.5 * np.cos(np.pi * t)
+    w = np.ones(n)
+    w[:overlap], w[n - overlap:] = ramp, ramp[::-1]
+    return w
+
+
+def blended_reference(net, volume, tile, overlap, blend, roi):
+    """Weighted average, computed here in float64, of every tile that covers a pixel: tile k along
+    an axis has its output at origin + k * stride (origin: the ROI start rounded down to a multiple
+    of 2**depth; stride: out - overlap rounded down to one); its probabilities are the sigmoid of
+    the whole-slice logits plus the border pattern."""
+    h, a = net.halo, net.align
+    out = [t - 2 * h for t in tile]
+    stride = [(o - overlap) // a * a for o in out]
+    weight = np.multiply.outer(*[profile(o, blend, o - s) for o, s in zip(out, stride)])
+    bias = border_pattern(tuple(out)).numpy()
+    result = []
+    for sl in volume.astype(np.float32)[roi[0]] / np.float32(255):
+        size = [next(n for n in range(s + 2 * h, s + 2 * h + 2 * a) if net.is_valid(n))
+                for s in sl.shape]
+        pad = np.pad(sl, [(h, n - s - h) for n, s in zip(size, sl.shape)], mode="reflect")
+        with torch.no_grad():
+            logits = net.forward(torch.from_numpy(pad)[None, None])[0, 0].double().numpy()
+        logits = logits - border_pattern(logits.shape).numpy()  # UNet.forward's logits alone
+        acc, wsum = np.zeros(sl.shape), np.zeros(sl.shape)
+        (y0, y1), (x0, x1) = [(r.start, r.stop) for r in roi[1:]]
+        oy, ox = y0 // a * a, x0 // a * a
+        for ty in range(oy, y1, stride[0]):
+            for tx in range(ox, x1, stride[1]):
+                ys = slice(ty, min(ty + out[0], sl.shape[0]))
+                xs = slice(tx, min(tx + out[1], sl.shape[1]))
+                part = (slice(0, ys.stop - ys.start), slice(0, xs.stop - xs.start))
+                p = 1 / (1 + np.exp(-(logits[ys, xs] + bias[part])))
+                acc[ys, xs] += weight[part] * p
+                wsum[ys, xs] += weight[part]
+                if tx + out[1] >= x1:
+                    break
+            if ty + out[0] >= y1:
+                break
+        result.append(acc[roi[1:]] / wsum[roi[1:]])
+    return np.stack(result)
+
+
+@pytest.mark.parametrize("blend, roi", [
+    ("linear", (slice(None), slice(0, 131), slice(0, 97))),
+    ("cosine", (slice(1, 2), slice(13, 120), slice(6, 97))),
+    ("gaussian", (slice(0, 1), slice(30, 131), slice(2, 91))),
+])
+def test_blending_puts_every_weight_on_its_pixel(blend, roi):
+    net = make_net(2, cls=BorderNet)
+    vol = rand_volume((2, 131, 97))
+    tile, overlap = (68, 84), 9  # outputs 28 x 44, strides 16 x 32: overlaps of 12 px
+    ref = blended_reference(net, vol, tile, overlap, blend, roi)
+    plain = blended_reference(net, vol, tile, 0, "linear", roi)
+    assert np.abs(ref - plain).max() > 0.01  # the tiles disagree: the weights matter
+    p = predict_array(net, vol, tile=tile, blend=blend, overlap=overlap, roi=roi,
+                      chunk_size=30, max_block_px=3000)  # many blocks: tiles straddle them
+    assert p.shape == ref.shape
+    assert np.abs(p - ref).max() <= TOL
+
+
 def test_single_image_and_multi_channel_output():
     net = make_net(3, out_channels=2)
     img = rand_volume((150, 141))
@@ -135,15 +224,40 @@ def test_single_image_and_multi_channel_output():
     assert np.abs(p - ref).max() <= TOL
 
 
-def test_float_input_and_tta_shapes():
+def tta_reference(net, image):
+    """The average over the 8 symmetries of the square (rot90 k times, then maybe a left-right
+    flip) of: transform the mirror-padded image, one forward pass, transform back, crop."""
+    h = net.halo
+    n = max(image.shape) + 2 * h
+    n = next(m for m in range(n, n + 2 * net.align) if net.is_valid(m))
+    size = (n, n)  # square, so every symmetry keeps it valid
+    pad = np.pad(image.astype(np.float32), [(h, n - s - h) for n, s in zip(size, image.shape)],
+                 mode="reflect")
+    total = 0
+    for k in range(4):
+        for flip in (False, True):
+            x = np.rot90(pad, k)
+            x = np.fliplr(x) if flip else x
+            with torch.no_grad():
+                y = torch.sigmoid(net(torch.from_numpy(x.copy())[None, None]))[0, 0].numpy()
+            y = np.fliplr(y) if flip else y
+            total = total + np.rot90(y, -k).astype(np.float64)
+    return (total / 8)[:image.shape[0], :image.shape[1]]
+
+
+def test_float_input_and_tta_is_the_average_of_the_eight_symmetries():
     net = make_net(2)
     vol = np.random.default_rng(3).random((2, 60, 50)).astype(np.float64)
     ref = reference(net, vol.astype(np.float32))[0]
     p = predict_array(net, vol, tile=64)
     assert np.abs(p - ref).max() <= TOL
     t = predict_array(net, vol, tile=64, tta=True)
-    assert t.shape == p.shape and 0 <= t.min() and t.max() <= 1
-    assert np.abs(t - p).max() < 0.5  # an average of flipped predictions, not something else
+    assert t.shape == p.shape
+    assert np.abs(t - p).max() > 1e-3  # not the plain prediction
+    for tile in (68, 100):  # tile-size invariant, like the plain prediction
+        assert np.abs(predict_array(net, vol, tile=tile, tta=True) - t).max() <= TOL
+    tta_ref = tta_reference(net, vol[1].astype(np.float32))
+    assert np.abs(t[1] - tta_ref).max() <= TOL
 
 
 def test_mixed_precision_on_cpu_stays_close():
@@ -200,11 +314,19 @@ def test_store_probabilities_mask_and_metadata(tmp_path):
     assert group.attrs["ome"]["multiscales"][0]["axes"][0]["name"] == "z"
     assert group["labels"].attrs["labels"] == ["mask"]
     assert "image-label" in zarr.open_group(out / "labels" / "mask", mode="r").attrs["ome"]
-    # every block owns whole chunks
-    chunks = probs.chunks
-    for b in range(result.blocks):
-        assert group["emtile_blocks"][b] == 1
-    assert chunks[0] == 1
+    # every block was recorded, and every block owns whole chunks: it starts on a chunk boundary
+    # and ends on one or at the region's end (so no two blocks ever write the same chunk)
+    assert group["emtile_blocks"].shape == (result.blocks,)
+    assert group["emtile_blocks"][:].all()
+    job, _, _ = predict_module._setup(net, vol, tile=68, batch_size=1, num_workers=0,
+                                      device="cpu", amp=None, blend="none", overlap=0, roi=None,
+                                      max_tile_memory=2**30, max_block_px=4000, chunk_size=56)
+    assert len(job.plan) == result.blocks and job.plan.chunks == probs.chunks
+    assert any(b.shape[1:] != probs.chunks[1:] for b in job.plan)  # blocks of several chunks
+    for block in job.plan:
+        for a, b, c, n in zip(block.start, block.stop, probs.chunks, probs.shape):
+            assert a % c == 0 and (b % c == 0 or b == n)
+    assert sum(math.prod(b.shape) for b in job.plan) == math.prod(probs.shape)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -228,51 +350,211 @@ def test_float_outputs_from_a_path_input_and_model_folder(tmp_path, dtype):
     assert np.abs(p[:].astype(np.float32) - ref).max() <= tol
 
 
-RUN = textwrap.dedent("""
+RUN_ARGS = dict(tile=68, threshold=0.4, dtype="float32", progress=False, chunk_size=56,
+                max_block_px=4000)
+RUN = textwrap.dedent(f"""
     import sys
     from emtile.predict import predict
-    r = predict(sys.argv[1], sys.argv[2], sys.argv[3], tile=68, threshold=0.4, dtype="float32",
-                progress=False, chunk_size=56, max_block_px=4000, num_workers=int(sys.argv[4]))
+    r = predict(sys.argv[1], sys.argv[2], sys.argv[3], num_workers=int(sys.argv[4]), **{RUN_ARGS!r})
     print("resumed", r.blocks_resumed, "of", r.blocks)
 """)
+CRASH_ENV = "_EMTILE_TEST_CRASH"  # private, test-only: see emtile.predict
 
 
-def _run(*args, crash_after=None):
+def _run(*args, crash=None):
     env = dict(os.environ)
-    env.pop("EMTILE_TEST_CRASH_AFTER_BLOCKS", None)
-    if crash_after:
-        env["EMTILE_TEST_CRASH_AFTER_BLOCKS"] = str(crash_after)
+    env.pop(CRASH_ENV, None)
+    if crash:
+        env[CRASH_ENV] = crash
     return subprocess.run([sys.executable, "-c", RUN, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
 
 
 def test_killed_run_resumes_to_byte_identical_output(tmp_path):
-    save_model(make_net(2), tmp_path / "model")
+    """Killed (SIGKILL, no clean-up) right after a block is recorded, or after its chunks are
+    written but before it is recorded: the re-run finishes the rest, byte for byte."""
+    net = make_net(2)
+    save_model(net, tmp_path / "model")
     src = zarr.create_array(tmp_path / "in.zarr", shape=(3, 131, 97), chunks=(1, 64, 64),
                             dtype="uint8", zarr_format=3)
     src[:] = rand_volume((3, 131, 97))
     model, inp = tmp_path / "model", tmp_path / "in.zarr"
+    full = predict(model, inp, tmp_path / "full.zarr", num_workers=0, **RUN_ARGS)
+    assert full.blocks >= 6
+    job, _, _ = predict_module._setup(net, emtile.open_volume(inp), tile=68, batch_size=1,
+                                      num_workers=0, device="cpu", amp=None, blend="none",
+                                      overlap=0, roi=None, max_tile_memory=2**30,
+                                      max_block_px=4000, chunk_size=56)
+    third = job.plan[2].slices(job.grid.region)  # blocks are written in order
+    expect = zarr.open_array(tmp_path / "full.zarr" / "0", mode="r")[third]
+    assert expect.any()
 
-    full = _run(model, inp, tmp_path / "full.zarr", 0)
-    assert full.returncode == 0, full.stderr
-    n_blocks = int(full.stdout.split()[-1])
-    assert n_blocks >= 6
+    for crash, recorded in (("3", 3), ("3:before-marker", 2)):
+        out = tmp_path / f"resumed-{recorded}.zarr"
+        killed = _run(model, inp, out, 1, crash=crash)
+        assert killed.returncode == -9, killed.stderr  # SIGKILL: no clean-up ran
+        assert not is_complete(out)
+        markers = zarr.open_group(out, mode="r")["emtile_blocks"][:]
+        assert markers.sum() == recorded and markers[:recorded].all()
+        # the third block's chunks are on disk in both cases; recorded only in the first
+        np.testing.assert_array_equal(zarr.open_array(out / "0", mode="r")[third], expect)
 
-    out = tmp_path / "resumed.zarr"
-    killed = _run(model, inp, out, 1, crash_after=3)
-    assert killed.returncode == -9  # SIGKILL: no cleanup ran
-    assert not is_complete(out)
-    assert 3 <= int(zarr.open_group(out, mode="r")["emtile_blocks"][:].sum()) < n_blocks
+        again = _run(model, inp, out, 0)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.split()[1] == str(recorded)  # resumed: the recorded blocks only
+        assert is_complete(out) and is_complete(out / "labels" / "mask")
+        for name in ("0", "labels/mask/0"):
+            a = zarr.open_array(tmp_path / "full.zarr" / name, mode="r")[:]
+            b = zarr.open_array(out / name, mode="r")[:]
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
-    again = _run(model, inp, out, 0)
-    assert again.returncode == 0, again.stderr
-    resumed = int(again.stdout.split()[1])
-    assert 3 <= resumed < n_blocks
-    assert is_complete(out)
+
+def write_input(path, volume, voxel_size=None):
+    src = create_image(path, volume.shape, volume.dtype, chunks=(1, 64, 64),
+                       voxel_size=voxel_size)
+    src["0"][:] = volume
+    return path
+
+
+def interrupt(out, keep):
+    """Make a finished store look like a run killed after its first ``keep`` blocks."""
+    group = zarr.open_group(out, mode="r+")
+    meta = dict(group.attrs["emtile"])
+    meta["complete"] = False
+    group.attrs["emtile"] = meta
+    flags = group["emtile_blocks"][:]
+    flags[keep:] = 0
+    group["emtile_blocks"][:] = flags
+
+
+def same_bytes(a, b):
+    a, b = zarr.open_array(a, mode="r")[:], zarr.open_array(b, mode="r")[:]
+    return a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+KW = dict(tile=68, dtype="float32", progress=False, chunk_size=56, max_block_px=4000,
+          num_workers=0)
+
+
+def test_resume_never_finishes_a_run_on_other_data(tmp_path):
+    net = make_net(2)
+    a, b = rand_volume((2, 131, 97), seed=1), rand_volume((2, 131, 97), seed=2)
+    src, out = write_input(tmp_path / "in.zarr", a), tmp_path / "p.zarr"
+    assert predict(net, src, out, **KW).blocks >= 4
+    interrupt(out, keep=2)
+    assert predict(net, src, out, **KW).blocks_resumed == 2  # the same input: resumed
+
+    interrupt(out, keep=2)
+    shutil.rmtree(src)
+    write_input(src, b)  # another volume at the same path, same shape and dtype
+    result = predict(net, src, out, **KW)
+    assert result.blocks_resumed == 0
+    predict(net, src, tmp_path / "fresh.zarr", **KW)
+    assert same_bytes(out / "0", tmp_path / "fresh.zarr" / "0")
+
+    # an array in memory has no identity: never resumed
+    mem = tmp_path / "mem.zarr"
+    predict(net, a, mem, **KW)
+    interrupt(mem, keep=2)
+    result = predict(net, b, mem, **KW)
+    assert result.blocks_resumed == 0 and is_complete(mem)
+    assert same_bytes(mem / "0", tmp_path / "fresh.zarr" / "0")
+
+
+def test_a_store_whose_set_up_did_not_finish_is_replaced(tmp_path, monkeypatch):
+    net = make_net(2)
+    src, out = write_input(tmp_path / "in.zarr", rand_volume((2, 131, 97))), tmp_path / "p.zarr"
+    predict(net, src, tmp_path / "fresh.zarr", threshold=0.5, **KW)
+
+    # labels/ gone from an interrupted store: replaced, not resumed into a missing array
+    predict(net, src, out, threshold=0.5, **KW)
+    interrupt(out, keep=2)
+    shutil.rmtree(out / "labels")
+    result = predict(net, src, out, threshold=0.5, **KW)
+    assert result.blocks_resumed == 0 and is_complete(out / "labels" / "mask")
     for name in ("0", "labels/mask/0"):
-        a = zarr.open_array(tmp_path / "full.zarr" / name, mode="r")[:]
-        b = zarr.open_array(out / name, mode="r")[:]
-        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+        assert same_bytes(out / name, tmp_path / "fresh.zarr" / name)
+
+    # killed while creating the mask: the markers (created last) do not exist yet
+    real = emtile.store.create_image
+
+    def dies_at_the_mask(path, *args, **kwargs):
+        if str(path).endswith("mask"):
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    shutil.rmtree(out)
+    monkeypatch.setattr(emtile.store, "create_image", dies_at_the_mask)
+    with pytest.raises(KeyboardInterrupt):
+        predict(net, src, out, threshold=0.5, **KW)
+    monkeypatch.setattr(emtile.store, "create_image", real)
+    assert not is_complete(out) and "emtile_blocks" not in zarr.open_group(out, mode="r")
+    result = predict(net, src, out, threshold=0.5, **KW)
+    assert result.blocks_resumed == 0 and is_complete(out / "labels" / "mask")
+    for name in ("0", "labels/mask/0"):
+        assert same_bytes(out / name, tmp_path / "fresh.zarr" / name)
+
+
+def test_overwrite_never_resumes(tmp_path):
+    net = make_net(2)
+    src, out = write_input(tmp_path / "in.zarr", rand_volume((2, 131, 97))), tmp_path / "p.zarr"
+    predict(net, src, out, **KW)
+    interrupt(out, keep=2)
+    result = predict(net, src, out, overwrite=True, **KW)
+    assert result.blocks_resumed == 0 and is_complete(out)
+
+
+def test_an_unrecorded_block_is_never_marked_complete(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict_module, "_execute", lambda *args, **kwargs: None)  # a lost block
+    out = tmp_path / "p.zarr"
+    with pytest.raises(RuntimeError, match="blocks of .* were not recorded"):
+        predict(make_net(2), rand_volume((30, 30)), out, tile=64, progress=False)
+    assert not is_complete(out)
+
+
+def test_output_that_is_or_holds_or_lies_in_the_input_is_refused(tmp_path, monkeypatch):
+    net = make_net(2)
+    vol = rand_volume((2, 40, 30))
+    write_input(tmp_path / "vol.zarr", vol)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(EmtileError, match="output 'vol.zarr' is the input 'vol.zarr': writing it "
+                                          "could destroy the input"):
+        predict(net, "vol.zarr", "vol.zarr", tile=64, overwrite=True, progress=False)
+    with pytest.raises(EmtileError, match="lies inside the input"):
+        predict(net, "vol.zarr", "vol.zarr/pred.zarr", tile=64, overwrite=True, progress=False)
+    with pytest.raises(EmtileError, match="output 'vol.zarr' contains the input 'vol.zarr/0'"):
+        predict(net, "vol.zarr/0", "vol.zarr", tile=64, overwrite=True, progress=False)
+    assert not (tmp_path / "vol.zarr" / "pred.zarr").exists()
+    np.testing.assert_array_equal(emtile.open_volume("vol.zarr")[:], vol)
+
+
+def test_roi_output_is_placed_where_it_lies_in_the_input(tmp_path):
+    src = write_input(tmp_path / "in.zarr", rand_volume((3, 60, 50)), voxel_size=(50, 4, 4))
+    out = tmp_path / "p.zarr"
+    predict(make_net(2), src, out, tile=64, roi=(slice(1, 3), slice(10, 60), slice(20, 50)),
+            threshold=0.5, progress=False)
+    for group in (out, out / "labels" / "mask"):
+        ms = zarr.open_group(group, mode="r").attrs["ome"]["multiscales"][0]
+        assert ms["datasets"][0]["coordinateTransformations"] == [
+            {"type": "scale", "scale": [50.0, 4.0, 4.0]},
+            {"type": "translation", "translation": [50.0, 40.0, 80.0]}]  # NGFF: scale, then this
+
+
+def test_overlap_too_large_for_the_blend_is_refused_before_any_output(tmp_path):
+    out = tmp_path / "p.zarr"
+    with pytest.raises(EmtileError, match=r"--overlap 80 is too large for tile 300 \(output 116\) "
+                                          r"with --blend linear: .*; at most 52"):
+        predict(make_net(4), rand_volume((30, 30)), out, tile=300, blend="linear", overlap=80)
+    assert not out.exists()
+    predict(make_net(4), rand_volume((30, 30)), out, tile=300, blend="linear", overlap=52,
+            progress=False)  # the largest that fits does
+    assert is_complete(out)
+
+
+def test_auto_tile_with_a_blending_overlap(cases):
+    net, vol, ref = cases[2]
+    p = predict_array(net, vol, tile="auto", blend="cosine", overlap=30)
+    assert np.abs(p - ref).max() <= TOL
 
 
 def test_a_different_run_does_not_resume_an_incomplete_store(tmp_path):

@@ -83,13 +83,53 @@ def test_invalid_tile_message_names_nearest_sizes():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(base=0), "base=0 must be an integer >= 1"),
-    (dict(depth=-1), "depth=-1"),
-    (dict(dropout=1.5), r"dropout=1.5 must be in \[0, 1\)"),
+    (dict(base=0), "base=0 must be an integer from 1 to 1024"),
+    (dict(depth=-1), "depth=-1 must be an integer from 1 to 8"),
+    (dict(depth=0), "depth=0 must be an integer from 1 to 8"),
+    (dict(depth=9), "depth=9 must be an integer from 1 to 8"),
+    (dict(depth=4.0), "depth=4.0 must be an integer"),
+    (dict(depth=True), "depth=True must be an integer"),
+    (dict(out_channels=10**6), "out_channels=1000000 must be an integer from 1 to 1024"),
+    (dict(dropout=1.5), r"dropout=1.5 must be a number in \[0, 1\)"),
+    (dict(dropout="0.5"), r"dropout='0.5' must be a number in \[0, 1\)"),
+    (dict(batch_norm="yes"), "batch_norm='yes' must be true or false"),
+    (dict(base=64, depth=8), "base=64, depth=8 would give .* parameters, more than emtile builds"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(EmtileError, match=match):
         UNet(**kwargs)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"depth": 10**12}, "depth=1000000000000 must be an integer from 1 to 8"),
+    ({"base": 10**9}, "base=1000000000 must be an integer from 1 to 1024"),
+    ({"base": 1024, "depth": 8}, "would give .* parameters"),
+    ({"depth": "4"}, "depth='4' must be an integer"),
+    ({"base": None}, "base=None must be an integer"),
+    ({"dropout": [0.5]}, r"dropout=\[0.5\] must be a number"),
+    ({"dropout": float("nan")}, "dropout=nan must be a number"),
+    ({"batch_norm": {"a": 1}}, "batch_norm=.* must be true or false"),
+    ({"kernel": 5}, "has unknown arguments"),
+])
+def test_crafted_config_gives_a_clear_error_and_builds_nothing(tmp_path, config, match):
+    save_model(UNet(base=2, depth=2), tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    doc["config"].update(config)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(EmtileError, match=match):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', '{"format": "emtile-unet", "config": [4]}', "{not json",
+                                  "[" * 100000 + "]" * 100000])
+def test_config_json_of_the_wrong_shape_is_refused(tmp_path, text):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(text)
+    with pytest.raises(EmtileError, match="is not an emtile model config"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(EmtileError, match="is not an emtile model config"):
+        load_model(tmp_path / "m")
 
 
 def test_public_names_are_lazy_exports():
@@ -118,14 +158,21 @@ def test_save_and_load_round_trip(tmp_path):
     assert load_metadata(tmp_path / "m") == {"epochs": 3, "loss": [0.5, 0.25]}
 
 
-def test_legacy_state_dict_file_loads_with_weights_only(tmp_path):
+def test_a_pickled_state_dict_is_never_read(tmp_path, monkeypatch):
+    """Even a harmless torch.save'd state dict: emtile reads model.safetensors only."""
     net = UNet(base=2, depth=2)
     save_model(net, tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     torch.save(net.state_dict(), tmp_path / "m" / "model.pt")
-    loaded = load_model(tmp_path / "m")
-    for a, b in zip(loaded.state_dict().values(), net.state_dict().values()):
-        assert torch.equal(a, b)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(EmtileError, match="has model.pt but no model.safetensors: emtile reads "
+                                          "weights only from model.safetensors and never "
+                                          "unpickles a file"):
+        load_model(tmp_path / "m")
 
 
 class _Exploit:
@@ -148,7 +195,7 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path, filename):
         torch.save(payload, tmp_path / "m" / filename)  # a zip checkpoint holding the pickle
     else:
         (tmp_path / "m" / filename).write_bytes(pickle.dumps(payload))
-    with pytest.raises(EmtileError, match="not a valid safetensors file|not a plain tensor file"):
+    with pytest.raises(EmtileError, match="not a valid safetensors file|never unpickles"):
         load_model(tmp_path / "m")
     assert not victim.exists()
 
@@ -184,3 +231,35 @@ def test_config_that_is_not_ours_is_refused(tmp_path):
 def test_metadata_must_be_json(tmp_path):
     with pytest.raises(EmtileError, match="metadata is not JSON-serialisable"):
         save_model(UNet(base=2, depth=2), tmp_path / "m", metadata={"x": np.float32})
+
+
+def test_invalid_metadata_file_is_a_clear_error(tmp_path):
+    save_model(UNet(base=2, depth=2), tmp_path / "m", metadata={"epochs": 1})
+    (tmp_path / "m" / "metadata.json").write_text('{"epochs": 1,')
+    with pytest.raises(EmtileError, match="metadata.json' is not valid JSON"):
+        load_metadata(tmp_path / "m")
+    (tmp_path / "m" / "metadata.json").write_text("[1]")
+    with pytest.raises(EmtileError, match="holds a JSON list, not an object"):
+        load_metadata(tmp_path / "m")
+
+
+def test_saving_again_replaces_config_atomically_and_drops_stale_metadata(tmp_path, monkeypatch):
+    import os
+
+    import emtile.unet as unet
+
+    save_model(UNet(base=2, depth=2), tmp_path / "m", metadata={"epochs": 7})
+    replaced = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        replaced.append(os.path.basename(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(unet.os, "replace", spy)
+    save_model(UNet(base=3, depth=2), tmp_path / "m")  # another model, no metadata
+    assert "config.json" in replaced  # written next to it, then renamed over it
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json",
+                                                                  "model.safetensors"]
+    assert load_metadata(tmp_path / "m") == {}  # not the previous model's epochs
+    assert load_model(tmp_path / "m").config["base"] == 3
