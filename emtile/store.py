@@ -110,7 +110,11 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
     if levels < 1:
         raise EmtileError(f"levels={levels} must be at least 1")
 
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    # the emtile attributes (complete: False) go in with the group itself, so a run killed while
+    # the arrays are being created leaves a store that is recognisably an incomplete emtile one
+    emtile_attrs = {"format": FORMAT_VERSION, "kind": kind, "complete": False, **(attrs or {})}
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3,
+                            attributes={"emtile": emtile_attrs})
     compressor = _compressor(compression, compression_level)
     for level in range(levels):
         group.create_array(
@@ -120,7 +124,7 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
         )
     group.attrs.update({
         "ome": {"version": "0.5", "multiscales": _multiscales(axes, full_voxel, levels, name)},
-        "emtile": {"format": FORMAT_VERSION, "kind": kind, "complete": False, **(attrs or {})},
+        "emtile": emtile_attrs,
     })
     return group
 

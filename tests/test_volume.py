@@ -383,3 +383,20 @@ def test_overwrite_never_deletes_a_plain_file(tmp_path, isbi_raw):
     r = run_cli("convert", tmp_path / "a.tif", keep, "--overwrite")
     assert r.exit_code == 1 and "existing file that is not a Zarr store" in r.output
     assert keep.read_text() == "data"
+
+
+def test_store_killed_while_creating_arrays_is_replaced(tmp_path, isbi_raw):
+    import zarr as _zarr
+
+    from emtile.store import FORMAT_VERSION, prepare_output
+
+    out = tmp_path / "o.zarr"
+    # what create_image has written when a kill lands before any array exists
+    _zarr.open_group(str(out), mode="w-", zarr_format=3,
+                     attributes={"emtile": {"format": FORMAT_VERSION, "complete": False}})
+    assert prepare_output(out) == "replaced" and not out.exists()
+    from emtile.store import create_image
+
+    group = create_image(out, (2, 8, 8), np.uint8)
+    assert _zarr.open_group(str(out), mode="r").attrs["emtile"]["complete"] is False
+    assert "0" in group
