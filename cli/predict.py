@@ -63,7 +63,7 @@ def predict(input, output, model, tile, batch_size, workers, device, amp, blend,
     A 2-D model runs slice by slice over a (Z, Y, X) stack. An interrupted run started again
     (same input, model and options, without --overwrite) finishes the blocks that are missing.
     """
-    from emtile.predict import predict as run
+    from emtile.predictor import predict as run
 
     result = run(model, input, output, tile=tile, batch_size=batch_size, num_workers=workers,
                  device=device, amp=amp, blend=blend, overlap=overlap, tta=tta, roi=roi,

@@ -82,7 +82,7 @@ def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, b
     emtile train ... --resume              # continue after a crash or Ctrl-C
     emtile predict --model model/best ...  # the folder is all predict needs
     """
-    from emtile.train import train as run
+    from emtile.trainer import train as run
 
     result = run(raw, labels, out, train_slices=train_slices, val_slices=val_slices,
                  iterations=iterations, base=base, depth=depth, batch_norm=batch_norm,

@@ -18,8 +18,8 @@ _LAZY = {
     "UNet": "emtile.unet",
     "save_model": "emtile.unet",
     "load_model": "emtile.unet",
-    "predict": "emtile.predict",
-    "train": "emtile.train",
+    "predict": "emtile.predictor",
+    "train": "emtile.trainer",
     "evaluate": "emtile.metrics",
     "show": "emtile.plot",
 }

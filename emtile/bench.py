@@ -4,7 +4,7 @@
 
 (a) the model alone: ``model(x)`` on batches of random tiles already on the device, after a
     warm-up, under ``torch.inference_mode`` (and autocast with ``amp``);
-(b) :func:`emtile.predict.predict` on an OME-Zarr volume whose output area is exactly ``tiles``
+(b) :func:`emtile.predictor.predict` on an OME-Zarr volume whose output area is exactly ``tiles``
     output tiles (reading, mirroring, batching, the model, stitching, writing),
 
 and returns both, their ratio, output voxels per second, GFLOP/s from the model's convolution
@@ -230,7 +230,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     """
     import torch
 
-    from emtile.predict import predict
+    from emtile.predictor import predict
     from emtile.unet import UNet
 
     for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat)):

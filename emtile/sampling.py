@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from emtile._errors import EmtileError
 from emtile.geometry import read_window
-from emtile.predict import input_to_float
+from emtile.predictor import input_to_float
 
 _BLOCK = 64  # block size of the foreground index
 

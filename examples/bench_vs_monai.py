@@ -100,7 +100,7 @@ def run_seams(a):
 
     import emtile
     from emtile.geometry import read_window
-    from emtile.predict import input_to_float
+    from emtile.predictor import input_to_float
     from emtile.volume import open_volume
 
     vol = open_volume(a.dir / "vol.zarr")

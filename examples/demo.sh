@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The end-to-end walkthrough on the ISBI 2012 data: install, convert, inspect.
-#   bash examples/demo.sh [--data DIR] [--out DIR]
+# The end-to-end walkthrough on the ISBI 2012 data, sized for a 2-core CPU (about 10 minutes):
+# install, convert, train a small U-Net on slices 0-24, predict the volume tile by tile,
+# score slices 25-29 as the challenge does, and draw the comparison figure.
+#   bash examples/demo.sh [--data DIR] [--out DIR] [--iterations N]
 # DIR defaults to $EMTILE_ISBI_DIR, else ../shared/data/isbi2012 beside the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${EMTILE_ISBI_DIR:-../shared/data/isbi2012}
 OUT=demo-out
+ITER=400
 while [ $# -gt 0 ]; do
   case "$1" in
     --data) DATA=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
-    *) echo "unknown argument $1 (expected --data DIR or --out DIR)" >&2; exit 2 ;;
+    --iterations) ITER=$2; shift 2 ;;
+    *) echo "unknown argument $1 (expected --data DIR, --out DIR or --iterations N)" >&2; exit 2 ;;
   esac
 done
 [ -f "$DATA/train-volume.tif" ] || { echo "ISBI data not found in $DATA (use --data DIR or EMTILE_ISBI_DIR)" >&2; exit 1; }
@@ -18,6 +22,20 @@ bash .ci/setup
 mkdir -p "$OUT"
 E=.venv/bin/emtile
 set -x
+# 1. any stack -> chunked OME-Zarr (opens in napari / neuroglancer)
 $E convert "$DATA/train-volume.tif" "$OUT/train.zarr" --levels 2 --overwrite
 $E convert "$DATA/train-labels.tif" "$OUT/labels.zarr" --labels --overwrite
-$E info "$OUT/train.zarr" --stats
+$E info "$OUT/train.zarr"
+# 2. train a CPU-sized U-Net (base 16, depth 4) on slices 0-24, validating on 25-29
+$E train --raw "$OUT/train.zarr" --labels "$OUT/labels.zarr" --out "$OUT/model" --overwrite \
+    --train-slices 0:25 --val-slices 25:30 --iterations "$ITER" --val-every "$ITER" \
+    --base 16 --depth 4 --batch-norm --tile 572 --lr 2e-3 --class-balance 0 --amp
+# 3. predict the whole volume tile by tile (572 -> 388, mirrored borders), with a mask
+$E predict --model "$OUT/model/best" --tile 572 "$OUT/train.zarr" "$OUT/pred.zarr" \
+    --threshold 0.5 --overwrite
+# 4. the ISBI scores on the held-out slices, and the pictures
+$E evaluate "$OUT/pred.zarr" "$OUT/labels.zarr" --slices 25:30 --sweep \
+    --json "$OUT/scores.json" --csv "$OUT/scores.csv"
+$E show "$OUT/train.zarr" --pred "$OUT/pred.zarr" --labels "$OUT/labels.zarr" --slices 25,27 \
+    -o "$OUT/compare.png"
+$E show --log "$OUT/model/train.csv" -o "$OUT/training.png"

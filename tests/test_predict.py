@@ -19,11 +19,11 @@ import zarr
 
 import emtile
 from emtile import EmtileError
-from emtile.predict import predict, predict_array
+from emtile.predictor import predict, predict_array
 from emtile.store import create_image, is_complete
 from emtile.unet import UNet, save_model
 
-predict_module = sys.modules["emtile.predict"]
+predict_module = sys.modules["emtile.predictor"]
 
 TOL = 1e-5
 
@@ -354,7 +354,7 @@ RUN_ARGS = dict(tile=68, threshold=0.4, dtype="float32", progress=False, chunk_s
                 max_block_px=4000)
 RUN = textwrap.dedent(f"""
     import sys
-    from emtile.predict import predict
+    from emtile.predictor import predict
     r = predict(sys.argv[1], sys.argv[2], sys.argv[3], num_workers=int(sys.argv[4]), **{RUN_ARGS!r})
     print("resumed", r.blocks_resumed, "of", r.blocks)
 """)
@@ -641,10 +641,13 @@ def test_cuda_asked_for_without_cuda(tmp_path):
         predict(make_net(2), rand_volume((30, 30)), tmp_path / "p.zarr", device="cuda")
 
 
-def test_emtile_predict_is_callable_even_after_importing_the_submodule(tmp_path):
-    import emtile.predict as module  # binds the package attribute to the module
+def test_emtile_predict_is_the_function_after_importing_every_module(tmp_path):
+    import emtile.cli.predict  # noqa: F401
+    import emtile.predictor  # noqa: F401
+    import emtile.sampling  # noqa: F401
+    import emtile.trainer  # noqa: F401
 
-    assert emtile.predict is module
+    assert emtile.predict is emtile.predictor.predict and emtile.train is emtile.trainer.train
     result = emtile.predict(make_net(2), rand_volume((30, 30)), tmp_path / "p.zarr", tile=64,
                             progress=False)
     assert result.shape == (30, 30) and is_complete(tmp_path / "p.zarr")

@@ -8,7 +8,7 @@ import zarr
 from click.testing import CliRunner
 
 from emtile import EmtileError, load_model
-from emtile.train import CSV_COLUMNS, fit, lr_factor, train
+from emtile.trainer import CSV_COLUMNS, fit, lr_factor, train
 
 # a tiny model: depth 2, base 4; tile 68 -> output 28
 TINY = dict(base=4, depth=2, tile=68, batch_size=2, val_every=3, workers=0, progress=False)
@@ -143,7 +143,6 @@ def test_bad_inputs(isbi_small, tmp_path):
 def test_overlapping_slices_warn(isbi_small, tmp_path):
     import emtile
 
-    # emtile.train is the function even after `import emtile.train` bound the module there
     with pytest.warns(UserWarning, match=r"train_slices and val_slices overlap in slices \[3\]"):
         emtile.train(*isbi_small, tmp_path / "run", train_slices=slice(0, 4), val_slices=slice(3, 5),
               **dict(TINY, iterations=1))

@@ -1,7 +1,6 @@
 """emtile.open_volume / convert / info on real files: TIFF, PNG folders, Zarr, HDF5."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -5,7 +5,7 @@ model, the patch stream (:mod:`emtile.sampling`, augmented and weighted in the D
 and the optimiser, then runs :func:`fit`, a loop that knows only ``model(x)`` and the loss and
 reports through callbacks (CSV, TensorBoard, progress bar, checkpoints).
 
-Validation predicts the validation slices with :func:`emtile.predict.predict_array`, the same
+Validation predicts the validation slices with :func:`emtile.predictor.predict_array`, the same
 tiled path as ``emtile predict``, so the scores are what users will get. With
 :mod:`emtile.metrics` the best checkpoint is the one with the highest V-Rand (the ISBI score,
 best over thresholds 0.0-1.0), which punishes the thin membrane gaps that merge cells and that
@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -358,7 +357,7 @@ class Validator:
         self.metrics = metrics
 
     def predict(self, model):
-        from emtile.predict import predict_array
+        from emtile.predictor import predict_array
 
         parts = []
         full = (slice(None),) * (self.raw.ndim - 1)
@@ -793,16 +792,3 @@ def _load_state(folder, model, opt, device):
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     state["best_scores"] = json.loads(state.get("best_scores") or "{}")
     return state
-
-
-class _CallableModule(type(sys)):
-    """``emtile.train`` is the function *and* the name of this module. Once anything imports the
-    submodule (``from emtile.train import fit``), Python binds the package attribute
-    ``emtile.train`` to the module, hiding the lazily exported function; forwarding calls keeps
-    ``emtile.train(raw, labels, out, ...)`` working either way (as :mod:`emtile.predict` does)."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

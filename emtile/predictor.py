@@ -34,7 +34,6 @@ import math
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -919,16 +918,3 @@ def _open_group(path):
     import zarr
 
     return zarr.open_group(str(path), mode="r+")
-
-
-class _CallableModule(type(sys)):
-    """``emtile.predict`` is the function *and* the name of this module. Once anything imports the
-    submodule (``from emtile.predict import predict_array``), Python binds the package attribute
-    ``emtile.predict`` to the module, hiding the lazily exported function; forwarding calls keeps
-    ``emtile.predict(model, input, output, ...)`` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return predict(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
