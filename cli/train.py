@@ -23,6 +23,9 @@ from emtile.cli._types import SliceList
               help="Batch normalisation after every convolution [default: off; on --resume: the run's].")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Dropout at the end of the contracting path (the paper: 0.5).")
+@click.option("--bn-momentum", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
+              help="Momentum of the batch-norm running statistics (PyTorch's default 0.1 follows the "
+                   "last ~10 patches; 0.01 averages ~100).")
 @click.option("--tile", type=click.IntRange(min=1), default=572, show_default=True,
               help="Training input patch size (a valid size for --depth); the label patch is its output.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Patches per step.")
@@ -71,6 +74,7 @@ from emtile.cli._types import SliceList
               help="Channels-last memory layout (faster on CPU).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, batch_norm, dropout,
+          bn_momentum,
           tile, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup, loss, w0, sigma,
           class_balance, workers, device, amp, clip, val_every, seed, resume, overwrite, elastic,
           elastic_sigma, flip, intensity, noise, blur, foreground, channels_last, progress):
@@ -86,7 +90,7 @@ def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, b
 
     result = run(raw, labels, out, train_slices=train_slices, val_slices=val_slices,
                  iterations=iterations, base=base, depth=depth, batch_norm=batch_norm,
-                 dropout=dropout, tile=tile, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                 dropout=dropout, bn_momentum=bn_momentum, tile=tile, batch_size=batch_size, lr=lr, optimizer=optimizer,
                  momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
                  loss=loss, w0=w0, sigma=sigma, class_balance=class_balance, workers=workers,
                  device=device, amp=amp, clip=clip, val_every=val_every, seed=seed, resume=resume,

@@ -509,7 +509,7 @@ def _describe(x):
 
 
 def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, base=None,
-          depth=None, batch_norm=None, dropout=0.0, tile=572, batch_size=1, lr=1e-3,
+          depth=None, batch_norm=None, dropout=0.0, bn_momentum=0.01, tile=572, batch_size=1, lr=1e-3,
           optimizer="adam", momentum=0.99, weight_decay=0.0, schedule="cosine", warmup=None,
           loss="bce", w0=10.0, sigma=5.0, class_balance=True, workers=1, device="auto", amp=None,
           clip=None, val_every=250, val_tile=None, seed=0, resume=False, overwrite=False,
@@ -533,6 +533,11 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
     base, depth, batch_norm, dropout :
         The :class:`emtile.unet.UNet` (defaults 64, 4, False). On ``resume`` they come from the
         checkpoint; giving a different value is an error.
+    bn_momentum : float
+        Momentum of the batch-norm running statistics (PyTorch's default is 0.1). With small
+        batches of augmented patches, 0.1 makes the statistics used at validation and prediction
+        follow the last ~10 patches: validation loss then swung 0.41 -> 0.72 -> 0.56 between
+        checks at a learning rate of 2e-5 in the ISBI run. 0.01 averages over ~100 patches.
     tile : int
         Training input patch size (a valid size for ``depth``); the label patch is the model's
         output size for it (572 -> 388 at depth 4).
@@ -632,6 +637,11 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
 
     torch.manual_seed(seed)
     model = UNet(1, 1, dropout=dropout, **arch)
+    if not 0.0 < bn_momentum <= 1.0:
+        raise EmtileError(f"bn_momentum={bn_momentum!r} must be in (0, 1]")
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = bn_momentum
     model.check(tile, "tile")
     out_size = model.output_size(tile)
     in_shape, out_shape = check_patch_geometry(raw_a.shape[1:], tile, out_size)

@@ -235,3 +235,23 @@ def test_tensorboard_log_when_installed(isbi_small, tmp_path):
     pytest.importorskip("tensorboard")
     train(*isbi_small, tmp_path / "run", train_slices=slice(0, 4), val_slices=[5], **dict(TINY, iterations=3))
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_bn_momentum_sets_the_running_statistics_rate(isbi_small, tmp_path):
+    import emtile
+
+    # same seed, same first batch, same initial weights: after one step every running mean is
+    # momentum * (first batch mean), so 0.1 gives exactly ten times what 0.01 gives
+    means = []
+    for m in (0.1, 0.01):
+        out = tmp_path / f"bn{m}"
+        train(*isbi_small, out, train_slices=slice(0, 4), iterations=1,
+              **dict(TINY, batch_norm=True, bn_momentum=m))
+        model = emtile.load_model(out / "last")
+        bn = next(x for x in model.modules() if isinstance(x, torch.nn.BatchNorm2d))
+        means.append(bn.running_mean.clone())
+    assert means[1].abs().max() > 0
+    torch.testing.assert_close(means[0], 10 * means[1], rtol=1e-4, atol=1e-7)
+    with pytest.raises(EmtileError, match=r"bn_momentum=0 must be in \(0, 1\]"):
+        train(*isbi_small, tmp_path / "bad", train_slices=slice(0, 4), iterations=1,
+              **dict(TINY, batch_norm=True, bn_momentum=0))
