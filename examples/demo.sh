@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end walkthrough on the ISBI 2012 data, sized for a 2-core CPU (about 10 minutes):
+# The end-to-end walkthrough on the ISBI 2012 data, sized for a 2-core CPU (about 3 minutes after set-up):
 # install, convert, train a small U-Net on slices 0-24, predict the volume tile by tile,
 # score slices 25-29 as the challenge does, and draw the comparison figure.
 #   bash examples/demo.sh [--data DIR] [--out DIR] [--iterations N]
