@@ -130,19 +130,6 @@ def mirrored_volume(path, shape, *, source=None, chunks=None, seed=0, progress=F
     return group
 
 
-def _resolve_device(device):
-    import torch
-
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise EmtileError(f"device={device!r} is not supported: choose auto, cpu or cuda")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise EmtileError("device='cuda' was asked for but torch sees no CUDA device "
-                          "(use --device cpu or auto)")
-    return torch.device(device)
-
-
 def _sync(device):
     import torch
 
@@ -230,13 +217,13 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     """
     import torch
 
-    from emtile.predictor import predict
+    from emtile.predictor import predict, resolve_device
     from emtile.unet import UNet
 
     for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat)):
         if not isinstance(value, int) or value < 1:
             raise EmtileError(f"{name}={value!r} must be a positive integer")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     model = UNet(base=base, depth=depth)
     model.check(tile)

@@ -43,12 +43,12 @@ import numpy as np
 
 from emtile._errors import EmtileError
 from emtile import geometry
+from emtile.stitch import BLENDS
 
 __all__ = ["predict", "predict_array", "input_to_float", "PredictResult"]
 
 DTYPES = ("uint8", "float16", "float32")
 AMPS = (None, "bf16", "fp16")
-BLENDS = ("none", "linear", "cosine", "gaussian")
 MARKERS = "emtile_blocks"  # per-block completion flags inside the output group
 AUTO_TILE_MEMORY = 2**30  # activation memory --tile auto may use
 GROUP_BYTES = 64 * 2**20  # input tiles a DataLoader worker reads at once
@@ -147,13 +147,14 @@ def _choice(name, value, allowed):
         raise EmtileError(f"{name}={value!r} is not supported: choose one of {shown}")
 
 
-def _resolve_device(device, net):
+def resolve_device(device, net=None):
+    """``"auto"``/None -> ``net``'s device if it is not the CPU, else CUDA when there is one, else
+    the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` checked. Predict, train and bench all use this."""
     import torch
 
-    current = next(net.parameters()).device
     if device in (None, "auto"):
-        if current.type != "cpu":
-            return current
+        if net is not None and next(net.parameters()).device.type != "cpu":
+            return next(net.parameters()).device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
@@ -557,7 +558,7 @@ def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, o
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise EmtileError(f"num_workers={num_workers!r} must be 0 or a positive integer")
     _choice("amp", amp, AMPS)
-    dev = _resolve_device(device, net)
+    dev = resolve_device(device, net)
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if dev.type == "cuda" else 1
     grid, plan = _plan(net, arr, tile=tile, overlap=overlap, roi=roi, blend=blend,

@@ -482,18 +482,6 @@ def _replace_folder(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _resolve_device(device):
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EmtileError(f"device={device!r} is not a torch device: use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EmtileError(f"device={device!r} asked for, but CUDA is not available here; use auto or cpu")
-    return dev
-
-
 def _versions():
     import emtile
 
@@ -613,7 +601,9 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
         raise EmtileError(f"lr={lr!r} must be positive")
     loss_fn = get_loss(loss)
     lr_factor(1, iterations, schedule=schedule)  # validates the name
-    dev = _resolve_device(device)
+    from emtile.predictor import resolve_device
+
+    dev = resolve_device(device)
     amp = (dev.type == "cuda") if amp is None else bool(amp)
 
     last = _check_out(out, resume=resume, overwrite=overwrite)
