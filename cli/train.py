@@ -26,6 +26,9 @@ from emtile.cli._types import SliceList
 @click.option("--bn-momentum", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
               help="Momentum of the batch-norm running statistics (PyTorch's default 0.1 follows the "
                    "last ~10 patches; 0.01 averages ~100).")
+@click.option("--freeze-bn", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+              help="Fraction of the run after which batch norm is frozen (statistics recomputed, "
+                   "then fixed), so the rest trains the network as prediction runs it; 1: never.")
 @click.option("--tile", type=click.IntRange(min=1), default=572, show_default=True,
               help="Training input patch size (a valid size for --depth); the label patch is its output.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Patches per step.")
@@ -72,12 +75,16 @@ from emtile.cli._types import SliceList
               help="Fraction of patches placed on a foreground (label 1) pixel (default: uniform).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Channels-last memory layout (faster on CPU).")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="Fit the output bias of best/ on the training slices so that threshold 0.5 "
+                   "gives the lowest pixel error (border weights bias it towards membrane).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, batch_norm, dropout,
-          bn_momentum,
+          bn_momentum, freeze_bn,
           tile, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup, loss, w0, sigma,
           class_balance, workers, device, amp, clip, val_every, seed, resume, overwrite, elastic,
-          elastic_sigma, flip, intensity, noise, blur, foreground, channels_last, progress):
+          elastic_sigma, flip, intensity, noise, blur, foreground, channels_last, calibrate,
+          progress):
     """Train a valid-convolution U-Net on annotated slices; write a model folder to --out.
 
     \b
@@ -90,13 +97,14 @@ def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, b
 
     result = run(raw, labels, out, train_slices=train_slices, val_slices=val_slices,
                  iterations=iterations, base=base, depth=depth, batch_norm=batch_norm,
-                 dropout=dropout, bn_momentum=bn_momentum, tile=tile, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                 momentum=momentum, weight_decay=weight_decay, schedule=schedule, warmup=warmup,
+                 dropout=dropout, bn_momentum=bn_momentum, freeze_bn=freeze_bn, tile=tile,
+                 batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                 weight_decay=weight_decay, schedule=schedule, warmup=warmup,
                  loss=loss, w0=w0, sigma=sigma, class_balance=class_balance, workers=workers,
                  device=device, amp=amp, clip=clip, val_every=val_every, seed=seed, resume=resume,
                  overwrite=overwrite, elastic=elastic, elastic_sigma=elastic_sigma, flip=flip,
                  intensity=intensity, noise=noise, blur=blur, foreground=foreground,
-                 channels_last=channels_last, progress=progress)
+                 channels_last=channels_last, calibrate=calibrate, progress=progress)
     click.echo(f"trained {result['iteration']} iterations in {result['elapsed_s']:.0f} s; "
                f"last loss {result['loss']:.4f}")
     best = result.get("best") or {}
@@ -104,4 +112,12 @@ def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, b
         shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in best.items()
                           if k.startswith("val_") and isinstance(v, float))
         click.echo(f"best (iteration {best.get('iteration')}): {shown}")
+    cal = result.get("calibration")
+    if cal:
+        after = cal.get("val_after") or {}
+        val = (f"; validation pixel error now {after['val_pixel_error']:.4f}"
+               if "val_pixel_error" in after else "")
+        click.echo(f"calibrated best/: threshold {cal['threshold']:.3f} -> 0.5 (logit offset "
+                   f"{cal['offset']:+.3f}); training-slice pixel error "
+                   f"{cal['pixel_error_before']:.4f} -> {cal['pixel_error_after']:.4f}{val}")
     click.echo(f"model: {result['best_path']}  (resume from {result['last_path']})")

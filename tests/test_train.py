@@ -255,3 +255,186 @@ def test_bn_momentum_sets_the_running_statistics_rate(isbi_small, tmp_path):
     with pytest.raises(EmtileError, match=r"bn_momentum=0 must be in \(0, 1\]"):
         train(*isbi_small, tmp_path / "bad", train_slices=slice(0, 4), iterations=1,
               **dict(TINY, batch_norm=True, bn_momentum=0))
+
+
+# --------------------------------------------------------------------------- frozen batch norm
+
+
+def test_precise_norm_stats_average_the_batches_and_restore_momentum():
+    from emtile.trainer import precise_norm_stats
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2, momentum=0.01))
+    rng = np.random.default_rng(0)
+    xs = [torch.from_numpy(rng.normal(k, 1 + k, (1, 2, 8, 8)).astype(np.float32)) for k in range(4)]
+    model.eval()
+    precise_norm_stats(model, iter({"image": x} for x in xs), 4, device=torch.device("cpu"))
+    bn = model[0]
+    expected = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected)
+    expected_var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in xs]).mean(0)
+    torch.testing.assert_close(bn.running_var, expected_var)
+    assert bn.momentum == 0.01 and not model.training
+
+
+class NormWatch:
+    """Per step: the first batch-norm layer's running mean and whether it normalised per batch."""
+
+    def __init__(self):
+        self.means, self.training, self.losses, self.adam_steps = [], [], [], []
+
+    def on_step(self, state, logs):
+        first = next(state["model"].parameters())
+        self.adam_steps.append(int(state["optimizer"].state[first]["step"]))
+        bn = next(m for m in state["model"].modules() if isinstance(m, torch.nn.BatchNorm2d))
+        self.means.append(bn.running_mean.clone())
+        self.training.append(bn.training)
+        self.losses.append(logs["loss"])
+
+
+def test_freeze_bn_fixes_the_statistics_after_the_given_fraction(isbi_small, tmp_path):
+    watch = NormWatch()
+    train(*isbi_small, tmp_path / "run", train_slices=slice(0, 4), iterations=8, callbacks=[watch],
+          **dict(TINY, batch_norm=True, freeze_bn=0.5, val_every=0, calibrate=False))
+    assert watch.training == [True] * 4 + [False] * 4
+    m = watch.means
+    assert all(not torch.equal(m[i], m[i + 1]) for i in range(3))  # updated before the freeze
+    assert not torch.equal(m[3], m[4])  # recomputed at the freeze
+    assert all(torch.equal(m[4], m[i]) for i in range(5, 8))  # then fixed
+    assert watch.adam_steps == [1, 2, 3, 4, 1, 2, 3, 4]  # Adam's moments start afresh
+    saved = load_model(tmp_path / "run" / "last")
+    bn = next(x for x in saved.modules() if isinstance(x, torch.nn.BatchNorm2d))
+    torch.testing.assert_close(bn.running_mean, m[-1])
+
+
+@pytest.mark.parametrize("stop", [2, 6])  # Ctrl-C before and after the freeze at step 4
+def test_resume_with_freeze_bn_reproduces_the_run(isbi_small, tmp_path, stop):
+    kwargs = dict(TINY, train_slices=slice(0, 4), batch_norm=True, freeze_bn=0.5, val_every=2,
+                  val_slices=[4], lr=3e-3, seed=5, calibrate=False)
+    straight = NormWatch()
+    train(*isbi_small, tmp_path / "a", iterations=8, callbacks=[straight], **kwargs)
+
+    class CtrlC(NormWatch):
+        def on_row(self, state, row):
+            if row["iteration"] == stop:
+                raise KeyboardInterrupt
+
+    first, second = CtrlC(), NormWatch()
+    with pytest.raises(KeyboardInterrupt):
+        train(*isbi_small, tmp_path / "b", iterations=8, callbacks=[first], **kwargs)
+    train(*isbi_small, tmp_path / "b", iterations=8, resume=True, callbacks=[second], **kwargs)
+    assert first.losses + second.losses == straight.losses
+    assert first.training + second.training == [True] * 4 + [False] * 4
+
+
+def test_freeze_bn_default_is_the_last_30_percent_and_1_means_never(isbi_small, tmp_path):
+    for freeze, expected in ((None, [True] * 10), (1.0, [True] * 10), ("default", [True] * 7 + [False] * 3)):
+        watch = NormWatch()
+        kwargs = {} if freeze == "default" else {"freeze_bn": freeze}
+        train(*isbi_small, tmp_path / f"run{freeze}", train_slices=slice(0, 4), iterations=10,
+              callbacks=[watch], **dict(TINY, batch_norm=True, val_every=0, calibrate=False, **kwargs))
+        assert watch.training == expected, freeze
+
+
+def test_with_freeze_bn_best_is_chosen_after_the_freeze(isbi_small, tmp_path, monkeypatch):
+    import emtile.trainer
+
+    real = emtile.trainer.Validator.__call__
+    calls = []
+
+    def falling_scores(self, model):  # real scores, but V-Rand made to fall check by check
+        scores = real(self, model)
+        calls.append(len(calls) + 1)
+        return dict(scores, val_vrand=1.0 - 0.01 * len(calls))
+
+    monkeypatch.setattr(emtile.trainer.Validator, "__call__", falling_scores)
+    out = tmp_path / "run"
+    result = train(*isbi_small, out, train_slices=slice(0, 4), val_slices=[4, 5], iterations=8,
+                   **dict(TINY, batch_norm=True, freeze_bn=0.5, val_every=1, calibrate=False))
+    assert calls == list(range(1, 9))
+    assert result["best"]["iteration"] == 5  # the first check after the freeze at step 4
+    assert json.loads((out / "best" / "metadata.json").read_text())["emtile"]["iteration"] == 5
+    # without freezing, the first check wins
+    calls.clear()
+    result = train(*isbi_small, tmp_path / "plain", train_slices=slice(0, 4), val_slices=[4, 5],
+                   iterations=8, **dict(TINY, batch_norm=True, freeze_bn=None, val_every=1,
+                                        calibrate=False))
+    assert result["best"]["iteration"] == 1
+
+
+def test_freeze_bn_rejects_a_bad_fraction(isbi_small, tmp_path):
+    with pytest.raises(EmtileError, match=r"freeze_bn=1.5 must be a fraction of the run in \[0, 1\]"):
+        train(*isbi_small, tmp_path / "bad", train_slices=slice(0, 4), iterations=2,
+              **dict(TINY, batch_norm=True, freeze_bn=1.5))
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_threshold_offset_finds_the_error_minimising_threshold():
+    from emtile.trainer import threshold_offset
+
+    rng = np.random.default_rng(0)
+    truth = rng.random(10_000) < 0.7
+    # cells between 0.3 and 1, membrane below 0.3: every threshold in [0.29, 0.3) separates them
+    prob = np.where(truth, rng.uniform(0.301, 1.0, truth.size), rng.uniform(0.0, 0.29, truth.size))
+    offset, t, before, after = threshold_offset(prob, truth)
+    assert 0.29 <= t < 0.301 and after == 0.0
+    assert before == pytest.approx(np.mean((prob > 0.5) != truth)) and before > 0.1
+    assert offset == pytest.approx(-np.log(t / (1 - t)))
+    # the search stays within [lo, hi]: all-cell truth would want threshold 0
+    offset, t, _, _ = threshold_offset(prob, np.ones_like(truth))
+    assert t == pytest.approx(0.02)
+
+
+def test_calibrate_model_moves_the_fitted_threshold_to_one_half(isbi_small):
+    from emtile.predictor import predict_array
+    from emtile.trainer import calibrate_model
+    from emtile.unet import UNet
+
+    raw, labels = open_arrays(isbi_small)
+    torch.manual_seed(0)
+    model = UNet(1, 1, base=4, depth=2).eval()
+    with torch.no_grad():
+        model.head.bias += 1.0  # a biased model
+    roi = (slice(0, 4), slice(None), slice(None))
+    before = predict_array(model, raw, roi=roi, tile="auto")
+    record = calibrate_model(model, raw, labels, [0, 1, 2, 3], device="cpu")
+    after = predict_array(model, raw, roi=roi, tile="auto")
+    truth = np.asarray(labels[0:4]) != 0
+    t = record["threshold"]
+    assert record["pixel_error_before"] == pytest.approx(np.mean((before > 0.5) != truth))
+    assert record["pixel_error_after"] == pytest.approx(np.mean((before > t) != truth))
+    assert record["pixel_error_after"] <= record["pixel_error_before"]
+    # the shift is exact in logit space: p' = sigmoid(logit(p) + offset)
+    logit = np.log(before) - np.log1p(-before)
+    np.testing.assert_allclose(after, 1 / (1 + np.exp(-(logit + record["offset"]))), atol=2e-5)
+    near = np.abs(before - t) < 1e-4  # float rounding may flip pixels exactly at the threshold
+    assert np.array_equal((after > 0.5)[~near], (before > t)[~near])
+
+
+def test_train_calibrates_best_once_and_leaves_last_as_trained(isbi_small, tmp_path):
+    import emtile
+    from emtile.trainer import _calibrate_best
+
+    out = tmp_path / "run"
+    result = train(*isbi_small, out, train_slices=slice(0, 4), iterations=3,
+                   **dict(TINY, val_every=0))  # no validation: best is the last model
+    record = result["calibration"]
+    meta = json.loads((out / "best" / "metadata.json").read_text())["emtile"]
+    assert meta["calibration"]["offset"] == pytest.approx(record["offset"])
+    assert meta["calibration"]["slices"] == [0, 1, 2, 3]
+    best, last = emtile.load_model(out / "best"), emtile.load_model(out / "last")
+    for (name, a), (_, b) in zip(best.state_dict().items(), last.state_dict().items()):
+        if name == "head.bias":
+            torch.testing.assert_close(a, b + record["offset"])
+        else:
+            assert torch.equal(a, b), name
+    # a second call (a resumed run that kept this best) does not shift it again
+    raw, labels = open_arrays(isbi_small)
+    _calibrate_best(out / "best", raw, labels, [0, 1, 2, 3], torch.device("cpu"), None)
+    assert torch.equal(emtile.load_model(out / "best").head.bias, best.head.bias)
+    # and calibrate=False leaves best equal to last
+    train(*isbi_small, tmp_path / "plain", train_slices=slice(0, 4), iterations=3, calibrate=False,
+          **dict(TINY, val_every=0))
+    plain = json.loads((tmp_path / "plain" / "best" / "metadata.json").read_text())["emtile"]
+    assert "calibration" not in plain
