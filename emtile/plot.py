@@ -26,8 +26,8 @@ __all__ = ["show", "comparison_figure", "training_curve", "read_log", "FP_COLOR"
 FP_COLOR = (1.0, 0.55, 0.0)  # orange: predicted interior, truth membrane
 FN_COLOR = (0.0, 0.75, 1.0)  # sky blue: predicted membrane, truth interior
 _X_COLUMNS = ("iteration", "step", "epoch")
-_NOT_METRICS = {"iteration", "step", "epoch", "time", "elapsed", "wall", "wall_time", "lr",
-                "learning_rate", "seconds"}
+_NOT_METRICS = {"iteration", "step", "epoch", "time", "elapsed", "elapsed_s", "wall", "wall_time",
+                "lr", "learning_rate", "seconds"}
 _SUFFIXES = (".png", ".pdf")
 
 

@@ -101,21 +101,25 @@ def test_bad_inputs(volumes):
 
 
 def write_log(path):
-    lines = ["iteration,loss,lr,val_loss,val_f1,val_pixel_error,val_vrand"]
+    # the columns of emtile.trainer.CSV_COLUMNS, in its order
+    lines = ["iteration,loss,lr,val_loss,val_pixel_error,val_f1,val_vrand,elapsed_s"]
     for i in range(1, 201):
         val = i % 50 == 0
-        v = (f"{1 / i:.4f},{0.8 + i / 1000:.4f},{0.2 - i / 2000:.4f},{0.7 + i / 1000:.4f}"
+        v = (f"{1 / i:.4f},{0.2 - i / 2000:.4f},{0.8 + i / 1000:.4f},{0.7 + i / 1000:.4f}"
              if val else ",,,")
-        lines.append(f"{i},{2.0 / i ** 0.5:.5f},0.0001,{v}")
+        lines.append(f"{i},{2.0 / i ** 0.5:.5f},0.0001,{v},{0.4 * i:.2f}")
     path.write_text("\n".join(lines) + "\n")
 
 
 def test_training_curve(tmp_path):
+    from emtile.trainer import CSV_COLUMNS
+
     log = tmp_path / "train.csv"
     write_log(log)
     fig = P.show(log=log, output=tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes().startswith(PNG_MAGIC)
-    left, right = fig.axes
+    assert tuple(log.read_text().splitlines()[0].split(",")) == CSV_COLUMNS
+    left, right = fig.axes  # bookkeeping (lr, elapsed_s) on neither axis
     assert sorted(line.get_label() for line in left.get_lines()) == ["loss", "val_loss"]
     assert sorted(line.get_label() for line in right.get_lines()) == [
         "val_f1", "val_pixel_error", "val_vrand"]
