@@ -418,17 +418,12 @@ def calibrate_model(model, raw, labels, zs, *, device, max_pixels=2**24):
         ``offset`` (added to the logits), ``threshold`` (the fitted threshold before the shift),
         ``pixel_error_before`` / ``pixel_error_after`` on those slices, and ``slices``.
     """
-    from emtile.predictor import predict_array
-
     per_slice = int(np.prod(raw.shape[1:]))
     n = max(1, min(len(zs), max_pixels // per_slice))
     picks = sorted({zs[i] for i in np.linspace(0, len(zs) - 1, n).round().astype(int)})
-    full = (slice(None),) * (raw.ndim - 1)
-    prob = np.concatenate([
-        np.asarray(predict_array(model, raw, tile="auto", device=device, roi=(slice(z0, z1), *full)))
-        for z0, z1 in _runs(picks)])
+    prob = predict_slices(model, raw, picks, device=device)
     truth = np.stack([np.asarray(labels[z]) != 0 for z in picks])
-    offset, t, before, after = threshold_offset(prob, truth.reshape(prob.shape))
+    offset, t, before, after = threshold_offset(prob, truth)
     head = model.head
     with torch.no_grad():
         head.bias += offset
@@ -449,6 +444,22 @@ def _runs(zs):
         else:
             runs.append([z, z + 1])
     return [tuple(r) for r in runs]
+
+
+def predict_slices(model, raw, zs, *, tile="auto", batch_size=1, device="auto"):
+    """Probabilities of the sorted slices ``zs`` of ``raw``, shape (len(zs), Y, X), float32.
+
+    Each contiguous run of slices is one :func:`emtile.predictor.predict_array` call, the tiled
+    path of ``emtile predict``.
+    """
+    from emtile.predictor import predict_array
+
+    full = (slice(None),) * (raw.ndim - 1)
+    prob = np.concatenate([
+        np.asarray(predict_array(model, raw, tile=tile, batch_size=batch_size, device=device,
+                                 roi=(slice(z0, z1), *full), progress=False))
+        for z0, z1 in _runs(zs)]).astype(np.float32)
+    return prob.reshape((len(zs), *raw.shape[1:]))
 
 
 class Validator:
@@ -473,16 +484,8 @@ class Validator:
         self.metrics = metrics
 
     def predict(self, model):
-        from emtile.predictor import predict_array
-
-        parts = []
-        full = (slice(None),) * (self.raw.ndim - 1)
-        for z0, z1 in _runs(self.zs):
-            parts.append(np.asarray(predict_array(
-                model, self.raw, tile=self.tile, batch_size=self.batch_size, device=self.device,
-                roi=(slice(z0, z1), *full), progress=False)))
-        prob = np.concatenate(parts).astype(np.float32)
-        return prob.reshape(self.truth.shape)
+        return predict_slices(model, self.raw, self.zs, tile=self.tile,
+                              batch_size=self.batch_size, device=self.device)
 
     def __call__(self, model):
         prob = self.predict(model)
@@ -825,6 +828,7 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
         calib_data = PatchDataset(raw_a, labels_a, input_size=in_shape, output_size=out_shape,
                                   slices=tz, batch_size=batch_size, seed=seed, start=2**40,
                                   augment=augment)
+
         def set_norm_stats(m):
             precise_norm_stats(m, iter(calib_data), FREEZE_BN_BATCHES, device=dev,
                                channels_last=channels_last)

@@ -23,9 +23,8 @@ import torch
 
 import emtile
 from emtile.metrics import evaluate
-from emtile.predictor import predict_array
 from emtile.sampling import PatchDataset, resolve_slices
-from emtile.trainer import precise_norm_stats
+from emtile.trainer import precise_norm_stats, predict_slices
 
 
 def parse_slices(text):
@@ -34,9 +33,7 @@ def parse_slices(text):
 
 
 def score(model, raw, truth, zs):
-    parts = [predict_array(model, raw, tile="auto", roi=(slice(z, z + 1), slice(None), slice(None)))
-             for z in zs]
-    prob = np.concatenate(parts)
+    prob = predict_slices(model, raw, zs, device="cpu")
     r = evaluate(prob, truth, sweep=True, progress=False)
     best = r["sweep"]["best_v_rand"]
     return r["pixel"]["pixel_error"], best["value"], best["threshold"]
