@@ -181,7 +181,7 @@ def fit(model, batches, *, optimizer, loss_fn, lr_at, start, iterations, device,
     state["scaler"] = scaler
     non_blocking = device.type == "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = norm_layers(model)
     _emit(callbacks, "on_start", state)
     row = None  # the current iteration's log row, until it is emitted
     try:
@@ -350,6 +350,11 @@ class ProgressBar(Callback):
 # --------------------------------------------------------------------------- validation
 
 
+def norm_layers(model):
+    """The batch-norm layers of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def precise_norm_stats(model, batches, n, *, device, channels_last=False):
     """Replace the batch-norm running statistics by their exact average over ``n`` batches.
 
@@ -358,7 +363,7 @@ def precise_norm_stats(model, batches, n, *, device, channels_last=False):
     from any single patch's statistics. This recomputes them with the current weights
     (cumulative averages, as in "precise BN"), e.g. just before the layers are frozen.
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = norm_layers(model)
     if not norms:
         return
     saved = [m.momentum for m in norms]
@@ -767,9 +772,8 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
     if freeze_bn is not None and not 0.0 <= freeze_bn <= 1.0:
         raise EmtileError(f"freeze_bn={freeze_bn!r} must be a fraction of the run in [0, 1] "
                           "(e.g. 0.7; 1 or None: never)")
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = bn_momentum
+    for module in norm_layers(model):
+        module.momentum = bn_momentum
     model.check(tile, "tile")
     out_size = model.output_size(tile)
     in_shape, out_shape = check_patch_geometry(raw_a.shape[1:], tile, out_size)

@@ -24,7 +24,7 @@ import torch
 import emtile
 from emtile.metrics import evaluate
 from emtile.sampling import PatchDataset, resolve_slices
-from emtile.trainer import precise_norm_stats, predict_slices
+from emtile.trainer import norm_layers, precise_norm_stats, predict_slices
 
 
 def parse_slices(text):
@@ -53,7 +53,7 @@ def main():
     zs = resolve_slices(parse_slices(args.slices), raw.shape[0], name="slices")
     truth = np.stack([(np.asarray(labels[z]) != 0).astype(np.uint8) for z in zs])
     model = emtile.load_model(args.model)
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = norm_layers(model)
     if not norms:
         raise SystemExit(f"{args.model} has no batch norm: nothing to compare")
     rows = [("running", score(model, raw, truth, zs))]

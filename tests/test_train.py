@@ -207,7 +207,8 @@ def test_cli_help():
     assert result.exit_code == 0
     for option in ("--raw", "--labels", "--out", "--train-slices", "--val-slices", "--iterations",
                    "--base", "--depth", "--tile", "--batch-size", "--lr", "--loss", "--workers",
-                   "--resume", "--overwrite", "--seed"):
+                   "--resume", "--overwrite", "--seed", "--freeze-bn", "--calibrate",
+                   "--no-calibrate"):
         assert option in result.output
 
 
@@ -438,3 +439,24 @@ def test_train_calibrates_best_once_and_leaves_last_as_trained(isbi_small, tmp_p
           **dict(TINY, val_every=0))
     plain = json.loads((tmp_path / "plain" / "best" / "metadata.json").read_text())["emtile"]
     assert "calibration" not in plain
+
+
+def test_cli_freeze_bn_and_calibrate(isbi_small, tmp_path):
+    from emtile.cli.main import main
+
+    raw, labels = isbi_small
+    base = ["train", "--raw", raw, "--labels", labels, "--train-slices", "0:4", "--iterations", "4",
+            "--base", "4", "--depth", "2", "--tile", "68", "--workers", "0", "--val-every", "0",
+            "--batch-norm", "--no-progress"]
+    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a"), "--freeze-bn", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "calibrated best/: threshold" in result.output
+    meta = json.loads((tmp_path / "a" / "best" / "metadata.json").read_text())["emtile"]
+    assert meta["settings"]["freeze_bn"] == 0.5 and "calibration" in meta
+    result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "b"), "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    assert "calibrated" not in result.output
+    assert "calibration" not in json.loads((tmp_path / "b" / "best" / "metadata.json").read_text())["emtile"]
+    bad = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "c"), "--freeze-bn", "1.5"])
+    assert bad.exit_code == 2 and "--freeze-bn" in bad.output and "1.5 is not in the range" in bad.output
+    assert not (tmp_path / "c").exists()
