@@ -1,0 +1,94 @@
+"""emtile.distributed: the block driver, locally and on real Dask workers on 127.0.0.1."""
+
+import os
+import sys
+
+import cloudpickle
+import numpy as np
+import pytest
+
+from emtile import EmtileError
+from emtile.distributed import cluster_spec, map_blocks, start_cluster
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+
+
+class Result:
+    def __init__(self, block, pid, voxels=10):
+        self.block, self.pid, self.voxels = block, pid, voxels
+
+
+def square_blocks(job, ids):
+    return [Result(i * i + job, os.getpid()) for i in ids]
+
+
+def failing_blocks(job, ids):
+    if job in ids:
+        raise ValueError(f"cannot do block {job}")
+    return [Result(i, os.getpid()) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with start_cluster("local", workers=2) as (client, info):
+        yield client, info
+
+
+def test_local_runs_in_this_process_in_order():
+    seen = []
+    n = map_blocks(square_blocks, 1, range(7), blocks_per_task=3, progress=False,
+                   on_result=lambda i, r: seen.append((i, r.block, r.pid)))
+    assert n == 7
+    assert seen == [(i, i * i + 1, os.getpid()) for i in range(7)]
+
+
+@pytest.mark.parametrize("per_task", [1, 4])
+def test_cluster_gives_every_block_once(cluster, per_task):
+    client, info = cluster
+    assert info.workers == 2 and info.threads == 2
+    seen = {}
+    n = map_blocks(square_blocks, 2, iter(range(50)), client=client, blocks_per_task=per_task,
+                   progress=False, on_result=lambda i, r: seen.setdefault(i, []).append(r))
+    assert n == 50 and sorted(seen) == list(range(50))
+    assert all(len(v) == 1 and v[0].block == i * i + 2 for i, v in seen.items())
+    assert {v[0].pid for v in seen.values()} - {os.getpid()}  # ran in the workers
+
+
+def test_a_failing_task_is_retried_then_named(cluster):
+    client, _ = cluster
+    with pytest.raises(EmtileError, match=r"^block 13 \(z 13\) failed after 2 tries: "
+                                          r"ValueError: cannot do block 13; done blocks are kept"):
+        map_blocks(failing_blocks, 13, range(20), client=client, retries=1, progress=False,
+                   describe=lambda i: f"z {i}")
+
+
+def test_spec_of_each_cluster_kind():
+    local = cluster_spec("local", workers=3)
+    assert local["kwargs"]["n_workers"] == 3 and local["kwargs"]["threads_per_worker"] == 1
+    assert cluster_spec("tcp://10.0.0.5:8786")["kwargs"] == {"address": "tcp://10.0.0.5:8786"}
+    cuda = cluster_spec("cuda", workers=2)
+    assert cuda["factory"] == "dask_cuda:LocalCUDACluster" and cuda["resources"] == {"GPU": 1}
+    assert cuda["kwargs"]["resources"] == {"GPU": 1} and cuda["kwargs"]["n_workers"] == 2
+    assert cluster_spec("slurm", workers=4)["scale"] == 4
+    assert cluster_spec(None, scheduler_file="s.json")["kwargs"] == {"scheduler_file": "s.json"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cluster="lokal"), r"--cluster 'lokal' is not a cluster: choose local, slurm, cuda"),
+    (dict(cluster="local", workers=0), r"--cluster-workers 0 must be a positive integer"),
+    (dict(cluster="local", scheduler_file="s.json"), r"give either --cluster or --scheduler-file"),
+])
+def test_bad_cluster_options(kwargs, match):
+    with pytest.raises(EmtileError, match=match):
+        cluster_spec(**kwargs)
+
+
+def test_bad_map_options():
+    with pytest.raises(EmtileError, match=r"blocks_per_task=0 must be a positive integer"):
+        map_blocks(square_blocks, 0, range(3), blocks_per_task=0, progress=False)
+
+
+def test_unreachable_scheduler_is_one_line():
+    with pytest.raises(EmtileError, match=r"could not reach the Dask cluster tcp://127.0.0.1:9"):
+        with start_cluster("tcp://127.0.0.1:9", timeout=2):
+            pass
