@@ -227,7 +227,7 @@ def cluster_spec(cluster, *, workers=None, scheduler_file=None):
     if cluster == "local":
         n = workers or max(1, os.cpu_count() or 1)
         kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True,
-                  "dashboard_address": ":0" if _has_bokeh() else None,
+                  "dashboard_address": ":0",
                   "silence_logs": logging.ERROR}
         return {"kind": "local", "factory": "distributed:LocalCluster", "kwargs": kwargs,
                 "scale": None, "resources": None}
@@ -238,7 +238,7 @@ def cluster_spec(cluster, *, workers=None, scheduler_file=None):
                 "scale": workers or 1, "resources": None}
     if cluster == "cuda":
         kwargs = {"threads_per_worker": 1, "resources": {"GPU": 1},
-                  "dashboard_address": ":0" if _has_bokeh() else None}
+                  "dashboard_address": ":0"}
         if workers is not None:
             kwargs["n_workers"] = workers
         return {"kind": "cuda", "factory": "dask_cuda:LocalCUDACluster", "kwargs": kwargs,
