@@ -92,3 +92,40 @@ def test_unreachable_scheduler_is_one_line():
     with pytest.raises(EmtileError, match=r"could not reach the Dask cluster tcp://127.0.0.1:9"):
         with start_cluster("tcp://127.0.0.1:9", timeout=2):
             pass
+
+
+def voxels_of_blocks(plan, ids):
+    """A cheap stand-in for prediction: the voxel count of the task's first block, from the
+    lazy plan."""
+    voxels = int(np.prod(np.subtract(*plan.box(ids[0])[::-1])))
+    return [Result(i, os.getpid(), voxels=voxels) for i in ids]
+
+
+def test_a_million_block_plan_runs_through_a_bounded_window(cluster):
+    """The plan (10^6 blocks over a (10^6, 388, 388) volume that exists only as arithmetic) is
+    never materialised: ids are pulled lazily, and at most the window's tasks are in flight."""
+    from emtile.geometry import ShapeMap, block_plan, tile_grid
+
+    client, _ = cluster
+    grid = tile_grid((10**6, 388, 388), ShapeMap(4), 572)
+    plan = block_plan(grid, (1, 384, 384), max_block_px=388 * 388)
+    assert len(plan) == 10**6
+    pulled, most = [0], [0]
+
+    def ids():
+        for i in range(len(plan)):
+            pulled[0] += 1
+            yield i
+
+    delivered = [0]
+
+    def on_result(i, r):
+        delivered[0] += 1
+        most[0] = max(most[0], pulled[0] - delivered[0])
+
+    window, per_task = 4, 20000
+    n = map_blocks(voxels_of_blocks, plan, ids(), client=client, blocks_per_task=per_task,
+                   window=window, progress=False, on_result=on_result)
+    assert n == 10**6 and delivered[0] == 10**6
+    assert most[0] < window * per_task  # never more than the window's blocks handed out
+    assert len(client.futures) <= 1  # released as they were delivered
