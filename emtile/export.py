@@ -4,8 +4,9 @@ The package is a zip in the community's exchange format for trained models (bioi
 by ``bioimageio.core``'s ``test_model`` in emtile's tests:
 
 * ``rdf.yaml``, the model description, built and validated with ``bioimageio.spec``: the tensors
-  of :mod:`emtile.package` (the valid-convolution geometry exactly: input sizes ``min + n * 2**depth``,
-  output sizes the input's minus ``2 * halo``; emtile's input scaling and the sigmoid), authors,
+  of :mod:`emtile.package` (the valid-convolution geometry exactly: input sizes
+  ``min + n * 2**depth``, output sizes the input's minus ``2 * halo``; emtile's input scaling and
+  the sigmoid), authors,
   licence, citations (the U-Net paper; the ISBI 2012 data unless told otherwise), and the
   training metadata (``metadata.json``) under ``config.emtile`` and as an attachment;
 * ``weights.pt``: the state dict saved by ``torch.save`` (tensors only, so it loads with
@@ -175,11 +176,13 @@ def _write_torchscript(net, crop, path):
         warnings.simplefilter("ignore")  # tracing warns about its deprecation and the shape checks
         traced = torch.jit.trace(net.eval(), x)
         m = net.min_size
-        for t in (x, torch.rand(2, net.in_channels, m, m + net.align, generator=torch.Generator().manual_seed(0))):
+        other = torch.rand(2, net.in_channels, m, m + net.align,
+                           generator=torch.Generator().manual_seed(0))
+        for t in (x, other):
             if not torch.equal(traced(t), net(t)):
                 raise EmtileError("the traced TorchScript model differs from the U-Net; export "
                                   "without --torchscript")
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))
 
 
 def _cover(crop, probs, path):
@@ -238,7 +241,8 @@ def _readme(*, name, description, net, meta, crop_info, test_in, test_out, cite_
     rows = [f"- {k}: {_fmt(info[k])}" for k in keys if k in info]
     settings = info.get("settings")
     if isinstance(settings, dict):
-        rows.append("- settings: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(settings.items())))
+        rows.append("- settings: " + ", ".join(f"{k}={_fmt(v)}"
+                                               for k, v in sorted(settings.items())))
     calibration = info.get("calibration") if isinstance(info.get("calibration"), dict) else {}
     if "offset" in calibration:
         rows.append(f"- output calibration: logit offset {_fmt(calibration['offset'])} folded "
@@ -305,8 +309,8 @@ def _build_description(m, files, *, name, description, net, meta, crop, probs, a
                 test_tensor=FileDescr(source=files / "test_output.npy"),
                 sample_tensor=FileDescr(source=files / "sample_output.tif"))],
             weights=m.WeightsDescr(**weights),
-            config={"bioimageio": {"architecture_type": "UNet",
-                                   "model_parameter_count": sum(p.numel() for p in net.parameters())},
+            config={"bioimageio": {"architecture_type": "UNet", "model_parameter_count":
+                                   sum(p.numel() for p in net.parameters())},
                     "emtile": {"format": "emtile-unet", "version": 1, "unet": cfg,
                                "geometry": {"min_size": sm.min_size, "step": sm.align,
                                             "halo": sm.halo, "depth": sm.depth},

@@ -286,11 +286,10 @@ def _processing_signature(steps):
 def _check_tensors(rdf, shape_map, config, label):
     """Refuse tensor descriptions that are not this U-Net's geometry and processing."""
     inputs, outputs = _get(rdf, "inputs", label), _get(rdf, "outputs", label)
-    if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != 1 \
-            or len(outputs) != 1:
-        raise EmtileError(f"{label} has {len(inputs) if isinstance(inputs, list) else '?'} inputs "
-                          f"and {len(outputs) if isinstance(outputs, list) else '?'} outputs; "
-                          f"emtile's UNet has one of each")
+    counts = [len(t) if isinstance(t, list) else "?" for t in (inputs, outputs)]
+    if counts != [1, 1] or not isinstance(inputs[0], dict) or not isinstance(outputs[0], dict):
+        raise EmtileError(f"{label} has {counts[0]} inputs and {counts[1]} outputs; emtile's UNet "
+                          f"has one of each")
     dtype = _get(rdf, "inputs.0.data.type", label)
     if dtype not in DTYPES:
         raise EmtileError(f"{label}: inputs[0].data.type={dtype!r} is not a bioimage.io type")
@@ -299,8 +298,8 @@ def _check_tensors(rdf, shape_map, config, label):
     want_out["axes"] = [dict(a, size=dict(a["size"], tensor_id=inputs[0].get("id")))
                         if isinstance(a.get("size"), dict) and "tensor_id" in a["size"] else a
                         for a in want_out["axes"]]
-    depth = f"emtile's UNet (depth {shape_map.depth}, {config['in_channels']} in, " \
-            f"{config['out_channels']} out channels)"
+    unet = (f"emtile's UNet (depth {shape_map.depth}, {config['in_channels']} in, "
+            f"{config['out_channels']} out channels)")
     for where, got, want in (("inputs[0].axes", inputs[0].get("axes"), want_in["axes"]),
                              ("outputs[0].axes", outputs[0].get("axes"), want_out["axes"])):
         g, w = _axes_signature(got), _axes_signature(want)
@@ -308,7 +307,7 @@ def _check_tensors(rdf, shape_map, config, label):
             i = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), min(len(g), len(w)))
             shown_g = g[i] if i < len(g) else "nothing"
             shown_w = w[i] if i < len(w) else "nothing"
-            raise EmtileError(f"{label}: {where}[{i}] is {shown_g}; {depth} needs {shown_w} "
+            raise EmtileError(f"{label}: {where}[{i}] is {shown_g}; {unet} needs {shown_w} "
                               f"(axes batch, channel, y, x)")
     for where, got, want in (
             ("inputs[0].preprocessing", inputs[0].get("preprocessing", []),

@@ -81,7 +81,7 @@ def core_predict(package, raw, zs, halo, shape_map):
 
 
 def to_uint8(p):
-    """emtile's storage of probabilities: ``rint(clip(p, 0, 1) * 255)`` (emtile.stitch.normalize)."""
+    """emtile's storage of probabilities, ``rint(clip(p, 0, 1) * 255)`` (stitch.normalize)."""
     from emtile.stitch import normalize
 
     acc = p[None].astype(np.float32)
