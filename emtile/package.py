@@ -130,10 +130,10 @@ def is_package(path):
     """True for a path that names a bioimage.io package: a ``.zip``, or a folder with
     ``rdf.yaml`` (or ``bioimageio.yaml``) and no emtile ``config.json``."""
     p = Path(path)
-    if p.suffix.lower() == ".zip":
-        return True
-    return (p.is_dir() and not (p / "config.json").exists()
-            and any((p / name).is_file() for name in RDF_NAMES))
+    if p.is_dir():
+        return (not (p / "config.json").exists()
+                and any((p / name).is_file() for name in RDF_NAMES))
+    return p.suffix.lower() == ".zip"
 
 
 class _Files:

@@ -16,7 +16,10 @@ Needs ``pip install 'emtile[bioimageio]'``. Steps:
    compared with emtile's bytes; the largest float32 difference is printed too, and again for
    emtile run in core's memory format (``channels_last=False``), which leaves only the sigmoid's
    implementation (NumPy's ``1 / (1 + exp(-x))`` in core, ``torch.sigmoid`` in emtile) to differ;
-5. core's blockwise prediction (``predict_sample_with_blocking``) is attempted and its outcome
+5. the same with core's default padding (``symmetric``, used when a package declares none), to
+   show what the declaration changes: only pixels near the slice border (within the halo, plus
+   up to ``2**depth - 1`` pixels where the max-pooling windows reach further on one side);
+6. core's blockwise prediction (``predict_sample_with_blocking``) is attempted and its outcome
    printed: bioimage.io's tiler crops a halo from same-size outputs and cannot place the blocks of
    a model whose output is smaller than its input by a size offset (which is how the format
    describes a valid-convolution network).
@@ -47,12 +50,13 @@ def emtile_predict(model, raw, zs, out, *, tile, dtype, channels_last=True):
     return np.asarray(emtile.open_volume(out)[:])[[z - z0 for z in zs]]
 
 
-def core_predict(package, raw, zs, halo, shape_map):
-    """bioimage.io core's prediction of each slice, padded by core as the package declares."""
+def core_predict(package, raw, zs, halo, shape_map, pad_mode=None):
+    """bioimage.io core's prediction of each slice, padded by core as the package declares (or
+    with ``pad_mode``)."""
     from bioimageio.core import Sample, Tensor, create_prediction_pipeline, load_description
 
     descr = load_description(package)
-    pad_mode = descr.inputs[0].pad
+    pad_mode = pad_mode or descr.inputs[0].pad
     input_id, output_id = descr.inputs[0].id, descr.outputs[0].id
     out, blockwise = [], None
     with create_prediction_pipeline(descr, devices=["cpu"]) as pp:
@@ -115,6 +119,8 @@ def main():
                                   tile=args.tile, dtype="uint8")
         core_f, pad_mode, blockwise = core_predict(tmp / "model.zip", raw, zs, net.halo,
                                                    net.shape_map)
+        core_sym, _, _ = core_predict(tmp / "model.zip", raw, zs, net.halo, net.shape_map,
+                                      pad_mode="symmetric")
     core_u8 = to_uint8(core_f)
     diff = np.abs(core_u8.astype(np.int16) - ours.astype(np.int16))
     print(f"slices {zs[0]}..{zs[-1]} of {raw_path}, shape {ours.shape}, emtile tile {args.tile}")
@@ -129,6 +135,16 @@ def main():
           f"largest |difference| {float(np.abs(core_f - plain).max()):.3g}, "
           f"{int((core_f != plain).sum())} pixels not bit-identical; uint8: "
           f"{int((to_uint8(plain) != core_u8).sum())} pixels differ")
+    sym = to_uint8(core_sym) != core_u8
+    if sym.any():
+        yy, xx = np.nonzero(sym)[1:]
+        h, w = ours.shape[1:]
+        inward = int(np.minimum.reduce([yy, h - 1 - yy, xx, w - 1 - xx]).max())
+        where = f"the farthest {inward} px from the slice border (halo {net.halo})"
+    else:
+        where = "none"
+    print(f"bioimageio.core with its default padding (symmetric, edge pixel repeated) instead of "
+          f"the declared reflect: {int(sym.sum())} uint8 pixels change; {where}")
     print(f"bioimageio.core's own tiler (predict_sample_with_blocking): {blockwise}")
 
 

@@ -246,6 +246,9 @@ def test_load_model_rebuilds_the_same_model(exported, tmp_path):
     zipfile.ZipFile(package).extractall(unpacked)
     c = load_model(unpacked)
     assert all(torch.equal(sa[k], c.state_dict()[k]) for k in sa)
+    odd = tmp_path / "model.zip"  # a model folder named like a zip is still a model folder
+    save_model(a, odd)
+    assert all(torch.equal(sa[k], load_model(odd).state_dict()[k]) for k in sa)
 
 
 def test_reading_needs_no_bioimageio_package(exported):
