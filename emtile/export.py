@@ -100,7 +100,11 @@ def _check_destination(path, overwrite):
             raise EmtileError(f"output={str(path)!r} exists; use --overwrite to replace it")
         import zipfile
 
-        if not zipfile.is_zipfile(path) or "rdf.yaml" not in zipfile.ZipFile(path).namelist():
+        ours = zipfile.is_zipfile(path)
+        if ours:
+            with zipfile.ZipFile(path) as z:
+                ours = "rdf.yaml" in z.namelist()
+        if not ours:
             raise EmtileError(f"output={str(path)!r} exists and is not a bioimage.io package; "
                               f"emtile replaces only its own kind of file")
     if not path.parent.is_dir():
@@ -134,17 +138,15 @@ def _test_crop(shape_map, sample, sample_slice, meta):
         raise EmtileError(f"sample={str(sample)!r} has shape {tuple(arr.shape)} and dtype "
                           f"{arr.dtype}; expected a (Z, Y, X) or (Y, X) volume of numbers")
     z = _default_slice(meta) if sample_slice is None else sample_slice
-    if arr.ndim == 3:
-        if not isinstance(z, int) or not 0 <= z < arr.shape[0]:
-            raise EmtileError(f"sample_slice={z!r} is outside the sample's {arr.shape[0]} slices "
-                              f"(0 to {arr.shape[0] - 1})")
-        plane = arr[z]
-    else:
-        plane = arr[:]
+    if arr.ndim == 3 and (not isinstance(z, int) or not 0 <= z < arr.shape[0]):
+        raise EmtileError(f"sample_slice={z!r} is outside the sample's {arr.shape[0]} slices "
+                          f"(0 to {arr.shape[0] - 1})")
     short = TEST_OUTPUT - shape_map.output_size(shape_map.min_size)  # valid: min + k * align
     n = shape_map.min_size + shape_map.align * max(0, -(-short // shape_map.align))
-    start = [(s - n) // 2 for s in plane.shape]
-    crop = read_window(plane, start, [a + n for a in start])
+    start = [(s - n) // 2 for s in arr.shape[-2:]]
+    lead = [z] if arr.ndim == 3 else []  # only the window is read (mirrored past the border)
+    crop = read_window(arr, lead + start, [v + 1 for v in lead] + [a + n for a in start])
+    crop = crop.reshape(n, n)
     where = f"slice {z} of {Path(sample).name}" if arr.ndim == 3 else Path(sample).name
     return np.ascontiguousarray(crop), f"{n}x{n} crop of {where}"
 
@@ -272,7 +274,7 @@ def _readme(*, name, description, net, meta, crop_info, test_in, test_out, cite_
 # --------------------------------------------------------------------------- the description
 
 
-def _build_description(m, files, *, name, description, net, meta, crop, probs, authors, license,
+def _build_description(m, files, *, name, description, net, meta, crop, authors, license,
                        cite_isbi, torchscript):
     """The validated ``bioimageio.spec`` ModelDescr of the files in the folder ``files``."""
     import torch
@@ -401,7 +403,7 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
             test_out=f"{probs.shape[-2]}x{probs.shape[-1]}", cite_isbi=cite_isbi,
             authors=authors, license=license))
         descr = _build_description(m, files, name=name, description=description, net=net,
-                                   meta=meta, crop=crop, probs=probs, authors=authors,
+                                   meta=meta, crop=crop, authors=authors,
                                    license=license, cite_isbi=cite_isbi, torchscript=torchscript)
         tmp_zip = path.with_name(path.name + ".tmp")
         try:
