@@ -332,8 +332,13 @@ def load_model(directory, device="cpu"):
 
     Nothing in the folder is executed: the weights are read with safetensors only, the
     architecture from ``config.json`` (checked for types and bounds before anything is built).
-    The model is returned in eval mode.
+    The model is returned in eval mode. A bioimage.io package (a ``.zip``, or an unpacked folder
+    with ``rdf.yaml``) written by ``emtile export`` is read by :func:`emtile.package.load_package`.
     """
+    from emtile.package import is_package, load_package
+
+    if is_package(directory):
+        return load_package(directory, device=device)
     config = _read_config(directory)
     try:
         with torch.device("meta"):  # no memory: the expected tensor shapes only
