@@ -14,6 +14,12 @@ def _size(n):
         n /= 1024
 
 
+def format_partial(partial):
+    """One line for a store converted with --allow-partial: what was expected, what was found."""
+    found = "x".join(str(n) for n in partial["found"])
+    return f"converted {found} (the complete pages); expected {partial['expected']}"
+
+
 def format_info(d):
     """Readable lines for the dict that :func:`emtile.info` returns."""
     complete = {True: "yes", False: "NO (interrupted or still being written)", None: "-"}[d["complete"]]
@@ -40,6 +46,8 @@ def format_info(d):
     if d["kind"]:
         lines.append(f"kind          {d['kind']}")
     lines.append(f"complete      {complete}")
+    if d.get("partial"):
+        lines.append(f"partial       YES: {format_partial(d['partial'])}")
     for key in ("min", "max", "mean"):
         if key in d:
             lines.append(f"{key:<13} {d[key]:.6g}")

@@ -187,7 +187,7 @@ def test_truncated_tiff(tmp_path, isbi_raw):
     tifffile.imwrite(path, isbi_raw[:4], photometric="minisblack")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(EmtileError, match="is truncated: its image data needs"):
+    with pytest.raises(EmtileError, match=r"cut\.tif. is damaged or cut short: .*its image data need 1048832 bytes but the file has"):
         emtile.convert(path, tmp_path / "o.zarr", progress=False)
     assert not (tmp_path / "o.zarr").exists()
 
@@ -370,7 +370,7 @@ def test_corrupt_compressed_page_is_reported_and_leaves_nothing(tmp_path, isbi_r
     data[offset:offset + count] = b"\0" * count  # page 1's compressed data destroyed
     path.write_bytes(bytes(data))
     out = tmp_path / "o.zarr"
-    with pytest.raises(EmtileError, match=r"cannot read .*bad\.tif' at slices 0:3"):
+    with pytest.raises(EmtileError, match=r"damaged input .*bad\.tif': chunk '1.0.0' \(voxels z 1:2, y 0:512, x 0:512\) cannot be read \(DeflateError"):
         emtile.convert(path, out, progress=False)
     assert not out.exists()
 
