@@ -25,13 +25,13 @@ def format_info(d):
     complete = {True: "yes", False: "NO (interrupted or still being written)", None: "-"}[d["complete"]]
     lines = [
         f"path          {d['path']}",
-        f"shape         {d['shape']}",
-        f"dtype         {d['dtype']}",
+        f"shape         {d['shape'] or '-'}",
+        f"dtype         {d['dtype'] or '-'}",
         f"chunks        {d['chunks'] or '-'}",
         f"compressor    {d['compressor'] or '-'}",
         f"uncompressed  {_size(d['bytes_uncompressed'])}",
     ]
-    if d.get("bytes_on_disk_level0") is not None:
+    if d.get("bytes_on_disk_level0") is not None and d["bytes_uncompressed"] is not None:
         ratio = d["bytes_uncompressed"] / max(d["bytes_on_disk_level0"], 1)
         lines.append(f"on disk       {_size(d['bytes_on_disk_level0'])} (ratio {ratio:.2f}); "
                      f"whole store {_size(d['bytes_on_disk'])}")

@@ -179,7 +179,7 @@ def is_zarr_store(path):
 def prepare_output(path, *, overwrite=False, resume=False):
     """Make ``path`` ready for a new store, refusing to lose anything the user may want.
 
-    - nothing there: fine;
+    - nothing there, or an empty folder: fine;
     - an incomplete emtile store: removed (it is the leftover of an interrupted run) unless
       ``resume`` is True, in which case it is kept and ``"resume"`` is returned;
     - a complete store or another Zarr store: refused unless ``overwrite``;
@@ -188,6 +188,9 @@ def prepare_output(path, *, overwrite=False, resume=False):
     Returns ``"new"``, ``"replaced"`` or ``"resume"``.
     """
     path = Path(path)
+    _sweep_trash(path)
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        path.rmdir()  # empty (a run killed as it created the store): nothing to lose
     if not path.exists():
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.exists():
@@ -205,11 +208,11 @@ def prepare_output(path, *, overwrite=False, resume=False):
     if meta is not None and not meta.get("complete"):
         if resume:
             return "resume"
-        _remove(path)
+        remove_store(path)
         return "replaced"
     if not overwrite:
         raise EmtileError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
-    _remove(path)
+    remove_store(path)
     return "replaced"
 
 
@@ -224,10 +227,35 @@ def _writable(folder):
         return False
 
 
-def _remove(path):
+TRASH = ".emtile-trash-"
+
+
+def remove_store(path):
+    """Delete the Zarr store at ``path`` so that a kill part-way never leaves half a store.
+
+    The store is first renamed (atomically) to a hidden ``.NAME.emtile-trash-ID`` beside it and
+    then deleted; a kill during the deletion leaves only that hidden folder, which the next
+    :func:`prepare_output` of the same output removes. Anything that is not a Zarr store is
+    refused (an internal error: callers check first).
+    """
     path = Path(path)
     assert is_zarr_store(path), f"refusing to delete {path}: not a Zarr store"
-    shutil.rmtree(path)
+    import uuid
+
+    trash = path.parent / f".{path.name}{TRASH}{uuid.uuid4().hex[:12]}"
+    os.rename(path, trash)
+    _faults.point("store.removing")
+    shutil.rmtree(trash)
+
+
+def _sweep_trash(path):
+    """Remove what a killed :func:`remove_store` of ``path`` left beside it."""
+    path = Path(path)
+    for trash in path.parent.glob(f".{glob.escape(path.name)}{TRASH}*"):
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+
+
 
 
 # --------------------------------------------------------------------------- output rules

@@ -919,7 +919,7 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
         except _store.StoreWriteError:
             raise  # the output stays, incomplete: a re-run replaces it
         except EmtileError:
-            _store._remove(output)  # bad input: leave nothing behind
+            _store.remove_store(output)  # bad input: leave nothing behind
             raise
         with _store.write_errors(output):
             _faults.point("convert.before_complete")
@@ -1026,14 +1026,22 @@ def info(path, *, stats=False, progress=False):
         ``partial`` (stores converted with ``allow_partial`` from a TIFF cut short) says what
         was expected and what was found, else None.
     """
-    arr = open_volume(path, allow_incomplete=True)
+    p = Path(str(path))
+    meta = _store.emtile_attrs(p) if _store.is_zarr_store(p) else None
+    try:
+        arr = open_volume(path, allow_incomplete=True)
+    except EmtileError:
+        if meta is None or meta.get("complete"):
+            raise
+        arr = None  # an emtile store killed before its arrays were written: say so
     out = {
         "path": str(path),
-        "shape": tuple(int(s) for s in arr.shape),
-        "dtype": str(arr.dtype),
+        "shape": tuple(int(s) for s in arr.shape) if arr is not None else None,
+        "dtype": str(arr.dtype) if arr is not None else None,
         "chunks": None,
         "compressor": None,
-        "bytes_uncompressed": int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize,
+        "bytes_uncompressed": int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+        if arr is not None else None,
         "bytes_on_disk": _du(_split_hdf5(str(path))[0] if _split_hdf5(str(path)) else path)
         if Path(str(path)).exists() else None,
         "voxel_size": None,
@@ -1042,7 +1050,6 @@ def info(path, *, stats=False, progress=False):
         "complete": None,
         "partial": None,
     }
-    p = Path(str(path))
     if hasattr(arr, "chunks") and hasattr(arr, "compressors"):
         out["chunks"] = tuple(int(c) for c in arr.chunks)
         out["compressor"] = ", ".join(_codec_name(c) for c in arr.compressors) or "none"
@@ -1072,7 +1079,7 @@ def info(path, *, stats=False, progress=False):
             out["voxel_size"] = {n: s for n, s in zip(names, scale) if n != "c"}
             if meta is not None and not meta.get("voxel_size_given", True):
                 out["voxel_size_note"] = "not given at conversion; recorded as 1 nm"
-    if stats:
+    if stats and arr is not None:
         out.update(_stats(arr, progress=progress))
     return out
 
