@@ -273,7 +273,8 @@ def input_locations(spec):
     """The files and folders an input reads, as paths (unresolved).
 
     A glob gives the files it matches; ``file.h5/dataset`` the HDF5 file; a path inside a Zarr
-    store (``pred.zarr/labels/mask``) the outermost store that holds it; anything else itself.
+    store (``pred.zarr/labels/mask``) itself and the outermost store that holds it; anything
+    else itself.
     A non-path input (an array, None) gives nothing.
     """
     if spec is None or not isinstance(spec, (str, os.PathLike)):
@@ -284,10 +285,10 @@ def input_locations(spec):
     h5 = split_hdf5_path(text)
     if h5 is not None:
         return [Path(h5[0])]
-    path = Path(text)
-    while is_zarr_store(path.parent) and path.parent != path:
-        path = path.parent
-    return [path]
+    path = root = Path(text)
+    while is_zarr_store(root.parent) and root.parent != root:
+        root = root.parent
+    return [path] if root == path else [path, root]
 
 
 def _forms(path):
@@ -306,6 +307,20 @@ def _relation(out, inp):
             if i in o.parents:
                 return "lies inside"
     return None
+
+
+def _via(spec, loc, target, how):
+    """Where the clash is, when the input's spelling does not show it."""
+    text = os.fspath(spec)
+    if os.path.normpath(loc) == os.path.normpath(text):
+        if how == "is" and os.path.normpath(target) != os.path.normpath(text):
+            return f" (both are {os.path.realpath(target)!r})"
+        return ""
+    if any(ch in text for ch in "*?["):
+        return f" (it matches {str(loc)!r})"
+    if split_hdf5_path(text) is not None:
+        return f" (the file {str(loc)!r})"
+    return f" (in its store {str(loc)!r})"
 
 
 def check_output(output, *, inputs=(), files=None):
@@ -341,14 +356,10 @@ def check_output(output, *, inputs=(), files=None):
         for spec, loc in located:
             how = _relation(target, loc)
             if how is not None:
-                where = ""
-                if os.path.normpath(loc) != os.path.normpath(spec):
-                    where = f" (in {str(loc)!r})"
-                elif how == "is" and os.path.normpath(target) != os.path.normpath(spec):
-                    where = f" (both are {os.path.realpath(target)!r})"
                 raise EmtileError(
-                    f"{name} {str(target)!r} {how} the input {os.fspath(spec)!r}{where}: writing "
-                    f"it could destroy the input; choose a path outside the input")
+                    f"{name} {str(target)!r} {how} the input {os.fspath(spec)!r}"
+                    f"{_via(spec, loc, target, how)}: writing it could destroy the input; "
+                    f"choose a path outside the input")
         _check_writable_location(name, target, is_file=name != "output")
 
 

@@ -1103,7 +1103,7 @@ def _stats(arr, *, progress=False):
     chunk_z = (getattr(arr, "chunks", None) or (1,))[0]
     depth = _slab_depth(arr.shape, arr.dtype, chunk_z)
     lo, hi, total = math.inf, -math.inf, 0.0
-    for z0 in tqdm(range(0, arr.shape[0], depth), disable=not progress, desc="stats"):
+    for z0 in tqdm(range(0, arr.shape[0], depth), disable=not progress, desc="stats", delay=1.0):
         slab = np.asarray(arr[z0:z0 + depth])
         lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
         total += float(slab.sum(dtype=np.float64))
