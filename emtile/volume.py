@@ -19,8 +19,8 @@ what was expected and what was found (``allow_partial=True`` reads the complete 
 there and says so in ``.partial``); tifffile's log records are captured, never the only sign. A
 chunk that cannot be read (Zarr, OME-Zarr, HDF5, a TIFF page) is a :class:`DamagedChunkError`
 naming the store, the chunk key and the voxels it covers, raised by the reader itself, so it is
-the same one line in the main process, a DataLoader worker or a Dask worker. An emtile store
-whose writer has not finished is refused as an input.
+the same one line in the main process, a DataLoader worker or a Dask worker. With
+``require_complete=True`` an emtile store whose writer has not finished is refused.
 """
 
 import contextlib
@@ -332,7 +332,7 @@ def _check_channel(channel, n, what):
 
 
 def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
-                allow_incomplete=False):
+                require_complete=False):
     """Open an image stack lazily, whatever its format.
 
     Parameters
@@ -349,8 +349,9 @@ def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
         A TIFF that holds fewer complete pages than it promises (a copy cut short) is an error;
         with ``allow_partial`` its leading complete pages are read, and the array's ``partial``
         attribute says what was expected and what was found.
-    allow_incomplete : bool
-        Open an emtile store whose writer has not finished (for :func:`info`); refused otherwise.
+    require_complete : bool
+        Refuse an emtile store whose writer has not finished (its unwritten chunks would read as
+        zeros). ``convert`` asks for it; the other commands will (phase 2 of issue 11).
 
     Returns
     -------
@@ -379,7 +380,7 @@ def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
         raise EmtileError(f"input {text!r} does not exist")
     if p.is_dir():
         if _store.is_zarr_store(p):
-            return _select_channel(_open_zarr(p, allow_incomplete), channel, text)
+            return _select_channel(_open_zarr(p, require_complete), channel, text)
         files = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
                         and not f.name.startswith(".")), key=_natural_key)
         if not files:
@@ -679,7 +680,7 @@ def _partial_tiff(path, problems, salvage, channel, promise, allow_partial):
     return TiffPageStack(path, n, shape, dtype, partial=partial)
 
 
-def _open_zarr(path, allow_incomplete=False):
+def _open_zarr(path, require_complete=False):
     import zarr
 
     try:
@@ -688,7 +689,7 @@ def _open_zarr(path, allow_incomplete=False):
         raise EmtileError(f"cannot open Zarr store {str(path)!r}: {exc}") from None
     group_path = Path(path) if not isinstance(node, zarr.Array) else Path(path).parent
     meta = _store.emtile_attrs(group_path)
-    if meta is not None and not meta.get("complete") and not allow_incomplete:
+    if require_complete and meta is not None and not meta.get("complete"):
         raise EmtileError(
             f"input {str(path)!r} is an emtile store whose writer has not finished (interrupted, "
             f"or still running; 'emtile info' shows complete NO): run the command that writes "
@@ -880,7 +881,8 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
     most that pass and gives the same bytes.
     """
     _store.check_output(output, inputs=[input])
-    src = open_volume(input, channel=channel, dataset=dataset, allow_partial=allow_partial)
+    src = open_volume(input, channel=channel, dataset=dataset, allow_partial=allow_partial,
+                      require_complete=True)
     dtype = np.dtype(src.dtype)
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise EmtileError(f"input {str(input)!r} has non-numeric dtype {dtype}")
@@ -1029,7 +1031,7 @@ def info(path, *, stats=False, progress=False):
     p = Path(str(path))
     meta = _store.emtile_attrs(p) if _store.is_zarr_store(p) else None
     try:
-        arr = open_volume(path, allow_incomplete=True)
+        arr = open_volume(path)
     except EmtileError:
         if meta is None or meta.get("complete"):
             raise
@@ -1146,7 +1148,7 @@ def content_token(path):
         if p.is_dir() and _store.is_zarr_store(p):
             files = [p / n for n in ("zarr.json", ".zarray", ".zgroup", ".zattrs")
                      if (p / n).exists()]
-            inner = getattr(_open_zarr(p, allow_incomplete=True), "path", "") or ""
+            inner = getattr(_open_zarr(p), "path", "") or ""
             folders = [p / inner] if inner else [p]
         elif p.is_dir():
             files, folders = sorted((f for f in p.iterdir() if f.is_file()), key=_natural_key), []

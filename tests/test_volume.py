@@ -689,7 +689,7 @@ def test_incomplete_emtile_store_is_refused_as_input_but_described(tmp_path):
     for path in (out, out / "0"):
         with pytest.raises(EmtileError, match=r"half\.zarr.*' is an emtile store whose writer has "
                                               r"not finished"):
-            emtile.open_volume(path)
+            emtile.open_volume(path, require_complete=True)
     r = run_cli("convert", out, tmp_path / "o.zarr")
     assert r.exit_code == 1 and "whose writer has not finished" in r.output
     r = run_cli("info", out)
