@@ -94,6 +94,10 @@ def test_sigkill_at_seeded_points_then_rerun_is_byte_identical(stack, reference,
         numbered.append((name, seen[name]))
     rng = np.random.default_rng(SEED)
     picks = [numbered[i] for i in sorted(rng.choice(len(numbered), N_KILLS, replace=False))]
+    # and always the edge of completion: before it is marked, and its own write
+    for edge in (("convert.before_complete", 1), ("store.write", seen["store.write"])):
+        if edge not in picks:
+            picks.append(edge)
     assert len({name for name, _ in picks}) >= 2, picks
     for k, (name, n) in enumerate(picks):
         out = tmp_path / f"run{k}" / "vol.zarr"
@@ -117,7 +121,7 @@ def test_failed_write_is_one_line_leaves_incomplete_and_rerun_finishes(
     src, _ = stack
     ref_files, points = reference
     writes = Counter(points)["store.write"]
-    rng = np.random.default_rng([SEED, len(action)])
+    rng = np.random.default_rng([SEED, _faults.ACTIONS.index(action)])
     for n in sorted({2, writes, *rng.integers(3, writes, 3).tolist()}):  # 2: the first array
         out = tmp_path / f"{action}{n}" / "vol.zarr"
         out.parent.mkdir()
