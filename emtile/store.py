@@ -344,13 +344,10 @@ def check_output(output, *, inputs=(), files=None):
         symlinks and trailing slashes; if its folder does not exist or is not writable; if a
         file to write is an existing folder.
     """
-    if files is None:
-        files = {}
-    elif not isinstance(files, dict):
-        files = {"output file": f for f in files} if len(files) == 1 else \
-            {f"output file {str(f)!r}": f for f in files}
+    named = list(files.items()) if isinstance(files, dict) else \
+        [("output file", f) for f in files or ()]
     targets = ([("output", output)] if output is not None else []) + \
-        [(name, f) for name, f in files.items() if f is not None]
+        [(name, f) for name, f in named if f is not None]
     located = [(spec, loc) for spec in inputs for loc in input_locations(spec)]
     for name, target in targets:
         for spec, loc in located:

@@ -664,6 +664,17 @@ def test_damaged_chunk_from_a_dataloader_worker_is_the_same_line(damaged_store):
     r = CliRunner().invoke(main, ["info", str(damaged_store)])  # info reads no data: fine
     assert r.exit_code == 0
 
+    class Refuses(torch.utils.data.Dataset):  # any user error raised in a worker: the same
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise EmtileError("labels must be binary (0/1, 0/255 or bool), but found 3 values")
+
+    with pytest.raises(EmtileError) as exc:
+        list(torch.utils.data.DataLoader(Refuses(), num_workers=1))
+    assert str(exc.value) == "labels must be binary (0/1, 0/255 or bool), but found 3 values"
+
 
 def test_checked_array_keeps_the_zarr_contract(tmp_path, isbi_raw):
     import pickle
