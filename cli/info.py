@@ -14,18 +14,24 @@ def _size(n):
         n /= 1024
 
 
+def format_partial(partial):
+    """One line for a store converted with --allow-partial: what was expected, what was found."""
+    found = "x".join(str(n) for n in partial["found"])
+    return f"converted {found} (the complete pages); expected {partial['expected']}"
+
+
 def format_info(d):
     """Readable lines for the dict that :func:`emtile.info` returns."""
     complete = {True: "yes", False: "NO (interrupted or still being written)", None: "-"}[d["complete"]]
     lines = [
         f"path          {d['path']}",
-        f"shape         {d['shape']}",
-        f"dtype         {d['dtype']}",
+        f"shape         {d['shape'] or '-'}",
+        f"dtype         {d['dtype'] or '-'}",
         f"chunks        {d['chunks'] or '-'}",
         f"compressor    {d['compressor'] or '-'}",
         f"uncompressed  {_size(d['bytes_uncompressed'])}",
     ]
-    if d.get("bytes_on_disk_level0") is not None:
+    if d.get("bytes_on_disk_level0") is not None and d["bytes_uncompressed"] is not None:
         ratio = d["bytes_uncompressed"] / max(d["bytes_on_disk_level0"], 1)
         lines.append(f"on disk       {_size(d['bytes_on_disk_level0'])} (ratio {ratio:.2f}); "
                      f"whole store {_size(d['bytes_on_disk'])}")
@@ -40,6 +46,8 @@ def format_info(d):
     if d["kind"]:
         lines.append(f"kind          {d['kind']}")
     lines.append(f"complete      {complete}")
+    if d.get("partial"):
+        lines.append(f"partial       YES: {format_partial(d['partial'])}")
     for key in ("min", "max", "mean"):
         if key in d:
             lines.append(f"{key:<13} {d[key]:.6g}")
