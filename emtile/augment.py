@@ -20,6 +20,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from emtile.volume import center_crop
+
 
 @lru_cache(maxsize=64)
 def _cubic_basis(n, grid):
@@ -237,12 +239,3 @@ class Augmenter:
         if self.noise > 0:
             image = image + rng.normal(0.0, rng.uniform(0.0, self.noise), image.shape).astype(np.float32)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
-
-
-def center_crop(array, shape):
-    """The centre ``shape`` of ``array`` (the size difference must be even on every axis)."""
-    box = []
-    for size, want in zip(array.shape[-len(shape):], shape):
-        assert (size - want) % 2 == 0 and size >= want, (array.shape, shape)
-        box.append(slice((size - want) // 2, (size - want) // 2 + want))
-    return array[(Ellipsis, *box)]

@@ -138,19 +138,9 @@ def _sync(device):
 
 
 def _amp_name(device, amp):
-    """``--amp`` -> predict's ``amp``: bfloat16 on CPU, float16 on CUDA."""
+    """``--amp`` -> predict's ``amp`` (an :data:`emtile.device.AMPS` mode): bfloat16 on CPU,
+    float16 on CUDA (what ``emtile predict --amp fp16`` runs)."""
     return ("fp16" if device.type == "cuda" else "bf16") if amp else None
-
-
-def _autocast(device, amp):
-    import contextlib
-
-    import torch
-
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def tiles_volume_shape(model, tile, tiles):
@@ -217,13 +207,15 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     """
     import torch
 
-    from emtile.predictor import predict, resolve_device
+    from emtile.device import autocast, resolve_device
+    from emtile.predictor import predict
     from emtile.unet import UNet
 
     for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat)):
         if not isinstance(value, int) or value < 1:
             raise EmtileError(f"{name}={value!r} must be a positive integer")
     dev = resolve_device(device)
+    amp_name = _amp_name(dev, amp)
     torch.manual_seed(seed)
     model = UNet(base=base, depth=depth)
     model.check(tile)
@@ -239,7 +231,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
 
     def time_model():
         model.to(memory_format=fmt)  # predict restores the default layout when it returns
-        with _autocast(dev, amp), torch.inference_mode():
+        with autocast(dev, amp_name), torch.inference_mode():
             model(x)
             _sync(dev)
             t0 = time.perf_counter()
@@ -248,7 +240,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
             _sync(dev)
         return (time.perf_counter() - t0) * tiles / (n_batches * batch_size)
 
-    with _autocast(dev, amp):
+    with autocast(dev, amp_name):
         flops, _ = conv_flops(model, x[:1])
         with torch.inference_mode():
             for _ in range(warmup):
@@ -257,7 +249,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     # (b) the whole predict path on a volume of exactly `tiles` output tiles
     shape = tiles_volume_shape(model, tile, tiles)
     kwargs = dict(tile=tile, batch_size=batch_size, device=str(dev), progress=progress,
-                  amp=_amp_name(dev, amp), channels_last=channels_last, overwrite=True)
+                  amp=amp_name, channels_last=channels_last, overwrite=True)
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
     model_times, predict_times = [], []

@@ -49,31 +49,22 @@ def _figure(**kwargs):
 
 
 def _open(x, name):
-    from emtile.metrics import _Stack, _as_array
+    from emtile.volume import open_stack
 
-    if x is None:
-        return None
-    array, display = _as_array(x, name)
-    return _Stack(array, display)
+    return None if x is None else open_stack(x, name=name)
 
 
 def _crop(roi, shape):
     """``roi`` -> (z slice or None, y slice, x slice), bounds checked against (Z, Y, X)."""
+    from emtile.geometry import normalize_roi
+
     if roi is None:
         return None, slice(0, shape[1]), slice(0, shape[2])
     roi = tuple(roi)
     if len(roi) not in (2, 3):
         raise EmtileError(f"roi={roi!r} must have 2 (y, x) or 3 (z, y, x) ranges")
-    zpart = roi[0] if len(roi) == 3 else None
-    out = []
-    for part, n, axis in zip(roi[-2:], shape[1:], "yx"):
-        start = 0 if part.start is None else int(part.start)
-        stop = n if part.stop is None else int(part.stop)
-        if not 0 <= start < stop <= n:
-            raise EmtileError(f"roi {axis} range {start}:{stop} is outside the image "
-                              f"({axis} runs 0 to {n}) or empty")
-        out.append(slice(start, stop))
-    return zpart, out[0], out[1]
+    (y0, y1), (x0, x1) = normalize_roi(roi[-2:], shape[1:])
+    return (roi[0] if len(roi) == 3 else None), slice(y0, y1), slice(x0, x1)
 
 
 def _read_slice(stack, z, ys, xs):
@@ -119,10 +110,11 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
         axes has ``emtile_panel`` set to its kind (``raw``, ``probability``, ``mask``,
         ``truth``, ``errors``).
     """
-    from emtile.metrics import (_check_threshold, _Decoder, _LabelChecker, isbi_scores,
-                                metrics_from_counts, _counts, resolve_slices)
+    from emtile.metrics import (PredictionDecoder, check_threshold, confusion_counts, isbi_scores,
+                                metrics_from_counts)
+    from emtile.volume import LabelChecker, resolve_slices
 
-    _check_threshold(threshold)
+    check_threshold(threshold)
     rstack = _open(raw, "raw")
     pstack, lstack = _open(pred, "pred"), _open(labels, "labels")
     for other in (pstack, lstack):
@@ -136,8 +128,8 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
         raise EmtileError("give the slices either with slices= or as the z range of roi, not both")
     zs = resolve_slices(slices, rstack.shape[0])
 
-    decoder = _Decoder(pstack.dtype, invert=invert) if pstack is not None else None
-    checker = _LabelChecker()
+    decoder = PredictionDecoder(pstack.dtype, invert=invert) if pstack is not None else None
+    checker = LabelChecker()
     rows = []
     for z in zs:
         row = {"z": z, "raw": _read_slice(rstack, z, ys, xs)}
@@ -150,7 +142,7 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
             row["truth"] = checker.foreground(_read_slice(lstack, z, ys, xs), f"slice {z}")
         if pstack is not None and lstack is not None:
             scores = isbi_scores(row["mask"], row["truth"])
-            pix = metrics_from_counts(*_counts(row["mask"], row["truth"]))
+            pix = metrics_from_counts(*confusion_counts(row["mask"], row["truth"]))
             row["scores"] = (scores["v_rand"], scores["v_info"], pix["pixel_error"], pix["f1"])
         rows.append(row)
 

@@ -48,7 +48,8 @@ import torch
 from emtile._errors import EmtileError
 from emtile.augment import Augmenter
 from emtile.losses import balanced_class_weights, get_loss, uses_weights, weight_map
-from emtile.sampling import PatchDataset, check_patch_geometry, resolve_slices
+from emtile.sampling import PatchDataset, check_patch_geometry
+from emtile.volume import check_labels, open_input, resolve_slices, slice_runs
 
 __all__ = ["train", "fit", "lr_factor", "CSV_COLUMNS"]
 
@@ -172,10 +173,10 @@ def fit(model, batches, *, optimizer, loss_fn, lr_at, start, iterations, device,
         ``iteration``, ``loss`` (last), ``scores`` (last validation).
     """
     state = {"iteration": start, "loss": None, "scores": {}, "model": model, "optimizer": optimizer}
-    use_amp = bool(amp) and device.type in ("cuda", "cpu")
-    amp_dtype = (torch.float16 if use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-                 else torch.bfloat16)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    from emtile.device import autocast, default_amp
+
+    amp = default_amp(device) if amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     if scaler_state:
         scaler.load_state_dict(scaler_state)
     state["scaler"] = scaler
@@ -198,14 +199,14 @@ def fit(model, batches, *, optimizer, loss_fn, lr_at, start, iterations, device,
             if freeze_norm_at is not None and it > freeze_norm_at and norms:
                 if it == freeze_norm_at + 1:
                     if calibrate_norm is not None:
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                        with autocast(device, amp):
                             calibrate_norm(model)
                     # frozen layers no longer divide the gradients by each batch's spread, so
                     # the moment estimates of before no longer fit: start them afresh
                     optimizer.state.clear()
                 for m in norms:
                     m.eval()
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with autocast(device, amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), y, w)
             value = float(loss.detach())
@@ -440,17 +441,6 @@ def calibrate_model(model, raw, labels, zs, *, device, max_pixels=2**24):
 FREEZE_BN_BATCHES = 32
 
 
-def _runs(zs):
-    """Sorted slice indices -> contiguous (start, stop) runs."""
-    runs = []
-    for z in zs:
-        if runs and runs[-1][1] == z:
-            runs[-1][1] = z + 1
-        else:
-            runs.append([z, z + 1])
-    return [tuple(r) for r in runs]
-
-
 def predict_slices(model, raw, zs, *, tile="auto", batch_size=1, device="auto"):
     """Probabilities of the sorted slices ``zs`` of ``raw``, shape (len(zs), Y, X), float32.
 
@@ -463,7 +453,7 @@ def predict_slices(model, raw, zs, *, tile="auto", batch_size=1, device="auto"):
     prob = np.concatenate([
         np.asarray(predict_array(model, raw, tile=tile, batch_size=batch_size, device=device,
                                  roi=(slice(z0, z1), *full), progress=False))
-        for z0, z1 in _runs(zs)]).astype(np.float32)
+        for z0, z1 in slice_runs(zs)]).astype(np.float32)
     return prob.reshape((len(zs), *raw.shape[1:]))
 
 
@@ -482,11 +472,6 @@ class Validator:
         self.truth = np.stack([(np.asarray(labels[z]) != 0).astype(np.uint8) for z in zs])
         self.weights = (np.stack([weight_fn(t) for t in self.truth]) if weight_fn is not None
                         else None)
-        try:
-            from emtile import metrics
-        except ImportError:  # the evaluation module is optional
-            metrics = None
-        self.metrics = metrics
 
     def predict(self, model):
         return predict_slices(model, self.raw, self.zs, tile=self.tile,
@@ -499,59 +484,17 @@ class Validator:
         w = torch.from_numpy(self.weights) if self.weights is not None else None
         with torch.no_grad():
             val_loss = float(self.loss_fn(logits, torch.from_numpy(self.truth).float(), w))
-        scores = {"val_loss": val_loss}
-        if self.metrics is not None:
-            r = self.metrics.evaluate(prob, self.truth, sweep=True, progress=False)
-            scores.update(val_pixel_error=float(r["pixel"]["pixel_error"]),
-                          val_f1=float(r["pixel"]["f1"]),
-                          val_vrand=float(r["sweep"]["best_v_rand"]["value"]),
-                          val_vrand_threshold=float(r["sweep"]["best_v_rand"]["threshold"]),
-                          val_vrand_05=float(r["mean"]["v_rand"]))
-        else:
-            pred, truth = prob > 0.5, self.truth == 1
-            tp = float(np.sum(pred & truth))
-            fp, fn = float(np.sum(pred & ~truth)), float(np.sum(~pred & truth))
-            scores.update(val_pixel_error=float(np.mean(pred != truth)),
-                          val_f1=2 * tp / max(2 * tp + fp + fn, 1.0), val_vrand=None)
-        return scores
+        from emtile.metrics import evaluate
+
+        r = evaluate(prob, self.truth, sweep=True, progress=False)
+        return {"val_loss": val_loss, "val_pixel_error": float(r["pixel"]["pixel_error"]),
+                "val_f1": float(r["pixel"]["f1"]),
+                "val_vrand": float(r["sweep"]["best_v_rand"]["value"]),
+                "val_vrand_threshold": float(r["sweep"]["best_v_rand"]["threshold"]),
+                "val_vrand_05": float(r["mean"]["v_rand"])}
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _open(x, name):
-    if isinstance(x, (str, os.PathLike)):
-        from emtile.volume import open_volume
-
-        return open_volume(x)
-    if not hasattr(x, "shape") or not hasattr(x, "__getitem__"):
-        raise EmtileError(f"{name} must be a path or an array-like volume, got {type(x).__name__}")
-    return x
-
-
-def check_labels(labels, zs):
-    """Check that ``labels[zs]`` are binary (0/1, 0/255 or bool); return the fraction of 1s.
-
-    Reads one slice at a time.
-    """
-    values, ones, total = set(), 0, 0
-    for z in zs:
-        data = np.asarray(labels[z])
-        if data.dtype == np.uint8:  # a histogram is much cheaper than sorting a large slice
-            u = np.flatnonzero(np.bincount(data.ravel(), minlength=256))
-        else:
-            u = np.unique(data)
-        values.update(u.tolist())
-        if not (values <= {0, 1} or values <= {0, 255} or data.dtype == np.bool_):
-            shown = ", ".join(f"{v:g}" for v in sorted(values)[:8])
-            raise EmtileError(
-                f"labels are not binary: slice {z} brings the values seen to {{{shown}}}; expected "
-                "0/1 (1 = cell interior), 0/255 or bool. Binarise them with "
-                "`emtile convert LABELS labels.zarr --labels --threshold T`"
-            )
-        ones += int(np.count_nonzero(data))
-        total += data.size
-    return ones / max(total, 1)
 
 
 def _check_out(out, *, resume, overwrite):
@@ -719,7 +662,7 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
     out = Path(out)
     settings = {k: v for k, v in locals().items() if k not in ("raw", "labels", "out", "callbacks",
                                                                "t_start")}
-    raw_a, labels_a = _open(raw, "raw"), _open(labels, "labels")
+    (raw_a, _), (labels_a, _) = open_input(raw, name="raw"), open_input(labels, name="labels")
     if raw_a.ndim != 3:
         raise EmtileError(f"raw has shape {tuple(raw_a.shape)}; expected a (Z, Y, X) stack")
     if tuple(raw_a.shape) != tuple(labels_a.shape):
@@ -741,7 +684,7 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
         raise EmtileError(f"lr={lr!r} must be positive")
     loss_fn = get_loss(loss)
     lr_factor(1, iterations, schedule=schedule)  # validates the name
-    from emtile.predictor import resolve_device
+    from emtile.device import resolve_device
 
     dev = resolve_device(device)
     amp = (dev.type == "cuda") if amp is None else bool(amp)
@@ -749,9 +692,9 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
     last = _check_out(out, resume=resume, overwrite=overwrite)
     arch = {"base": base, "depth": depth, "batch_norm": batch_norm}
     if last is not None:
-        from emtile.unet import _read_config
+        from emtile.unet import load_model
 
-        saved = _read_config(last)
+        saved = load_model(last).config
         for k, v in arch.items():
             if v is not None and v != saved[k]:
                 raise EmtileError(f"{k}={v!r} differs from the run being resumed ({k}={saved[k]!r}); "
@@ -838,7 +781,7 @@ def train(raw, labels, out, *, train_slices, val_slices=None, iterations=2000, b
                                channels_last=channels_last)
     validator = (Validator(raw_a, labels_a, vz, loss_fn=loss_fn, weight_fn=weight_fn,
                            tile=val_tile or "auto", batch_size=1, device=dev) if vz else None)
-    score_key = "val_vrand" if validator is not None and validator.metrics is not None else "val_f1"
+    score_key = "val_vrand"
 
     clock = {"t0": time.perf_counter()}
     elapsed = lambda: elapsed0 + time.perf_counter() - clock["t0"]  # noqa: E731
@@ -957,9 +900,9 @@ def _save_state(folder, st, opt, best_score, best_scores, elapsed):
 
 
 def _load_state(folder, model, opt, device):
-    from emtile.unet import _read_weights
+    from emtile.unet import load_model
 
-    model.load_state_dict(_read_weights(folder))
+    model.load_state_dict(load_model(folder).state_dict())
     try:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle with code in it is refused by weights_only=True

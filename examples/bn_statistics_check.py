@@ -23,8 +23,9 @@ import torch
 
 import emtile
 from emtile.metrics import evaluate
-from emtile.sampling import PatchDataset, resolve_slices
+from emtile.sampling import PatchDataset
 from emtile.trainer import norm_layers, precise_norm_stats, predict_slices
+from emtile.volume import resolve_slices
 
 
 def parse_slices(text):

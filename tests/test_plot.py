@@ -88,7 +88,7 @@ def test_roi_reads_only_the_crop(volumes):
 
 def test_bad_inputs(volumes):
     d, raw, labels, pred = volumes
-    with pytest.raises(EmtileError, match="outside the image"):
+    with pytest.raises(EmtileError, match=r"roi=0:500,0:10 is outside the volume of shape \(96, 128\)"):
         P.comparison_figure(raw, roi=(slice(0, 500), slice(0, 10)))
     with pytest.raises(EmtileError, match="outside the volume"):
         P.comparison_figure(raw, slices=[7])
