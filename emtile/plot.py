@@ -71,6 +71,32 @@ def _read_slice(stack, z, ys, xs):
     return stack.read(z, z + 1, (ys, xs))[0]
 
 
+def _read_rows(rstack, pstack, lstack, zs, ys, xs, *, threshold, invert):
+    """One dict per slice: ``z``, ``raw``; with a prediction ``prob`` and ``mask``; with labels
+    ``truth``; with both the ``scores`` of the region. Returns ``(rows, decoder or None)``."""
+    from emtile.metrics import PredictionDecoder, confusion_counts, isbi_scores, metrics_from_counts
+    from emtile.volume import LabelChecker
+
+    decoder = PredictionDecoder(pstack.dtype, invert=invert) if pstack is not None else None
+    checker = LabelChecker()
+    rows = []
+    for z in zs:
+        row = {"z": z, "raw": _read_slice(rstack, z, ys, xs)}
+        if pstack is not None:
+            p = _read_slice(pstack, z, ys, xs)
+            scale = decoder.inspect(p, f"slice {z}")
+            row["prob"] = _prob(p, decoder, scale)
+            row["mask"] = decoder.binarize(p, threshold, scale)
+        if lstack is not None:
+            row["truth"] = checker.foreground(_read_slice(lstack, z, ys, xs), f"slice {z}")
+        if pstack is not None and lstack is not None:
+            scores = isbi_scores(row["mask"], row["truth"])
+            pix = metrics_from_counts(*confusion_counts(row["mask"], row["truth"]))
+            row["scores"] = (scores["v_rand"], scores["v_info"], pix["pixel_error"], pix["f1"])
+        rows.append(row)
+    return rows, decoder
+
+
 def _prob(pslice, decoder, scale):
     """Probabilities in [0, 1] for display (after ``invert``), or None for masks."""
     if decoder.is_mask(scale):
@@ -110,9 +136,8 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
         axes has ``emtile_panel`` set to its kind (``raw``, ``probability``, ``mask``,
         ``truth``, ``errors``).
     """
-    from emtile.metrics import (PredictionDecoder, check_threshold, confusion_counts, isbi_scores,
-                                metrics_from_counts)
-    from emtile.volume import LabelChecker, resolve_slices
+    from emtile.metrics import check_threshold
+    from emtile.volume import resolve_slices
 
     check_threshold(threshold)
     rstack = _open(raw, "raw")
@@ -127,24 +152,8 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
     elif zpart is not None:
         raise EmtileError("give the slices either with slices= or as the z range of roi, not both")
     zs = resolve_slices(slices, rstack.shape[0])
-
-    decoder = PredictionDecoder(pstack.dtype, invert=invert) if pstack is not None else None
-    checker = LabelChecker()
-    rows = []
-    for z in zs:
-        row = {"z": z, "raw": _read_slice(rstack, z, ys, xs)}
-        if pstack is not None:
-            p = _read_slice(pstack, z, ys, xs)
-            scale = decoder.inspect(p, f"slice {z}")
-            row["prob"] = _prob(p, decoder, scale)
-            row["mask"] = decoder.binarize(p, threshold, scale)
-        if lstack is not None:
-            row["truth"] = checker.foreground(_read_slice(lstack, z, ys, xs), f"slice {z}")
-        if pstack is not None and lstack is not None:
-            scores = isbi_scores(row["mask"], row["truth"])
-            pix = metrics_from_counts(*confusion_counts(row["mask"], row["truth"]))
-            row["scores"] = (scores["v_rand"], scores["v_info"], pix["pixel_error"], pix["f1"])
-        rows.append(row)
+    rows, decoder = _read_rows(rstack, pstack, lstack, zs, ys, xs, threshold=threshold,
+                               invert=invert)
 
     kinds = ["raw"]
     if pstack is not None:

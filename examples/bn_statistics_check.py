@@ -7,7 +7,7 @@ Rows (pixel error at 0.5 and V-Rand best over 0.0-1.0 on the given slices):
 
 - ``running``: the model as saved, as ``emtile predict`` runs it;
 - ``precise``: running statistics recomputed over ``--patches`` unaugmented training patches
-  (:func:`emtile.trainer.precise_norm_stats`);
+  (:func:`emtile.training.batchnorm.precise_norm_stats`);
 - ``per-tile``: every tile normalised by its own statistics, as training with one patch per step
   does. This is not tile-independent (the output depends on the tiling), so ``emtile predict``
   never does it; it only shows what the trained network can do.
@@ -24,7 +24,8 @@ import torch
 import emtile
 from emtile.metrics import evaluate
 from emtile.sampling import PatchDataset
-from emtile.trainer import norm_layers, precise_norm_stats, predict_slices
+from emtile.training.batchnorm import norm_layers, precise_norm_stats
+from emtile.training.validation import predict_slices
 from emtile.volume import resolve_slices
 
 

@@ -101,7 +101,7 @@ def test_bad_inputs(volumes):
 
 
 def write_log(path):
-    # the columns of emtile.trainer.CSV_COLUMNS, in its order
+    # the columns of emtile.training.logs.CSV_COLUMNS, in its order
     lines = ["iteration,loss,lr,val_loss,val_pixel_error,val_f1,val_vrand,elapsed_s"]
     for i in range(1, 201):
         val = i % 50 == 0
@@ -112,7 +112,7 @@ def write_log(path):
 
 
 def test_training_curve(tmp_path):
-    from emtile.trainer import CSV_COLUMNS
+    from emtile.training.logs import CSV_COLUMNS
 
     log = tmp_path / "train.csv"
     write_log(log)

@@ -8,7 +8,9 @@ import zarr
 from click.testing import CliRunner
 
 from emtile import EmtileError, load_model
-from emtile.trainer import CSV_COLUMNS, fit, lr_factor, train
+from emtile.trainer import train
+from emtile.training.logs import CSV_COLUMNS
+from emtile.training.loop import fit, lr_factor
 
 # a tiny model: depth 2, base 4; tile 68 -> output 28
 TINY = dict(base=4, depth=2, tile=68, batch_size=2, val_every=3, workers=0, progress=False)
@@ -262,7 +264,7 @@ def test_bn_momentum_sets_the_running_statistics_rate(isbi_small, tmp_path):
 
 
 def test_precise_norm_stats_average_the_batches_and_restore_momentum():
-    from emtile.trainer import precise_norm_stats
+    from emtile.training.batchnorm import precise_norm_stats
 
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(2, momentum=0.01))
     rng = np.random.default_rng(0)
@@ -337,9 +339,9 @@ def test_freeze_bn_default_is_the_last_30_percent_and_1_means_never(isbi_small, 
 
 
 def test_with_freeze_bn_best_is_chosen_after_the_freeze(isbi_small, tmp_path, monkeypatch):
-    import emtile.trainer
+    from emtile.training.validation import Validator
 
-    real = emtile.trainer.Validator.__call__
+    real = Validator.__call__
     calls = []
 
     def falling_scores(self, model):  # real scores, but V-Rand made to fall check by check
@@ -347,7 +349,7 @@ def test_with_freeze_bn_best_is_chosen_after_the_freeze(isbi_small, tmp_path, mo
         calls.append(len(calls) + 1)
         return dict(scores, val_vrand=1.0 - 0.01 * len(calls))
 
-    monkeypatch.setattr(emtile.trainer.Validator, "__call__", falling_scores)
+    monkeypatch.setattr(Validator, "__call__", falling_scores)
     out = tmp_path / "run"
     result = train(*isbi_small, out, train_slices=slice(0, 4), val_slices=[4, 5], iterations=8,
                    **dict(TINY, batch_norm=True, freeze_bn=0.5, val_every=1, calibrate=False))
@@ -372,7 +374,7 @@ def test_freeze_bn_rejects_a_bad_fraction(isbi_small, tmp_path):
 
 
 def test_threshold_offset_finds_the_error_minimising_threshold():
-    from emtile.trainer import threshold_offset
+    from emtile.training.calibration import threshold_offset
 
     rng = np.random.default_rng(0)
     truth = rng.random(10_000) < 0.7
@@ -389,7 +391,7 @@ def test_threshold_offset_finds_the_error_minimising_threshold():
 
 def test_calibrate_model_moves_the_fitted_threshold_to_one_half(isbi_small):
     from emtile.predictor import predict_array
-    from emtile.trainer import calibrate_model
+    from emtile.training.calibration import calibrate_model
     from emtile.unet import UNet
 
     raw, labels = open_arrays(isbi_small)
@@ -415,7 +417,7 @@ def test_calibrate_model_moves_the_fitted_threshold_to_one_half(isbi_small):
 
 def test_train_calibrates_best_once_and_leaves_last_as_trained(isbi_small, tmp_path):
     import emtile
-    from emtile.trainer import _calibrate_best
+    from emtile.training.calibration import calibrate_best
 
     out = tmp_path / "run"
     result = train(*isbi_small, out, train_slices=slice(0, 4), iterations=3,
@@ -432,7 +434,7 @@ def test_train_calibrates_best_once_and_leaves_last_as_trained(isbi_small, tmp_p
             assert torch.equal(a, b), name
     # a second call (a resumed run that kept this best) does not shift it again
     raw, labels = open_arrays(isbi_small)
-    _calibrate_best(out / "best", raw, labels, [0, 1, 2, 3], torch.device("cpu"), None)
+    calibrate_best(out / "best", raw, labels, [0, 1, 2, 3], torch.device("cpu"), None)
     assert torch.equal(emtile.load_model(out / "best").head.bias, best.head.bias)
     # and calibrate=False leaves best equal to last
     train(*isbi_small, tmp_path / "plain", train_slices=slice(0, 4), iterations=3, calibrate=False,
