@@ -7,13 +7,12 @@
 (b) :func:`emtile.predictor.predict` on an OME-Zarr volume whose output area is exactly ``tiles``
     output tiles (reading, mirroring, batching, the model, stitching, writing),
 
-and returns both, their ratio, output voxels per second, GFLOP/s from the model's convolution
-shapes, and the peak resident memory. :func:`mirrored_volume` builds the test volumes (by
+and returns both, their ratio, output voxels per second, GFLOP/s (the model's FLOPs as
+:class:`torch.utils.flop_counter.FlopCounterMode` counts them), and the peak resident memory. :func:`mirrored_volume` builds the test volumes (by
 mirroring the slices of a real stack, e.g. ISBI 2012, to any shape; random data without one) and
 is shared with the ``examples/bench_*.py`` scripts. ``emtile bench`` is the command line.
 """
 
-import math
 import resource
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 
 from emtile._errors import EmtileError
 
-__all__ = ["run_bench", "format_bench", "mirrored_volume", "conv_flops", "peak_rss"]
+__all__ = ["run_bench", "format_bench", "mirrored_volume", "model_flops", "peak_rss"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -42,33 +41,20 @@ def peak_rss():
     return own, children
 
 
-def conv_flops(model, x):
-    """Floating-point operations (2 per multiply-add) of the convolutions in ``model(x)``.
+def model_flops(model, x):
+    """Floating-point operations of ``model(x)`` as PyTorch counts them; returns ``(flops, output)``.
 
-    Counted with forward hooks on every ``Conv*`` and ``ConvTranspose*`` module while running
-    ``model(x)`` once; returns ``(flops, output)``. Pooling, ReLU and copies are not counted.
+    :class:`torch.utils.flop_counter.FlopCounterMode` counts 2 per multiply-add of the
+    convolutions (transposed ones included) and matrix products; pooling, activations, batch
+    norm and copies are not counted. Runs ``model(x)`` once under ``torch.inference_mode``
+    (``x`` may be on the meta device).
     """
     import torch
-    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
 
-    total = [0]
-
-    def hook(module, inputs, output):
-        k = math.prod(module.kernel_size)
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):  # every input feeds cout * k
-            total[0] += 2 * inputs[0].numel() * module.out_channels // module.groups * k
-        else:  # every output reads cin * k
-            total[0] += 2 * output.numel() * module.in_channels // module.groups * k
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.conv._ConvNd)]
-    try:
-        with torch.inference_mode():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0], out
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        out = model(x)
+    return counter.get_total_flops(), out
 
 
 def mirrored_volume(path, shape, *, source=None, chunks=None, seed=0, progress=False):
@@ -241,7 +227,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
         return (time.perf_counter() - t0) * tiles / (n_batches * batch_size)
 
     with autocast(dev, amp_name):
-        flops, _ = conv_flops(model, x[:1])
+        flops, _ = model_flops(model, x[:1])
         with torch.inference_mode():
             for _ in range(warmup):
                 model(x)

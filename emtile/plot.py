@@ -13,8 +13,6 @@ the right one, against ``iteration``.
 (PNG or PDF, from the file suffix).
 """
 
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
@@ -223,32 +221,20 @@ def _overlay(raw_img, lo, hi, mask, truth):
 
 
 def read_log(path):
-    """A training log CSV as ``{column: float ndarray}`` (empty cells -> NaN; text columns skipped)."""
+    """A training log CSV as ``{column: float ndarray}``, read by :func:`numpy.genfromtxt` with
+    the header's names; empty cells (and any other that is not a number) are NaN."""
     path = Path(path)
     if not path.is_file():
         raise EmtileError(f"training log {str(path)!r} does not exist")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
+    with path.open(newline="") as f:
+        if not f.readline().strip():
             raise EmtileError(f"training log {str(path)!r} is empty: expected a CSV with a header")
-        raw = {name: [] for name in reader.fieldnames}
-        for row in reader:
-            for name in reader.fieldnames:
-                raw[name].append(row.get(name))
-    columns = {}
-    for name, values in raw.items():
-        parsed = []
-        for v in values:
-            try:
-                parsed.append(float(v) if v not in (None, "") else math.nan)
-            except ValueError:
-                break
-        else:
-            if values:
-                columns[name.strip()] = np.array(parsed, dtype=np.float64)
-    if not columns:
-        raise EmtileError(f"training log {str(path)!r} has no numeric rows")
-    return columns
+    data = np.atleast_1d(np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64,
+                                       deletechars="", replace_space=" ", autostrip=True,
+                                       encoding="utf-8"))
+    if data.size == 0:
+        raise EmtileError(f"training log {str(path)!r} has no rows")
+    return {name: np.array(data[name], dtype=np.float64) for name in data.dtype.names}
 
 
 def training_curve(log, *, title=None):

@@ -617,6 +617,45 @@ def info(path, *, stats=False, progress=False):
     return out
 
 
+def _size(n):
+    """Bytes as tqdm writes them (three significant digits, SI prefixes: ``7.86MB``)."""
+    from tqdm import tqdm
+
+    return "-" if n is None else tqdm.format_sizeof(n, "B")
+
+
+def format_info(d):
+    """What ``emtile info`` prints for the dict that :func:`info` returns."""
+    complete = {True: "yes", False: "NO (interrupted or still being written)", None: "-"}[d["complete"]]
+    lines = [
+        f"path          {d['path']}",
+        f"shape         {d['shape']}",
+        f"dtype         {d['dtype']}",
+        f"chunks        {d['chunks'] or '-'}",
+        f"compressor    {d['compressor'] or '-'}",
+        f"uncompressed  {_size(d['bytes_uncompressed'])}",
+    ]
+    if d.get("bytes_on_disk_level0") is not None:
+        ratio = d["bytes_uncompressed"] / max(d["bytes_on_disk_level0"], 1)
+        lines.append(f"on disk       {_size(d['bytes_on_disk_level0'])} (ratio {ratio:.2f}); "
+                     f"whole store {_size(d['bytes_on_disk'])}")
+    else:
+        lines.append(f"on disk       {_size(d['bytes_on_disk'])}")
+    if d["voxel_size"]:
+        vs = " x ".join(f"{v:g}" for v in d["voxel_size"].values())
+        note = f"  ({d['voxel_size_note']})" if d.get("voxel_size_note") else ""
+        lines.append(f"voxel size    {vs} nm ({','.join(d['voxel_size'])}){note}")
+    if d["levels"]:
+        lines.append(f"levels        {d['levels']}")
+    if d["kind"]:
+        lines.append(f"kind          {d['kind']}")
+    lines.append(f"complete      {complete}")
+    for key in ("min", "max", "mean"):
+        if key in d:
+            lines.append(f"{key:<13} {d[key]:.6g}")
+    return "\n".join(lines)
+
+
 def _codec_name(codec):
     name = type(codec).__name__
     cname = getattr(codec, "cname", None)

@@ -1,6 +1,6 @@
 """Score one batch-norm model folder three ways to see how much it depends on per-patch statistics.
 
-    python examples/bn_statistics_check.py runs/isbi/model/last --raw runs/isbi/raw.zarr \
+    .venv/bin/python examples/bn_statistics_check.py runs/isbi/model/last --raw runs/isbi/raw.zarr \
         --labels runs/isbi/labels.zarr --slices 25:30
 
 Rows (pixel error at 0.5 and V-Rand best over 0.0-1.0 on the given slices):

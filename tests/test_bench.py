@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from emtile.bench import conv_flops, mirrored_volume, tiles_volume_shape
+from emtile.bench import mirrored_volume, model_flops, tiles_volume_shape
 from emtile.cli.main import main
 from emtile.unet import UNet
 from emtile.volume import open_volume
@@ -58,18 +58,18 @@ def test_bench_help():
         assert option in result.output
 
 
-def test_conv_flops_by_hand():
+def test_model_flops_by_hand():
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ConvTranspose2d(2, 1, 2, stride=2))
-    flops, out = conv_flops(net, torch.zeros(1, 1, 5, 5))
+    flops, out = model_flops(net, torch.zeros(1, 1, 5, 5))
     # conv: 2x3x3 outputs, each 1 channel x 9 taps; transposed: 2x3x3 inputs, each to 1 x 4 taps
     assert flops == 2 * (18 * 9) + 2 * (18 * 4)
     assert out.shape == (1, 1, 6, 6)
 
 
-def test_conv_flops_of_the_paper_unet():
+def test_model_flops_of_the_paper_unet():
     """The paper's U-Net (base 64) at 572: about 301 GFLOP, batch-independent per tile."""
     net = UNet(base=64, depth=4).to("meta")
-    flops, out = conv_flops(net, torch.empty(1, 1, 572, 572, device="meta"))
+    flops, out = model_flops(net, torch.empty(1, 1, 572, 572, device="meta"))
     assert out.shape == (1, 1, 388, 388)
     assert flops == pytest.approx(300.8e9, rel=1e-3)
 
