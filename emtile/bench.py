@@ -261,7 +261,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
         "threads": torch.get_num_threads(), "channels_last": channels_last, "amp": amp,
         "num_workers": num_workers, "volume_shape": shape, "repeat": repeat,
         "model_times": model_times, "predict_times": predict_times,
-        "data": str(data) if data is not None else "random",
+        "data": str(data) if data is not None else "random", "seed": seed,
         "model_s": model_s, "predict_s": predict_s, "ratio": predict_s / model_s,
         "out_voxels": out_voxels, "predict_tile_runs": result.tiles,
         "predict_efficiency": result.efficiency,

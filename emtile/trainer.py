@@ -193,6 +193,7 @@ def _model(s, last, model):
         s = s.with_model(load_model(last).config)
     torch.manual_seed(s.seed)
     net = model if model is not None else UNet(1, 1, **s.model_args())
+    s = s.with_model(net.config)  # run.json records the model's values, defaults included
     for m in norm_layers(net):
         m.momentum = s.bn_momentum
     net.check(s.tile, "tile")

@@ -50,12 +50,26 @@ def test_bench_rejects_an_invalid_tile():
     assert "Error: tile=90 is not valid for depth 2: nearest valid sizes are" in result.output
 
 
-def test_bench_help():
-    result = CliRunner().invoke(main, ["bench", "--help"])
-    assert result.exit_code == 0
-    for option in ("--base", "--depth", "--tile", "--batch-size", "--device", "--tiles",
-                   "--channels-last", "--amp", "--workers", "--repeat", "--data", "--json"):
-        assert option in result.output
+def test_every_bench_option_reaches_the_figures(tmp_path):
+    """Each `emtile bench` option, set away from its default, shows in the JSON it prints."""
+    import tifffile
+
+    from emtile.cli.bench import bench as command
+
+    tifffile.imwrite(tmp_path / "src.tif", np.arange(2 * 30 * 40, dtype=np.uint8).reshape(2, 30, 40))
+    args = ["bench", "--base", "3", "--depth", "2", "--tile", "92", "--batch-size", "2",
+            "--device", "cpu", "--tiles", "2", "--no-channels-last", "--amp", "--workers", "0",
+            "--repeat", "2", "--data", str(tmp_path / "src.tif"), "--seed", "4", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert (r["base"], r["depth"], r["tile"], r["batch_size"], r["device"], r["tiles"]) == (3, 2, 92, 2, "cpu", 2)
+    assert (r["channels_last"], r["amp"], r["num_workers"], r["repeat"]) == (False, True, 0, 2)
+    assert r["data"] == str(tmp_path / "src.tif") and r["seed"] == 4 and len(r["model_times"]) == 2
+    assert r["gflop_per_tile"] == pytest.approx(model_flops(UNet(base=3, depth=2), torch.zeros(1, 1, 92, 92))[0] / 1e9)
+    assert {p.name for p in command.params} == {"base", "depth", "tile", "batch_size", "device",
+                                                 "tiles", "channels_last", "amp", "num_workers",
+                                                 "repeat", "data", "seed", "as_json"}
 
 
 def test_model_flops_by_hand():
