@@ -8,9 +8,10 @@
     output tiles (reading, mirroring, batching, the model, stitching, writing),
 
 and returns both, their ratio, output voxels per second, GFLOP/s (the model's FLOPs as
-:class:`torch.utils.flop_counter.FlopCounterMode` counts them), and the peak resident memory. :func:`mirrored_volume` builds the test volumes (by
-mirroring the slices of a real stack, e.g. ISBI 2012, to any shape; random data without one) and
-is shared with the ``examples/bench_*.py`` scripts. ``emtile bench`` is the command line.
+:class:`torch.utils.flop_counter.FlopCounterMode` counts them), and the peak resident memory.
+:func:`mirrored_volume` builds the test volumes (by mirroring the slices of a real stack, e.g.
+ISBI 2012, to any shape; random data without one) and is shared with the ``examples/bench_*.py``
+scripts. ``emtile bench`` is the command line.
 """
 
 import resource

@@ -29,7 +29,8 @@ def lr_factor(iteration, iterations, *, schedule="cosine", warmup=0, final=0.01)
     [0.1, 1.0, 0.505, 0.01]
     """
     if schedule not in SCHEDULES:
-        raise EmtileError(f"schedule={schedule!r} is not supported: choose one of {', '.join(SCHEDULES)}")
+        raise EmtileError(f"schedule={schedule!r} is not supported: choose one of "
+                          f"{', '.join(SCHEDULES)}")
     if warmup and iteration <= warmup:
         return iteration / warmup
     if schedule == "constant":

@@ -134,7 +134,8 @@ def load_training_state(folder, model, optimizer):
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle with code in it is refused by weights_only=True
         raise EmtileError(f"{str(Path(folder) / STATE_FILE)!r} is not a plain tensor file and "
-                          f"was not loaded (weights_only=True refused it: {type(exc).__name__})") from None
+                          f"was not loaded (weights_only=True refused it: "
+                          f"{type(exc).__name__})") from None
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():

@@ -154,7 +154,8 @@ class TrainSettings:
             raise EmtileError(f"lr={self.lr!r} must be positive")
         if not _number(self.bn_momentum) or not 0.0 < self.bn_momentum <= 1.0:
             raise EmtileError(f"bn_momentum={self.bn_momentum!r} must be in (0, 1]")
-        if self.freeze_bn is not None and not (_number(self.freeze_bn) and 0.0 <= self.freeze_bn <= 1.0):
+        freeze = self.freeze_bn
+        if freeze is not None and not (_number(freeze) and 0.0 <= freeze <= 1.0):
             raise EmtileError(f"freeze_bn={self.freeze_bn!r} must be a fraction of the run in [0, 1] "
                               "(e.g. 0.7; 1 or None: never)")
         if not _number(self.class_balance) or not 0.0 <= float(self.class_balance) <= 1.0:
