@@ -35,8 +35,7 @@ def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_si
     emtile convert labels.tif labels.zarr --labels
     emtile convert 'slices/*.png' vol.zarr --voxel-size 50,4,4 --levels 3
     """
-    from emtile.cli.info import format_info
-    from emtile.volume import convert as run
+    from emtile.volume import convert as run, format_info
 
     result = run(input, output, labels=labels, threshold=threshold, channel=channel,
                  dataset=dataset, chunks=chunks, voxel_size=voxel_size, levels=levels,

@@ -40,7 +40,6 @@ validation during training.
 
 import collections
 import contextlib
-import glob
 import hashlib
 import json
 import math
@@ -56,25 +55,20 @@ from pathlib import Path
 import numpy as np
 
 from emtile._errors import EmtileError
-from emtile import geometry
+from emtile import _faults, geometry
+from emtile.device import AMPS, autocast, resolve_device
 from emtile.markers import MARKERS, BlockMarkers
 from emtile.stitch import BLENDS
+from emtile.volume import WriterThread, input_to_float, open_input
 
 __all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
-           "PredictResult", "input_to_float", "resolve_device", "DTYPES", "AMPS"]
+           "PredictResult", "weights_hash", "DTYPES"]
 
 DTYPES = ("uint8", "float16", "float32")
-AMPS = (None, "bf16", "fp16")
 AUTO_TILE_MEMORY = 2**30  # activation memory --tile auto may use
 GROUP_BYTES = 64 * 2**20  # input tiles a reader reads at once
 CHUNK_TARGET = 512  # output chunks are the multiple of the tile stride nearest to this
 MEMORY = "memory:"  # prefix of an input, output or model held by this process (not a path)
-# Test-only, private: ``_EMTILE_TEST_CRASH=N`` SIGKILLs the driver right after the N-th block is
-# recorded, ``N:before-marker`` right after its chunks are written but before it is recorded.
-# ``_EMTILE_TEST_CRASH_WORKER=B:FLAG`` SIGKILLs the process that runs block B after its chunks
-# are written, once (the file FLAG is created first). Unset, they do nothing.
-_CRASH_ENV = "_EMTILE_TEST_CRASH"
-_WORKER_CRASH_ENV = "_EMTILE_TEST_CRASH_WORKER"
 
 
 @dataclass
@@ -95,6 +89,7 @@ class PredictResult:
     device: str
     threads: int = 0  # torch threads per process (CPU)
     cluster: str = ""  # the cluster it ran on ("" for this process)
+    block_seconds: float = 0.0  # median seconds a block took (model + stitching + writing)
 
     def __str__(self):
         model_axes = [ax for ax, (t, o) in enumerate(zip(self.tile, self.out_tile))
@@ -129,29 +124,6 @@ class BlockReport:
 # --------------------------------------------------------------------------- input
 
 
-def input_to_float(a):
-    """Input pixels -> float32 as the model sees them: integers scaled by their dtype's maximum
-    (uint8 / 255), booleans to 0/1, floats unchanged. Training must use the same mapping."""
-    a = np.asarray(a)
-    if a.dtype == np.float32:
-        return a
-    if a.dtype.kind in "ui":
-        return a.astype(np.float32) * np.float32(1.0 / np.iinfo(a.dtype).max)
-    return a.astype(np.float32)
-
-
-def _open_input(input):
-    """-> (array, path or None)."""
-    if isinstance(input, (str, os.PathLike)):
-        from emtile.volume import open_volume
-
-        return open_volume(input), str(input)
-    if not all(hasattr(input, a) for a in ("shape", "dtype", "__getitem__")):
-        raise EmtileError(f"input must be a path or an array with shape, dtype and slicing; got "
-                          f"{type(input).__name__}")
-    return input, None
-
-
 def _check_volume(net, arr, name="input"):
     dtype = np.dtype(arr.dtype)
     if dtype.kind not in "biuf":
@@ -182,27 +154,6 @@ def _choice(name, value, allowed):
     if value not in allowed:
         shown = ", ".join("None" if a is None else str(a) for a in allowed)
         raise EmtileError(f"{name}={value!r} is not supported: choose one of {shown}")
-
-
-def resolve_device(device, net=None):
-    """``"auto"``/None -> ``net``'s device if it is not the CPU, else CUDA when there is one, else
-    the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` checked. Predict, train and bench all use this."""
-    import torch
-
-    if device in (None, "auto"):
-        if net is not None and next(net.parameters()).device.type != "cpu":
-            return next(net.parameters()).device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EmtileError(f"device={device!r} is not a device: choose auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EmtileError(f"device={device!r} was asked for but CUDA is not available here; use "
-                          f"--device cpu or auto")
-    if dev.type not in ("cpu", "cuda"):
-        raise EmtileError(f"device={device!r} is not supported: choose auto, cpu or cuda")
-    return dev
 
 
 def weights_hash(net):
@@ -409,12 +360,10 @@ class _Context:
                 raise EmtileError(f"the model folder {job.model!r} changed since this run "
                                   f"started (its weights differ from the driver's); start the "
                                   f"run again")
-            stack = contextlib.ExitStack()
-            fn = stack.enter_context(_prepared(net, job.device, job.channels_last, job.compile))
+            fn = _prepare(net, job.device, job.channels_last, job.compile)
             _MODELS.clear()  # one model per process: a worker serves one run at a time
-            _MODELS[key] = (net, fn, stack)  # never exited: the process keeps it
-        net, fn, _ = _MODELS[key]
-        return net, fn
+            _MODELS[key] = (net, fn)
+        return _MODELS[key]
 
     def done(self, ids):
         """Which of ``ids`` are already recorded (a retried or duplicated task skips them).
@@ -438,9 +387,12 @@ class _Context:
         if self.memory_out is not None:
             self.memory_out[(slice(None),) + block.slices(self.job.region)] = p
             return
-        self.probs[sl] = p if self.job.channels > 1 else p[0]
-        if self.mask is not None:
-            self.mask[sl] = m if self.job.channels > 1 else m[0]
+        from emtile.store import write_errors
+
+        with write_errors(self.job.output, then=_RESUME):
+            self.probs[sl] = p if self.job.channels > 1 else p[0]
+            if self.mask is not None:
+                self.mask[sl] = m if self.job.channels > 1 else m[0]
 
 
 def _context(job):
@@ -510,6 +462,7 @@ class _Tiles:
             for first in range(0, len(block.tiles), self.group):
                 if i % workers == worker:
                     t0 = time.perf_counter()
+                    _faults.point("predict.read")  # test-only: a reader killed here
                     data = self.read(array, block.tiles[first:first + self.group])
                     yield block.index, first, torch.from_numpy(data), time.perf_counter() - t0
                 i += 1
@@ -571,26 +524,29 @@ def _read_ahead(items, depth=2):
 _TTA_2D = [(flips, transpose) for flips in ((), (-1,), (-2,), (-2, -1)) for transpose in (False, True)]
 
 
+def _prepare(net, device, channels_last, compile):
+    """``net`` in eval mode on ``device`` (channels_last); returns what to call (compiled or
+    not)."""
+    import torch
+
+    net.eval().to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if not compile:
+        return net
+    # freezing: weights folded in as constants (inference only); applied at the first call
+    return torch.compile(net, dynamic=False, options={"freezing": True})
+
+
 @contextlib.contextmanager
 def _prepared(net, device, channels_last, compile):
-    """Put ``net`` in eval mode on ``device`` (channels_last), restore it afterwards."""
+    """:func:`_prepare` ``net``, and restore its device, mode and memory format afterwards."""
     import torch
 
     was_training = net.training
     old = next(net.parameters()).device
-    net.eval().to(device)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    fn = net
-    stack = contextlib.ExitStack()
-    if compile:
-        import torch._inductor.config as inductor_config
-
-        stack.enter_context(inductor_config.patch(freezing=True))
-        fn = torch.compile(net, dynamic=False)
     try:
-        with stack:
-            yield fn
+        yield _prepare(net, device, channels_last, compile)
     finally:
         if channels_last:
             net.to(memory_format=torch.contiguous_format)
@@ -603,17 +559,13 @@ class _Forward:
     def __init__(self, fn, device, amp, channels_last, tta):
         import torch
 
-        self.torch, self.fn, self.device, self.tta = torch, fn, device, tta
+        self.torch, self.fn, self.device, self.tta, self.amp = torch, fn, device, tta, amp
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
     def _run(self, x):
-        torch = self.torch
         x = x.contiguous(memory_format=self.memory_format)
-        if self.amp is None:
-            return torch.sigmoid(self.fn(x).float())
-        with torch.autocast(device_type=self.device.type, dtype=self.amp):
-            return torch.sigmoid(self.fn(x).float())
+        with autocast(self.device, self.amp):
+            return self.torch.sigmoid(self.fn(x).float())
 
     def __call__(self, x):
         torch = self.torch
@@ -697,39 +649,6 @@ def _block_values(stitch, acc, wsum, dtype, threshold):
 # --------------------------------------------------------------------------- writing
 
 
-class _Writer:
-    """A background thread that finishes blocks (normalise, write, report) in order."""
-
-    def __init__(self, finish, depth=2):
-        self.finish, self.error = finish, None
-        self.queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._loop, name="emtile-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        _single_numba_thread()  # this thread's setting only: never compete with torch's threads
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    self.finish(*item)
-                except BaseException as exc:  # reported to the main thread
-                    self.error = exc
-
-    def put(self, *item):
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self):
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def _single_numba_thread():
     """Run this thread's Numba kernels on this thread only; return the previous setting.
 
@@ -794,21 +713,18 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
         batches = iter(loader)  # workers fork here, before the writer thread exists
     else:
         batches = _read_ahead(iter(dataset))
-    crash = _worker_crash_hook()
-
     def finish(block, acc, wsum, read_s, compute_s):
         t0 = time.perf_counter()
         p, m = _block_values(ctx.stitcher.stitch, acc, wsum, job.dtype, job.threshold)
         ctx.write(block, p, m)
         report = BlockReport(block.index, len(block.tiles), math.prod(block.shape), read_s,
                              compute_s, time.perf_counter() - t0, False, os.getpid())
-        if crash is not None:
-            crash(block.index)  # test-only: chunks written, not yet reported
+        _faults.point("predict.block_written")  # test-only: chunks written, not yet reported
         reports[block.index] = report
         if on_block is not None:
             on_block(report)
 
-    writer = _Writer(finish)
+    writer = WriterThread(finish, initializer=_single_numba_thread)
     current = buffers = None
     numba_threads = _single_numba_thread()
     try:
@@ -830,7 +746,7 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
                 writer.put(current, *buffers, reading, computing)
                 buffers = None
     except BaseException:
-        writer.queue.put(None)
+        writer.abort()
         raise
     finally:
         numba.set_num_threads(numba_threads)
@@ -838,76 +754,29 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
     return [reports[i] for i in ids]
 
 
-def _worker_crash_hook():
-    """``crash(block_index)`` for the test-only ``_EMTILE_TEST_CRASH_WORKER=B:FLAG``: SIGKILL
-    this process when block B's chunks are written, the first time any process gets there (the
-    file FLAG is created first); None when it is not set."""
-    value = os.environ.get(_WORKER_CRASH_ENV, "")
-    if not value:
-        return None
-    block, _, flag = value.partition(":")
-
-    def crash(index):
-        if index != int(block):
-            return
-        try:
-            os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:  # it happened once already
-            return
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    return crash
-
-
 # --------------------------------------------------------------------------- the store
 
 
-def _input_token(path, array):
-    """A cheap stand-in for the input's content: ``[name, inode, size, mtime_ns, ctime_ns]`` of its
-    file (TIFF, HDF5), its images (a folder or glob of them), or its Zarr metadata documents
-    (``zarr.json`` / ``.zarray`` / ``.zgroup`` / ``.zattrs`` of the store's root and of the array
-    read). Re-writing or replacing an input changes it; overwriting chunks of a Zarr array in
-    place does not (that would take reading the data)."""
-    text = str(path)
-    if any(ch in text for ch in "*?["):
-        paths = sorted(glob.glob(text))
-    else:
-        from emtile.store import is_zarr_store
-        from emtile.volume import _split_hdf5
-
-        h5 = _split_hdf5(text)
-        p = Path(h5[0] if h5 is not None else text)
-        if p.is_dir() and is_zarr_store(p):
-            names = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
-            inner = str(getattr(array, "path", "") or "")
-            folders = [p] + ([p / inner] if inner and (p / inner).is_dir() else [])
-            paths = [f / n for f in folders for n in names if (f / n).exists()]
-        elif p.is_dir():
-            paths = sorted(f for f in p.iterdir() if f.is_file())
-        else:
-            paths = [p]
-    token = []
-    for f in paths:
-        st = os.stat(f)
-        token.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
-    return token
-
-
 def _fingerprint(job, array):
+    from emtile.volume import content_token
+
     """Everything that determines the output bytes; a resumed run must match it exactly.
 
     Only for path inputs (an in-memory array is never resumed): its resolved path and
-    :func:`_input_token`; the model's config and a hash of its weights; the grid, chunks and
+    :func:`emtile.volume.content_token` (sizes and times of every file it reads, so chunks
+    rewritten in place are noticed); the model's config and a hash of its weights; the grid, chunks and
     blocks; every option that changes the arithmetic (device type, batch size, memory format,
     compile, AMP, torch version, and on the CPU the torch thread count: torch's CPU kernels can
     round differently with another number of threads).
     """
     import torch
 
+    from emtile.volume import content_token
+
     grid, plan = job.grid(), job.plan()
     device = job.device.split(":")[0]
     return {
-        "input": str(Path(job.input).resolve()), "input_token": _input_token(job.input, array),
+        "input": str(Path(job.input).resolve()), "input_token": content_token(job.input),
         "input_shape": list(grid.volume_shape), "input_dtype": str(np.dtype(array.dtype)),
         "region": [list(r) for r in grid.region], "tile": list(grid.in_tile),
         "stride": list(grid.stride), "owned": grid.owned, "chunks": list(plan.chunks),
@@ -917,63 +786,6 @@ def _fingerprint(job, array):
         "channels_last": bool(job.channels_last), "compile": bool(job.compile),
         "threads": job.threads if device == "cpu" else None, "torch": torch.__version__,
     }
-
-
-def _voxel_size(path, ndim):
-    """Voxel size from an OME-Zarr input's metadata (spatial axes), or None."""
-    if path is None:
-        return None
-    try:
-        import zarr
-
-        from emtile.store import is_zarr_store
-
-        if not is_zarr_store(path):
-            return None
-        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
-        ms = attrs.get("ome", attrs)["multiscales"][0]
-        names = [a["name"] for a in ms["axes"]]
-        scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
-        sizes = [s for n, s in zip(names, scale) if n != "c"]
-        return tuple(sizes[-ndim:]) if len(sizes) >= ndim else None
-    except Exception:  # foreign metadata: the output keeps the default voxel size
-        return None
-
-
-def _check_output_is_not_input(path, output):
-    """An output that is, contains or lies inside the input could destroy it (``--overwrite``
-    removes the output first)."""
-    if path is None:
-        return
-    inp, out = Path(os.path.realpath(path)), Path(os.path.realpath(output))
-    if out == inp:
-        how = "is the input"
-    elif out in inp.parents:
-        how = "contains the input"
-    elif inp in out.parents:
-        how = "lies inside the input"
-    else:
-        return
-    raise EmtileError(f"output {str(output)!r} {how} {str(path)!r}: writing it could destroy the "
-                      f"input; choose an output path outside the input")
-
-
-def _translate(group, region):
-    """Record the ROI's place in the input volume (NGFF 0.5: ``scale`` then ``translation``, in
-    physical units), so viewers overlay the output on the input."""
-    if not any(a for a, _ in region):
-        return
-    ome = dict(group.attrs["ome"])
-    ms = [dict(m) for m in ome["multiscales"]]
-    names = [a["name"] for a in ms[0]["axes"]]
-    (d,) = ms[0]["datasets"]  # predict writes full resolution only
-    scale = d["coordinateTransformations"][0]["scale"]
-    starts = iter(a for a, _ in region)
-    translation = [0.0 if n == "c" else float(next(starts) * s) for n, s in zip(names, scale)]
-    ms[0]["datasets"] = [dict(d, coordinateTransformations=[
-        d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])]
-    ome["multiscales"] = ms
-    group.attrs["ome"] = ome
 
 
 def _resumable(group, fingerprint, n_blocks, threshold):
@@ -1016,17 +828,17 @@ def _open_output(job, path, *, overwrite, fingerprint, flush_every):
     shape = ((c,) if c > 1 else ()) + region_shape
     chunks = ((c,) if c > 1 else ()) + job.chunks
     axes = ("c" if c > 1 else "") + ("zyx" if len(region_shape) == 3 else "yx")
-    voxel = _voxel_size(path, len(region_shape))
+    voxel = store.voxel_size(path, len(region_shape))
     group = store.create_image(output, shape, np.dtype(job.dtype), chunks=chunks,
                                voxel_size=voxel, axes=axes, name="probabilities",
                                kind="probabilities", attrs={"predict": fingerprint})
-    _translate(group, job.region)
+    store.set_translation(group, [a for a, _ in job.region])
     if job.threshold is not None:
         group.create_group("labels", attributes={"labels": ["mask"]})
         mgroup = store.create_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
                                     voxel_size=voxel, axes=axes, name="mask", kind="labels",
                                     attrs={"threshold": job.threshold})
-        _translate(mgroup, job.region)
+        store.set_translation(mgroup, [a for a, _ in job.region])
         ome = dict(mgroup.attrs["ome"])
         ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
         mgroup.attrs["ome"] = ome
@@ -1043,7 +855,7 @@ def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, o
     """Check the options; return ``(net, array, input path or None, grid, chunks, device,
     num_workers)``."""
     net = _as_model(model)
-    arr, path = _open_input(input)
+    arr, path = open_input(input)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EmtileError(f"batch_size={batch_size!r} must be a positive integer")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
@@ -1181,6 +993,7 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         raise EmtileError(f"threshold={threshold!r} must be a number between 0 and 1")
     _check_threads(threads)
     distributed = cluster is not None or scheduler_file is not None or client is not None
+    spec = None
     if distributed:
         from emtile.distributed import cluster_spec
 
@@ -1198,79 +1011,86 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         model, input, tile=tile, batch_size=batch_size, num_workers=num_workers, device=device,
         amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
         max_block_px=max_block_px, chunk_size=chunk_size)
-    _check_output_is_not_input(path, output)
-    import torch
-
-    if threads is None:
-        if not distributed:
-            threads = torch.get_num_threads()
-        elif client is None and spec["kind"] == "local":
-            workers = spec["kwargs"]["n_workers"]
-            threads = max(1, (os.cpu_count() or 1) // workers)
-        else:
-            threads = 1
-    if dev.type != "cpu":
-        threads = 0  # leave the process's setting: the GPU does the arithmetic
-    weights = weights_hash(net)
-    job = _job(net, grid, chunks, input=path or "", output=str(output),
-               model=str(model) if isinstance(model, (str, os.PathLike)) else "", weights=weights,
-               overlap=overlap, max_block_px=max_block_px, dtype=dtype, threshold=threshold,
-               tta=tta, amp=amp, blend=blend, batch_size=batch_size, channels_last=channels_last,
-               compile=compile, device=dev, threads=threads)
-    fingerprint = None if path is None else _fingerprint(job, arr)
-    group, markers, resumed = _open_output(job, path, overwrite=overwrite,
-                                           fingerprint=fingerprint,
-                                           flush_every=0.5 if distributed else 0.0)
-    plan = job.plan()
-    todo = np.flatnonzero(~markers.done())
-    n_resumed = len(plan) - len(todo)
-    where = ""
-    if distributed:
-        where = _run_on_cluster(job, todo, markers, client=client, cluster=cluster,
-                                cluster_workers=cluster_workers, scheduler_file=scheduler_file,
-                                blocks_per_task=blocks_per_task, retries=retries,
-                                progress=progress)
-    else:
-        _run_here(job, net, arr, todo, markers, readers=num_workers, progress=progress)
-    markers.flush()
-    missing = np.flatnonzero(~markers.done())
-    if missing.size:  # every block was run: a bug, never a user error
-        raise RuntimeError(f"internal error: {missing.size} of {len(plan)} blocks of {output} "
-                           f"were not recorded (first: {int(missing[0])}); the output is left "
-                           f"incomplete")
     from emtile import store
 
-    if threshold is not None:
-        store.mark_complete(_open_group(f"{output}/labels/mask"))
-    store.mark_complete(group)
+    store.check_output(output, inputs=[path] if path is not None else [])
+    threads = _default_threads(threads, dev, distributed, spec)
+    job = _job(net, grid, chunks, input=path or "", output=str(output),
+               model=str(model) if isinstance(model, (str, os.PathLike)) else "",
+               weights=weights_hash(net), overlap=overlap, max_block_px=max_block_px,
+               dtype=dtype, threshold=threshold, tta=tta, amp=amp, blend=blend,
+               batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
+               threads=threads)
+    fingerprint = None if path is None else _fingerprint(job, arr)
+    plan = job.plan()
+    with store.output_lock(output):
+        with store.write_errors(output, then=_RESUME):
+            group, markers, resumed = _open_output(job, path, overwrite=overwrite,
+                                                   fingerprint=fingerprint,
+                                                   flush_every=0.5 if distributed else 0.0)
+        todo = np.flatnonzero(~markers.done())
+        where, seconds = "", []
+        if distributed:
+            where = _run_on_cluster(job, todo, markers, seconds, client=client, cluster=cluster,
+                                    cluster_workers=cluster_workers,
+                                    scheduler_file=scheduler_file,
+                                    blocks_per_task=blocks_per_task, retries=retries,
+                                    progress=progress)
+        else:
+            _run_here(job, net, arr, todo, markers, seconds, readers=num_workers,
+                      progress=progress)
+        with store.write_errors(output, then=_RESUME):
+            markers.flush()
+            missing = np.flatnonzero(~markers.done())
+            if missing.size:  # every block was run: a bug, never a user error
+                raise RuntimeError(f"internal error: {missing.size} of {len(plan)} blocks of "
+                                   f"{output} were not recorded (first: {int(missing[0])}); the "
+                                   f"output is left incomplete")
+            if threshold is not None:
+                store.mark_complete(_open_group(f"{output}/labels/mask"))
+            store.mark_complete(group)
     n_runs = plan.n_tile_runs
     return PredictResult(
         output=str(output), shape=tuple(group["0"].shape), dtype=dtype, tile=grid.in_tile,
         out_tile=grid.out_tile, stride=grid.stride, tiles=n_runs, blocks=len(plan),
-        blocks_resumed=n_resumed, efficiency=_efficiency(grid, n_runs),
-        seconds=time.perf_counter() - t0, device=str(dev), threads=threads, cluster=where)
+        blocks_resumed=len(plan) - len(todo), efficiency=_efficiency(grid, n_runs),
+        seconds=time.perf_counter() - t0, device=str(dev), threads=threads, cluster=where,
+        block_seconds=float(np.median(seconds)) if seconds else 0.0)
 
 
-def _recorder(markers):
-    """``record(block)``: mark a block done, after its worker reported its chunks written. Also
-    where the test-only ``_EMTILE_TEST_CRASH`` kills the driver."""
-    crash_after, before_marker = _crash_hook()
-    recorded = [0]
+_RESUME = "run the same command again to resume"
 
-    def record(i):
-        if before_marker and recorded[0] + 1 >= crash_after:
-            markers.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        markers.record(i)
-        recorded[0] += 1
-        if crash_after and recorded[0] >= crash_after:
-            markers.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+
+def _default_threads(threads, dev, distributed, spec):
+    """Torch threads per process: as given; else this process's count for a local run, cores /
+    workers on a local cluster, 1 on other clusters; 0 (left alone) on a GPU."""
+    import torch
+
+    if dev.type != "cpu":
+        return 0  # the GPU does the arithmetic
+    if threads is not None:
+        return threads
+    if not distributed:
+        return torch.get_num_threads()
+    if spec is not None and spec["kind"] == "local":
+        return max(1, (os.cpu_count() or 1) // spec["kwargs"]["n_workers"])
+    return 1
+
+
+def _recorder(markers, seconds):
+    """``record(report)``: mark a block done, after its worker reported its chunks written;
+    its seconds go to the list ``seconds``."""
+
+    def record(report):
+        markers.record(report.index)
+        _faults.point("predict.block_recorded")  # test-only: a driver killed here
+        if not report.skipped:
+            seconds.append(report.compute_s + report.write_s)
 
     return record
 
 
-def _run_here(job, net, arr, todo, markers, *, readers, progress):
+def _run_here(job, net, arr, todo, markers, seconds, *, readers, progress):
     """The blocks ``todo`` in this process: the driver lends its array and model to the job."""
     from tqdm.auto import tqdm
 
@@ -1278,31 +1098,32 @@ def _run_here(job, net, arr, todo, markers, *, readers, progress):
     total = sum(plan.n_tiles(int(i)) for i in todo)
     bar = tqdm(total=total, unit="tile", desc="predict", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
-    record = _recorder(markers)
+    record = _recorder(markers, seconds)
     local = replace(job, input=job.input or _register(arr), model=_token())
     try:
         with _prepared(net, job.device, job.channels_last, job.compile) as fn, \
                 _torch_threads(job.threads):
             _MEMORY[local.model] = (net, fn)
-            run_blocks(local, todo, readers=readers, on_block=lambda r: record(r.index),
-                       on_tiles=bar.update)
+            run_blocks(local, todo, readers=readers, on_block=record, on_tiles=bar.update)
     finally:
         bar.close()
         _forget(local)
 
 
-def _run_on_cluster(job, todo, markers, *, client, cluster, cluster_workers, scheduler_file,
-                    blocks_per_task, retries, progress):
+def _run_on_cluster(job, todo, markers, seconds, *, client, cluster, cluster_workers,
+                    scheduler_file, blocks_per_task, retries, progress):
     """The blocks ``todo`` on Dask; returns a description of the cluster."""
     from emtile import distributed
 
     plan = job.plan()
-    record = _recorder(markers)
+    record = _recorder(markers, seconds)
     kwargs = dict(blocks_per_task=blocks_per_task, retries=retries, progress=progress,
                   desc="predict", total=len(todo), describe=lambda i: job.describe(i, plan),
-                  on_result=lambda i, report: record(i))
+                  on_result=lambda i, report: record(report))
     if client is not None:
-        distributed.map_blocks(run_blocks, job, iter(todo.tolist()), client=client, **kwargs)
+        distributed.map_blocks(run_blocks, job, iter(todo.tolist()), client=client,
+                               resources=distributed.gpu_resources(client)
+                               if job.device.startswith("cuda") else None, **kwargs)
         return "a Dask client"
     with distributed.start_cluster(cluster, workers=cluster_workers,
                                    scheduler_file=scheduler_file) as (c, info):
@@ -1311,19 +1132,10 @@ def _run_on_cluster(job, todo, markers, *, client, cluster, cluster_workers, sch
 
             tqdm.write(str(info))
         distributed.map_blocks(run_blocks, job, iter(todo.tolist()), client=c,
-                               resources=info.resources, **kwargs)
+                               resources=info.resources if job.device.startswith("cuda") else None,
+                               **kwargs)
         markers.flush()
         return f"{info.kind} cluster, {info.workers} workers"
-
-
-def _crash_hook():
-    """``(N, before_marker)`` from the private, test-only ``_EMTILE_TEST_CRASH``; ``(0, False)``
-    when it is not set."""
-    value = os.environ.get(_CRASH_ENV, "")
-    if not value:
-        return 0, False
-    n, _, mode = value.partition(":")
-    return int(n), mode == "before-marker"
 
 
 def _open_group(path):

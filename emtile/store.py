@@ -568,3 +568,58 @@ def _busy_message(output, path, holder):
     return (f"output {str(output)!r} is being written by another emtile run ({who}); wait for "
             f"it to finish or stop it, then run again (if that run is gone, delete "
             f"{str(path)!r})")
+
+
+# --------------------------------------------------------------------------- NGFF metadata
+
+
+def multiscales(attrs):
+    """The first ``multiscales`` entry of a group's attributes (NGFF 0.5 nests it under ``ome``,
+    0.4 keeps it at the top level), or None."""
+    ms = attrs.get("ome", attrs).get("multiscales")
+    return ms[0] if ms else None
+
+
+def spatial_scale(ms):
+    """``{axis name: size}`` of level 0 of a :func:`multiscales` entry, channel axis left out."""
+    names = [a["name"] for a in ms["axes"]]
+    scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+    return {n: s for n, s in zip(names, scale) if n != "c"}
+
+
+def voxel_size(path, ndim):
+    """The last ``ndim`` spatial voxel sizes of the OME-Zarr group at ``path``, or None when
+    ``path`` is None, not a Zarr store, or has no (readable) multiscales metadata."""
+    if path is None or not is_zarr_store(path):
+        return None
+    try:
+        import zarr
+
+        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+        sizes = list(spatial_scale(multiscales(attrs)).values())
+    except Exception:  # foreign metadata: the caller keeps its default voxel size
+        return None
+    return tuple(sizes[-ndim:]) if len(sizes) >= ndim else None
+
+
+def set_translation(group, starts):
+    """Record where the image starts in a larger volume (NGFF 0.5: the ``scale`` transform, then
+    a ``translation`` in physical units), so viewers overlay it on that volume.
+
+    ``starts`` gives the first voxel along each spatial axis; all zero leaves the group as it is.
+    The group must have one resolution level.
+    """
+    starts = [int(s) for s in starts]
+    if not any(starts):
+        return
+    ome = dict(group.attrs["ome"])
+    ms = [dict(m) for m in ome["multiscales"]]
+    names = [a["name"] for a in ms[0]["axes"]]
+    (d,) = ms[0]["datasets"]
+    scale = d["coordinateTransformations"][0]["scale"]
+    it = iter(starts)
+    translation = [0.0 if n == "c" else float(next(it) * s) for n, s in zip(names, scale)]
+    ms[0]["datasets"] = [dict(d, coordinateTransformations=[
+        d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])]
+    ome["multiscales"] = ms
+    group.attrs["ome"] = ome

@@ -20,6 +20,7 @@ from torch import nn
 
 from emtile._errors import EmtileError
 from emtile.geometry import ShapeMap
+from emtile.volume import center_crop
 
 __all__ = ["UNet", "save_model", "load_model", "load_metadata"]
 
@@ -58,12 +59,6 @@ class Down(nn.Sequential):
         if dropout:
             layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
-
-
-def center_crop(x, size):
-    """The centre ``size`` (H, W) of ``x`` (N, C, H', W')."""
-    dy, dx = (x.shape[-2] - size[0]) // 2, (x.shape[-1] - size[1]) // 2
-    return x[..., dy:dy + size[0], dx:dx + size[1]]
 
 
 class Up(nn.Module):

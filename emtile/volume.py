@@ -45,7 +45,7 @@ from emtile import store as _store
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-_SLAB_BYTES = 64 * 2**20  # how much convert and info hold in memory at a time
+SLAB_BYTES = 64 * 2**20  # how much one slab read holds (convert, info, evaluate)
 
 
 # --------------------------------------------------------------------------- lazy views
@@ -372,7 +372,7 @@ def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
         if not files:
             raise EmtileError(f"no PNG or TIFF images match {text!r}")
         return ImageStack(files, channel=channel)
-    h5 = _split_hdf5(text)
+    h5 = split_hdf5(text)
     if h5 is not None:
         return _open_hdf5(h5[0], dataset or h5[1], channel)
     p = Path(text)
@@ -696,10 +696,9 @@ def _open_zarr(path, require_complete=False):
             f"it again to finish it")
     if isinstance(node, zarr.Array):
         return CheckedArray(node, path)
-    attrs = node.attrs.asdict()
-    multiscales = attrs.get("ome", attrs).get("multiscales")
+    multiscales = _store.multiscales(node.attrs.asdict())
     if multiscales:
-        return CheckedArray(node[multiscales[0]["datasets"][0]["path"]], path)
+        return CheckedArray(node[multiscales["datasets"][0]["path"]], path)
     arrays = sorted(name for name, _ in node.arrays())
     if "0" in arrays:
         return CheckedArray(node["0"], path)
@@ -718,7 +717,7 @@ def _select_channel(arr, channel, text):
     return ChannelView(arr, 0, channel)
 
 
-_split_hdf5 = _store.split_hdf5_path
+split_hdf5 = _store.split_hdf5_path  # one home (the store needs it too); re-exported here
 
 
 class HDF5Dataset(LazyArray):
@@ -792,13 +791,6 @@ def _open_hdf5(filename, name, channel):
 # --------------------------------------------------------------------------- convert
 
 
-def _slab_depth(shape, dtype, chunk_z):
-    """Slices per slab: whole z-chunks, about _SLAB_BYTES of data."""
-    per_slice = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-    n = max(1, _SLAB_BYTES // max(per_slice, 1) // chunk_z) * chunk_z
-    return min(n, max(shape[0], 1))
-
-
 def _downsample(a, labels):
     """Halve the last two axes: 2×2 mean for images, top-left sample for labels."""
     if labels:
@@ -809,37 +801,6 @@ def _downsample(a, labels):
     if np.issubdtype(a.dtype, np.integer):
         return np.rint(b).astype(a.dtype)
     return b.astype(a.dtype)
-
-
-class _LabelCheck:
-    """Maps a label slab to uint8 {0, 1} and collects the distinct values it has seen."""
-
-    def __init__(self, threshold):
-        self.threshold = threshold
-        self.values = set()
-
-    def __call__(self, slab):
-        if self.threshold is not None:
-            return (slab > self.threshold).astype(np.uint8)
-        if slab.dtype == np.bool_:
-            self.values.update({0, 1} & set(np.unique(slab).astype(int).tolist()))
-        else:
-            self.values.update(np.unique(slab).tolist())
-            if len(self.values) > 2:
-                self.fail()
-        return (slab != 0).astype(np.uint8)
-
-    def fail(self):
-        shown = sorted(self.values)
-        listing = ", ".join(f"{v:g}" for v in shown[:8]) + (", ..." if len(shown) > 8 else "")
-        raise EmtileError(
-            f"labels must be binary (0/1, 0/255 or bool), but found {len(shown)} values: "
-            f"{listing}; pass --threshold T to binarise (values > T become 1)"
-        )
-
-    def finish(self):
-        if self.threshold is None and not (self.values <= {0, 1} or self.values <= {0, 255}):
-            self.fail()
 
 
 def convert(input, output, *, labels=False, threshold=None, channel=None, dataset=None,
@@ -934,8 +895,9 @@ def _copy_slabs(src, arrays, input, output, *, labels, threshold, progress):
     from tqdm.auto import tqdm
 
     squeeze = src.ndim == 2
-    depth = _slab_depth(arrays[0].shape, src.dtype, arrays[0].chunks[0])
-    check = _LabelCheck(threshold) if labels else None
+    depth = slab_depth(arrays[0].shape, np.dtype(src.dtype).itemsize,
+                       chunk_z=arrays[0].chunks[0])
+    checker = LabelChecker() if labels and threshold is None else None
     out_dtype = arrays[0].dtype
 
     def read(z0, z1):
@@ -946,8 +908,9 @@ def _copy_slabs(src, arrays, input, output, *, labels, threshold, progress):
         except Exception as exc:  # a corrupt or truncated file shows itself only when read
             raise EmtileError(f"cannot read {str(input)!r} at slices {z0}:{z1}: {exc}") from None
         slab = slab[None] if squeeze else slab
-        if check is not None:
-            slab = check(slab)
+        if labels:
+            fg = slab > threshold if checker is None else checker.foreground(slab, f"slices {z0}:{z1}")
+            slab = fg.astype(np.uint8)
         elif slab.dtype != out_dtype:
             slab = slab.astype(out_dtype)
         return slab
@@ -965,40 +928,14 @@ def _copy_slabs(src, arrays, input, output, *, labels, threshold, progress):
               disable=not progress, delay=1.0) as bar:
         _pipeline(((z0, min(z0 + depth, n)) for z0 in range(0, n, depth)),
                   read, write, on_done=lambda z0, z1: bar.update(z1 - z0))
-    if check is not None:
-        check.finish()
 
 
-def _pipeline(ranges, read, write, *, on_done, depth=2):
-    """Read slabs on this thread while a writer thread writes the previous ones."""
-    q = queue.Queue(maxsize=depth)
-    errors = []
-
-    def writer():
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            if errors:
-                continue
-            try:
-                write(*item)
-                on_done(item[0], item[1])
-            except BaseException as exc:  # re-raised on the main thread
-                errors.append(exc)
-
-    thread = threading.Thread(target=writer, name="emtile-writer", daemon=True)
-    thread.start()
-    try:
+def _pipeline(ranges, read, write, *, on_done):
+    """Read slabs on this thread while a :class:`WriterThread` writes the previous ones."""
+    with WriterThread(lambda z0, z1, slab: (write(z0, z1, slab), on_done(z0, z1))) as writer:
         for z0, z1 in ranges:
-            if errors:
-                break
-            q.put((z0, z1, read(z0, z1)))
-    finally:
-        q.put(None)
-        thread.join()
-    if errors:
-        raise errors[0]
+            writer.check()  # a failed write stops the reading too
+            writer.put(z0, z1, read(z0, z1))
 
 
 # --------------------------------------------------------------------------- info
@@ -1044,7 +981,7 @@ def info(path, *, stats=False, progress=False):
         "compressor": None,
         "bytes_uncompressed": int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
         if arr is not None else None,
-        "bytes_on_disk": _du(_split_hdf5(str(path))[0] if _split_hdf5(str(path)) else path)
+        "bytes_on_disk": _du(split_hdf5(path)[0] if split_hdf5(path) else path)
         if Path(str(path)).exists() else None,
         "voxel_size": None,
         "levels": None,
@@ -1072,18 +1009,63 @@ def info(path, *, stats=False, progress=False):
             out["complete"] = bool(meta.get("complete"))
             out["kind"] = meta.get("kind")
             out["partial"] = meta.get("partial")
-        ms = attrs.get("ome", attrs).get("multiscales")
+        ms = _store.multiscales(attrs)
         if ms:
-            out["levels"] = len(ms[0]["datasets"])
-            out["bytes_on_disk_level0"] = _du(p / ms[0]["datasets"][0]["path"])
-            scale = ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"]
-            names = [a["name"] for a in ms[0]["axes"]]
-            out["voxel_size"] = {n: s for n, s in zip(names, scale) if n != "c"}
+            out["levels"] = len(ms["datasets"])
+            out["bytes_on_disk_level0"] = _du(p / ms["datasets"][0]["path"])
+            out["voxel_size"] = _store.spatial_scale(ms)
             if meta is not None and not meta.get("voxel_size_given", True):
                 out["voxel_size_note"] = "not given at conversion; recorded as 1 nm"
     if stats and arr is not None:
         out.update(_stats(arr, progress=progress))
     return out
+
+
+def _size(n):
+    """Bytes as tqdm writes them (three significant digits, SI prefixes: ``7.86MB``)."""
+    from tqdm import tqdm
+
+    return "-" if n is None else tqdm.format_sizeof(n, "B")
+
+
+def _format_partial(partial):
+    """One line for a store converted with --allow-partial: what was expected, what was found."""
+    found = "x".join(str(n) for n in partial["found"])
+    return f"converted {found} (the complete pages); expected {partial['expected']}"
+
+
+def format_info(d):
+    """What ``emtile info`` prints for the dict that :func:`info` returns."""
+    complete = {True: "yes", False: "NO (interrupted or still being written)", None: "-"}[d["complete"]]
+    lines = [
+        f"path          {d['path']}",
+        f"shape         {d['shape'] or '-'}",
+        f"dtype         {d['dtype'] or '-'}",
+        f"chunks        {d['chunks'] or '-'}",
+        f"compressor    {d['compressor'] or '-'}",
+        f"uncompressed  {_size(d['bytes_uncompressed'])}",
+    ]
+    if d.get("bytes_on_disk_level0") is not None and d["bytes_uncompressed"] is not None:
+        ratio = d["bytes_uncompressed"] / max(d["bytes_on_disk_level0"], 1)
+        lines.append(f"on disk       {_size(d['bytes_on_disk_level0'])} (ratio {ratio:.2f}); "
+                     f"whole store {_size(d['bytes_on_disk'])}")
+    else:
+        lines.append(f"on disk       {_size(d['bytes_on_disk'])}")
+    if d["voxel_size"]:
+        vs = " x ".join(f"{v:g}" for v in d["voxel_size"].values())
+        note = f"  ({d['voxel_size_note']})" if d.get("voxel_size_note") else ""
+        lines.append(f"voxel size    {vs} nm ({','.join(d['voxel_size'])}){note}")
+    if d["levels"]:
+        lines.append(f"levels        {d['levels']}")
+    if d["kind"]:
+        lines.append(f"kind          {d['kind']}")
+    lines.append(f"complete      {complete}")
+    if d.get("partial"):
+        lines.append(f"partial       YES: {_format_partial(d['partial'])}")
+    for key in ("min", "max", "mean"):
+        if key in d:
+            lines.append(f"{key:<13} {d[key]:.6g}")
+    return "\n".join(lines)
 
 
 def _codec_name(codec):
@@ -1103,7 +1085,7 @@ def _stats(arr, *, progress=False):
         data = np.asarray(arr[...], dtype=np.float64)
         return {"min": float(data.min()), "max": float(data.max()), "mean": float(data.mean())}
     chunk_z = (getattr(arr, "chunks", None) or (1,))[0]
-    depth = _slab_depth(arr.shape, arr.dtype, chunk_z)
+    depth = slab_depth(arr.shape, np.dtype(arr.dtype).itemsize, chunk_z=chunk_z)
     lo, hi, total = math.inf, -math.inf, 0.0
     for z0 in tqdm(range(0, arr.shape[0], depth), disable=not progress, desc="stats", delay=1.0):
         slab = np.asarray(arr[z0:z0 + depth])
@@ -1141,7 +1123,7 @@ def content_token(path):
         files = sorted(_glob.glob(text), key=_natural_key)
         folders = []
     else:
-        h5 = _split_hdf5(text)
+        h5 = split_hdf5(text)
         p = Path(h5[0] if h5 is not None else text)
         if not p.exists():
             raise EmtileError(f"input {text!r} does not exist")
@@ -1179,3 +1161,294 @@ def _hash_tree(h, folder):
                 stack.append((name, e.path))
             else:
                 _hash_stat(h, name, e.stat())
+# --------------------------------------------------------------------------- inputs
+
+
+def input_to_float(a):
+    """Input pixels -> float32 as the model sees them: integers scaled by their dtype's maximum
+    (uint8 / 255), booleans to 0/1, floats unchanged. Training and prediction both use it."""
+    a = np.asarray(a)
+    if a.dtype == np.float32:
+        return a
+    if a.dtype.kind in "ui":
+        return a.astype(np.float32) * np.float32(1.0 / np.iinfo(a.dtype).max)
+    return a.astype(np.float32)
+
+
+def open_input(source, *, name="input"):
+    """A path or an array -> ``(array, path or None)``; what every entry point accepts.
+
+    Parameters
+    ----------
+    source : str, Path, array-like or sequence
+        A path opens lazily with :func:`open_volume`. An object with ``shape``, ``dtype`` and
+        slicing (NumPy, Zarr, :class:`LazyArray`) is used as it is; a list becomes a NumPy array.
+    name : str
+        The parameter's name, for the error message.
+
+    Returns
+    -------
+    array : array-like
+    path : str or None
+        The path, for re-opening in worker processes; None for an in-memory array.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        return open_volume(source), str(source)
+    if isinstance(source, (list, tuple)):
+        return np.asarray(source), None
+    if not all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
+        raise EmtileError(f"{name} must be a path or an array (with shape, dtype and slicing), got "
+                          f"{type(source).__name__}")
+    return source, None
+
+
+# --------------------------------------------------------------------------- stacks slab by slab
+
+
+class Stack:
+    """A ``(Z, Y, X)`` view of a 2-D, 3-D or single-channel 4-D array, read slab by slab.
+
+    Parameters
+    ----------
+    array : array-like, shape (Y, X), (Z, Y, X) or (1, Z, Y, X)
+    display : str
+        How messages name it (its path, or e.g. ``"labels array"``).
+    """
+
+    def __init__(self, array, display):
+        self.array = array
+        self.display = display
+        shape = tuple(int(s) for s in array.shape)
+        if len(shape) == 2:
+            self.lead = "2d"
+            shape = (1,) + shape
+        elif len(shape) == 3:
+            self.lead = ""
+        elif len(shape) == 4 and shape[0] == 1:
+            self.lead = "c"
+            shape = shape[1:]
+        else:
+            raise EmtileError(f"{display} has shape {tuple(array.shape)}: expected (Z, Y, X), "
+                              "(Y, X) or one channel (1, Z, Y, X)")
+        self.shape = shape
+        self.dtype = np.dtype(array.dtype)
+
+    def read(self, z0, z1, yx=(slice(None), slice(None))):
+        """Slices ``z0:z1`` (cropped to ``yx``) as a NumPy array, shape (z1 - z0, Y', X')."""
+        if self.lead == "2d":
+            return np.asarray(self.array[yx])[None]
+        if self.lead == "c":
+            return np.asarray(self.array[(0, slice(z0, z1)) + tuple(yx)])
+        return np.asarray(self.array[(slice(z0, z1),) + tuple(yx)])
+
+
+def open_stack(source, *, name):
+    """A path or an array (see :func:`open_input`) as a :class:`Stack` named by its path or
+    ``"<name> array"``."""
+    array, path = open_input(source, name=name)
+    return Stack(array, path if path is not None else f"{name} array")
+
+
+def resolve_slices(slices, depth, *, name="slices"):
+    """Slice indices as a sorted list of ints, checked against a stack of ``depth`` slices.
+
+    Parameters
+    ----------
+    slices : None, int, slice or sequence of int
+        None: all; ``3``; ``slice(25, 30)`` (open ends allowed, no step); ``[25, 27]``.
+    depth : int
+        Number of slices in the volume.
+    name : str
+        The parameter's name, for error messages.
+
+    Examples
+    --------
+    >>> resolve_slices(slice(25, 30), 30)
+    [25, 26, 27, 28, 29]
+    >>> resolve_slices([4, 1, 1], 5)
+    [1, 4]
+    """
+    def outside(text):
+        return EmtileError(f"{name}={text} is outside the volume, which has {depth} slice"
+                           f"{'s' if depth != 1 else ''} (0 to {depth - 1})")
+
+    if slices is None:
+        return list(range(depth))
+    if isinstance(slices, slice):
+        start = 0 if slices.start is None else int(slices.start)
+        stop = depth if slices.stop is None else int(slices.stop)
+        if slices.step not in (None, 1):
+            raise EmtileError(f"{name}={start}:{stop}:{slices.step} has a step, which is not "
+                              "supported: give a range such as 25:30 or a list such as 25,27")
+        if not 0 <= start < stop <= depth:
+            raise outside(f"{'' if slices.start is None else start}:"
+                          f"{'' if slices.stop is None else stop}")
+        return list(range(start, stop))
+    if isinstance(slices, (int, np.integer)):
+        slices = [slices]
+    out = sorted({int(z) for z in slices})
+    if not out:
+        raise EmtileError(f"{name} is empty: give at least one slice index in 0..{depth - 1}")
+    wrong = [z for z in out if not 0 <= z < depth]
+    if wrong:
+        raise outside(",".join(str(z) for z in wrong))
+    return out
+
+
+def slice_runs(zs, max_len=None):
+    """Sorted slice indices -> contiguous ``(start, stop)`` runs, each at most ``max_len`` long.
+
+    Examples
+    --------
+    >>> slice_runs([0, 1, 2, 5, 6, 9], max_len=2)
+    [(0, 2), (2, 3), (5, 7), (9, 10)]
+    """
+    runs = []
+    for z in zs:
+        if runs and runs[-1][1] == z and (max_len is None or runs[-1][1] - runs[-1][0] < max_len):
+            runs[-1][1] = z + 1
+        else:
+            runs.append([z, z + 1])
+    return [tuple(r) for r in runs]
+
+
+def slab_depth(shape, itemsize, *, chunk_z=1, budget=None):
+    """Slices per slab of a ``(Z, Y, X)`` stack: whole z-chunks, about ``budget`` bytes (default
+    :data:`SLAB_BYTES`), at most Z.
+
+    ``itemsize`` is the bytes per pixel the reader holds (e.g. 4 where it works in float32).
+    """
+    budget = SLAB_BYTES if budget is None else budget
+    per_slice = int(np.prod(shape[1:])) * int(itemsize)
+    n = max(1, budget // max(per_slice, 1) // chunk_z) * chunk_z
+    return min(n, max(shape[0], 1))
+
+
+def center_crop(array, shape):
+    """The centre ``shape`` of the last ``len(shape)`` axes of ``array`` (a view).
+
+    Works on NumPy arrays and torch tensors alike. An odd size difference leaves the extra pixel
+    at the end (the U-Net's skip connections and training patches always differ by even sizes).
+    """
+    sizes = tuple(array.shape[-len(shape):])
+    assert all(n >= s for n, s in zip(sizes, shape)), (tuple(array.shape), tuple(shape))
+    box = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(sizes, shape))
+    return array[(Ellipsis, *box)]
+
+
+# --------------------------------------------------------------------------- binary labels
+
+
+class LabelChecker:
+    """Checks that labels are binary, slab after slab, and returns their foreground.
+
+    Labels are binary when every value seen so far is in {0, 1}, or every one in {0, 255}, or the
+    data are bool; non-zero is the cell interior. The first slab that breaks this raises one
+    :class:`EmtileError` naming where, the values seen and how to binarise them.
+    """
+
+    def __init__(self):
+        self.values = set()
+
+    def foreground(self, data, where):
+        """``data != 0`` (bool) after checking ``data``'s values; ``where`` names it in errors."""
+        data = np.asarray(data)
+        if data.dtype == np.bool_:
+            return data
+        if data.dtype == np.uint8:  # a histogram is much cheaper than sorting a large slab
+            values = np.flatnonzero(np.bincount(data.ravel(), minlength=256))
+        else:
+            values = np.unique(data)
+        self.values.update(values.tolist())
+        if not (self.values <= {0, 1} or self.values <= {0, 255}):
+            shown = sorted(self.values)
+            listing = ", ".join(f"{v:g}" for v in shown[:8]) + (", ..." if len(shown) > 8 else "")
+            found = f"{len(shown)} value{'s' if len(shown) > 1 else ''}"
+            raise EmtileError(
+                f"labels are not binary in {where}: found {found}: {listing}; expected 0/1 "
+                "(1 = cell interior), 0/255 or bool; binarise them with --threshold T "
+                "(emtile convert LABELS labels.zarr --labels --threshold T: values > T become 1)")
+        return data != 0
+
+
+def check_labels(labels, zs):
+    """Check that ``labels[z]`` for ``z`` in ``zs`` are binary (see :class:`LabelChecker`),
+    reading one slice at a time; return the fraction of foreground (non-zero) pixels."""
+    checker, ones, total = LabelChecker(), 0, 0
+    for z in zs:
+        fg = checker.foreground(labels[z], f"slice {z}")
+        ones += int(np.count_nonzero(fg))
+        total += fg.size
+    return ones / max(total, 1)
+
+
+# --------------------------------------------------------------------------- the writer thread
+
+
+class WriterThread:
+    """Runs ``work(*item)`` on a background thread for every item :meth:`put` hands over, in order,
+    so the caller reads (or computes) the next item meanwhile; at most ``depth`` items wait.
+
+    The first exception in ``work`` stops the work (later items are skipped) and is raised on
+    the caller's thread by the next :meth:`put` / :meth:`check`, or by :meth:`close`. Used as a
+    context manager, it closes (waiting for every item) on success and aborts on an exception.
+
+    Parameters
+    ----------
+    work : callable
+    depth : int
+        Items that may wait in the queue.
+    initializer : callable, optional
+        Called once on the thread before the first item (e.g. a thread-local setting).
+    """
+
+    def __init__(self, work, *, depth=2, initializer=None, name="emtile-writer"):
+        self.work, self.initializer, self.error = work, initializer, None
+        self._skip = False
+        self.queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        if self.initializer is not None:
+            self.initializer()
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None and not self._skip:
+                try:
+                    self.work(*item)
+                except BaseException as exc:  # re-raised on the caller's thread
+                    self.error = exc
+
+    def check(self):
+        """Raise the work's first error, if there was one."""
+        if self.error is not None:
+            raise self.error
+
+    def put(self, *item):
+        """Queue ``item`` (waits while ``depth`` items are queued)."""
+        self.check()
+        self.queue.put(item)
+
+    def close(self):
+        """Wait until every queued item is done; raise the work's first error."""
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+    def abort(self):
+        """Skip the queued items, wait for the one in progress; never raises."""
+        self._skip = True
+        self.queue.put(None)
+        self.thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()

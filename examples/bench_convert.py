@@ -10,7 +10,7 @@ asked for, then in one run and for each size:
 
 and prints MB/s (of uncompressed data) for both, their ratio and each process's peak RSS.
 
-    python examples/bench_convert.py --sizes 0.5,4 [--compression none|zlib] [--workdir DIR]
+    .venv/bin/python examples/bench_convert.py --sizes 0.5,4 [--compression none|zlib] [--workdir DIR]
 
 ``--compare TREE --rounds N`` instead times this tree's convert against another checkout's
 (e.g. a ``git worktree`` of the commit before a change), interleaved A B, B A, ... on the same

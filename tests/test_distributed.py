@@ -96,9 +96,8 @@ def test_unreachable_scheduler_is_one_line():
 
 def voxels_of_blocks(plan, ids):
     """A cheap stand-in for prediction: the voxel count of the task's first block, from the
-    lazy plan."""
-    voxels = int(np.prod(np.subtract(*plan.box(ids[0])[::-1])))
-    return [Result(i, os.getpid(), voxels=voxels) for i in ids]
+    lazy plan (one small int per block: results cost nothing to send back)."""
+    return [int(np.prod(np.subtract(*plan.box(ids[0])[::-1])))] * len(ids)
 
 
 def test_a_million_block_plan_runs_through_a_bounded_window(cluster):
@@ -129,3 +128,59 @@ def test_a_million_block_plan_runs_through_a_bounded_window(cluster):
     assert n == 10**6 and delivered[0] == 10**6
     assert most[0] < window * per_task  # never more than the window's blocks handed out
     assert len(client.futures) <= 1  # released as they were delivered
+
+
+SLURM_CONFIG = {  # what a user writes in ~/.config/dask/jobqueue.yaml (see the README)
+    "jobqueue.slurm.cores": 8, "jobqueue.slurm.memory": "64GB", "jobqueue.slurm.processes": 1,
+    "jobqueue.slurm.walltime": "04:00:00", "jobqueue.slurm.queue": "gpu",
+    "jobqueue.slurm.job-extra-directives": ["--gres=gpu:1"],
+    "jobqueue.slurm.worker-extra-args": ["--lifetime", "230m", "--lifetime-stagger", "10m",
+                                         "--resources", "GPU=1"],
+}
+
+
+def test_slurm_cluster_is_built_from_the_users_dask_config():
+    """No SLURM here: what is tested is the job script dask-jobqueue builds from the config
+    (nothing is submitted until start_cluster scales it)."""
+    pytest.importorskip("dask_jobqueue")
+    import dask
+
+    from emtile.distributed import create_cluster
+
+    with dask.config.set(SLURM_CONFIG), create_cluster("slurm") as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -p gpu" in script
+    assert "#SBATCH -t 04:00:00" in script and "#SBATCH --cpus-per-task=8" in script
+    assert "--lifetime 230m --lifetime-stagger 10m" in script and "--resources GPU=1" in script
+    assert "--nthreads 8" in script  # one worker process per job, with the job's cores
+
+
+def test_gpu_tasks_ask_for_the_gpu_resource_and_never_share_one():
+    """Workers that declare GPU=1 (dask-cuda's, or SLURM workers started with --resources
+    GPU=1): tasks asking for {"GPU": 1} run one at a time per worker, though each worker has
+    two threads. A real LocalCluster stands in for the GPU machine."""
+    import time
+
+    from distributed import Client, LocalCluster
+
+    from emtile.distributed import gpu_resources
+
+    with LocalCluster(n_workers=2, threads_per_worker=2, resources={"GPU": 1},
+                      dashboard_address=":0", processes=True) as lc, Client(lc) as client:
+        assert gpu_resources(client) == {"GPU": 1}
+        spans = []
+        map_blocks(sleepy_blocks, 0.3, range(4), client=client, resources=gpu_resources(client),
+                   progress=False, on_result=lambda i, r: spans.append(r))
+    for worker in {w for w, _, _ in spans}:
+        mine = sorted((a, b) for w, a, b in spans if w == worker)
+        assert all(b1 <= a2 for (_, b1), (a2, _) in zip(mine, mine[1:]))  # never overlapping
+
+
+def sleepy_blocks(seconds, ids):
+    import time
+
+    from distributed import get_worker
+
+    t0 = time.time()
+    time.sleep(seconds)
+    return [(get_worker().address, t0, time.time()) for _ in ids]

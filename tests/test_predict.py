@@ -366,14 +366,13 @@ RUN = textwrap.dedent(f"""
     r = predict(sys.argv[1], sys.argv[2], sys.argv[3], num_workers=int(sys.argv[4]), **{RUN_ARGS!r})
     print("resumed", r.blocks_resumed, "of", r.blocks)
 """)
-CRASH_ENV = "_EMTILE_TEST_CRASH"  # private, test-only: see emtile.predict
+FAULTS = "_EMTILE_FAULTS"  # private, test-only: see emtile._faults
 
 
 def _run(*args, crash=None):
-    env = dict(os.environ)
-    env.pop(CRASH_ENV, None)
+    env = {k: v for k, v in os.environ.items() if k != FAULTS}
     if crash:
-        env[CRASH_ENV] = crash
+        env[FAULTS] = crash
     return subprocess.run([sys.executable, "-c", RUN, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -394,7 +393,8 @@ def test_killed_run_resumes_to_byte_identical_output(tmp_path):
     expect = zarr.open_array(tmp_path / "full.zarr" / "0", mode="r")[third]
     assert expect.any()
 
-    for crash, recorded in (("3", 3), ("3:before-marker", 2)):
+    for crash, recorded in (("predict.block_recorded@3=kill", 3),
+                            ("predict.block_written@3=kill", 2)):
         out = tmp_path / f"resumed-{recorded}.zarr"
         killed = _run(model, inp, out, 1, crash=crash)
         assert killed.returncode == -9, killed.stderr  # SIGKILL: no clean-up ran
@@ -527,7 +527,7 @@ def test_output_that_is_or_holds_or_lies_in_the_input_is_refused(tmp_path, monke
         predict(net, "vol.zarr", "vol.zarr", tile=64, overwrite=True, progress=False)
     with pytest.raises(EmtileError, match="lies inside the input"):
         predict(net, "vol.zarr", "vol.zarr/pred.zarr", tile=64, overwrite=True, progress=False)
-    with pytest.raises(EmtileError, match="output 'vol.zarr' contains the input 'vol.zarr/0'"):
+    with pytest.raises(EmtileError, match="output 'vol.zarr' holds the input 'vol.zarr/0'"):
         predict(net, "vol.zarr/0", "vol.zarr", tile=64, overwrite=True, progress=False)
     assert not (tmp_path / "vol.zarr" / "pred.zarr").exists()
     np.testing.assert_array_equal(emtile.open_volume("vol.zarr")[:], vol)
