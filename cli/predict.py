@@ -95,6 +95,10 @@ def predict(input, output, model, tile, batch_size, workers, device, amp, blend,
                  compile=compile_, threads=threads, cluster=cluster,
                  cluster_workers=cluster_workers, scheduler_file=scheduler_file,
                  blocks_per_task=blocks_per_task, retries=retries)
+    if result.tile_probe:
+        timed = ", ".join(f"{t}: {s:.2f} s" for t, s in sorted(result.tile_probe.items()))
+        click.echo(f"tile auto: timed the model per tile ({timed}); fastest run: "
+                   f"{result.tile[-1]}")
     if result.blocks_resumed:
         click.echo(f"resumed: {result.blocks_resumed} of {result.blocks} blocks were already done")
     click.echo(str(result))

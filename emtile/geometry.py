@@ -30,7 +30,7 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["ShapeMap", "Grid", "Block", "BlockPlan", "tile_grid", "block_plan", "choose_tile",
-           "normalize_roi", "reflect_index", "read_window", "per_axis"]
+           "normalize_roi", "reflect_index", "read_window", "per_axis", "tile_costs"]
 
 
 # --------------------------------------------------------------------------- shape map
@@ -471,11 +471,44 @@ def block_plan(grid, chunks, *, max_block_px=2**22):
 # --------------------------------------------------------------------------- auto tile
 
 
-def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None):
-    """The valid tile size that computes the fewest input pixels for this region.
+def tile_costs(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None):
+    """Every valid tile size with its cost for this region, cheapest first.
 
     Tries every valid size from ``min_tile`` (default the smallest) to ``max_tile`` (default: a
     size whose output covers the region's largest model axis in one tile).
+
+    Returns
+    -------
+    list of (tile, n_tiles, pixels)
+        Input tile size (the same along every model axis), the tiles of its grid and the input
+        pixels they compute, sorted by pixels (then by tile size).
+    """
+    region = normalize_roi(roi, volume_shape)
+    k = shape_map.ndim
+    spatial = [b - a for a, b in region[len(region) - k:]]
+    lo = shape_map.min_size if min_tile is None else int(min_tile)
+    # larger tiles than one covering the region gain nothing; but at least one size from lo up
+    need = max(max(spatial) + 2 * shape_map.halo + 2 * shape_map.align, lo + shape_map.align)
+    hi = need if max_tile is None else min(int(max_tile), need)
+    sizes = shape_map.valid_sizes(lo, hi)
+    if not sizes:
+        raise EmtileError(f"no valid tile size between {lo} and {hi} at depth {shape_map.depth} "
+                          f"(the smallest is {shape_map.min_size}); raise the memory budget")
+    costs = []
+    for t in sizes:
+        try:
+            g = tile_grid(volume_shape, shape_map, t, roi=region, overlap=overlap)
+        except EmtileError:  # overlap too large for this tile
+            continue
+        costs.append((t, g.n_tiles, g.n_tiles * math.prod(g.in_tile)))
+    if not costs:
+        raise EmtileError(f"overlap={overlap} is too large for every tile size up to {hi}")
+    return sorted(costs, key=lambda c: (c[2], c[0]))
+
+
+def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None):
+    """The valid tile size that computes the fewest input pixels for this region (the first of
+    :func:`tile_costs`).
 
     Returns
     -------
@@ -490,29 +523,9 @@ def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, 
     (700, 0.5349877551020408)
     """
     region = normalize_roi(roi, volume_shape)
-    k = shape_map.ndim
-    spatial = [b - a for a, b in region[len(region) - k:]]
-    lo = shape_map.min_size if min_tile is None else int(min_tile)
-    # larger tiles than one covering the region gain nothing; but at least one size from lo up
-    need = max(max(spatial) + 2 * shape_map.halo + 2 * shape_map.align, lo + shape_map.align)
-    hi = need if max_tile is None else min(int(max_tile), need)
-    sizes = shape_map.valid_sizes(lo, hi)
-    if not sizes:
-        raise EmtileError(f"no valid tile size between {lo} and {hi} at depth {shape_map.depth} "
-                          f"(the smallest is {shape_map.min_size}); raise the memory budget")
-    best = None
-    region_px = math.prod(b - a for a, b in region)
-    for t in sizes:
-        try:
-            g = tile_grid(volume_shape, shape_map, t, roi=region, overlap=overlap)
-        except EmtileError:  # overlap too large for this tile
-            continue
-        cost = g.n_tiles * math.prod(g.in_tile)
-        if best is None or cost < best[1]:
-            best = (t, cost)
-    if best is None:
-        raise EmtileError(f"overlap={overlap} is too large for every tile size up to {hi}")
-    return best[0], region_px / best[1]
+    tile, _, pixels = tile_costs(volume_shape, shape_map, roi=region, overlap=overlap,
+                                 max_tile=max_tile, min_tile=min_tile)[0]
+    return tile, math.prod(b - a for a, b in region) / pixels
 
 
 # --------------------------------------------------------------------------- reading

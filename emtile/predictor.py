@@ -40,6 +40,7 @@ validation during training.
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,7 @@ class PredictResult:
     threads: int = 0  # torch threads per process (CPU)
     cluster: str = ""  # the cluster it ran on ("" for this process)
     block_seconds: float = 0.0  # median seconds a block took (model + stitching + writing)
+    tile_probe: dict = field(default_factory=dict)  # tile="auto": seconds per tile measured
 
     def __str__(self):
         model_axes = [ax for ax, (t, o) in enumerate(zip(self.tile, self.out_tile))
@@ -169,7 +171,9 @@ def weights_hash(net):
 
 
 def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, max_block_px,
-          chunk_size):
+          chunk_size, probe=None):
+    """``(grid, chunks)``; ``tile="auto"`` takes the size computing the fewest pixels, or the
+    one ``probe(costs)`` picks from :func:`emtile.geometry.tile_costs`."""
     _check_volume(net, arr)
     _choice("blend", blend, BLENDS)
     shape = tuple(int(s) for s in arr.shape)
@@ -184,8 +188,9 @@ def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, m
         min_out = net.align
         if ramps:  # both ramps fit in the output whatever the stride's rounding
             min_out = 2 * (max(geometry.per_axis(overlap, net.ndim, "overlap")) + net.align) + 1
-        tile, _ = geometry.choose_tile(shape, net.shape_map, roi=region, overlap=overlap,
-                                       max_tile=max_tile, min_tile=2 * net.halo + min_out)
+        costs = geometry.tile_costs(shape, net.shape_map, roi=region, overlap=overlap,
+                                    max_tile=max_tile, min_tile=2 * net.halo + min_out)
+        tile = costs[0][0] if probe is None else probe(costs)
     grid = _grid(net, shape, tile, region, overlap)
     if ramps and not grid.owned:
         _check_ramps(net, grid, overlap, blend)
@@ -851,9 +856,10 @@ def _open_output(job, path, *, overwrite, fingerprint, flush_every):
 
 
 def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, overlap, roi,
-           max_tile_memory, max_block_px, chunk_size):
+           max_tile_memory, max_block_px, chunk_size, probe=None, channels_last=True):
     """Check the options; return ``(net, array, input path or None, grid, chunks, device,
-    num_workers)``."""
+    num_workers)``. ``probe``: a dict to fill with the seconds per tile :func:`_probe_tiles`
+    measured when ``tile="auto"`` (None: choose by computed pixels alone)."""
     net = _as_model(model)
     arr, path = open_input(input)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -864,10 +870,48 @@ def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, o
     dev = resolve_device(device, net)
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if dev.type == "cuda" else 1
+    if probe is not None:
+        probe = functools.partial(_probe_tiles, net=net, device=dev, amp=amp,
+                                  batch_size=batch_size, channels_last=channels_last,
+                                  record=probe)
     grid, chunks = _plan(net, arr, tile=tile, overlap=overlap, roi=roi, blend=blend,
                          max_tile_memory=max_tile_memory, batch_size=batch_size,
-                         max_block_px=max_block_px, chunk_size=chunk_size)
+                         max_block_px=max_block_px, chunk_size=chunk_size, probe=probe)
     return net, arr, path, grid, chunks, dev, num_workers
+
+
+#: ``tile="auto"`` times the model on the candidate sizes only for runs of at least this many
+#: tiles (of the size computing the fewest pixels): a probe costs a few tiles' time.
+PROBE_MIN_TILES = 64
+PROBE_SPREAD = 1.3  # candidates: sizes computing at most this many times the fewest pixels
+PROBE_CANDIDATES = 4
+
+
+def _probe_tiles(costs, *, net, device, amp, batch_size, channels_last, record):
+    """The tile size whose run is fastest by measurement: ``n_tiles * seconds per tile``.
+
+    Computed pixels alone are not the cost: per pixel, large tiles can run slower (bigger
+    activations, page faults, cache misses) or faster (less overhead per pass) than small ones,
+    depending on the machine. So when the run is long enough (``PROBE_MIN_TILES``), the model is
+    timed on up to ``PROBE_CANDIDATES`` sizes within ``PROBE_SPREAD`` of the fewest pixels (one
+    warm-up pass and one timed pass each, random input, the run's device, precision and memory
+    format) and the fastest total wins. ``record`` receives ``{tile: seconds per tile}``.
+    """
+    import torch
+
+    best_tile, n_tiles, pixels = costs[0]
+    candidates = [c for c in costs if c[2] <= PROBE_SPREAD * pixels][:PROBE_CANDIDATES]
+    if n_tiles < PROBE_MIN_TILES or len(candidates) < 2:
+        return best_tile
+    with _prepared(net, device, channels_last, False) as fn:
+        forward = _Forward(fn, device, amp, channels_last, tta=False)
+        for t, _, _ in candidates:
+            x = torch.rand((batch_size, 1) + (t,) * net.ndim)
+            forward(x)  # warm-up: allocations, kernels chosen for this size
+            t0 = time.perf_counter()
+            forward(x)
+            record[t] = (time.perf_counter() - t0) / batch_size
+    return min(candidates, key=lambda c: (c[1] * record[c[0]], c[0]))[0]
 
 
 def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block_px, dtype,
@@ -1007,10 +1051,14 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
                               "themselves), not an array")
         if not isinstance(blocks_per_task, int) or blocks_per_task < 1:
             raise EmtileError(f"blocks_per_task={blocks_per_task!r} must be a positive integer")
+    if tile == "auto" and not overwrite:
+        tile = _resumed_tile(output) or tile  # the interrupted run's choice, not a new probe
+    probe = {}
     net, arr, path, grid, chunks, dev, num_workers = _setup(
         model, input, tile=tile, batch_size=batch_size, num_workers=num_workers, device=device,
         amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
-        max_block_px=max_block_px, chunk_size=chunk_size)
+        max_block_px=max_block_px, chunk_size=chunk_size, probe=probe,
+        channels_last=channels_last)
     from emtile import store
 
     store.check_output(output, inputs=[path] if path is not None else [])
@@ -1055,7 +1103,22 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         out_tile=grid.out_tile, stride=grid.stride, tiles=n_runs, blocks=len(plan),
         blocks_resumed=len(plan) - len(todo), efficiency=_efficiency(grid, n_runs),
         seconds=time.perf_counter() - t0, device=str(dev), threads=threads, cluster=where,
-        block_seconds=float(np.median(seconds)) if seconds else 0.0)
+        block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=probe)
+
+
+def _resumed_tile(output):
+    """The tile an interrupted prediction into ``output`` chose, or None: ``tile="auto"`` must
+    choose it again for the run to resume (its choice by measurement could differ)."""
+    from emtile import store
+
+    if not store.is_zarr_store(output):
+        return None
+    meta = store.emtile_attrs(output) or {}
+    tile = (meta.get("predict") or {}).get("tile")
+    if meta.get("complete") or not tile:
+        return None
+    sizes = [t for t in tile if t > 1]
+    return tuple(sizes) if sizes else None
 
 
 _RESUME = "run the same command again to resume"

@@ -656,3 +656,36 @@ def test_emtile_predict_is_the_function_after_importing_every_module(tmp_path):
     result = emtile.predict(make_net(2), rand_volume((30, 30)), tmp_path / "p.zarr", tile=64,
                             progress=False)
     assert result.shape == (30, 30) and is_complete(tmp_path / "p.zarr")
+
+
+def test_auto_tile_times_the_candidates_and_takes_the_fastest_run(tmp_path, monkeypatch):
+    net = make_net(2)
+    vol = rand_volume((4, 131, 97))
+    monkeypatch.setattr(predict_module, "PROBE_MIN_TILES", 1)
+    monkeypatch.setattr(predict_module, "PROBE_SPREAD", 100.0)  # every size is a candidate
+    r = predict(net, vol, tmp_path / "p.zarr", tile="auto", max_tile_memory=2**24,
+                progress=False)
+    assert len(r.tile_probe) >= 2 and all(s > 0 for s in r.tile_probe.values())
+    costs = {t: n for t, n, _ in geometry.tile_costs(vol.shape, net.shape_map, max_tile=10**4,
+                                                     min_tile=net.min_size)}
+    expect = min(r.tile_probe, key=lambda t: (costs[t] * r.tile_probe[t], t))
+    assert r.tile[-1] == expect
+    ref = reference(net, vol)[0]
+    assert np.abs(emtile.open_volume(tmp_path / "p.zarr")[:] / 255 - ref).max() <= 0.5 / 255 + TOL
+
+
+def test_auto_tile_resumes_with_the_interrupted_runs_choice(tmp_path, monkeypatch):
+    net = make_net(2)
+    src = write_input(tmp_path / "in.zarr", rand_volume((3, 131, 97)))
+    out = tmp_path / "p.zarr"
+    kw = dict(tile="auto", progress=False, chunk_size=30, max_block_px=2000, dtype="float32")
+    first = predict(net, src, out, **kw)
+    assert first.blocks > 2
+    interrupt(out, keep=2)
+    other = next(t for t in net.valid_sizes(64, 400) if t != first.tile[-1])
+    monkeypatch.setattr(predict_module, "_probe_tiles", lambda costs, **kw: other)
+    monkeypatch.setattr(predict_module, "PROBE_MIN_TILES", 1)
+    again = predict(net, src, out, **kw)
+    assert again.tile == first.tile and again.blocks_resumed == 2
+    fresh = predict(net, src, tmp_path / "fresh.zarr", **kw)  # a new run probes again
+    assert fresh.tile[-1] == other
