@@ -59,6 +59,15 @@ _ACTIVE = bool(_RULES) or _TRACE is not None
 _COUNTS = {}
 
 
+def plan(text):
+    """Replace this process's plan by ``text`` (the ``_EMTILE_FAULTS`` syntax; "" for none) and
+    restart the counts: for a process that is already running, such as one Dask worker."""
+    global _RULES, _TRACE, _ACTIVE
+    _RULES, _TRACE = _parse(text)
+    _ACTIVE = bool(_RULES) or _TRACE is not None
+    _COUNTS.clear()
+
+
 def point(name):
     """A named point in a writer: does nothing unless ``_EMTILE_FAULTS`` plans a fault here."""
     if _ACTIVE:

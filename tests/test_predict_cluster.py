@@ -135,19 +135,26 @@ def test_scheduler_and_workers_started_by_hand(data, tmp_path):
                 p.kill()
 
 
-def test_a_worker_killed_mid_block_does_not_change_the_bytes(data, tmp_path, monkeypatch):
-    """Each first worker is SIGKILLed after writing its 2nd block's chunks and before reporting
-    it: Dask runs those tasks again on the restarted workers, every block is recorded, and the
-    bytes are the same."""
-    monkeypatch.setenv("_EMTILE_FAULTS", "predict.block_written@2=kill")
-    with start_cluster("local", workers=2) as (client, _):
-        monkeypatch.delenv("_EMTILE_FAULTS")  # the restarted workers do not inherit it
-        before = set(client.run(os.getpid).values())
-        out = tmp_path / "p.zarr"
-        r = predict(data / "model", data / "in.zarr", out, client=client, **OPTS)
-        client.wait_for_workers(2, timeout=60)
-        after = set(client.run(os.getpid).values())
-    assert before - after and after - before  # workers died and were replaced
+def _plan_faults(text):
+    from emtile import _faults
+
+    _faults.plan(text)
+
+
+def test_a_worker_killed_mid_block_does_not_change_the_bytes(data, tmp_path, cluster):
+    """One worker is SIGKILLed after writing its 2nd block's chunks and before reporting it: Dask
+    runs that task again elsewhere, the nanny restarts the worker, every block is recorded, and
+    the bytes are the same."""
+    client = cluster
+    before = client.run(os.getpid)
+    victim = sorted(before)[0]
+    client.run(_plan_faults, "predict.block_written@2=kill", workers=[victim])
+    out = tmp_path / "p.zarr"
+    r = predict(data / "model", data / "in.zarr", out, client=client, **OPTS)
+    client.wait_for_workers(2, timeout=60)
+    after = client.run(os.getpid)
+    client.run(_plan_faults, "")
+    assert set(before.values()) - set(after.values())  # the victim died and was replaced
     assert r.blocks_resumed == 0 and is_complete(out)
     assert zarr.open_group(out, mode="r")["emtile_blocks"][:].all()
     assert_same_output(data / "local.zarr", out)
@@ -173,10 +180,12 @@ def _run(data, out, crash=None, **kw):
                           text=True, timeout=300)
 
 
-def test_killed_client_resumes_locally_and_killed_local_run_resumes_on_a_cluster(data, tmp_path):
-    # a client killed after recording 3 blocks (its cluster dies with it), resumed in-process
+def test_killed_client_resumes_locally_and_killed_local_run_resumes_on_a_cluster(data, tmp_path,
+                                                                                cluster):
+    address = cluster.scheduler.address
+    # a client killed after recording 3 blocks (its tasks may still finish), resumed in-process
     out = tmp_path / "a.zarr"
-    killed = _run(data, out, crash="3", cluster="local", cluster_workers=2)
+    killed = _run(data, out, crash="3", cluster=address)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not is_complete(out)
     n = int(zarr.open_group(out, mode="r")["emtile_blocks"][:].sum())
@@ -186,11 +195,11 @@ def test_killed_client_resumes_locally_and_killed_local_run_resumes_on_a_cluster
     assert again.stdout.split()[1] == str(n)  # only the missing blocks were computed
     assert_same_output(data / "local.zarr", out)
 
-    # a local run killed after 2 blocks, resumed on a cluster
+    # a local run killed after 2 blocks, resumed on the cluster
     out = tmp_path / "b.zarr"
     killed = _run(data, out, crash="2", num_workers=0)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    again = _run(data, out, cluster="local", cluster_workers=2)
+    again = _run(data, out, cluster=address)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split()[1] == "2"
     assert_same_output(data / "local.zarr", out)
