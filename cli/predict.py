@@ -73,9 +73,12 @@ class TileSize(click.ParamType):
               help="Blocks per Dask task (more when blocks take milliseconds).")
 @click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
               help="Extra tries of a failed Dask task before the run stops.")
+@click.option("--levels", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Resolution levels: an OME-Zarr pyramid for viewers (each level halves y and "
+                   "x; probabilities by the mean, the mask by sampling), written as blocks finish.")
 def predict(input, output, model, tile, batch_size, workers, device, amp, blend, overlap, tta, roi,
             dtype, threshold, overwrite, no_progress, compile_, threads, cluster, cluster_workers,
-            scheduler_file, blocks_per_task, retries):
+            scheduler_file, blocks_per_task, retries, levels):
     """Predict INPUT (TIFF, image folder, Zarr, HDF5) into the OME-Zarr store OUTPUT.
 
     A 2-D model runs slice by slice over a (Z, Y, X) stack. An interrupted run started again
@@ -94,7 +97,7 @@ def predict(input, output, model, tile, batch_size, workers, device, amp, blend,
                  dtype=dtype, threshold=threshold, overwrite=overwrite, progress=not no_progress,
                  compile=compile_, threads=threads, cluster=cluster,
                  cluster_workers=cluster_workers, scheduler_file=scheduler_file,
-                 blocks_per_task=blocks_per_task, retries=retries)
+                 blocks_per_task=blocks_per_task, retries=retries, levels=levels)
     if result.tile_probe:
         timed = ", ".join(f"{t}: {s:.2f} s" for t, s in sorted(result.tile_probe.items()))
         click.echo(f"tile auto: timed the model per tile ({timed}); fastest run: "

@@ -281,6 +281,7 @@ class PredictJob:
     compile: bool
     device: str
     threads: int  # torch intra-op threads (0: leave the process's setting)
+    levels: int = 1  # resolution levels written (each halves y and x)
 
     def grid(self):
         shape_map = geometry.ShapeMap(self.depth, self.model_ndim)
@@ -340,8 +341,9 @@ class _Context:
             import zarr
 
             group = zarr.open_group(job.output, mode="r+")
-            self.probs = group["0"]
-            self.mask = group["labels/mask/0"] if job.threshold is not None else None
+            self.probs = [group[str(k)] for k in range(job.levels)]
+            self.mask = ([group[f"labels/mask/{k}"] for k in range(job.levels)]
+                         if job.threshold is not None else None)
             self.markers = group[MARKERS]
 
     def _input(self):
@@ -386,18 +388,31 @@ class _Context:
             return np.zeros(len(ids), bool)
         return flags[ids - lo] != 0
 
-    def write(self, block, p, m):
-        lead = (slice(None),) if self.job.channels > 1 else ()
-        sl = lead + block.slices(self.job.region)
+    def write(self, block, values):
+        """Write a block's ``[(probabilities, mask or None)]``, one pair per level."""
+        region = self.job.region
         if self.memory_out is not None:
-            self.memory_out[(slice(None),) + block.slices(self.job.region)] = p
+            self.memory_out[(slice(None),) + block.slices(region)] = values[0][0]
             return
         from emtile.store import write_errors
 
+        lead = (slice(None),) if self.job.channels > 1 else ()
         with write_errors(self.job.output, then=_RESUME):
-            self.probs[sl] = p if self.job.channels > 1 else p[0]
-            if self.mask is not None:
-                self.mask[sl] = m if self.job.channels > 1 else m[0]
+            for k, (p, m) in enumerate(values):
+                sl = lead + _level_slices(block, region, k)
+                self.probs[k][sl] = p if self.job.channels > 1 else p[0]
+                if self.mask is not None:
+                    self.mask[k][sl] = m if self.job.channels > 1 else m[0]
+
+
+def _level_slices(block, region, level):
+    """``block``'s slices in pyramid level ``level`` of an output covering ``region``: y and x
+    halved per level (a block starts on a multiple of ``2**level`` there)."""
+    out = []
+    for ax, (a, b, (r0, _)) in enumerate(zip(block.start, block.stop, region)):
+        f = 2**level if ax >= len(region) - 2 else 1
+        out.append(slice((a - r0) // f, -(-(b - r0) // f)))
+    return tuple(out)
 
 
 def _context(job):
@@ -640,18 +655,25 @@ class _Stitcher:
         self.stitch.accumulate(acc, wsum, tile, weight, origin)
 
 
-def _block_values(stitch, acc, wsum, dtype, threshold):
-    """Normalised block -> (probabilities in ``dtype``, mask or None), both (C, *S)."""
-    if threshold is None:
-        return stitch.normalize(acc, wsum, dtype=np.dtype(dtype)), None
-    p = stitch.normalize(acc, wsum, dtype=np.float32)
-    mask = (p >= np.float32(threshold)).astype(np.uint8)
-    if dtype != "float32":
-        p = stitch.normalize(acc, wsum, dtype=np.dtype(dtype))
-    return p, mask
+def _block_values(stitch, acc, wsum, dtype, threshold, levels=1):
+    """Normalised block -> ``[(probabilities in dtype, mask or None)]``, one pair per pyramid
+    level, each (C, *S_k). Level k+1 is the 2×2 mean of level k's float probabilities (then
+    stored as ``dtype``, exactly as level 0) and the 2×2 top-left sample of its mask."""
+    from emtile.store import downsample
 
-
-# --------------------------------------------------------------------------- writing
+    if threshold is None and levels == 1:
+        return [(stitch.normalize(acc, wsum, dtype=np.dtype(dtype)), None)]
+    f = stitch.normalize(acc, wsum, dtype=np.float32)
+    mask = (f >= np.float32(threshold)).astype(np.uint8) if threshold is not None else None
+    out = [(f if dtype == "float32" else stitch.normalize(acc, wsum, dtype=np.dtype(dtype)),
+            mask)]
+    for _ in range(1, levels):
+        f = downsample(f, labels=False)
+        mask = downsample(mask, labels=True) if mask is not None else None
+        ones = np.ones(f.shape[1:], np.float32)  # dividing by 1: the same rounding as level 0
+        out.append((f if dtype == "float32" else stitch.normalize(f, ones, dtype=np.dtype(dtype)),
+                    mask))
+    return out
 
 
 def _single_numba_thread():
@@ -720,8 +742,9 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
         batches = _read_ahead(iter(dataset))
     def finish(block, acc, wsum, read_s, compute_s):
         t0 = time.perf_counter()
-        p, m = _block_values(ctx.stitcher.stitch, acc, wsum, job.dtype, job.threshold)
-        ctx.write(block, p, m)
+        values = _block_values(ctx.stitcher.stitch, acc, wsum, job.dtype, job.threshold,
+                               job.levels)
+        ctx.write(block, values)
         report = BlockReport(block.index, len(block.tiles), math.prod(block.shape), read_s,
                              compute_s, time.perf_counter() - t0, False, os.getpid())
         _faults.point("predict.block_written")  # test-only: chunks written, not yet reported
@@ -790,6 +813,7 @@ def _fingerprint(job, array):
         "weights_sha256": job.weights, "device": device, "batch_size": job.batch_size,
         "channels_last": bool(job.channels_last), "compile": bool(job.compile),
         "threads": job.threads if device == "cpu" else None, "torch": torch.__version__,
+        "levels": job.levels,
     }
 
 
@@ -835,12 +859,14 @@ def _open_output(job, path, *, overwrite, fingerprint, flush_every):
     axes = ("c" if c > 1 else "") + ("zyx" if len(region_shape) == 3 else "yx")
     voxel = store.voxel_size(path, len(region_shape))
     group = store.create_image(output, shape, np.dtype(job.dtype), chunks=chunks,
+                               levels=job.levels, halve_chunks=True,
                                voxel_size=voxel, axes=axes, name="probabilities",
                                kind="probabilities", attrs={"predict": fingerprint})
     store.set_translation(group, [a for a, _ in job.region])
     if job.threshold is not None:
         group.create_group("labels", attributes={"labels": ["mask"]})
         mgroup = store.create_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
+                                    levels=job.levels, halve_chunks=True,
                                     voxel_size=voxel, axes=axes, name="mask", kind="labels",
                                     attrs={"threshold": job.threshold})
         store.set_translation(mgroup, [a for a, _ in job.region])
@@ -915,7 +941,8 @@ def _probe_tiles(costs, *, net, device, amp, batch_size, channels_last, record):
 
 
 def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block_px, dtype,
-         threshold, tta, amp, blend, batch_size, channels_last, compile, device, threads):
+         threshold, tta, amp, blend, batch_size, channels_last, compile, device, threads,
+         levels=1):
     k = net.ndim
     return PredictJob(
         input=input, output=output, model=model, weights=weights, depth=net.depth, model_ndim=k,
@@ -924,7 +951,7 @@ def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block
         overlap=tuple(geometry.per_axis(overlap, k, "overlap")), blend=blend, chunks=chunks,
         max_block_px=int(max_block_px), dtype=dtype, threshold=threshold, tta=bool(tta), amp=amp,
         batch_size=batch_size, channels_last=bool(channels_last), compile=bool(compile),
-        device=str(device), threads=int(threads))
+        device=str(device), threads=int(threads), levels=levels)
 
 
 def _check_threads(threads):
@@ -952,7 +979,7 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
             overwrite=False, progress=True, channels_last=True, compile=False,
             max_tile_memory=AUTO_TILE_MEMORY, max_block_px=2**22, chunk_size=CHUNK_TARGET,
             threads=None, cluster=None, cluster_workers=None, scheduler_file=None,
-            blocks_per_task=1, retries=2, client=None):
+            blocks_per_task=1, retries=2, client=None, levels=1):
     """Predict a volume tile by tile into an OME-Zarr store of probabilities (and a mask).
 
     Parameters
@@ -1026,6 +1053,10 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         Extra tries of a failed Dask task.
     client : distributed.Client, optional
         An existing client to run on (instead of ``cluster``).
+    levels : int
+        Resolution levels (an OME-Zarr pyramid for viewers of large volumes): level ``k`` halves
+        y and x ``k`` times, probabilities by the 2×2 mean, the mask by the top-left sample.
+        Every level of a block is written by the task that computed the block: no second pass.
 
     Returns
     -------
@@ -1062,13 +1093,14 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
     from emtile import store
 
     store.check_output(output, inputs=[path] if path is not None else [])
+    _check_levels(levels, grid, chunks)
     threads = _default_threads(threads, dev, distributed, spec)
     job = _job(net, grid, chunks, input=path or "", output=str(output),
                model=str(model) if isinstance(model, (str, os.PathLike)) else "",
                weights=weights_hash(net), overlap=overlap, max_block_px=max_block_px,
                dtype=dtype, threshold=threshold, tta=tta, amp=amp, blend=blend,
                batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
-               threads=threads)
+               threads=threads, levels=levels)
     fingerprint = None if path is None else _fingerprint(job, arr)
     plan = job.plan()
     with store.output_lock(output):
@@ -1122,6 +1154,23 @@ def _resumed_tile(output):
 
 
 _RESUME = "run the same command again to resume"
+
+
+def _check_levels(levels, grid, chunks):
+    """Each level's chunks must stay whole per block: level ``levels - 1`` halves a chunk
+    ``levels - 1`` times in y and x, so ``2 ** (levels - 1)`` must divide it (or the region must
+    be one chunk there)."""
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+        raise EmtileError(f"levels={levels!r} must be a positive integer")
+    f = 2 ** (levels - 1)
+    for c, n in zip(chunks[-2:], grid.region_shape[-2:]):
+        if c % f and c < n:
+            most = 1 + max(k for k in range(12) if c % 2**k == 0)
+            raise EmtileError(f"levels={levels} needs output chunks divisible by {f} in y and x, "
+                              f"but they are {c} px: use at most {most} levels")
+        if n < f:
+            raise EmtileError(f"levels={levels} would halve the {n}-px region below one pixel: "
+                              f"use at most {n.bit_length()} levels")
 
 
 def _default_threads(threads, dev, distributed, spec):

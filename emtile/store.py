@@ -80,9 +80,37 @@ def level_shape(shape, axes, level):
     return tuple(-(-s // 2**level) if ax in "yx" else s for s, ax in zip(shape, axes))
 
 
+def downsample(a, *, labels):
+    """Halve the last two axes (y, x) for the next pyramid level: the 2×2 mean for images and
+    probabilities (an odd edge is padded by repeating it; integers are rounded), the top-left
+    sample for labels and masks, which never invents a value.
+
+    Examples
+    --------
+    >>> downsample(np.array([[0, 2, 4], [2, 4, 8]], np.uint8), labels=False)
+    array([[2, 6]], dtype=uint8)
+    >>> downsample(np.array([[1, 2, 3], [4, 5, 6]]), labels=True)
+    array([[1, 3]])
+    """
+    if labels:
+        return a[..., ::2, ::2]
+    pad = [(0, 0)] * (a.ndim - 2) + [(0, a.shape[-2] % 2), (0, a.shape[-1] % 2)]
+    b = np.pad(a, pad, mode="edge").astype(np.float32)
+    b = 0.25 * (b[..., ::2, ::2] + b[..., 1::2, ::2] + b[..., ::2, 1::2] + b[..., 1::2, 1::2])
+    if np.issubdtype(a.dtype, np.integer):
+        return np.rint(b).astype(a.dtype)
+    return b.astype(a.dtype)
+
+
+def level_chunks(chunks, axes, level):
+    """Chunks of pyramid level ``level`` when each level's chunks are halved in y and x, so that
+    a writer that owns whole level-0 chunks owns whole chunks at every level."""
+    return tuple(max(1, c // 2**level) if ax in "yx" else c for c, ax in zip(chunks, axes))
+
+
 def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None, levels=1,
                  name=None, kind="image", attrs=None, compression="zstd", compression_level=3,
-                 fill_value=0):
+                 fill_value=0, halve_chunks=False):
     """Create an incomplete OME-Zarr image group at ``path`` and return it (opened for writing).
 
     Parameters
@@ -104,6 +132,9 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
         ``"image"``, ``"labels"`` or ``"probabilities"``; recorded in ``attrs["emtile"]``.
     attrs : dict, optional
         Extra entries for ``attrs["emtile"]``.
+    halve_chunks : bool
+        Level ``k``'s chunks are ``chunks // 2**k`` in y and x (:func:`level_chunks`) instead of
+        ``chunks``: for blockwise writers, whose blocks then own whole chunks at every level.
     """
     import zarr
 
@@ -135,7 +166,8 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
     compressor = _compressor(compression, compression_level)
     for level in range(levels):
         group.create_array(
-            str(level), shape=level_shape(shape, axes, level), dtype=dtype, chunks=chunks,
+            str(level), shape=level_shape(shape, axes, level), dtype=dtype,
+            chunks=level_chunks(chunks, axes, level) if halve_chunks else chunks,
             compressors=[compressor] if compressor else None, fill_value=fill_value,
             dimension_names=list(axes),
         )
@@ -606,8 +638,9 @@ def set_translation(group, starts):
     """Record where the image starts in a larger volume (NGFF 0.5: the ``scale`` transform, then
     a ``translation`` in physical units), so viewers overlay it on that volume.
 
-    ``starts`` gives the first voxel along each spatial axis; all zero leaves the group as it is.
-    The group must have one resolution level.
+    ``starts`` gives the first voxel along each spatial axis, in full-resolution voxels; all zero
+    leaves the group as it is. Every resolution level gets the same translation (the physical
+    place of its first voxel's corner at full resolution).
     """
     starts = [int(s) for s in starts]
     if not any(starts):
@@ -615,11 +648,11 @@ def set_translation(group, starts):
     ome = dict(group.attrs["ome"])
     ms = [dict(m) for m in ome["multiscales"]]
     names = [a["name"] for a in ms[0]["axes"]]
-    (d,) = ms[0]["datasets"]
-    scale = d["coordinateTransformations"][0]["scale"]
+    scale = ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     it = iter(starts)
     translation = [0.0 if n == "c" else float(next(it) * s) for n, s in zip(names, scale)]
     ms[0]["datasets"] = [dict(d, coordinateTransformations=[
-        d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])]
+        d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])
+        for d in ms[0]["datasets"]]
     ome["multiscales"] = ms
     group.attrs["ome"] = ome

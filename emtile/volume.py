@@ -791,18 +791,6 @@ def _open_hdf5(filename, name, channel):
 # --------------------------------------------------------------------------- convert
 
 
-def _downsample(a, labels):
-    """Halve the last two axes: 2×2 mean for images, top-left sample for labels."""
-    if labels:
-        return a[..., ::2, ::2]
-    pad = [(0, 0)] * (a.ndim - 2) + [(0, a.shape[-2] % 2), (0, a.shape[-1] % 2)]
-    b = np.pad(a, pad, mode="edge").astype(np.float32)
-    b = 0.25 * (b[..., ::2, ::2] + b[..., 1::2, ::2] + b[..., ::2, 1::2] + b[..., 1::2, 1::2])
-    if np.issubdtype(a.dtype, np.integer):
-        return np.rint(b).astype(a.dtype)
-    return b.astype(a.dtype)
-
-
 def convert(input, output, *, labels=False, threshold=None, channel=None, dataset=None,
             chunks=None, voxel_size=None, levels=1, compression="zstd", compression_level=3,
             overwrite=False, allow_partial=False, progress=True):
@@ -919,7 +907,7 @@ def _copy_slabs(src, arrays, input, output, *, labels, threshold, progress):
         with _store.write_errors(output):
             for level, arr in enumerate(arrays):
                 if level:
-                    slab = _downsample(slab, labels)
+                    slab = _store.downsample(slab, labels=labels)
                 arr[z0:z1] = slab
             _faults.point("convert.slab")
 

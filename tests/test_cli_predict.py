@@ -31,7 +31,8 @@ def test_help_lists_every_option():
     assert result.exit_code == 0
     for option in ("--model", "--tile", "--batch-size", "--workers", "--device", "--amp", "--blend",
                    "--overlap", "--tta", "--roi", "--dtype", "--threshold", "--overwrite",
-                   "--no-progress", "--compile"):
+                   "--no-progress", "--compile", "--threads", "--cluster", "--cluster-workers",
+                   "--scheduler-file", "--blocks-per-task", "--retries", "--levels"):
         assert option in result.output
     assert "predict" in run_cli("--help").output
 

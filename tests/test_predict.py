@@ -689,3 +689,42 @@ def test_auto_tile_resumes_with_the_interrupted_runs_choice(tmp_path, monkeypatc
     assert again.tile == first.tile and again.blocks_resumed == 2
     fresh = predict(net, src, tmp_path / "fresh.zarr", **kw)  # a new run probes again
     assert fresh.tile[-1] == other
+
+
+def test_levels_are_written_by_each_block_and_equal_a_numpy_pyramid(tmp_path):
+    net = make_net(2)
+    vol = rand_volume((2, 131, 97))
+    src = write_input(tmp_path / "in.zarr", vol, voxel_size=(50, 4, 4))
+    out = tmp_path / "p.zarr"
+    r = predict(net, src, out, tile=68, threshold=0.5, levels=3, chunk_size=56,
+                max_block_px=4000, progress=False, roi=(slice(None), slice(16, 131), slice(None)))
+    assert r.blocks > 3
+    f = predict_array(net, vol, tile=68, roi=(slice(None), slice(16, 131), slice(None)))[None]
+    mask = (f >= 0.5).astype(np.uint8)
+    group = zarr.open_group(out, mode="r")
+    ms = group.attrs["ome"]["multiscales"][0]
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    for k in range(3):
+        level, mlevel = group[str(k)], zarr.open_array(out / "labels" / "mask" / str(k), mode="r")
+        assert level.chunks[1:] == (56 // 2**k, 56 // 2**k) and mlevel.chunks == level.chunks
+        expect = np.rint(np.clip(f, 0, 1) * 255).astype(np.uint8)[0]
+        np.testing.assert_array_equal(level[:], expect)  # the mean of the float probabilities
+        np.testing.assert_array_equal(mlevel[:], mask[0])  # sampled: never a new value
+        assert set(np.unique(mlevel[:])) <= {0, 1}
+        t = ms["datasets"][k]["coordinateTransformations"]
+        assert t[0]["scale"] == [50.0, 4.0 * 2**k, 4.0 * 2**k]
+        assert t[1] == {"type": "translation", "translation": [0.0, 64.0, 0.0]}  # the ROI start
+        f = emtile.store.downsample(f, labels=False)
+        mask = emtile.store.downsample(mask, labels=True)
+
+
+def test_bad_levels(tmp_path):
+    net = make_net(2)
+    with pytest.raises(EmtileError, match="levels=9 would halve the 30-px region below one "
+                                          "pixel: use at most 5 levels"):
+        predict(net, rand_volume((30, 30)), tmp_path / "p.zarr", tile=64, levels=9)
+    with pytest.raises(EmtileError, match=r"levels=4 needs output chunks divisible by 8 in y and "
+                                          r"x, but they are 28 px: use at most 3 levels"):
+        predict(net, rand_volume((300, 300)), tmp_path / "p.zarr", tile=68, levels=4,
+                chunk_size=28)
+    assert not (tmp_path / "p.zarr").exists()
