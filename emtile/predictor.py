@@ -864,14 +864,14 @@ def _open_output(job, path, *, overwrite, fingerprint, flush_every):
                                kind="probabilities", attrs={"predict": fingerprint})
     store.set_translation(group, [a for a, _ in job.region])
     if job.threshold is not None:
-        group.create_group("labels", attributes={"labels": ["mask"]})
+        group.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["mask"]}})
         mgroup = store.create_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
                                     levels=job.levels, halve_chunks=True,
                                     voxel_size=voxel, axes=axes, name="mask", kind="labels",
                                     attrs={"threshold": job.threshold})
         store.set_translation(mgroup, [a for a, _ in job.region])
         ome = dict(mgroup.attrs["ome"])
-        ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
+        ome["image-label"] = {"source": {"image": "../../"}}  # NGFF 0.5: the version is ome's
         mgroup.attrs["ome"] = ome
     # last: its existence means the set-up finished (see _resumable)
     markers = BlockMarkers.create(group, len(job.plan()), flush_every=flush_every)

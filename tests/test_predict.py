@@ -322,7 +322,7 @@ def test_store_probabilities_mask_and_metadata(tmp_path):
     assert 0 < mask.mean() < 1
     group = zarr.open_group(out, mode="r")
     assert group.attrs["ome"]["multiscales"][0]["axes"][0]["name"] == "z"
-    assert group["labels"].attrs["labels"] == ["mask"]
+    assert group["labels"].attrs["ome"] == {"version": "0.5", "labels": ["mask"]}
     assert "image-label" in zarr.open_group(out / "labels" / "mask", mode="r").attrs["ome"]
     # every block was recorded, and every block owns whole chunks: it starts on a chunk boundary
     # and ends on one or at the region's end (so no two blocks ever write the same chunk)

@@ -1,0 +1,58 @@
+"""Every kind of store emtile writes is valid OME-Zarr 0.5, by an independent validator
+(ome-zarr-models, a test extra): converted images and labels, predictions with their mask, and
+pyramids."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+
+from emtile.predictor import predict
+from emtile.unet import UNet
+from emtile.volume import convert
+
+models = pytest.importorskip("ome_zarr_models")
+from ome_zarr_models import open_ome_zarr  # noqa: E402
+from ome_zarr_models.v05.image import Image  # noqa: E402
+from ome_zarr_models.v05.image_label import ImageLabel  # noqa: E402
+from ome_zarr_models.v05.labels import Labels  # noqa: E402
+
+
+def validate(path, kind):
+    node = open_ome_zarr(zarr.open_group(path, mode="r"))
+    assert isinstance(node, kind), f"{path} is a {type(node).__name__}, expected {kind.__name__}"
+    return node
+
+
+@pytest.fixture
+def stack(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, (3, 70, 60), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "raw.tif", data, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "labels.tif", (data > 100).astype(np.uint8) * 255,
+                     photometric="minisblack")
+    return tmp_path
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_converted_images_and_labels(stack, levels):
+    convert(stack / "raw.tif", stack / "raw.zarr", levels=levels, voxel_size=(50, 4, 4),
+            progress=False)
+    image = validate(stack / "raw.zarr", Image)
+    assert len(image.attributes.ome.multiscales[0].datasets) == levels
+    convert(stack / "labels.tif", stack / "labels.zarr", labels=True, levels=levels,
+            progress=False)
+    validate(stack / "labels.zarr", Image)
+
+
+@pytest.mark.parametrize("levels, roi", [(1, None), (2, (slice(1, 3), slice(16, 70), slice(None)))])
+def test_predictions_with_their_mask(stack, levels, roi):
+    convert(stack / "raw.tif", stack / "raw.zarr", voxel_size=(50, 4, 4), progress=False)
+    torch.manual_seed(0)
+    out = stack / "pred.zarr"
+    predict(UNet(base=2, depth=2), stack / "raw.zarr", out, tile=64, threshold=0.5,
+            levels=levels, roi=roi, progress=False)
+    image = validate(out, Image)
+    assert len(image.attributes.ome.multiscales[0].datasets) == levels
+    validate(out / "labels", Labels)
+    validate(out / "labels" / "mask", ImageLabel)
