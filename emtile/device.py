@@ -78,3 +78,37 @@ def autocast(device, amp):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_large_allocations():
+    """Serve large allocations from the heap and keep freed memory for reuse (glibc only).
+
+    glibc hands every allocation above 32 MiB straight to ``mmap`` and back to the system on
+    ``free``, so each forward pass of a large tile maps its activations afresh and takes a page
+    fault for every 4 KiB of them. Measured here (UNet base 16, one 1212-px tile on the CPU,
+    ``mallopt`` off/on): 213,450 page faults and 2.11 s of CPU time per pass, 0.54 s of it in
+    the kernel, against no page faults and 1.44 s. 572-px tiles (activations under 32 MiB) had
+    no page faults either way. This sets ``M_MMAP_MAX=0`` (no mmap for allocations) and
+    ``M_TRIM_THRESHOLD`` to 1 GiB (freed memory at the top of the heap is kept up to that).
+    It is process-wide and cannot be undone; prediction calls it in the processes that run the
+    model. Returns True if it applied (once per process), False elsewhere (other C libraries).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc, not musl
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**30))
+    return _ALLOCATOR_TUNED

@@ -57,7 +57,7 @@ import numpy as np
 
 from emtile._errors import EmtileError
 from emtile import _faults, geometry
-from emtile.device import AMPS, autocast, resolve_device
+from emtile.device import AMPS, autocast, keep_large_allocations, resolve_device
 from emtile.markers import MARKERS, BlockMarkers
 from emtile.stitch import BLENDS
 from emtile.volume import WriterThread, input_to_float, open_input
@@ -325,6 +325,7 @@ class _Context:
         import torch
 
         self.job = job
+        keep_large_allocations()  # no page faults for every pass over large tiles
         if job.threads and job.device.startswith("cpu") and torch.get_num_threads() != job.threads:
             torch.set_num_threads(job.threads)
         self.grid = job.grid()
