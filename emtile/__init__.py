@@ -22,6 +22,7 @@ _LAZY = {
     "train": "emtile.trainer",
     "evaluate": "emtile.metrics",
     "show": "emtile.plot",
+    "segment": "emtile.segmenter",
 }
 
 __all__ = ["EmtileError", "__version__", *_LAZY]

@@ -1,0 +1,570 @@
+"""The driver of ``emtile segment``: checks, the output store, three passes and the global step.
+
+The process that calls :func:`segment` is the driver. It checks the input and the options (one
+line each), prepares the output store once, hands the blocks of each pass to
+:func:`map_blocks`, records blocks as done, runs the global step between passes 2 and 3
+(:mod:`emtile.segmenter.graph`), and alone marks the store complete, after removing its working
+arrays.
+
+A run killed at any point and started again with the same input and options resumes: the blocks
+recorded as done in each pass are skipped, and the global step is recomputed from the per-block
+records in the store (it is deterministic), so the labels are identical to an uninterrupted run.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emtile._errors import EmtileError
+from emtile.segmenter import blocks, kernels
+from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
+from emtile.segmenter.graph import RegionGraph, join_faces
+
+__all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
+
+METHODS = ("cc", "ws")
+MODES = ("auto", "2d", "3d")
+DEFAULTS = {"method": "ws", "threshold": 0.5, "min_size": 0, "merge_threshold": 0.5,
+            "grow": 32, "seed_cap": 12, "seed_radius": 2}
+BLOCK_PX = 2**22  # pixels per default block
+_FLUSH_EVERY = 64  # results buffered before counts and markers are written
+_TABLE_CHUNK = 2**18
+_CRASH_ENV = "_EMTILE_TEST_CRASH"
+UINT32_IDS = int(np.iinfo(np.uint32).max)  # more objects than this: uint64 labels
+
+
+@dataclass
+class SegmentResult:
+    """What :func:`segment` did."""
+
+    output: str
+    shape: tuple
+    dtype: str
+    objects: int
+    method: str
+    mode: str
+    block: tuple
+    blocks: int
+    blocks_resumed: int  # blocks of the last pass already done by an earlier run
+    seconds: float
+
+    def __str__(self):
+        block = "x".join(str(b) for b in self.block)
+        return (f"{self.output}: {self.objects} objects, {self.shape} {self.dtype}, method "
+                f"{self.method}, mode {self.mode}, {self.blocks} blocks of {block}, "
+                f"{self.seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- stand-ins
+# STAND-IN for emtile.distributed.map_blocks and emtile.markers.BlockMarkers (being written on
+# main); same signatures, local only. Replace with the real ones when they land.
+
+
+def _map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2, progress=True,
+                desc="blocks", voxels_per_block=None, on_result=None):
+    """Stand-in: ``fn(job, ids) -> [result per id]`` over ``block_ids`` in this process."""
+    from tqdm.auto import tqdm
+
+    if client is not None:
+        raise EmtileError("--cluster is not available yet")
+    ids = list(block_ids)
+    with tqdm(total=len(ids), desc=desc, unit="block", disable=not progress) as bar:
+        for k in range(0, len(ids), blocks_per_task):
+            chunk = ids[k:k + blocks_per_task]
+            for attempt in range(retries + 1):
+                try:
+                    results = fn(job, chunk)
+                    break
+                except EmtileError:
+                    raise
+                except Exception as exc:
+                    if attempt == retries:
+                        raise EmtileError(f"{desc}: block {chunk[0]} failed after {retries + 1} "
+                                          f"attempts: {exc!r}") from exc
+            for i, r in zip(chunk, results):
+                if on_result is not None:
+                    on_result(i, r)
+            bar.update(len(chunk))
+
+
+class _BlockMarkers:
+    """Stand-in: done-markers of a plan in a uint8 Zarr array, written only by the driver."""
+
+    def __init__(self, array):
+        self.array = array
+        self._done = np.asarray(array[:]) != 0
+        self._dirty = []
+
+    @classmethod
+    def create(cls, group, name, n_blocks):
+        arr = group.create_array(name, shape=(n_blocks,), chunks=(min(n_blocks, 2**16),),
+                                 dtype="uint8", fill_value=0, compressors=None)
+        return cls(arr)
+
+    @classmethod
+    def open(cls, group, name):
+        try:
+            return cls(group[name])
+        except (KeyError, FileNotFoundError):
+            return None
+
+    def done(self):
+        return self._done.copy()
+
+    def record(self, ids):
+        self._done[np.asarray(ids, np.int64)] = True
+        self._dirty.extend(int(i) for i in np.atleast_1d(ids))
+
+    def flush(self):
+        if self._dirty:
+            lo, hi = min(self._dirty), max(self._dirty) + 1
+            self.array[lo:hi] = self._done[lo:hi].astype(np.uint8)
+            self._dirty = []
+
+
+# --------------------------------------------------------------------------- input
+
+
+@dataclass
+class _Prediction:
+    path: str
+    shape: tuple  # as stored
+    dtype: np.dtype
+    voxel: tuple  # (z, y, x) nm
+    translation: tuple  # (z, y, x) nm or None
+    model_ndim: int
+
+
+def _ome(path):
+    """The root group attributes of a Zarr store at ``path``, or None."""
+    import zarr
+
+    from emtile.store import is_zarr_store
+
+    if not is_zarr_store(path):
+        return None
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception:
+        return None
+    return node.attrs.asdict() if isinstance(node, zarr.Group) else None
+
+
+def _open_prediction(path):
+    """Open and check PRED: an emtile probability store, or a float array in [0, 1]."""
+    from emtile.volume import open_volume
+
+    path = str(path)
+    attrs = _ome(path)
+    arr = open_volume(path)
+    meta = (attrs or {}).get("emtile") or {}
+    kind = meta.get("kind")
+    dtype = np.dtype(arr.dtype)
+    if kind is not None and kind != "probabilities":
+        raise EmtileError(f"prediction {path!r} is an emtile {kind} store, not a probability map: "
+                          f"give the output of emtile predict")
+    if kind is None and dtype.kind != "f":
+        raise EmtileError(f"prediction {path!r} has dtype {dtype} and no emtile metadata: give "
+                          f"the output of emtile predict (or probabilities as floats in [0, 1])")
+    if dtype not in (np.uint8, np.float16, np.float32, np.float64):
+        raise EmtileError(f"prediction {path!r} has dtype {dtype}: expected uint8, float16 or "
+                          f"float32 probabilities")
+    if len(arr.shape) not in (2, 3) or 0 in arr.shape:
+        raise EmtileError(f"prediction {path!r} has shape {tuple(arr.shape)}: expected one "
+                          f"probability map, (Y, X) or (Z, Y, X) (one output channel)")
+    if kind == "probabilities" and not meta.get("complete"):
+        raise EmtileError(f"prediction {path!r} is incomplete (its emtile predict run did not "
+                          f"finish): run emtile predict again to finish it")
+    voxel, translation = _ngff_transforms(attrs, len(arr.shape))
+    model = (meta.get("predict") or {}).get("model") or {}
+    return _Prediction(path, tuple(int(s) for s in arr.shape), dtype, voxel, translation,
+                       int(model.get("ndim", 2)))
+
+
+def _ngff_transforms(attrs, ndim):
+    """(voxel size, translation) of the full-resolution level, as (z, y, x); defaults 1, None."""
+    voxel, translation = (1.0,) * 3, None
+    try:
+        ms = (attrs.get("ome") or attrs)["multiscales"][0]
+        names = [a["name"] for a in ms["axes"]]
+        spatial = [k for k, n in enumerate(names) if n in "zyx"]
+        transforms = ms["datasets"][0]["coordinateTransformations"]
+        for t in transforms:
+            values = [float(t[t["type"]][k]) for k in spatial]
+            values = [1.0 if t["type"] == "scale" else 0.0] * (3 - len(values)) + values
+            if t["type"] == "scale":
+                voxel = tuple(values)
+            elif t["type"] == "translation":
+                translation = tuple(values)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    return voxel, translation
+
+
+def _input_token(path):
+    """Path and file stamps of the prediction's metadata documents: a cheap content token."""
+    p = Path(path)
+    files = [f for f in (p / "zarr.json", p / "0" / "zarr.json", p) if f.exists()]
+    token = [str(p.resolve())]
+    for f in files[:2]:
+        st = os.stat(f)
+        token.append([f.name, st.st_size, st.st_mtime_ns, st.st_ino])
+    return token
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _check_options(pred, *, method, mode, threshold, min_size, merge_threshold, grow,
+                   block_size):
+    if method not in METHODS:
+        raise EmtileError(f"method={method!r} is not supported: choose cc or ws")
+    if mode not in MODES:
+        raise EmtileError(f"mode={mode!r} is not supported: choose auto, 2d or 3d")
+    if mode == "auto":
+        mode = "3d" if pred.model_ndim == 3 and len(pred.shape) == 3 else "2d"
+    if mode == "3d" and len(pred.shape) == 2:
+        raise EmtileError(f"--mode 3d needs a (Z, Y, X) stack, but prediction {pred.path!r} is "
+                          f"one 2-D image of shape {pred.shape}; use --mode 2d")
+    for name, value in (("threshold", threshold), ("merge_threshold", merge_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise EmtileError(f"{name}={value!r} must be a number between 0 and 1")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise EmtileError(f"min_size={min_size!r} must be a whole number of pixels, 0 or more")
+    if isinstance(grow, bool) or not isinstance(grow, (int, np.integer)) \
+            or not 1 <= grow <= kernels.MAX_ROUNDS // 2:
+        raise EmtileError(f"grow={grow!r} must be a whole number of pixels from 1 to "
+                          f"{kernels.MAX_ROUNDS // 2}")
+    shape3 = (1,) * (3 - len(pred.shape)) + pred.shape
+    block = _check_block(block_size, pred.shape, mode)
+    if np.prod(shape3, dtype=np.float64) >= kernels.INDEX_LIMIT:
+        raise EmtileError(f"prediction of shape {pred.shape} has more than 2**44 pixels; "
+                          f"segment it in parts with a region of interest")
+    return mode, shape3, block
+
+
+def _check_block(block_size, shape, mode):
+    """``block_size`` (one int per axis of the prediction) -> a (Z, Y, X) block, clipped."""
+    shape3 = (1,) * (3 - len(shape)) + tuple(shape)
+    if block_size is None:
+        yx = [min(n, 1024) if mode == "2d" else min(n, 256) for n in shape3[1:]]
+        z = max(1, BLOCK_PX // (yx[0] * yx[1])) if mode == "2d" else min(shape3[0], 64)
+        return (min(z, shape3[0]), *yx)
+    text = ",".join(str(b) for b in np.atleast_1d(block_size))
+    try:
+        block = tuple(int(b) for b in np.atleast_1d(block_size))
+    except (TypeError, ValueError):
+        raise EmtileError(f"block_size={text} is not a list of whole numbers") from None
+    if len(block) != len(shape) or any(b < 1 for b in block) or \
+            any(int(b) != b for b in np.atleast_1d(block_size)):
+        axes = "Z,Y,X" if len(shape) == 3 else "Y,X"
+        raise EmtileError(f"block_size={text} must give one positive whole number per axis "
+                          f"({axes}) of the prediction of shape {tuple(shape)}, e.g. "
+                          f"{','.join(['1', '1024', '1024'][-len(shape):])}")
+    block = (1,) * (3 - len(block)) + block
+    return tuple(min(b, n) for b, n in zip(block, shape3))
+
+
+def _check_output_is_not_input(pred_path, output):
+    inp, out = Path(os.path.realpath(pred_path)), Path(os.path.realpath(output))
+    if out == inp or out in inp.parents or inp in out.parents:
+        raise EmtileError(f"output {str(output)!r} overlaps the prediction {pred_path!r}: "
+                          f"choose an output path outside it")
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _settings(job, *, min_size, merge_threshold):
+    out = {"method": job.method, "mode": job.mode, "threshold": job.threshold,
+           "min_size": int(min_size), "keep_boundaries": job.keep_boundaries, "grow": job.grow,
+           "block": list(job.block)}
+    if job.method == "ws":
+        out.update(merge_threshold=merge_threshold, seed_cap=job.seed_cap,
+                   seed_radius=job.seed_radius, interior_rounds=job.interior_rounds)
+    return out
+
+
+def _resumable(group, fingerprint, n_blocks):
+    meta = group.attrs.asdict().get("emtile", {})
+    if meta.get("segment_fingerprint") != json.loads(json.dumps(fingerprint)):
+        return False
+    try:
+        temp = group[TEMP]
+        return all(temp[name].shape == (n_blocks,) for name in ("done1", "done2", "done3"))
+    except (KeyError, FileNotFoundError):
+        return False
+
+
+def _create_output(job, pred, plan, *, settings, fingerprint):
+    from emtile import store
+
+    image_shape = job.shape if job.image_ndim == 3 else job.shape[1:]
+    chunks = (1,) * (job.image_ndim == 3) + job.block[1:] if job.mode == "2d" else job.block
+    voxel = pred.voxel if job.image_ndim == 3 else pred.voxel[1:]
+    group = store.create_image(job.output, image_shape, np.uint32, chunks=chunks,
+                               voxel_size=voxel, name="segmentation", kind="labels",
+                               attrs={"segment": settings, "source": pred.path,
+                                      "segment_fingerprint": fingerprint})
+    ome = dict(group.attrs["ome"])
+    ms = [dict(m) for m in ome["multiscales"]]
+    if pred.translation is not None and any(pred.translation):
+        d = dict(ms[0]["datasets"][0])
+        t = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
+        d["coordinateTransformations"] = [d["coordinateTransformations"][0],
+                                          {"type": "translation", "translation": t}]
+        ms[0]["datasets"] = [d]
+    ome["multiscales"] = ms
+    ome["image-label"] = {"version": "0.5", "source": {"image": os.path.relpath(
+        os.path.abspath(pred.path), os.path.abspath(job.output))}}
+    group.attrs["ome"] = ome
+    temp = group.create_group(TEMP)
+    chunks3 = (1,) + job.block[1:] if job.mode == "2d" else job.block
+    for name, dtype in (("cells", "uint32"), ("seeds", "uint32"), ("fragments", "uint64")):
+        if name == "seeds" and job.method != "ws":
+            continue
+        temp.create_array(name, shape=job.shape, chunks=chunks3, dtype=dtype, fill_value=0)
+    n = len(plan)
+    rows = min(n, 2**14)
+    temp.create_array("counts", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
+    temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
+    for name in ("done1", "done2", "done3"):  # last: their presence means the set-up finished
+        _BlockMarkers.create(temp, name, n)
+    return group
+
+
+def _open_output(job, pred, plan, *, overwrite, settings, fingerprint):
+    """-> (group, resumed). An interrupted run with the same fingerprint is resumed."""
+    import zarr
+
+    from emtile import store
+
+    state = store.prepare_output(job.output, overwrite=overwrite, resume=not overwrite)
+    if state == "resume":
+        group = zarr.open_group(job.output, mode="r+")
+        if _resumable(group, fingerprint, len(plan)):
+            return group, True
+        store.prepare_output(job.output, overwrite=overwrite)
+    return _create_output(job, pred, plan, settings=settings, fingerprint=fingerprint), False
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def _run_pass(fn, job, temp, name, *, progress, desc, client, on_result=None, flush=None):
+    """Run ``fn`` over the blocks that ``name`` does not record as done; record them.
+
+    ``on_result(i, result)`` keeps per-block data; ``flush()`` writes it, always before the
+    markers are flushed. Returns the number of blocks that were already done.
+    """
+    markers = _BlockMarkers.open(temp, name)
+    todo = np.flatnonzero(~markers.done()).tolist()
+    pending = []
+    every = max(1, min(_FLUSH_EVERY, len(todo) // 100))
+    crash = _crash_hook(name)
+    recorded = [0]
+
+    def keep(i, result):
+        if result is None:  # the block was already recorded (a retry found it done)
+            return
+        if on_result is not None:
+            on_result(i, result)
+        pending.append(i)
+        if crash and crash[1] and recorded[0] + len(pending) >= crash[0]:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: data written, not recorded
+        if len(pending) >= every:
+            write()
+
+    def write():
+        if flush is not None:
+            flush()
+        markers.record(pending)
+        markers.flush()
+        recorded[0] += len(pending)
+        pending.clear()
+        if crash and not crash[1] and recorded[0] >= crash[0]:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: killed after recording
+
+    n_done = markers.done().sum()
+    _map_blocks(fn, job, todo, client=client, progress=progress, desc=desc,
+                voxels_per_block=int(np.prod(job.block)), on_result=keep)
+    write()
+    missing = np.flatnonzero(~markers.done())
+    if missing.size:
+        raise RuntimeError(f"internal error: {missing.size} blocks of {desc} were not recorded "
+                           f"(first: {int(missing[0])}); the output is left incomplete")
+    return int(n_done)
+
+
+def _crash_hook(name):
+    """Test-only, private: ``_EMTILE_TEST_CRASH=done2:N`` SIGKILLs the run once N blocks of that
+    pass are recorded; ``done2:N:before-marker`` once the N-th block's data is written, before
+    it is recorded. Unset (the only state outside emtile's own tests) it does nothing."""
+    value = os.environ.get(_CRASH_ENV, "")
+    parts = value.split(":")
+    if len(parts) < 2 or parts[0] != name:
+        return None
+    return int(parts[1]), parts[2:] == ["before-marker"]
+
+
+def _pass_labels(job, temp, *, progress, client):
+    counts = temp["counts"]
+    buffer = {}
+
+    def on_result(i, result):
+        buffer[i] = result
+
+    def flush():
+        for i, row in sorted(buffer.items()):
+            counts[i] = np.asarray(row, np.int64)
+        buffer.clear()
+
+    _run_pass(blocks.run_label_blocks, job, temp, "done1", progress=progress,
+              desc="segment 1/3 labels", client=client, on_result=on_result, flush=flush)
+    counts = np.asarray(counts[:])
+    offsets = np.zeros_like(counts)
+    offsets[1:, 0] = np.cumsum(counts[:-1, 0])
+    offsets[:, 1] = counts[:, 0].sum() + np.concatenate([[0], np.cumsum(counts[:-1, 1])])
+    temp["offsets"][:] = offsets
+    return int(counts.sum()) + 1  # size of the provisional id space (0 included)
+
+
+def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
+    """Join ids across faces, build the region graph, agglomerate (ws), absorb small objects,
+    number the objects by first pixel; write the provisional -> output table. Returns N."""
+    pairs, stats, edges = blocks.read_records(temp, range(len(plan)))
+    comp = join_faces(n_ids, pairs)
+    objects, node = np.unique(comp[stats[:, 0]], return_inverse=True)
+    size = np.zeros(objects.size, np.int64)
+    np.add.at(size, node, stats[:, 1])
+    first = np.full(objects.size, np.iinfo(np.int64).max)
+    np.minimum.at(first, node, stats[:, 2])
+    u = np.searchsorted(objects, comp[edges[:, 0]])
+    v = np.searchsorted(objects, comp[edges[:, 1]])
+    keep = u != v
+    graph_edges = kernels.sum_edges(np.minimum(u, v)[keep], np.maximum(u, v)[keep],
+                                    edges[keep, 2], edges[keep, 3], edges[keep, 4])
+    graph = RegionGraph(first, size, graph_edges)
+    if job.method == "ws":
+        graph.agglomerate(merge_threshold)
+    graph.absorb_small(min_size)
+    ids, count = graph.final_ids()
+    table = np.zeros(n_ids, np.int64)
+    if objects.size:
+        pos = np.minimum(np.searchsorted(objects, comp), objects.size - 1)
+        hit = objects[pos] == comp
+        table[hit] = ids[pos[hit]]
+    table[0] = 0
+    arr = temp.create_array("table", shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
+                            dtype="int64", fill_value=0, overwrite=True)
+    arr[:] = table.astype(np.int64)
+    return count
+
+
+def _output_dtype(group, count, job):
+    """uint32 unless the id count needs uint64; the array is replaced before pass 3 writes."""
+    dtype = np.dtype(np.uint32 if count <= UINT32_IDS else np.uint64)
+    arr = group["0"]
+    if arr.dtype != dtype:
+        group.create_array("0", shape=arr.shape, chunks=arr.chunks, dtype=dtype, fill_value=0,
+                           compressors=arr.compressors, dimension_names=arr.metadata.dimension_names,
+                           overwrite=True)
+    return dtype
+
+
+def _fingerprint(pred, settings):
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return {"input": _input_token(pred.path), "settings": digest}
+
+
+def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
+            threshold=DEFAULTS["threshold"], min_size=DEFAULTS["min_size"],
+            merge_threshold=DEFAULTS["merge_threshold"], keep_boundaries=False, block_size=None,
+            grow=DEFAULTS["grow"], overwrite=False, progress=True, client=None):
+    """Segment a probability map into labelled cells, block by block, into an OME-Zarr label image.
+
+    Parameters
+    ----------
+    prediction : str or Path
+        A store written by :func:`emtile.predict` (probabilities of cell interior at ``"0"``,
+        uint8 meaning ``v / 255``, or floats), or another float array in [0, 1] that
+        :func:`emtile.open_volume` opens; shape (Z, Y, X) or (Y, X).
+    output : str or Path
+        The new store: labels at ``"0"`` (uint32, or uint64 when the count needs it), 0 for
+        background, objects numbered 1..N in the order of their first pixel (C order).
+    method : {"cc", "ws"}
+        ``cc``: connected components of the interior (``p >= threshold``), the boundary pixels
+        then flooded from them. ``ws``: seeds at the maxima of the interior's distance to the
+        boundary, flooded over the interior and the boundary into fragments, which are merged
+        while the mean boundary probability on their shared face is at most
+        ``merge_threshold``.
+    mode : {"auto", "2d", "3d"}
+        ``2d`` segments each z-slice on its own (4-connected); ``3d`` connects through z
+        (6-connected). ``auto``: 3d only for a stack predicted by a 3-D model.
+    threshold : float
+        Interior is ``p >= threshold``, as ``emtile predict --threshold``.
+    min_size : int
+        Objects of fewer interior pixels (``p >= threshold``) join the neighbour they share the
+        largest face with, or are dropped when they have none.
+    merge_threshold : float
+        ws: highest mean boundary probability on a face for its fragments to be merged.
+    keep_boundaries : bool
+        Leave the boundary pixels (``p < threshold``) 0 instead of giving them to the cells.
+    block_size : tuple of int, optional
+        Block shape, one number per axis of the prediction; default about 4 M pixels
+        (2d: whole slices up to 1024 x 1024). The labels do not depend on it.
+    grow : int
+        How far, in pixels, a flood carries a label: boundary pixels further from every cell
+        stay 0. It also sets the context each block reads.
+    overwrite : bool
+        Replace an existing output (and never resume an interrupted one).
+    progress : bool
+    client : None
+        Reserved for the distributed layer (``--cluster``).
+
+    Returns
+    -------
+    SegmentResult
+    """
+    t0 = time.perf_counter()
+    pred = _open_prediction(prediction)
+    mode, shape3, block = _check_options(
+        pred, method=method, mode=mode, threshold=threshold, min_size=min_size,
+        merge_threshold=merge_threshold, grow=grow, block_size=block_size)
+    _check_output_is_not_input(pred.path, output)
+    sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
+    job = SegmentJob(
+        input=pred.path, output=str(output), shape=shape3, image_ndim=len(pred.shape),
+        block=block, method=method, mode=mode, threshold=float(threshold), grow=int(grow),
+        seed_cap=DEFAULTS["seed_cap"], seed_radius=DEFAULTS["seed_radius"],
+        interior_rounds=2 * DEFAULTS["seed_cap"], sampling=sampling,
+        keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex)
+    plan = SegmentPlan(job.shape, job.block)
+    settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold)
+    fingerprint = _fingerprint(pred, settings)
+    group, _ = _open_output(job, pred, plan, overwrite=overwrite, settings=settings,
+                            fingerprint=fingerprint)
+    temp = group[TEMP]
+    n_ids = _pass_labels(job, temp, progress=progress, client=client)
+    _run_pass(blocks.run_fragment_blocks, job, temp, "done2", progress=progress,
+              desc="segment 2/3 fragments", client=client)
+    count = _global_step(job, temp, plan, n_ids, min_size=min_size,
+                         merge_threshold=merge_threshold)
+    dtype = _output_dtype(group, count, job)
+    resumed = _run_pass(blocks.run_write_blocks, job, temp, "done3", progress=progress,
+                        desc="segment 3/3 write", client=client)
+    from emtile import store
+
+    del group[TEMP]
+    store.mark_complete(group, objects=count)
+    return SegmentResult(output=str(output), shape=pred.shape, dtype=str(dtype), objects=count,
+                         method=method, mode=mode, block=block[3 - len(pred.shape):],
+                         blocks=len(plan), blocks_resumed=resumed,
+                         seconds=time.perf_counter() - t0)
