@@ -442,7 +442,8 @@ def test_output_is_an_ngff_label_image(tmp_path):
     assert transforms[1] == {"type": "translation", "translation": [100.0, 8.0, 12.0]}
     meta = attrs["emtile"]
     assert meta["kind"] == "labels" and meta["complete"] and meta["objects"] == r.objects == 6
-    assert meta["segment"]["method"] == "ws" and meta["segment"]["threshold"] == 0.5
+    assert meta["segment"] == r.settings and meta["segment"]["method"] == "ws"
+    assert meta["segment"]["threshold"] == emtile.segmenter.DEFAULTS["threshold"]
     assert g["0"].dtype == np.uint32 and g["0"].shape == p.shape
     assert "emtile_segment" not in g
     assert emtile.open_volume(tmp_path / "seg.zarr").shape == p.shape

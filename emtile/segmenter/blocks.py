@@ -28,7 +28,7 @@ import numpy as np
 from emtile.segmenter import kernels
 
 __all__ = ["SegmentJob", "SegmentPlan", "run_label_blocks", "run_fragment_blocks",
-           "run_write_blocks", "read_records", "TEMP", "BOUNDARY_BIT"]
+           "run_write_blocks", "read_records", "map_ids", "TEMP", "BOUNDARY_BIT"]
 
 TEMP = "emtile_segment"
 BOUNDARY_BIT = np.uint64(1 << 63)
@@ -156,6 +156,16 @@ def _open(job):
         return found
 
 
+def _array(job, name):
+    """The temporary array ``name`` (or ``"0"``, the output), opened once per process and run.
+    The table is opened afresh: the driver rewrites it on a resumed run."""
+    cache = _open(job)
+    arrays = cache.setdefault("arrays", {})
+    if name not in arrays:
+        arrays[name] = cache["group"]["0"] if name == "0" else cache["temp"][name]
+    return arrays[name]
+
+
 def _offsets(job):
     """First provisional id of each block's (cells, seeds) labels, read once per process."""
     cache = _open(job)
@@ -182,8 +192,7 @@ def _check_values(p, job, start):
 
 def _done(job, name, ids):
     """Which of ``ids`` the markers ``name`` record as done (a retry or a re-run skips them)."""
-    markers = _open(job)["temp"][name]
-    return np.asarray(markers[:])[np.asarray(ids, np.int64)] != 0
+    return np.asarray(_open(job)["temp"][name][:])[np.asarray(ids, np.int64)] != 0
 
 
 # --------------------------------------------------------------------------- pass 1: labels
@@ -193,7 +202,6 @@ def run_label_blocks(job, block_ids):
     """Pass 1: per block, label the interior components (and, for ws, the seeds) of its write
     region; write them to ``cells`` (``seeds``). Returns ``(n_cells, n_seeds)`` per block."""
     plan = SegmentPlan(job.shape, job.block)
-    temp = _open(job)["temp"]
     done = _done(job, "done1", block_ids)
     out = []
     for i, skip in zip(block_ids, done):
@@ -207,13 +215,13 @@ def run_label_blocks(job, block_ids):
         inside = kernels.interior_mask(p, job.threshold)
         own = _sl([a - o for a, o in zip(start, r0)], [b - o for b, o in zip(stop, r0)])
         cells, n_cells = kernels.label_components(inside[own], axes=job.axes)
-        temp["cells"][_sl(start, stop)] = cells
+        _array(job, "cells")[_sl(start, stop)] = cells
         n_seeds = 0
         if job.method == "ws":
             peaks = kernels.seed_maxima(inside, cap=job.seed_cap, radius=job.seed_radius,
                                         axes=job.axes, sampling=job.sampling)
             seeds, n_seeds = kernels.label_components(peaks[own], axes=job.axes)
-            temp["seeds"][_sl(start, stop)] = seeds
+            _array(job, "seeds")[_sl(start, stop)] = seeds
         out.append((n_cells, n_seeds))
     return out
 
@@ -223,8 +231,7 @@ def run_label_blocks(job, block_ids):
 
 def _provisional(job, plan, name, column, r0, r1):
     """Labels ``name`` over the box ``[r0, r1)`` as provisional ids (each block's offset added)."""
-    temp = _open(job)["temp"]
-    local = np.asarray(temp[name][_sl(r0, r1)]).astype(np.int64)
+    local = np.asarray(_array(job, name)[_sl(r0, r1)]).astype(np.int64)
     offsets = _offsets(job)
     for i, a, b in plan.overlapping(r0, r1):
         box = _sl([max(x, y) - y0 for x, y, y0 in zip(a, r0, r0)],
@@ -240,7 +247,6 @@ def _fragments(job, plan, r0, r1):
     p = _read_p(job, r0, r1)
     inside = kernels.interior_mask(p, job.threshold)
     alt = kernels.altitude(p)
-    shape = p.shape
     cells = _provisional(job, plan, "cells", 0, r0, r1)
     labels = cells
     joined = [cells]
@@ -249,17 +255,14 @@ def _fragments(job, plan, r0, r1):
         joined.append(seeds)
         key = kernels.flood(seeds > 0, inside & (seeds == 0), alt, rounds=job.interior_rounds,
                             axes=job.axes, origin=r0, volume_shape=job.shape)
-        reached = key != kernels.UNSET
-        labels = np.where(inside, cells, 0)  # unreached interior keeps its component
-        src = kernels.key_source(key[reached], origin=r0, shape=shape, volume_shape=job.shape)
-        labels[reached] = seeds.ravel()[src]
+        # unreached interior keeps its component as a fragment
+        labels = np.where(key != kernels.UNSET,
+                          kernels.source_labels(key, seeds, origin=r0, volume_shape=job.shape),
+                          np.where(inside, cells, 0))
     key = kernels.flood(inside, ~inside, alt, rounds=job.grow, axes=job.axes, origin=r0,
                         volume_shape=job.shape)
-    reached = key != kernels.UNSET
-    frag = np.zeros(shape, np.int64)
-    src = kernels.key_source(key[reached], origin=r0, shape=shape, volume_shape=job.shape)
-    frag[reached] = labels.ravel()[src]
-    source = np.where(reached, key & np.int64(kernels.INDEX_LIMIT - 1), -1)
+    frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape)
+    source = np.where(key != kernels.UNSET, key & np.int64(kernels.INDEX_LIMIT - 1), -1)
     return frag, inside, alt, joined, source
 
 
@@ -290,7 +293,7 @@ def run_fragment_blocks(job, block_ids):
                                        sampling=job.sampling)
         stored = frag[own].astype(np.uint64)
         stored[~inside[own]] |= BOUNDARY_BIT
-        temp["fragments"][_sl(start, stop)] = stored
+        _array(job, "fragments")[_sl(start, stop)] = stored
         _write_record(temp, i, pairs=pairs, stats=stats, edges=edges)
         out.append((len(pairs), len(stats), len(edges)))
     return out
@@ -326,18 +329,28 @@ def read_records(temp, block_ids):
 # --------------------------------------------------------------------------- pass 3: output
 
 
-def _table(job, ids):
-    """Output ids of the provisional ids ``ids`` (sorted, unique), read from the stored table."""
-    table = _open(job)["temp"]["table"]
-    return np.asarray(table.get_coordinate_selection(ids.astype(np.int64)))
+def map_ids(job, frag):
+    """Output ids of the provisional ids ``frag`` (0 stays 0), read from the stored table: one
+    contiguous read when the ids are dense (a block's and its neighbours'), else the ids found."""
+    table = _open(job)["temp"]["table"]  # not cached: a resumed run rewrites it
+    nz = frag > 0
+    if not nz.any():
+        return np.zeros(frag.shape, np.int64)
+    lo, hi = int(frag[nz].min()), int(frag[nz].max())
+    if hi - lo < 4 * frag.size:
+        lut = np.asarray(table[lo:hi + 1], np.int64)
+        return np.where(nz, lut[np.where(nz, frag - lo, 0)], 0)
+    ids, inverse = np.unique(frag, return_inverse=True)
+    mapped = np.zeros(ids.size, np.int64)
+    mapped[ids > 0] = np.asarray(table.get_coordinate_selection(ids[ids > 0]))
+    return mapped[inverse.reshape(frag.shape)]
 
 
 def run_write_blocks(job, block_ids):
     """Pass 3: per block, map its provisional fragment ids to output ids and write ``0``.
     Returns the number of nonzero output pixels per block."""
     plan = SegmentPlan(job.shape, job.block)
-    cache = _open(job)
-    temp, out_arr = cache["temp"], cache["group"]["0"]
+    out_arr = _array(job, "0")
     done = _done(job, "done3", block_ids)
     out = []
     for i, skip in zip(block_ids, done):
@@ -345,16 +358,11 @@ def run_write_blocks(job, block_ids):
             out.append(None)
             continue
         start, stop = plan[i]
-        stored = np.asarray(temp["fragments"][_sl(start, stop)])
+        stored = np.asarray(_array(job, "fragments")[_sl(start, stop)])
         frag = (stored & _ID_MASK).astype(np.int64)
         if job.keep_boundaries:
             frag[(stored & BOUNDARY_BIT) != 0] = 0
-        ids, inverse = np.unique(frag, return_inverse=True)
-        mapped = np.zeros(ids.size, np.int64)
-        nz = ids > 0
-        if nz.any():
-            mapped[nz] = _table(job, ids[nz])
-        labels = mapped[inverse.reshape(frag.shape)].astype(out_arr.dtype)
+        labels = map_ids(job, frag).astype(out_arr.dtype)
         if job.image_ndim == 2:
             out_arr[start[1]:stop[1], start[2]:stop[2]] = labels[0]
         else:

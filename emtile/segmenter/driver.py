@@ -31,8 +31,8 @@ __all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
 
 METHODS = ("cc", "ws")
 MODES = ("auto", "2d", "3d")
-DEFAULTS = {"method": "ws", "threshold": 0.5, "min_size": 0, "merge_threshold": 0.5,
-            "grow": 32, "seed_cap": 12, "seed_radius": 2}
+DEFAULTS = {"method": "ws", "threshold": 0.9, "min_size": 0, "merge_threshold": 0.3,
+            "grow": 16, "seed_cap": 12, "seed_radius": 2, "interior_rounds": 24}
 BLOCK_PX = 2**22  # pixels per default block
 _FLUSH_EVERY = 64  # results buffered before counts and markers are written
 _TABLE_CHUNK = 2**18
@@ -54,6 +54,7 @@ class SegmentResult:
     blocks: int
     blocks_resumed: int  # blocks of the last pass already done by an earlier run
     seconds: float
+    settings: dict  # every option that shaped the labels (also in the store's attributes)
 
     def __str__(self):
         block = "x".join(str(b) for b in self.block)
@@ -544,7 +545,7 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         input=pred.path, output=str(output), shape=shape3, image_ndim=len(pred.shape),
         block=block, method=method, mode=mode, threshold=float(threshold), grow=int(grow),
         seed_cap=DEFAULTS["seed_cap"], seed_radius=DEFAULTS["seed_radius"],
-        interior_rounds=2 * DEFAULTS["seed_cap"], sampling=sampling,
+        interior_rounds=DEFAULTS["interior_rounds"], sampling=sampling,
         keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex)
     plan = SegmentPlan(job.shape, job.block)
     settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold)
@@ -567,4 +568,4 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
     return SegmentResult(output=str(output), shape=pred.shape, dtype=str(dtype), objects=count,
                          method=method, mode=mode, block=block[3 - len(pred.shape):],
                          blocks=len(plan), blocks_resumed=resumed,
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, settings=settings)

@@ -78,8 +78,13 @@ class RegionGraph:
         return root
 
     def _merge(self, a, b):
-        """Join roots ``a`` and ``b``: faces summed, sizes added; returns the new root."""
-        if len(self.adj[a]) < len(self.adj[b]):
+        """Join roots ``a`` and ``b``: faces summed, sizes added.
+
+        The one with fewer faces is folded into the other (ties: into the smaller first pixel,
+        so the choice depends on the graph alone, never on node numbers). Returns the new root
+        and the neighbours whose face with it changed.
+        """
+        if (len(self.adj[a]), -self.first[a]) < (len(self.adj[b]), -self.first[b]):
             a, b = b, a
         self.parent[b] = a
         self.size[a] += self.size[b]
@@ -95,8 +100,9 @@ class RegionGraph:
             nb = self.adj[w]
             del nb[b]
             nb[a] = face
+        changed = [w for w in self.adj[b] if w != a]
         self.adj[b] = {}
-        return a
+        return a, changed
 
     @staticmethod
     def _mean(face):
@@ -125,9 +131,9 @@ class RegionGraph:
             face = self.adj[u].get(v)
             if self.parent[u] != u or self.parent[v] != v or face is None or face[:2] != [s, c]:
                 continue  # stale: one side was merged, or the face changed since
-            r = self._merge(u, v)
+            r, changed = self._merge(u, v)
             merges += 1
-            for w in self.adj[r]:
+            for w in changed:  # the survivor's other faces and their heap entries are unchanged
                 heapq.heappush(heap, self._entry(r, w))
         return merges
 
@@ -154,7 +160,7 @@ class RegionGraph:
                 continue
             best = min(self.adj[i].items(),
                        key=lambda kv: (-kv[1][2], self._mean(kv[1]), self.first[kv[0]]))[0]
-            r = self._merge(i, best)
+            r, _ = self._merge(i, best)
             merged += 1
             if self.size[r] < min_size:
                 heapq.heappush(heap, (int(self.size[r]), int(self.first[r]), r))

@@ -18,7 +18,7 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["interior_mask", "altitude", "label_components", "seed_maxima", "flood",
-           "key_source", "sum_edges", "COST_SHIFT", "INDEX_LIMIT", "UNSET", "MAX_ROUNDS"]
+           "source_labels", "sum_edges", "COST_SHIFT", "INDEX_LIMIT", "UNSET", "MAX_ROUNDS"]
 
 # A flood key packs (cost, source) into one int64, compared as a whole:
 #   cost   = sum over the path's pixels (seed excluded) of 1 + altitude, bits 44..62
@@ -163,8 +163,8 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
     Returns
     -------
     ndarray of int64, shape (Z, Y, X)
-        The keys; :data:`UNSET` where no seed arrived. :func:`key_source` extracts the seed's
-        global index.
+        The keys; :data:`UNSET` where no seed arrived. :func:`source_labels` reads a label at
+        each key's seed.
     """
     if not 0 <= rounds <= MAX_ROUNDS:
         raise EmtileError(f"rounds={rounds} must be between 0 and {MAX_ROUNDS}")
@@ -191,17 +191,23 @@ def _global_index(shape, origin, volume_shape):
     return (z[:, None, None] * Y + y[None, :, None]) * X + x[None, None, :]
 
 
-def key_source(key, *, origin, shape, volume_shape):
-    """Local flat index (into an array of ``shape`` at ``origin``) of each key's seed pixel.
+def source_labels(key, labels, *, origin, volume_shape, fill=0):
+    """The label at each pixel's seed: ``labels`` (same shape as ``key``, at ``origin`` in the
+    volume) read at the source of ``key``; ``fill`` where no seed arrived.
 
-    ``key`` must be set (not :data:`UNSET`) everywhere asked.
+    Every source must lie inside the array (a flood's sources always do).
+
+    Returns
+    -------
+    ndarray of int64, shape of ``key``
     """
-    src = np.asarray(key) & _INDEX_MASK
-    _, Y, X = volume_shape
-    z, rest = np.divmod(src, Y * X)
-    y, x = np.divmod(rest, X)
-    z, y, x = z - origin[0], y - origin[1], x - origin[2]
-    return (z * shape[1] + y) * shape[2] + x
+    from emtile.segmenter.flood import take_sources
+
+    out = np.full(key.shape, fill, np.int64)
+    take_sources(key.reshape(-1), np.ascontiguousarray(labels, np.int64).reshape(-1),
+                 out.reshape(-1), np.array(origin, np.int64), np.array(key.shape, np.int64),
+                 np.array(volume_shape, np.int64))
+    return out
 
 
 def face_pairs(labels, *, start, stop, axes):
@@ -319,11 +325,23 @@ def fragment_stats(frag, inside, *, origin, volume_shape):
     the block's C order is the volume's.
     """
     flat = frag.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    keep = ids > 0
-    ids, first = ids[keep], first[keep]
-    counts = np.bincount(np.searchsorted(ids, flat[inside.ravel() & (flat > 0)]),
-                         minlength=ids.size)
+    pos = np.flatnonzero(flat > 0)
+    if pos.size == 0:
+        return np.zeros((0, 3), np.int64)
+    ids = flat[pos]
+    lo = int(ids.min())
+    span = int(ids.max()) - lo + 1
+    if span <= 4 * flat.size:  # ids are dense here (a block's and its neighbours'): no sort
+        first = np.full(span, -1, np.int64)
+        first[ids[::-1] - lo] = pos[::-1]  # the last write, the smallest position, wins
+        counts = np.bincount(flat[inside.ravel() & (flat > 0)] - lo, minlength=span)
+        keep = np.flatnonzero(first >= 0)
+        ids, first, counts = keep + lo, first[keep], counts[keep]
+    else:
+        ids, at = np.unique(ids, return_index=True)
+        first = pos[at]
+        counts = np.bincount(np.searchsorted(ids, flat[inside.ravel() & (flat > 0)]),
+                             minlength=ids.size)
     zyx = np.unravel_index(first, frag.shape)
     _, Y, X = volume_shape
     index = ((zyx[0] + origin[0]) * Y + zyx[1] + origin[1]) * X + zyx[2] + origin[2]
