@@ -143,6 +143,21 @@ def test_flood_is_local():
                                       full[0:1, y0:y0 + 20, x0:x0 + 15])
 
 
+def test_flood_needs_exactly_its_rounds_of_context():
+    # a seed at x = 0, a flat boundary: the label reaches x = rounds and no further
+    seeds = np.zeros((1, 1, 30), bool)
+    seeds[0, 0, 0] = True
+    alt = np.zeros((1, 1, 30), np.uint8)
+    full = kernels.flood(seeds, ~seeds, alt, rounds=10, axes=(1, 2), origin=(0, 0, 0),
+                         volume_shape=(1, 1, 30))
+    assert (full[0, 0, :11] != kernels.UNSET).all() and (full[0, 0, 11:] == kernels.UNSET).all()
+    for start, same in [(0, True), (1, False)]:  # pixel 10 with 10 resp. 9 pixels of context
+        win = kernels.flood(seeds[..., start:], ~seeds[..., start:], alt[..., start:],
+                            rounds=10, axes=(1, 2), origin=(0, 0, start),
+                            volume_shape=(1, 1, 30))
+        assert (win[0, 0, 10 - start] == full[0, 0, 10]) == same
+
+
 def test_seed_maxima_are_local_and_capped():
     mask = np.zeros((1, 50, 80), bool)
     mask[0, 5:45, 5:75] = True  # a wide cell: its core {d == cap} is one plateau of seeds
@@ -309,6 +324,50 @@ def test_block_invariance_2d(tmp_path, isbi_labels, opts):
     whole, r = run(tmp_path, p, "whole.zarr", **opts, block_size=p.shape)
     assert r.blocks == 1 and r.objects > 20
     for block in [(1, 64, 64), (2, 37, 101), (1, 200, 19)]:  # not dividing the shape
+        labels, _ = run(tmp_path, p, f"b{block[1]}.zarr", **opts, block_size=block)
+        np.testing.assert_array_equal(labels, whole, err_msg=str(block))
+
+
+def sparse_cells(shape, seed=0):
+    """Cells of all sizes far apart in a wide, uneven boundary: labels travel the whole flood
+    distance, the interior flood the whole interior distance, so every halo is needed."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.random(shape), (0, 3, 3))
+    field = (field - field.min()) / np.ptp(field)
+    p = 0.45 * field  # boundary everywhere: p < 0.45
+    inside = np.zeros(shape, bool)
+    for _ in range(max(3, shape[1] * shape[2] // 700)):
+        z, y, x = (rng.integers(0, n) for n in shape)
+        r = rng.integers(2, 22)
+        yy, xx = np.ogrid[:shape[1], :shape[2]]
+        inside[z] |= (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+    for _ in range(max(1, shape[1] * shape[2] // 8000)):  # wedges: seeds far from the tip
+        z, y, x = (rng.integers(0, n) for n in shape)
+        for k in range(60):
+            half = 1 + k // 6
+            inside[z, max(0, y - half):y + half + 1, min(shape[2] - 1, x + k)] = True
+    p[inside] = 0.95 + 0.05 * field[inside]
+    return np.round(p * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("method,short", [("cc", False), ("ws", False), ("cc", True),
+                                          ("ws", True)])
+def test_block_invariance_wide_boundaries(tmp_path, monkeypatch, method, short):
+    """Every halo is needed: a block that read one pixel less would differ (checked by
+    shrinking each halo by one). ``short``: tiny operator parameters, so that most paths run
+    into their limits."""
+    from emtile.segmenter import driver
+
+    opts = dict(method=method, threshold=0.5, min_size=15)
+    if short:
+        monkeypatch.setitem(driver.DEFAULTS, "seed_cap", 3)
+        monkeypatch.setitem(driver.DEFAULTS, "seed_radius", 1)
+        monkeypatch.setitem(driver.DEFAULTS, "interior_rounds", 4)
+        opts["grow"] = 3
+    p = sparse_cells((2, 150, 170))
+    whole, r = run(tmp_path, p, "whole.zarr", **opts, block_size=p.shape)
+    assert r.objects > 10 and (whole == 0).any()  # some boundary is out of every cell's reach
+    for block in [(1, 23, 19), (2, 64, 150)]:
         labels, _ = run(tmp_path, p, f"b{block[1]}.zarr", **opts, block_size=block)
         np.testing.assert_array_equal(labels, whole, err_msg=str(block))
 
