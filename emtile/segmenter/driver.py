@@ -25,7 +25,7 @@ import numpy as np
 from emtile._errors import EmtileError
 from emtile.segmenter import blocks, kernels
 from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
-from emtile.segmenter.graph import RegionGraph, join_faces
+from emtile.segmenter.graph import number_objects
 
 __all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
 
@@ -437,36 +437,45 @@ def _pass_labels(job, temp, *, progress, client):
     return int(counts.sum()) + 1  # size of the provisional id space (0 included)
 
 
+def _groups(job, plan):
+    """Blocks whose ids can meet in the global step: in 2d mode each row of blocks along z
+    (slices never join), so the graph held at once is a row's; in 3d mode all of them."""
+    if job.mode == "3d":
+        return [range(len(plan))]
+    per = len(plan) // plan.counts[0]
+    return [range(k * per, (k + 1) * per) for k in range(plan.counts[0])]
+
+
 def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
-    """Join ids across faces, build the region graph, agglomerate (ws), absorb small objects,
-    number the objects by first pixel; write the provisional -> output table. Returns N."""
-    pairs, stats, edges = blocks.read_records(temp, range(len(plan)))
-    comp = join_faces(n_ids, pairs)
-    objects, node = np.unique(comp[stats[:, 0]], return_inverse=True)
-    size = np.zeros(objects.size, np.int64)
-    np.add.at(size, node, stats[:, 1])
-    first = np.full(objects.size, np.iinfo(np.int64).max)
-    np.minimum.at(first, node, stats[:, 2])
-    u = np.searchsorted(objects, comp[edges[:, 0]])
-    v = np.searchsorted(objects, comp[edges[:, 1]])
-    keep = u != v
-    graph_edges = kernels.sum_edges(np.minimum(u, v)[keep], np.maximum(u, v)[keep],
-                                    edges[keep, 2], edges[keep, 3], edges[keep, 4])
-    graph = RegionGraph(first, size, graph_edges)
-    if job.method == "ws":
-        graph.agglomerate(merge_threshold)
-    graph.absorb_small(min_size)
-    ids, count = graph.final_ids()
-    table = np.zeros(n_ids, np.int64)
-    if objects.size:
-        pos = np.minimum(np.searchsorted(objects, comp), objects.size - 1)
-        hit = objects[pos] == comp
-        table[hit] = ids[pos[hit]]
-    table[0] = 0
-    arr = temp.create_array("table", shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
-                            dtype="int64", fill_value=0, overwrite=True)
-    arr[:] = table.astype(np.int64)
-    return count
+    """Per group of blocks: join ids across faces, agglomerate (ws), absorb small objects,
+    number the objects by first pixel (after the groups before it); write the provisional ->
+    output table. Returns N."""
+    counts, offsets = np.asarray(temp["counts"][:]), np.asarray(temp["offsets"][:])
+    table = temp.create_array("table", shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
+                              dtype="int64", fill_value=0, overwrite=True)
+    total = 0
+    for group in _groups(job, plan):
+        b0, b1 = group[0], group[-1]
+        # the group's provisional ids: one run of cell ids and one of seed ids
+        lo = offsets[b0] + 1
+        hi = offsets[b1] + counts[b1] + 1  # exclusive
+        nc = int(hi[0] - lo[0])
+
+        def local(x):
+            return np.where(x < hi[0], x - lo[0] + 1, x - lo[1] + 1 + nc)
+
+        pairs, stats, edges = blocks.read_records(temp, group)
+        stats[:, 0] = local(stats[:, 0])
+        edges[:, :2] = local(edges[:, :2])
+        number, count = number_objects(
+            1 + nc + int(hi[1] - lo[1]), local(pairs), stats, edges, min_size=min_size,
+            merge_threshold=merge_threshold if job.method == "ws" else None)
+        number[number > 0] += total
+        total += count
+        table[int(lo[0]):int(hi[0])] = number[1:1 + nc]
+        if hi[1] > lo[1]:
+            table[int(lo[1]):int(hi[1])] = number[1 + nc:]
+    return total
 
 
 def _output_dtype(group, count, job):

@@ -14,7 +14,7 @@ import heapq
 
 import numpy as np
 
-__all__ = ["join_faces", "RegionGraph"]
+__all__ = ["join_faces", "RegionGraph", "number_objects"]
 
 
 def join_faces(n_ids, pairs):
@@ -182,3 +182,58 @@ class RegionGraph:
         number = np.zeros(n, np.int64)
         number[order] = np.arange(1, order.size + 1)
         return number[roots], int(order.size)
+
+
+def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, min_size=0):
+    """The whole global step on compact arrays: ids joined across faces -> objects, agglomerated
+    (``merge_threshold``, ws), small ones absorbed, numbered 1..N by first pixel.
+
+    Parameters
+    ----------
+    n_ids : int
+        Size of the id space (0 is background).
+    pairs : ndarray of int64, shape (k, 2)
+        Ids that are one object (they touch across a block face).
+    stats : ndarray of int64, shape (m, 3)
+        ``(id, interior pixels, first global index)`` per fragment and block.
+    edges : ndarray of int64, shape (e, 5)
+        ``(u, v, altitude_sum, pixels, contact)`` per fragment pair and block.
+    merge_threshold : float, optional
+        Agglomerate while the mean boundary probability on a face is at most this.
+    min_size : int
+
+    Returns
+    -------
+    number : ndarray of int64, shape (n_ids,)
+        Output id of every id (0 for background, unused and dropped ids).
+    count : int
+    """
+    comp = join_faces(n_ids, pairs)
+    objects, node = np.unique(comp[stats[:, 0]], return_inverse=True)
+    size = np.zeros(objects.size, np.int64)
+    np.add.at(size, node, stats[:, 1])
+    first = np.full(objects.size, np.iinfo(np.int64).max)
+    np.minimum.at(first, node, stats[:, 2])
+    if merge_threshold is None and min_size <= 1:  # nothing merges: number by first pixel
+        ids = np.zeros(objects.size, np.int64)
+        ids[np.argsort(first, kind="stable")] = np.arange(1, objects.size + 1)
+        count = objects.size
+    else:
+        from emtile.segmenter.kernels import sum_edges
+
+        u = np.searchsorted(objects, comp[edges[:, 0]])
+        v = np.searchsorted(objects, comp[edges[:, 1]])
+        keep = u != v
+        graph = RegionGraph(first, size, sum_edges(np.minimum(u, v)[keep], np.maximum(u, v)[keep],
+                                                   edges[keep, 2], edges[keep, 3], edges[keep, 4]))
+        if merge_threshold is not None:
+            graph.agglomerate(merge_threshold)
+        graph.absorb_small(min_size)
+        ids, count = graph.final_ids()
+    number = np.zeros(n_ids, np.int64)
+    if objects.size:
+        pos = np.minimum(np.searchsorted(objects, comp), objects.size - 1)
+        hit = objects[pos] == comp
+        number[hit] = ids[pos[hit]]
+    number[0] = 0
+    return number, int(count)
