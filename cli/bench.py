@@ -4,6 +4,8 @@ import json
 
 import click
 
+from emtile.device import DEVICES
+
 
 @click.command()
 @click.option("--base", type=click.IntRange(min=1), default=64, show_default=True,
@@ -14,7 +16,7 @@ import click
               help="Input tile size; must be valid for --depth (572 -> 388 at depth 4).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tiles per forward pass, for both measurements.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+@click.option("--device", type=click.Choice(DEVICES), default="auto",
               show_default=True, help="Where the model runs; auto picks cuda when there is one.")
 @click.option("--tiles", type=click.IntRange(min=1), default=8, show_default=True,
               help="Tiles timed in each measurement (the predicted volume is exactly this many "

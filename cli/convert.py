@@ -22,9 +22,12 @@ from emtile.cli._types import IntTuple
 @click.option("--compression", type=click.Choice(["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"]),
               default="zstd", show_default=True, help="Blosc compressor.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-partial", is_flag=True,
+              help="Convert the complete pages of a TIFF cut short (refused otherwise); the store "
+                   "records what was expected and what was found, and 'emtile info' shows it.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_size, levels,
-            compression, overwrite, progress):
+            compression, overwrite, allow_partial, progress):
     """Convert INPUT (TIFF, PNG/TIFF folder or glob, Zarr, HDF5) to an OME-Zarr store OUTPUT.
 
     \b
@@ -32,11 +35,11 @@ def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_si
     emtile convert labels.tif labels.zarr --labels
     emtile convert 'slices/*.png' vol.zarr --voxel-size 50,4,4 --levels 3
     """
-    from emtile.cli.info import format_info
-    from emtile.volume import convert as run
+    from emtile.volume import convert as run, format_info
 
     result = run(input, output, labels=labels, threshold=threshold, channel=channel,
                  dataset=dataset, chunks=chunks, voxel_size=voxel_size, levels=levels,
-                 compression=compression, overwrite=overwrite, progress=progress)
+                 compression=compression, overwrite=overwrite, allow_partial=allow_partial,
+                 progress=progress)
     click.echo(f"wrote {output}")
     click.echo(format_info(result))

@@ -20,6 +20,7 @@ COMMANDS = {
     "train": "emtile.cli.train:train",
     "evaluate": "emtile.cli.evaluate:evaluate",
     "show": "emtile.cli.show:show",
+    "export": "emtile.cli.export:export",
     "segment": "emtile.cli.segment:segment",
 }
 

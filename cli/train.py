@@ -3,6 +3,8 @@
 import click
 
 from emtile.cli._types import SliceList
+from emtile.losses import LOSSES
+from emtile.training.settings import OPTIMIZERS, SCHEDULES
 
 
 @click.command()
@@ -33,15 +35,15 @@ from emtile.cli._types import SliceList
               help="Training input patch size (a valid size for --depth); the label patch is its output.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Patches per step.")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Base learning rate.")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True,
               help="Adam, or SGD with --momentum (the paper: SGD, momentum 0.99).")
 @click.option("--momentum", type=float, default=0.99, show_default=True, help="SGD momentum.")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help="L2 weight decay.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "poly"]), default="cosine",
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="cosine",
               show_default=True, help="Learning-rate schedule over --iterations (after warm-up).")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
               help="Linear warm-up iterations [default: 2% of --iterations, at most 200].")
-@click.option("--loss", type=click.Choice(["bce", "dice", "bce+dice"]), default="bce", show_default=True,
+@click.option("--loss", type=click.Choice(LOSSES), default="bce", show_default=True,
               help="bce is weighted by the paper's border weight map (see --w0, --sigma).")
 @click.option("--w0", type=float, default=10.0, show_default=True,
               help="Border weight amplitude between touching cells (0: off).")
@@ -79,12 +81,7 @@ from emtile.cli._types import SliceList
               help="Fit the output bias of best/ on the training slices so that threshold 0.5 "
                    "gives the lowest pixel error (border weights bias it towards membrane).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, batch_norm, dropout,
-          bn_momentum, freeze_bn,
-          tile, batch_size, lr, optimizer, momentum, weight_decay, schedule, warmup, loss, w0, sigma,
-          class_balance, workers, device, amp, clip, val_every, seed, resume, overwrite, elastic,
-          elastic_sigma, flip, intensity, noise, blur, foreground, channels_last, calibrate,
-          progress):
+def train(raw, labels, out, resume, overwrite, progress, **settings):
     """Train a valid-convolution U-Net on annotated slices; write a model folder to --out.
 
     \b
@@ -93,31 +90,9 @@ def train(raw, labels, out, train_slices, val_slices, iterations, base, depth, b
     emtile train ... --resume              # continue after a crash or Ctrl-C
     emtile predict --model model/best ...  # the folder is all predict needs
     """
-    from emtile.trainer import train as run
+    from emtile.trainer import format_result, train as run
+    from emtile.training.settings import TrainSettings
 
-    result = run(raw, labels, out, train_slices=train_slices, val_slices=val_slices,
-                 iterations=iterations, base=base, depth=depth, batch_norm=batch_norm,
-                 dropout=dropout, bn_momentum=bn_momentum, freeze_bn=freeze_bn, tile=tile,
-                 batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                 weight_decay=weight_decay, schedule=schedule, warmup=warmup,
-                 loss=loss, w0=w0, sigma=sigma, class_balance=class_balance, workers=workers,
-                 device=device, amp=amp, clip=clip, val_every=val_every, seed=seed, resume=resume,
-                 overwrite=overwrite, elastic=elastic, elastic_sigma=elastic_sigma, flip=flip,
-                 intensity=intensity, noise=noise, blur=blur, foreground=foreground,
-                 channels_last=channels_last, calibrate=calibrate, progress=progress)
-    click.echo(f"trained {result['iteration']} iterations in {result['elapsed_s']:.0f} s; "
-               f"last loss {result['loss']:.4f}")
-    best = result.get("best") or {}
-    if best:
-        shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in best.items()
-                          if k.startswith("val_") and isinstance(v, float))
-        click.echo(f"best (iteration {best.get('iteration')}): {shown}")
-    cal = result.get("calibration")
-    if cal:
-        after = cal.get("val_after") or {}
-        val = (f"; validation pixel error now {after['val_pixel_error']:.4f}"
-               if "val_pixel_error" in after else "")
-        click.echo(f"calibrated best/: threshold {cal['threshold']:.3f} -> 0.5 (logit offset "
-                   f"{cal['offset']:+.3f}); training-slice pixel error "
-                   f"{cal['pixel_error_before']:.4f} -> {cal['pixel_error_after']:.4f}{val}")
-    click.echo(f"model: {result['best_path']}  (resume from {result['last_path']})")
+    result = run(raw, labels, out, TrainSettings(**settings), resume=resume, overwrite=overwrite,
+                 progress=progress)
+    click.echo(format_result(result))

@@ -20,8 +20,10 @@ _LAZY = {
     "load_model": "emtile.unet",
     "predict": "emtile.predictor",
     "train": "emtile.trainer",
+    "TrainSettings": "emtile.training.settings",
     "evaluate": "emtile.metrics",
     "show": "emtile.plot",
+    "export_model": "emtile.export",
     "segment": "emtile.segmenter",
 }
 

@@ -4,8 +4,29 @@ Library functions raise :class:`EmtileError` when the input is wrong in a way th
 (a missing path, an invalid tile size, a stack with mixed slice shapes). The message names the
 offending value and what would be valid. The CLI turns it into a one-line error and exit code 1;
 anything else is a bug and keeps its traceback.
+
+An EmtileError raised in a DataLoader worker process reaches the main process re-built by torch
+from a message that holds the worker's whole traceback (``Caught EmtileError in DataLoader worker
+process 0. Original Traceback ...``); the error recovers its own one-line message from it, so the
+user sees the same line whichever process read the data.
 """
+
+import re
 
 
 class EmtileError(ValueError):
     """A user-facing error: bad input, with a message that says what would be valid."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_worker_message(args[0], type(self)),)
+        super().__init__(*args)
+
+
+def _worker_message(text, cls):
+    """The original message inside torch's re-raise of a worker's error; ``text`` otherwise."""
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    name = re.escape(f"{cls.__module__}.{cls.__qualname__}")
+    found = re.findall(rf"^(?:{name}|{re.escape(cls.__qualname__)}): (.*)$", text, flags=re.M)
+    return found[-1] if found else text

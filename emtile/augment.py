@@ -20,6 +20,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from emtile.volume import center_crop
+
 
 @lru_cache(maxsize=64)
 def _cubic_basis(n, grid):
@@ -90,7 +92,15 @@ def _reflect(k, n):
 @numba.njit(cache=True, nogil=True)
 def _warp(image, label, field, start_y, start_x, inner_y, inner_x, out_image, out_label, order):
     """Sample ``image`` at ``(i + start + field)`` (bilinear or nearest) and ``label`` (nearest)
-    at the positions of the centred ``out_label`` window; mirror beyond the crop."""
+    at the positions of the centred ``out_label`` window; mirror beyond the crop.
+
+    ``scipy.ndimage.map_coordinates(mode="mirror")`` computes the same samples, but the whole
+    elastic deformation took 2.6x longer with it: 38.8 ms against 14.7 ms per 572² patch (388²
+    labels), the same field included in both, over 300 ISBI patches, one thread, the two
+    alternating (``examples/bench_augment.py --compare-warp 300``; a shared 2-core machine at
+    load average 4.5-5.5). Their outputs agreed exactly on those 300 patches; on 300 others, one
+    image pixel of 98 million differed by 6e-8 (float rounding) and no label pixel.
+    """
     ny, nx = image.shape
     sy, sx = out_image.shape
     for i in range(sy):
@@ -237,12 +247,3 @@ class Augmenter:
         if self.noise > 0:
             image = image + rng.normal(0.0, rng.uniform(0.0, self.noise), image.shape).astype(np.float32)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
-
-
-def center_crop(array, shape):
-    """The centre ``shape`` of ``array`` (the size difference must be even on every axis)."""
-    box = []
-    for size, want in zip(array.shape[-len(shape):], shape):
-        assert (size - want) % 2 == 0 and size >= want, (array.shape, shape)
-        box.append(slice((size - want) // 2, (size - want) // 2 + want))
-    return array[(Ellipsis, *box)]

@@ -7,13 +7,13 @@
 (b) :func:`emtile.predictor.predict` on an OME-Zarr volume whose output area is exactly ``tiles``
     output tiles (reading, mirroring, batching, the model, stitching, writing),
 
-and returns both, their ratio, output voxels per second, GFLOP/s from the model's convolution
-shapes, and the peak resident memory. :func:`mirrored_volume` builds the test volumes (by
-mirroring the slices of a real stack, e.g. ISBI 2012, to any shape; random data without one) and
-is shared with the ``examples/bench_*.py`` scripts. ``emtile bench`` is the command line.
+and returns both, their ratio, output voxels per second, GFLOP/s (the model's FLOPs as
+:class:`torch.utils.flop_counter.FlopCounterMode` counts them), and the peak resident memory.
+:func:`mirrored_volume` builds the test volumes (by mirroring the slices of a real stack, e.g.
+ISBI 2012, to any shape; random data without one) and is shared with the ``examples/bench_*.py``
+scripts. ``emtile bench`` is the command line.
 """
 
-import math
 import resource
 import sys
 import tempfile
@@ -24,7 +24,7 @@ import numpy as np
 
 from emtile._errors import EmtileError
 
-__all__ = ["run_bench", "format_bench", "mirrored_volume", "conv_flops", "peak_rss"]
+__all__ = ["run_bench", "format_bench", "mirrored_volume", "model_flops", "peak_rss"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -42,33 +42,20 @@ def peak_rss():
     return own, children
 
 
-def conv_flops(model, x):
-    """Floating-point operations (2 per multiply-add) of the convolutions in ``model(x)``.
+def model_flops(model, x):
+    """Floating-point operations of ``model(x)`` as PyTorch counts them; returns ``(flops, output)``.
 
-    Counted with forward hooks on every ``Conv*`` and ``ConvTranspose*`` module while running
-    ``model(x)`` once; returns ``(flops, output)``. Pooling, ReLU and copies are not counted.
+    :class:`torch.utils.flop_counter.FlopCounterMode` counts 2 per multiply-add of the
+    convolutions (transposed ones included) and matrix products; pooling, activations, batch
+    norm and copies are not counted. Runs ``model(x)`` once under ``torch.inference_mode``
+    (``x`` may be on the meta device).
     """
     import torch
-    from torch import nn
+    from torch.utils.flop_counter import FlopCounterMode
 
-    total = [0]
-
-    def hook(module, inputs, output):
-        k = math.prod(module.kernel_size)
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):  # every input feeds cout * k
-            total[0] += 2 * inputs[0].numel() * module.out_channels // module.groups * k
-        else:  # every output reads cin * k
-            total[0] += 2 * output.numel() * module.in_channels // module.groups * k
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.conv._ConvNd)]
-    try:
-        with torch.inference_mode():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0], out
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        out = model(x)
+    return counter.get_total_flops(), out
 
 
 def mirrored_volume(path, shape, *, source=None, chunks=None, seed=0, progress=False):
@@ -138,19 +125,9 @@ def _sync(device):
 
 
 def _amp_name(device, amp):
-    """``--amp`` -> predict's ``amp``: bfloat16 on CPU, float16 on CUDA."""
+    """``--amp`` -> predict's ``amp`` (an :data:`emtile.device.AMPS` mode): bfloat16 on CPU,
+    float16 on CUDA (what ``emtile predict --amp fp16`` runs)."""
     return ("fp16" if device.type == "cuda" else "bf16") if amp else None
-
-
-def _autocast(device, amp):
-    import contextlib
-
-    import torch
-
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def tiles_volume_shape(model, tile, tiles):
@@ -217,13 +194,15 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     """
     import torch
 
-    from emtile.predictor import predict, resolve_device
+    from emtile.device import autocast, resolve_device
+    from emtile.predictor import predict
     from emtile.unet import UNet
 
     for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat)):
         if not isinstance(value, int) or value < 1:
             raise EmtileError(f"{name}={value!r} must be a positive integer")
     dev = resolve_device(device)
+    amp_name = _amp_name(dev, amp)
     torch.manual_seed(seed)
     model = UNet(base=base, depth=depth)
     model.check(tile)
@@ -239,7 +218,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
 
     def time_model():
         model.to(memory_format=fmt)  # predict restores the default layout when it returns
-        with _autocast(dev, amp), torch.inference_mode():
+        with autocast(dev, amp_name), torch.inference_mode():
             model(x)
             _sync(dev)
             t0 = time.perf_counter()
@@ -248,8 +227,8 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
             _sync(dev)
         return (time.perf_counter() - t0) * tiles / (n_batches * batch_size)
 
-    with _autocast(dev, amp):
-        flops, _ = conv_flops(model, x[:1])
+    with autocast(dev, amp_name):
+        flops, _ = model_flops(model, x[:1])
         with torch.inference_mode():
             for _ in range(warmup):
                 model(x)
@@ -257,7 +236,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     # (b) the whole predict path on a volume of exactly `tiles` output tiles
     shape = tiles_volume_shape(model, tile, tiles)
     kwargs = dict(tile=tile, batch_size=batch_size, device=str(dev), progress=progress,
-                  amp=_amp_name(dev, amp), channels_last=channels_last, overwrite=True)
+                  amp=amp_name, channels_last=channels_last, overwrite=True)
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
     model_times, predict_times = [], []
@@ -283,7 +262,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
         "threads": torch.get_num_threads(), "channels_last": channels_last, "amp": amp,
         "num_workers": num_workers, "volume_shape": shape, "repeat": repeat,
         "model_times": model_times, "predict_times": predict_times,
-        "data": str(data) if data is not None else "random",
+        "data": str(data) if data is not None else "random", "seed": seed,
         "model_s": model_s, "predict_s": predict_s, "ratio": predict_s / model_s,
         "out_voxels": out_voxels, "predict_tile_runs": result.tiles,
         "predict_efficiency": result.efficiency,

@@ -30,7 +30,7 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["ShapeMap", "Grid", "Block", "BlockPlan", "tile_grid", "block_plan", "choose_tile",
-           "normalize_roi", "reflect_index", "read_window"]
+           "normalize_roi", "reflect_index", "read_window", "per_axis"]
 
 
 # --------------------------------------------------------------------------- shape map
@@ -94,7 +94,7 @@ class ShapeMap:
 
     def is_valid(self, n):
         """True if ``n`` (an int, or one per axis) is a valid input size."""
-        return all(self._out(int(v)) is not None for v in _per_axis(n, self.ndim, "n"))
+        return all(self._out(int(v)) is not None for v in per_axis(n, self.ndim, "n"))
 
     def nearest_valid(self, n):
         """The valid input sizes just below and just above ``n`` (below is None if there is none)."""
@@ -104,7 +104,7 @@ class ShapeMap:
 
     def check(self, n, name="tile"):
         """Return ``n`` as a tuple (one per axis), raising :class:`EmtileError` if not valid."""
-        sizes = _per_axis(n, self.ndim, name)
+        sizes = per_axis(n, self.ndim, name)
         for v in sizes:
             if self._out(v) is None:
                 lo, hi = self.nearest_valid(v)
@@ -120,7 +120,7 @@ class ShapeMap:
 
     def input_size(self, n):
         """Input size that gives output size ``n`` (int -> int, tuple -> tuple)."""
-        sizes = _per_axis(n, self.ndim, "output size")
+        sizes = per_axis(n, self.ndim, "output size")
         ins = []
         for v in sizes:
             m = v + 2 * self.halo
@@ -138,7 +138,9 @@ class ShapeMap:
         return [n for n in range(max(lo, self.min_size), hi + 1) if self._out(n) is not None]
 
 
-def _per_axis(value, ndim, name):
+def per_axis(value, ndim, name):
+    """``value`` (one integer, or one per axis) -> a tuple of ``ndim`` integers; ``name`` is
+    the parameter named in the error."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return (int(value),) * ndim
     try:
@@ -252,12 +254,8 @@ class Grid:
 
     def own_window(self, idx):
         """``(start, stop)`` of the region pixels tile ``idx`` contributes to."""
-        start, stop = self.out_window(idx)
-        if self.owned:
-            stop = tuple(b if k == n - 1 else a + s
-                         for a, b, k, n, s in zip(start, stop, idx, self.counts, self.stride))
-        return (tuple(max(a, r0) for a, (r0, _) in zip(start, self.region)),
-                tuple(min(b, r1) for b, (_, r1) in zip(stop, self.region)))
+        ends = [self._own_axis(ax, k) for ax, k in enumerate(idx)]
+        return tuple(a for a, _ in ends), tuple(b for _, b in ends)
 
     def _axis_range(self, axis, lo, hi):
         """Tile indices along ``axis`` whose full output window meets ``[lo, hi)`` (a superset)."""
@@ -266,15 +264,28 @@ class Grid:
         last = min(n - 1, (hi - 1 - o) // s)
         return range(first, last + 1)
 
+    def _own_axis(self, axis, k):
+        """``(start, stop)`` of tile ``k``'s own window along ``axis`` (see :meth:`own_window`)."""
+        o, s, n = self.origin[axis], self.stride[axis], self.counts[axis]
+        r0, r1 = self.region[axis]
+        a = o + k * s
+        b = a + (s if self.owned and k != n - 1 else self.out_tile[axis])
+        return max(a, r0), min(b, r1)
+
+    def axis_tiles(self, axis, lo, hi):
+        """Tile indices along ``axis`` whose own window meets ``[lo, hi)``. Own windows are a
+        product of per-axis intervals, so :meth:`tiles_in` is the product of these."""
+        out = []
+        for k in self._axis_range(axis, lo, hi):
+            a, b = self._own_axis(axis, k)
+            if max(a, lo) < min(b, hi):
+                out.append(k)
+        return out
+
     def tiles_in(self, start, stop):
         """Tile indices whose own window intersects the box ``[start, stop)``, in C order."""
-        ranges = [self._axis_range(ax, a, b) for ax, (a, b) in enumerate(zip(start, stop))]
-        out = []
-        for idx in itertools.product(*ranges):
-            own0, own1 = self.own_window(idx)
-            if all(max(a, s) < min(b, e) for a, b, s, e in zip(own0, own1, start, stop)):
-                out.append(idx)
-        return out
+        return list(itertools.product(*(self.axis_tiles(ax, a, b)
+                                        for ax, (a, b) in enumerate(zip(start, stop)))))
 
 
 def tile_grid(volume_shape, shape_map, tile, *, roi=None, overlap=0, owned=None):
@@ -316,7 +327,7 @@ def tile_grid(volume_shape, shape_map, tile, *, roi=None, overlap=0, owned=None)
     region = normalize_roi(roi, volume_shape)
     tile = tuple(shape_map.check(tile))
     out = tuple(shape_map.output_size(tile))
-    overlap = _per_axis(overlap, k, "overlap")
+    overlap = per_axis(overlap, k, "overlap")
     a, h = shape_map.align, shape_map.halo
     stride = []
     for o, ov in zip(out, overlap):
@@ -361,7 +372,13 @@ class Block:
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """The blocks of a grid, computed on demand: ``len(plan)``, ``plan[i]``, ``iter(plan)``."""
+    """The blocks of a grid, computed on demand: ``len(plan)``, ``plan[i]``, ``iter(plan)``.
+
+    Blocks are a regular grid of ``block_shape`` from the region's start; the last block along
+    each axis ends at the region's end (it may be a little longer than ``block_shape`` where
+    :func:`block_plan` merged a short tail into it). Nothing is materialised: a plan of
+    millions of blocks costs nothing until a block is asked for.
+    """
 
     grid: Grid
     chunks: tuple  # output chunk shape (region coordinates)
@@ -371,21 +388,41 @@ class BlockPlan:
     def __len__(self):
         return math.prod(self.counts)
 
-    def __getitem__(self, i):
+    def _axis_box(self, axis, p):
+        r0, r1 = self.grid.region[axis]
+        start = r0 + p * self.block_shape[axis]
+        return start, (r1 if p == self.counts[axis] - 1 else min(start + self.block_shape[axis], r1))
+
+    def box(self, i):
+        """``(start, stop)`` of block ``i`` (volume coordinates), without listing its tiles."""
         if not 0 <= i < len(self):
             raise IndexError(i)
-        pos = np.unravel_index(i, self.counts)
-        start = tuple(r0 + int(p) * b for (r0, _), p, b in zip(self.grid.region, pos, self.block_shape))
-        stop = tuple(min(a + b, r1) for a, b, (_, r1) in zip(start, self.block_shape, self.grid.region))
+        ends = [self._axis_box(ax, int(p)) for ax, p in enumerate(np.unravel_index(i, self.counts))]
+        return tuple(a for a, _ in ends), tuple(b for _, b in ends)
+
+    def __getitem__(self, i):
+        start, stop = self.box(i)
         return Block(i, start, stop, tuple(self.grid.tiles_in(start, stop)))
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
+    def n_tiles(self, i):
+        """How many tiles block ``i`` runs (without listing them)."""
+        start, stop = self.box(i)
+        return math.prod(len(self.grid.axis_tiles(ax, a, b))
+                         for ax, (a, b) in enumerate(zip(start, stop)))
+
     @property
     def n_tile_runs(self):
-        """Tiles computed over the whole plan (tiles that straddle blocks count once per block)."""
-        return sum(len(b.tiles) for b in self)
+        """Tiles computed over the whole plan (tiles that straddle blocks count once per block).
+
+        Blocks and tiles are products of per-axis intervals, so this is a product of per-axis
+        sums: instant for any plan size."""
+        total = 1
+        for ax, n in enumerate(self.counts):
+            total *= sum(len(self.grid.axis_tiles(ax, *self._axis_box(ax, p))) for p in range(n))
+        return total
 
 
 def block_plan(grid, chunks, *, max_block_px=2**22):
@@ -394,6 +431,12 @@ def block_plan(grid, chunks, *, max_block_px=2**22):
     Blocks grow one chunk at a time along the model axes, keeping them as square as possible
     (fewer tiles straddle two blocks), then along the slice axes; every block holds at least one
     chunk, and a block spans the whole region along an axis when it fits.
+
+    A tile that straddles two blocks runs in both. Chunks are multiples of the tile stride, so
+    block edges fall on tile edges, except where the last tile along an axis owns more than a
+    stride (its output reaches past the last chunk boundary): a last block that would start
+    inside the last tile's own window is merged into the block before it (it is at most one
+    tile's output longer), so that tile runs once, not twice.
     """
     chunks = tuple(int(c) for c in chunks)
     if len(chunks) != grid.ndim or any(c < 1 for c in chunks):
@@ -415,8 +458,14 @@ def block_plan(grid, chunks, *, max_block_px=2**22):
     for ax in reversed([a for a in range(grid.ndim) if a not in model_axes]):  # then the others
         rest = math.prod(block) // block[ax]
         block[ax] = min(full[ax], max(chunks[ax], budget // rest // chunks[ax] * chunks[ax]))
-    counts = tuple(-(-n // b) for n, b in zip(shape, block))
-    return BlockPlan(grid, chunks, tuple(block), counts)
+    counts = []
+    for ax, (n, b) in enumerate(zip(shape, block)):
+        count = -(-n // b)
+        last_tile_start = grid._own_axis(ax, grid.counts[ax] - 1)[0]
+        if count > 1 and grid.region[ax][0] + (count - 1) * b > last_tile_start:
+            count -= 1  # the tail joins the block before it
+        counts.append(count)
+    return BlockPlan(grid, chunks, tuple(block), tuple(counts))
 
 
 # --------------------------------------------------------------------------- auto tile

@@ -15,7 +15,6 @@ background (label ``0``, membrane) pixels, the ones the term is about.
 """
 
 import numpy as np
-from scipy import ndimage
 
 from emtile._errors import EmtileError
 
@@ -73,6 +72,8 @@ def border_weights(labels, *, w0=10.0, sigma=5.0, tol=1e-6):
     ndarray of float32, same shape as ``labels``; 0 on cell pixels and where fewer than two cells
     lie within reach.
     """
+    from scipy import ndimage
+
     labels = np.asarray(labels)
     out = np.zeros(labels.shape, np.float32)
     if w0 == 0:

@@ -86,6 +86,7 @@ from numbers import Integral
 import numpy as np
 
 from emtile._errors import EmtileError
+from emtile.volume import LabelChecker, open_stack, resolve_slices, slab_depth, slice_runs
 
 __all__ = [
     "evaluate",
@@ -98,6 +99,12 @@ __all__ = [
     "v_info",
     "thin_boundaries",
     "truth_segments",
+    "format_report",
+    "write_csv",
+    "write_json",
+    "check_threshold",
+    "confusion_counts",
+    "PredictionDecoder",
     "SWEEP_THRESHOLDS",
 ]
 
@@ -206,18 +213,19 @@ def pixel_metrics(pred, truth, *, threshold=0.5, invert=False):
     """
     pred, truth = np.asarray(pred), np.asarray(truth)
     _check_shapes(pred.shape, truth.shape, "pred", "truth")
-    _check_threshold(threshold)
-    decoder = _Decoder(pred.dtype, invert=invert)
+    check_threshold(threshold)
+    decoder = PredictionDecoder(pred.dtype, invert=invert)
     decoder.inspect(pred, "pred")
     fg = decoder.binarize(pred, threshold, decoder.final_scale())
-    tfg = _LabelChecker().foreground(truth, "truth")
-    out = metrics_from_counts(*_counts(fg, tfg))
+    tfg = LabelChecker().foreground(truth, "truth")
+    out = metrics_from_counts(*confusion_counts(fg, tfg))
     out["threshold"] = float(threshold)
     out["classification_report"] = classification_report_text(out["tp"], out["fp"], out["fn"], out["tn"])
     return out
 
 
-def _counts(fg, tfg):
+def confusion_counts(fg, tfg):
+    """``(tp, fp, fn, tn)`` of a predicted foreground mask ``fg`` against the truth's ``tfg``."""
     tp = int(np.count_nonzero(fg & tfg))
     npred = int(np.count_nonzero(fg))
     ntrue = int(np.count_nonzero(tfg))
@@ -385,8 +393,8 @@ def v_info(truth_seg, pred_seg):
 # --------------------------------------------------------------------------- prediction decoding
 
 
-class _Decoder:
-    """Validates prediction values and turns them into a foreground mask at a threshold.
+class PredictionDecoder:
+    """Validates prediction values slab by slab and turns them into a foreground mask.
 
     kinds: ``mask`` (bool), ``float`` (probabilities in [0, 1]), ``int`` (0-255 probabilities,
     or a {0, 1} mask when no value above 1 is ever seen: ``scale`` 255 or 1).
@@ -459,39 +467,11 @@ class _Decoder:
         return (255 - v > cut) if self.invert else (v > cut)
 
 
-class _LabelChecker:
-    """Checks that labels are binary ({0, 1} or {0, 255}, consistently) and returns foreground."""
-
-    def __init__(self):
-        self.high = None  # the non-zero value seen so far: 1 or 255
-
-    def foreground(self, data, where):
-        data = np.asarray(data)
-        if data.dtype == np.bool_:
-            return data
-        if data.dtype == np.uint8:
-            values = np.flatnonzero(np.bincount(data.ravel(), minlength=256))
-        else:
-            values = np.unique(data)
-        extra = [v for v in values.tolist() if v not in (0, 1, 255)]
-        highs = {v for v in values.tolist() if v in (1, 255)}
-        if self.high is not None:
-            highs.add(self.high)
-        if extra or len(highs) > 1:
-            shown = ", ".join(f"{v:g}" for v in values.tolist()[:8])
-            more = " ..." if len(values) > 8 else ""
-            raise EmtileError(
-                f"labels are not binary in {where}: values {shown}{more}; expected {{0, 1}} "
-                "(emtile convert --labels) or {0, 255} (ISBI TIFF), 1/255 = cell interior")
-        if highs:
-            self.high = highs.pop()
-        return data != 0
-
-
 # --------------------------------------------------------------------------- ISBI scores per slice
 
 
-def _check_threshold(threshold):
+def check_threshold(threshold):
+    """EmtileError unless ``threshold`` is a number in [0, 1]."""
     try:
         ok = 0.0 <= float(threshold) <= 1.0
     except (TypeError, ValueError):
@@ -542,11 +522,11 @@ def isbi_scores(pred_slice, truth_slice, *, threshold=0.5, invert=False):
     if pred_slice.ndim != 2:
         raise EmtileError(f"pred_slice must be 2-D (Y, X), got shape {pred_slice.shape}")
     _check_shapes(pred_slice.shape, truth_slice.shape, "pred_slice", "truth_slice")
-    _check_threshold(threshold)
-    decoder = _Decoder(pred_slice.dtype, invert=invert)
+    check_threshold(threshold)
+    decoder = PredictionDecoder(pred_slice.dtype, invert=invert)
     scale = decoder.inspect(pred_slice, "pred_slice")
     fg = decoder.binarize(pred_slice, threshold, scale)
-    tseg = truth_segments(_LabelChecker().foreground(truth_slice, "truth_slice"))
+    tseg = truth_segments(LabelChecker().foreground(truth_slice, "truth_slice"))
     out = _slice_scores(fg, tseg)
     out["threshold"] = float(threshold)
     return out
@@ -555,91 +535,9 @@ def isbi_scores(pred_slice, truth_slice, *, threshold=0.5, invert=False):
 # --------------------------------------------------------------------------- volumes
 
 
-def _as_array(x, name):
-    """(array-like, display name): paths are opened lazily with :func:`emtile.open_volume`."""
-    if isinstance(x, (str, bytes)) or hasattr(x, "__fspath__"):
-        from emtile.volume import open_volume
-
-        return open_volume(x), str(x)
-    if not hasattr(x, "shape") or not hasattr(x, "__getitem__"):
-        x = np.asarray(x)
-    return x, f"{name} array"
-
-
-class _Stack:
-    """A (Z, Y, X) view of a 2-D, 3-D or single-channel 4-D array-like."""
-
-    def __init__(self, array, display):
-        self.array = array
-        self.display = display
-        shape = tuple(int(s) for s in array.shape)
-        if len(shape) == 2:
-            self.lead = "2d"
-            shape = (1,) + shape
-        elif len(shape) == 3:
-            self.lead = ""
-        elif len(shape) == 4 and shape[0] == 1:
-            self.lead = "c"
-            shape = shape[1:]
-        else:
-            raise EmtileError(f"{display} has shape {tuple(array.shape)}: expected (Z, Y, X), "
-                              "(Y, X) or one channel (1, Z, Y, X)")
-        self.shape = shape
-        self.dtype = np.dtype(array.dtype)
-
-    def read(self, z0, z1, yx=(slice(None), slice(None))):
-        if self.lead == "2d":
-            return np.asarray(self.array[yx])[None]
-        if self.lead == "c":
-            return np.asarray(self.array[(0, slice(z0, z1)) + tuple(yx)])
-        return np.asarray(self.array[(slice(z0, z1),) + tuple(yx)])
-
-
-def resolve_slices(slices, depth):
-    """Slice indices to score, checked against the volume depth; a list of ints.
-
-    ``None`` = all; an int; a list of ints; or a ``slice`` (``25:30``; open ends allowed).
-    """
-    def bad(text):
-        return EmtileError(f"slices {text} are outside the volume, which has {depth} slice"
-                           f"{'s' if depth != 1 else ''} (0 to {depth - 1})")
-
-    if slices is None:
-        return list(range(depth))
-    if isinstance(slices, slice):
-        if slices.step not in (None, 1):
-            raise EmtileError(f"slices with a step are not supported, got {slices}")
-        start = 0 if slices.start is None else int(slices.start)
-        stop = depth if slices.stop is None else int(slices.stop)
-        text = f"{'' if slices.start is None else start}:{'' if slices.stop is None else stop}"
-        if start < 0 or stop > depth or start >= stop:
-            raise bad(text)
-        return list(range(start, stop))
-    if isinstance(slices, Integral):
-        slices = [slices]
-    out = [int(z) for z in slices]
-    if not out:
-        raise EmtileError("slices is empty; give at least one slice index")
-    wrong = [z for z in out if not 0 <= z < depth]
-    if wrong:
-        raise bad(",".join(str(z) for z in wrong))
-    return sorted(set(out))
-
-
-def _runs(zs, max_depth):
-    """Consecutive runs of sorted indices, each at most ``max_depth`` long: [(z0, z1), ...]."""
-    runs = []
-    for z in zs:
-        if runs and runs[-1][1] == z and runs[-1][1] - runs[-1][0] < max_depth:
-            runs[-1][1] = z + 1
-        else:
-            runs.append([z, z + 1])
-    return [tuple(r) for r in runs]
-
-
 def _slab_depth(stack):
-    per_slice = max(1, stack.shape[1] * stack.shape[2] * max(stack.dtype.itemsize, 4))
-    return max(1, _SLAB_BYTES // per_slice)
+    """Slices per read: about ``_SLAB_BYTES`` of prediction, counted as at least float32."""
+    return slab_depth(stack.shape, max(stack.dtype.itemsize, 4), budget=_SLAB_BYTES)
 
 
 def _mean(values):
@@ -695,18 +593,17 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     """
     from tqdm import tqdm
 
-    _check_threshold(threshold)
+    check_threshold(threshold)
     threshold = float(threshold)
-    parray, pname = _as_array(pred, "pred")
-    larray, lname = _as_array(labels, "labels")
-    pstack, lstack = _Stack(parray, pname), _Stack(larray, lname)
+    pstack, lstack = open_stack(pred, name="pred"), open_stack(labels, name="labels")
+    pname, lname = pstack.display, lstack.display
     if pstack.shape != lstack.shape:
-        raise EmtileError(f"prediction {pname} has shape {tuple(parray.shape)} but labels "
-                          f"{lname} have shape {tuple(larray.shape)}; they must match")
+        raise EmtileError(f"prediction {pname} has shape {tuple(pstack.array.shape)} but labels "
+                          f"{lname} have shape {tuple(lstack.array.shape)}; they must match")
     zs = resolve_slices(slices, pstack.shape[0])
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
-    decoder = _Decoder(pstack.dtype, invert=invert)
-    checker = _LabelChecker()
+    decoder = PredictionDecoder(pstack.dtype, invert=invert)
+    checker = LabelChecker()
 
     results = {}
     tentative = []  # slices scored as a 0/1 mask before any value > 1 was seen
@@ -721,14 +618,14 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
             key = "mask" if decoder.is_mask(scale) else t
             if key not in cache:
                 stats = _slice_scores(fg, tseg)
-                stats["counts"] = _counts(fg, tfg)
+                stats["counts"] = confusion_counts(fg, tfg)
                 cache[key] = stats
             per[t] = cache[key]
         results[z] = per
 
     bar = tqdm(total=len(zs), desc="evaluate", unit="slice", disable=not progress)
     try:
-        for z0, z1 in _runs(zs, _slab_depth(pstack)):
+        for z0, z1 in slice_runs(zs, _slab_depth(pstack)):
             where = f"slices {z0}-{z1 - 1}" if z1 - z0 > 1 else f"slice {z0}"
             pslab = pstack.read(z0, z1)
             tslab = lstack.read(z0, z1)
@@ -740,7 +637,7 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
                 bar.update(1)
         if decoder.final_scale() == 255 and tentative:
             # values > 1 appeared after these slices were scored as a 0/1 mask: 0-255 after all
-            for z0, z1 in _runs(tentative, _slab_depth(pstack)):
+            for z0, z1 in slice_runs(tentative, _slab_depth(pstack)):
                 pslab, tslab = pstack.read(z0, z1), lstack.read(z0, z1)
                 for k in range(z1 - z0):
                     score(z0 + k, pslab[k], tslab[k], 255)
@@ -831,3 +728,95 @@ def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname
         "emtile_version": __version__,
     }
     return {"settings": settings, "pixel": pixel, "slices": rows, "mean": mean, "sweep": sweep_out}
+
+
+# --------------------------------------------------------------------------- reports
+
+
+_CSV_FIELDS = ["z", "threshold", "v_rand", "v_info", "rand_error", "pixel_error", "f1", "iou",
+               "tp", "fp", "fn", "tn", "n", "singletons", "rand_precision", "rand_recall",
+               "h_truth", "h_pred", "mutual_info", "empty"]
+
+
+def format_report(result):
+    """The report ``emtile evaluate`` prints for the ``result`` of :func:`evaluate`: the settings,
+    a per-slice table with the mean, the threshold sweep and the pixel metrics."""
+    s, sweep = result["settings"], result["sweep"]
+    lines = [
+        f"prediction  {s['pred']}  ({s['prediction_kind']}{', inverted' if s['invert'] else ''})",
+        f"labels      {s['labels']}",
+        f"threshold   {s['threshold']:g}" + ("   (+ sweep 0.0..1.0 step 0.1)" if s["sweep"] else ""),
+        "",
+    ]
+    head = f"{'slice':>6}  {'V-Rand':>8}  {'V-Info':>8}  {'Rand err':>8}  {'pix err':>8}  {'F1':>8}"
+    if sweep:
+        br, bi = sweep["best_v_rand"]["threshold"], sweep["best_v_info"]["threshold"]
+        head += f"  {'V-Rand@' + format(br, 'g'):>10}  {'V-Info@' + format(bi, 'g'):>10}"
+    lines += [head, "-" * len(head)]
+
+    def row_text(label, d, best=None):
+        text = (f"{label:>6}  {d['v_rand']:8.4f}  {d['v_info']:8.4f}  {d['rand_error']:8.4f}  "
+                f"{d['pixel_error']:8.4f}  {d['f1']:8.4f}")
+        if best is not None:
+            text += f"  {best[0]:10.4f}  {best[1]:10.4f}"
+        return text
+
+    for d in result["slices"]:
+        best = (d["v_rand_best"], d["v_info_best"]) if sweep else None
+        lines.append(row_text(str(d["z"]), d, best) + ("  (empty truth: not in mean)" if d["empty"] else ""))
+    m = result["mean"]
+    lines.append("-" * len(head))
+    lines.append(row_text("mean", m, (m["v_rand_best"], m["v_info_best"]) if sweep else None))
+    if sweep:
+        lines += ["", "threshold sweep (mean over slices):",
+                  "  t      " + "".join(f"{t:>7.1f}" for t in sweep["thresholds"]),
+                  "  V-Rand " + "".join(f"{v:7.4f}" for v in sweep["v_rand"]),
+                  "  V-Info " + "".join(f"{v:7.4f}" for v in sweep["v_info"]),
+                  f"  best V-Rand {sweep['best_v_rand']['value']:.4f} at {sweep['best_v_rand']['threshold']:g}"
+                  f" (Rand error {sweep['best_rand_error']['value']:.4f}); "
+                  f"best V-Info {sweep['best_v_info']['value']:.4f} at {sweep['best_v_info']['threshold']:g}"]
+    p = result["pixel"]
+    lines += ["", f"pixel metrics at threshold {p['threshold']:g} (foreground = cell interior), "
+                  f"all {len(result['slices'])} slices:",
+              f"  accuracy {p['accuracy']:.4f}  pixel error {p['pixel_error']:.4f}  "
+              f"precision {p['precision']:.4f}  recall {p['recall']:.4f}  "
+              f"F1/Dice {p['f1']:.4f}  IoU {p['iou']:.4f}",
+              f"  confusion matrix [[TN, FP], [FN, TP]] = {p['confusion_matrix']}", "",
+              p["classification_report"].rstrip()]
+    return "\n".join(lines)
+
+
+def write_csv(result, path):
+    """The ``result`` of :func:`evaluate` as CSV: a settings line, one row per slice, a ``mean``
+    row, a ``pixel`` row and (with a sweep) one row per threshold."""
+    s = result["settings"]
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["# emtile evaluate", f"pred={s['pred']}", f"labels={s['labels']}",
+                    f"threshold={s['threshold']}", f"sweep={s['sweep']}", f"invert={s['invert']}",
+                    f"prediction_kind={s['prediction_kind']}", f"version={s['emtile_version']}"])
+        extra = ["v_rand_best", "v_info_best"] if result["sweep"] else []
+        w.writerow(["row"] + _CSV_FIELDS + extra)
+        for d in result["slices"]:
+            w.writerow(["slice"] + [d[k] for k in _CSV_FIELDS + extra])
+        m = result["mean"]
+        w.writerow(["mean"] + [m.get(k, "") if k not in ("z", "threshold") else
+                               ("" if k == "z" else s["threshold"]) for k in _CSV_FIELDS + extra])
+        p = result["pixel"]
+        w.writerow(["pixel"] + ["", s["threshold"], "", "", "", p["pixel_error"], p["f1"], p["iou"],
+                                p["tp"], p["fp"], p["fn"], p["tn"]] + [""] * (len(_CSV_FIELDS) - 12 + len(extra)))
+        if result["sweep"]:
+            sw = result["sweep"]
+            for t, vr, vi in zip(sw["thresholds"], sw["v_rand"], sw["v_info"]):
+                row = {"threshold": t, "v_rand": vr, "v_info": vi, "rand_error": 1.0 - vr}
+                w.writerow(["sweep"] + [row.get(k, "") for k in _CSV_FIELDS + extra])
+
+
+def write_json(result, path):
+    """The ``result`` of :func:`evaluate`, every number and setting, as JSON."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)

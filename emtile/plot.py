@@ -13,8 +13,6 @@ the right one, against ``iteration``.
 (PNG or PDF, from the file suffix).
 """
 
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
@@ -49,35 +47,52 @@ def _figure(**kwargs):
 
 
 def _open(x, name):
-    from emtile.metrics import _Stack, _as_array
+    from emtile.volume import open_stack
 
-    if x is None:
-        return None
-    array, display = _as_array(x, name)
-    return _Stack(array, display)
+    return None if x is None else open_stack(x, name=name)
 
 
 def _crop(roi, shape):
     """``roi`` -> (z slice or None, y slice, x slice), bounds checked against (Z, Y, X)."""
+    from emtile.geometry import normalize_roi
+
     if roi is None:
         return None, slice(0, shape[1]), slice(0, shape[2])
     roi = tuple(roi)
     if len(roi) not in (2, 3):
         raise EmtileError(f"roi={roi!r} must have 2 (y, x) or 3 (z, y, x) ranges")
-    zpart = roi[0] if len(roi) == 3 else None
-    out = []
-    for part, n, axis in zip(roi[-2:], shape[1:], "yx"):
-        start = 0 if part.start is None else int(part.start)
-        stop = n if part.stop is None else int(part.stop)
-        if not 0 <= start < stop <= n:
-            raise EmtileError(f"roi {axis} range {start}:{stop} is outside the image "
-                              f"({axis} runs 0 to {n}) or empty")
-        out.append(slice(start, stop))
-    return zpart, out[0], out[1]
+    (y0, y1), (x0, x1) = normalize_roi(roi[-2:], shape[1:])
+    return (roi[0] if len(roi) == 3 else None), slice(y0, y1), slice(x0, x1)
 
 
 def _read_slice(stack, z, ys, xs):
     return stack.read(z, z + 1, (ys, xs))[0]
+
+
+def _read_rows(rstack, pstack, lstack, zs, ys, xs, *, threshold, invert):
+    """One dict per slice: ``z``, ``raw``; with a prediction ``prob`` and ``mask``; with labels
+    ``truth``; with both the ``scores`` of the region. Returns ``(rows, decoder or None)``."""
+    from emtile.metrics import PredictionDecoder, confusion_counts, isbi_scores, metrics_from_counts
+    from emtile.volume import LabelChecker
+
+    decoder = PredictionDecoder(pstack.dtype, invert=invert) if pstack is not None else None
+    checker = LabelChecker()
+    rows = []
+    for z in zs:
+        row = {"z": z, "raw": _read_slice(rstack, z, ys, xs)}
+        if pstack is not None:
+            p = _read_slice(pstack, z, ys, xs)
+            scale = decoder.inspect(p, f"slice {z}")
+            row["prob"] = _prob(p, decoder, scale)
+            row["mask"] = decoder.binarize(p, threshold, scale)
+        if lstack is not None:
+            row["truth"] = checker.foreground(_read_slice(lstack, z, ys, xs), f"slice {z}")
+        if pstack is not None and lstack is not None:
+            scores = isbi_scores(row["mask"], row["truth"])
+            pix = metrics_from_counts(*confusion_counts(row["mask"], row["truth"]))
+            row["scores"] = (scores["v_rand"], scores["v_info"], pix["pixel_error"], pix["f1"])
+        rows.append(row)
+    return rows, decoder
 
 
 def _prob(pslice, decoder, scale):
@@ -119,10 +134,10 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
         axes has ``emtile_panel`` set to its kind (``raw``, ``probability``, ``mask``,
         ``truth``, ``errors``).
     """
-    from emtile.metrics import (_check_threshold, _Decoder, _LabelChecker, isbi_scores,
-                                metrics_from_counts, _counts, resolve_slices)
+    from emtile.metrics import check_threshold
+    from emtile.volume import resolve_slices
 
-    _check_threshold(threshold)
+    check_threshold(threshold)
     rstack = _open(raw, "raw")
     pstack, lstack = _open(pred, "pred"), _open(labels, "labels")
     for other in (pstack, lstack):
@@ -135,24 +150,8 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
     elif zpart is not None:
         raise EmtileError("give the slices either with slices= or as the z range of roi, not both")
     zs = resolve_slices(slices, rstack.shape[0])
-
-    decoder = _Decoder(pstack.dtype, invert=invert) if pstack is not None else None
-    checker = _LabelChecker()
-    rows = []
-    for z in zs:
-        row = {"z": z, "raw": _read_slice(rstack, z, ys, xs)}
-        if pstack is not None:
-            p = _read_slice(pstack, z, ys, xs)
-            scale = decoder.inspect(p, f"slice {z}")
-            row["prob"] = _prob(p, decoder, scale)
-            row["mask"] = decoder.binarize(p, threshold, scale)
-        if lstack is not None:
-            row["truth"] = checker.foreground(_read_slice(lstack, z, ys, xs), f"slice {z}")
-        if pstack is not None and lstack is not None:
-            scores = isbi_scores(row["mask"], row["truth"])
-            pix = metrics_from_counts(*_counts(row["mask"], row["truth"]))
-            row["scores"] = (scores["v_rand"], scores["v_info"], pix["pixel_error"], pix["f1"])
-        rows.append(row)
+    rows, decoder = _read_rows(rstack, pstack, lstack, zs, ys, xs, threshold=threshold,
+                               invert=invert)
 
     kinds = ["raw"]
     if pstack is not None:
@@ -222,32 +221,20 @@ def _overlay(raw_img, lo, hi, mask, truth):
 
 
 def read_log(path):
-    """A training log CSV as ``{column: float ndarray}`` (empty cells -> NaN; text columns skipped)."""
+    """A training log CSV as ``{column: float ndarray}``, read by :func:`numpy.genfromtxt` with
+    the header's names; empty cells (and any other that is not a number) are NaN."""
     path = Path(path)
     if not path.is_file():
         raise EmtileError(f"training log {str(path)!r} does not exist")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
+    with path.open(newline="") as f:
+        if not f.readline().strip():
             raise EmtileError(f"training log {str(path)!r} is empty: expected a CSV with a header")
-        raw = {name: [] for name in reader.fieldnames}
-        for row in reader:
-            for name in reader.fieldnames:
-                raw[name].append(row.get(name))
-    columns = {}
-    for name, values in raw.items():
-        parsed = []
-        for v in values:
-            try:
-                parsed.append(float(v) if v not in (None, "") else math.nan)
-            except ValueError:
-                break
-        else:
-            if values:
-                columns[name.strip()] = np.array(parsed, dtype=np.float64)
-    if not columns:
-        raise EmtileError(f"training log {str(path)!r} has no numeric rows")
-    return columns
+    data = np.atleast_1d(np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64,
+                                       deletechars="", replace_space=" ", autostrip=True,
+                                       encoding="utf-8"))
+    if data.size == 0:
+        raise EmtileError(f"training log {str(path)!r} has no rows")
+    return {name: np.array(data[name], dtype=np.float64) for name in data.dtype.names}
 
 
 def training_curve(log, *, title=None):

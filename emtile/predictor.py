@@ -1,33 +1,45 @@
-"""Tiled, resumable prediction: tiles -> DataLoader -> model -> stitcher -> Zarr writer.
+"""Tiled, resumable prediction as a blockwise stage: one function does a block's work anywhere.
 
 The work is the block plan of :mod:`emtile.geometry`: the global tile grid over the region, cut
-into blocks of whole output chunks. For every block still to do,
+into blocks of whole output chunks. A run is described by a :class:`PredictJob`, small, frozen and
+picklable (the paths of input, output and model folder, a hash of the weights, every option that
+changes the bytes, the device and the torch thread count; never an array or a module), and
+:func:`run_blocks` does the whole work of some blocks of it in whatever process it runs in:
 
-1. DataLoader workers read the block's input tiles (mirroring context at the volume border,
-   :func:`emtile.geometry.read_window`), in groups of whole batches;
-2. the main thread runs the model on batches (CUDA: pinned memory, non-blocking copies, AMP,
-   channels_last; CPU: channels_last, which measured 1.3-1.8× faster here);
-3. the output tiles are accumulated into the block buffer (:func:`emtile.stitch.accumulate`);
-4. a background writer thread normalises the block, writes its chunks (probabilities, and the
-   thresholded mask) and only then records the block as done.
+1. it opens, once per process, the input, the output store (already prepared by the driver) and
+   the model (loaded from the model folder and checked against the hash), and skips blocks that
+   are already recorded as done;
+2. it reads each block's input tiles (mirroring context at the volume border,
+   :func:`emtile.geometry.read_window`) in groups of whole batches, in DataLoader worker
+   processes or in a reader thread, while the model runs on the previous batches (CUDA: pinned
+   memory, non-blocking copies, AMP, channels_last; CPU: channels_last);
+3. it adds the output tiles into the block's buffer (:func:`emtile.stitch.accumulate`);
+4. a writer thread normalises the finished block, writes its chunks (probabilities, and the
+   thresholded mask) and only then reports it; reports carry the tiles run and the seconds spent
+   reading, computing and writing.
 
-So reading, computing and writing overlap, memory is bounded by a block and a few groups of tiles
-(never by the volume), and a killed run started again finishes only the blocks not yet recorded;
-its output is byte-identical to an uninterrupted run, because a block's batches are the same
-whichever blocks are left. The output is marked complete only after every block is recorded.
+:func:`predict` is the driver. It plans, prepares the output store once, and then either runs
+:func:`run_blocks` over the blocks still to do in this process (``--workers`` DataLoader readers),
+or hands them to a Dask cluster through :func:`emtile.distributed.map_blocks` (``--cluster``:
+workers open the same store and load the model once each). Either way it records each block as
+done (:mod:`emtile.markers`) after the worker reported its chunks written, and alone marks the
+output complete once every block is recorded. A killed run started again (locally or on a
+cluster, in any mix) computes only the blocks not recorded, and gives the same bytes: a block's
+batches are the same whichever blocks are left, and blocks never share a chunk.
 
 A run resumes an interrupted store only when everything that determines its bytes is the same
 (:func:`_fingerprint`: the input's path and a token of its files, the model's weights, the grid
-and every option that changes the arithmetic) and the store's set-up finished (its block markers,
-created last, exist). An in-memory input is never resumed, and ``overwrite=True`` always starts
-over. An output that is, holds or lies inside the input is refused.
+and every option that changes the arithmetic, the torch thread count on the CPU) and the store's
+set-up finished (its block markers, created last, exist). An in-memory input is never resumed,
+and ``overwrite=True`` always starts over. An output that is, holds or lies inside the input is
+refused.
 
-:func:`predict_array` runs the same code path in memory (no store), e.g. for validation during
-training.
+:func:`predict_array` runs the same :func:`run_blocks` on an in-memory array (no store), e.g. for
+validation during training.
 """
 
+import collections
 import contextlib
-import glob
 import hashlib
 import json
 import math
@@ -36,27 +48,27 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from emtile._errors import EmtileError
-from emtile import geometry
+from emtile import _faults, geometry
+from emtile.device import AMPS, autocast, resolve_device
+from emtile.markers import MARKERS, BlockMarkers
 from emtile.stitch import BLENDS
+from emtile.volume import WriterThread, input_to_float, open_input
 
-__all__ = ["predict", "predict_array", "input_to_float", "PredictResult"]
+__all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
+           "PredictResult", "weights_hash", "DTYPES"]
 
 DTYPES = ("uint8", "float16", "float32")
-AMPS = (None, "bf16", "fp16")
-MARKERS = "emtile_blocks"  # per-block completion flags inside the output group
 AUTO_TILE_MEMORY = 2**30  # activation memory --tile auto may use
-GROUP_BYTES = 64 * 2**20  # input tiles a DataLoader worker reads at once
+GROUP_BYTES = 64 * 2**20  # input tiles a reader reads at once
 CHUNK_TARGET = 512  # output chunks are the multiple of the tile stride nearest to this
-# Test-only, private: ``_EMTILE_TEST_CRASH=N`` SIGKILLs the run right after the N-th block is
-# recorded, ``N:before-marker`` right after its chunks are written but before it is recorded. Unset
-# (the only state outside emtile's own tests) it does nothing.
-_CRASH_ENV = "_EMTILE_TEST_CRASH"
+MEMORY = "memory:"  # prefix of an input, output or model held by this process (not a path)
 
 
 @dataclass
@@ -75,6 +87,9 @@ class PredictResult:
     efficiency: float  # output pixels / input pixels computed
     seconds: float
     device: str
+    threads: int = 0  # torch threads per process (CPU)
+    cluster: str = ""  # the cluster it ran on ("" for this process)
+    block_seconds: float = 0.0  # median seconds a block took (model + stitching + writing)
 
     def __str__(self):
         model_axes = [ax for ax, (t, o) in enumerate(zip(self.tile, self.out_tile))
@@ -83,36 +98,30 @@ class PredictResult:
         def fmt(sizes):
             return "x".join(str(sizes[ax]) for ax in model_axes)
 
+        where = f"{self.device}" + (f" ({self.threads} threads)" if self.device == "cpu" else "")
+        if self.cluster:
+            where += f" on {self.cluster}"
         return (f"{self.output}: {self.shape} {self.dtype}, tile {fmt(self.tile)} -> "
                 f"{fmt(self.out_tile)} (stride {fmt(self.stride)}), {self.tiles} tiles in "
                 f"{self.blocks} blocks, efficiency {self.efficiency:.0%}, {self.seconds:.1f} s "
-                f"on {self.device}")
+                f"on {where}")
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What :func:`run_blocks` did with one block."""
+
+    index: int
+    tiles: int = 0
+    voxels: int = 0  # output voxels written
+    read_s: float = 0.0  # reading and mirroring its input tiles
+    compute_s: float = 0.0  # the model and the stitcher
+    write_s: float = 0.0  # normalising and writing its chunks
+    skipped: bool = False  # already recorded as done: nothing was computed
+    pid: int = 0  # the process that ran it
 
 
 # --------------------------------------------------------------------------- input
-
-
-def input_to_float(a):
-    """Input pixels -> float32 as the model sees them: integers scaled by their dtype's maximum
-    (uint8 / 255), booleans to 0/1, floats unchanged. Training must use the same mapping."""
-    a = np.asarray(a)
-    if a.dtype == np.float32:
-        return a
-    if a.dtype.kind in "ui":
-        return a.astype(np.float32) * np.float32(1.0 / np.iinfo(a.dtype).max)
-    return a.astype(np.float32)
-
-
-def _open_input(input):
-    """-> (array, reopen spec). A path is re-opened by path in each DataLoader worker."""
-    if isinstance(input, (str, os.PathLike)):
-        from emtile.volume import open_volume
-
-        return open_volume(input), str(input)
-    if not all(hasattr(input, a) for a in ("shape", "dtype", "__getitem__")):
-        raise EmtileError(f"input must be a path or an array with shape, dtype and slicing; got "
-                          f"{type(input).__name__}")
-    return input, None
 
 
 def _check_volume(net, arr, name="input"):
@@ -147,39 +156,16 @@ def _choice(name, value, allowed):
         raise EmtileError(f"{name}={value!r} is not supported: choose one of {shown}")
 
 
-def resolve_device(device, net=None):
-    """``"auto"``/None -> ``net``'s device if it is not the CPU, else CUDA when there is one, else
-    the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` checked. Predict, train and bench all use this."""
-    import torch
-
-    if device in (None, "auto"):
-        if net is not None and next(net.parameters()).device.type != "cpu":
-            return next(net.parameters()).device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise EmtileError(f"device={device!r} is not a device: choose auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EmtileError(f"device={device!r} was asked for but CUDA is not available here; use "
-                          f"--device cpu or auto")
-    if dev.type not in ("cpu", "cuda"):
-        raise EmtileError(f"device={device!r} is not supported: choose auto, cpu or cuda")
-    return dev
+def weights_hash(net):
+    """sha256 of a model's config and weights: what identifies it across processes."""
+    h = hashlib.sha256(json.dumps(net.config, sort_keys=True).encode())
+    for name, t in net.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- the plan
-
-
-@dataclass
-class _Job:
-    net: object
-    array: object
-    spec: object  # path to re-open in workers, or None
-    grid: geometry.Grid
-    plan: geometry.BlockPlan
-    channels: int
-    blocks: list  # plan[i] for every i, computed once (each one lists its tiles)
 
 
 def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, max_block_px,
@@ -197,22 +183,25 @@ def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, m
         max_tile = int(math.sqrt(max_tile_memory / per_px))
         min_out = net.align
         if ramps:  # both ramps fit in the output whatever the stride's rounding
-            min_out = 2 * (max(geometry._per_axis(overlap, net.ndim, "overlap")) + net.align) + 1
+            min_out = 2 * (max(geometry.per_axis(overlap, net.ndim, "overlap")) + net.align) + 1
         tile, _ = geometry.choose_tile(shape, net.shape_map, roi=region, overlap=overlap,
                                        max_tile=max_tile, min_tile=2 * net.halo + min_out)
     grid = _grid(net, shape, tile, region, overlap)
     if ramps and not grid.owned:
         _check_ramps(net, grid, overlap, blend)
-    k = net.ndim
-    lead = len(shape) - k
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise EmtileError(f"chunk_size={chunk_size!r} must be a positive integer")
-    # output chunks: a multiple of the tile stride, so blocks end where tiles end (no tile runs
-    # twice without blending); a region smaller than that is one chunk
+    if not isinstance(max_block_px, int) or max_block_px < 1:
+        raise EmtileError(f"max_block_px={max_block_px!r} must be a positive integer")
+    return grid, _chunks(net, grid, chunk_size)
+
+
+def _chunks(net, grid, chunk_size):
+    """Output chunks: a multiple of the tile stride, so blocks end where tiles end (no tile runs
+    twice without blending); a region smaller than that is one chunk."""
+    lead = grid.ndim - net.ndim
     chunks = (1,) * lead + tuple(s * max(1, round(chunk_size / s)) for s in grid.stride[lead:])
-    chunks = tuple(min(c, n) for c, n in zip(chunks, grid.region_shape))
-    plan = geometry.block_plan(grid, chunks, max_block_px=max_block_px)
-    return grid, plan
+    return tuple(min(c, n) for c, n in zip(chunks, grid.region_shape))
 
 
 def _grid(net, shape, tile, region, overlap):
@@ -232,7 +221,7 @@ def _check_ramps(net, grid, overlap, blend):
     store exists, in the user's terms). The actual overlap is ``out - stride``: the stride is
     rounded down to a multiple of ``2 ** depth``, so it can exceed what was asked for."""
     k = net.ndim
-    asked = geometry._per_axis(overlap, k, "overlap")
+    asked = geometry.per_axis(overlap, k, "overlap")
     for ax in range(k):
         g = grid.ndim - k + ax
         out, ov = grid.out_tile[g], grid.overlap[g]
@@ -251,6 +240,178 @@ def _efficiency(grid, n_tile_runs):
     return math.prod(grid.region_shape) / (n_tile_runs * math.prod(grid.in_tile))
 
 
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """Everything a process needs to predict blocks of a plan: picklable, no arrays, no model.
+
+    ``input``, ``output`` and ``model`` are paths, or ``"memory:<token>"`` for an object that the
+    driver registered in its own process (an array, an in-memory output, a model it was given):
+    such a job runs only there. ``weights`` is :func:`weights_hash` of the model: a worker that
+    loads the model folder checks it, so a folder changed during a run cannot mix two models.
+    """
+
+    input: str
+    output: str
+    model: str
+    weights: str
+    depth: int  # the model's shape map (the grid is recomputed from these, pure arithmetic)
+    model_ndim: int
+    channels: int  # output channels
+    volume_shape: tuple
+    region: tuple
+    tile: tuple  # input tile along the model axes
+    overlap: tuple
+    blend: str
+    chunks: tuple
+    max_block_px: int
+    dtype: str
+    threshold: object  # float or None
+    tta: bool
+    amp: object  # None, "bf16" or "fp16"
+    batch_size: int
+    channels_last: bool
+    compile: bool
+    device: str
+    threads: int  # torch intra-op threads (0: leave the process's setting)
+
+    def grid(self):
+        shape_map = geometry.ShapeMap(self.depth, self.model_ndim)
+        return geometry.tile_grid(self.volume_shape, shape_map, self.tile, roi=self.region,
+                                  overlap=self.overlap)
+
+    def plan(self):
+        return geometry.block_plan(self.grid(), self.chunks, max_block_px=self.max_block_px)
+
+    def describe(self, i, plan=None):
+        """Block ``i`` and its voxel range, for messages."""
+        start, stop = (plan or self.plan()).box(i)
+        names = "zyx"[-len(start):] if len(start) <= 3 else None
+        parts = [f"{names[ax] if names else ax} {a}:{b}" for ax, (a, b) in enumerate(zip(start, stop))]
+        return ", ".join(parts)
+
+
+# Objects registered by a driver in this process, by token: arrays, outputs, prepared models.
+_MEMORY = {}
+# Per-process cache of what run_blocks opened, by job (a worker runs many tasks of one job).
+_CONTEXTS = collections.OrderedDict()
+_MODELS = {}  # (model path, weights, device, channels_last, compile) -> prepared model
+_KEEP_CONTEXTS = 2
+
+
+def _token():
+    return MEMORY + uuid.uuid4().hex
+
+
+def _register(obj):
+    """Lend ``obj`` to jobs run in this process; returns its ``"memory:..."`` token."""
+    token = _token()
+    _MEMORY[token] = obj
+    return token
+
+
+class _Context:
+    """What a process needs to run blocks of one job, opened once."""
+
+    def __init__(self, job):
+        import torch
+
+        self.job = job
+        if job.threads and job.device.startswith("cpu") and torch.get_num_threads() != job.threads:
+            torch.set_num_threads(job.threads)
+        self.grid = job.grid()
+        self.plan = job.plan()
+        self.array = self._input()
+        self.net, self.fn = self._model()
+        self.device = torch.device(job.device)
+        self.forward = _Forward(self.fn, self.device, job.amp, job.channels_last, job.tta)
+        self.stitcher = _Stitcher(self.grid, job.channels, job.blend)
+        self.probs = self.mask = self.markers = self.memory_out = None
+        if job.output.startswith(MEMORY):
+            self.memory_out = _MEMORY[job.output]
+        else:
+            import zarr
+
+            group = zarr.open_group(job.output, mode="r+")
+            self.probs = group["0"]
+            self.mask = group["labels/mask/0"] if job.threshold is not None else None
+            self.markers = group[MARKERS]
+
+    def _input(self):
+        job = self.job
+        if job.input.startswith(MEMORY):
+            return _MEMORY[job.input]
+        from emtile.volume import open_volume
+
+        return open_volume(job.input)
+
+    def _model(self):
+        job = self.job
+        if job.model.startswith(MEMORY):
+            return _MEMORY[job.model]
+        key = (job.model, job.weights, job.device, job.channels_last, job.compile)
+        if key not in _MODELS:
+            from emtile.unet import load_model
+
+            net = load_model(job.model)
+            if weights_hash(net) != job.weights:
+                raise EmtileError(f"the model folder {job.model!r} changed since this run "
+                                  f"started (its weights differ from the driver's); start the "
+                                  f"run again")
+            fn = _prepare(net, job.device, job.channels_last, job.compile)
+            _MODELS.clear()  # one model per process: a worker serves one run at a time
+            _MODELS[key] = (net, fn)
+        return _MODELS[key]
+
+    def done(self, ids):
+        """Which of ``ids`` are already recorded (a retried or duplicated task skips them).
+
+        Reads only the span of markers the ids cover. The driver may be rewriting a marker chunk
+        at this moment: a read that fails counts as "not done" (the block is computed again,
+        giving the same bytes)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.markers is None or not ids.size:
+            return np.zeros(len(ids), bool)
+        lo, hi = int(ids.min()), int(ids.max()) + 1
+        try:
+            flags = np.asarray(self.markers[lo:hi])
+        except Exception:  # a torn read of a chunk being rewritten
+            return np.zeros(len(ids), bool)
+        return flags[ids - lo] != 0
+
+    def write(self, block, p, m):
+        lead = (slice(None),) if self.job.channels > 1 else ()
+        sl = lead + block.slices(self.job.region)
+        if self.memory_out is not None:
+            self.memory_out[(slice(None),) + block.slices(self.job.region)] = p
+            return
+        from emtile.store import write_errors
+
+        with write_errors(self.job.output, then=_RESUME):
+            self.probs[sl] = p if self.job.channels > 1 else p[0]
+            if self.mask is not None:
+                self.mask[sl] = m if self.job.channels > 1 else m[0]
+
+
+def _context(job):
+    ctx = _CONTEXTS.get(job)
+    if ctx is None:
+        ctx = _CONTEXTS[job] = _Context(job)
+        while len(_CONTEXTS) > _KEEP_CONTEXTS:
+            _CONTEXTS.popitem(last=False)
+    _CONTEXTS.move_to_end(job)
+    return ctx
+
+
+def _forget(job):
+    """Drop what this process holds for ``job`` and the objects its driver registered."""
+    _CONTEXTS.pop(job, None)
+    for token in (job.input, job.output, job.model):
+        _MEMORY.pop(token, None)
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -266,27 +427,23 @@ def _tiles_dataset(*args):
 
 
 class _Tiles:
-    """Iterable of ``(block index, first tile, tiles)`` with ``tiles`` of shape (n, 1, *T), float32.
+    """Iterable of ``(block index, first tile, tiles, seconds)`` with ``tiles`` of shape
+    (n, 1, *T), float32.
 
     Each block's tiles are cut into groups of whole batches; worker ``w`` of ``W`` reads groups
     ``w, w + W, ...`` (the DataLoader collects them round-robin, so they arrive in order). A worker
     re-opens a path input itself, and reads each group's bounding box once.
     """
 
-    def __init__(self, array, spec, grid, blocks, group, model_ndim):
-        self.array, self.spec, self.grid = array, spec, grid
-        self.blocks, self.group, self.model_ndim = blocks, group, model_ndim  # blocks: to do
+    def __init__(self, array, path, plan, block_ids, group, model_ndim):
+        self.array, self.path, self.plan = array, path, plan
+        self.block_ids, self.group, self.model_ndim = block_ids, group, model_ndim
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        if self.spec is not None:
+        if self.path is not None:
             state["array"] = None  # re-opened by path in the worker
         return state
-
-    def _items(self):
-        for block in self.blocks:
-            for first in range(0, len(block.tiles), self.group):
-                yield block, first
 
     def __iter__(self):
         import torch
@@ -294,18 +451,24 @@ class _Tiles:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         array = self.array
-        if self.spec is not None and (info is not None or array is None):
+        if self.path is not None and (info is not None or array is None):
             # a worker never shares the parent's handles (a TIFF file offset, an HDF5 file)
             from emtile.volume import open_volume
 
-            array = open_volume(self.spec)
-        for i, (block, first) in enumerate(self._items()):
-            if i % workers == worker:
-                tiles = block.tiles[first:first + self.group]
-                yield block.index, first, torch.from_numpy(self.read(array, tiles))
+            array = open_volume(self.path)
+        i = 0
+        for b in self.block_ids:
+            block = self.plan[int(b)]
+            for first in range(0, len(block.tiles), self.group):
+                if i % workers == worker:
+                    t0 = time.perf_counter()
+                    _faults.point("predict.read")  # test-only: a reader killed here
+                    data = self.read(array, block.tiles[first:first + self.group])
+                    yield block.index, first, torch.from_numpy(data), time.perf_counter() - t0
+                i += 1
 
     def read(self, array, tiles):
-        grid = self.grid
+        grid = self.plan.grid
         windows = [grid.in_window(t) for t in tiles]
         lo = tuple(min(w[0][ax] for w in windows) for ax in range(grid.ndim))
         hi = tuple(max(w[1][ax] for w in windows) for ax in range(grid.ndim))
@@ -318,32 +481,72 @@ class _Tiles:
         return out
 
 
+def _read_ahead(items, depth=2):
+    """Iterate ``items`` in a background thread, ``depth`` items ahead (reading overlaps the
+    model); an exception in the thread is raised here, at the item where it happened."""
+    q = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def reader():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+        except BaseException as exc:  # handed to the consumer
+            q.put((None, exc))
+            return
+        q.put((done, None))
+
+    thread = threading.Thread(target=reader, name="emtile-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
 # --------------------------------------------------------------------------- the model
 
 
 _TTA_2D = [(flips, transpose) for flips in ((), (-1,), (-2,), (-2, -1)) for transpose in (False, True)]
 
 
+def _prepare(net, device, channels_last, compile):
+    """``net`` in eval mode on ``device`` (channels_last); returns what to call (compiled or
+    not)."""
+    import torch
+
+    net.eval().to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if not compile:
+        return net
+    # freezing: weights folded in as constants (inference only); applied at the first call
+    return torch.compile(net, dynamic=False, options={"freezing": True})
+
+
 @contextlib.contextmanager
 def _prepared(net, device, channels_last, compile):
-    """Put ``net`` in eval mode on ``device`` (channels_last), restore it afterwards."""
+    """:func:`_prepare` ``net``, and restore its device, mode and memory format afterwards."""
     import torch
 
     was_training = net.training
     old = next(net.parameters()).device
-    net.eval().to(device)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    fn = net
-    stack = contextlib.ExitStack()
-    if compile:
-        import torch._inductor.config as inductor_config
-
-        stack.enter_context(inductor_config.patch(freezing=True))
-        fn = torch.compile(net, dynamic=False)
     try:
-        with stack:
-            yield fn
+        yield _prepare(net, device, channels_last, compile)
     finally:
         if channels_last:
             net.to(memory_format=torch.contiguous_format)
@@ -356,17 +559,13 @@ class _Forward:
     def __init__(self, fn, device, amp, channels_last, tta):
         import torch
 
-        self.torch, self.fn, self.device, self.tta = torch, fn, device, tta
+        self.torch, self.fn, self.device, self.tta, self.amp = torch, fn, device, tta, amp
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
     def _run(self, x):
-        torch = self.torch
         x = x.contiguous(memory_format=self.memory_format)
-        if self.amp is None:
-            return torch.sigmoid(self.fn(x).float())
-        with torch.autocast(device_type=self.device.type, dtype=self.amp):
-            return torch.sigmoid(self.fn(x).float())
+        with autocast(self.device, self.amp):
+            return self.torch.sigmoid(self.fn(x).float())
 
     def __call__(self, x):
         torch = self.torch
@@ -436,40 +635,18 @@ class _Stitcher:
         self.stitch.accumulate(acc, wsum, tile, weight, origin)
 
 
+def _block_values(stitch, acc, wsum, dtype, threshold):
+    """Normalised block -> (probabilities in ``dtype``, mask or None), both (C, *S)."""
+    if threshold is None:
+        return stitch.normalize(acc, wsum, dtype=np.dtype(dtype)), None
+    p = stitch.normalize(acc, wsum, dtype=np.float32)
+    mask = (p >= np.float32(threshold)).astype(np.uint8)
+    if dtype != "float32":
+        p = stitch.normalize(acc, wsum, dtype=np.dtype(dtype))
+    return p, mask
+
+
 # --------------------------------------------------------------------------- writing
-
-
-class _Writer:
-    """A background thread that finishes blocks (normalise, write, record) in order."""
-
-    def __init__(self, finish, depth=2):
-        self.finish, self.error = finish, None
-        self.queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._loop, name="emtile-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        _single_numba_thread()  # this thread's setting only: never compete with torch's threads
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    self.finish(*item)
-                except BaseException as exc:  # reported to the main thread
-                    self.error = exc
-
-    def put(self, *item):
-        if self.error is not None:
-            raise self.error
-        self.queue.put(item)
-
-    def close(self):
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
 
 
 def _single_numba_thread():
@@ -487,72 +664,198 @@ def _single_numba_thread():
     return previous
 
 
-def _blocks_to_values(stitch, acc, wsum, dtype, threshold):
-    """Normalised block -> (probabilities in ``dtype``, mask or None), both (C, *S)."""
-    if threshold is None:
-        return stitch.normalize(acc, wsum, dtype=np.dtype(dtype)), None
-    p = stitch.normalize(acc, wsum, dtype=np.float32)
-    mask = (p >= np.float32(threshold)).astype(np.uint8)
-    if dtype != "float32":
-        p = stitch.normalize(acc, wsum, dtype=np.dtype(dtype))
-    return p, mask
+# --------------------------------------------------------------------------- a block's work
 
 
-# --------------------------------------------------------------------------- the engine
+def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
+    """Predict blocks ``block_ids`` of ``job``: read, run, stitch, write their chunks.
 
+    The one function behind every run: :func:`predict` calls it over the plan in its own process,
+    and a Dask worker calls it for the blocks of one task (see :mod:`emtile.distributed`). It
+    opens the input, the output and the model once per process (cached), skips blocks already
+    recorded as done, and reports a block only after all its chunks are written.
 
-def _execute(job, block_ids, finish, *, batch_size, num_workers, device, amp, tta, blend,
-             channels_last, compile, progress, desc="predict"):
-    """Run the blocks ``block_ids``; ``finish(block, acc, wsum)`` is called in the writer thread."""
+    Parameters
+    ----------
+    job : PredictJob
+    block_ids : sequence of int
+    readers : int
+        DataLoader worker processes reading tiles; 0 reads them in a thread of this process
+        (Dask workers are daemon processes and cannot start DataLoader workers).
+    on_block : callable, optional
+        ``on_block(report)``, from the writer thread, once a block's chunks are written.
+    on_tiles : callable, optional
+        ``on_tiles(n)`` after every batch (a progress bar).
+
+    Returns
+    -------
+    list of BlockReport
+        One per block id, in order.
+    """
     import numba
     import torch
-    from tqdm.auto import tqdm
 
-    grid, blocks = job.grid, job.blocks
-    tile_bytes = 4 * math.prod(grid.in_tile)
-    group = max(1, GROUP_BYTES // (tile_bytes * batch_size)) * batch_size
-    todo = [blocks[b] for b in block_ids]
-    dataset = _tiles_dataset(job.array, job.spec, grid, todo, group, job.net.ndim)
-    total = sum(len(b.tiles) for b in todo)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=2 if num_workers else None)
-    stitcher = _Stitcher(grid, job.channels, blend)
-    batches = iter(loader)  # workers fork here, before the writer thread exists
-    writer = _Writer(finish)
-    bar = tqdm(total=total, unit="tile", desc=desc, disable=not progress, dynamic_ncols=True,
-               smoothing=0.1)
-    current, buffers, done = None, None, 0
+    ctx = _context(job)
+    ids = [int(i) for i in block_ids]
+    done = ctx.done(ids)
+    reports = {i: BlockReport(i, skipped=True, pid=os.getpid()) for i, d in zip(ids, done) if d}
+    todo = [i for i, d in zip(ids, done) if not d]
+    if not todo:
+        return [reports[i] for i in ids]
+    tile_bytes = 4 * math.prod(ctx.grid.in_tile)
+    group = max(1, GROUP_BYTES // (tile_bytes * job.batch_size)) * job.batch_size
+    dataset = _tiles_dataset(ctx.array, None if job.input.startswith(MEMORY) else job.input,
+                             ctx.plan, todo, group, job.model_ndim)
+    if readers:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=readers, pin_memory=ctx.device.type == "cuda",
+            prefetch_factor=2)
+        batches = iter(loader)  # workers fork here, before the writer thread exists
+    else:
+        batches = _read_ahead(iter(dataset))
+    def finish(block, acc, wsum, read_s, compute_s):
+        t0 = time.perf_counter()
+        p, m = _block_values(ctx.stitcher.stitch, acc, wsum, job.dtype, job.threshold)
+        ctx.write(block, p, m)
+        report = BlockReport(block.index, len(block.tiles), math.prod(block.shape), read_s,
+                             compute_s, time.perf_counter() - t0, False, os.getpid())
+        _faults.point("predict.block_written")  # test-only: chunks written, not yet reported
+        reports[block.index] = report
+        if on_block is not None:
+            on_block(report)
+
+    writer = WriterThread(finish, initializer=_single_numba_thread)
+    current = buffers = None
     numba_threads = _single_numba_thread()
     try:
-        with _prepared(job.net, device, channels_last, compile) as fn:
-            forward = _Forward(fn, device, amp, channels_last, tta)
-            for block_index, first, tiles in batches:
-                if current is None or current.index != block_index:
-                    current = blocks[block_index]
-                    buffers, done = stitcher.new(current), 0
-                for b0 in range(0, len(tiles), batch_size):
-                    probs = forward(tiles[b0:b0 + batch_size])
-                    for i, p in enumerate(probs):
-                        stitcher.add(buffers, current, current.tiles[first + b0 + i], p)
-                    bar.update(len(probs))
-                done += len(tiles)
-                if done == len(current.tiles):
-                    writer.put(current, *buffers)
-                    buffers = None
+        for block_index, first, tiles, read_s in batches:
+            t0 = time.perf_counter()
+            if current is None or current.index != block_index:
+                current = ctx.plan[block_index]
+                buffers, done_tiles, reading, computing = ctx.stitcher.new(current), 0, 0.0, 0.0
+            for b0 in range(0, len(tiles), job.batch_size):
+                probs = ctx.forward(tiles[b0:b0 + job.batch_size])
+                for i, p in enumerate(probs):
+                    ctx.stitcher.add(buffers, current, current.tiles[first + b0 + i], p)
+                if on_tiles is not None:
+                    on_tiles(len(probs))
+            done_tiles += len(tiles)
+            reading += read_s
+            computing += time.perf_counter() - t0
+            if done_tiles == len(current.tiles):
+                writer.put(current, *buffers, reading, computing)
+                buffers = None
     except BaseException:
-        writer.queue.put(None)
+        writer.abort()
         raise
     finally:
         numba.set_num_threads(numba_threads)
-        bar.close()
     writer.close()
+    return [reports[i] for i in ids]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _fingerprint(job, array):
+    from emtile.volume import content_token
+
+    """Everything that determines the output bytes; a resumed run must match it exactly.
+
+    Only for path inputs (an in-memory array is never resumed): its resolved path and
+    :func:`emtile.volume.content_token` (sizes and times of every file it reads, so chunks
+    rewritten in place are noticed); the model's config and a hash of its weights; the grid, chunks and
+    blocks; every option that changes the arithmetic (device type, batch size, memory format,
+    compile, AMP, torch version, and on the CPU the torch thread count: torch's CPU kernels can
+    round differently with another number of threads).
+    """
+    import torch
+
+    from emtile.volume import content_token
+
+    grid, plan = job.grid(), job.plan()
+    device = job.device.split(":")[0]
+    return {
+        "input": str(Path(job.input).resolve()), "input_token": content_token(job.input),
+        "input_shape": list(grid.volume_shape), "input_dtype": str(np.dtype(array.dtype)),
+        "region": [list(r) for r in grid.region], "tile": list(grid.in_tile),
+        "stride": list(grid.stride), "owned": grid.owned, "chunks": list(plan.chunks),
+        "block": list(plan.block_shape), "blocks": len(plan), "blend": job.blend,
+        "tta": bool(job.tta), "amp": job.amp, "dtype": job.dtype, "threshold": job.threshold,
+        "weights_sha256": job.weights, "device": device, "batch_size": job.batch_size,
+        "channels_last": bool(job.channels_last), "compile": bool(job.compile),
+        "threads": job.threads if device == "cpu" else None, "torch": torch.__version__,
+    }
+
+
+def _resumable(group, fingerprint, n_blocks, threshold):
+    """The markers of an interrupted store this run can finish, or None. The markers array is
+    created last, so its presence means the set-up finished."""
+    meta = group.attrs.asdict().get("emtile", {})
+    if meta.get("predict") != json.loads(json.dumps(fingerprint)):
+        return None
+    try:
+        group["0"]
+        if threshold is not None:
+            group["labels/mask/0"]
+    except (KeyError, FileNotFoundError, ValueError, OSError):
+        return None
+    return BlockMarkers.open(group, n_blocks)
+
+
+def _open_output(job, path, *, overwrite, fingerprint, flush_every):
+    """Create the output store, or re-open an interrupted run's store with the same fingerprint.
+
+    ``fingerprint`` None (an in-memory input) or ``overwrite`` never resumes: the output is
+    replaced. Returns ``(group, markers, resumed)``.
+    """
+    import zarr
+
+    from emtile import store
+
+    output = job.output
+    resume = fingerprint is not None and not overwrite
+    state = store.prepare_output(output, overwrite=overwrite, resume=resume)
+    if state == "resume":
+        group = zarr.open_group(str(output), mode="r+")
+        markers = _resumable(group, fingerprint, len(job.plan()), job.threshold)
+        if markers is not None:
+            markers.flush_every = flush_every
+            return group, markers, True
+        store.prepare_output(output, overwrite=overwrite)  # not this run's, or set-up unfinished
+    region_shape = tuple(b - a for a, b in job.region)
+    c = job.channels
+    shape = ((c,) if c > 1 else ()) + region_shape
+    chunks = ((c,) if c > 1 else ()) + job.chunks
+    axes = ("c" if c > 1 else "") + ("zyx" if len(region_shape) == 3 else "yx")
+    voxel = store.voxel_size(path, len(region_shape))
+    group = store.create_image(output, shape, np.dtype(job.dtype), chunks=chunks,
+                               voxel_size=voxel, axes=axes, name="probabilities",
+                               kind="probabilities", attrs={"predict": fingerprint})
+    store.set_translation(group, [a for a, _ in job.region])
+    if job.threshold is not None:
+        group.create_group("labels", attributes={"labels": ["mask"]})
+        mgroup = store.create_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
+                                    voxel_size=voxel, axes=axes, name="mask", kind="labels",
+                                    attrs={"threshold": job.threshold})
+        store.set_translation(mgroup, [a for a, _ in job.region])
+        ome = dict(mgroup.attrs["ome"])
+        ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
+        mgroup.attrs["ome"] = ome
+    # last: its existence means the set-up finished (see _resumable)
+    markers = BlockMarkers.create(group, len(job.plan()), flush_every=flush_every)
+    return group, markers, False
+
+
+# --------------------------------------------------------------------------- the driver
 
 
 def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, overlap, roi,
            max_tile_memory, max_block_px, chunk_size):
+    """Check the options; return ``(net, array, input path or None, grid, chunks, device,
+    num_workers)``."""
     net = _as_model(model)
-    arr, spec = _open_input(input)
+    arr, path = open_input(input)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EmtileError(f"batch_size={batch_size!r} must be a positive integer")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
@@ -561,245 +864,61 @@ def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, o
     dev = resolve_device(device, net)
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if dev.type == "cuda" else 1
-    grid, plan = _plan(net, arr, tile=tile, overlap=overlap, roi=roi, blend=blend,
-                       max_tile_memory=max_tile_memory, batch_size=batch_size,
-                       max_block_px=max_block_px, chunk_size=chunk_size)
-    job = _Job(net, arr, spec, grid, plan, net.out_channels, list(plan))
-    return job, dev, num_workers
+    grid, chunks = _plan(net, arr, tile=tile, overlap=overlap, roi=roi, blend=blend,
+                         max_tile_memory=max_tile_memory, batch_size=batch_size,
+                         max_block_px=max_block_px, chunk_size=chunk_size)
+    return net, arr, path, grid, chunks, dev, num_workers
 
 
-def predict_array(model, array, *, tile=572, batch_size=1, num_workers=0, device="auto", amp=None,
-                  blend="none", overlap=0, tta=False, roi=None, dtype="float32", progress=False,
-                  channels_last=True, compile=False, max_tile_memory=AUTO_TILE_MEMORY,
-                  max_block_px=2**22, chunk_size=CHUNK_TARGET):
-    """Predict an in-memory array with the same tiling and stitching as :func:`predict`.
-
-    Returns
-    -------
-    ndarray
-        Probabilities over the region: its shape, or ``(C, *shape)`` for ``C > 1`` output channels.
-        The model is left as it was (device, train/eval mode, memory format).
-
-    Examples
-    --------
-    >>> from emtile.unet import UNet
-    >>> p = predict_array(UNet(base=2, depth=2), np.zeros((50, 60), np.uint8), tile=64)
-    >>> p.shape, p.dtype
-    ((50, 60), dtype('float32'))
-    """
-    from emtile import stitch
-
-    _choice("dtype", dtype, DTYPES)
-    job, dev, num_workers = _setup(model, array, tile=tile, batch_size=batch_size,
-                                   num_workers=num_workers, device=device, amp=amp, blend=blend,
-                                   overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
-                                   max_block_px=max_block_px, chunk_size=chunk_size)
-    region = job.grid.region
-    out = np.zeros((job.channels,) + job.grid.region_shape, np.dtype(dtype))
-
-    def finish(block, acc, wsum):
-        out[(slice(None),) + block.slices(region)] = stitch.normalize(acc, wsum,
-                                                                      dtype=np.dtype(dtype))
-
-    _execute(job, range(len(job.plan)), finish, batch_size=batch_size, num_workers=num_workers,
-             device=dev, amp=amp, tta=tta, blend=blend, channels_last=channels_last,
-             compile=compile, progress=progress)
-    return out[0] if job.channels == 1 else out
+def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block_px, dtype,
+         threshold, tta, amp, blend, batch_size, channels_last, compile, device, threads):
+    k = net.ndim
+    return PredictJob(
+        input=input, output=output, model=model, weights=weights, depth=net.depth, model_ndim=k,
+        channels=net.out_channels, volume_shape=grid.volume_shape, region=grid.region,
+        tile=grid.in_tile[grid.ndim - k:],
+        overlap=tuple(geometry.per_axis(overlap, k, "overlap")), blend=blend, chunks=chunks,
+        max_block_px=int(max_block_px), dtype=dtype, threshold=threshold, tta=bool(tta), amp=amp,
+        batch_size=batch_size, channels_last=bool(channels_last), compile=bool(compile),
+        device=str(device), threads=int(threads))
 
 
-# --------------------------------------------------------------------------- the store
+def _check_threads(threads):
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise EmtileError(f"threads={threads!r} must be a positive integer")
 
 
-def _input_token(spec, array):
-    """A cheap stand-in for the input's content: ``[name, inode, size, mtime_ns, ctime_ns]`` of its
-    file (TIFF, HDF5), its images (a folder or glob of them), or its Zarr metadata documents
-    (``zarr.json`` / ``.zarray`` / ``.zgroup`` / ``.zattrs`` of the store's root and of the array
-    read). Re-writing or replacing an input changes it; overwriting chunks of a Zarr array in
-    place does not (that would take reading the data)."""
-    text = str(spec)
-    if any(ch in text for ch in "*?["):
-        paths = sorted(glob.glob(text))
-    else:
-        from emtile.store import is_zarr_store
-        from emtile.volume import _split_hdf5
-
-        h5 = _split_hdf5(text)
-        p = Path(h5[0] if h5 is not None else text)
-        if p.is_dir() and is_zarr_store(p):
-            names = ("zarr.json", ".zarray", ".zgroup", ".zattrs")
-            inner = str(getattr(array, "path", "") or "")
-            folders = [p] + ([p / inner] if inner and (p / inner).is_dir() else [])
-            paths = [f / n for f in folders for n in names if (f / n).exists()]
-        elif p.is_dir():
-            paths = sorted(f for f in p.iterdir() if f.is_file())
-        else:
-            paths = [p]
-    token = []
-    for f in paths:
-        st = os.stat(f)
-        token.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
-    return token
-
-
-def _fingerprint(job, *, dtype, threshold, tta, blend, amp, device, batch_size, channels_last,
-                 compile):
-    """Everything that determines the output bytes; a resumed run must match it exactly.
-
-    Only for path inputs (an in-memory array is never resumed): its resolved path and
-    :func:`_input_token`; the model's config and a hash of its weights; the grid, chunks and
-    blocks; every option that changes the arithmetic (device type, batch size, memory format,
-    compile, AMP, torch version).
-    """
+@contextlib.contextmanager
+def _torch_threads(n):
+    """Run with ``n`` torch threads in this process, then restore the previous count."""
     import torch
 
-    h = hashlib.sha256()
-    for name, t in job.net.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-    g = job.grid
-    return {
-        "input": str(Path(job.spec).resolve()), "input_token": _input_token(job.spec, job.array),
-        "input_shape": list(g.volume_shape), "input_dtype": str(np.dtype(job.array.dtype)),
-        "region": [list(r) for r in g.region], "tile": list(g.in_tile), "stride": list(g.stride),
-        "owned": g.owned, "chunks": list(job.plan.chunks), "block": list(job.plan.block_shape),
-        "blend": blend, "tta": bool(tta), "amp": amp, "dtype": dtype, "threshold": threshold,
-        "model": job.net.config, "weights_sha256": h.hexdigest(),
-        "device": device.type, "batch_size": batch_size, "channels_last": bool(channels_last),
-        "compile": bool(compile), "torch": torch.__version__,
-    }
-
-
-def _voxel_size(spec, ndim):
-    """Voxel size from an OME-Zarr input's metadata (spatial axes), or None."""
-    if spec is None:
-        return None
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
     try:
-        import zarr
-
-        from emtile.store import is_zarr_store
-
-        if not is_zarr_store(spec):
-            return None
-        attrs = zarr.open_group(str(spec), mode="r").attrs.asdict()
-        ms = attrs.get("ome", attrs)["multiscales"][0]
-        names = [a["name"] for a in ms["axes"]]
-        scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
-        sizes = [s for n, s in zip(names, scale) if n != "c"]
-        return tuple(sizes[-ndim:]) if len(sizes) >= ndim else None
-    except Exception:  # foreign metadata: the output keeps the default voxel size
-        return None
-
-
-def _check_output_is_not_input(spec, output):
-    """An output that is, contains or lies inside the input could destroy it (``--overwrite``
-    removes the output first)."""
-    if spec is None:
-        return
-    inp, out = Path(os.path.realpath(spec)), Path(os.path.realpath(output))
-    if out == inp:
-        how = "is the input"
-    elif out in inp.parents:
-        how = "contains the input"
-    elif inp in out.parents:
-        how = "lies inside the input"
-    else:
-        return
-    raise EmtileError(f"output {str(output)!r} {how} {str(spec)!r}: writing it could destroy the "
-                      f"input; choose an output path outside the input")
-
-
-def _translate(group, region):
-    """Record the ROI's place in the input volume (NGFF 0.5: ``scale`` then ``translation``, in
-    physical units), so viewers overlay the output on the input."""
-    if not any(a for a, _ in region):
-        return
-    ome = dict(group.attrs["ome"])
-    ms = [dict(m) for m in ome["multiscales"]]
-    names = [a["name"] for a in ms[0]["axes"]]
-    (d,) = ms[0]["datasets"]  # predict writes full resolution only
-    scale = d["coordinateTransformations"][0]["scale"]
-    starts = iter(a for a, _ in region)
-    translation = [0.0 if n == "c" else float(next(starts) * s) for n, s in zip(names, scale)]
-    ms[0]["datasets"] = [dict(d, coordinateTransformations=[
-        d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])]
-    ome["multiscales"] = ms
-    group.attrs["ome"] = ome
-
-
-def _resumable(group, fingerprint, n_blocks, threshold):
-    """``(probabilities, mask or None, markers)`` of an interrupted store this run can finish,
-    or None. The markers array is created last, so its presence means the set-up finished."""
-    meta = group.attrs.asdict().get("emtile", {})
-    if meta.get("predict") != json.loads(json.dumps(fingerprint)):
-        return None
-    try:
-        markers = group[MARKERS]
-        probs = group["0"]
-        mask = group["labels/mask/0"] if threshold is not None else None
-    except (KeyError, FileNotFoundError, ValueError, OSError):
-        return None
-    if markers.shape != (n_blocks,):
-        return None
-    return probs, mask, markers
-
-
-def _open_output(job, output, *, dtype, threshold, overwrite, fingerprint):
-    """Create the output store, or re-open an interrupted run's store with the same fingerprint.
-
-    ``fingerprint`` None (an in-memory input) or ``overwrite`` never resumes: the output is
-    replaced. Returns ``(group, probabilities, mask or None, markers, resumed)``.
-    """
-    import zarr
-
-    from emtile import store
-
-    resume = fingerprint is not None and not overwrite
-    state = store.prepare_output(output, overwrite=overwrite, resume=resume)
-    if state == "resume":
-        group = zarr.open_group(str(output), mode="r+")
-        found = _resumable(group, fingerprint, len(job.plan), threshold)
-        if found is not None:
-            return (group, *found, True)
-        store.prepare_output(output, overwrite=overwrite)  # not this run's, or set-up unfinished
-    region_shape = job.grid.region_shape
-    c = job.channels
-    shape = ((c,) if c > 1 else ()) + region_shape
-    chunks = ((c,) if c > 1 else ()) + job.plan.chunks
-    axes = ("c" if c > 1 else "") + ("zyx" if len(region_shape) == 3 else "yx")
-    voxel = _voxel_size(job.spec, len(region_shape))
-    group = store.create_image(output, shape, np.dtype(dtype), chunks=chunks, voxel_size=voxel,
-                               axes=axes, name="probabilities", kind="probabilities",
-                               attrs={"predict": fingerprint})
-    _translate(group, job.grid.region)
-    mask = None
-    if threshold is not None:
-        group.create_group("labels", attributes={"labels": ["mask"]})
-        mgroup = store.create_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
-                                    voxel_size=voxel, axes=axes, name="mask", kind="labels",
-                                    attrs={"threshold": threshold})
-        _translate(mgroup, job.grid.region)
-        ome = dict(mgroup.attrs["ome"])
-        ome["image-label"] = {"version": "0.5", "source": {"image": "../../"}}
-        mgroup.attrs["ome"] = ome
-        mask = mgroup["0"]
-    # last: its existence means the set-up finished (see _resumable)
-    markers = group.create_array(MARKERS, shape=(len(job.plan),), chunks=(1,), dtype="uint8",
-                                 fill_value=0, compressors=None)
-    return group, group["0"], mask, markers, False
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, device="auto",
             amp=None, blend="none", overlap=0, tta=False, roi=None, dtype="uint8", threshold=None,
             overwrite=False, progress=True, channels_last=True, compile=False,
-            max_tile_memory=AUTO_TILE_MEMORY, max_block_px=2**22, chunk_size=CHUNK_TARGET):
+            max_tile_memory=AUTO_TILE_MEMORY, max_block_px=2**22, chunk_size=CHUNK_TARGET,
+            threads=None, cluster=None, cluster_workers=None, scheduler_file=None,
+            blocks_per_task=1, retries=2, client=None):
     """Predict a volume tile by tile into an OME-Zarr store of probabilities (and a mask).
 
     Parameters
     ----------
     model : UNet or path
-        A model, or a model folder written by :func:`emtile.save_model`.
+        A model, or a model folder written by :func:`emtile.save_model` (needed for a cluster:
+        workers load it themselves).
     input : path or array-like, shape (Z, Y, X) or (Y, X)
-        Anything :func:`emtile.open_volume` opens, or an array. A 2-D model runs slice by slice.
+        Anything :func:`emtile.open_volume` opens, or an array (this process only). A 2-D model
+        runs slice by slice.
     output : path
         The new store. Probabilities at ``"0"``, shape the region's (``(C, ...)`` for ``C > 1``
         output channels); the mask at ``labels/mask``.
@@ -810,8 +929,8 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
     batch_size : int
         Tiles per forward pass (1 was fastest per tile on a 2-core CPU).
     num_workers : int, optional
-        DataLoader worker processes reading tiles (default 1 on CPU, up to 4 on CUDA; 0 reads in
-        the main thread).
+        DataLoader worker processes reading tiles in a run in this process (default 1 on CPU, up
+        to 4 on CUDA; 0 reads them in a thread of this process).
     device : {"auto", "cpu", "cuda"}
     amp : {None, "bf16", "fp16"}
         Mixed precision (autocast) for the forward pass.
@@ -833,7 +952,7 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         Replace an existing output, and never resume an interrupted one (without it, an
         interrupted run's output is resumed when everything matches, else replaced).
     progress : bool
-        Show a progress bar (tiles/s, ETA).
+        Show a progress bar (tiles/s, ETA; blocks and voxels/s on a cluster).
     channels_last : bool
         Run convolutions in channels_last memory format (faster on CPU and on CUDA with AMP).
     compile : bool
@@ -844,6 +963,25 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         Output pixels per block (the unit of work, writing and resumption).
     chunk_size : int
         Target output chunk edge along the model axes (rounded to a multiple of the tile stride).
+    threads : int, optional
+        Torch threads per process on the CPU. Default: this process's setting for a local run;
+        cores / workers on a local cluster; 1 on other clusters (start their workers with one
+        thread each, ``--nthreads 1``). Part of what a resumed run must match: torch's CPU
+        kernels may round differently with another thread count.
+    cluster : str, optional
+        Run the blocks on Dask: ``"local"`` (``cluster_workers`` processes on this machine),
+        ``"tcp://host:port"`` (a running scheduler), ``"slurm"`` (dask-jobqueue) or ``"cuda"``
+        (dask-cuda). See :func:`emtile.distributed.start_cluster`.
+    cluster_workers : int, optional
+        Workers of a local / cuda cluster, or SLURM jobs.
+    scheduler_file : path, optional
+        The scheduler file of a running cluster (instead of ``cluster``).
+    blocks_per_task : int
+        Blocks per Dask task.
+    retries : int
+        Extra tries of a failed Dask task.
+    client : distributed.Client, optional
+        An existing client to run on (instead of ``cluster``).
 
     Returns
     -------
@@ -853,69 +991,198 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
     _choice("dtype", dtype, DTYPES)
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
         raise EmtileError(f"threshold={threshold!r} must be a number between 0 and 1")
-    job, dev, num_workers = _setup(model, input, tile=tile, batch_size=batch_size,
-                                   num_workers=num_workers, device=device, amp=amp, blend=blend,
-                                   overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
-                                   max_block_px=max_block_px, chunk_size=chunk_size)
-    _check_output_is_not_input(job.spec, output)
-    fingerprint = None if job.spec is None else _fingerprint(
-        job, dtype=dtype, threshold=threshold, tta=tta, blend=blend, amp=amp, device=dev,
-        batch_size=batch_size, channels_last=channels_last, compile=compile)
-    from emtile import stitch, store
+    _check_threads(threads)
+    distributed = cluster is not None or scheduler_file is not None or client is not None
+    spec = None
+    if distributed:
+        from emtile.distributed import cluster_spec
 
-    group, probs, mask, markers, resumed = _open_output(
-        job, output, dtype=dtype, threshold=threshold, overwrite=overwrite, fingerprint=fingerprint)
-    plan = job.plan
-    flags = markers[:]
-    todo = [i for i in range(len(plan)) if not flags[i]]
-    lead = (slice(None),) if job.channels > 1 else ()
-    region = job.grid.region
-    crash_after, crash_before_marker = _crash_hook()
-    recorded = [0]
+        if client is None:
+            spec = cluster_spec(cluster, workers=cluster_workers, scheduler_file=scheduler_file)
+        if not isinstance(model, (str, os.PathLike)):
+            raise EmtileError("a cluster run needs the model as a model folder (workers load it "
+                              "themselves): save it with emtile.save_model and pass its path")
+        if not isinstance(input, (str, os.PathLike)):
+            raise EmtileError("a cluster run needs the input as a path (workers open it "
+                              "themselves), not an array")
+        if not isinstance(blocks_per_task, int) or blocks_per_task < 1:
+            raise EmtileError(f"blocks_per_task={blocks_per_task!r} must be a positive integer")
+    net, arr, path, grid, chunks, dev, num_workers = _setup(
+        model, input, tile=tile, batch_size=batch_size, num_workers=num_workers, device=device,
+        amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
+        max_block_px=max_block_px, chunk_size=chunk_size)
+    from emtile import store
 
-    def finish(block, acc, wsum):
-        p, m = _blocks_to_values(stitch, acc, wsum, dtype, threshold)
-        sl = lead + block.slices(region)
-        probs[sl] = p if job.channels > 1 else p[0]
-        if mask is not None:
-            mask[sl] = m if job.channels > 1 else m[0]
-        if crash_before_marker and recorded[0] + 1 >= crash_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-        markers[block.index] = 1  # only after every chunk of the block is written
-        recorded[0] += 1
-        if crash_after and recorded[0] >= crash_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    _execute(job, todo, finish, batch_size=batch_size, num_workers=num_workers, device=dev,
-             amp=amp, tta=tta, blend=blend, channels_last=channels_last, compile=compile,
-             progress=progress)
-    missing = np.flatnonzero(markers[:] == 0)
-    if missing.size:  # every block was handed to the writer: a bug, never a user error
-        raise RuntimeError(f"internal error: {missing.size} of {len(plan)} blocks of {output} "
-                           f"were not recorded (first: {int(missing[0])}); the output is left "
-                           f"incomplete")
-    if mask is not None:
-        store.mark_complete(_open_group(f"{output}/labels/mask"))
-    store.mark_complete(group)
-    n_runs = sum(len(b.tiles) for b in job.blocks)
+    store.check_output(output, inputs=[path] if path is not None else [])
+    threads = _default_threads(threads, dev, distributed, spec)
+    job = _job(net, grid, chunks, input=path or "", output=str(output),
+               model=str(model) if isinstance(model, (str, os.PathLike)) else "",
+               weights=weights_hash(net), overlap=overlap, max_block_px=max_block_px,
+               dtype=dtype, threshold=threshold, tta=tta, amp=amp, blend=blend,
+               batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
+               threads=threads)
+    fingerprint = None if path is None else _fingerprint(job, arr)
+    plan = job.plan()
+    with store.output_lock(output):
+        with store.write_errors(output, then=_RESUME):
+            group, markers, resumed = _open_output(job, path, overwrite=overwrite,
+                                                   fingerprint=fingerprint,
+                                                   flush_every=0.5 if distributed else 0.0)
+        todo = np.flatnonzero(~markers.done())
+        where, seconds = "", []
+        if distributed:
+            where = _run_on_cluster(job, todo, markers, seconds, client=client, cluster=cluster,
+                                    cluster_workers=cluster_workers,
+                                    scheduler_file=scheduler_file,
+                                    blocks_per_task=blocks_per_task, retries=retries,
+                                    progress=progress)
+        else:
+            _run_here(job, net, arr, todo, markers, seconds, readers=num_workers,
+                      progress=progress)
+        with store.write_errors(output, then=_RESUME):
+            markers.flush()
+            missing = np.flatnonzero(~markers.done())
+            if missing.size:  # every block was run: a bug, never a user error
+                raise RuntimeError(f"internal error: {missing.size} of {len(plan)} blocks of "
+                                   f"{output} were not recorded (first: {int(missing[0])}); the "
+                                   f"output is left incomplete")
+            if threshold is not None:
+                store.mark_complete(_open_group(f"{output}/labels/mask"))
+            store.mark_complete(group)
+    n_runs = plan.n_tile_runs
     return PredictResult(
-        output=str(output), shape=tuple(probs.shape), dtype=dtype, tile=job.grid.in_tile,
-        out_tile=job.grid.out_tile, stride=job.grid.stride, tiles=n_runs, blocks=len(plan),
-        blocks_resumed=len(plan) - len(todo), efficiency=_efficiency(job.grid, n_runs),
-        seconds=time.perf_counter() - t0, device=str(dev))
+        output=str(output), shape=tuple(group["0"].shape), dtype=dtype, tile=grid.in_tile,
+        out_tile=grid.out_tile, stride=grid.stride, tiles=n_runs, blocks=len(plan),
+        blocks_resumed=len(plan) - len(todo), efficiency=_efficiency(grid, n_runs),
+        seconds=time.perf_counter() - t0, device=str(dev), threads=threads, cluster=where,
+        block_seconds=float(np.median(seconds)) if seconds else 0.0)
 
 
-def _crash_hook():
-    """``(N, before_marker)`` from the private, test-only ``_EMTILE_TEST_CRASH``; ``(0, False)``
-    when it is not set."""
-    value = os.environ.get(_CRASH_ENV, "")
-    if not value:
-        return 0, False
-    n, _, mode = value.partition(":")
-    return int(n), mode == "before-marker"
+_RESUME = "run the same command again to resume"
+
+
+def _default_threads(threads, dev, distributed, spec):
+    """Torch threads per process: as given; else this process's count for a local run, cores /
+    workers on a local cluster, 1 on other clusters; 0 (left alone) on a GPU."""
+    import torch
+
+    if dev.type != "cpu":
+        return 0  # the GPU does the arithmetic
+    if threads is not None:
+        return threads
+    if not distributed:
+        return torch.get_num_threads()
+    if spec is not None and spec["kind"] == "local":
+        return max(1, (os.cpu_count() or 1) // spec["kwargs"]["n_workers"])
+    return 1
+
+
+def _recorder(markers, seconds):
+    """``record(report)``: mark a block done, after its worker reported its chunks written;
+    its seconds go to the list ``seconds``."""
+
+    def record(report):
+        markers.record(report.index)
+        _faults.point("predict.block_recorded")  # test-only: a driver killed here
+        if not report.skipped:
+            seconds.append(report.compute_s + report.write_s)
+
+    return record
+
+
+def _run_here(job, net, arr, todo, markers, seconds, *, readers, progress):
+    """The blocks ``todo`` in this process: the driver lends its array and model to the job."""
+    from tqdm.auto import tqdm
+
+    plan = job.plan()
+    total = sum(plan.n_tiles(int(i)) for i in todo)
+    bar = tqdm(total=total, unit="tile", desc="predict", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    record = _recorder(markers, seconds)
+    local = replace(job, input=job.input or _register(arr), model=_token())
+    try:
+        with _prepared(net, job.device, job.channels_last, job.compile) as fn, \
+                _torch_threads(job.threads):
+            _MEMORY[local.model] = (net, fn)
+            run_blocks(local, todo, readers=readers, on_block=record, on_tiles=bar.update)
+    finally:
+        bar.close()
+        _forget(local)
+
+
+def _run_on_cluster(job, todo, markers, seconds, *, client, cluster, cluster_workers,
+                    scheduler_file, blocks_per_task, retries, progress):
+    """The blocks ``todo`` on Dask; returns a description of the cluster."""
+    from emtile import distributed
+
+    plan = job.plan()
+    record = _recorder(markers, seconds)
+    kwargs = dict(blocks_per_task=blocks_per_task, retries=retries, progress=progress,
+                  desc="predict", total=len(todo), describe=lambda i: job.describe(i, plan),
+                  on_result=lambda i, report: record(report))
+    if client is not None:
+        distributed.map_blocks(run_blocks, job, iter(todo.tolist()), client=client,
+                               resources=distributed.gpu_resources(client)
+                               if job.device.startswith("cuda") else None, **kwargs)
+        return "a Dask client"
+    with distributed.start_cluster(cluster, workers=cluster_workers,
+                                   scheduler_file=scheduler_file) as (c, info):
+        if progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(str(info))
+        distributed.map_blocks(run_blocks, job, iter(todo.tolist()), client=c,
+                               resources=info.resources if job.device.startswith("cuda") else None,
+                               **kwargs)
+        markers.flush()
+        return f"{info.kind} cluster, {info.workers} workers"
 
 
 def _open_group(path):
     import zarr
 
     return zarr.open_group(str(path), mode="r+")
+
+
+def predict_array(model, array, *, tile=572, batch_size=1, num_workers=0, device="auto", amp=None,
+                  blend="none", overlap=0, tta=False, roi=None, dtype="float32", progress=False,
+                  channels_last=True, compile=False, max_tile_memory=AUTO_TILE_MEMORY,
+                  max_block_px=2**22, chunk_size=CHUNK_TARGET):
+    """Predict an in-memory array with the same tiling and stitching as :func:`predict`.
+
+    Returns
+    -------
+    ndarray
+        Probabilities over the region: its shape, or ``(C, *shape)`` for ``C > 1`` output channels.
+        The model is left as it was (device, train/eval mode, memory format).
+
+    Examples
+    --------
+    >>> from emtile.unet import UNet
+    >>> p = predict_array(UNet(base=2, depth=2), np.zeros((50, 60), np.uint8), tile=64)
+    >>> p.shape, p.dtype
+    ((50, 60), dtype('float32'))
+    """
+    from tqdm.auto import tqdm
+
+    _choice("dtype", dtype, DTYPES)
+    net, arr, _, grid, chunks, dev, num_workers = _setup(
+        model, array, tile=tile, batch_size=batch_size, num_workers=num_workers, device=device,
+        amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
+        max_block_px=max_block_px, chunk_size=chunk_size)
+    out = np.zeros((net.out_channels,) + grid.region_shape, np.dtype(dtype))
+    job = _job(net, grid, chunks, input=_register(arr), output=_register(out),
+               model=_token(), weights="", overlap=overlap, max_block_px=max_block_px,
+               dtype=dtype, threshold=None, tta=tta, amp=amp, blend=blend,
+               batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
+               threads=0)
+    plan = job.plan()
+    bar = tqdm(total=plan.n_tile_runs, unit="tile", desc="predict", disable=not progress)
+    try:
+        with _prepared(net, job.device, job.channels_last, job.compile) as fn:
+            _MEMORY[job.model] = (net, fn)
+            run_blocks(job, range(len(plan)), readers=num_workers, on_tiles=bar.update)
+    finally:
+        bar.close()
+        _forget(job)
+    return out[0] if net.out_channels == 1 else out

@@ -20,50 +20,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from emtile._errors import EmtileError
 from emtile.geometry import read_window
-from emtile.predictor import input_to_float
+from emtile.volume import center_crop, input_to_float, resolve_slices
 
 _BLOCK = 64  # block size of the foreground index
-
-
-def resolve_slices(slices, depth, *, name="slices"):
-    """Slice indices as a sorted list of ints, checked against a stack of ``depth`` slices.
-
-    Parameters
-    ----------
-    slices : slice, int, or sequence of int
-        ``slice(0, 25)``, ``[25, 27]``, ``3``; ``None`` bounds of a slice mean the ends.
-    depth : int
-        Number of slices in the volume.
-    name : str
-        Parameter name for error messages.
-
-    Examples
-    --------
-    >>> resolve_slices(slice(25, 30), 30)
-    [25, 26, 27, 28, 29]
-    """
-    if isinstance(slices, slice):
-        if slices.step not in (None, 1):
-            raise EmtileError(f"{name}={slices} must have step 1")
-        start = 0 if slices.start is None else slices.start
-        stop = depth if slices.stop is None else slices.stop
-        if not 0 <= start < stop <= depth:
-            raise EmtileError(
-                f"{name}={start}:{stop} lies outside the volume: it has {depth} slices, "
-                f"so valid ranges lie within 0:{depth}"
-            )
-        return list(range(start, stop))
-    if isinstance(slices, (int, np.integer)):
-        slices = [slices]
-    out = sorted({int(s) for s in slices})
-    if not out:
-        raise EmtileError(f"{name} is empty: give at least one slice index in 0..{depth - 1}")
-    bad = [s for s in out if not 0 <= s < depth]
-    if bad:
-        raise EmtileError(
-            f"{name} {bad} lie outside the volume: it has {depth} slices, valid indices are 0..{depth - 1}"
-        )
-    return out
 
 
 def read_mirrored(array, z, box):
@@ -128,7 +87,7 @@ class PatchDataset(IterableDataset):
     input_size, output_size : int or (int, int)
         The model's input patch and the output patch it predicts (e.g. 572 and 388).
     slices : sequence of int
-        Slice indices to sample from (checked by :func:`resolve_slices`).
+        Slice indices to sample from (checked by :func:`emtile.volume.resolve_slices`).
     batch_size : int
         Samples per yielded batch.
     seed : int
@@ -231,7 +190,7 @@ class PatchDataset(IterableDataset):
             image, label = self.augment(image, label, rng, image_shape=self.input_size,
                                         label_shape=self.output_size)
         else:
-            image, label = _center(image, self.input_size), _center(label, self.output_size)
+            image, label = center_crop(image, self.input_size), center_crop(label, self.output_size)
         label = (np.asarray(label) != 0).view(np.uint8)  # 0/1 and 0/255 labels alike
         weight = self.weights(label) if self.weights is not None else None
         return np.ascontiguousarray(image, dtype=np.float32), label, weight
@@ -262,8 +221,3 @@ class PatchDataset(IterableDataset):
         while True:
             yield self.batch(b)
             b += workers
-
-
-def _center(array, shape):
-    box = tuple(slice((a - s) // 2, (a - s) // 2 + s) for a, s in zip(array.shape, shape))
-    return array[box]

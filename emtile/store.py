@@ -7,13 +7,30 @@ with the full-resolution array at ``"0"`` and optional 2× downsampled levels ``
 Completeness is a group attribute, ``attrs["emtile"]["complete"]``. It is written ``False`` when
 the store is created and set ``True`` by :func:`mark_complete` only after the writer has written
 its last chunk, so a killed run never leaves an output that looks complete.
+
+The rules every writing command follows, in this order (``convert`` is the model)::
+
+    check_output(output, inputs=[...], files={...})   # before any work: not an input, writable
+    with output_lock(output):                          # one live run per output
+        prepare_output(output, overwrite=...)          # refuse / replace / resume
+        with write_errors(output):                     # a failed write is one line
+            ... write, then mark_complete(group)
 """
 
+import contextlib
+import datetime
+import errno
+import glob
+import json
+import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 
+from emtile import _faults  # noqa: F401  (in emtile's fault tests: hooks zarr's store writes)
 from emtile._errors import EmtileError
 
 FORMAT_VERSION = 1
@@ -129,7 +146,7 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
     return group
 
 
-def _emtile_attrs(path):
+def emtile_attrs(path):
     """The ``emtile`` attributes of the group at ``path``, or None if it is not an emtile store."""
     import zarr
 
@@ -142,7 +159,7 @@ def _emtile_attrs(path):
 
 def is_complete(path):
     """True only for an emtile store whose writer finished; False for incomplete or foreign ones."""
-    meta = _emtile_attrs(path)
+    meta = emtile_attrs(path)
     return bool(meta and meta.get("complete"))
 
 
@@ -162,7 +179,7 @@ def is_zarr_store(path):
 def prepare_output(path, *, overwrite=False, resume=False):
     """Make ``path`` ready for a new store, refusing to lose anything the user may want.
 
-    - nothing there: fine;
+    - nothing there, or an empty folder: fine;
     - an incomplete emtile store: removed (it is the leftover of an interrupted run) unless
       ``resume`` is True, in which case it is kept and ``"resume"`` is returned;
     - a complete store or another Zarr store: refused unless ``overwrite``;
@@ -171,6 +188,9 @@ def prepare_output(path, *, overwrite=False, resume=False):
     Returns ``"new"``, ``"replaced"`` or ``"resume"``.
     """
     path = Path(path)
+    _sweep_trash(path)
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        path.rmdir()  # empty (a run killed as it created the store): nothing to lose
     if not path.exists():
         parent = path.parent if str(path.parent) else Path(".")
         if not parent.exists():
@@ -184,15 +204,15 @@ def prepare_output(path, *, overwrite=False, resume=False):
             f"output {str(path)!r} is an existing {what} that is not a Zarr store; "
             f"choose another output path (emtile never deletes such a {what})"
         )
-    meta = _emtile_attrs(path) if path.is_dir() else None
+    meta = emtile_attrs(path) if path.is_dir() else None
     if meta is not None and not meta.get("complete"):
         if resume:
             return "resume"
-        _remove(path)
+        remove_store(path)
         return "replaced"
     if not overwrite:
         raise EmtileError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
-    _remove(path)
+    remove_store(path)
     return "replaced"
 
 
@@ -207,7 +227,399 @@ def _writable(folder):
         return False
 
 
-def _remove(path):
+TRASH = ".emtile-trash-"
+
+
+def remove_store(path):
+    """Delete the Zarr store at ``path`` so that a kill part-way never leaves half a store.
+
+    The store is first renamed (atomically) to a hidden ``.NAME.emtile-trash-ID`` beside it and
+    then deleted; a kill during the deletion leaves only that hidden folder, which the next
+    :func:`prepare_output` of the same output removes. Anything that is not a Zarr store is
+    refused (an internal error: callers check first).
+    """
     path = Path(path)
     assert is_zarr_store(path), f"refusing to delete {path}: not a Zarr store"
-    shutil.rmtree(path)
+    import uuid
+
+    trash = path.parent / f".{path.name}{TRASH}{uuid.uuid4().hex[:12]}"
+    os.rename(path, trash)
+    _faults.point("store.removing")
+    shutil.rmtree(trash)
+
+
+def _sweep_trash(path):
+    """Remove what a killed :func:`remove_store` of ``path`` left beside it."""
+    path = Path(path)
+    for trash in path.parent.glob(f".{glob.escape(path.name)}{TRASH}*"):
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+
+
+# --------------------------------------------------------------------------- output rules
+
+_HDF5_PATH = re.compile(r"^(.*?\.(?:h5|hdf5|hdf))(?:/(.*))?$", flags=re.IGNORECASE)
+
+
+def split_hdf5_path(text):
+    """``'a/b.h5/raw/data'`` -> (``'a/b.h5'``, ``'raw/data'``); None if not an HDF5 path."""
+    m = _HDF5_PATH.match(str(text))
+    return None if m is None else (m.group(1), m.group(2))
+
+
+def input_locations(spec):
+    """The files and folders an input reads, as paths (unresolved).
+
+    A glob gives the files it matches; ``file.h5/dataset`` the HDF5 file; a path inside a Zarr
+    store (``pred.zarr/labels/mask``) itself and the outermost store that holds it; anything
+    else itself.
+    A non-path input (an array, None) gives nothing.
+    """
+    if spec is None or not isinstance(spec, (str, os.PathLike)):
+        return []
+    text = os.fspath(spec)
+    if any(ch in text for ch in "*?["):
+        return [Path(f) for f in sorted(glob.glob(text))]
+    h5 = split_hdf5_path(text)
+    if h5 is not None:
+        return [Path(h5[0])]
+    path = root = Path(text)
+    while is_zarr_store(root.parent) and root.parent != root:
+        root = root.parent
+    return [path] if root == path else [path, root]
+
+
+def _forms(path):
+    """The path spelled out (``..`` removed) and resolved (symlinks followed)."""
+    return {Path(os.path.abspath(path)), Path(os.path.realpath(path))}
+
+
+def _relation(out, inp):
+    """How ``out`` relates to ``inp`` on disk: "is", "holds", "lies inside" or None."""
+    for o in _forms(out):
+        for i in _forms(inp):
+            if o == i:
+                return "is"
+            if o in i.parents:
+                return "holds"
+            if i in o.parents:
+                return "lies inside"
+    return None
+
+
+def _via(spec, loc, target, how):
+    """Where the clash is, when the input's spelling does not show it."""
+    text = os.fspath(spec)
+    if os.path.normpath(loc) == os.path.normpath(text):
+        if how == "is" and os.path.normpath(target) != os.path.normpath(text):
+            return f" (both are {os.path.realpath(target)!r})"
+        return ""
+    if any(ch in text for ch in "*?["):
+        return f" (it matches {str(loc)!r})"
+    if split_hdf5_path(text) is not None:
+        return f" (the file {str(loc)!r})"
+    return f" (in its store {str(loc)!r})"
+
+
+def check_output(output, *, inputs=(), files=None):
+    """Refuse, before any work, outputs that could destroy an input or cannot be written.
+
+    Parameters
+    ----------
+    output : str or Path or None
+        The store or folder the command writes (None if it writes only ``files``).
+    inputs : sequence
+        What the command reads: paths, globs, ``file.h5/dataset``, Zarr stores or arrays nested
+        in them (see :func:`input_locations`); arrays and None are skipped.
+    files : dict or sequence, optional
+        Single files the command writes, as ``{option name: path}`` (e.g. ``{"--json": p}``)
+        or a list of paths.
+
+    Raises
+    ------
+    EmtileError
+        If an output (or file) is, holds or lies inside an input, after resolving ``..``,
+        symlinks and trailing slashes; if its folder does not exist or is not writable; if a
+        file to write is an existing folder.
+    """
+    named = list(files.items()) if isinstance(files, dict) else \
+        [("output file", f) for f in files or ()]
+    targets = ([("output", output)] if output is not None else []) + \
+        [(name, f) for name, f in named if f is not None]
+    located = [(spec, loc) for spec in inputs for loc in input_locations(spec)]
+    for name, target in targets:
+        for spec, loc in located:
+            how = _relation(target, loc)
+            if how is not None:
+                raise EmtileError(
+                    f"{name} {str(target)!r} {how} the input {os.fspath(spec)!r}"
+                    f"{_via(spec, loc, target, how)}: writing it could destroy the input; "
+                    f"choose a path outside the input")
+        _check_writable_location(name, target, is_file=name != "output")
+
+
+def _check_writable_location(name, target, *, is_file):
+    path = Path(target)
+    if is_file and path.is_dir():
+        raise EmtileError(f"{name} {str(target)!r} is an existing folder; give a file path")
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():
+        raise EmtileError(f"{name} {str(target)!r}: its folder {str(path.parent)!r} does not "
+                          f"exist; create it first")
+    if not _writable(parent):
+        raise EmtileError(f"{name} {str(target)!r}: its folder {str(path.parent)!r} is not "
+                          f"writable")
+
+
+class StoreWriteError(EmtileError):
+    """Writing an output failed part-way (disk full, permission denied): left incomplete."""
+
+
+@contextlib.contextmanager
+def write_errors(output, *, then="run the same command again to finish it"):
+    """Turn an ``OSError`` raised while writing ``output`` into one :class:`StoreWriteError` line.
+
+    Wrap the writes and the final :func:`mark_complete`, not the reads (a failed read is about
+    the input). The output is left as it is: incomplete, so a re-run replaces or resumes it.
+    """
+    try:
+        yield
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StoreWriteError(
+            f"writing {str(output)!r} failed: {reason}{f' ({code})' if code else ''}; the output "
+            f"is left incomplete ('emtile info' shows complete NO): free space or fix "
+            f"permissions, then {then}") from None
+
+
+# --------------------------------------------------------------------------- locks
+
+LOCK_SUFFIX = ".emtile-lock"
+
+
+def lock_path(output):
+    """The lock file of ``output``: hidden, beside it (``.NAME.emtile-lock``), so replacing the
+    output never removes the lock, and every spelling of the output shares one lock."""
+    real = Path(os.path.realpath(output))
+    return real.parent / f".{real.name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def output_lock(output):
+    """Hold ``output``'s lock while writing it; refuse if another live run holds it.
+
+    The lock is ``fcntl.flock`` on :func:`lock_path` (released by the kernel when its process
+    dies, however it dies), and the file records the holder: pid, host, the pid's start time
+    and the start of the run. A lock whose holder is dead on this host is stale and taken over
+    (this also covers a lock kept by reader processes that a killed run left behind). Where the
+    file system has no ``flock`` the record alone decides, best effort. Take the lock after
+    :func:`check_output` and before :func:`prepare_output`, which may replace the output.
+
+    Yields
+    ------
+    Path
+        The lock file (removed on exit).
+
+    Raises
+    ------
+    EmtileError
+        If another live run holds the lock.
+    """
+    path = lock_path(output)
+    record = _lock_record(output)
+    fd = _acquire(path, output, record)
+    try:
+        yield path
+    finally:
+        _release(path, fd, record)
+
+
+def _acquire(path, output, record):
+    for _ in range(5):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        got = _try_flock(fd)
+        if got is None:  # no flock on this file system
+            os.close(fd)
+            return _acquire_by_record(path, output, record)
+        if not got:
+            os.close(fd)
+            holder = _read_record(path)
+            if _stale(holder, recheck=path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # held only by orphans of a dead run: a fresh file
+                continue
+            raise EmtileError(_busy_message(output, path, holder))
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(record).encode())
+            return fd
+        os.close(fd)  # the previous holder removed the file after we opened it: again
+    raise EmtileError(f"could not take the lock {str(path)!r} of output {str(output)!r}: it "
+                      f"keeps changing; is another emtile run starting on it?")
+
+
+def _try_flock(fd):
+    """True if locked, False if another holds it, None if this file system has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+
+
+def _acquire_by_record(path, output, record):
+    holder = _read_record(path)
+    if holder and not _stale(holder):
+        raise EmtileError(_busy_message(output, path, holder))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+    return None
+
+
+def _release(path, fd, record):
+    try:
+        if _read_record(path).get("token") == record["token"]:
+            os.unlink(path)
+    except (OSError, ValueError):
+        pass
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _same_file(fd, path):
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _pid_start(pid):
+    """The process's start time in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _lock_record(output):
+    import uuid
+
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "pid_start": _pid_start(pid),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "output": str(output), "token": uuid.uuid4().hex}
+
+
+def _read_record(path):
+    try:
+        return json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(holder):
+    """Whether the recorded holder may still run: unknown hosts count as alive."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True
+    pid = holder["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    start = holder.get("pid_start")
+    return start is None or _pid_start(pid) in (None, start)  # a reused pid is not the holder
+
+
+def _stale(holder, recheck=None):
+    """A recorded holder that is dead on this host (re-read once after a moment, so a run that
+    has just taken the lock and not yet written its record is not mistaken for its dead
+    predecessor)."""
+    if not holder or _alive(holder):
+        return False
+    if recheck is not None:
+        import time
+
+        time.sleep(0.2)
+        again = _read_record(recheck)
+        return again.get("token") == holder.get("token") and not _alive(again)
+    return True
+
+
+def _busy_message(output, path, holder):
+    who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+           if holder else "a run that has not written its record yet")
+    return (f"output {str(output)!r} is being written by another emtile run ({who}); wait for "
+            f"it to finish or stop it, then run again (if that run is gone, delete "
+            f"{str(path)!r})")
+
+
+# --------------------------------------------------------------------------- NGFF metadata
+
+
+def multiscales(attrs):
+    """The first ``multiscales`` entry of a group's attributes (NGFF 0.5 nests it under ``ome``,
+    0.4 keeps it at the top level), or None."""
+    ms = attrs.get("ome", attrs).get("multiscales")
+    return ms[0] if ms else None
+
+
+def spatial_scale(ms):
+    """``{axis name: size}`` of level 0 of a :func:`multiscales` entry, channel axis left out."""
+    names = [a["name"] for a in ms["axes"]]
+    scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+    return {n: s for n, s in zip(names, scale) if n != "c"}
+
+
+def voxel_size(path, ndim):
+    """The last ``ndim`` spatial voxel sizes of the OME-Zarr group at ``path``, or None when
+    ``path`` is None, not a Zarr store, or has no (readable) multiscales metadata."""
+    if path is None or not is_zarr_store(path):
+        return None
+    try:
+        import zarr
+
+        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+        sizes = list(spatial_scale(multiscales(attrs)).values())
+    except Exception:  # foreign metadata: the caller keeps its default voxel size
+        return None
+    return tuple(sizes[-ndim:]) if len(sizes) >= ndim else None
+
+
+def set_translation(group, starts):
+    """Record where the image starts in a larger volume (NGFF 0.5: the ``scale`` transform, then
+    a ``translation`` in physical units), so viewers overlay it on that volume.
+
+    ``starts`` gives the first voxel along each spatial axis; all zero leaves the group as it is.
+    The group must have one resolution level.
+    """
+    starts = [int(s) for s in starts]
+    if not any(starts):
+        return
+    ome = dict(group.attrs["ome"])
+    ms = [dict(m) for m in ome["multiscales"]]
+    names = [a["name"] for a in ms[0]["axes"]]
+    (d,) = ms[0]["datasets"]
+    scale = d["coordinateTransformations"][0]["scale"]
+    it = iter(starts)
+    translation = [0.0 if n == "c" else float(next(it) * s) for n, s in zip(names, scale)]
+    ms[0]["datasets"] = [dict(d, coordinateTransformations=[
+        d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])]
+    ome["multiscales"] = ms
+    group.attrs["ome"] = ome

@@ -20,6 +20,7 @@ from torch import nn
 
 from emtile._errors import EmtileError
 from emtile.geometry import ShapeMap
+from emtile.volume import center_crop
 
 __all__ = ["UNet", "save_model", "load_model", "load_metadata"]
 
@@ -58,12 +59,6 @@ class Down(nn.Sequential):
         if dropout:
             layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
-
-
-def center_crop(x, size):
-    """The centre ``size`` (H, W) of ``x`` (N, C, H', W')."""
-    dy, dx = (x.shape[-2] - size[0]) // 2, (x.shape[-1] - size[1]) // 2
-    return x[..., dy:dy + size[0], dx:dx + size[1]]
 
 
 class Up(nn.Module):
@@ -332,8 +327,13 @@ def load_model(directory, device="cpu"):
 
     Nothing in the folder is executed: the weights are read with safetensors only, the
     architecture from ``config.json`` (checked for types and bounds before anything is built).
-    The model is returned in eval mode.
+    The model is returned in eval mode. A bioimage.io package (a ``.zip``, or an unpacked folder
+    with ``rdf.yaml``) written by ``emtile export`` is read by :func:`emtile.package.load_package`.
     """
+    from emtile.package import is_package, load_package
+
+    if is_package(directory):
+        return load_package(directory, device=device)
     config = _read_config(directory)
     try:
         with torch.device("meta"):  # no memory: the expected tensor shapes only

@@ -10,7 +10,11 @@ asked for, then in one run and for each size:
 
 and prints MB/s (of uncompressed data) for both, their ratio and each process's peak RSS.
 
-    python examples/bench_convert.py --sizes 0.5,4 [--compression none|zlib] [--workdir DIR]
+    .venv/bin/python examples/bench_convert.py --sizes 0.5,4 [--compression none|zlib] [--workdir DIR]
+
+``--compare TREE --rounds N`` instead times this tree's convert against another checkout's
+(e.g. a ``git worktree`` of the commit before a change), interleaved A B, B A, ... on the same
+file, and prints the throughput ratio (this tree / TREE) per round and its median.
 """
 
 import argparse
@@ -74,8 +78,9 @@ def build_stack(path, gigabytes, data_dir, compression):
     return n * side**2
 
 
-def timed(code, *args):
-    """Run ``code`` in a fresh interpreter; return (seconds, peak RSS in bytes, stdout)."""
+def timed(code, *args, pythonpath=None):
+    """Run ``code`` in a fresh interpreter (importing emtile from ``pythonpath`` if given);
+    return (seconds, peak RSS in bytes)."""
     wrapper = (
         "import resource, runpy, sys, time\n"
         "t = time.perf_counter()\n"
@@ -83,8 +88,9 @@ def timed(code, *args):
         "dt = time.perf_counter() - t\n"
         "print('BENCH', dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     )
+    env = dict(os.environ, PYTHONPATH=str(pythonpath)) if pythonpath else None
     out = subprocess.run([sys.executable, "-c", wrapper, *map(str, args)], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, env=env).stdout
     line = [ln for ln in out.splitlines() if ln.startswith("BENCH")][-1].split()
     return float(line[1]), int(line[2])
 
@@ -96,7 +102,12 @@ def main():
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ISBI data folder")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build stacks (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="another checkout of emtile: time convert here against it, interleaved")
+    ap.add_argument("--rounds", type=int, default=6, help="with --compare: A/B rounds")
     args = ap.parse_args()
+    if args.compare is not None:
+        return compare(args)
 
     work = Path(tempfile.mkdtemp(prefix="emtile-bench-", dir=args.workdir))
     rows = []
@@ -129,6 +140,34 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def compare(args):
+    """Convert the same stack with this tree and with ``args.compare``, interleaved."""
+    import statistics
+
+    work = Path(tempfile.mkdtemp(prefix="emtile-bench-", dir=args.workdir))
+    trees = {"this": REPO, "other": args.compare.resolve()}
+    try:
+        for gb in (float(s) for s in args.sizes.split(",")):
+            tif = work / f"stack-{gb:g}GB.tif"
+            nbytes = build_stack(tif, gb, args.data, args.compression)
+            seconds = {name: [] for name in trees}
+            for r in range(args.rounds):
+                for name in (trees if r % 2 == 0 else list(trees)[::-1]):
+                    out = work / "out.zarr"
+                    s, _ = timed(CONVERT, tif, out, pythonpath=trees[name])
+                    shutil.rmtree(out)
+                    seconds[name].append(s)
+            ratios = [o / t for t, o in zip(seconds["this"], seconds["other"])]
+            print(f"{nbytes / 1e9:.2f} GB ({args.compression} TIFF): convert MB/s this "
+                  f"{nbytes / statistics.median(seconds['this']) / 1e6:.0f}, other "
+                  f"{nbytes / statistics.median(seconds['other']) / 1e6:.0f}; throughput "
+                  f"this/other per round {[round(x, 3) for x in ratios]}, median "
+                  f"{statistics.median(ratios):.3f}; load average {os.getloadavg()}", flush=True)
+            tif.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

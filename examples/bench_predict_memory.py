@@ -1,7 +1,7 @@
 """Peak memory of ``emtile.predict`` does not grow with the volume: 4 GB against 0.2 GB.
 
-    python examples/bench_predict_memory.py                       # 0.2 GB and 4 GB volumes
-    python examples/bench_predict_memory.py --sizes-gb 0.2 1 --side 1024
+    .venv/bin/python examples/bench_predict_memory.py                 # 0.2 GB and 4 GB volumes
+    .venv/bin/python examples/bench_predict_memory.py --sizes-gb 0.2 1 --side 1024
 
 Each volume is ISBI 2012 slices mirrored to ``Z x side x side`` uint8 (never random noise), written
 once as OME-Zarr; each prediction runs in its own subprocess, so its peak RSS (``ru_maxrss``, and

@@ -1,7 +1,7 @@
 """Benchmark the Numba stitcher against the equivalent NumPy code and the machine's copy bandwidth.
 
-    python examples/bench_stitch.py                    # 388² tiles (stride 384) over a 4096² buffer
-    python examples/bench_stitch.py --size 8192 --tile 388 --repeat 5
+    .venv/bin/python examples/bench_stitch.py              # 388² tiles (stride 384) over a 4096² buffer
+    .venv/bin/python examples/bench_stitch.py --size 8192 --tile 388 --repeat 5
 
 One process, one run: a parallel Numba copy of ``--copy-gib`` GiB gives the bandwidth baseline,
 then the stitcher (:func:`emtile.stitch.accumulate` over every tile of a grid covering the buffer,

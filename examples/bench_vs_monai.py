@@ -1,9 +1,10 @@
 """emtile ``--tile auto`` against MONAI's ``sliding_window_inference``, same volume, same width.
 
-    /work/bench-venv/bin/python examples/bench_vs_monai.py              # 8 x 2048 x 2048
-    /work/bench-venv/bin/python examples/bench_vs_monai.py --slices 2 --size 1024
+    bash .ci/setup && .venv/bin/python -m pip install -e '.[bench]'   # once: adds monai
+    .venv/bin/python examples/bench_vs_monai.py                          # 8 x 2048 x 2048
+    .venv/bin/python examples/bench_vs_monai.py --slices 2 --size 1024
 
-Needs monai (a benchmark-only extra: ``pip install monai``; it is not an emtile dependency).
+Needs monai (the benchmark-only extra ``bench``; it is not an emtile dependency).
 
 One run: the volume (ISBI 2012 slices mirrored to ``--slices`` x ``--size`` x ``--size``) is written
 once as OME-Zarr, then each method runs in its own subprocess (so each peak RSS is its own), reads
@@ -100,8 +101,7 @@ def run_seams(a):
 
     import emtile
     from emtile.geometry import read_window
-    from emtile.predictor import input_to_float
-    from emtile.volume import open_volume
+    from emtile.volume import input_to_float, open_volume
 
     vol = open_volume(a.dir / "vol.zarr")
     ny, nx = vol.shape[1:]

@@ -1,13 +1,13 @@
 """Score one batch-norm model folder three ways to see how much it depends on per-patch statistics.
 
-    python examples/bn_statistics_check.py runs/isbi/model/last --raw runs/isbi/raw.zarr \
+    .venv/bin/python examples/bn_statistics_check.py runs/isbi/model/last --raw runs/isbi/raw.zarr \
         --labels runs/isbi/labels.zarr --slices 25:30
 
 Rows (pixel error at 0.5 and V-Rand best over 0.0-1.0 on the given slices):
 
 - ``running``: the model as saved, as ``emtile predict`` runs it;
 - ``precise``: running statistics recomputed over ``--patches`` unaugmented training patches
-  (:func:`emtile.trainer.precise_norm_stats`);
+  (:func:`emtile.training.batchnorm.precise_norm_stats`);
 - ``per-tile``: every tile normalised by its own statistics, as training with one patch per step
   does. This is not tile-independent (the output depends on the tiling), so ``emtile predict``
   never does it; it only shows what the trained network can do.
@@ -23,8 +23,10 @@ import torch
 
 import emtile
 from emtile.metrics import evaluate
-from emtile.sampling import PatchDataset, resolve_slices
-from emtile.trainer import norm_layers, precise_norm_stats, predict_slices
+from emtile.sampling import PatchDataset
+from emtile.training.batchnorm import norm_layers, precise_norm_stats
+from emtile.training.validation import predict_slices
+from emtile.volume import resolve_slices
 
 
 def parse_slices(text):

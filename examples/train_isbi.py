@@ -1,8 +1,8 @@
 """The documented ISBI 2012 run: train on slices 0-24 for a fixed wall-clock budget on CPU, then
 predict slices 25-29 with ``emtile predict`` and score them as the challenge does.
 
-    python examples/train_isbi.py                      # 30 minutes, the recommended settings
-    python examples/train_isbi.py --minutes 5 --out /tmp/isbi5
+    .venv/bin/python examples/train_isbi.py                     # 30 minutes, the recommended settings
+    .venv/bin/python examples/train_isbi.py --minutes 5 --out runs/isbi5
 
 Steps (all through the public API, as a user would run them):
 
@@ -21,12 +21,15 @@ Targets (issue 4, a quiet 2-core CPU, 30 minutes): pixel error <= 0.09, V-Rand >
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from emtile.training.settings import TrainSettings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012"
 
@@ -46,7 +49,8 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi201
 #: - full class balancing (w_c, the paper's) adds to that bias (1,200 steps: pixel error 0.152);
 #: - depth 3 (tile 476) is ~1.5x faster per output pixel but scored worse at equal steps;
 #:   dropout 0.5 changed nothing measurable in 400 steps.
-SETTINGS = dict(
+SETTINGS = TrainSettings(
+    train_slices=slice(0, 25), val_slices=slice(25, 30),
     base=16, depth=4, batch_norm=True,      # small model, the paper's depth (184 px context)
     bn_momentum=0.01,                       # BN statistics over ~100 patches, not torch's ~10
     freeze_bn=0.7,                          # last 30%: fixed BN statistics, as predict uses them
@@ -76,9 +80,8 @@ def calibrate(raw, labels, settings, steps=12):
 
     clock = Clock()
     with tempfile.TemporaryDirectory() as d:
-        emtile.train(raw, labels, Path(d) / "calib", train_slices=slice(0, 25), val_slices=None,
-                     iterations=steps, progress=False, callbacks=[clock], calibrate=False,
-                     **{k: v for k, v in settings.items() if k not in ("val_every", "warmup")})
+        emtile.train(raw, labels, Path(d) / "calib", settings, val_slices=None, iterations=steps,
+                     warmup=None, calibrate=False, progress=False, callbacks=[clock])
     dt = np.diff(clock.t[2:])  # skip start-up
     return float(np.median(dt))
 
@@ -113,28 +116,27 @@ def main():
         emtile.convert(args.data / "train-volume.tif", raw, progress=False, overwrite=True)
         emtile.convert(args.data / "train-labels.tif", labels, labels=True, progress=False, overwrite=True)
 
-    settings = dict(SETTINGS)
+    settings = SETTINGS
     for item in args.set:
         key, _, value = item.partition("=")
-        if key not in settings and key not in emtile.train.__kwdefaults__:
+        if key not in {f.name for f in dataclasses.fields(TrainSettings)}:
             ap.error(f"--set {item}: {key!r} is not a training setting")
-        settings[key] = ast.literal_eval(value)
+        settings = dataclasses.replace(settings, **{key: ast.literal_eval(value)})
     budget = 60 * args.minutes
     if args.iterations is None:
         t0 = time.perf_counter()
         step = calibrate(raw, labels, settings)
         spent = time.perf_counter() - t0
         # validation (5 slices predicted + scored) costs ~8-12 s each on 2 cores
-        n_val = max(1, int(budget / (step * settings["val_every"])))
+        n_val = max(1, int(budget / (step * settings.val_every)))
         iterations = int((budget - spent - 12 * n_val - 20) / step)
         print(f"calibration: {step:.3f} s/step -> {iterations} iterations in {args.minutes:g} min")
     else:
         iterations = args.iterations
-    settings["iterations"] = max(iterations, 10)
+    settings = dataclasses.replace(settings, iterations=max(iterations, 10))
 
     t0 = time.perf_counter()
-    result = emtile.train(raw, labels, args.out / "model", train_slices=slice(0, 25),
-                          val_slices=slice(25, 30), overwrite=args.overwrite, **settings)
+    result = emtile.train(raw, labels, args.out / "model", settings, overwrite=args.overwrite)
     train_s = time.perf_counter() - t0
     print(f"trained {result['iteration']} iterations in {train_s / 60:.1f} min "
           f"({result['iteration'] / result['elapsed_s']:.2f} it/s); best at iteration "
@@ -147,7 +149,7 @@ def main():
 
     truth = (np.asarray(emtile.open_volume(labels)[25:30]) != 0).astype(np.uint8)
     roi = (slice(25, 30), slice(None), slice(None))
-    report = {"settings": settings, "iterations": result["iteration"], "train_minutes": train_s / 60,
+    report = {"settings": settings.to_json(), "iterations": result["iteration"], "train_minutes": train_s / 60,
               "best_iteration": result["best"].get("iteration"),
               "calibration": result.get("calibration")}
     cal = result.get("calibration")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from emtile.bench import conv_flops, mirrored_volume, tiles_volume_shape
+from emtile.bench import mirrored_volume, model_flops, tiles_volume_shape
 from emtile.cli.main import main
 from emtile.unet import UNet
 from emtile.volume import open_volume
@@ -50,26 +50,40 @@ def test_bench_rejects_an_invalid_tile():
     assert "Error: tile=90 is not valid for depth 2: nearest valid sizes are" in result.output
 
 
-def test_bench_help():
-    result = CliRunner().invoke(main, ["bench", "--help"])
-    assert result.exit_code == 0
-    for option in ("--base", "--depth", "--tile", "--batch-size", "--device", "--tiles",
-                   "--channels-last", "--amp", "--workers", "--repeat", "--data", "--json"):
-        assert option in result.output
+def test_every_bench_option_reaches_the_figures(tmp_path):
+    """Each `emtile bench` option, set away from its default, shows in the JSON it prints."""
+    import tifffile
+
+    from emtile.cli.bench import bench as command
+
+    tifffile.imwrite(tmp_path / "src.tif", np.arange(2 * 30 * 40, dtype=np.uint8).reshape(2, 30, 40))
+    args = ["bench", "--base", "3", "--depth", "2", "--tile", "92", "--batch-size", "2",
+            "--device", "cpu", "--tiles", "2", "--no-channels-last", "--amp", "--workers", "0",
+            "--repeat", "2", "--data", str(tmp_path / "src.tif"), "--seed", "4", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert (r["base"], r["depth"], r["tile"], r["batch_size"], r["device"], r["tiles"]) == (3, 2, 92, 2, "cpu", 2)
+    assert (r["channels_last"], r["amp"], r["num_workers"], r["repeat"]) == (False, True, 0, 2)
+    assert r["data"] == str(tmp_path / "src.tif") and r["seed"] == 4 and len(r["model_times"]) == 2
+    assert r["gflop_per_tile"] == pytest.approx(model_flops(UNet(base=3, depth=2), torch.zeros(1, 1, 92, 92))[0] / 1e9)
+    assert {p.name for p in command.params} == {"base", "depth", "tile", "batch_size", "device",
+                                                 "tiles", "channels_last", "amp", "num_workers",
+                                                 "repeat", "data", "seed", "as_json"}
 
 
-def test_conv_flops_by_hand():
+def test_model_flops_by_hand():
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ConvTranspose2d(2, 1, 2, stride=2))
-    flops, out = conv_flops(net, torch.zeros(1, 1, 5, 5))
+    flops, out = model_flops(net, torch.zeros(1, 1, 5, 5))
     # conv: 2x3x3 outputs, each 1 channel x 9 taps; transposed: 2x3x3 inputs, each to 1 x 4 taps
     assert flops == 2 * (18 * 9) + 2 * (18 * 4)
     assert out.shape == (1, 1, 6, 6)
 
 
-def test_conv_flops_of_the_paper_unet():
+def test_model_flops_of_the_paper_unet():
     """The paper's U-Net (base 64) at 572: about 301 GFLOP, batch-independent per tile."""
     net = UNet(base=64, depth=4).to("meta")
-    flops, out = conv_flops(net, torch.empty(1, 1, 572, 572, device="meta"))
+    flops, out = model_flops(net, torch.empty(1, 1, 572, 572, device="meta"))
     assert out.shape == (1, 1, 388, 388)
     assert flops == pytest.approx(300.8e9, rel=1e-3)
 

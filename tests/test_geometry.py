@@ -70,6 +70,22 @@ def test_block_plan_by_hand():
     assert plan.n_tile_runs == g.n_tiles
 
 
+def test_a_short_tail_joins_the_block_before_it():
+    """The last tile along an axis owns its whole output (1028 px, past its 1024 stride): a block
+    edge at 2048 would cut it, and it would run in two blocks. The 4-px tail joins the block
+    before it instead, so each of the 4 tiles runs once (not 9 times)."""
+    g = tile_grid((1, 2052, 2052), M4, 1212)
+    assert g.out_tile[1:] == (1028, 1028) and g.stride[1:] == (1024, 1024) and g.n_tiles == 4
+    plan = block_plan(g, (1, 1024, 1024), max_block_px=2048 * 2048)
+    assert plan.block_shape == (1, 2048, 2048) and len(plan) == 1
+    assert plan.box(0) == ((0, 0, 0), (1, 2052, 2052)) and plan.n_tile_runs == 4
+    # a tail that does not start inside the last tile is a block of its own
+    g = tile_grid((1, 2500, 388), M4, 572)
+    plan = block_plan(g, (1, 384, 384), max_block_px=768 * 768)
+    assert [plan.box(i)[0][1] for i in range(len(plan))] == [0, 768, 1536, 2304]
+    assert plan.n_tile_runs == g.n_tiles == sum(plan.n_tiles(i) for i in range(len(plan)))
+
+
 def test_choose_tile_prefers_one_big_tile_on_a_small_slice():
     tile, eff = choose_tile((30, 512, 512), M4, max_tile=800)
     assert tile == 700  # output 516 >= 512: one tile per slice

@@ -76,18 +76,25 @@ def test_balanced_class_weights():
         balanced_class_weights(1.5)
 
 
-def test_losses_values():
-    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
-    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
-    weight = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
-    per = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    assert torch.allclose(get_loss("bce")(logits, target, weight), (weight * per).sum() / weight.sum())
-    assert torch.allclose(get_loss("bce")(logits, target, None), per.mean())
-    perfect = (target * 40 - 20)
-    assert get_loss("dice")(perfect, target, None) < 1e-6
-    assert get_loss("dice")(-perfect, target, None) > 0.5
-    both = get_loss("bce+dice")(logits, target, weight)
-    assert torch.allclose(both, get_loss("bce")(logits, target, weight) + get_loss("dice")(logits, target, None))
+def test_losses_by_hand():
+    # logits ln 3 and 0 -> p = 3/4 and 1/2; targets 1 and 0
+    logits = torch.tensor([[[[math.log(3.0), 0.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    bce_1, bce_2 = -math.log(0.75), math.log(2.0)  # -log p, -log(1 - p)
+    assert get_loss("bce")(logits, target, None).item() == pytest.approx((bce_1 + bce_2) / 2)
+    weight = torch.tensor([[[[3.0, 1.0]]]])  # normalised by the weights' sum
+    assert get_loss("bce")(logits, target, weight).item() == pytest.approx((3 * bce_1 + bce_2) / 4)
+    # soft Dice, eps = 1, averaged over both classes:
+    #   cell:     (2 * 3/4 + 1) / ((3/4 + 1/2) + 1 + 1) = 2.5 / 3.25
+    #   membrane: (2 * 1/2 + 1) / ((1/4 + 1/2) + 1 + 1) = 2 / 2.75
+    dice = 1 - (2.5 / 3.25 + 2 / 2.75) / 2
+    assert get_loss("dice")(logits, target, weight).item() == pytest.approx(dice)  # weight ignored
+    assert get_loss("bce+dice")(logits, target, weight).item() == pytest.approx((3 * bce_1 + bce_2) / 4 + dice)
+    perfect = target * 40 - 20
+    assert get_loss("dice")(perfect, target, None) < 1e-6 < get_loss("dice")(-perfect, target, None) - 0.5
+
+
+def test_which_losses_read_the_weight_map():
     assert uses_weights("bce") and uses_weights("bce+dice") and not uses_weights("dice")
 
 

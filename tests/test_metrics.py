@@ -364,9 +364,9 @@ def test_error_labels_not_binary():
 
 def test_error_slices_outside_volume():
     p, t = np.zeros((5, 3, 3), np.float32), np.ones((5, 3, 3), np.uint8)
-    with pytest.raises(EmtileError, match=r"25:30 are outside the volume, which has 5 slices"):
+    with pytest.raises(EmtileError, match=r"slices=25:30 is outside the volume, which has 5 slices"):
         M.evaluate(p, t, slices=slice(25, 30), progress=False)
-    with pytest.raises(EmtileError, match="7 are outside"):
+    with pytest.raises(EmtileError, match="slices=7 is outside"):
         M.evaluate(p, t, slices=[1, 7], progress=False)
 
 

@@ -88,7 +88,7 @@ def test_roi_reads_only_the_crop(volumes):
 
 def test_bad_inputs(volumes):
     d, raw, labels, pred = volumes
-    with pytest.raises(EmtileError, match="outside the image"):
+    with pytest.raises(EmtileError, match=r"roi=0:500,0:10 is outside the volume of shape \(96, 128\)"):
         P.comparison_figure(raw, roi=(slice(0, 500), slice(0, 10)))
     with pytest.raises(EmtileError, match="outside the volume"):
         P.comparison_figure(raw, slices=[7])
@@ -101,7 +101,7 @@ def test_bad_inputs(volumes):
 
 
 def write_log(path):
-    # the columns of emtile.trainer.CSV_COLUMNS, in its order
+    # the columns of emtile.training.logs.CSV_COLUMNS, in its order
     lines = ["iteration,loss,lr,val_loss,val_pixel_error,val_f1,val_vrand,elapsed_s"]
     for i in range(1, 201):
         val = i % 50 == 0
@@ -112,7 +112,7 @@ def write_log(path):
 
 
 def test_training_curve(tmp_path):
-    from emtile.trainer import CSV_COLUMNS
+    from emtile.training.logs import CSV_COLUMNS
 
     log = tmp_path / "train.csv"
     write_log(log)
@@ -149,3 +149,21 @@ def test_cli_show(volumes):
     res = runner.invoke(main, ["show", str(d / "raw.tif"), "--slices", "9", "-o", str(d / "x.png")])
     assert res.exit_code == 1 and "Error:" in res.output and "outside the volume" in res.output
     assert runner.invoke(main, ["show", "--help"]).exit_code == 0
+
+
+def test_read_log_keeps_every_column_with_nan_for_empty_cells(tmp_path):
+    from emtile.training.logs import CSV_COLUMNS
+
+    log = tmp_path / "train.csv"
+    write_log(log)
+    columns = P.read_log(log)
+    assert tuple(columns) == CSV_COLUMNS
+    assert columns["iteration"].tolist() == list(range(1, 201))
+    assert np.isnan(columns["val_f1"][48]) and columns["val_f1"][49] == pytest.approx(0.85)
+    assert np.count_nonzero(~np.isnan(columns["val_vrand"])) == 4
+    (tmp_path / "one.csv").write_text("iteration,loss\n1,0.5\n")
+    one = P.read_log(tmp_path / "one.csv")
+    assert {k: v.tolist() for k, v in one.items()} == {"iteration": [1.0], "loss": [0.5]}
+    (tmp_path / "header.csv").write_text("iteration,loss\n")
+    with pytest.raises(EmtileError, match="has no rows"):
+        P.read_log(tmp_path / "header.csv")

@@ -18,7 +18,7 @@ import torch
 import zarr
 
 import emtile
-from emtile import EmtileError
+from emtile import EmtileError, geometry
 from emtile.predictor import predict, predict_array
 from emtile.store import create_image, is_complete
 from emtile.unet import UNet, save_model
@@ -291,6 +291,16 @@ def test_auto_tile_picks_one_big_tile_on_a_small_slice(tmp_path):
 # ------------------------------------------------------------------ the store
 
 
+def plan_of(net, vol, tile=68, max_block_px=4000, chunk_size=56):
+    """The block plan :func:`predict` makes for these options."""
+    *_, grid, chunks, _, _ = predict_module._setup(
+        net, vol, tile=tile, batch_size=1, num_workers=0, device="cpu", amp=None, blend="none",
+        overlap=0, roi=None, max_tile_memory=2**30, max_block_px=max_block_px,
+        chunk_size=chunk_size)
+    return geometry.block_plan(grid, chunks, max_block_px=max_block_px)
+
+
+
 def test_store_probabilities_mask_and_metadata(tmp_path):
     net = make_net(2, out_channels=1)
     vol = rand_volume((3, 131, 97))
@@ -318,15 +328,13 @@ def test_store_probabilities_mask_and_metadata(tmp_path):
     # and ends on one or at the region's end (so no two blocks ever write the same chunk)
     assert group["emtile_blocks"].shape == (result.blocks,)
     assert group["emtile_blocks"][:].all()
-    job, _, _ = predict_module._setup(net, vol, tile=68, batch_size=1, num_workers=0,
-                                      device="cpu", amp=None, blend="none", overlap=0, roi=None,
-                                      max_tile_memory=2**30, max_block_px=4000, chunk_size=56)
-    assert len(job.plan) == result.blocks and job.plan.chunks == probs.chunks
-    assert any(b.shape[1:] != probs.chunks[1:] for b in job.plan)  # blocks of several chunks
-    for block in job.plan:
+    plan = plan_of(net, vol)
+    assert len(plan) == result.blocks and plan.chunks == probs.chunks
+    assert any(b.shape[1:] != probs.chunks[1:] for b in plan)  # blocks of several chunks
+    for block in plan:
         for a, b, c, n in zip(block.start, block.stop, probs.chunks, probs.shape):
             assert a % c == 0 and (b % c == 0 or b == n)
-    assert sum(math.prod(b.shape) for b in job.plan) == math.prod(probs.shape)
+    assert sum(math.prod(b.shape) for b in plan) == math.prod(probs.shape)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -358,14 +366,13 @@ RUN = textwrap.dedent(f"""
     r = predict(sys.argv[1], sys.argv[2], sys.argv[3], num_workers=int(sys.argv[4]), **{RUN_ARGS!r})
     print("resumed", r.blocks_resumed, "of", r.blocks)
 """)
-CRASH_ENV = "_EMTILE_TEST_CRASH"  # private, test-only: see emtile.predict
+FAULTS = "_EMTILE_FAULTS"  # private, test-only: see emtile._faults
 
 
 def _run(*args, crash=None):
-    env = dict(os.environ)
-    env.pop(CRASH_ENV, None)
+    env = {k: v for k, v in os.environ.items() if k != FAULTS}
     if crash:
-        env[CRASH_ENV] = crash
+        env[FAULTS] = crash
     return subprocess.run([sys.executable, "-c", RUN, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -381,15 +388,13 @@ def test_killed_run_resumes_to_byte_identical_output(tmp_path):
     model, inp = tmp_path / "model", tmp_path / "in.zarr"
     full = predict(model, inp, tmp_path / "full.zarr", num_workers=0, **RUN_ARGS)
     assert full.blocks >= 6
-    job, _, _ = predict_module._setup(net, emtile.open_volume(inp), tile=68, batch_size=1,
-                                      num_workers=0, device="cpu", amp=None, blend="none",
-                                      overlap=0, roi=None, max_tile_memory=2**30,
-                                      max_block_px=4000, chunk_size=56)
-    third = job.plan[2].slices(job.grid.region)  # blocks are written in order
+    plan = plan_of(net, emtile.open_volume(inp))
+    third = plan[2].slices(plan.grid.region)  # blocks are written in order
     expect = zarr.open_array(tmp_path / "full.zarr" / "0", mode="r")[third]
     assert expect.any()
 
-    for crash, recorded in (("3", 3), ("3:before-marker", 2)):
+    for crash, recorded in (("predict.block_recorded@3=kill", 3),
+                            ("predict.block_written@3=kill", 2)):
         out = tmp_path / f"resumed-{recorded}.zarr"
         killed = _run(model, inp, out, 1, crash=crash)
         assert killed.returncode == -9, killed.stderr  # SIGKILL: no clean-up ran
@@ -505,7 +510,7 @@ def test_overwrite_never_resumes(tmp_path):
 
 
 def test_an_unrecorded_block_is_never_marked_complete(tmp_path, monkeypatch):
-    monkeypatch.setattr(predict_module, "_execute", lambda *args, **kwargs: None)  # a lost block
+    monkeypatch.setattr(predict_module, "run_blocks", lambda *args, **kwargs: [])  # a lost block
     out = tmp_path / "p.zarr"
     with pytest.raises(RuntimeError, match="blocks of .* were not recorded"):
         predict(make_net(2), rand_volume((30, 30)), out, tile=64, progress=False)
@@ -522,7 +527,7 @@ def test_output_that_is_or_holds_or_lies_in_the_input_is_refused(tmp_path, monke
         predict(net, "vol.zarr", "vol.zarr", tile=64, overwrite=True, progress=False)
     with pytest.raises(EmtileError, match="lies inside the input"):
         predict(net, "vol.zarr", "vol.zarr/pred.zarr", tile=64, overwrite=True, progress=False)
-    with pytest.raises(EmtileError, match="output 'vol.zarr' contains the input 'vol.zarr/0'"):
+    with pytest.raises(EmtileError, match="output 'vol.zarr' holds the input 'vol.zarr/0'"):
         predict(net, "vol.zarr/0", "vol.zarr", tile=64, overwrite=True, progress=False)
     assert not (tmp_path / "vol.zarr" / "pred.zarr").exists()
     np.testing.assert_array_equal(emtile.open_volume("vol.zarr")[:], vol)

@@ -6,7 +6,8 @@ import zarr
 from emtile import EmtileError
 from emtile.augment import Augmenter
 from emtile.losses import weight_map
-from emtile.sampling import PatchDataset, read_mirrored, resolve_slices
+from emtile.sampling import PatchDataset, read_mirrored
+from emtile.volume import resolve_slices
 
 
 def coded_volume(tmp_path, shape=(3, 90, 110), chunks=(1, 32, 32)):
@@ -45,9 +46,9 @@ class Recorder:
 def test_resolve_slices():
     assert resolve_slices(slice(None, 3), 5) == [0, 1, 2]
     assert resolve_slices([4, 1, 1], 5) == [1, 4]
-    with pytest.raises(EmtileError, match="train_slices=25:35 lies outside the volume: it has 30 slices"):
+    with pytest.raises(EmtileError, match="train_slices=25:35 is outside the volume, which has 30 slices"):
         resolve_slices(slice(25, 35), 30, name="train_slices")
-    with pytest.raises(EmtileError, match=r"val_slices \[30\] lie outside the volume: .*0..29"):
+    with pytest.raises(EmtileError, match=r"val_slices=30 is outside the volume, which has 30 slices \(0 to 29\)"):
         resolve_slices([29, 30], 30, name="val_slices")
 
 

@@ -8,20 +8,23 @@ import zarr
 from click.testing import CliRunner
 
 from emtile import EmtileError, load_model
-from emtile.trainer import CSV_COLUMNS, fit, lr_factor, train
+from emtile.trainer import train
+from emtile.training.logs import CSV_COLUMNS
+from emtile.training.loop import fit, lr_factor
 
 # a tiny model: depth 2, base 4; tile 68 -> output 28
 TINY = dict(base=4, depth=2, tile=68, batch_size=2, val_every=3, workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")
-def isbi_small(isbi_raw, isbi_labels, tmp_path_factory):
-    """Six 96×96 ISBI crops as Zarr arrays (labels stored 0/1 as `emtile convert --labels` does)."""
-    d = tmp_path_factory.mktemp("isbi_small")
+def small(synthetic_small, tmp_path_factory):
+    """Six 96×96 synthetic EM slices as Zarr arrays (labels 0/1, as `emtile convert --labels`
+    stores them): the trainer is tested in any checkout, without the ISBI files."""
+    d = tmp_path_factory.mktemp("small")
     out = []
-    for name, data in (("raw", isbi_raw[:6, :96, :96]), ("labels", (isbi_labels[:6, :96, :96] > 0))):
+    for name, data in zip(("raw", "labels"), synthetic_small):
         a = zarr.create_array(store=d / f"{name}.zarr", shape=data.shape, chunks=(1, 64, 64), dtype=np.uint8)
-        a[...] = data.astype(np.uint8)
+        a[...] = data
         out.append(d / f"{name}.zarr")
     return tuple(str(p) for p in out)
 
@@ -39,8 +42,8 @@ class Losses:
         self.values.append(logs["loss"])
 
 
-def open_arrays(isbi_small):
-    return tuple(zarr.open_array(p, mode="r") for p in isbi_small)
+def open_arrays(paths):
+    return tuple(zarr.open_array(p, mode="r") for p in paths)
 
 
 def test_lr_factor():
@@ -53,8 +56,8 @@ def test_lr_factor():
         lr_factor(1, 10, schedule="step")
 
 
-def test_tiny_run_writes_model_folders_and_log(isbi_small, tmp_path):
-    raw, labels = isbi_small
+def test_tiny_run_writes_model_folders_and_log(small, tmp_path):
+    raw, labels = small
     out = tmp_path / "run"
     result = train(raw, labels, out, train_slices=slice(0, 4), val_slices=[4, 5], iterations=4, seed=1,
                    **TINY)
@@ -76,8 +79,8 @@ def test_tiny_run_writes_model_folders_and_log(isbi_small, tmp_path):
     assert not (out / "best" / "training_state.pt").exists()
 
 
-def test_resume_reproduces_the_uninterrupted_run(isbi_small, tmp_path):
-    raw, labels = isbi_small
+def test_resume_reproduces_the_uninterrupted_run(small, tmp_path):
+    raw, labels = small
     kwargs = dict(TINY, train_slices=slice(0, 4), val_slices=[4, 5], seed=3, dropout=0.3,
                   lr=3e-3, schedule="cosine", warmup=2)
     straight = Losses()
@@ -115,19 +118,19 @@ def test_short_training_on_isbi_lowers_the_loss(isbi_raw, isbi_labels, tmp_path)
 # --------------------------------------------------------------------------- bad input
 
 
-def test_bad_inputs(isbi_small, tmp_path):
-    raw_path, labels_path = isbi_small
-    raw, labels = open_arrays(isbi_small)
+def test_bad_inputs(small, tmp_path):
+    raw_path, labels_path = small
+    raw, labels = open_arrays(small)
     run = dict(TINY, iterations=1)
     with pytest.raises(EmtileError, match=r"raw has shape \(6, 96, 96\) but labels have shape \(6, 96, 90\)"):
         train(raw, np.asarray(labels)[:, :, :90], tmp_path / "o1", train_slices=slice(0, 4), **run)
     three = np.asarray(labels).copy()
     three[2, 0, 0] = 2
-    with pytest.raises(EmtileError, match=r"labels are not binary: slice 2 brings the values seen to \{0, 1, 2\}"):
+    with pytest.raises(EmtileError, match=r"labels are not binary in slice 2: found 3 values: 0, 1, 2"):
         train(raw, three, tmp_path / "o2", train_slices=slice(0, 4), **run)
-    with pytest.raises(EmtileError, match="train_slices=0:8 lies outside the volume: it has 6 slices"):
+    with pytest.raises(EmtileError, match="train_slices=0:8 is outside the volume, which has 6 slices"):
         train(raw, labels, tmp_path / "o3", train_slices=slice(0, 8), **run)
-    with pytest.raises(EmtileError, match=r"val_slices \[7\] lie outside the volume"):
+    with pytest.raises(EmtileError, match=r"val_slices=7 is outside the volume"):
         train(raw, labels, tmp_path / "o3", train_slices=slice(0, 4), val_slices=[7], **run)
     with pytest.raises(EmtileError, match=r"the volume's slices \(96×96 px\) are smaller than the tile's "
                                           r"output \(100×100 px for input 140×140\): choose a smaller --tile"):
@@ -140,43 +143,43 @@ def test_bad_inputs(isbi_small, tmp_path):
         assert not (tmp_path / name).exists()
 
 
-def test_overlapping_slices_warn(isbi_small, tmp_path):
+def test_overlapping_slices_warn(small, tmp_path):
     import emtile
 
     with pytest.warns(UserWarning, match=r"train_slices and val_slices overlap in slices \[3\]"):
-        emtile.train(*isbi_small, tmp_path / "run", train_slices=slice(0, 4), val_slices=slice(3, 5),
+        emtile.train(*small, tmp_path / "run", train_slices=slice(0, 4), val_slices=slice(3, 5),
               **dict(TINY, iterations=1))
 
 
-def test_out_holding_another_run(isbi_small, tmp_path):
+def test_out_holding_another_run(small, tmp_path):
     out = tmp_path / "run"
     run = dict(TINY, train_slices=slice(0, 4), iterations=2)
-    train(*isbi_small, out, **run)
+    train(*small, out, **run)
     with pytest.raises(EmtileError, match="holds another training run; pass --resume to continue it or "
                                           "--overwrite to replace it"):
-        train(*isbi_small, out, **run)
+        train(*small, out, **run)
     with pytest.raises(EmtileError, match="already did 2 iterations; iterations=2 must be larger"):
-        train(*isbi_small, out, resume=True, **run)
+        train(*small, out, resume=True, **run)
     with pytest.raises(EmtileError, match=r"base=8 differs from the run being resumed \(base=4\)"):
-        train(*isbi_small, out, resume=True, **{**run, "iterations": 3, "base": 8})
+        train(*small, out, resume=True, **{**run, "iterations": 3, "base": 8})
     with pytest.raises(EmtileError, match="tile=70 is not valid"):  # checked before deleting
-        train(*isbi_small, out, overwrite=True, **{**run, "tile": 70})
+        train(*small, out, overwrite=True, **{**run, "tile": 70})
     assert len(read_csv(out / "train.csv")) == 2
-    train(*isbi_small, out, overwrite=True, **{**run, "iterations": 1})
+    train(*small, out, overwrite=True, **{**run, "iterations": 1})
     assert len(read_csv(out / "train.csv")) == 1
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     for flags in ({}, {"overwrite": True}):
         with pytest.raises(EmtileError, match="is not empty and holds no emtile training run"):
-            train(*isbi_small, other, **run, **flags)
+            train(*small, other, **run, **flags)
     assert (other / "notes.txt").read_text() == "mine"
     with pytest.raises(EmtileError, match="nothing to resume"):
-        train(*isbi_small, tmp_path / "new", resume=True, **run)
+        train(*small, tmp_path / "new", resume=True, **run)
 
 
-def test_nan_loss_names_the_iteration_and_cause(isbi_small, tmp_path):
-    raw, labels = open_arrays(isbi_small)
+def test_nan_loss_names_the_iteration_and_cause(small, tmp_path):
+    raw, labels = open_arrays(small)
     bad = np.asarray(raw).astype(np.float32) / 255
     bad[:, 40:60, 40:60] = np.nan
     with pytest.raises(EmtileError, match="loss is nan at iteration 1; the raw patch holds NaN or infinite values"):
@@ -200,22 +203,47 @@ def test_nan_loss_names_the_iteration_and_cause(isbi_small, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_help():
+def test_every_cli_option_reaches_the_settings(small, tmp_path):
+    """Each `emtile train` option, set away from its default, arrives in run.json's settings."""
+    import dataclasses
+
+    from emtile.cli.main import main
+    from emtile.cli.train import train as command
+    from emtile.training.settings import TrainSettings
+
+    raw, labels = small
+    options = {"--train-slices": ("0:4", "0:4"), "--val-slices": ("4,5", [4, 5]),
+               "--iterations": ("2", 2), "--base": ("4", 4), "--depth": ("2", 2),
+               "--batch-norm": (None, True), "--dropout": ("0.25", 0.25),
+               "--bn-momentum": ("0.05", 0.05), "--freeze-bn": ("0.5", 0.5), "--tile": ("68", 68),
+               "--batch-size": ("2", 2), "--lr": ("0.002", 0.002), "--optimizer": ("sgd", "sgd"),
+               "--momentum": ("0.9", 0.9), "--weight-decay": ("0.0001", 0.0001),
+               "--schedule": ("poly", "poly"), "--warmup": ("1", 1), "--loss": ("bce+dice", "bce+dice"),
+               "--w0": ("5", 5.0), "--sigma": ("3", 3.0), "--class-balance": ("0.5", 0.5),
+               "--workers": ("0", 0), "--device": ("cpu", "cpu"), "--amp": (None, True),
+               "--clip": ("1.5", 1.5), "--val-every": ("1", 1), "--seed": ("3", 3),
+               "--no-elastic": (None, False), "--elastic-sigma": ("4", 4.0), "--no-flip": (None, False),
+               "--no-intensity": (None, False), "--noise": ("0.01", 0.01), "--blur": ("0.5", 0.5),
+               "--foreground": ("0.5", 0.5), "--no-channels-last": (None, False),
+               "--no-calibrate": (None, False)}
+    args = ["train", "--raw", raw, "--labels", labels, "--out", str(tmp_path / "run"), "--no-progress"]
+    for option, (text, _) in options.items():
+        args += [option] if text is None else [option, text]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    expected = {option.removeprefix("--no-").removeprefix("--").replace("-", "_"): value
+                for option, (_, value) in options.items()}
+    assert settings == {**TrainSettings(train_slices=0).to_json(), "val_tile": None, **expected}
+    # and every setting but val_tile (validation's tile, chosen by the predictor) has an option
+    names = {p.name for p in command.params} - {"raw", "labels", "out", "resume", "overwrite", "progress"}
+    assert names == {f.name for f in dataclasses.fields(TrainSettings)} - {"val_tile"} == set(expected)
+
+
+def test_cli_tiny_run_and_errors(small, tmp_path):
     from emtile.cli.main import main
 
-    result = CliRunner().invoke(main, ["train", "--help"])
-    assert result.exit_code == 0
-    for option in ("--raw", "--labels", "--out", "--train-slices", "--val-slices", "--iterations",
-                   "--base", "--depth", "--tile", "--batch-size", "--lr", "--loss", "--workers",
-                   "--resume", "--overwrite", "--seed", "--freeze-bn", "--calibrate",
-                   "--no-calibrate"):
-        assert option in result.output
-
-
-def test_cli_tiny_run_and_errors(isbi_small, tmp_path):
-    from emtile.cli.main import main
-
-    raw, labels = isbi_small
+    raw, labels = small
     out = tmp_path / "run"
     args = ["train", "--raw", raw, "--labels", labels, "--out", str(out), "--train-slices", "0:4",
             "--val-slices", "4:6", "--iterations", "2", "--base", "4", "--depth", "2", "--tile", "68",
@@ -232,13 +260,25 @@ def test_cli_tiny_run_and_errors(isbi_small, tmp_path):
     assert len(read_csv(out / "train.csv")) == 3
 
 
-def test_tensorboard_log_when_installed(isbi_small, tmp_path):
+def test_tensorboard_log_holds_the_losses_and_scores(small, tmp_path):
     pytest.importorskip("tensorboard")
-    train(*isbi_small, tmp_path / "run", train_slices=slice(0, 4), val_slices=[5], **dict(TINY, iterations=3))
-    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(*small, out, train_slices=slice(0, 4), val_slices=[5], **dict(TINY, iterations=4, val_every=2))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = read_csv(out / "train.csv")
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == [float(np.float32(r["loss"])) for r in rows]
+    vrand = events.Scalars("val/vrand")
+    assert [e.step for e in vrand] == [2, 4]
+    assert [e.value for e in vrand] == pytest.approx([float(rows[i]["val_vrand"]) for i in (1, 3)], rel=1e-5)
+    assert len(events.Scalars("train/lr")) == 4
 
 
-def test_bn_momentum_sets_the_running_statistics_rate(isbi_small, tmp_path):
+def test_bn_momentum_sets_the_running_statistics_rate(small, tmp_path):
     import emtile
 
     # same seed, same first batch, same initial weights: after one step every running mean is
@@ -246,7 +286,7 @@ def test_bn_momentum_sets_the_running_statistics_rate(isbi_small, tmp_path):
     means = []
     for m in (0.1, 0.01):
         out = tmp_path / f"bn{m}"
-        train(*isbi_small, out, train_slices=slice(0, 4), iterations=1,
+        train(*small, out, train_slices=slice(0, 4), iterations=1,
               **dict(TINY, batch_norm=True, bn_momentum=m))
         model = emtile.load_model(out / "last")
         bn = next(x for x in model.modules() if isinstance(x, torch.nn.BatchNorm2d))
@@ -254,7 +294,7 @@ def test_bn_momentum_sets_the_running_statistics_rate(isbi_small, tmp_path):
     assert means[1].abs().max() > 0
     torch.testing.assert_close(means[0], 10 * means[1], rtol=1e-4, atol=1e-7)
     with pytest.raises(EmtileError, match=r"bn_momentum=0 must be in \(0, 1\]"):
-        train(*isbi_small, tmp_path / "bad", train_slices=slice(0, 4), iterations=1,
+        train(*small, tmp_path / "bad", train_slices=slice(0, 4), iterations=1,
               **dict(TINY, batch_norm=True, bn_momentum=0))
 
 
@@ -262,7 +302,7 @@ def test_bn_momentum_sets_the_running_statistics_rate(isbi_small, tmp_path):
 
 
 def test_precise_norm_stats_average_the_batches_and_restore_momentum():
-    from emtile.trainer import precise_norm_stats
+    from emtile.training.batchnorm import precise_norm_stats
 
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(2, momentum=0.01))
     rng = np.random.default_rng(0)
@@ -292,9 +332,9 @@ class NormWatch:
         self.losses.append(logs["loss"])
 
 
-def test_freeze_bn_fixes_the_statistics_after_the_given_fraction(isbi_small, tmp_path):
+def test_freeze_bn_fixes_the_statistics_after_the_given_fraction(small, tmp_path):
     watch = NormWatch()
-    train(*isbi_small, tmp_path / "run", train_slices=slice(0, 4), iterations=8, callbacks=[watch],
+    train(*small, tmp_path / "run", train_slices=slice(0, 4), iterations=8, callbacks=[watch],
           **dict(TINY, batch_norm=True, freeze_bn=0.5, val_every=0, calibrate=False))
     assert watch.training == [True] * 4 + [False] * 4
     m = watch.means
@@ -308,11 +348,11 @@ def test_freeze_bn_fixes_the_statistics_after_the_given_fraction(isbi_small, tmp
 
 
 @pytest.mark.parametrize("stop", [2, 6])  # Ctrl-C before and after the freeze at step 4
-def test_resume_with_freeze_bn_reproduces_the_run(isbi_small, tmp_path, stop):
+def test_resume_with_freeze_bn_reproduces_the_run(small, tmp_path, stop):
     kwargs = dict(TINY, train_slices=slice(0, 4), batch_norm=True, freeze_bn=0.5, val_every=2,
                   val_slices=[4], lr=3e-3, seed=5, calibrate=False)
     straight = NormWatch()
-    train(*isbi_small, tmp_path / "a", iterations=8, callbacks=[straight], **kwargs)
+    train(*small, tmp_path / "a", iterations=8, callbacks=[straight], **kwargs)
 
     class CtrlC(NormWatch):
         def on_row(self, state, row):
@@ -321,25 +361,25 @@ def test_resume_with_freeze_bn_reproduces_the_run(isbi_small, tmp_path, stop):
 
     first, second = CtrlC(), NormWatch()
     with pytest.raises(KeyboardInterrupt):
-        train(*isbi_small, tmp_path / "b", iterations=8, callbacks=[first], **kwargs)
-    train(*isbi_small, tmp_path / "b", iterations=8, resume=True, callbacks=[second], **kwargs)
+        train(*small, tmp_path / "b", iterations=8, callbacks=[first], **kwargs)
+    train(*small, tmp_path / "b", iterations=8, resume=True, callbacks=[second], **kwargs)
     assert first.losses + second.losses == straight.losses
     assert first.training + second.training == [True] * 4 + [False] * 4
 
 
-def test_freeze_bn_default_is_the_last_30_percent_and_1_means_never(isbi_small, tmp_path):
+def test_freeze_bn_default_is_the_last_30_percent_and_1_means_never(small, tmp_path):
     for freeze, expected in ((None, [True] * 10), (1.0, [True] * 10), ("default", [True] * 7 + [False] * 3)):
         watch = NormWatch()
         kwargs = {} if freeze == "default" else {"freeze_bn": freeze}
-        train(*isbi_small, tmp_path / f"run{freeze}", train_slices=slice(0, 4), iterations=10,
+        train(*small, tmp_path / f"run{freeze}", train_slices=slice(0, 4), iterations=10,
               callbacks=[watch], **dict(TINY, batch_norm=True, val_every=0, calibrate=False, **kwargs))
         assert watch.training == expected, freeze
 
 
-def test_with_freeze_bn_best_is_chosen_after_the_freeze(isbi_small, tmp_path, monkeypatch):
-    import emtile.trainer
+def test_with_freeze_bn_best_is_chosen_after_the_freeze(small, tmp_path, monkeypatch):
+    from emtile.training.validation import Validator
 
-    real = emtile.trainer.Validator.__call__
+    real = Validator.__call__
     calls = []
 
     def falling_scores(self, model):  # real scores, but V-Rand made to fall check by check
@@ -347,24 +387,24 @@ def test_with_freeze_bn_best_is_chosen_after_the_freeze(isbi_small, tmp_path, mo
         calls.append(len(calls) + 1)
         return dict(scores, val_vrand=1.0 - 0.01 * len(calls))
 
-    monkeypatch.setattr(emtile.trainer.Validator, "__call__", falling_scores)
+    monkeypatch.setattr(Validator, "__call__", falling_scores)
     out = tmp_path / "run"
-    result = train(*isbi_small, out, train_slices=slice(0, 4), val_slices=[4, 5], iterations=8,
+    result = train(*small, out, train_slices=slice(0, 4), val_slices=[4, 5], iterations=8,
                    **dict(TINY, batch_norm=True, freeze_bn=0.5, val_every=1, calibrate=False))
     assert calls == list(range(1, 9))
     assert result["best"]["iteration"] == 5  # the first check after the freeze at step 4
     assert json.loads((out / "best" / "metadata.json").read_text())["emtile"]["iteration"] == 5
     # without freezing, the first check wins
     calls.clear()
-    result = train(*isbi_small, tmp_path / "plain", train_slices=slice(0, 4), val_slices=[4, 5],
+    result = train(*small, tmp_path / "plain", train_slices=slice(0, 4), val_slices=[4, 5],
                    iterations=8, **dict(TINY, batch_norm=True, freeze_bn=None, val_every=1,
                                         calibrate=False))
     assert result["best"]["iteration"] == 1
 
 
-def test_freeze_bn_rejects_a_bad_fraction(isbi_small, tmp_path):
+def test_freeze_bn_rejects_a_bad_fraction(small, tmp_path):
     with pytest.raises(EmtileError, match=r"freeze_bn=1.5 must be a fraction of the run in \[0, 1\]"):
-        train(*isbi_small, tmp_path / "bad", train_slices=slice(0, 4), iterations=2,
+        train(*small, tmp_path / "bad", train_slices=slice(0, 4), iterations=2,
               **dict(TINY, batch_norm=True, freeze_bn=1.5))
 
 
@@ -372,7 +412,7 @@ def test_freeze_bn_rejects_a_bad_fraction(isbi_small, tmp_path):
 
 
 def test_threshold_offset_finds_the_error_minimising_threshold():
-    from emtile.trainer import threshold_offset
+    from emtile.training.calibration import threshold_offset
 
     rng = np.random.default_rng(0)
     truth = rng.random(10_000) < 0.7
@@ -387,12 +427,12 @@ def test_threshold_offset_finds_the_error_minimising_threshold():
     assert t == pytest.approx(0.02)
 
 
-def test_calibrate_model_moves_the_fitted_threshold_to_one_half(isbi_small):
+def test_calibrate_model_moves_the_fitted_threshold_to_one_half(small):
     from emtile.predictor import predict_array
-    from emtile.trainer import calibrate_model
+    from emtile.training.calibration import calibrate_model
     from emtile.unet import UNet
 
-    raw, labels = open_arrays(isbi_small)
+    raw, labels = open_arrays(small)
     torch.manual_seed(0)
     model = UNet(1, 1, base=4, depth=2).eval()
     with torch.no_grad():
@@ -413,12 +453,12 @@ def test_calibrate_model_moves_the_fitted_threshold_to_one_half(isbi_small):
     assert np.array_equal((after > 0.5)[~near], (before > t)[~near])
 
 
-def test_train_calibrates_best_once_and_leaves_last_as_trained(isbi_small, tmp_path):
+def test_train_calibrates_best_once_and_leaves_last_as_trained(small, tmp_path):
     import emtile
-    from emtile.trainer import _calibrate_best
+    from emtile.training.calibration import calibrate_best
 
     out = tmp_path / "run"
-    result = train(*isbi_small, out, train_slices=slice(0, 4), iterations=3,
+    result = train(*small, out, train_slices=slice(0, 4), iterations=3,
                    **dict(TINY, val_every=0))  # no validation: best is the last model
     record = result["calibration"]
     meta = json.loads((out / "best" / "metadata.json").read_text())["emtile"]
@@ -431,20 +471,20 @@ def test_train_calibrates_best_once_and_leaves_last_as_trained(isbi_small, tmp_p
         else:
             assert torch.equal(a, b), name
     # a second call (a resumed run that kept this best) does not shift it again
-    raw, labels = open_arrays(isbi_small)
-    _calibrate_best(out / "best", raw, labels, [0, 1, 2, 3], torch.device("cpu"), None)
+    raw, labels = open_arrays(small)
+    calibrate_best(out / "best", raw, labels, [0, 1, 2, 3], torch.device("cpu"), None)
     assert torch.equal(emtile.load_model(out / "best").head.bias, best.head.bias)
     # and calibrate=False leaves best equal to last
-    train(*isbi_small, tmp_path / "plain", train_slices=slice(0, 4), iterations=3, calibrate=False,
+    train(*small, tmp_path / "plain", train_slices=slice(0, 4), iterations=3, calibrate=False,
           **dict(TINY, val_every=0))
     plain = json.loads((tmp_path / "plain" / "best" / "metadata.json").read_text())["emtile"]
     assert "calibration" not in plain
 
 
-def test_cli_freeze_bn_and_calibrate(isbi_small, tmp_path):
+def test_cli_freeze_bn_and_calibrate(small, tmp_path):
     from emtile.cli.main import main
 
-    raw, labels = isbi_small
+    raw, labels = small
     base = ["train", "--raw", raw, "--labels", labels, "--train-slices", "0:4", "--iterations", "4",
             "--base", "4", "--depth", "2", "--tile", "68", "--workers", "0", "--val-every", "0",
             "--batch-norm", "--no-progress"]

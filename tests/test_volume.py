@@ -1,6 +1,7 @@
 """emtile.open_volume / convert / info on real files: TIFF, PNG folders, Zarr, HDF5."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def test_labels_with_many_values_name_them_and_leave_nothing(tmp_path):
 
 def test_two_values_other_than_0_1_or_0_255_are_refused(tmp_path):
     tifffile.imwrite(tmp_path / "lab.tif", np.full((2, 8, 8), 7, np.uint8), photometric="minisblack")
-    with pytest.raises(EmtileError, match="labels must be binary"):
+    with pytest.raises(EmtileError, match=r"labels are not binary in slices 0:2: found 1 value: 7"):
         emtile.convert(tmp_path / "lab.tif", tmp_path / "l.zarr", labels=True, progress=False)
 
 
@@ -187,7 +188,7 @@ def test_truncated_tiff(tmp_path, isbi_raw):
     tifffile.imwrite(path, isbi_raw[:4], photometric="minisblack")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(EmtileError, match="is truncated: its image data needs"):
+    with pytest.raises(EmtileError, match=r"cut\.tif. is damaged or cut short: .*its image data need 1048832 bytes but the file has"):
         emtile.convert(path, tmp_path / "o.zarr", progress=False)
     assert not (tmp_path / "o.zarr").exists()
 
@@ -332,15 +333,14 @@ def test_import_is_light():
 
 
 def test_every_command_has_help():
-    r = run_cli("--help")
-    assert r.exit_code == 0
+    root = run_cli("--help")
+    assert root.exit_code == 0
     from emtile.cli.main import COMMANDS, LazyGroup
 
-    group = main
     for name in COMMANDS:
-        cmd = LazyGroup.get_command(group, None, name)
-        if cmd is None:
-            continue
+        assert f"  {name} " in root.output, name  # listed, so its module imports
+        cmd = LazyGroup.get_command(main, None, name)
+        assert cmd is not None, name
         r = run_cli(name, "--help")
         assert r.exit_code == 0 and "Usage:" in r.output, name
         for param in cmd.params:
@@ -370,7 +370,7 @@ def test_corrupt_compressed_page_is_reported_and_leaves_nothing(tmp_path, isbi_r
     data[offset:offset + count] = b"\0" * count  # page 1's compressed data destroyed
     path.write_bytes(bytes(data))
     out = tmp_path / "o.zarr"
-    with pytest.raises(EmtileError, match=r"cannot read .*bad\.tif' at slices 0:3"):
+    with pytest.raises(EmtileError, match=r"damaged input .*bad\.tif': chunk '1.0.0' \(voxels z 1:2, y 0:512, x 0:512\) cannot be read \(DeflateError"):
         emtile.convert(path, out, progress=False)
     assert not out.exists()
 
@@ -399,3 +399,354 @@ def test_store_killed_while_creating_arrays_is_replaced(tmp_path, isbi_raw):
     group = create_image(out, (2, 8, 8), np.uint8)
     assert _zarr.open_group(str(out), mode="r").attrs["emtile"]["complete"] is False
     assert "0" in group
+
+
+# ------------------------------------------------------------------ promises: TIFF
+
+
+@pytest.fixture(scope="module")
+def zlib_stack(isbi_dir, tmp_path_factory):
+    """The issue's file: the 30-slice ISBI stack, zlib-compressed, as tifffile writes it."""
+    path = tmp_path_factory.mktemp("tiff") / "stack.tif"
+    raw = tifffile.imread(isbi_dir / "train-volume.tif")
+    tifffile.imwrite(path, raw, compression="zlib", photometric="minisblack")
+    return path, raw
+
+
+def cut(path, nbytes, dest):
+    dest.write_bytes(path.read_bytes()[:nbytes])
+    return dest
+
+
+def test_zlib_stack_cut_at_300_kB_is_an_error_naming_what_is_missing(zlib_stack, tmp_path):
+    """The issue's case: it converted to shape (1, 512, 512) marked complete, exit 0."""
+    src = cut(zlib_stack[0], 300_000, tmp_path / "cut.tif")
+    out = tmp_path / "cut.zarr"
+    r = run_cli("convert", src, out, "--no-progress")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    line = r.output.strip()
+    assert "\n" not in line
+    assert line.startswith(f"Error: TIFF '{src}' is damaged or cut short: its page chain is cut "
+                           "after page 1")
+    assert "promises shape (30, 512, 512) (its shaped metadata) but its pages hold (512, 512)" in line
+    assert "found 1 complete slice of shape (512, 512) (pass --allow-partial" in line
+    assert not out.exists()
+
+
+def test_allow_partial_converts_what_is_there_and_says_so(zlib_stack, tmp_path):
+    src = cut(zlib_stack[0], 1_500_000, tmp_path / "cut.tif")
+    out = tmp_path / "cut.zarr"
+    r = run_cli("convert", src, out, "--allow-partial", "--no-progress")
+    assert r.exit_code == 0, r.output
+    vol = emtile.open_volume(out)
+    n = vol.shape[0]
+    assert 1 < n < 30
+    np.testing.assert_array_equal(vol[:], zlib_stack[1][:n])
+    d = emtile.info(out)
+    assert d["complete"] is True
+    assert d["partial"]["found"] == [n, 512, 512]
+    assert d["partial"]["expected"] == "shape (30, 512, 512) (its shaped metadata)"
+    assert "page chain is cut" in " ".join(d["partial"]["problems"])
+    shown = run_cli("info", out).output
+    assert (f"partial       YES: converted {n}x512x512 (the complete pages); expected shape "
+            "(30, 512, 512) (its shaped metadata)") in shown
+
+
+WRITERS = {
+    "shaped-zlib": dict(compression="zlib"),
+    "shaped-raw": dict(),  # contiguous: the later pages' descriptions sit at the end
+    "imagej": dict(imagej=True, metadata={"axes": "ZYX"}),
+    "imagej-zlib": dict(imagej=True, metadata={"axes": "ZYX"}, compression="zlib"),
+    "ome-zlib": dict(ome=True, metadata={"axes": "ZYX"}, compression="zlib"),
+    "plain-zlib": dict(metadata=None, compression="zlib"),
+    "bigtiff-tiled": dict(bigtiff=True, tile=(128, 128), compression="zstd"),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9, 0.999])
+def test_every_cut_tiff_is_an_error_and_partial_reads_only_whole_slices(
+        isbi_raw, tmp_path, writer, fraction):
+    data = isbi_raw[:6]
+    whole = tmp_path / "whole.tif"
+    kw = WRITERS[writer]
+    tifffile.imwrite(whole, data, **({"photometric": "minisblack"} if "imagej" not in kw else {}),
+                     **kw)
+    np.testing.assert_array_equal(emtile.open_volume(whole)[:], data)  # the whole file is fine
+    src = cut(whole, int(whole.stat().st_size * fraction), tmp_path / "cut.tif")
+    with pytest.raises(EmtileError, match=r"cut\.tif' is damaged or cut short: "):
+        emtile.open_volume(src)
+    part = emtile.open_volume(src, allow_partial=True)
+    assert 0 < part.shape[0] < 6 and part.partial["found"] == list(part.shape)
+    np.testing.assert_array_equal(part[:], data[:part.shape[0]])
+
+
+def test_cut_tiff_is_found_without_tifffile_saying_anything(zlib_stack, tmp_path, capfd):
+    """tifffile's log is never the only sign: silence it and the checks still fire."""
+    import logging
+
+    src = cut(zlib_stack[0], 300_000, tmp_path / "cut.tif")
+    logger = logging.getLogger("tifffile")
+    logger.disabled = True
+    try:
+        with pytest.raises(EmtileError, match="page chain is cut after page 1"):
+            emtile.open_volume(src)
+    finally:
+        logger.disabled = False
+    with pytest.raises(EmtileError):
+        emtile.open_volume(src)
+    err = capfd.readouterr().err
+    assert "invalid page offset" not in err  # captured, not printed beside the one line
+
+
+def test_strip_byte_counts_that_disagree(tmp_path, isbi_raw):
+    path = tmp_path / "short.tif"
+    tifffile.imwrite(path, isbi_raw[:2], photometric="minisblack", rowsperstrip=512)
+    with tifffile.TiffFile(path) as tf:
+        tag = tf.pages[1].tags["StripByteCounts"]
+        assert tag.count == 1 and tag.dtype == 4  # one LONG, stored in the tag itself
+        where = tag.valueoffset
+    data = bytearray(path.read_bytes())
+    data[where:where + 4] = (1000).to_bytes(4, "little")  # page 1 claims 1000 bytes, needs 262144
+    path.write_bytes(bytes(data))
+    with pytest.raises(EmtileError, match=r"page 1 holds 1000 bytes of uncompressed image data, "
+                                          r"expected 262144"):
+        emtile.convert(path, tmp_path / "o.zarr", progress=False)
+    assert not (tmp_path / "o.zarr").exists()
+
+
+# ------------------------------------------------------------------ damaged chunks
+
+
+def damage(chunk_file):
+    """Overwrite a chunk's compressed payload in place (same size), as a bad disk would."""
+    data = bytearray(Path(chunk_file).read_bytes())
+    data[16:48] = bytes(range(32))
+    Path(chunk_file).write_bytes(bytes(data))
+
+
+@pytest.fixture
+def damaged_store(tmp_path, isbi_raw):
+    out = tmp_path / "vol.zarr"
+    emtile.convert(_tif(tmp_path, isbi_raw[:6]), out, chunks=(2, 256, 256), progress=False)
+    damage(out / "0" / "c" / "1" / "1" / "0")
+    return out
+
+
+def _tif(tmp_path, data):
+    path = tmp_path / "src.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    return path
+
+
+DAMAGED = ("damaged input '{store}': chunk '0/c/1/1/0' (voxels z 2:4, y 256:512, x 0:256) "
+           "cannot be read (RuntimeError: error during blosc decompression")
+
+
+def test_damaged_zarr_chunk_names_store_key_and_voxels(damaged_store, isbi_raw):
+    vol = emtile.open_volume(damaged_store)
+    np.testing.assert_array_equal(vol[0:2], isbi_raw[0:2])  # the good chunks still read
+    np.testing.assert_array_equal(vol[2:4, :256], isbi_raw[2:4, :256])
+    with pytest.raises(emtile.volume.DamagedChunkError) as exc:
+        vol[:, 300:301, 5]
+    assert str(exc.value).startswith(DAMAGED.format(store=damaged_store))
+    assert exc.value.key == "0/c/1/1/0" and exc.value.region == [(2, 4), (256, 512), (0, 256)]
+
+
+@pytest.mark.parametrize("command", [["info", "--stats"], ["convert", "OUT"]])
+def test_damaged_chunk_in_cli_is_one_line(damaged_store, tmp_path, command):
+    args = [a if a != "OUT" else tmp_path / "o.zarr" for a in command[1:]]
+    r = run_cli(command[0], damaged_store, *args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: " + DAMAGED.format(store=damaged_store))
+    assert not (tmp_path / "o.zarr").exists()
+
+
+def test_damaged_chunk_of_a_nested_ome_zarr_array(tmp_path, isbi_raw):
+    pred = tmp_path / "pred.zarr"
+    emtile.store.create_image(pred, (2, 64, 64), np.uint8)
+    zarr.open_group(pred, mode="r+").create_group("labels")
+    mask = emtile.store.create_image(pred / "labels" / "mask", (2, 64, 64), np.uint8,
+                                     chunks=(1, 32, 32))
+    mask["0"][:] = (isbi_raw[:2, :64, :64] > 128).astype(np.uint8)
+    emtile.store.mark_complete(mask)
+    damage(pred / "labels" / "mask" / "0" / "c" / "1" / "0" / "1")
+    with pytest.raises(EmtileError, match=r"damaged input '.*pred\.zarr/labels/mask': chunk "
+                                          r"'0/c/1/0/1' \(voxels z 1:2, y 0:32, x 32:64\)"):
+        emtile.open_volume(f"{pred}/labels/mask")[:]
+
+
+def test_damaged_hdf5_chunk(tmp_path, isbi_raw):
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "vol.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("raw", data=isbi_raw[:4], chunks=(1, 256, 256), compression="gzip")
+    with h5py.File(path, "r") as f:
+        info = f["raw"].id.get_chunk_info_by_coord((2, 256, 0))
+    data = bytearray(path.read_bytes())
+    data[info.byte_offset:info.byte_offset + info.size] = b"\xff" * info.size
+    path.write_bytes(bytes(data))
+    vol = emtile.open_volume(f"{path}/raw")
+    np.testing.assert_array_equal(vol[:2], isbi_raw[:2])
+    r = run_cli("convert", f"{path}/raw", tmp_path / "o.zarr", "--no-progress")
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert (f"Error: damaged input '{path}/raw': chunk 'chunk at (2, 256, 0) (file bytes "
+            f"{info.byte_offset}+{info.size})' (voxels z 2:3, y 256:512, x 0:256) cannot be "
+            "read") in r.output
+
+
+@pytest.mark.parametrize("command", ["info", "convert"])
+def test_not_an_hdf5_file_is_one_line(tmp_path, command):
+    pytest.importorskip("h5py")
+    (tmp_path / "fake.h5").write_text("not hdf5")
+    args = [tmp_path / "fake.h5"] + ([tmp_path / "o.zarr"] if command == "convert" else [])
+    r = run_cli(command, *args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip() == (f"Error: cannot open HDF5 file '{tmp_path / 'fake.h5'}': file "
+                                "signature not found (not an HDF5 file, or a damaged or truncated "
+                                "one)")
+
+
+def test_damaged_chunk_error_crosses_processes_whole(damaged_store):
+    """Pickled (Dask, multiprocessing) it keeps store, key and region; torch's DataLoader
+    re-raises it from its message, which must come back as the same one line."""
+    import pickle
+
+    vol = emtile.open_volume(damaged_store)
+    with pytest.raises(emtile.volume.DamagedChunkError) as exc:
+        vol[2:4]
+    again = pickle.loads(pickle.dumps(exc.value))
+    assert (str(again), again.store, again.key, again.region) == \
+        (str(exc.value), exc.value.store, exc.value.key, exc.value.region)
+
+
+def _read_all(spec):
+    return emtile.open_volume(spec)[:].sum()
+
+
+def test_damaged_chunk_from_a_process_pool_and_dask(damaged_store):
+    import concurrent.futures
+    import multiprocessing
+
+    import dask
+    import dask.array as da
+
+    with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(emtile.volume.DamagedChunkError) as exc:
+            pool.submit(_read_all, str(damaged_store)).result()
+    assert str(exc.value).startswith(DAMAGED.format(store=damaged_store))
+    assert exc.value.key == "0/c/1/1/0"
+    vol = emtile.open_volume(damaged_store)
+    lazy = da.from_array(vol, chunks=vol.chunks, asarray=True)
+    with pytest.raises(EmtileError, match=re.escape(DAMAGED.format(store=damaged_store))):
+        dask.compute(lazy.sum(), scheduler="processes", num_workers=1)
+
+
+def test_damaged_chunk_from_a_dataloader_worker_is_the_same_line(damaged_store):
+    torch = pytest.importorskip("torch")
+
+    class Slices(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, z):
+            return torch.from_numpy(emtile.open_volume(damaged_store)[z].copy())
+
+    loader = torch.utils.data.DataLoader(Slices(), batch_size=2, num_workers=1)
+    with pytest.raises(EmtileError) as exc:
+        list(loader)
+    message = str(exc.value)
+    assert message.startswith(DAMAGED.format(store=damaged_store))
+    assert "\n" not in message and "Traceback" not in message
+    r = CliRunner().invoke(main, ["info", str(damaged_store)])  # info reads no data: fine
+    assert r.exit_code == 0
+
+    class Refuses(torch.utils.data.Dataset):  # any user error raised in a worker: the same
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise EmtileError("labels must be binary (0/1, 0/255 or bool), but found 3 values")
+
+    with pytest.raises(EmtileError) as exc:
+        list(torch.utils.data.DataLoader(Refuses(), num_workers=1))
+    assert str(exc.value) == "labels must be binary (0/1, 0/255 or bool), but found 3 values"
+
+
+def test_checked_array_keeps_the_zarr_contract(tmp_path, isbi_raw):
+    import pickle
+
+    out = tmp_path / "v.zarr"
+    emtile.convert(_tif(tmp_path, isbi_raw[:3]), out, chunks=(1, 128, 128), progress=False)
+    vol = emtile.open_volume(out)
+    assert isinstance(vol, emtile.volume.CheckedArray)
+    assert (vol.shape, vol.dtype, vol.ndim, vol.chunks, vol.path) == \
+        ((3, 512, 512), np.uint8, 3, (1, 128, 128), "0")
+    assert "zstd" in str(vol.compressors[0])
+    np.testing.assert_array_equal(vol[1, ::7, -5:], isbi_raw[1, ::7, -5:])
+    np.testing.assert_array_equal(np.asarray(pickle.loads(pickle.dumps(vol))[2]), isbi_raw[2])
+
+
+# ------------------------------------------------------------------ incomplete inputs
+
+
+def test_incomplete_emtile_store_is_refused_as_input_but_described(tmp_path):
+    out = tmp_path / "half.zarr"
+    group = emtile.store.create_image(out, (2, 8, 8), np.uint8)
+    group["0"][0] = 7
+    for path in (out, out / "0"):
+        with pytest.raises(EmtileError, match=r"half\.zarr.*' is an emtile store whose writer has "
+                                              r"not finished"):
+            emtile.open_volume(path, require_complete=True)
+    r = run_cli("convert", out, tmp_path / "o.zarr")
+    assert r.exit_code == 1 and "whose writer has not finished" in r.output
+    r = run_cli("info", out)
+    assert r.exit_code == 0 and "complete      NO" in r.output and "(2, 8, 8)" in r.output
+
+
+def test_info_on_a_store_killed_before_its_arrays(tmp_path):
+    out = tmp_path / "o.zarr"
+    zarr.open_group(str(out), mode="w-", zarr_format=3,
+                    attributes={"emtile": {"format": 1, "complete": False}})
+    r = run_cli("info", out)
+    assert r.exit_code == 0, r.output
+    assert "shape         -" in r.output and "complete      NO" in r.output
+
+
+# ------------------------------------------------------------------ content token
+
+
+def test_content_token_notices_a_chunk_rewritten_in_place(tmp_path, isbi_raw):
+    import os
+
+    out = tmp_path / "v.zarr"
+    emtile.convert(_tif(tmp_path, isbi_raw[:4]), out, chunks=(1, 256, 256), progress=False)
+    token = emtile.volume.content_token(out)
+    emtile.open_volume(out)[:]  # reading changes nothing
+    assert emtile.volume.content_token(out) == token
+    assert emtile.volume.content_token(str(out) + "/") == token
+    chunk = out / "0" / "c" / "2" / "1" / "1"
+    st = chunk.stat()
+    time.sleep(0.01)
+    zarr.open_array(out / "0", mode="r+")[2, 256:, 256:] = 7  # zarr rewrites it in place
+    os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its mtime put back
+    assert emtile.volume.content_token(out) != token
+    token = emtile.volume.content_token(out)
+    (out / "1").mkdir()  # another level is not the array read
+    (out / "1" / "x").write_bytes(b"1")
+    assert emtile.volume.content_token(out) == token
+    damage(chunk)  # same size, same name: still noticed
+    assert emtile.volume.content_token(out) != token
+
+
+def test_content_token_of_files(tmp_path, isbi_raw):
+    tif = _tif(tmp_path, isbi_raw[:2])
+    token = emtile.volume.content_token(tif)
+    assert emtile.volume.content_token(tif) == token
+    time.sleep(0.01)
+    tif.write_bytes(tif.read_bytes())
+    assert emtile.volume.content_token(tif) != token
+    with pytest.raises(EmtileError, match="does not exist"):
+        emtile.volume.content_token(tmp_path / "nope.tif")

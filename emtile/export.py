@@ -1,0 +1,421 @@
+"""``emtile export``: a model folder as a bioimage.io model package (format 0.5).
+
+The package is a zip in the community's exchange format for trained models (bioimage.io), checked
+by ``bioimageio.core``'s ``test_model`` in emtile's tests:
+
+* ``rdf.yaml``, the model description, built and validated with ``bioimageio.spec``: the tensors
+  of :mod:`emtile.package` (the valid-convolution geometry exactly: input sizes
+  ``min + n * 2**depth``, output sizes the input's minus ``2 * halo``; emtile's input scaling and
+  the sigmoid), authors,
+  licence, citations (the U-Net paper; the ISBI 2012 data unless told otherwise), and the
+  training metadata (``metadata.json``) under ``config.emtile`` and as an attachment;
+* ``weights.pt``: the state dict saved by ``torch.save`` (tensors only, so it loads with
+  ``torch.load(weights_only=True)``), architecture ``emtile.unet.UNet`` with the model's
+  arguments; optionally ``weights.torchscript.pt``, traced;
+* ``test_input.npy`` / ``test_output.npy``: a crop of a real slice, of a valid size, and the
+  model's float32 probabilities for it (what ``bioimageio.core`` checks the package against);
+  the same as TIFF sample tensors and a 2:1 cover image;
+* ``README.md``, written from the model's metadata.
+
+Writing needs the ``bioimageio`` extra (``pip install 'emtile[bioimageio]'``); reading a package
+back (:func:`emtile.unet.load_model`) needs nothing beyond emtile. The zip is written next to its
+destination and moved there only once it is complete and reads back, through emtile's own reader,
+to a model that reproduces the test output.
+"""
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from emtile._errors import EmtileError
+from emtile.package import INPUT_ID, OUTPUT_ID, input_description, is_package, output_description
+
+__all__ = ["export_model", "ExportResult"]
+
+DEFAULT_AUTHOR = "emtile contributors"
+TEST_OUTPUT = 64  # the test crop is the smallest valid input whose output is at least this wide
+CITE_UNET = {"text": "Ronneberger O, Fischer P, Brox T (2015). U-Net: Convolutional Networks for "
+                     "Biomedical Image Segmentation. MICCAI 2015, LNCS 9351, 234-241.",
+             "doi": "10.1007/978-3-319-24574-4_28"}
+CITE_ISBI = [
+    {"text": "Arganda-Carreras I, Turaga SC, Berger DR, et al. (2015). Crowdsourcing the creation "
+             "of image segmentation algorithms for connectomics. Front. Neuroanat. 9:142 (the "
+             "ISBI 2012 challenge data).", "doi": "10.3389/fnana.2015.00142"},
+    {"text": "Cardona A, Saalfeld S, Preibisch S, et al. (2010). An integrated micro- and "
+             "macroarchitectural analysis of the Drosophila brain by computer-assisted serial "
+             "section electron microscopy. PLoS Biol 8(10): e1000333 (the ISBI 2012 images).",
+     "doi": "10.1371/journal.pbio.1000333"},
+]
+TAGS = ["emtile", "unet", "2d", "pytorch", "electron-microscopy", "semantic-segmentation"]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote."""
+
+    path: str
+    format_version: str
+    min_size: int
+    step: int
+    halo: int
+    test_input: tuple  # (Y, X) of the test crop
+    test_output: tuple
+    sample: str  # where the test crop comes from
+    weights: tuple  # weight formats written
+
+    def __str__(self):
+        return (f"{self.path}: bioimage.io model {self.format_version}, input {self.min_size} + "
+                f"n*{self.step} per axis, output = input - {2 * self.halo}; test tensors "
+                f"{'x'.join(map(str, self.test_input))} -> {'x'.join(map(str, self.test_output))} "
+                f"({self.sample}); weights {', '.join(self.weights)}")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _spec():
+    try:
+        import bioimageio.spec  # noqa: F401
+    except ImportError:
+        raise EmtileError("emtile export needs bioimageio.spec: pip install 'emtile[bioimageio]'"
+                          ) from None
+    from bioimageio.spec.model import v0_5
+
+    return v0_5
+
+
+def _check_destination(path, overwrite):
+    path = Path(path)
+    if path.suffix.lower() != ".zip":
+        raise EmtileError(f"output={str(path)!r} must end in .zip (a bioimage.io package is a zip)")
+    if path.is_dir():
+        raise EmtileError(f"output={str(path)!r} is a folder; give a .zip file name")
+    if path.exists():
+        if not overwrite:
+            raise EmtileError(f"output={str(path)!r} exists; use --overwrite to replace it")
+        import zipfile
+
+        ours = zipfile.is_zipfile(path)
+        if ours:
+            with zipfile.ZipFile(path) as z:
+                ours = "rdf.yaml" in z.namelist()
+        if not ours:
+            raise EmtileError(f"output={str(path)!r} exists and is not a bioimage.io package; "
+                              f"emtile replaces only its own kind of file")
+    if not path.parent.is_dir():
+        raise EmtileError(f"output={str(path)!r}: the folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def _default_slice(meta):
+    """The first validation slice the model was trained with, else its first training slice."""
+    for key in ("val_slices", "train_slices"):
+        zs = meta.get(key)
+        if isinstance(zs, list) and zs and isinstance(zs[0], int):
+            return zs[0]
+    return 0
+
+
+def _test_crop(shape_map, sample, sample_slice, meta):
+    """A centred crop of one slice of ``sample``, of the smallest valid size whose output is at
+    least ``TEST_OUTPUT`` wide (context mirrored if the image is smaller) -> (crop, description)."""
+    from emtile.geometry import read_window
+    from emtile.volume import open_volume
+
+    if sample is None:
+        sample = meta.get("raw")
+        if not isinstance(sample, str) or not Path(sample).exists():
+            raise EmtileError(f"no sample image for the test tensors: the model's metadata.json "
+                              f"records raw={sample!r}, which is not an existing volume; give "
+                              f"sample= (--sample VOLUME)")
+    arr = open_volume(sample)
+    if arr.ndim not in (2, 3) or np.dtype(arr.dtype).kind not in "biuf":
+        raise EmtileError(f"sample={str(sample)!r} has shape {tuple(arr.shape)} and dtype "
+                          f"{arr.dtype}; expected a (Z, Y, X) or (Y, X) volume of numbers")
+    z = _default_slice(meta) if sample_slice is None else sample_slice
+    if arr.ndim == 3 and (not isinstance(z, int) or not 0 <= z < arr.shape[0]):
+        raise EmtileError(f"sample_slice={z!r} is outside the sample's {arr.shape[0]} slices "
+                          f"(0 to {arr.shape[0] - 1})")
+    short = TEST_OUTPUT - shape_map.output_size(shape_map.min_size)  # valid: min + k * align
+    n = shape_map.min_size + shape_map.align * max(0, -(-short // shape_map.align))
+    start = [(s - n) // 2 for s in arr.shape[-2:]]
+    lead = [z] if arr.ndim == 3 else []  # only the window is read (mirrored past the border)
+    crop = read_window(arr, lead + start, [v + 1 for v in lead] + [a + n for a in start])
+    crop = crop.reshape(n, n)
+    where = f"slice {z} of {Path(sample).name}" if arr.ndim == 3 else Path(sample).name
+    return np.ascontiguousarray(crop), f"{n}x{n} crop of {where}"
+
+
+def _probabilities(net, crop):
+    """The model's float32 probabilities for ``crop`` (Y, X) -> (1, C, Y', X'), as emtile computes
+    them: :func:`~emtile.predictor.input_to_float`, the U-Net, a float32 sigmoid."""
+    import torch
+
+    from emtile.predictor import input_to_float
+
+    x = torch.from_numpy(input_to_float(crop)[None, None].copy())
+    with torch.inference_mode():
+        return torch.sigmoid(net.eval()(x).float()).numpy()
+
+
+# --------------------------------------------------------------------------- the files
+
+
+def _write_torchscript(net, crop, path):
+    """Trace the U-Net into ``path``; check the trace against the model at two valid sizes (the
+    crop and the smallest), so a size frozen into the trace cannot pass."""
+    import torch
+
+    from emtile.predictor import input_to_float
+
+    x = torch.from_numpy(input_to_float(crop)[None, None].copy())
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # tracing warns about its deprecation and the shape checks
+        traced = torch.jit.trace(net.eval(), x)
+        m = net.min_size
+        other = torch.rand(2, net.in_channels, m, m + net.align,
+                           generator=torch.Generator().manual_seed(0))
+        for t in (x, other):
+            if not torch.equal(traced(t), net(t)):
+                raise EmtileError("the traced TorchScript model differs from the U-Net; export "
+                                  "without --torchscript")
+        torch.jit.save(traced, str(path))
+
+
+def _cover(crop, probs, path):
+    """A 2:1 cover: the test crop beside the first output channel (grey, centred, black border)."""
+    from PIL import Image
+
+    from emtile.predictor import input_to_float
+
+    n = crop.shape[0]
+    left = np.clip(input_to_float(crop), 0, 1)
+    right = np.zeros((n, n), np.float32)
+    p = probs[0, 0]
+    o = (n - p.shape[0]) // 2
+    right[o:o + p.shape[0], o:o + p.shape[1]] = p
+    img = np.rint(np.concatenate([left, right], axis=1) * 255).astype(np.uint8)
+    Image.fromarray(img).save(path)
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)) and len(value) > 8:
+        return f"{value[0]}..{value[-1]} ({len(value)} values)"
+    return str(value)
+
+
+def _readme(*, name, description, net, meta, crop_info, test_in, test_out, cite_isbi, authors,
+            license):
+    """The package's README.md, written from the model's config and metadata."""
+    sm, cfg = net.shape_map, net.config
+    info = meta.get("emtile", meta) if isinstance(meta, dict) else {}
+    lines = [f"# {name}", "", description, "",
+             "Exported by emtile (`emtile export`) from a model folder; emtile reads this package "
+             "back with `emtile predict --model model.zip`.", "",
+             "## Architecture", "",
+             f"The valid-convolution U-Net of Ronneberger et al. (2015), `emtile.unet.UNet` with "
+             f"`{json.dumps(cfg)}` ({sum(p.numel() for p in net.parameters()):,} parameters). "
+             f"It returns logits; the package's post-processing applies the sigmoid.", "",
+             "## Input and output", "",
+             f"- input `{INPUT_ID}` (batch, channel, y, x): each spatial size must be "
+             f"{sm.min_size} + n * {sm.align} (n = 0, 1, ...; the valid sizes of a depth-"
+             f"{sm.depth} U-Net with unpadded 3x3 convolutions)",
+             f"- output `{OUTPUT_ID}` (batch, channel, y, x): each spatial size is the input's "
+             f"minus {2 * sm.halo}; output pixel (i, j) is the centre of the input, "
+             f"{sm.halo} pixels in from each side",
+             "- pre-processing: integer pixels divided by their dtype's maximum (uint8: x / 255) "
+             "in float32, as emtile does; post-processing: sigmoid",
+             f"- to predict a whole image, pad it by {sm.halo} pixels per side, mirroring "
+             f"(NumPy `reflect`, declared as the input's padding), up to a valid size, and keep "
+             f"origins of tiles on multiples of {sm.align} so that tiles agree exactly (emtile "
+             f"predict does this)", "",
+             f"Test tensors: a {crop_info} ({test_in} -> {test_out}).", ""]
+    lines += ["## Training", ""]
+    keys = ("raw", "labels", "train_slices", "val_slices", "iteration", "iterations", "seed",
+            "input_size", "output_size", "elapsed_s")
+    rows = [f"- {k}: {_fmt(info[k])}" for k in keys if k in info]
+    settings = info.get("settings")
+    if isinstance(settings, dict):
+        rows.append("- settings: " + ", ".join(f"{k}={_fmt(v)}"
+                                               for k, v in sorted(settings.items())))
+    calibration = info.get("calibration") if isinstance(info.get("calibration"), dict) else {}
+    if "offset" in calibration:
+        rows.append(f"- output calibration: logit offset {_fmt(calibration['offset'])} folded "
+                    f"into the last layer's bias")
+    lines += rows or ["The model folder records no training metadata."]
+    lines += ["", "The full record is `metadata.json` (also under `config.emtile.metadata` in "
+              "rdf.yaml).", "", "## Validation", ""]
+    metrics = info.get("metrics")
+    if isinstance(metrics, dict) and metrics:
+        lines.append(f"Scores at the saved iteration on the validation slices "
+                     f"{_fmt(info.get('val_slices', '?'))} (emtile's ISBI 2012 metrics):")
+        lines += [f"- {k}: {_fmt(v)}" for k, v in sorted(metrics.items())]
+        if isinstance(calibration.get("val_after"), dict):
+            lines += ["", "After the output calibration (the weights in this package):"]
+            lines += [f"- {k}: {_fmt(v)}" for k, v in sorted(calibration["val_after"].items())]
+    else:
+        lines.append("No validation scores were recorded for this model.")
+    lines += ["", "To validate it on new data: `emtile predict --model model.zip vol.zarr "
+              "pred.zarr`, then `emtile evaluate pred.zarr labels.zarr`.", "",
+              "## Citations", "", f"- {CITE_UNET['text']} doi:{CITE_UNET['doi']}"]
+    if cite_isbi:
+        lines += [f"- {c['text']} doi:{c['doi']}" for c in CITE_ISBI]
+    lines += ["", "## Authors and licence", "", ", ".join(authors) + f"; licence {license}.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the description
+
+
+def _build_description(m, files, *, name, description, net, meta, crop, authors, license,
+                       cite_isbi, torchscript):
+    """The validated ``bioimageio.spec`` ModelDescr of the files in the folder ``files``."""
+    import torch
+    from pydantic import ValidationError
+
+    from bioimageio.spec.common import FileDescr
+
+    sm, cfg = net.shape_map, net.config
+    info = meta.get("emtile", {}) if isinstance(meta, dict) else {}
+    inp = input_description(sm, channels=cfg["in_channels"], dtype=crop.dtype,
+                            normalization=info.get("normalization"))
+    out = output_description(sm, channels=cfg["out_channels"])
+    version = torch.__version__.split("+")[0]
+    weights = {"pytorch_state_dict": {
+        "source": files / "weights.pt", "pytorch_version": version,
+        "architecture": {"callable": "UNet", "import_from": "emtile.unet", "kwargs": cfg}}}
+    if torchscript:
+        weights["torchscript"] = {"source": files / "weights.torchscript.pt",
+                                  "pytorch_version": version, "parent": "pytorch_state_dict"}
+    try:
+        return m.ModelDescr(
+            name=name, description=description,
+            authors=[m.Author(name=a) for a in authors], license=license,
+            cite=[CITE_UNET] + (CITE_ISBI if cite_isbi else []), tags=TAGS,
+            documentation=FileDescr(source=files / "README.md"),
+            covers=[FileDescr(source=files / "cover.png")],
+            attachments=[FileDescr(source=files / "metadata.json")],
+            inputs=[m.InputTensorDescr(
+                **inp, description="EM image (one channel)",
+                test_tensor=FileDescr(source=files / "test_input.npy"),
+                sample_tensor=FileDescr(source=files / "sample_input.tif"))],
+            outputs=[m.OutputTensorDescr(
+                **out, description="probability of the foreground class (sigmoid)",
+                test_tensor=FileDescr(source=files / "test_output.npy"),
+                sample_tensor=FileDescr(source=files / "sample_output.tif"))],
+            weights=m.WeightsDescr(**weights),
+            config={"bioimageio": {"architecture_type": "UNet", "model_parameter_count":
+                                   sum(p.numel() for p in net.parameters())},
+                    "emtile": {"format": "emtile-unet", "version": 1, "unet": cfg,
+                               "geometry": {"min_size": sm.min_size, "step": sm.align,
+                                            "halo": sm.halo, "depth": sm.depth},
+                               "metadata": meta}})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise EmtileError(f"the bioimage.io description is not valid: {where}: "
+                          f"{err.get('msg')} (got {err.get('input')!r})") from None
+
+
+def export_model(model, path, *, sample=None, sample_slice=None, name=None, description=None,
+                 authors=None, license="MIT", cite_isbi=True, torchscript=False, overwrite=False):
+    """Write the model folder ``model`` as a bioimage.io model package (format 0.5) at ``path``.
+
+    Parameters
+    ----------
+    model : str or Path
+        A model folder written by ``emtile train`` or :func:`emtile.save_model`.
+    path : str or Path
+        The package to write, ending in ``.zip``.
+    sample : str or Path, optional
+        A volume (anything :func:`emtile.open_volume` opens, shape (Z, Y, X) or (Y, X)) to cut the
+        test input from; default: the raw volume the model was trained on (``metadata.json``).
+    sample_slice : int, optional
+        The slice of ``sample``; default: the model's first validation slice, else its first
+        training slice, else 0. The crop is centred, of the smallest valid size whose output is
+        at least 64 pixels wide.
+    name, description : str, optional
+        The package's name (letters, digits, spaces, ``_+-()``) and one-line description.
+    authors : list of str, optional
+        Default: ``["emtile contributors"]``.
+    license : str
+        SPDX identifier of the weights' licence (default MIT, emtile's).
+    cite_isbi : bool
+        Cite the ISBI 2012 data (Arganda-Carreras et al. 2015; Cardona et al. 2010) as the
+        training data (default); the U-Net paper is always cited.
+    torchscript : bool
+        Also write traced TorchScript weights.
+    overwrite : bool
+        Replace an existing package at ``path``.
+
+    Returns
+    -------
+    ExportResult
+    """
+    from emtile.package import load_package
+    from emtile.unet import load_metadata, load_model
+
+    m = _spec()
+    from bioimageio.spec import save_bioimageio_package
+
+    if is_package(model):
+        raise EmtileError(f"model={str(model)!r} is a bioimage.io package; export takes an emtile "
+                          f"model folder (config.json, model.safetensors)")
+    net = load_model(model)
+    meta = load_metadata(model)
+    path = _check_destination(path, overwrite)
+    if net.in_channels != 1:
+        raise EmtileError(f"the model has in_channels={net.in_channels}; emtile exports "
+                          f"single-channel models (its test input is one image slice)")
+    authors = list(authors) if authors else [DEFAULT_AUTHOR]
+    sm = net.shape_map
+    name = name or f"emtile U-Net depth {sm.depth} base {net.config['base']}"
+    description = description or (
+        f"Valid-convolution U-Net (Ronneberger et al. 2015) for 2-D electron-microscopy slices, "
+        f"trained with emtile: per-pixel foreground probabilities, {2 * sm.halo} pixels smaller "
+        f"than its input.")
+    crop, crop_info = _test_crop(sm, sample, sample_slice, meta.get("emtile", meta))
+    probs = _probabilities(net, crop)
+    import tifffile
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="emtile-export-") as tmp:
+        files = Path(tmp)
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, files / "weights.pt")
+        if torchscript:
+            _write_torchscript(net, crop, files / "weights.torchscript.pt")
+        np.save(files / "test_input.npy", crop[None, None])
+        np.save(files / "test_output.npy", probs)
+        tifffile.imwrite(files / "sample_input.tif", crop)
+        tifffile.imwrite(files / "sample_output.tif", probs[0])
+        _cover(crop, probs, files / "cover.png")
+        (files / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (files / "README.md").write_text(_readme(
+            name=name, description=description, net=net, meta=meta, crop_info=crop_info,
+            test_in=f"{crop.shape[0]}x{crop.shape[1]}",
+            test_out=f"{probs.shape[-2]}x{probs.shape[-1]}", cite_isbi=cite_isbi,
+            authors=authors, license=license))
+        descr = _build_description(m, files, name=name, description=description, net=net,
+                                   meta=meta, crop=crop, authors=authors,
+                                   license=license, cite_isbi=cite_isbi, torchscript=torchscript)
+        tmp_zip = path.with_name(path.name + ".tmp")
+        try:
+            save_bioimageio_package(descr, output_path=tmp_zip)
+            again = load_package(tmp_zip)  # emtile's own reader, as predict will use it
+            assert np.array_equal(_probabilities(again, crop), probs), "package does not reproduce"
+            os.replace(tmp_zip, path)
+        finally:
+            if tmp_zip.exists():
+                tmp_zip.unlink()
+    return ExportResult(path=str(path), format_version=str(descr.format_version),
+                        min_size=sm.min_size, step=sm.align, halo=sm.halo,
+                        test_input=tuple(crop.shape), test_output=tuple(probs.shape[-2:]),
+                        sample=crop_info, weights=("pytorch_state_dict",)
+                        + (("torchscript",) if torchscript else ()))

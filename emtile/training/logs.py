@@ -1,0 +1,100 @@
+"""Logging callbacks of the training loop: the run clock, ``train.csv``, TensorBoard, tqdm."""
+
+import csv
+from pathlib import Path
+
+from emtile.training.loop import Callback
+
+__all__ = ["CSV_COLUMNS", "Clock", "CSVLog", "TensorBoardLog", "ProgressBar"]
+
+CSV_COLUMNS = ("iteration", "loss", "lr", "val_loss", "val_pixel_error", "val_f1", "val_vrand",
+               "elapsed_s")
+
+
+class Clock(Callback):
+    """Puts the run's elapsed time (earlier sessions included) at ``state["elapsed"]()``."""
+
+    def __init__(self, elapsed):
+        self.elapsed = elapsed
+
+    def on_start(self, state):
+        state["elapsed"] = self.elapsed
+
+
+class CSVLog(Callback):
+    """``train.csv``: one row per iteration; a resumed run keeps the rows up to its start."""
+
+    def __init__(self, path, start):
+        self.path = Path(path)
+        rows = []
+        if start > 0 and self.path.exists():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
+        self.file = self.path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+
+    def on_row(self, state, row):
+        out = {k: "" for k in CSV_COLUMNS}
+        for k, v in row.items():
+            if k in out and v is not None:
+                # the loss exactly (repr round-trips), so runs can be compared bit for bit
+                out[k] = repr(v) if k == "loss" else f"{v:.6g}" if isinstance(v, float) else v
+        out["elapsed_s"] = f"{state['elapsed']():.2f}"
+        self.writer.writerow(out)
+        self.file.flush()
+
+    def on_end(self, state):
+        self.file.close()
+
+    on_interrupt = on_end
+
+
+class TensorBoardLog(Callback):
+    """Scalars to a TensorBoard folder (only if the ``tensorboard`` package is installed)."""
+
+    def __init__(self, directory):
+        from torch.utils.tensorboard import SummaryWriter  # ImportError without tensorboard
+
+        self.writer = SummaryWriter(str(directory))
+
+    def on_step(self, state, logs):
+        self.writer.add_scalar("train/loss", logs["loss"], logs["iteration"])
+        self.writer.add_scalar("train/lr", logs["lr"], logs["iteration"])
+
+    def on_validation(self, state, logs):
+        for k, v in logs.items():
+            if isinstance(v, (int, float)) and v is not None:
+                self.writer.add_scalar(f"val/{k[4:] if k.startswith('val_') else k}", v,
+                                       state["iteration"])
+
+    def on_end(self, state):
+        self.writer.close()
+
+    on_interrupt = on_end
+
+
+class ProgressBar(Callback):
+    """A tqdm bar: steps, the last loss and learning rate, the last validation's scores."""
+
+    def __init__(self, start, iterations):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=iterations, initial=start, unit="it", desc="train", dynamic_ncols=True)
+        self.val = {}
+
+    def on_step(self, state, logs):
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2g}", **self.val,
+                             refresh=False)
+
+    def on_validation(self, state, logs):
+        self.val = {k[4:]: f"{v:.4f}" for k, v in logs.items()
+                    if k in ("val_pixel_error", "val_vrand") and v is not None}
+
+    def on_end(self, state):
+        self.bar.close()
+
+    on_interrupt = on_end

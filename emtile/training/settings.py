@@ -1,0 +1,243 @@
+"""The settings of a training run: one typed, documented, checked object.
+
+:class:`TrainSettings` is what ``emtile train`` builds from its options, what
+:func:`emtile.train` takes (or builds from keyword arguments), what ``run.json`` and every
+checkpoint's ``metadata.json`` record under ``settings``, and what ``--resume`` checks against
+the run being continued. This module imports nothing heavy, so the command line can read its
+choices (:data:`OPTIMIZERS`, :data:`SCHEDULES`) without loading torch.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from numbers import Integral
+
+from emtile._errors import EmtileError
+from emtile.losses import LOSSES
+
+__all__ = ["TrainSettings", "OPTIMIZERS", "SCHEDULES", "MODEL_DEFAULTS", "jsonable"]
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine", "poly")
+#: The U-Net a new run builds when ``base``, ``depth`` or ``batch_norm`` is left as None.
+MODEL_DEFAULTS = {"base": 64, "depth": 4, "batch_norm": False}
+_SLICE_FIELDS = ("train_slices", "val_slices")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides what a training run computes.
+
+    Checked when built: a bad value raises :class:`emtile.EmtileError` naming it.
+
+    Attributes
+    ----------
+    train_slices, val_slices : slice, int or list of int
+        Slices to train on and to validate on (``slice(0, 25)``, ``[25, 27]``); ``val_slices``
+        None skips validation (``best`` is then the last model). Overlap gives a warning.
+    iterations : int
+        Total optimiser steps (a resumed run continues up to this number).
+    base, depth, batch_norm, dropout :
+        The :class:`emtile.unet.UNet` (None: :data:`MODEL_DEFAULTS`, 64, 4, off). On resume they
+        come from the checkpoint; giving a different value is an error.
+    bn_momentum : float
+        Momentum of the batch-norm running statistics (PyTorch's default is 0.1). With small
+        batches of augmented patches, 0.1 makes the statistics used at validation and prediction
+        follow the last ~10 patches: validation loss then swung 0.41 -> 0.72 -> 0.56 between
+        checks at a learning rate of 2e-5 in the ISBI run. 0.01 averages over ~100 patches.
+    freeze_bn : float or None
+        Fraction of the run after which batch norm is frozen (with ``batch_norm`` only): its
+        statistics are recomputed over ``FREEZE_BN_BATCHES`` (32) augmented training batches
+        with the current weights, then stay fixed, the optimiser's moments restart, and the rest
+        of the run trains the network as validation and prediction use it. Without it, a
+        network trained on batches of one patch learns to rely on each patch's own statistics,
+        which tiled prediction cannot use (on ISBI, validation V-Rand swung between 0.98 and
+        0.41 from one check to the next). Only models validated after the freeze compete for
+        ``best``. ``1.0`` or None: never.
+    tile : int
+        Training input patch size (a valid size for ``depth``); the label patch is the model's
+        output size for it (572 -> 388 at depth 4).
+    batch_size : int
+    lr, optimizer, momentum, weight_decay :
+        Base learning rate; ``"adam"`` or ``"sgd"`` (with ``momentum``, 0.99 as in the paper).
+    schedule, warmup :
+        ``"constant"``, ``"cosine"`` or ``"poly"`` (see :func:`emtile.training.loop.lr_factor`)
+        with ``warmup`` linear-ramp iterations (None: 2% of ``iterations``, at most 200).
+    loss : {"bce", "dice", "bce+dice"}
+        ``bce`` is weighted by the paper's map (class balance + ``w0``, ``sigma`` border term;
+        ``w0=0`` turns the border term off). ``class_balance`` is the exponent of the
+        inverse-frequency class weights: ``True``/1 balances the classes (the paper),
+        ``False``/0 turns class weights off, e.g. 0.5 balances halfway.
+    workers : int
+        DataLoader worker processes reading, augmenting and weighting patches (0: in-process).
+    device : {"auto", "cpu", "cuda", ...}
+    amp : bool, optional
+        Mixed precision: bfloat16 autocast of the forward pass (CUDA without bf16: float16 with
+        loss scaling). None: on with CUDA, off on CPU. On CPUs with AVX512-BF16 or AMX it is
+        much faster there too (2.6× per step on this project's 2-core Zen 4 machine).
+        Validation always predicts in float32, as ``emtile predict`` does by default.
+    clip : float, optional
+        Gradient-norm clipping.
+    val_every : int
+        Validate (and save ``last``) every this many iterations, and at the end (0: at the end).
+    val_tile : int or "auto", optional
+        Tile size of validation prediction (None: ``"auto"``, the predictor's choice).
+    seed : int
+        Seeds the model initialisation, dropout and the patch stream.
+    elastic, elastic_sigma, flip, intensity, noise, blur :
+        Augmentation switches (see :class:`emtile.augment.Augmenter`).
+    foreground : float, optional
+        Foreground balance of the patch sampler (see :class:`emtile.sampling.PatchDataset`).
+    channels_last : bool
+        Channels-last memory layout (faster convolutions on CPU).
+    calibrate : bool
+        At the end, fit one logit offset on the training slices so that threshold 0.5 gives
+        the lowest pixel error, and fold it into ``best``'s last-layer bias (see
+        :func:`emtile.training.calibration.calibrate_model`; ``last`` stays as trained, for
+        resuming). The record goes into ``best``'s metadata under ``calibration``.
+
+    Examples
+    --------
+    >>> s = TrainSettings(train_slices=slice(0, 25), val_slices=slice(25, 30), base=16)
+    >>> s.to_json()["train_slices"], s.model_args()
+    ('0:25', {'base': 16, 'depth': 4, 'batch_norm': False, 'dropout': 0.0})
+    >>> TrainSettings.from_json(s.to_json()) == s
+    True
+    """
+
+    train_slices: object
+    val_slices: object = None
+    iterations: int = 2000
+    base: int = None
+    depth: int = None
+    batch_norm: bool = None
+    dropout: float = 0.0
+    bn_momentum: float = 0.01
+    freeze_bn: float = 0.7
+    tile: int = 572
+    batch_size: int = 1
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int = None
+    loss: str = "bce"
+    w0: float = 10.0
+    sigma: float = 5.0
+    class_balance: float = True
+    workers: int = 1
+    device: str = "auto"
+    amp: bool = None
+    clip: float = None
+    val_every: int = 250
+    val_tile: object = None
+    seed: int = 0
+    elastic: bool = True
+    elastic_sigma: float = 10.0
+    flip: bool = True
+    intensity: bool = True
+    noise: float = 0.0
+    blur: float = 0.0
+    foreground: float = None
+    channels_last: bool = True
+    calibrate: bool = True
+
+    def __post_init__(self):
+        for name, lo in (("iterations", 1), ("batch_size", 1), ("workers", 0), ("val_every", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < lo:
+                raise EmtileError(f"{name}={value!r} must be an integer >= {lo}")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("loss", self.loss, LOSSES)
+        if not _number(self.lr) or not self.lr > 0:
+            raise EmtileError(f"lr={self.lr!r} must be positive")
+        if not _number(self.bn_momentum) or not 0.0 < self.bn_momentum <= 1.0:
+            raise EmtileError(f"bn_momentum={self.bn_momentum!r} must be in (0, 1]")
+        freeze = self.freeze_bn
+        if freeze is not None and not (_number(freeze) and 0.0 <= freeze <= 1.0):
+            raise EmtileError(f"freeze_bn={self.freeze_bn!r} must be a fraction of the run in [0, 1] "
+                              "(e.g. 0.7; 1 or None: never)")
+        if not _number(self.class_balance) or not 0.0 <= float(self.class_balance) <= 1.0:
+            raise EmtileError(f"class_balance={self.class_balance!r} must be a bool or a number in "
+                              "[0, 1]")
+
+    # -- derived values
+
+    def model_args(self):
+        """The :class:`emtile.unet.UNet` arguments: ``base``, ``depth``, ``batch_norm``, ``dropout``
+        (None replaced by :data:`MODEL_DEFAULTS`)."""
+        out = {k: default if getattr(self, k) is None else getattr(self, k)
+               for k, default in MODEL_DEFAULTS.items()}
+        out["batch_norm"] = bool(out["batch_norm"])
+        return dict(out, dropout=self.dropout)
+
+    def with_model(self, config, *, source="the run being resumed"):
+        """These settings with the model fields of ``config`` (an existing model's arguments).
+
+        A field given here (not None) that differs from ``config`` is an error naming
+        ``source``; ``dropout`` is taken from ``config``.
+        """
+        for k in MODEL_DEFAULTS:
+            value = getattr(self, k)
+            if value is not None and value != config[k]:
+                raise EmtileError(f"{k}={value!r} differs from {source} ({k}={config[k]!r}); "
+                                  "leave it out or start a new run")
+        return dataclasses.replace(self, base=config["base"], depth=config["depth"],
+                                   batch_norm=bool(config["batch_norm"]),
+                                   dropout=config.get("dropout", self.dropout))
+
+    def warmup_steps(self):
+        """Linear warm-up iterations: ``warmup``, or 2% of ``iterations`` (at most 200)."""
+        return min(200, self.iterations // 50) if self.warmup is None else int(self.warmup)
+
+    def freeze_step(self):
+        """The step after which batch norm is frozen, or None (never, or no batch norm)."""
+        if self.freeze_bn is None or self.freeze_bn >= 1.0 or not self.model_args()["batch_norm"]:
+            return None
+        return int(round(self.freeze_bn * self.iterations))
+
+    # -- run.json
+
+    def to_json(self):
+        """A JSON-ready dict of every field (slices as ``"start:stop"`` text)."""
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data):
+        """Settings from :meth:`to_json`'s dict (e.g. ``run.json["settings"]``); unknown keys
+        (from other emtile versions) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        for k in _SLICE_FIELDS:
+            if isinstance(values.get(k), str):
+                start, _, stop = values[k].partition(":")
+                values[k] = slice(int(start) if start else None, int(stop) if stop else None)
+        return cls(**values)
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise EmtileError(f"{name}={value!r} is not supported: choose one of {', '.join(allowed)}")
+
+
+def _number(value):
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def jsonable(v):
+    """A setting's or a score's value as JSON: slices as ``"start:stop"``, ranges and tuples as lists,
+    NumPy scalars as numbers; anything else JSON cannot hold as its ``repr``."""
+    if isinstance(v, slice):
+        return f"{'' if v.start is None else v.start}:{'' if v.stop is None else v.stop}"
+    if isinstance(v, (range, tuple, list)):
+        return [jsonable(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (bool, int, float, str)):  # NumPy scalars
+        return v.item()
+    if v is not None and not isinstance(v, (bool, int, float, str, dict)):
+        return repr(v)
+    return v
