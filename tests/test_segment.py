@@ -387,6 +387,22 @@ def test_block_invariance_3d(tmp_path, isbi_labels, method):
         np.testing.assert_array_equal(labels, whole, err_msg=str(block))
 
 
+def test_block_invariance_on_a_local_cluster(tmp_path, isbi_labels):
+    """The same labels from two Dask worker processes (blocks in any order, any worker) as from
+    one block in this process."""
+    from emtile.distributed import start_cluster
+
+    p = boundary_map(isbi_labels[:2, :150, :180], noise=0.15)
+    whole, _ = run(tmp_path, p, "whole.zarr", method="ws", min_size=20, block_size=p.shape)
+    with start_cluster("local", workers=2) as (client, _):
+        for block in [(1, 64, 64), (2, 47, 101)]:
+            out = tmp_path / f"c{block[1]}.zarr"
+            r = segment(str(tmp_path / "pred.zarr"), str(out), method="ws", min_size=20,
+                        block_size=block, client=client, progress=False)
+            assert r.blocks > 5 and is_complete(out)
+            np.testing.assert_array_equal(read_labels(out), whole, err_msg=str(block))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["cc", "ws"])
 def test_block_invariance_isbi_size(tmp_path, isbi_labels, method):
@@ -410,25 +426,27 @@ def test_float_probabilities(tmp_path, isbi_labels):
 # --------------------------------------------------------------------------- resume
 
 
-def _segment_in_subprocess(pred, out, crash, **kw):
+def _segment_in_subprocess(pred, out, fault, **kw):
     code = ("import sys, json; from emtile.segmenter import segment; "
             "segment(sys.argv[1], sys.argv[2], progress=False, **json.loads(sys.argv[3]))")
-    env = dict(os.environ, _EMTILE_TEST_CRASH=crash)
+    env = dict(os.environ, _EMTILE_FAULTS=fault)
     return subprocess.run([sys.executable, "-c", code, str(pred), str(out), json.dumps(kw)],
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("crash", ["done1:3", "done2:5", "done2:4:before-marker", "done3:2"])
+@pytest.mark.parametrize("crash", ["labels.recorded@3", "fragments.recorded@5",
+                                   "fragments.written@4", "write.recorded@2"])
 def test_resume_after_kill(tmp_path, isbi_labels, monkeypatch, crash):
+    """A run killed after N blocks of a pass were recorded (or after the N-th block's data was
+    written, before it was recorded) finishes only what is missing, with the same labels."""
     p = boundary_map(isbi_labels[:2, :120, :150])
     pred = write_pred(tmp_path / "pred.zarr", p)
     opts = dict(method="ws", min_size=20, block_size=[1, 40, 50])
     ref = segment(pred, tmp_path / "ref.zarr", progress=False, **opts)
     out = tmp_path / "seg.zarr"
-    r = _segment_in_subprocess(pred, out, crash, **opts)
+    r = _segment_in_subprocess(pred, out, f"segment.{crash}=kill", **opts)
     assert r.returncode == -9, r.stderr
     assert out.exists() and not is_complete(out)
-    assert not emtile.info(out)["complete"] if isinstance(emtile.info(out), dict) else True
     # the re-run computes only what is missing
     from emtile.segmenter import blocks as blocks_module
     from emtile.segmenter import driver
@@ -449,9 +467,10 @@ def test_resume_after_kill(tmp_path, isbi_labels, monkeypatch, crash):
     np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "ref.zarr"))
     assert result.objects == ref.objects
     n = result.blocks
-    done_pass, count = crash.split(":")[:2]
-    expect_skipped = int(count) - (1 if "before-marker" in crash else 0)
-    order = ["done1", "done2", "done3"]
+    done_pass, count = crash.split("@")
+    done_pass, when = done_pass.split(".")
+    expect_skipped = int(count) - (1 if when == "written" else 0)
+    order = ["labels", "fragments", "write"]
     names = ["run_label_blocks", "run_fragment_blocks", "run_write_blocks"]
     k = order.index(done_pass)
     for j, name in enumerate(names):
@@ -473,7 +492,8 @@ def test_changed_options_start_over(tmp_path, isbi_labels):
     p = boundary_map(isbi_labels[:1, :80, :90])
     pred = write_pred(tmp_path / "pred.zarr", p)
     out = tmp_path / "seg.zarr"
-    r = _segment_in_subprocess(pred, out, "done2:2", method="cc", block_size=[1, 30, 30])
+    r = _segment_in_subprocess(pred, out, "segment.fragments.recorded@2=kill", method="cc",
+                               block_size=[1, 30, 30])
     assert r.returncode == -9
     # another threshold: the interrupted store is not resumed but replaced
     result = segment(pred, out, method="cc", block_size=[1, 30, 30], threshold=0.6,
@@ -593,7 +613,7 @@ def test_existing_output_and_output_inside_input(tmp_path, pred8):
         segment(pred8, out, progress=False)
     assert is_complete(out)
     segment(pred8, out, progress=False, overwrite=True)
-    with pytest.raises(EmtileError, match=r"overlaps the prediction"):
+    with pytest.raises(EmtileError, match=r"lies inside the input"):
         segment(pred8, tmp_path / "pred.zarr" / "seg", progress=False)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emtile import _faults
 from emtile.segmenter import kernels
 
 __all__ = ["SegmentJob", "SegmentPlan", "run_label_blocks", "run_fragment_blocks",
@@ -191,8 +192,20 @@ def _check_values(p, job, start):
 
 
 def _done(job, name, ids):
-    """Which of ``ids`` the markers ``name`` record as done (a retry or a re-run skips them)."""
-    return np.asarray(_open(job)["temp"][name][:])[np.asarray(ids, np.int64)] != 0
+    """Which of ``ids`` the markers ``name`` record as done (a retry or a re-run skips them).
+
+    Reads only the span of markers the ids cover. The driver may be rewriting a marker chunk at
+    this moment: a read that fails counts as "not done" (the block is computed again, giving
+    the same bytes)."""
+    ids = np.asarray(ids, np.int64)
+    if not ids.size:
+        return np.zeros(0, bool)
+    lo, hi = int(ids.min()), int(ids.max()) + 1
+    try:
+        flags = np.asarray(_open(job)["temp"][name][lo:hi])
+    except Exception:  # a chunk being rewritten by the driver
+        return np.zeros(ids.size, bool)
+    return flags[ids - lo] != 0
 
 
 # --------------------------------------------------------------------------- pass 1: labels
@@ -222,6 +235,7 @@ def run_label_blocks(job, block_ids):
                                         axes=job.axes, sampling=job.sampling)
             seeds, n_seeds = kernels.label_components(peaks[own], axes=job.axes)
             _array(job, "seeds")[_sl(start, stop)] = seeds
+        _faults.point("segment.labels.written")  # test-only: written, not yet reported
         out.append((n_cells, n_seeds))
     return out
 
@@ -295,6 +309,7 @@ def run_fragment_blocks(job, block_ids):
         stored[~inside[own]] |= BOUNDARY_BIT
         _array(job, "fragments")[_sl(start, stop)] = stored
         _write_record(temp, i, pairs=pairs, stats=stats, edges=edges)
+        _faults.point("segment.fragments.written")  # test-only: written, not yet reported
         out.append((len(pairs), len(stats), len(edges)))
     return out
 
@@ -367,5 +382,6 @@ def run_write_blocks(job, block_ids):
             out_arr[start[1]:stop[1], start[2]:stop[2]] = labels[0]
         else:
             out_arr[_sl(start, stop)] = labels
+        _faults.point("segment.write.written")  # test-only: written, not yet reported
         out.append(int(np.count_nonzero(labels)))
     return out

@@ -14,15 +14,15 @@ records in the store (it is deterministic), so the labels are identical to an un
 import hashlib
 import json
 import os
-import signal
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from emtile import _faults
 from emtile._errors import EmtileError
+from emtile.markers import BlockMarkers
 from emtile.segmenter import blocks, kernels
 from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
 from emtile.segmenter.graph import number_objects
@@ -34,9 +34,12 @@ MODES = ("auto", "2d", "3d")
 DEFAULTS = {"method": "ws", "threshold": 0.9, "min_size": 0, "merge_threshold": 0.3,
             "grow": 16, "seed_cap": 12, "seed_radius": 2, "interior_rounds": 24}
 BLOCK_PX = 2**22  # pixels per default block
-_FLUSH_EVERY = 64  # results buffered before counts and markers are written
+_FLUSH_EVERY = 64  # results buffered before counts and markers are written (or _FLUSH_S)
+_FLUSH_S = 2.0
+PASSES = ("done1", "done2", "done3")  # the markers of the three passes
+_PASS_NAMES = {"done1": "labels", "done2": "fragments", "done3": "write"}
+_RESUME = "run the same command again to resume"
 _TABLE_CHUNK = 2**18
-_CRASH_ENV = "_EMTILE_TEST_CRASH"
 UINT32_IDS = int(np.iinfo(np.uint32).max)  # more objects than this: uint64 labels
 
 
@@ -61,73 +64,6 @@ class SegmentResult:
         return (f"{self.output}: {self.objects} objects, {self.shape} {self.dtype}, method "
                 f"{self.method}, mode {self.mode}, {self.blocks} blocks of {block}, "
                 f"{self.seconds:.1f} s")
-
-
-# --------------------------------------------------------------------------- stand-ins
-# STAND-IN for emtile.distributed.map_blocks and emtile.markers.BlockMarkers (being written on
-# main); same signatures, local only. Replace with the real ones when they land.
-
-
-def _map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2, progress=True,
-                desc="blocks", voxels_per_block=None, on_result=None):
-    """Stand-in: ``fn(job, ids) -> [result per id]`` over ``block_ids`` in this process."""
-    from tqdm.auto import tqdm
-
-    if client is not None:
-        raise EmtileError("--cluster is not available yet")
-    ids = list(block_ids)
-    with tqdm(total=len(ids), desc=desc, unit="block", disable=not progress) as bar:
-        for k in range(0, len(ids), blocks_per_task):
-            chunk = ids[k:k + blocks_per_task]
-            for attempt in range(retries + 1):
-                try:
-                    results = fn(job, chunk)
-                    break
-                except EmtileError:
-                    raise
-                except Exception as exc:
-                    if attempt == retries:
-                        raise EmtileError(f"{desc}: block {chunk[0]} failed after {retries + 1} "
-                                          f"attempts: {exc!r}") from exc
-            for i, r in zip(chunk, results):
-                if on_result is not None:
-                    on_result(i, r)
-            bar.update(len(chunk))
-
-
-class _BlockMarkers:
-    """Stand-in: done-markers of a plan in a uint8 Zarr array, written only by the driver."""
-
-    def __init__(self, array):
-        self.array = array
-        self._done = np.asarray(array[:]) != 0
-        self._dirty = []
-
-    @classmethod
-    def create(cls, group, name, n_blocks):
-        arr = group.create_array(name, shape=(n_blocks,), chunks=(min(n_blocks, 2**16),),
-                                 dtype="uint8", fill_value=0, compressors=None)
-        return cls(arr)
-
-    @classmethod
-    def open(cls, group, name):
-        try:
-            return cls(group[name])
-        except (KeyError, FileNotFoundError):
-            return None
-
-    def done(self):
-        return self._done.copy()
-
-    def record(self, ids):
-        self._done[np.asarray(ids, np.int64)] = True
-        self._dirty.extend(int(i) for i in np.atleast_1d(ids))
-
-    def flush(self):
-        if self._dirty:
-            lo, hi = min(self._dirty), max(self._dirty) + 1
-            self.array[lo:hi] = self._done[lo:hi].astype(np.uint8)
-            self._dirty = []
 
 
 # --------------------------------------------------------------------------- input
@@ -209,17 +145,6 @@ def _ngff_transforms(attrs, ndim):
     return voxel, translation
 
 
-def _input_token(path):
-    """Path and file stamps of the prediction's metadata documents: a cheap content token."""
-    p = Path(path)
-    files = [f for f in (p / "zarr.json", p / "0" / "zarr.json", p) if f.exists()]
-    token = [str(p.resolve())]
-    for f in files[:2]:
-        st = os.stat(f)
-        token.append([f.name, st.st_size, st.st_mtime_ns, st.st_ino])
-    return token
-
-
 # --------------------------------------------------------------------------- options
 
 
@@ -273,13 +198,6 @@ def _check_block(block_size, shape, mode):
     return tuple(min(b, n) for b, n in zip(block, shape3))
 
 
-def _check_output_is_not_input(pred_path, output):
-    inp, out = Path(os.path.realpath(pred_path)), Path(os.path.realpath(output))
-    if out == inp or out in inp.parents or inp in out.parents:
-        raise EmtileError(f"output {str(output)!r} overlaps the prediction {pred_path!r}: "
-                          f"choose an output path outside it")
-
-
 # --------------------------------------------------------------------------- the store
 
 
@@ -299,9 +217,9 @@ def _resumable(group, fingerprint, n_blocks):
         return False
     try:
         temp = group[TEMP]
-        return all(temp[name].shape == (n_blocks,) for name in ("done1", "done2", "done3"))
     except (KeyError, FileNotFoundError):
         return False
+    return all(BlockMarkers.open(temp, n_blocks, name=name) is not None for name in PASSES)
 
 
 def _create_output(job, pred, plan, *, settings, fingerprint):
@@ -336,8 +254,8 @@ def _create_output(job, pred, plan, *, settings, fingerprint):
     rows = min(n, 2**14)
     temp.create_array("counts", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
     temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
-    for name in ("done1", "done2", "done3"):  # last: their presence means the set-up finished
-        _BlockMarkers.create(temp, name, n)
+    for name in PASSES:  # last: their presence means the set-up finished
+        BlockMarkers.create(temp, n, name=name)
     return group
 
 
@@ -360,17 +278,21 @@ def _open_output(job, pred, plan, *, overwrite, settings, fingerprint):
 
 
 def _run_pass(fn, job, temp, name, *, progress, desc, client, on_result=None, flush=None):
-    """Run ``fn`` over the blocks that ``name`` does not record as done; record them.
+    """Run ``fn`` over the blocks that the markers ``name`` do not record as done; record them.
 
     ``on_result(i, result)`` keeps per-block data; ``flush()`` writes it, always before the
-    markers are flushed. Returns the number of blocks that were already done.
+    markers are flushed (every ``_FLUSH_EVERY`` blocks or ``_FLUSH_S`` seconds, and at the end).
+    Returns the number of blocks that were already done.
     """
-    markers = _BlockMarkers.open(temp, name)
-    todo = np.flatnonzero(~markers.done()).tolist()
+    from emtile import distributed, store
+
+    plan = SegmentPlan(job.shape, job.block)
+    markers = BlockMarkers.open(temp, len(plan), name=name, flush_every=float("inf"))
+    todo = np.flatnonzero(~markers.done())
     pending = []
-    every = max(1, min(_FLUSH_EVERY, len(todo) // 100))
-    crash = _crash_hook(name)
-    recorded = [0]
+    last = [time.monotonic()]
+    point = f"segment.{_PASS_NAMES[name]}.recorded"
+    faults = bool(os.environ.get(_faults.ENV))  # test-only: record every block at once
 
     def keep(i, result):
         if result is None:  # the block was already recorded (a retry found it done)
@@ -378,41 +300,34 @@ def _run_pass(fn, job, temp, name, *, progress, desc, client, on_result=None, fl
         if on_result is not None:
             on_result(i, result)
         pending.append(i)
-        if crash and crash[1] and recorded[0] + len(pending) >= crash[0]:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: data written, not recorded
-        if len(pending) >= every:
+        if len(pending) >= _FLUSH_EVERY or time.monotonic() - last[0] >= _FLUSH_S or faults:
             write()
 
     def write():
-        if flush is not None:
-            flush()
-        markers.record(pending)
-        markers.flush()
-        recorded[0] += len(pending)
+        with store.write_errors(job.output, then=_RESUME):
+            if flush is not None:
+                flush()
+            markers.record(pending)
+            markers.flush()
+        for _ in pending:
+            _faults.point(point)  # test-only: the driver killed after recording blocks
         pending.clear()
-        if crash and not crash[1] and recorded[0] >= crash[0]:
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: killed after recording
+        last[0] = time.monotonic()
 
-    n_done = markers.done().sum()
-    _map_blocks(fn, job, todo, client=client, progress=progress, desc=desc,
-                voxels_per_block=int(np.prod(job.block)), on_result=keep)
+    distributed.map_blocks(fn, job, iter(todo.tolist()), client=client, progress=progress,
+                           desc=desc, total=int(todo.size), on_result=keep,
+                           describe=lambda i: _describe(plan, i))
     write()
     missing = np.flatnonzero(~markers.done())
-    if missing.size:
+    if missing.size:  # every block was run: a bug, never a user error
         raise RuntimeError(f"internal error: {missing.size} blocks of {desc} were not recorded "
                            f"(first: {int(missing[0])}); the output is left incomplete")
-    return int(n_done)
+    return len(plan) - int(todo.size)
 
 
-def _crash_hook(name):
-    """Test-only, private: ``_EMTILE_TEST_CRASH=done2:N`` SIGKILLs the run once N blocks of that
-    pass are recorded; ``done2:N:before-marker`` once the N-th block's data is written, before
-    it is recorded. Unset (the only state outside emtile's own tests) it does nothing."""
-    value = os.environ.get(_CRASH_ENV, "")
-    parts = value.split(":")
-    if len(parts) < 2 or parts[0] != name:
-        return None
-    return int(parts[1]), parts[2:] == ["before-marker"]
+def _describe(plan, i):
+    start, stop = plan[i]
+    return f"block {i} (voxels {', '.join(f'{a}:{b}' for a, b in zip(start, stop))})"
 
 
 def _pass_labels(job, temp, *, progress, client):
@@ -422,10 +337,14 @@ def _pass_labels(job, temp, *, progress, client):
     def on_result(i, result):
         buffer[i] = result
 
-    def flush():
-        for i, row in sorted(buffer.items()):
-            counts[i] = np.asarray(row, np.int64)
-        buffer.clear()
+    def flush():  # one read-modify-write of the rows the buffered blocks span
+        if buffer:
+            lo, hi = min(buffer), max(buffer) + 1
+            rows = np.asarray(counts[lo:hi])
+            for i, row in buffer.items():
+                rows[i - lo] = row
+            counts[lo:hi] = rows
+            buffer.clear()
 
     _run_pass(blocks.run_label_blocks, job, temp, "done1", progress=progress,
               desc="segment 1/3 labels", client=client, on_result=on_result, flush=flush)
@@ -433,7 +352,10 @@ def _pass_labels(job, temp, *, progress, client):
     offsets = np.zeros_like(counts)
     offsets[1:, 0] = np.cumsum(counts[:-1, 0])
     offsets[:, 1] = counts[:, 0].sum() + np.concatenate([[0], np.cumsum(counts[:-1, 1])])
-    temp["offsets"][:] = offsets
+    from emtile import store
+
+    with store.write_errors(job.output, then=_RESUME):
+        temp["offsets"][:] = offsets
     return int(counts.sum()) + 1  # size of the provisional id space (0 included)
 
 
@@ -490,8 +412,11 @@ def _output_dtype(group, count, job):
 
 
 def _fingerprint(pred, settings):
+    from emtile.volume import content_token
+
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    return {"input": _input_token(pred.path), "settings": digest}
+    return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),
+            "settings": digest}
 
 
 def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
@@ -536,19 +461,22 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
     overwrite : bool
         Replace an existing output (and never resume an interrupted one).
     progress : bool
-    client : None
-        Reserved for the distributed layer (``--cluster``).
+    client : distributed.Client, optional
+        Run the blocks on this Dask cluster (:func:`emtile.distributed.map_blocks`); the
+        workers open the prediction and the output by path. None: in this process.
 
     Returns
     -------
     SegmentResult
     """
     t0 = time.perf_counter()
+    from emtile import store
+
     pred = _open_prediction(prediction)
     mode, shape3, block = _check_options(
         pred, method=method, mode=mode, threshold=threshold, min_size=min_size,
         merge_threshold=merge_threshold, grow=grow, block_size=block_size)
-    _check_output_is_not_input(pred.path, output)
+    store.check_output(output, inputs=[pred.path])
     sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
     job = SegmentJob(
         input=pred.path, output=str(output), shape=shape3, image_ndim=len(pred.shape),
@@ -559,21 +487,23 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
     plan = SegmentPlan(job.shape, job.block)
     settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold)
     fingerprint = _fingerprint(pred, settings)
-    group, _ = _open_output(job, pred, plan, overwrite=overwrite, settings=settings,
-                            fingerprint=fingerprint)
-    temp = group[TEMP]
-    n_ids = _pass_labels(job, temp, progress=progress, client=client)
-    _run_pass(blocks.run_fragment_blocks, job, temp, "done2", progress=progress,
-              desc="segment 2/3 fragments", client=client)
-    count = _global_step(job, temp, plan, n_ids, min_size=min_size,
-                         merge_threshold=merge_threshold)
-    dtype = _output_dtype(group, count, job)
-    resumed = _run_pass(blocks.run_write_blocks, job, temp, "done3", progress=progress,
-                        desc="segment 3/3 write", client=client)
-    from emtile import store
-
-    del group[TEMP]
-    store.mark_complete(group, objects=count)
+    with store.output_lock(output):
+        with store.write_errors(output, then=_RESUME):
+            group, _ = _open_output(job, pred, plan, overwrite=overwrite, settings=settings,
+                                    fingerprint=fingerprint)
+        temp = group[TEMP]
+        n_ids = _pass_labels(job, temp, progress=progress, client=client)
+        _run_pass(blocks.run_fragment_blocks, job, temp, "done2", progress=progress,
+                  desc="segment 2/3 fragments", client=client)
+        with store.write_errors(output, then=_RESUME):
+            count = _global_step(job, temp, plan, n_ids, min_size=min_size,
+                                 merge_threshold=merge_threshold)
+            dtype = _output_dtype(group, count, job)
+        resumed = _run_pass(blocks.run_write_blocks, job, temp, "done3", progress=progress,
+                            desc="segment 3/3 write", client=client)
+        with store.write_errors(output, then=_RESUME):
+            del group[TEMP]
+            store.mark_complete(group, objects=count)
     return SegmentResult(output=str(output), shape=pred.shape, dtype=str(dtype), objects=count,
                          method=method, mode=mode, block=block[3 - len(pred.shape):],
                          blocks=len(plan), blocks_resumed=resumed,
