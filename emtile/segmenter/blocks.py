@@ -84,8 +84,9 @@ class SegmentJob:
 
     @property
     def fragment_halo(self):
-        """Context pass 2 reads: every flood round one step, plus the face plane."""
-        return self._per_axis(self.rounds + 1)
+        """Context pass 2 reads: two steps per flood round (the rounds, then the check that
+        each key is carried back to its seed), plus the face plane."""
+        return self._per_axis(2 * self.rounds + 1)
 
 
 @dataclass(frozen=True)

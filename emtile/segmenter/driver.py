@@ -32,7 +32,7 @@ __all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
 METHODS = ("cc", "ws")
 MODES = ("auto", "2d", "3d")
 DEFAULTS = {"method": "ws", "threshold": 0.9, "min_size": 0, "merge_threshold": 0.3,
-            "grow": 16, "seed_cap": 12, "seed_radius": 2, "interior_rounds": 24}
+            "grow": 16, "seed_cap": 12, "seed_radius": 2, "interior_rounds": 40}
 BLOCK_PX = 2**22  # pixels per default block
 _FLUSH_EVERY = 64  # results buffered before counts and markers are written (or _FLUSH_S)
 _FLUSH_S = 2.0

@@ -99,3 +99,58 @@ def take_sources(key, labels, out, origin, shape, volume_shape):
         y = rest // row
         x = rest - y * row
         out[p] = labels[((z - origin[0]) * shape[1] + y - origin[1]) * shape[2] + x - origin[2]]
+
+
+@njit(cache=True)
+def keep_supported(key, domain, alt, rounds, shape, axes):
+    """Unset every domain pixel whose key is not carried by a chain of neighbours back to a
+    seed in the final state: ``key[q] == key[p] + step(q)`` along the chain (in place).
+
+    After the last round a pixel can hold a key whose path ran through a neighbour that a
+    better path reached in that same last round; such a label would be cut off from its seed.
+    A supported chain is at most ``rounds`` long (each link was set a round after the next), so
+    ``rounds`` breadth-first rounds from the seeds find every supported pixel. Returns the
+    number of pixels unset."""
+    n = key.size
+    ny, nx = shape[1], shape[2]
+    strides = (ny * nx, nx, 1)
+    sizes = (shape[0], ny, nx)
+    unset = np.int64(0x7FFFFFFFFFFFFFFF)
+    ok = np.zeros(n, np.bool_)
+    frontier = np.empty(n, np.int64)
+    nxt = np.empty(n, np.int64)
+    m = 0
+    for p in range(n):
+        if key[p] != unset and not domain[p]:
+            ok[p] = True
+            frontier[m] = p
+            m += 1
+    for _ in range(rounds):
+        k = 0
+        for f in range(m):
+            p = frontier[f]
+            coord = (p // strides[0], (p // strides[1]) % ny, p % nx)
+            for ax in range(3):
+                if not axes[ax]:
+                    continue
+                for d in (-1, 1):
+                    c = coord[ax] + d
+                    if c < 0 or c >= sizes[ax]:
+                        continue
+                    q = p + d * strides[ax]
+                    if ok[q] or not domain[q] or key[q] == unset:
+                        continue
+                    if key[q] == key[p] + ((np.int64(alt[q]) + 1) << COST_SHIFT):
+                        ok[q] = True
+                        nxt[k] = q
+                        k += 1
+        if k == 0:
+            break
+        frontier, nxt = nxt, frontier
+        m = k
+    dropped = 0
+    for p in range(n):
+        if domain[p] and key[p] != unset and not ok[p]:
+            key[p] = unset
+            dropped += 1
+    return dropped

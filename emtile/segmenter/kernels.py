@@ -140,10 +140,16 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
     at most ``rounds`` steps, ties going to the lower seed index. Steps cost more the higher the
     boundary probability, so fronts from two cells meet where the boundary peaks (the ridge a
     watershed follows). The extension keeps the order of keys, so once the rounds converge every
-    pixel's label is its cheapest neighbour's label: each label is connected to its seed. And
-    because each round looks one step away, the result at a pixel is a function of the pixels
-    within ``rounds`` steps, whatever the array around them. (An unbounded watershed is not
-    local: a label can travel along a valley of the boundary map arbitrarily far.)
+    pixel's key is carried by a neighbour's (same seed, one step cheaper): each label is
+    connected to its seed. When the last round still changed keys, a pixel can be left with a
+    key whose path ran through a neighbour that has since taken a better one; those pixels
+    (and any carried only by them) are unset, so labels stay connected.
+
+    Because each round looks one step away, the keys at a pixel are a function of the pixels
+    within ``rounds`` steps, and the check of a chain of at most ``rounds`` links needs the keys
+    along it: the result at a pixel is a function of the pixels within ``2 * rounds`` steps,
+    whatever the array around them. (An unbounded watershed is not local: a label can travel
+    along a valley of the boundary map arbitrarily far.)
 
     Parameters
     ----------
@@ -168,7 +174,7 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
     """
     if not 0 <= rounds <= MAX_ROUNDS:
         raise EmtileError(f"rounds={rounds} must be between 0 and {MAX_ROUNDS}")
-    from emtile.segmenter.flood import flood_rounds
+    from emtile.segmenter.flood import flood_rounds, keep_supported
 
     shape = seeds.shape
     key = np.full(shape, UNSET, np.int64)
@@ -178,9 +184,11 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
     if not seeds.any() or not domain.any():
         return key
     flat = key.reshape(-1)
-    flood_rounds(flat, np.ascontiguousarray(domain).reshape(-1),
-                 np.ascontiguousarray(alt, dtype=np.uint8).reshape(-1), int(rounds),
-                 np.array(shape, np.int64), np.array([ax in axes for ax in range(3)]))
+    args = (np.ascontiguousarray(domain).reshape(-1),
+            np.ascontiguousarray(alt, dtype=np.uint8).reshape(-1), int(rounds),
+            np.array(shape, np.int64), np.array([ax in axes for ax in range(3)]))
+    if flood_rounds(flat, *args) == rounds:  # still moving at the limit: keep only keys that
+        keep_supported(flat, *args)          # a chain of final keys carries back to a seed
     return key
 
 
