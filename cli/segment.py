@@ -67,6 +67,8 @@ def segment(pred, output, method, mode, threshold, min_size, merge_threshold, ke
                  merge_threshold=merge_threshold, keep_boundaries=keep_boundaries,
                  block_size=_block_size(block_size), grow=grow, overwrite=overwrite,
                  progress=not no_progress)
-    if result.blocks_resumed:
-        click.echo(f"resumed: {result.blocks_resumed} of {result.blocks} blocks were already done")
+    if any(result.blocks_resumed):
+        labels, fragments, write = result.blocks_resumed
+        click.echo(f"resumed: of {result.blocks} blocks, {labels} (labels), {fragments} "
+                   f"(fragments) and {write} (write) were already done")
     click.echo(str(result))

@@ -482,6 +482,7 @@ def test_resume_after_kill(tmp_path, isbi_labels, monkeypatch, crash):
     np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "ref.zarr"))
     assert result.objects == ref.objects
     n = result.blocks
+    assert ref.blocks_resumed == (0, 0, 0) and any(result.blocks_resumed)
     done_pass, count = crash.split("@")
     done_pass, when = done_pass.split(".")
     expect_skipped = int(count) - (1 if when == "written" else 0)

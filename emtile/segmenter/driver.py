@@ -55,7 +55,7 @@ class SegmentResult:
     mode: str
     block: tuple
     blocks: int
-    blocks_resumed: int  # blocks of the last pass already done by an earlier run
+    blocks_resumed: tuple  # blocks each pass (labels, fragments, write) found done already
     seconds: float
     settings: dict  # every option that shaped the labels (also in the store's attributes)
 
@@ -346,8 +346,9 @@ def _pass_labels(job, temp, *, progress, client):
             counts[lo:hi] = rows
             buffer.clear()
 
-    _run_pass(blocks.run_label_blocks, job, temp, "done1", progress=progress,
-              desc="segment 1/3 labels", client=client, on_result=on_result, flush=flush)
+    done = _run_pass(blocks.run_label_blocks, job, temp, "done1", progress=progress,
+                     desc="segment 1/3 labels", client=client, on_result=on_result,
+                     flush=flush)
     counts = np.asarray(counts[:])
     offsets = np.zeros_like(counts)
     offsets[1:, 0] = np.cumsum(counts[:-1, 0])
@@ -356,7 +357,7 @@ def _pass_labels(job, temp, *, progress, client):
 
     with store.write_errors(job.output, then=_RESUME):
         temp["offsets"][:] = offsets
-    return int(counts.sum()) + 1  # size of the provisional id space (0 included)
+    return int(counts.sum()) + 1, done  # size of the provisional id space (0 included)
 
 
 def _groups(job, plan):
@@ -492,19 +493,19 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
             group, _ = _open_output(job, pred, plan, overwrite=overwrite, settings=settings,
                                     fingerprint=fingerprint)
         temp = group[TEMP]
-        n_ids = _pass_labels(job, temp, progress=progress, client=client)
-        _run_pass(blocks.run_fragment_blocks, job, temp, "done2", progress=progress,
-                  desc="segment 2/3 fragments", client=client)
+        n_ids, done1 = _pass_labels(job, temp, progress=progress, client=client)
+        done2 = _run_pass(blocks.run_fragment_blocks, job, temp, "done2", progress=progress,
+                          desc="segment 2/3 fragments", client=client)
         with store.write_errors(output, then=_RESUME):
             count = _global_step(job, temp, plan, n_ids, min_size=min_size,
                                  merge_threshold=merge_threshold)
             dtype = _output_dtype(group, count, job)
-        resumed = _run_pass(blocks.run_write_blocks, job, temp, "done3", progress=progress,
-                            desc="segment 3/3 write", client=client)
+        done3 = _run_pass(blocks.run_write_blocks, job, temp, "done3", progress=progress,
+                          desc="segment 3/3 write", client=client)
         with store.write_errors(output, then=_RESUME):
             del group[TEMP]
             store.mark_complete(group, objects=count)
     return SegmentResult(output=str(output), shape=pred.shape, dtype=str(dtype), objects=count,
                          method=method, mode=mode, block=block[3 - len(pred.shape):],
-                         blocks=len(plan), blocks_resumed=resumed,
+                         blocks=len(plan), blocks_resumed=(done1, done2, done3),
                          seconds=time.perf_counter() - t0, settings=settings)
