@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": "emtile.cli.evaluate:evaluate",
     "show": "emtile.cli.show:show",
     "export": "emtile.cli.export:export",
+    "segment": "emtile.cli.segment:segment",
 }
 
 

@@ -24,6 +24,7 @@ _LAZY = {
     "evaluate": "emtile.metrics",
     "show": "emtile.plot",
     "export_model": "emtile.export",
+    "segment": "emtile.segmenter",
 }
 
 __all__ = ["EmtileError", "__version__", *_LAZY]

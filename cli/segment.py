@@ -1,0 +1,74 @@
+"""``emtile segment``: a probability map into labelled cells, block by block, into an OME-Zarr label
+image whose labels do not depend on the blocks."""
+
+import click
+
+from emtile.segmenter.driver import DEFAULTS
+
+
+def _block_size(text):
+    """``'1,1024,1024'`` -> a tuple; anything else is left to the library to refuse in one line."""
+    if text is None:
+        return None
+    from emtile import EmtileError
+
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise EmtileError(f"--block-size {text!r} is not a comma-separated list of whole "
+                          f"numbers, e.g. 1,1024,1024 (Z,Y,X)") from None
+
+
+@click.command()
+@click.argument("pred", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option("--method", default=DEFAULTS["method"], show_default=True,
+              type=click.Choice(["cc", "ws"]),
+              help="cc: connected components of the interior (p >= threshold), boundaries "
+                   "flooded from them. ws: seeds at the interior's distance maxima, a watershed "
+                   "on the boundary map into fragments, merged across faces whose mean boundary "
+                   "probability is at most --merge-threshold.")
+@click.option("--mode", default="auto", show_default=True,
+              type=click.Choice(["auto", "2d", "3d"]),
+              help="2d: each z-slice on its own (serial sections); 3d: connect through z. "
+                   "auto: 3d only for a stack predicted by a 3-D model.")
+@click.option("--threshold", default=DEFAULTS["threshold"], show_default=True, type=float,
+              help="Cell interior is p >= T (as emtile predict --threshold), T in [0, 1].")
+@click.option("--min-size", default=DEFAULTS["min_size"], show_default=True, type=int,
+              help="Objects of fewer interior pixels (p >= T) join the neighbour they share "
+                   "the largest face with (dropped if they have none).")
+@click.option("--merge-threshold", default=DEFAULTS["merge_threshold"], show_default=True,
+              type=float,
+              help="ws: merge neighbouring fragments while the mean boundary probability "
+                   "(1 - p) on their shared face is at most this, in [0, 1].")
+@click.option("--keep-boundaries", is_flag=True,
+              help="Leave boundary pixels (p < T) 0 instead of giving them to the cells.")
+@click.option("--block-size", default=None, metavar="Z,Y,X",
+              help="Block shape in pixels, one number per axis [default: about 4 M pixels; "
+                   "2d: whole slices up to 1024x1024]. The labels do not depend on it.")
+@click.option("--grow", default=DEFAULTS["grow"], show_default=True, type=int,
+              help="How far (pixels) labels are carried: boundary pixels further from every "
+                   "cell stay 0. It also sets the context each block reads.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing OUTPUT (an interrupted run then starts over).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+def segment(pred, output, method, mode, threshold, min_size, merge_threshold, keep_boundaries,
+            block_size, grow, overwrite, no_progress):
+    """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
+
+    Every cell gets its own id (1..N, 0 = background), uint32 or uint64; OUTPUT is an OME-Zarr
+    label image (NGFF image-label) with PRED's voxel size and position. The result is the same
+    for every block size. An interrupted run started again (same PRED and options, without
+    --overwrite) finishes the blocks that are missing.
+    """
+    from emtile.segmenter import segment as run
+
+    result = run(pred, output, method=method, mode=mode, threshold=threshold, min_size=min_size,
+                 merge_threshold=merge_threshold, keep_boundaries=keep_boundaries,
+                 block_size=_block_size(block_size), grow=grow, overwrite=overwrite,
+                 progress=not no_progress)
+    if any(result.blocks_resumed):
+        labels, fragments, write = result.blocks_resumed
+        click.echo(f"resumed: of {result.blocks} blocks, {labels} (labels), {fragments} "
+                   f"(fragments) and {write} (write) were already done")
+    click.echo(str(result))

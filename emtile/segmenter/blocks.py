@@ -1,0 +1,388 @@
+"""The job, the block plan and the three per-block passes of ``emtile segment``.
+
+A pass is a module-level function ``run_xxx_blocks(job, block_ids) -> [result per block]``: it
+opens what it needs (cached per process), skips blocks already recorded done, computes, writes
+whole chunks that no other block writes, and returns a small picklable result (None for a block
+it skipped). The driver (:mod:`emtile.segmenter.driver`) records blocks as done and runs the global
+step between the passes.
+
+Store layout (inside the output group, removed when the run completes)::
+
+    emtile_segment/cells      uint32   per-block labels of the interior components (pass 1)
+    emtile_segment/seeds      uint32   per-block labels of the watershed seeds (pass 1, ws)
+    emtile_segment/counts     int64 (n_blocks, 2)  labels per block (cells, seeds); driver-written
+    emtile_segment/offsets    int64 (n_blocks, 2)  first provisional id of each block's labels
+    emtile_segment/fragments  uint64   provisional fragment id per pixel (pass 2); bit 63 set on
+                                       boundary pixels (p < threshold)
+    emtile_segment/records/N  int64    block N's face pairs, fragment sizes and edges (pass 2)
+    emtile_segment/table      int64    provisional id -> output id (global step)
+    emtile_segment/done1..3   markers  blocks done per pass
+"""
+
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from emtile import _faults
+from emtile.segmenter import kernels
+
+__all__ = ["SegmentJob", "SegmentPlan", "run_label_blocks", "run_fragment_blocks",
+           "run_write_blocks", "read_records", "map_ids", "TEMP", "BOUNDARY_BIT"]
+
+TEMP = "emtile_segment"
+BOUNDARY_BIT = np.uint64(1 << 63)
+_ID_MASK = np.uint64((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """Everything a block needs: paths and every option that changes the output bytes.
+
+    Frozen and picklable (no arrays, no open stores). ``run`` is a token of the driver's run,
+    so per-process caches never outlive it.
+    """
+
+    input: str  # the probability array, as emtile.open_volume opens it
+    output: str  # the output group
+    shape: tuple  # (Z, Y, X); a 2-D image is (1, Y, X)
+    image_ndim: int  # 2 or 3: the input's own dimensions
+    block: tuple  # (Z, Y, X)
+    method: str  # "cc" or "ws"
+    mode: str  # "2d" or "3d"
+    threshold: float
+    grow: int  # rounds of the boundary flood
+    seed_cap: int  # ws: distance transform cap (pixels)
+    seed_radius: int  # ws: maxima box radius (pixels)
+    interior_rounds: int  # ws: rounds of the interior flood
+    sampling: tuple  # (z, y, x) voxel size relative to x
+    keep_boundaries: bool
+    run: str
+
+    @property
+    def axes(self):
+        """Axes along which pixels are neighbours."""
+        return (1, 2) if self.mode == "2d" else (0, 1, 2)
+
+    def _per_axis(self, pixels):
+        """``pixels`` steps along each neighbour axis (scaled by sampling for distances)."""
+        return tuple(pixels if ax in self.axes else 0 for ax in range(3))
+
+    @property
+    def label_halo(self):
+        """Context pass 1 reads: the seeds' distance cap plus the maxima box (ws), else none."""
+        if self.method != "ws":
+            return (0, 0, 0)
+        r = self.seed_cap + self.seed_radius
+        return tuple(int(math.ceil(r / self.sampling[ax] - 1e-9)) if ax in self.axes else 0
+                     for ax in range(3))
+
+    @property
+    def rounds(self):
+        return self.grow + (self.interior_rounds if self.method == "ws" else 0)
+
+    @property
+    def fragment_halo(self):
+        """Context pass 2 reads: two steps per flood round (the rounds, then the check that
+        each key is carried back to its seed), plus the face plane."""
+        return self._per_axis(2 * self.rounds + 1)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Regular blocks of ``block`` pixels over ``shape`` (the last ones cut by the edge).
+
+    ``len(plan)``, ``plan[i] -> (start, stop)``; nothing is materialised.
+    """
+
+    shape: tuple
+    block: tuple
+
+    @property
+    def counts(self):
+        return tuple(-(-n // b) for n, b in zip(self.shape, self.block))
+
+    def __len__(self):
+        return math.prod(self.counts)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        pos = np.unravel_index(i, self.counts)
+        start = tuple(int(p) * b for p, b in zip(pos, self.block))
+        stop = tuple(min(a + b, n) for a, b, n in zip(start, self.block, self.shape))
+        return start, stop
+
+    def read_box(self, i, halo):
+        """Block ``i`` grown by ``halo`` per axis, clipped to the volume."""
+        start, stop = self[i]
+        return (tuple(max(0, a - h) for a, h in zip(start, halo)),
+                tuple(min(n, b + h) for b, h, n in zip(stop, halo, self.shape)))
+
+    def overlapping(self, start, stop):
+        """``(block id, block start, block stop)`` of every block meeting the box."""
+        ranges = [range(a // b, (s - 1) // b + 1) for a, s, b in zip(start, stop, self.block)]
+        out = []
+        for pos in np.ndindex(*(len(r) for r in ranges)):
+            idx = tuple(r[p] for r, p in zip(ranges, pos))
+            i = int(np.ravel_multi_index(idx, self.counts))
+            out.append((i, *self[i]))
+        return out
+
+
+def _sl(start, stop):
+    return tuple(slice(a, b) for a, b in zip(start, stop))
+
+
+# --------------------------------------------------------------------------- per-process cache
+
+_CACHE = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _open(job):
+    """Input array, output group and its temporary arrays, opened once per process and run."""
+    key = (job.output, job.run)
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+        if found is None:
+            import zarr
+
+            from emtile.volume import open_volume
+
+            _CACHE.clear()  # one run at a time per process
+            group = zarr.open_group(job.output, mode="r+")
+            found = {"input": open_volume(job.input), "group": group, "temp": group[TEMP]}
+            _CACHE[key] = found
+        return found
+
+
+def _array(job, name):
+    """The temporary array ``name`` (or ``"0"``, the output), opened once per process and run.
+    The table is opened afresh: the driver rewrites it on a resumed run."""
+    cache = _open(job)
+    arrays = cache.setdefault("arrays", {})
+    if name not in arrays:
+        arrays[name] = cache["group"]["0"] if name == "0" else cache["temp"][name]
+    return arrays[name]
+
+
+def _offsets(job):
+    """First provisional id of each block's (cells, seeds) labels, read once per process."""
+    cache = _open(job)
+    if "offsets" not in cache:
+        cache["offsets"] = np.asarray(cache["temp"]["offsets"][:])
+    return cache["offsets"]
+
+
+def _read_p(job, start, stop):
+    arr = _open(job)["input"]
+    if job.image_ndim == 2:
+        return np.asarray(arr[start[1]:stop[1], start[2]:stop[2]])[None]
+    return np.asarray(arr[_sl(start, stop)])
+
+
+def _check_values(p, job, start):
+    if p.dtype.kind == "f" and not (np.all(p >= 0) and np.all(p <= 1)):
+        from emtile._errors import EmtileError
+
+        bad = p[~((p >= 0) & (p <= 1))].flat[0]
+        raise EmtileError(f"prediction {job.input!r} holds {bad} near {start}: a probability map "
+                          f"has values in [0, 1] (is it a raw image?)")
+
+
+def _done(job, name, ids):
+    """Which of ``ids`` the markers ``name`` record as done (a retry or a re-run skips them).
+
+    Reads only the span of markers the ids cover. The driver may be rewriting a marker chunk at
+    this moment: a read that fails counts as "not done" (the block is computed again, giving
+    the same bytes)."""
+    ids = np.asarray(ids, np.int64)
+    if not ids.size:
+        return np.zeros(0, bool)
+    lo, hi = int(ids.min()), int(ids.max()) + 1
+    try:
+        flags = np.asarray(_open(job)["temp"][name][lo:hi])
+    except Exception:  # a chunk being rewritten by the driver
+        return np.zeros(ids.size, bool)
+    return flags[ids - lo] != 0
+
+
+# --------------------------------------------------------------------------- pass 1: labels
+
+
+def run_label_blocks(job, block_ids):
+    """Pass 1: per block, label the interior components (and, for ws, the seeds) of its write
+    region; write them to ``cells`` (``seeds``). Returns ``(n_cells, n_seeds)`` per block."""
+    plan = SegmentPlan(job.shape, job.block)
+    done = _done(job, "done1", block_ids)
+    out = []
+    for i, skip in zip(block_ids, done):
+        if skip:
+            out.append(None)
+            continue
+        start, stop = plan[i]
+        r0, r1 = plan.read_box(i, job.label_halo)
+        p = _read_p(job, r0, r1)
+        _check_values(p, job, start)
+        inside = kernels.interior_mask(p, job.threshold)
+        own = _sl([a - o for a, o in zip(start, r0)], [b - o for b, o in zip(stop, r0)])
+        cells, n_cells = kernels.label_components(inside[own], axes=job.axes)
+        _array(job, "cells")[_sl(start, stop)] = cells
+        n_seeds = 0
+        if job.method == "ws":
+            peaks = kernels.seed_maxima(inside, cap=job.seed_cap, radius=job.seed_radius,
+                                        axes=job.axes, sampling=job.sampling)
+            seeds, n_seeds = kernels.label_components(peaks[own], axes=job.axes)
+            _array(job, "seeds")[_sl(start, stop)] = seeds
+        _faults.point("segment.labels.written")  # test-only: written, not yet reported
+        out.append((n_cells, n_seeds))
+    return out
+
+
+# --------------------------------------------------------------------------- pass 2: fragments
+
+
+def _provisional(job, plan, name, column, r0, r1):
+    """Labels ``name`` over the box ``[r0, r1)`` as provisional ids (each block's offset added)."""
+    local = np.asarray(_array(job, name)[_sl(r0, r1)]).astype(np.int64)
+    offsets = _offsets(job)
+    for i, a, b in plan.overlapping(r0, r1):
+        box = _sl([max(x, y) - y0 for x, y, y0 in zip(a, r0, r0)],
+                  [min(x, y) - y0 for x, y, y0 in zip(b, r1, r0)])
+        part = local[box]
+        part[part > 0] += offsets[i, column]
+    return local
+
+
+def _fragments(job, plan, r0, r1):
+    """Provisional fragment ids over the read box (exact on the write region and one plane past
+    its upper faces), the interior mask, the altitude, and the ids that are joined across faces."""
+    p = _read_p(job, r0, r1)
+    inside = kernels.interior_mask(p, job.threshold)
+    alt = kernels.altitude(p)
+    cells = _provisional(job, plan, "cells", 0, r0, r1)
+    labels = cells
+    joined = [cells]
+    if job.method == "ws":
+        seeds = _provisional(job, plan, "seeds", 1, r0, r1)
+        joined.append(seeds)
+        key = kernels.flood(seeds > 0, inside & (seeds == 0), alt, rounds=job.interior_rounds,
+                            axes=job.axes, origin=r0, volume_shape=job.shape)
+        # unreached interior keeps its component as a fragment
+        labels = np.where(key != kernels.UNSET,
+                          kernels.source_labels(key, seeds, origin=r0, volume_shape=job.shape),
+                          np.where(inside, cells, 0))
+    key = kernels.flood(inside, ~inside, alt, rounds=job.grow, axes=job.axes, origin=r0,
+                        volume_shape=job.shape)
+    frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape)
+    source = np.where(key != kernels.UNSET, key & np.int64(kernels.INDEX_LIMIT - 1), -1)
+    return frag, inside, alt, joined, source
+
+
+def run_fragment_blocks(job, block_ids):
+    """Pass 2: per block, flood the seeds into fragments over its read box; write the write
+    region's provisional fragment ids to ``fragments`` and its record (face pairs, fragment
+    stats, edges) to ``records/N``. Returns the record's row counts per block."""
+    plan = SegmentPlan(job.shape, job.block)
+    temp = _open(job)["temp"]
+    done = _done(job, "done2", block_ids)
+    out = []
+    for i, skip in zip(block_ids, done):
+        if skip:
+            out.append(None)
+            continue
+        start, stop = plan[i]
+        r0, r1 = plan.read_box(i, job.fragment_halo)
+        frag, inside, alt, joined, source = _fragments(job, plan, r0, r1)
+        w0 = tuple(a - o for a, o in zip(start, r0))
+        w1 = tuple(b - o for b, o in zip(stop, r0))
+        own = _sl(w0, w1)
+        pairs = np.concatenate([kernels.face_pairs(lab, start=w0, stop=w1, axes=job.axes)
+                                for lab in joined])
+        stats = kernels.fragment_stats(frag[own], inside[own], origin=start,
+                                       volume_shape=job.shape)
+        edges = kernels.adjacent_pairs(frag, alt, source, start=w0, stop=w1, axes=job.axes,
+                                       origin=r0, volume_shape=job.shape,
+                                       sampling=job.sampling)
+        stored = frag[own].astype(np.uint64)
+        stored[~inside[own]] |= BOUNDARY_BIT
+        _array(job, "fragments")[_sl(start, stop)] = stored
+        _write_record(temp, i, pairs=pairs, stats=stats, edges=edges)
+        _faults.point("segment.fragments.written")  # test-only: written, not yet reported
+        out.append((len(pairs), len(stats), len(edges)))
+    return out
+
+
+_PARTS = (("pairs", 2), ("stats", 3), ("edges", 5))
+
+
+def _write_record(temp, i, **parts):
+    flat = np.concatenate([parts[name].reshape(-1) for name, _ in _PARTS]).astype(np.int64)
+    arr = temp.create_array(f"records/{i}", shape=(max(1, flat.size),), dtype="int64",
+                            chunks=(max(1, flat.size),), overwrite=True, compressors=None)
+    if flat.size:
+        arr[:] = flat
+    arr.attrs["rows"] = [len(parts[name]) for name, _ in _PARTS]
+
+
+def read_records(temp, block_ids):
+    """Concatenated ``(pairs, stats, edges)`` of the records of ``block_ids``."""
+    got = {name: [] for name, _ in _PARTS}
+    for i in block_ids:
+        arr = temp[f"records/{i}"]
+        rows = arr.attrs["rows"]
+        flat = np.asarray(arr[:])
+        pos = 0
+        for (name, width), n in zip(_PARTS, rows):
+            got[name].append(flat[pos:pos + n * width].reshape(n, width))
+            pos += n * width
+    return tuple(np.concatenate(got[name]) if got[name] else np.zeros((0, w), np.int64)
+                 for name, w in _PARTS)
+
+
+# --------------------------------------------------------------------------- pass 3: output
+
+
+def map_ids(job, frag):
+    """Output ids of the provisional ids ``frag`` (0 stays 0), read from the stored table: one
+    contiguous read when the ids are dense (a block's and its neighbours'), else the ids found."""
+    table = _open(job)["temp"]["table"]  # not cached: a resumed run rewrites it
+    nz = frag > 0
+    if not nz.any():
+        return np.zeros(frag.shape, np.int64)
+    lo, hi = int(frag[nz].min()), int(frag[nz].max())
+    if hi - lo < 4 * frag.size:
+        lut = np.asarray(table[lo:hi + 1], np.int64)
+        return np.where(nz, lut[np.where(nz, frag - lo, 0)], 0)
+    ids, inverse = np.unique(frag, return_inverse=True)
+    mapped = np.zeros(ids.size, np.int64)
+    mapped[ids > 0] = np.asarray(table.get_coordinate_selection(ids[ids > 0]))
+    return mapped[inverse.reshape(frag.shape)]
+
+
+def run_write_blocks(job, block_ids):
+    """Pass 3: per block, map its provisional fragment ids to output ids and write ``0``.
+    Returns the number of nonzero output pixels per block."""
+    plan = SegmentPlan(job.shape, job.block)
+    out_arr = _array(job, "0")
+    done = _done(job, "done3", block_ids)
+    out = []
+    for i, skip in zip(block_ids, done):
+        if skip:
+            out.append(None)
+            continue
+        start, stop = plan[i]
+        stored = np.asarray(_array(job, "fragments")[_sl(start, stop)])
+        frag = (stored & _ID_MASK).astype(np.int64)
+        if job.keep_boundaries:
+            frag[(stored & BOUNDARY_BIT) != 0] = 0
+        labels = map_ids(job, frag).astype(out_arr.dtype)
+        if job.image_ndim == 2:
+            out_arr[start[1]:stop[1], start[2]:stop[2]] = labels[0]
+        else:
+            out_arr[_sl(start, stop)] = labels
+        _faults.point("segment.write.written")  # test-only: written, not yet reported
+        out.append(int(np.count_nonzero(labels)))
+    return out

@@ -1,0 +1,511 @@
+"""The driver of ``emtile segment``: checks, the output store, three passes and the global step.
+
+The process that calls :func:`segment` is the driver. It checks the input and the options (one
+line each), prepares the output store once, hands the blocks of each pass to
+:func:`map_blocks`, records blocks as done, runs the global step between passes 2 and 3
+(:mod:`emtile.segmenter.graph`), and alone marks the store complete, after removing its working
+arrays.
+
+A run killed at any point and started again with the same input and options resumes: the blocks
+recorded as done in each pass are skipped, and the global step is recomputed from the per-block
+records in the store (it is deterministic), so the labels are identical to an uninterrupted run.
+"""
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from emtile import _faults
+from emtile._errors import EmtileError
+from emtile.markers import BlockMarkers
+from emtile.segmenter import blocks, kernels
+from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
+from emtile.segmenter.graph import number_objects
+
+__all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
+
+METHODS = ("cc", "ws")
+MODES = ("auto", "2d", "3d")
+DEFAULTS = {"method": "ws", "threshold": 0.9, "min_size": 0, "merge_threshold": 0.3,
+            "grow": 16, "seed_cap": 12, "seed_radius": 2, "interior_rounds": 40}
+BLOCK_PX = 2**22  # pixels per default block
+_FLUSH_EVERY = 64  # results buffered before counts and markers are written (or _FLUSH_S)
+_FLUSH_S = 2.0
+PASSES = ("done1", "done2", "done3")  # the markers of the three passes
+_PASS_NAMES = {"done1": "labels", "done2": "fragments", "done3": "write"}
+_RESUME = "run the same command again to resume"
+_TABLE_CHUNK = 2**18
+UINT32_IDS = int(np.iinfo(np.uint32).max)  # more objects than this: uint64 labels
+
+
+@dataclass
+class SegmentResult:
+    """What :func:`segment` did."""
+
+    output: str
+    shape: tuple
+    dtype: str
+    objects: int
+    method: str
+    mode: str
+    block: tuple
+    blocks: int
+    blocks_resumed: tuple  # blocks each pass (labels, fragments, write) found done already
+    seconds: float
+    settings: dict  # every option that shaped the labels (also in the store's attributes)
+
+    def __str__(self):
+        block = "x".join(str(b) for b in self.block)
+        return (f"{self.output}: {self.objects} objects, {self.shape} {self.dtype}, method "
+                f"{self.method}, mode {self.mode}, {self.blocks} blocks of {block}, "
+                f"{self.seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- input
+
+
+@dataclass
+class _Prediction:
+    path: str
+    shape: tuple  # as stored
+    dtype: np.dtype
+    voxel: tuple  # (z, y, x) nm
+    translation: tuple  # (z, y, x) nm or None
+    model_ndim: int
+
+
+def _ome(path):
+    """The root group attributes of a Zarr store at ``path``, or None."""
+    import zarr
+
+    from emtile.store import is_zarr_store
+
+    if not is_zarr_store(path):
+        return None
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception:
+        return None
+    return node.attrs.asdict() if isinstance(node, zarr.Group) else None
+
+
+def _open_prediction(path):
+    """Open and check PRED: an emtile probability store, or a float array in [0, 1]."""
+    from emtile.volume import open_volume
+
+    path = str(path)
+    attrs = _ome(path)
+    arr = open_volume(path)
+    meta = (attrs or {}).get("emtile") or {}
+    kind = meta.get("kind")
+    dtype = np.dtype(arr.dtype)
+    if kind is not None and kind != "probabilities":
+        raise EmtileError(f"prediction {path!r} is an emtile {kind} store, not a probability map: "
+                          f"give the output of emtile predict")
+    if kind is None and dtype.kind != "f":
+        raise EmtileError(f"prediction {path!r} has dtype {dtype} and no emtile metadata: give "
+                          f"the output of emtile predict (or probabilities as floats in [0, 1])")
+    if dtype not in (np.uint8, np.float16, np.float32, np.float64):
+        raise EmtileError(f"prediction {path!r} has dtype {dtype}: expected uint8, float16 or "
+                          f"float32 probabilities")
+    if len(arr.shape) not in (2, 3) or 0 in arr.shape:
+        raise EmtileError(f"prediction {path!r} has shape {tuple(arr.shape)}: expected one "
+                          f"probability map, (Y, X) or (Z, Y, X) (one output channel)")
+    if kind == "probabilities" and not meta.get("complete"):
+        raise EmtileError(f"prediction {path!r} is incomplete (its emtile predict run did not "
+                          f"finish): run emtile predict again to finish it")
+    voxel, translation = _ngff_transforms(attrs, len(arr.shape))
+    model = (meta.get("predict") or {}).get("model") or {}
+    return _Prediction(path, tuple(int(s) for s in arr.shape), dtype, voxel, translation,
+                       int(model.get("ndim", 2)))
+
+
+def _ngff_transforms(attrs, ndim):
+    """(voxel size, translation) of the full-resolution level, as (z, y, x); defaults 1, None."""
+    voxel, translation = (1.0,) * 3, None
+    try:
+        ms = (attrs.get("ome") or attrs)["multiscales"][0]
+        names = [a["name"] for a in ms["axes"]]
+        spatial = [k for k, n in enumerate(names) if n in "zyx"]
+        transforms = ms["datasets"][0]["coordinateTransformations"]
+        for t in transforms:
+            values = [float(t[t["type"]][k]) for k in spatial]
+            values = [1.0 if t["type"] == "scale" else 0.0] * (3 - len(values)) + values
+            if t["type"] == "scale":
+                voxel = tuple(values)
+            elif t["type"] == "translation":
+                translation = tuple(values)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    return voxel, translation
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _check_options(pred, *, method, mode, threshold, min_size, merge_threshold, grow,
+                   block_size):
+    if method not in METHODS:
+        raise EmtileError(f"method={method!r} is not supported: choose cc or ws")
+    if mode not in MODES:
+        raise EmtileError(f"mode={mode!r} is not supported: choose auto, 2d or 3d")
+    if mode == "auto":
+        mode = "3d" if pred.model_ndim == 3 and len(pred.shape) == 3 else "2d"
+    if mode == "3d" and len(pred.shape) == 2:
+        raise EmtileError(f"--mode 3d needs a (Z, Y, X) stack, but prediction {pred.path!r} is "
+                          f"one 2-D image of shape {pred.shape}; use --mode 2d")
+    for name, value in (("threshold", threshold), ("merge_threshold", merge_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise EmtileError(f"{name}={value!r} must be a number between 0 and 1")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise EmtileError(f"min_size={min_size!r} must be a whole number of pixels, 0 or more")
+    if isinstance(grow, bool) or not isinstance(grow, (int, np.integer)) \
+            or not 1 <= grow <= kernels.MAX_ROUNDS // 2:
+        raise EmtileError(f"grow={grow!r} must be a whole number of pixels from 1 to "
+                          f"{kernels.MAX_ROUNDS // 2}")
+    shape3 = (1,) * (3 - len(pred.shape)) + pred.shape
+    block = _check_block(block_size, pred.shape, mode)
+    if np.prod(shape3, dtype=np.float64) >= kernels.INDEX_LIMIT:
+        raise EmtileError(f"prediction of shape {pred.shape} has more than 2**44 pixels; "
+                          f"segment it in parts with a region of interest")
+    return mode, shape3, block
+
+
+def _check_block(block_size, shape, mode):
+    """``block_size`` (one int per axis of the prediction) -> a (Z, Y, X) block, clipped."""
+    shape3 = (1,) * (3 - len(shape)) + tuple(shape)
+    if block_size is None:
+        yx = [min(n, 1024) if mode == "2d" else min(n, 256) for n in shape3[1:]]
+        z = max(1, BLOCK_PX // (yx[0] * yx[1])) if mode == "2d" else min(shape3[0], 64)
+        return (min(z, shape3[0]), *yx)
+    text = ",".join(str(b) for b in np.atleast_1d(block_size))
+    try:
+        block = tuple(int(b) for b in np.atleast_1d(block_size))
+    except (TypeError, ValueError):
+        raise EmtileError(f"block_size={text} is not a list of whole numbers") from None
+    if len(block) != len(shape) or any(b < 1 for b in block) or \
+            any(int(b) != b for b in np.atleast_1d(block_size)):
+        axes = "Z,Y,X" if len(shape) == 3 else "Y,X"
+        raise EmtileError(f"block_size={text} must give one positive whole number per axis "
+                          f"({axes}) of the prediction of shape {tuple(shape)}, e.g. "
+                          f"{','.join(['1', '1024', '1024'][-len(shape):])}")
+    block = (1,) * (3 - len(block)) + block
+    return tuple(min(b, n) for b, n in zip(block, shape3))
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _settings(job, *, min_size, merge_threshold):
+    out = {"method": job.method, "mode": job.mode, "threshold": job.threshold,
+           "min_size": int(min_size), "keep_boundaries": job.keep_boundaries, "grow": job.grow,
+           "block": list(job.block)}
+    if job.method == "ws":
+        out.update(merge_threshold=merge_threshold, seed_cap=job.seed_cap,
+                   seed_radius=job.seed_radius, interior_rounds=job.interior_rounds)
+    return out
+
+
+def _resumable(group, fingerprint, n_blocks):
+    meta = group.attrs.asdict().get("emtile", {})
+    if meta.get("segment_fingerprint") != json.loads(json.dumps(fingerprint)):
+        return False
+    try:
+        temp = group[TEMP]
+    except (KeyError, FileNotFoundError):
+        return False
+    return all(BlockMarkers.open(temp, n_blocks, name=name) is not None for name in PASSES)
+
+
+def _create_output(job, pred, plan, *, settings, fingerprint):
+    from emtile import store
+
+    image_shape = job.shape if job.image_ndim == 3 else job.shape[1:]
+    chunks = (1,) * (job.image_ndim == 3) + job.block[1:] if job.mode == "2d" else job.block
+    voxel = pred.voxel if job.image_ndim == 3 else pred.voxel[1:]
+    group = store.create_image(job.output, image_shape, np.uint32, chunks=chunks,
+                               voxel_size=voxel, name="segmentation", kind="labels",
+                               attrs={"segment": settings, "source": pred.path,
+                                      "segment_fingerprint": fingerprint})
+    ome = dict(group.attrs["ome"])
+    ms = [dict(m) for m in ome["multiscales"]]
+    if pred.translation is not None and any(pred.translation):
+        d = dict(ms[0]["datasets"][0])
+        t = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
+        d["coordinateTransformations"] = [d["coordinateTransformations"][0],
+                                          {"type": "translation", "translation": t}]
+        ms[0]["datasets"] = [d]
+    ome["multiscales"] = ms
+    ome["image-label"] = {"version": "0.5", "source": {"image": os.path.relpath(
+        os.path.abspath(pred.path), os.path.abspath(job.output))}}
+    group.attrs["ome"] = ome
+    temp = group.create_group(TEMP)
+    chunks3 = (1,) + job.block[1:] if job.mode == "2d" else job.block
+    for name, dtype in (("cells", "uint32"), ("seeds", "uint32"), ("fragments", "uint64")):
+        if name == "seeds" and job.method != "ws":
+            continue
+        temp.create_array(name, shape=job.shape, chunks=chunks3, dtype=dtype, fill_value=0)
+    n = len(plan)
+    rows = min(n, 2**14)
+    temp.create_array("counts", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
+    temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
+    for name in PASSES:  # last: their presence means the set-up finished
+        BlockMarkers.create(temp, n, name=name)
+    return group
+
+
+def _open_output(job, pred, plan, *, overwrite, settings, fingerprint):
+    """-> (group, resumed). An interrupted run with the same fingerprint is resumed."""
+    import zarr
+
+    from emtile import store
+
+    state = store.prepare_output(job.output, overwrite=overwrite, resume=not overwrite)
+    if state == "resume":
+        group = zarr.open_group(job.output, mode="r+")
+        if _resumable(group, fingerprint, len(plan)):
+            return group, True
+        store.prepare_output(job.output, overwrite=overwrite)
+    return _create_output(job, pred, plan, settings=settings, fingerprint=fingerprint), False
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def _run_pass(fn, job, temp, name, *, progress, desc, client, on_result=None, flush=None):
+    """Run ``fn`` over the blocks that the markers ``name`` do not record as done; record them.
+
+    ``on_result(i, result)`` keeps per-block data; ``flush()`` writes it, always before the
+    markers are flushed (every ``_FLUSH_EVERY`` blocks or ``_FLUSH_S`` seconds, and at the end).
+    Returns the number of blocks that were already done.
+    """
+    from emtile import distributed, store
+
+    plan = SegmentPlan(job.shape, job.block)
+    markers = BlockMarkers.open(temp, len(plan), name=name, flush_every=float("inf"))
+    todo = np.flatnonzero(~markers.done())
+    pending = []
+    last = [time.monotonic()]
+    point = f"segment.{_PASS_NAMES[name]}.recorded"
+    faults = bool(os.environ.get(_faults.ENV))  # test-only: record every block at once
+
+    def keep(i, result):
+        if result is None:  # the block was already recorded (a retry found it done)
+            return
+        if on_result is not None:
+            on_result(i, result)
+        pending.append(i)
+        if len(pending) >= _FLUSH_EVERY or time.monotonic() - last[0] >= _FLUSH_S or faults:
+            write()
+
+    def write():
+        with store.write_errors(job.output, then=_RESUME):
+            if flush is not None:
+                flush()
+            markers.record(pending)
+            markers.flush()
+        for _ in pending:
+            _faults.point(point)  # test-only: the driver killed after recording blocks
+        pending.clear()
+        last[0] = time.monotonic()
+
+    distributed.map_blocks(fn, job, iter(todo.tolist()), client=client, progress=progress,
+                           desc=desc, total=int(todo.size), on_result=keep,
+                           describe=lambda i: _describe(plan, i))
+    write()
+    missing = np.flatnonzero(~markers.done())
+    if missing.size:  # every block was run: a bug, never a user error
+        raise RuntimeError(f"internal error: {missing.size} blocks of {desc} were not recorded "
+                           f"(first: {int(missing[0])}); the output is left incomplete")
+    return len(plan) - int(todo.size)
+
+
+def _describe(plan, i):
+    start, stop = plan[i]
+    return f"block {i} (voxels {', '.join(f'{a}:{b}' for a, b in zip(start, stop))})"
+
+
+def _pass_labels(job, temp, *, progress, client):
+    counts = temp["counts"]
+    buffer = {}
+
+    def on_result(i, result):
+        buffer[i] = result
+
+    def flush():  # one read-modify-write of the rows the buffered blocks span
+        if buffer:
+            lo, hi = min(buffer), max(buffer) + 1
+            rows = np.asarray(counts[lo:hi])
+            for i, row in buffer.items():
+                rows[i - lo] = row
+            counts[lo:hi] = rows
+            buffer.clear()
+
+    done = _run_pass(blocks.run_label_blocks, job, temp, "done1", progress=progress,
+                     desc="segment 1/3 labels", client=client, on_result=on_result,
+                     flush=flush)
+    counts = np.asarray(counts[:])
+    offsets = np.zeros_like(counts)
+    offsets[1:, 0] = np.cumsum(counts[:-1, 0])
+    offsets[:, 1] = counts[:, 0].sum() + np.concatenate([[0], np.cumsum(counts[:-1, 1])])
+    from emtile import store
+
+    with store.write_errors(job.output, then=_RESUME):
+        temp["offsets"][:] = offsets
+    return int(counts.sum()) + 1, done  # size of the provisional id space (0 included)
+
+
+def _groups(job, plan):
+    """Blocks whose ids can meet in the global step: in 2d mode each row of blocks along z
+    (slices never join), so the graph held at once is a row's; in 3d mode all of them."""
+    if job.mode == "3d":
+        return [range(len(plan))]
+    per = len(plan) // plan.counts[0]
+    return [range(k * per, (k + 1) * per) for k in range(plan.counts[0])]
+
+
+def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
+    """Per group of blocks: join ids across faces, agglomerate (ws), absorb small objects,
+    number the objects by first pixel (after the groups before it); write the provisional ->
+    output table. Returns N."""
+    counts, offsets = np.asarray(temp["counts"][:]), np.asarray(temp["offsets"][:])
+    table = temp.create_array("table", shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
+                              dtype="int64", fill_value=0, overwrite=True)
+    total = 0
+    for group in _groups(job, plan):
+        b0, b1 = group[0], group[-1]
+        # the group's provisional ids: one run of cell ids and one of seed ids
+        lo = offsets[b0] + 1
+        hi = offsets[b1] + counts[b1] + 1  # exclusive
+        nc = int(hi[0] - lo[0])
+
+        def local(x):
+            return np.where(x < hi[0], x - lo[0] + 1, x - lo[1] + 1 + nc)
+
+        pairs, stats, edges = blocks.read_records(temp, group)
+        stats[:, 0] = local(stats[:, 0])
+        edges[:, :2] = local(edges[:, :2])
+        number, count = number_objects(
+            1 + nc + int(hi[1] - lo[1]), local(pairs), stats, edges, min_size=min_size,
+            merge_threshold=merge_threshold if job.method == "ws" else None)
+        number[number > 0] += total
+        total += count
+        table[int(lo[0]):int(hi[0])] = number[1:1 + nc]
+        if hi[1] > lo[1]:
+            table[int(lo[1]):int(hi[1])] = number[1 + nc:]
+    return total
+
+
+def _output_dtype(group, count, job):
+    """uint32 unless the id count needs uint64; the array is replaced before pass 3 writes."""
+    dtype = np.dtype(np.uint32 if count <= UINT32_IDS else np.uint64)
+    arr = group["0"]
+    if arr.dtype != dtype:
+        group.create_array("0", shape=arr.shape, chunks=arr.chunks, dtype=dtype, fill_value=0,
+                           compressors=arr.compressors, dimension_names=arr.metadata.dimension_names,
+                           overwrite=True)
+    return dtype
+
+
+def _fingerprint(pred, settings):
+    from emtile.volume import content_token
+
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),
+            "settings": digest}
+
+
+def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
+            threshold=DEFAULTS["threshold"], min_size=DEFAULTS["min_size"],
+            merge_threshold=DEFAULTS["merge_threshold"], keep_boundaries=False, block_size=None,
+            grow=DEFAULTS["grow"], overwrite=False, progress=True, client=None):
+    """Segment a probability map into labelled cells, block by block, into an OME-Zarr label image.
+
+    Parameters
+    ----------
+    prediction : str or Path
+        A store written by :func:`emtile.predict` (probabilities of cell interior at ``"0"``,
+        uint8 meaning ``v / 255``, or floats), or another float array in [0, 1] that
+        :func:`emtile.open_volume` opens; shape (Z, Y, X) or (Y, X).
+    output : str or Path
+        The new store: labels at ``"0"`` (uint32, or uint64 when the count needs it), 0 for
+        background, objects numbered 1..N in the order of their first pixel (C order).
+    method : {"cc", "ws"}
+        ``cc``: connected components of the interior (``p >= threshold``), the boundary pixels
+        then flooded from them. ``ws``: seeds at the maxima of the interior's distance to the
+        boundary, flooded over the interior and the boundary into fragments, which are merged
+        while the mean boundary probability on their shared face is at most
+        ``merge_threshold``.
+    mode : {"auto", "2d", "3d"}
+        ``2d`` segments each z-slice on its own (4-connected); ``3d`` connects through z
+        (6-connected). ``auto``: 3d only for a stack predicted by a 3-D model.
+    threshold : float
+        Interior is ``p >= threshold``, as ``emtile predict --threshold``.
+    min_size : int
+        Objects of fewer interior pixels (``p >= threshold``) join the neighbour they share the
+        largest face with, or are dropped when they have none.
+    merge_threshold : float
+        ws: highest mean boundary probability on a face for its fragments to be merged.
+    keep_boundaries : bool
+        Leave the boundary pixels (``p < threshold``) 0 instead of giving them to the cells.
+    block_size : tuple of int, optional
+        Block shape, one number per axis of the prediction; default about 4 M pixels
+        (2d: whole slices up to 1024 x 1024). The labels do not depend on it.
+    grow : int
+        How far, in pixels, a flood carries a label: boundary pixels further from every cell
+        stay 0. It also sets the context each block reads.
+    overwrite : bool
+        Replace an existing output (and never resume an interrupted one).
+    progress : bool
+    client : distributed.Client, optional
+        Run the blocks on this Dask cluster (:func:`emtile.distributed.map_blocks`); the
+        workers open the prediction and the output by path. None: in this process.
+
+    Returns
+    -------
+    SegmentResult
+    """
+    t0 = time.perf_counter()
+    from emtile import store
+
+    pred = _open_prediction(prediction)
+    mode, shape3, block = _check_options(
+        pred, method=method, mode=mode, threshold=threshold, min_size=min_size,
+        merge_threshold=merge_threshold, grow=grow, block_size=block_size)
+    store.check_output(output, inputs=[pred.path])
+    sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
+    job = SegmentJob(
+        input=pred.path, output=str(output), shape=shape3, image_ndim=len(pred.shape),
+        block=block, method=method, mode=mode, threshold=float(threshold), grow=int(grow),
+        seed_cap=DEFAULTS["seed_cap"], seed_radius=DEFAULTS["seed_radius"],
+        interior_rounds=DEFAULTS["interior_rounds"], sampling=sampling,
+        keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex)
+    plan = SegmentPlan(job.shape, job.block)
+    settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold)
+    fingerprint = _fingerprint(pred, settings)
+    with store.output_lock(output):
+        with store.write_errors(output, then=_RESUME):
+            group, _ = _open_output(job, pred, plan, overwrite=overwrite, settings=settings,
+                                    fingerprint=fingerprint)
+        temp = group[TEMP]
+        n_ids, done1 = _pass_labels(job, temp, progress=progress, client=client)
+        done2 = _run_pass(blocks.run_fragment_blocks, job, temp, "done2", progress=progress,
+                          desc="segment 2/3 fragments", client=client)
+        with store.write_errors(output, then=_RESUME):
+            count = _global_step(job, temp, plan, n_ids, min_size=min_size,
+                                 merge_threshold=merge_threshold)
+            dtype = _output_dtype(group, count, job)
+        done3 = _run_pass(blocks.run_write_blocks, job, temp, "done3", progress=progress,
+                          desc="segment 3/3 write", client=client)
+        with store.write_errors(output, then=_RESUME):
+            del group[TEMP]
+            store.mark_complete(group, objects=count)
+    return SegmentResult(output=str(output), shape=pred.shape, dtype=str(dtype), objects=count,
+                         method=method, mode=mode, block=block[3 - len(pred.shape):],
+                         blocks=len(plan), blocks_resumed=(done1, done2, done3),
+                         seconds=time.perf_counter() - t0, settings=settings)
