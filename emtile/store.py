@@ -378,11 +378,14 @@ class StoreWriteError(EmtileError):
 
 
 @contextlib.contextmanager
-def write_errors(output, *, then="run the same command again to finish it"):
+def write_errors(output, *, then="run the same command again to finish it",
+                 left="the output is left incomplete ('emtile info' shows complete NO)"):
     """Turn an ``OSError`` raised while writing ``output`` into one :class:`StoreWriteError` line.
 
     Wrap the writes and the final :func:`mark_complete`, not the reads (a failed read is about
     the input). The output is left as it is: incomplete, so a re-run replaces or resumes it.
+    ``then`` says what to do next and ``left`` what state the output is in (a training run's
+    folder is not a store: it keeps its last checkpoint).
     """
     try:
         yield
@@ -390,9 +393,8 @@ def write_errors(output, *, then="run the same command again to finish it"):
         code = errno.errorcode.get(exc.errno or 0)
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise StoreWriteError(
-            f"writing {str(output)!r} failed: {reason}{f' ({code})' if code else ''}; the output "
-            f"is left incomplete ('emtile info' shows complete NO): free space or fix "
-            f"permissions, then {then}") from None
+            f"writing {str(output)!r} failed: {reason}{f' ({code})' if code else ''}; {left}: "
+            f"free space or fix permissions, then {then}") from None
 
 
 # --------------------------------------------------------------------------- locks

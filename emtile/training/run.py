@@ -45,7 +45,7 @@ def writes(folder, *, point=True):
     one :class:`emtile.store.StoreWriteError` line saying to resume."""
     from emtile import store
 
-    with store.write_errors(folder, then=RESUME):
+    with store.write_errors(folder, then=RESUME, left="the run keeps its last checkpoint"):
         if point:
             _faults.point("train.write")
         yield
