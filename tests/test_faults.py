@@ -585,6 +585,26 @@ def test_predict_with_a_reader_process_killed_fails_cleanly_or_recovers(forks, p
         resume_predict(forks, d, out, ref)
 
 
+def test_predict_never_resumes_onto_an_input_changed_in_place(forks, predicted, tmp_path):
+    """The resume fingerprint holds the input's content token: one chunk rewritten in place
+    (same metadata, same shape) after a kill, and the re-run starts over."""
+    import shutil
+
+    d, ref, _ = predicted
+    src = tmp_path / "in.zarr"
+    shutil.copytree(d / "in.zarr", src)
+    out = tmp_path / "p.zarr"
+    r = predict_run(forks, d, out, faults="predict.block_recorded@3=kill", source=src)
+    assert r.rc == -signal.SIGKILL and recorded(out) == 3
+    zarr.open_array(src / "0", mode="r+")[0, :48, :48] = 0  # blocks already done read this
+    args = ["--model", d / "model", "--workers", 0, *PREDICT_OPTS]
+    again = here(forks, "predict", src, out, *args)
+    assert again.exit_code == 0 and "resumed" not in again.output, again.output
+    fresh = here(forks, "predict", src, tmp_path / "fresh.zarr", *args)
+    assert fresh.exit_code == 0, fresh.output
+    assert chunk_files(out) == chunk_files(tmp_path / "fresh.zarr") != ref
+
+
 def test_a_second_predict_into_a_live_runs_output_is_refused(forks, predicted, tmp_path):
     d, ref, _ = predicted
     out = tmp_path / "p.zarr"
