@@ -526,6 +526,7 @@ def test_predict_trace_lists_every_block(predicted):
     assert counts["store.write"] >= sum("/c/" in f for f in ref)  # every chunk passes the hook
 
 
+@pytest.mark.slow
 def test_predict_sigkill_at_seeded_points_then_rerun_is_byte_identical(forks, predicted, tmp_path):
     d, ref, points = predicted
     last = Counter(points)
@@ -715,6 +716,7 @@ def test_train_trace_lists_steps_checkpoints_and_writes(trained):
     assert [int(r["iteration"]) for r in ref["rows"]] == list(range(1, 7))
 
 
+@pytest.mark.slow
 def test_train_sigkill_at_seeded_points_then_resume_is_identical(forks, trained, tmp_path):
     d, ref, points = trained
     last = Counter(points)
