@@ -71,7 +71,8 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
     settings : TrainSettings, optional
         The run's settings (see :class:`~emtile.training.settings.TrainSettings` for each one).
     resume, overwrite : bool
-        Continue the run in ``out`` from ``last``, or replace it.
+        Continue the run in ``out`` from ``last`` (however it was stopped: a run stopped before
+        its first checkpoint starts over, one stopped after its last is finished), or replace it.
     progress : bool
         tqdm progress bar.
     model : emtile.unet.UNet, optional

@@ -109,7 +109,8 @@ def test_files_that_cannot_be_written_are_refused_before_any_work(files, monkeyp
         assert res.output.startswith(f"Error: {message}"), res.output
     assert not (d / "pred.zarr" / "s.out").exists()
     with pytest.raises(EmtileError, match="--json .* lies inside the input"):
-        evaluate(str(d / "pred.zarr"), str(d / "labels.tif"), json_path=d / "pred.zarr" / "zarr.json")
+        evaluate(str(d / "pred.zarr"), str(d / "labels.tif"),
+                 json_path=d / "pred.zarr" / "zarr.json")
     (d / "folder").mkdir()
     with pytest.raises(EmtileError, match="--csv .* is an existing folder"):
         evaluate(str(d / "pred.zarr"), str(d / "labels.tif"), csv_path=d / "folder")

@@ -419,7 +419,8 @@ def here(forks, *args):
 
 
 def numbered(points):
-    """``[(point, n)]``: the n-th hit of each point, in the order an uninterrupted run meets them."""
+    """``[(point, n)]``: the n-th hit of each point, in the order an uninterrupted run meets
+    them."""
     seen, out = Counter(), []
     for name in points:
         seen[name] += 1
@@ -790,7 +791,7 @@ def test_a_second_train_into_a_live_runs_folder_is_refused(forks, trained, tmp_p
     resume_train(forks, d, out, ref)  # the dead run's lock does not block
 
 
-# --------------------------------------------------------------------------- damaged and unfinished inputs
+# --------------------------------------------------------------------------- damaged, unfinished inputs
 
 
 def damage(chunk_file):

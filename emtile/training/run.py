@@ -2,7 +2,8 @@
 
 The output folder of a run::
 
-    out/run.json         the settings of the run (marks the folder as an emtile training run)
+    out/run.json         the settings of the run (marks the folder as an emtile training run;
+                         ``"finished": true`` once its last step, checkpoint, calibration ran)
     out/train.csv        iteration, loss, lr, val_loss, val_pixel_error, val_f1, val_vrand, elapsed_s
     out/best/            model folder (emtile.load_model / emtile predict --model out/best)
     out/last/            model folder + training_state.pt (optimizer, RNG, iteration) for --resume
