@@ -25,14 +25,12 @@ from emtile.cli._types import SliceList
 def evaluate(pred, labels, slices, threshold, sweep, invert, json_path, csv_path, no_progress):
     """Score PRED (probabilities or mask) against binary LABELS: pixel metrics and the ISBI 2012
     V-Rand / V-Info / Rand error, per slice and averaged."""
-    from emtile.metrics import evaluate as run, format_report, write_csv, write_json
+    from emtile.metrics import evaluate as run, format_report
 
     result = run(pred, labels, slices=slices, threshold=threshold, sweep=sweep, invert=invert,
-                 progress=not no_progress)
+                 progress=not no_progress, json_path=json_path, csv_path=csv_path)
     click.echo(format_report(result))
     if json_path:
-        write_json(result, json_path)
         click.echo(f"\nwrote {json_path}")
     if csv_path:
-        write_csv(result, csv_path)
         click.echo(f"wrote {csv_path}")

@@ -23,11 +23,24 @@ Named points (counts are per process):
 ``convert.slab``
     after each slab of a conversion is written (all levels);
 ``convert.before_complete``
-    after the last slab and the label check, before the store is marked complete.
-
-Phase 2 adds ``predict.block_written`` (a block's chunks written, its marker not yet) and
-``predict.block_recorded`` (its marker written), which replace ``_EMTILE_TEST_CRASH=N[:before-
-marker]``, and ``train.step`` / ``train.checkpoint`` for the trainer.
+    after the last slab and the label check, before the store is marked complete;
+``store.removing``
+    after a store being replaced is renamed away, before it is deleted;
+``predict.read``
+    before each group of input tiles is read: in the reader thread, or in each DataLoader
+    worker process (``--workers N``; they inherit the variable, and count their own hits);
+``predict.block_written``
+    a block's chunks written, its done-marker not yet (in the process that ran the block);
+``predict.block_recorded``
+    after the driver records a block as done;
+``train.step``
+    after each optimiser step;
+``train.checkpoint``
+    after a checkpoint (``last/``, and ``best/`` when it improved) is saved;
+``train.write``
+    just before each write into a training run's folder (``run.json``, a ``train.csv`` row,
+    each file and rename of a model folder, the calibration of ``best/``): where ``enospc`` /
+    ``eacces`` are injected for the trainer, which writes plain files, not Zarr.
 """
 
 import errno

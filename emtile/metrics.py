@@ -544,7 +544,8 @@ def _mean(values):
     return float(np.mean(values)) if len(values) else 1.0
 
 
-def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=False, progress=True):
+def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=False, progress=True,
+             json_path=None, csv_path=None):
     """Score a prediction against binary labels: pixel metrics and the ISBI 2012 scores.
 
     Reads the two volumes in z-slabs (at most ~64 MB of prediction at a time), so volumes
@@ -571,6 +572,9 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
         are 255 = cell interior; emtile predicts the interior.)
     progress : bool
         Show a tqdm progress bar.
+    json_path, csv_path : str or Path, optional
+        Also write the result there (:func:`write_json`, :func:`write_csv`); both are checked
+        before any work (their folders exist and are writable, neither lies in an input).
 
     Returns
     -------
@@ -593,6 +597,9 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     """
     from tqdm import tqdm
 
+    from emtile import store
+
+    store.check_output(None, inputs=[pred, labels], files={"--json": json_path, "--csv": csv_path})
     check_threshold(threshold)
     threshold = float(threshold)
     pstack, lstack = open_stack(pred, name="pred"), open_stack(labels, name="labels")
@@ -644,7 +651,11 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     finally:
         bar.close()
 
-    return _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname)
+    result = _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname)
+    for path, write in ((json_path, write_json), (csv_path, write_csv)):
+        if path is not None:
+            write(result, path)
+    return result
 
 
 def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname):

@@ -319,6 +319,9 @@ def show(raw=None, *, pred=None, labels=None, slices=None, roi=None, threshold=0
     -------
     matplotlib.figure.Figure
     """
+    from emtile import store
+
+    store.check_output(None, inputs=[raw, pred, labels, log], files={"-o": output})
     if output is not None:
         output = _check_output(output)
     if log is not None:

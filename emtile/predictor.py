@@ -774,8 +774,13 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
             if done_tiles == len(current.tiles):
                 writer.put(current, *buffers, reading, computing)
                 buffers = None
-    except BaseException:
+    except BaseException as exc:
         writer.abort()
+        if readers and isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker"):
+            why = str(exc).strip().rstrip(".")
+            raise EmtileError(f"a process reading tiles of the input died ({why}: killed, or out "
+                              f"of memory?); the blocks recorded so far are kept: run the same "
+                              f"command again to resume") from None
         raise
     finally:
         numba.set_num_threads(numba_threads)

@@ -410,21 +410,42 @@ class StoreWriteError(EmtileError):
 
 
 @contextlib.contextmanager
-def write_errors(output, *, then="run the same command again to finish it"):
+def write_errors(output, *, then="run the same command again to finish it",
+                 left="the output is left incomplete ('emtile info' shows complete NO)"):
     """Turn an ``OSError`` raised while writing ``output`` into one :class:`StoreWriteError` line.
 
     Wrap the writes and the final :func:`mark_complete`, not the reads (a failed read is about
     the input). The output is left as it is: incomplete, so a re-run replaces or resumes it.
+    ``then`` says what to do next and ``left`` what state the output is in (a training run's
+    folder is not a store: it keeps its last checkpoint).
     """
     try:
         yield
     except OSError as exc:
+        _quiet_abandoned_writes()
         code = errno.errorcode.get(exc.errno or 0)
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise StoreWriteError(
-            f"writing {str(output)!r} failed: {reason}{f' ({code})' if code else ''}; the output "
-            f"is left incomplete ('emtile info' shows complete NO): free space or fix "
-            f"permissions, then {then}") from None
+            f"writing {str(output)!r} failed: {reason}{f' ({code})' if code else ''}; {left}: "
+            f"free space or fix permissions, then {then}") from None
+
+
+_ABANDONED = ("Task exception was never retrieved", "Task was destroyed but it is pending")
+
+
+def _quiet_abandoned_writes():
+    """zarr writes a slab's chunks as concurrent asyncio tasks; when one fails, the error reaches
+    the caller and the others are abandoned, and asyncio logs each of them (with a traceback)
+    when it is collected, often as the process exits. The one-line error has said it all: drop
+    those two records from the ``asyncio`` logger (nothing else)."""
+    import logging
+
+    log = logging.getLogger("asyncio")
+    if not any(getattr(f, "emtile", False) for f in log.filters):
+        drop = logging.Filter()
+        drop.filter = lambda record: not str(record.msg).startswith(_ABANDONED)
+        drop.emtile = True
+        log.addFilter(drop)
 
 
 # --------------------------------------------------------------------------- locks

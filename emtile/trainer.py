@@ -47,7 +47,8 @@ from emtile.training.batchnorm import FREEZE_BN_BATCHES, FreezeNorm, norm_layers
 from emtile.training.calibration import calibrate_best
 from emtile.training.logs import Clock, CSVLog, ProgressBar, TensorBoardLog
 from emtile.training.loop import fit, lr_factor
-from emtile.training.run import Checkpoint, RunFolder, describe, load_training_state, versions
+from emtile.training.run import (Checkpoint, RunFolder, describe, load_training_state, versions,
+                                 writes)
 from emtile.training.settings import TrainSettings, jsonable
 from emtile.training.validation import Validator
 from emtile.volume import check_labels, open_input, resolve_slices
@@ -70,7 +71,8 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
     settings : TrainSettings, optional
         The run's settings (see :class:`~emtile.training.settings.TrainSettings` for each one).
     resume, overwrite : bool
-        Continue the run in ``out`` from ``last``, or replace it.
+        Continue the run in ``out`` from ``last`` (however it was stopped: a run stopped before
+        its first checkpoint starts over, one stopped after its last is finished), or replace it.
     progress : bool
         tqdm progress bar.
     model : emtile.unet.UNet, optional
@@ -89,6 +91,16 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
         ``calibration`` (when calibrated), ``elapsed_s``, ``setup_s`` and the paths
         ``best_path`` / ``last_path``.
     """
+    from emtile import store
+
+    store.check_output(out, inputs=[raw, labels])  # before any work
+    with store.output_lock(out):  # one live run per folder (a killed run's lock is stale)
+        return _train(raw, labels, out, settings, resume=resume, overwrite=overwrite,
+                      progress=progress, model=model, callbacks=callbacks, options=options)
+
+
+def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, callbacks, options):
+    """:func:`train`, holding the output folder's lock."""
     t_start = time.perf_counter()
     s = (TrainSettings(**options) if settings is None else
          dataclasses.replace(settings, **options))
@@ -103,13 +115,15 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
 
     if last is None:  # every check passed: only now touch the output folder
         folder.clear()
+    else:
+        last = folder.recover()  # a save killed between its renames
     net.to(dev)
     if s.channels_last:
         net.to(memory_format=torch.channels_last)
     opt = _optimizer(net, s)
     state = load_training_state(last, net, opt) if last is not None else {}
     start, elapsed0 = state.get("iteration", 0), state.get("elapsed_s", 0.0)
-    if start >= s.iterations:
+    if start > s.iterations or (start == s.iterations and folder.finished()):
         raise EmtileError(f"the run in {str(folder.path)!r} already did {start} iterations; "
                           f"iterations={s.iterations} must be larger to resume")
     run_info = {"format": "emtile-train-run", "version": 1, "raw": describe(raw),
@@ -143,9 +157,13 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
                  callbacks=cbs, amp=amp, clip=s.clip, channels_last=s.channels_last,
                  scaler_state=state.get("scaler"),
                  cause_hint=f"The last good checkpoint is in {str(folder.path / 'last')!r}.")
+    if result["loss"] is None:  # resumed after its last step: only the end of the run was left
+        result["loss"] = state.get("loss", float("nan"))
     if s.calibrate:
-        result["calibration"] = calibrate_best(folder.path / "best", data.raw, data.labels,
-                                               data.tz, dev, validator)
+        with writes(folder.path):
+            result["calibration"] = calibrate_best(folder.path / "best", data.raw, data.labels,
+                                                   data.tz, dev, validator)
+    folder.write_run({**run_info, "finished": True})
     result.update(best=checkpoint.best_scores, elapsed_s=round(clock.elapsed(), 2),
                   best_path=str(folder.path / "best"), last_path=str(folder.path / "last"),
                   setup_s=round(t0[0] - t_start, 2))

@@ -351,7 +351,7 @@ def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
         attribute says what was expected and what was found.
     require_complete : bool
         Refuse an emtile store whose writer has not finished (its unwritten chunks would read as
-        zeros). ``convert`` asks for it; the other commands will (phase 2 of issue 11).
+        zeros). ``convert`` asks for it, and every command through :func:`open_input`.
 
     Returns
     -------
@@ -1163,7 +1163,7 @@ def input_to_float(a):
     return a.astype(np.float32)
 
 
-def open_input(source, *, name="input"):
+def open_input(source, *, name="input", require_complete=True):
     """A path or an array -> ``(array, path or None)``; what every entry point accepts.
 
     Parameters
@@ -1173,6 +1173,9 @@ def open_input(source, *, name="input"):
         slicing (NumPy, Zarr, :class:`LazyArray`) is used as it is; a list becomes a NumPy array.
     name : str
         The parameter's name, for the error message.
+    require_complete : bool
+        Refuse an emtile store whose writer has not finished (see :func:`open_volume`); every
+        command's inputs do.
 
     Returns
     -------
@@ -1181,7 +1184,7 @@ def open_input(source, *, name="input"):
         The path, for re-opening in worker processes; None for an in-memory array.
     """
     if isinstance(source, (str, os.PathLike)):
-        return open_volume(source), str(source)
+        return open_volume(source, require_complete=require_complete), str(source)
     if isinstance(source, (list, tuple)):
         return np.asarray(source), None
     if not all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):

@@ -167,3 +167,27 @@ def test_read_log_keeps_every_column_with_nan_for_empty_cells(tmp_path):
     (tmp_path / "header.csv").write_text("iteration,loss\n")
     with pytest.raises(EmtileError, match="has no rows"):
         P.read_log(tmp_path / "header.csv")
+
+
+def test_figure_that_cannot_be_written_is_refused_before_any_work(volumes, monkeypatch):
+    d, *_ = volumes
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the inputs were opened before the figure file was checked")
+
+    monkeypatch.setattr(P, "_open", no_reading)
+    args = ["show", str(d / "raw.tif"), "--pred", str(d / "pred.zarr"), "--labels",
+            str(d / "labels.tif")]
+    cases = {d / "missing" / "f.png": f"-o '{d / 'missing' / 'f.png'}': its folder "
+                                      f"'{d / 'missing'}' does not exist",
+             d / "pred.zarr" / "f.png": f"-o '{d / 'pred.zarr' / 'f.png'}' lies inside the input "
+                                        f"'{d / 'pred.zarr'}'"}
+    for path, message in cases.items():
+        res = CliRunner().invoke(main, [*args, "-o", str(path)])
+        assert res.exit_code == 1 and res.output.startswith(f"Error: {message}"), res.output
+        assert len(res.output.strip().splitlines()) == 1
+    assert not (d / "pred.zarr" / "f.png").exists()
+    write_log(d / "train.csv")
+    with pytest.raises(EmtileError, match="-o '.*train.csv' is the input"):
+        P.show(log=d / "train.csv", output=d / "train.csv")
+    assert (d / "train.csv").read_text().startswith("iteration,loss")

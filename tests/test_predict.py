@@ -20,7 +20,7 @@ import zarr
 import emtile
 from emtile import EmtileError, geometry
 from emtile.predictor import predict, predict_array
-from emtile.store import create_image, is_complete
+from emtile.store import create_image, is_complete, mark_complete
 from emtile.unet import UNet, save_model
 
 predict_module = sys.modules["emtile.predictor"]
@@ -345,6 +345,7 @@ def test_float_outputs_from_a_path_input_and_model_folder(tmp_path, dtype):
     src = create_image(tmp_path / "in.zarr", vol.shape, np.uint8, chunks=(1, 32, 32),
                        voxel_size=(50, 4, 4))
     src["0"][:] = vol
+    mark_complete(src)
     out = tmp_path / "pred.zarr"
     predict(tmp_path / "model", tmp_path / "in.zarr", out, tile=108, dtype=dtype, num_workers=2,
             progress=False)
@@ -418,6 +419,7 @@ def write_input(path, volume, voxel_size=None):
     src = create_image(path, volume.shape, volume.dtype, chunks=(1, 64, 64),
                        voxel_size=voxel_size)
     src["0"][:] = volume
+    mark_complete(src)
     return path
 
 

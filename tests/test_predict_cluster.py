@@ -23,7 +23,7 @@ from emtile import EmtileError
 from emtile.cli.main import main
 from emtile.distributed import start_cluster
 from emtile.predictor import predict
-from emtile.store import create_image, is_complete
+from emtile.store import create_image, is_complete, mark_complete
 from emtile.unet import UNet, save_model
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
@@ -40,6 +40,7 @@ def data(tmp_path_factory):
     vol = np.random.default_rng(1).integers(0, 256, (4, 131, 97)).astype(np.uint8)
     src = create_image(d / "in.zarr", vol.shape, np.uint8, chunks=(1, 64, 64))
     src["0"][:] = vol
+    mark_complete(src)
     r = predict(d / "model", d / "in.zarr", d / "local.zarr", num_workers=0, **OPTS)
     assert r.blocks >= 8 and is_complete(d / "local.zarr")
     return d

@@ -1,5 +1,7 @@
 import csv
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -500,3 +502,16 @@ def test_cli_freeze_bn_and_calibrate(small, tmp_path):
     bad = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "c"), "--freeze-bn", "1.5"])
     assert bad.exit_code == 2 and "--freeze-bn" in bad.output and "1.5 is not in the range" in bad.output
     assert not (tmp_path / "c").exists()
+
+
+def test_out_that_is_or_lies_in_an_input_is_refused_before_any_work(small, tmp_path):
+    raw, labels = small
+    run = dict(TINY, train_slices=slice(0, 4), iterations=1)
+    for out, how in ((raw, f"output '{raw}' is the input '{raw}'"),
+                     (f"{labels}/run", f"output '{labels}/run' lies inside the input '{labels}'")):
+        with pytest.raises(EmtileError, match=f"^{re.escape(how)}: writing it could destroy"):
+            train(raw, labels, out, overwrite=True, **run)
+    assert not (Path(labels) / "run").exists()
+    with pytest.raises(EmtileError, match="its folder .*missing' does not exist; create it first"):
+        train(raw, labels, tmp_path / "missing" / "run", **run)
+    assert not (tmp_path / "missing").exists()

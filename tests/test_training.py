@@ -124,8 +124,8 @@ def test_callbacks_see_every_point_of_a_step_in_order():
     assert rec.calls == [
         ("on_start", 0),
         ("on_step_begin", 0, 1), ("on_step", 1, 1), ("on_row", 1, 1),
-        ("on_step_begin", 1, 2), ("on_step", 2, 2), ("on_validation", 2), ("on_checkpoint", 2),
-        ("on_row", 2, 2),
+        ("on_step_begin", 1, 2), ("on_step", 2, 2), ("on_validation", 2), ("on_row", 2, 2),
+        ("on_checkpoint", 2),  # after the row: the log holds every step a checkpoint holds
         ("on_end", 2),
     ]
 
@@ -140,7 +140,17 @@ def test_ctrl_c_logs_the_step_then_interrupts():
 
     with pytest.raises(KeyboardInterrupt):
         tiny_loop([rec, Stop()], iterations=5, validate=lambda m: {"val_x": 1.0}, val_every=2)
-    assert rec.calls[-3:] == [("on_checkpoint", 2), ("on_row", 2, 2), ("on_interrupt", 2)]
+    assert rec.calls[-3:] == [("on_row", 2, 2), ("on_checkpoint", 2), ("on_interrupt", 2)]
+
+    class StopInValidation(Callback):  # Ctrl-C during the validation of step 2: logged once
+        def on_validation(self, state, logs):
+            raise KeyboardInterrupt
+
+    rec = Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_loop([StopInValidation(), rec], iterations=5, validate=lambda m: {"val_x": 1.0},
+                  val_every=2)
+    assert rec.calls[-3:] == [("on_step", 2, 2), ("on_row", 2, 2), ("on_interrupt", 2)]
 
 
 def test_freeze_norm_is_a_callback_on_any_model():

@@ -1,9 +1,11 @@
 """Logging callbacks of the training loop: the run clock, ``train.csv``, TensorBoard, tqdm."""
 
 import csv
+import os
 from pathlib import Path
 
 from emtile.training.loop import Callback
+from emtile.training.run import writes
 
 __all__ = ["CSV_COLUMNS", "Clock", "CSVLog", "TensorBoardLog", "ProgressBar"]
 
@@ -22,7 +24,8 @@ class Clock(Callback):
 
 
 class CSVLog(Callback):
-    """``train.csv``: one row per iteration; a resumed run keeps the rows up to its start."""
+    """``train.csv``: one row per iteration; a resumed run keeps the rows up to its start (the
+    file is replaced whole, so a kill while it is rewritten loses no row)."""
 
     def __init__(self, path, start):
         self.path = Path(path)
@@ -30,11 +33,15 @@ class CSVLog(Callback):
         if start > 0 and self.path.exists():
             with self.path.open(newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
-        self.file = self.path.open("w", newline="")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with writes(self.path.parent):
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+            self.file = self.path.open("a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.file.flush()
 
     def on_row(self, state, row):
         out = {k: "" for k in CSV_COLUMNS}
@@ -43,8 +50,9 @@ class CSVLog(Callback):
                 # the loss exactly (repr round-trips), so runs can be compared bit for bit
                 out[k] = repr(v) if k == "loss" else f"{v:.6g}" if isinstance(v, float) else v
         out["elapsed_s"] = f"{state['elapsed']():.2f}"
-        self.writer.writerow(out)
-        self.file.flush()
+        with writes(self.path.parent):
+            self.writer.writerow(out)
+            self.file.flush()
 
     def on_end(self, state):
         self.file.close()

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from emtile import _faults
 from emtile._errors import EmtileError
 from emtile.device import autocast, default_amp
 from emtile.training.settings import SCHEDULES
@@ -53,7 +54,8 @@ class Callback:
     ``elapsed()``).
 
     The hooks of one step, in order: ``on_step_begin``, ``on_step``, then, when the step
-    validates, ``on_validation`` and ``on_checkpoint``, and last ``on_row``.
+    validates, ``on_validation``, then ``on_row``, and last, when it validated, ``on_checkpoint``
+    (so the log holds every step a checkpoint holds, whenever the run is killed).
     """
 
     def on_start(self, state):
@@ -69,12 +71,12 @@ class Callback:
     def on_validation(self, state, logs):
         """After a validation; ``logs`` has the ``val_*`` scores."""
 
-    def on_checkpoint(self, state, scores):
-        """Every ``val_every`` steps and at the end, after validation (``scores`` is {} when
-        nothing is validated): the time to save."""
-
     def on_row(self, state, row):
         """Once per iteration with the complete log row (validation columns may be missing)."""
+
+    def on_checkpoint(self, state, scores):
+        """Every ``val_every`` steps and at the end, after validation and the step's row
+        (``scores`` is {} when nothing is validated): the time to save."""
 
     def on_end(self, state):
         """After the last step."""
@@ -155,20 +157,22 @@ def fit(model, batches, *, optimizer, loss_fn, lr_at, start, iterations, device,
             state["iteration"], state["loss"] = it, value
             logs = {"iteration": it, "loss": value, "lr": lr}
             _emit(callbacks, "on_step", state, logs)
+            _faults.point("train.step")  # test-only: a run killed here
             row = dict(logs)
-            if (val_every and it % val_every == 0) or it == iterations:
-                scores = {}
-                if validate is not None:
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                        scores = validate(model)
-                    if channels_last:
-                        model.to(memory_format=torch.channels_last)
-                    state["scores"] = scores
-                    row.update(scores)
-                    _emit(callbacks, "on_validation", state, scores)
-                _emit(callbacks, "on_checkpoint", state, scores)
+            checkpoint = (val_every and it % val_every == 0) or it == iterations
+            scores = {}
+            if checkpoint and validate is not None:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    scores = validate(model)
+                if channels_last:
+                    model.to(memory_format=torch.channels_last)
+                state["scores"] = scores
+                row.update(scores)
+                _emit(callbacks, "on_validation", state, scores)
             row, pending = None, row
             _emit(callbacks, "on_row", state, pending)
+            if checkpoint:
+                _emit(callbacks, "on_checkpoint", state, scores)
     except KeyboardInterrupt:
         if row is not None:  # the step was taken: log it before the state after it is saved
             _emit(callbacks, "on_row", state, row)

@@ -2,16 +2,21 @@
 
 The output folder of a run::
 
-    out/run.json         the settings of the run (marks the folder as an emtile training run)
+    out/run.json         the settings of the run (marks the folder as an emtile training run;
+                         ``"finished": true`` once its last step, checkpoint, calibration ran)
     out/train.csv        iteration, loss, lr, val_loss, val_pixel_error, val_f1, val_vrand, elapsed_s
     out/best/            model folder (emtile.load_model / emtile predict --model out/best)
     out/last/            model folder + training_state.pt (optimizer, RNG, iteration) for --resume
     out/tensorboard/     if TensorBoard is installed
 
 A folder is replaced by writing ``NAME.tmp`` and renaming (:func:`replace_folder`), so a complete
-``best/`` or ``last/`` exists at every moment. emtile deletes only the files it writes.
+``best/`` or ``last/`` exists at every moment (a kill between the two renames leaves it as
+``NAME.old``, which :meth:`RunFolder.recover` puts back); ``run.json`` and ``train.csv`` are
+replaced whole the same way. emtile deletes only the files it writes. A write that fails (disk
+full, permission denied) is one line (:func:`writes`) and the run stays resumable.
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -21,15 +26,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emtile import _faults
 from emtile._errors import EmtileError
 from emtile.training.loop import Callback
 from emtile.training.settings import jsonable
 
-__all__ = ["RunFolder", "Checkpoint", "replace_folder", "RUN_FILE", "STATE_FILE"]
+__all__ = ["RunFolder", "Checkpoint", "replace_folder", "writes", "RUN_FILE", "STATE_FILE"]
 
 RUN_FILE = "run.json"
 STATE_FILE = "training_state.pt"
 _WRITTEN = ("best", "last", "last.tmp", "last.old", "best.tmp", "best.old", "tensorboard")
+RESUME = "run with --resume to continue"
+
+
+@contextlib.contextmanager
+def writes(folder, *, point=True):
+    """Around a write into the run folder ``folder``: the test-only fault point ``train.write``
+    first (see :mod:`emtile._faults`), and an ``OSError`` (disk full, permission denied) becomes
+    one :class:`emtile.store.StoreWriteError` line saying to resume."""
+    from emtile import store
+
+    with store.write_errors(folder, then=RESUME, left="the run keeps its last checkpoint"):
+        if point:
+            _faults.point("train.write")
+        yield
 
 
 def replace_folder(tmp, final):
@@ -57,10 +77,10 @@ class RunFolder:
             raise EmtileError(f"out={str(out)!r} exists and is not a folder")
         if resume:
             last = self.last()
-            if last is None:
+            if last is None and not (out / RUN_FILE).exists():
                 raise EmtileError(f"nothing to resume in out={str(out)!r}: it has no last/ "
                                   "checkpoint (run without --resume to start a new run)")
-            return last
+            return last  # None: a run stopped before its first checkpoint starts over
         if out.exists() and any(out.iterdir()):
             if not (out / RUN_FILE).exists():
                 raise EmtileError(
@@ -74,11 +94,33 @@ class RunFolder:
 
     def clear(self):
         """Create the folder, removing the files of an earlier run (only those emtile writes)."""
-        for name in _WRITTEN:
-            shutil.rmtree(self.path / name, ignore_errors=True)
-        for name in (RUN_FILE, "train.csv"):
-            (self.path / name).unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+        with writes(self.path, point=False):
+            for name in _WRITTEN:
+                shutil.rmtree(self.path / name, ignore_errors=True)
+            # run.json last: a folder killed part-way through is still recognisably a run
+            for name in ("train.csv", "train.csv.tmp", RUN_FILE + ".tmp", RUN_FILE):
+                (self.path / name).unlink(missing_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def recover(self):
+        """Before resuming: put back a ``last/`` or ``best/`` that a kill between the two renames
+        of a save left as ``NAME.old``, and remove the copies a killed save left; return
+        :meth:`last`."""
+        with writes(self.path, point=False):
+            for name in ("last", "best"):
+                final, old = self.path / name, self.path / f"{name}.old"
+                if not final.exists() and old.exists():
+                    old.rename(final)
+                shutil.rmtree(old, ignore_errors=True)  # only ever beside a complete final
+                shutil.rmtree(self.path / f"{name}.tmp", ignore_errors=True)
+        return self.last()
+
+    def finished(self):
+        """Whether the run in the folder ended: its last step, checkpoint and calibration done."""
+        try:
+            return bool(json.loads((self.path / RUN_FILE).read_text()).get("finished"))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def last(self):
         """The folder to resume from: ``last/`` (or ``last.old/`` after a crash between the two
@@ -89,23 +131,32 @@ class RunFolder:
         return None
 
     def write_run(self, info):
-        (self.path / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        tmp = self.path / (RUN_FILE + ".tmp")
+        with writes(self.path):
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+            os.replace(tmp, self.path / RUN_FILE)
 
     def save(self, name, model, metadata, *, state=None):
         """Write the model folder ``name`` (with ``training_state.pt`` when ``state`` is given)."""
         from emtile.unet import save_model
 
         tmp = self.path / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, metadata=metadata)
+        with writes(self.path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_model(model, tmp, metadata=metadata)
         if state is not None:
-            torch.save(state, tmp / STATE_FILE)
-        replace_folder(tmp, self.path / name)
+            with writes(self.path):
+                torch.save(state, tmp / STATE_FILE)
+        with writes(self.path):
+            replace_folder(tmp, self.path / name)
 
     def copy_last_to_best(self):
-        shutil.rmtree(self.path / "best", ignore_errors=True)
-        shutil.copytree(self.path / "last", self.path / "best",
-                        ignore=shutil.ignore_patterns(STATE_FILE))
+        tmp = self.path / "best.tmp"
+        with writes(self.path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(self.path / "last", tmp, ignore=shutil.ignore_patterns(STATE_FILE))
+        with writes(self.path):
+            replace_folder(tmp, self.path / "best")
 
 
 def training_state(state, best_score, best_scores, elapsed):
@@ -113,6 +164,7 @@ def training_state(state, best_score, best_scores, elapsed):
     plain containers loadable with ``torch.load(weights_only=True)`` (no pickled code)."""
     return {
         "iteration": int(state["iteration"]),
+        "loss": None if state.get("loss") is None else float(state["loss"]),
         "optimizer": state["optimizer"].state_dict(),
         "scaler": state["scaler"].state_dict() if state.get("scaler") is not None else {},
         "torch_rng": torch.get_rng_state(),
@@ -196,6 +248,12 @@ class Checkpoint(Callback):
         best_missing = not (self.folder.path / "best").exists()
         if not self.validated or (it == state["iterations"] and best_missing):
             self.folder.copy_last_to_best()
+        _faults.point("train.checkpoint")  # test-only: a run killed here
+
+    def on_end(self, state):
+        if state["start"] == state["iterations"]:  # resumed after its last checkpoint was saved:
+            if not self.validated or not (self.folder.path / "best").exists():  # finish it
+                self.folder.copy_last_to_best()
 
     def on_interrupt(self, state):
         if state["iteration"] > state["start"]:  # the steps since the last checkpoint
