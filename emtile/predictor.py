@@ -735,6 +735,7 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
     dataset = _tiles_dataset(ctx.array, None if job.input.startswith(MEMORY) else job.input,
                              ctx.plan, todo, group, job.model_ndim)
     if readers:
+        ctx.stitcher.stitch.load_kernels()  # before any reader exists (see load_kernels)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=readers, pin_memory=ctx.device.type == "cuda",
             prefetch_factor=2)
@@ -1195,12 +1196,14 @@ def _default_threads(threads, dev, distributed, spec):
     return 1
 
 
-def _recorder(markers, seconds):
+def _recorder(markers, seconds, output):
     """``record(report)``: mark a block done, after its worker reported its chunks written;
-    its seconds go to the list ``seconds``."""
+    its seconds go to the list ``seconds``. A marker write that fails is one line."""
+    from emtile.store import write_errors
 
     def record(report):
-        markers.record(report.index)
+        with write_errors(output, then=_RESUME):
+            markers.record(report.index)
         _faults.point("predict.block_recorded")  # test-only: a driver killed here
         if not report.skipped:
             seconds.append(report.compute_s + report.write_s)
@@ -1216,7 +1219,7 @@ def _run_here(job, net, arr, todo, markers, seconds, *, readers, progress):
     total = sum(plan.n_tiles(int(i)) for i in todo)
     bar = tqdm(total=total, unit="tile", desc="predict", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
-    record = _recorder(markers, seconds)
+    record = _recorder(markers, seconds, job.output)
     local = replace(job, input=job.input or _register(arr), model=_token())
     try:
         with _prepared(net, job.device, job.channels_last, job.compile) as fn, \
@@ -1234,7 +1237,7 @@ def _run_on_cluster(job, todo, markers, seconds, *, client, cluster, cluster_wor
     from emtile import distributed
 
     plan = job.plan()
-    record = _recorder(markers, seconds)
+    record = _recorder(markers, seconds, job.output)
     kwargs = dict(blocks_per_task=blocks_per_task, retries=retries, progress=progress,
                   desc="predict", total=len(todo), describe=lambda i: job.describe(i, plan),
                   on_result=lambda i, report: record(report))

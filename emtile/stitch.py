@@ -341,3 +341,15 @@ def normalize(acc, wsum, *, out=None, dtype=None):
     else:
         _normalize3_f32(a3, s3, _as3(out, 1))
     return out
+
+
+def load_kernels():
+    """Compile (or load from Numba's cache) every kernel now, on one pixel, rather than at the
+    first tile: a process about to start DataLoader workers does this first, so that no worker
+    dies while a kernel is being loaded (torch then raises inside Numba's loader, and the error
+    is printed as an ignored exception with a traceback)."""
+    acc = np.zeros((1, 1, 1), np.float32)
+    wsum = np.zeros((1, 1), np.float32)
+    accumulate(acc, wsum, np.ones((1, 1, 1), np.float32), np.ones((1, 1), np.float32), (0, 0))
+    for dtype in OUT_DTYPES:
+        normalize(acc, wsum, dtype=dtype)

@@ -584,8 +584,6 @@ def test_predict_failed_chunk_write_is_one_line_and_rerun_finishes(forks, predic
         predict_write_fails(forks, d, ref, tmp_path / f"{action}{n}" / "p.zarr", n, action, reason)
 
 
-@pytest.mark.xfail(strict=True, reason="predictor._recorder writes a block's marker outside "
-                                       "store.write_errors: a failed marker write is a traceback")
 @pytest.mark.parametrize("action,reason", ACTIONS)
 def test_predict_failed_marker_write_is_one_line_and_rerun_finishes(forks, predicted, tmp_path,
                                                                     action, reason):
