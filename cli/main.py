@@ -6,7 +6,6 @@ become a one-line ``Error: ...`` and exit code 1; anything else keeps its traceb
 """
 
 import importlib
-import logging
 
 import click
 
@@ -47,10 +46,6 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except EmtileError as exc:
-            # a write that failed part-way leaves zarr's other pending writes to be collected at
-            # exit, which asyncio reports as "Task was destroyed but it is pending!": noise
-            # after the one line that says what happened
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise click.ClickException(str(exc)) from None
 
 
