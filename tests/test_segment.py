@@ -198,6 +198,53 @@ def test_interior_rule_is_predicts():
                                   [255, 128, 0])
 
 
+def random_region_graph(n, seed, *, coarse=False):
+    """A planar-like region graph of ``n`` objects: on a grid, faces to the right, below and
+    (some) diagonally; random face sums, some faces without evidence; random sizes and first
+    pixels. ``coarse``: few distinct means and contacts, so that ties are everywhere."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    idx = np.arange(n)
+    u, v = [], []
+    for off, share in ((1, 1.0), (side, 1.0), (side + 1, 0.3)):
+        ok = (idx + off < n) & (rng.random(n) < share)
+        if off != side:
+            ok &= idx % side != side - 1
+        u.append(idx[ok])
+        v.append(idx[ok] + off)
+    u, v = np.concatenate(u), np.concatenate(v)
+    c = rng.integers(1, 4 if coarse else 40, u.size)
+    c[rng.random(u.size) < 0.1] = 0  # contact only, no evidence
+    s = c * (rng.integers(0, 4, u.size) * 64 if coarse else rng.integers(0, 256, u.size))
+    t = c + rng.integers(0, 2 if coarse else 5, u.size)
+    first = rng.permutation(4 * n)[:n]
+    size = rng.integers(1, 200, n)
+    return first, size, np.stack([u, v, s, c, t], axis=1).astype(np.int64)
+
+
+@pytest.mark.parametrize("seed, coarse", [(0, False), (1, False), (2, True), (3, True)])
+def test_compiled_merges_equal_the_python_definition(seed, coarse):
+    """merge_objects (Numba) makes RegionGraph's merges: the same ids on random graphs, with
+    and without ties, for every combination of agglomeration and small-object absorption."""
+    from emtile.segmenter.agglomerate import merge_objects
+    from emtile.segmenter.graph import RegionGraph
+
+    first, size, edges = random_region_graph(3000, seed, coarse=coarse)
+    for threshold, min_size in [(0.5, 60), (None, 60), (0.3, 0), (1.0, 400), (0.0, 2),
+                                (None, 0)]:
+        graph = RegionGraph(first, size, edges)
+        if threshold is not None:
+            graph.agglomerate(threshold)
+        graph.absorb_small(min_size)
+        ids, count = graph.final_ids()
+        got, got_count = merge_objects(first, size, edges, merge_threshold=threshold,
+                                       min_size=min_size)
+        assert got_count == count and 0 < count
+        np.testing.assert_array_equal(got, ids, err_msg=f"{threshold}, {min_size}")
+    ids, count = merge_objects(first[:0], size[:0], edges[:0], merge_threshold=0.5, min_size=5)
+    assert ids.shape == (0,) and count == 0
+
+
 # --------------------------------------------------------------------------- hand-built cells
 
 

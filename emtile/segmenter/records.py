@@ -19,15 +19,18 @@ A driver killed after writing a part and before its index rows leaves that part 
 next run numbers its parts from one past the largest part referenced, so it replaces it.
 """
 
+import collections
+
 import numpy as np
 
-__all__ = ["pack", "RecordStore", "PARTS", "PART_BLOCKS", "PART_BYTES"]
+__all__ = ["pack", "record_nbytes", "RecordStore", "PARTS", "PART_BLOCKS", "PART_BYTES",
+           "CACHE_BYTES"]
 
 PARTS = (("pairs", 2), ("stats", 3), ("edges", 5))  # name and width of each table of a record
 PART_BLOCKS = 1024  # blocks' records per part at most (the driver flushes when either is reached)
 PART_BYTES = 32 * 2**20  # bytes of records per part, about
 INDEX_ROWS = 4096  # index rows per chunk
-_CACHE_BYTES = 2**28  # parts kept in memory while reading
+CACHE_BYTES = 2**28  # parts a reader keeps in memory (the most recently used)
 
 
 def pack(*, pairs, stats, edges):
@@ -52,6 +55,8 @@ class RecordStore:
         self.n = int(self.index.shape[0])
         parts = np.asarray(self.index[:, 0])
         self.next_part = int(parts.max(initial=-1)) + 1
+        self._cache = collections.OrderedDict()  # part -> its data, least recently used first
+        self._cached = 0  # bytes in the cache
 
     @classmethod
     def create(cls, parent, n_blocks, *, name="records"):
@@ -101,7 +106,8 @@ class RecordStore:
 
     def read(self, block_ids):
         """Concatenated ``(pairs, stats, edges)`` of the records of ``block_ids``, in their
-        order, reading each part they need once (a few recent parts are kept in memory)."""
+        order. Parts are read whole and the most recently used kept (:data:`CACHE_BYTES`), so
+        reading the rows of a plan one after the other reads each part about once."""
         ids = np.asarray(block_ids, np.int64).reshape(-1)
         got = {name: [] for name, _ in PARTS}
         if ids.size:
@@ -110,9 +116,8 @@ class RecordStore:
             missing = np.flatnonzero(index[:, 0] < 0)
             if missing.size:  # the markers say done only after the record is written
                 raise RuntimeError(f"internal error: no record for block {int(ids[missing[0]])}")
-            cache = {}
             for part, offset, *rows in index.tolist():
-                data = self._part(part, cache)
+                data = self._part(part)
                 pos = offset
                 for (name, width), n in zip(PARTS, rows):
                     got[name].append(data[pos:pos + n * width].reshape(n, width))
@@ -120,10 +125,14 @@ class RecordStore:
         return tuple(np.concatenate(got[name]) if got[name] else np.zeros((0, w), np.int64)
                      for name, w in PARTS)
 
-    def _part(self, part, cache):
-        data = cache.get(part)
-        if data is None:
-            while cache and sum(a.nbytes for a in cache.values()) > _CACHE_BYTES:
-                cache.pop(next(iter(cache)))  # the oldest
-            data = cache[part] = np.asarray(self.group[f"p{part}"][:])
+    def _part(self, part):
+        data = self._cache.get(part)
+        if data is not None:
+            self._cache.move_to_end(part)
+            return data
+        data = np.asarray(self.group[f"p{part}"][:])
+        self._cache[part] = data
+        self._cached += data.nbytes
+        while self._cached > CACHE_BYTES and len(self._cache) > 1:
+            self._cached -= self._cache.popitem(last=False)[1].nbytes
         return data
