@@ -52,21 +52,47 @@ def _block_size(text):
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@click.option("--cluster", default=None, metavar="local|slurm|cuda|ADDRESS",
+              help="Run the blocks on Dask: local (worker processes here), slurm (dask-jobqueue, "
+                   "from your Dask config), cuda (dask-cuda, one worker per GPU), or the address "
+                   "of a running scheduler (tcp://host:8786).")
+@click.option("--cluster-workers", default=None, type=click.IntRange(min=1),
+              help="Workers of a local or cuda cluster, or SLURM jobs [default: one per core / "
+                   "GPU; 1 job].")
+@click.option("--scheduler-file", default=None, type=click.Path(),
+              help="The scheduler file of a running Dask cluster (instead of --cluster).")
+@click.option("--blocks-per-task", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Blocks per Dask task (more when blocks take milliseconds).")
+@click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Extra tries of a failed Dask task before the run stops.")
+@click.option("--levels", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Resolution levels: an OME-Zarr label pyramid for viewers (each level halves "
+                   "y and x by sampling, so no level shows an id that level 0 does not), written "
+                   "as blocks finish; block sizes in y and x must be divisible by 2^(N-1).")
 def segment(pred, output, method, mode, threshold, min_size, merge_threshold, keep_boundaries,
-            block_size, grow, overwrite, no_progress):
+            block_size, grow, overwrite, no_progress, cluster, cluster_workers, scheduler_file,
+            blocks_per_task, retries, levels):
     """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
 
     Every cell gets its own id (1..N, 0 = background), uint32 or uint64; OUTPUT is an OME-Zarr
     label image (NGFF image-label) with PRED's voxel size and position. The result is the same
-    for every block size. An interrupted run started again (same PRED and options, without
-    --overwrite) finishes the blocks that are missing.
+    for every block size, in this process or on a cluster. An interrupted run started again
+    (same PRED and options, without --overwrite) finishes the blocks that are missing, locally
+    or on a cluster, in any mix.
+
+    \b
+    emtile segment pred.zarr seg.zarr
+    emtile segment pred.zarr seg.zarr --cluster local --cluster-workers 2 --levels 4
+    emtile segment pred.zarr seg.zarr --cluster tcp://10.0.0.5:8786
     """
     from emtile.segmenter import segment as run
 
     result = run(pred, output, method=method, mode=mode, threshold=threshold, min_size=min_size,
                  merge_threshold=merge_threshold, keep_boundaries=keep_boundaries,
                  block_size=_block_size(block_size), grow=grow, overwrite=overwrite,
-                 progress=not no_progress)
+                 progress=not no_progress, cluster=cluster, cluster_workers=cluster_workers,
+                 scheduler_file=scheduler_file, blocks_per_task=blocks_per_task,
+                 retries=retries, levels=levels)
     if any(result.blocks_resumed):
         labels, fragments, write = result.blocks_resumed
         click.echo(f"resumed: of {result.blocks} blocks, {labels} (labels), {fragments} "

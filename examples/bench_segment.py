@@ -5,6 +5,8 @@
     python examples/bench_segment.py invariance --pred pred.zarr        # blocks 128..1024 px
     python examples/bench_segment.py memory --sizes-gb 0.4 4            # peak RSS, one process each
     python examples/bench_segment.py speed --pred pred.zarr             # against skimage watershed
+    python examples/bench_segment.py records --blocks 100000            # files of pass 2's records
+    python examples/bench_segment.py graph --fragments 350000 --reference  # the global step
 
 ``quality`` scores slices 25-29 (``--slices``) of the ISBI 2012 training stack. The baseline is the
 challenge's own post-processing: the probability map thresholded at each of 0.0, 0.1, ..., 1.0
@@ -26,9 +28,23 @@ with the volume (target: within 1.2x).
 
 ``speed`` times, in one process: scikit-image's ``watershed`` on the whole volume in memory
 (markers: components of ``p >= threshold``, in-plane connectivity; relief ``1 - p``), and
-``emtile segment`` (cc, the same two steps, and ws) from store to store. Seconds per core are
-wall seconds x processes. Targets: emtile at least as fast per core; 1.6x faster with 2 workers
-(needs ``--cluster``, not in this version).
+``emtile segment`` (cc, the same two steps, and ws) from store to store, in this process and on
+a local cluster of ``--workers`` worker processes (``--cluster local --cluster-workers 2``; the
+cluster's start-up is timed apart, as a cluster that is already running costs nothing to join).
+Seconds per core are wall seconds x processes. Targets: emtile at least as fast per core; 1.6x
+faster than skimage with 2 workers. ``--blocks-per-task``, ``--block-size`` as the command's.
+
+``records`` writes the per-block records of pass 2 for a synthetic plan of ``--blocks`` blocks
+(``--rows`` fragments a block; edges and face pairs in proportion) the way the driver does
+(:mod:`emtile.segmenter.records`: parts of up to 1024 blocks; ``--per-part`` fewer, as when blocks
+arrive slower than the driver's 2-s flush), reads them back a row of ``--row`` blocks at a time,
+and counts the files; ``--layout per-block`` writes them as before version 2 (one array per block).
+
+``graph`` times the global step (:func:`emtile.segmenter.graph.number_objects`: faces joined,
+agglomeration at 0.5, ``min_size`` 60, numbering) on a random planar-like region graph of
+``--fragments`` fragments with ``--faces`` faces each (about), in a subprocess, with the peak
+memory it adds to what the records themselves take; ``--reference`` also times the Python
+definition (:class:`~emtile.segmenter.graph.RegionGraph`) on the same graph.
 
 Timings and memory need a quiet machine; the figures go in the closing note of the issue.
 """
@@ -272,6 +288,7 @@ def memory(a):
 
 def speed(a):
     import emtile
+    from emtile.distributed import start_cluster
     from scipy import ndimage
     from skimage.segmentation import watershed
 
@@ -280,20 +297,168 @@ def speed(a):
         src = prediction(a, tmp) if (a.pred or a.model) else write_probabilities(
             tmp / "synthetic.zarr", blurred_truth(a))
         p = read(src)
+        if a.slices:
+            p = p[a.slices[0]:a.slices[1]]
+            src = write_probabilities(tmp / "slices.zarr", p)
+        warm = write_probabilities(tmp / "warm.zarr", np.ascontiguousarray(p[:1, :64, :64]))
         t0 = time.perf_counter()
         plane = np.zeros((3, 3, 3), bool)
         plane[1] = ndimage.generate_binary_structure(2, 1)
         markers, _ = ndimage.label(p >= round(a.threshold * 255), structure=plane)
         watershed(255 - p, markers, connectivity=plane)
         t_ws = time.perf_counter() - t0
-        print(f"prediction {src} {p.shape}; one process")
-        print(f"skimage watershed, whole volume in memory: {t_ws:.2f} s")
-        for method in ("cc", "ws"):
-            t0 = time.perf_counter()
-            emtile.segment(src, tmp / "seg.zarr", method=method, threshold=a.threshold,
-                           overwrite=True, progress=False)
-            t = time.perf_counter() - t0
-            print(f"emtile segment --method {method}: {t:.2f} s ({t_ws / t:.2f}x skimage per core)")
+        print(f"prediction {src} {p.shape}")
+        print(f"skimage watershed, whole volume in memory, one process: {t_ws:.2f} s")
+        kw = dict(threshold=a.threshold, overwrite=True, progress=False,
+                  block_size=a.block_size, blocks_per_task=a.blocks_per_task)
+
+        def timed(label, processes, **more):
+            for method in ("cc", "ws"):
+                emtile.segment(warm, tmp / "warm-seg.zarr", method=method, overwrite=True,
+                               progress=False, **more)  # imports, compiled kernels loaded
+                t0 = time.perf_counter()
+                r = emtile.segment(src, tmp / "seg.zarr", method=method, **kw, **more)
+                t = time.perf_counter() - t0
+                print(f"emtile segment --method {method}{label}: {t:.2f} s, {r.blocks} blocks of "
+                      f"{'x'.join(map(str, r.block))} ({t_ws / t:.2f}x skimage; per core "
+                      f"{t_ws / (t * processes):.2f}x)")
+
+        timed(", this process", 1)
+        t0 = time.perf_counter()
+        with start_cluster("local", workers=a.workers) as (client, info):
+            print(f"local cluster of {a.workers} workers started in "
+                  f"{time.perf_counter() - t0:.1f} s (not counted below)")
+            timed(f" --cluster local --cluster-workers {a.workers}", a.workers, client=client)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def synthetic_record(rng, rows):
+    """A record shaped like a block's: ``rows`` fragments, 3 edges and 1 face pair per fragment."""
+    from emtile.segmenter.records import pack
+
+    k = int(rng.integers(rows // 2, rows + rows // 2 + 1))
+    return pack(pairs=rng.integers(0, 2**40, (k, 2)), stats=rng.integers(0, 2**40, (k, 3)),
+                edges=rng.integers(0, 2**40, (3 * k, 5)))
+
+
+def write_per_block(group, i, record):
+    """The layout before version 2: one array (zarr.json + one chunk file) per block."""
+    rows, flat = record
+    arr = group.create_array(f"records/{i}", shape=(max(1, flat.size),), dtype="int64",
+                             chunks=(max(1, flat.size),), overwrite=True, compressors=None)
+    arr[:] = flat
+    arr.attrs["rows"] = list(rows)
+
+
+def records(a):
+    import os
+
+    import zarr
+
+    from emtile.segmenter.records import PART_BLOCKS, RecordStore
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="emtile-rec-", dir=a.workdir) as tmp:
+        group = zarr.open_group(str(Path(tmp) / "temp"), mode="w", zarr_format=3)
+        t0 = time.perf_counter()
+        if a.layout == "per-block":
+            for i in range(a.blocks):
+                write_per_block(group, i, synthetic_record(rng, a.rows))
+        else:
+            store = RecordStore.create(group, a.blocks)
+            per = min(a.per_part or PART_BLOCKS, PART_BLOCKS)
+            order = rng.permutation(a.blocks) if a.shuffle else np.arange(a.blocks)
+            for lo in range(0, a.blocks, per):
+                store.write({int(i): synthetic_record(rng, a.rows) for i in order[lo:lo + per]})
+        t_write = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_stats = 0
+        if a.layout != "per-block":
+            store = RecordStore.open(group, a.blocks)
+            for lo in range(0, a.blocks, a.row):
+                n_stats += len(store.read(range(lo, min(lo + a.row, a.blocks)))[1])
+        t_read = time.perf_counter() - t0
+        files = size = 0
+        for root, _, names in os.walk(Path(tmp) / "temp" / "records"):
+            files += len(names)
+            size += sum(os.path.getsize(Path(root) / n) for n in names)
+    print(f"{a.blocks} blocks, layout {a.layout}: {files} files, {size / 2**20:.1f} MiB, "
+          f"write {t_write:.1f} s" + (f", read back by rows of {a.row} blocks {t_read:.1f} s "
+                                      f"({n_stats} fragment rows)" if n_stats else ""))
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def random_region_graph(n, faces, seed=0):
+    """A planar-like region graph: objects on a grid, ``faces`` faces per object (about) to
+    objects up to a few grid steps away; random sums (10% without evidence), sizes, first
+    pixels. Returns ``(first, size, edges)`` as :class:`RegionGraph` takes them."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    idx = np.arange(n)
+    offsets = [1, side, side + 1, side - 1, 2, 2 * side][:max(1, int(np.ceil(faces)))]
+    u, v = [], []
+    for k, off in enumerate(offsets):
+        ok = (idx + off < n) & (rng.random(n) < min(1.0, faces - k))
+        u.append(idx[ok])
+        v.append(idx[ok] + off)
+    u, v = np.concatenate(u), np.concatenate(v)
+    c = rng.integers(1, 40, u.size)
+    c[rng.random(u.size) < 0.1] = 0
+    s = c * rng.integers(0, 256, u.size)
+    t = c + rng.integers(0, 5, u.size)
+    return (rng.permutation(4 * n)[:n], rng.integers(1, 200, n),
+            np.stack([u, v, s, c, t], axis=1).astype(np.int64))
+
+
+def graph_one(a):
+    """In a subprocess: the global step on a random graph; seconds and peak memory added."""
+    from emtile.bench import peak_rss
+    from emtile.segmenter.graph import RegionGraph, number_objects
+
+    first, size, edges = random_region_graph(a.fragments, a.faces)
+    n = first.size
+    stats = np.stack([np.arange(1, n + 1), size, first], axis=1).astype(np.int64)
+    records = edges.copy()
+    records[:, :2] += 1  # ids 1..n, 0 is background
+    pairs = np.zeros((0, 2), np.int64)
+    number_objects(3, pairs, stats[:2], records[:0], merge_threshold=0.5, min_size=60)  # compile
+    before = peak_rss()[0]
+    t0 = time.perf_counter()
+    number, count = number_objects(n + 1, pairs, stats, records, merge_threshold=0.5,
+                                   min_size=60)
+    out = {"fragments": n, "faces": int(edges.shape[0]), "seconds": time.perf_counter() - t0,
+           "objects": count, "peak_added": peak_rss()[0] - before,
+           "records_bytes": int(stats.nbytes + records.nbytes)}
+    if a.reference:
+        t0 = time.perf_counter()
+        g = RegionGraph(first, size, edges)
+        g.agglomerate(0.5)
+        g.absorb_small(60)
+        ids, ref_count = g.final_ids()
+        out["reference_seconds"] = time.perf_counter() - t0
+        out["identical"] = bool(ref_count == count and np.array_equal(number[1:], ids))
+    return out
+
+
+def graph(a):
+    cmd = [sys.executable, __file__, "graph-one", "--fragments", str(a.fragments), "--faces",
+           str(a.faces)] + (["--reference"] if a.reference else [])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"graph failed:\n{done.stderr}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{r['fragments']} fragments, {r['faces']} faces -> {r['objects']} objects: "
+          f"{r['seconds']:.2f} s compiled")
+    if "reference_seconds" in r:
+        print(f"Python definition (RegionGraph): {r['reference_seconds']:.2f} s, identical "
+              f"{r['identical']}")
+    print(f"records {r['records_bytes'] / r['fragments']:.0f} B per fragment; peak memory added "
+          f"by the global step {r['peak_added'] / r['fragments']:.0f} B per fragment "
+          f"({r['peak_added'] / 2**20:.0f} MiB)")
 
 
 # --------------------------------------------------------------------------- main
@@ -320,14 +485,34 @@ def main(argv=None):
     m.add_argument("--side", type=int, default=2048, help="slice side (pixels)")
     s = sub.add_parser("speed", parents=[common], help="against skimage watershed")
     s.add_argument("--threshold", type=float, default=0.9)
+    s.add_argument("--workers", type=int, default=2, help="workers of the local cluster")
+    s.add_argument("--block-size", type=lambda t: tuple(int(v) for v in t.split(",")),
+                   default=None, help="Z,Y,X (default: the command's)")
+    s.add_argument("--blocks-per-task", type=int, default=1)
+    s.add_argument("--slices", type=lambda t: tuple(int(v) for v in t.split(":")), default=None,
+                   help="only these slices, start:stop (a quick check)")
+    rec = sub.add_parser("records", parents=[common], help="files of pass 2's records")
+    rec.add_argument("--blocks", type=int, default=100_000)
+    rec.add_argument("--rows", type=int, default=20, help="fragments per block, about")
+    rec.add_argument("--layout", choices=["grouped", "per-block"], default="grouped")
+    rec.add_argument("--per-part", type=int, default=None, help="blocks per part (at most 1024)")
+    rec.add_argument("--shuffle", action="store_true", help="blocks finish in random order")
+    rec.add_argument("--row", type=int, default=100, help="blocks read back at once")
+    for name in ("graph", "graph-one"):
+        g = sub.add_parser(name, parents=[common], help="the global step on a random graph"
+                           if name == "graph" else argparse.SUPPRESS)
+        g.add_argument("--fragments", type=int, default=350_000)
+        g.add_argument("--faces", type=float, default=2.3, help="faces per fragment, about")
+        g.add_argument("--reference", action="store_true", help="also the Python definition")
     r = sub.add_parser("run", parents=[common], help=argparse.SUPPRESS)
     r.add_argument("--volume")
     r.add_argument("--output")
     a = ap.parse_args(argv)
-    if a.what == "run":
-        print(json.dumps(run_one(a)))
+    if a.what in ("run", "graph-one"):
+        print(json.dumps(run_one(a) if a.what == "run" else graph_one(a)))
         return
-    {"quality": quality, "invariance": invariance, "memory": memory, "speed": speed}[a.what](a)
+    {"quality": quality, "invariance": invariance, "memory": memory, "speed": speed,
+     "records": records, "graph": graph}[a.what](a)
 
 
 if __name__ == "__main__":

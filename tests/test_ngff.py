@@ -56,3 +56,25 @@ def test_predictions_with_their_mask(stack, levels, roi):
     assert len(image.attributes.ome.multiscales[0].datasets) == levels
     validate(out / "labels", Labels)
     validate(out / "labels" / "mask", ImageLabel)
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_segmentations(tmp_path, levels):
+    """``emtile segment`` output, with and without a pyramid: an NGFF image-label group."""
+    from scipy import ndimage
+
+    from emtile.segmenter import segment
+    from emtile.store import create_image, mark_complete
+
+    field = ndimage.gaussian_filter(np.random.default_rng(0).random((2, 64, 80)), (0, 3, 3))
+    p = np.round(255 * (field - field.min()) / np.ptp(field)).astype(np.uint8)
+    pred = create_image(tmp_path / "pred.zarr", p.shape, np.uint8, kind="probabilities",
+                        voxel_size=(50, 4, 4))
+    pred["0"][...] = p
+    mark_complete(pred)
+    out = tmp_path / "seg.zarr"
+    r = segment(tmp_path / "pred.zarr", out, threshold=0.5, block_size=(1, 32, 40),
+                levels=levels, progress=False)
+    assert r.objects > 3
+    label = validate(out, ImageLabel)
+    assert len(label.attributes.ome.multiscales[0].datasets) == levels

@@ -198,6 +198,53 @@ def test_interior_rule_is_predicts():
                                   [255, 128, 0])
 
 
+def random_region_graph(n, seed, *, coarse=False):
+    """A planar-like region graph of ``n`` objects: on a grid, faces to the right, below and
+    (some) diagonally; random face sums, some faces without evidence; random sizes and first
+    pixels. ``coarse``: few distinct means and contacts, so that ties are everywhere."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    idx = np.arange(n)
+    u, v = [], []
+    for off, share in ((1, 1.0), (side, 1.0), (side + 1, 0.3)):
+        ok = (idx + off < n) & (rng.random(n) < share)
+        if off != side:
+            ok &= idx % side != side - 1
+        u.append(idx[ok])
+        v.append(idx[ok] + off)
+    u, v = np.concatenate(u), np.concatenate(v)
+    c = rng.integers(1, 4 if coarse else 40, u.size)
+    c[rng.random(u.size) < 0.1] = 0  # contact only, no evidence
+    s = c * (rng.integers(0, 4, u.size) * 64 if coarse else rng.integers(0, 256, u.size))
+    t = c + rng.integers(0, 2 if coarse else 5, u.size)
+    first = rng.permutation(4 * n)[:n]
+    size = rng.integers(1, 200, n)
+    return first, size, np.stack([u, v, s, c, t], axis=1).astype(np.int64)
+
+
+@pytest.mark.parametrize("seed, coarse", [(0, False), (1, False), (2, True), (3, True)])
+def test_compiled_merges_equal_the_python_definition(seed, coarse):
+    """merge_objects (Numba) makes RegionGraph's merges: the same ids on random graphs, with
+    and without ties, for every combination of agglomeration and small-object absorption."""
+    from emtile.segmenter.agglomerate import merge_objects
+    from emtile.segmenter.graph import RegionGraph
+
+    first, size, edges = random_region_graph(3000, seed, coarse=coarse)
+    for threshold, min_size in [(0.5, 60), (None, 60), (0.3, 0), (1.0, 400), (0.0, 2),
+                                (None, 0)]:
+        graph = RegionGraph(first, size, edges)
+        if threshold is not None:
+            graph.agglomerate(threshold)
+        graph.absorb_small(min_size)
+        ids, count = graph.final_ids()
+        got, got_count = merge_objects(first, size, edges, merge_threshold=threshold,
+                                       min_size=min_size)
+        assert got_count == count and 0 < count
+        np.testing.assert_array_equal(got, ids, err_msg=f"{threshold}, {min_size}")
+    ids, count = merge_objects(first[:0], size[:0], edges[:0], merge_threshold=0.5, min_size=5)
+    assert ids.shape == (0,) and count == 0
+
+
 # --------------------------------------------------------------------------- hand-built cells
 
 
@@ -402,22 +449,6 @@ def test_block_invariance_3d(tmp_path, isbi_labels, method):
         np.testing.assert_array_equal(labels, whole, err_msg=str(block))
 
 
-def test_block_invariance_on_a_local_cluster(tmp_path, isbi_labels):
-    """The same labels from two Dask worker processes (blocks in any order, any worker) as from
-    one block in this process."""
-    from emtile.distributed import start_cluster
-
-    p = boundary_map(isbi_labels[:2, :150, :180], noise=0.15)
-    whole, _ = run(tmp_path, p, "whole.zarr", method="ws", min_size=20, block_size=p.shape)
-    with start_cluster("local", workers=2) as (client, _):
-        for block in [(1, 64, 64), (2, 47, 101)]:
-            out = tmp_path / f"c{block[1]}.zarr"
-            r = segment(str(tmp_path / "pred.zarr"), str(out), method="ws", min_size=20,
-                        block_size=block, client=client, progress=False)
-            assert r.blocks > 5 and is_complete(out)
-            np.testing.assert_array_equal(read_labels(out), whole, err_msg=str(block))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["cc", "ws"])
 def test_block_invariance_isbi_size(tmp_path, isbi_labels, method):
@@ -544,6 +575,73 @@ def test_output_is_an_ngff_label_image(tmp_path):
     assert emtile.open_volume(tmp_path / "seg.zarr").shape == p.shape
 
 
+@pytest.mark.parametrize("image_ndim", [3, 2])
+def test_label_pyramid_samples_level_0(tmp_path, isbi_labels, image_ndim):
+    """``levels=3``: level k is every 2**k-th pixel of level 0 in y and x (NumPy's strided
+    sampling), so it holds no id that level 0 does not; each level's chunks are the blocks'
+    halved, every level is where the prediction is; level 0 is the one-level run's."""
+    p = boundary_map(isbi_labels[:2, :100, :130])[: 2 if image_ndim == 3 else 1]
+    p = p if image_ndim == 3 else p[0]
+    pred = write_pred(tmp_path / "pred.zarr", p, voxel=(50, 4, 4)[3 - image_ndim:],
+                      translation=[100.0, 8.0, 12.0][3 - image_ndim:])
+    block = (1, 32, 44)[3 - image_ndim:]
+    r = segment(pred, tmp_path / "seg.zarr", levels=3, block_size=block, progress=False)
+    one = segment(pred, tmp_path / "one.zarr", progress=False)
+    assert r.levels == 3 and "3 levels" in str(r) and r.objects == one.objects > 10
+    g = zarr.open_group(str(tmp_path / "seg.zarr"), mode="r")
+    level0 = np.asarray(g["0"][...])
+    np.testing.assert_array_equal(level0, read_labels(tmp_path / "one.zarr"))
+    ids0 = set(np.unique(level0).tolist())
+    datasets = g.attrs["ome"]["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == ["0", "1", "2"]
+    for k in range(3):
+        arr = g[str(k)]
+        level = np.asarray(arr[...])
+        np.testing.assert_array_equal(level, level0[..., ::2**k, ::2**k])
+        assert set(np.unique(level).tolist()) <= ids0
+        assert arr.chunks[-2:] == (32 >> k, 44 >> k) and arr.dtype == np.uint32
+        scale, shift = datasets[k]["coordinateTransformations"]
+        assert scale["scale"][-2:] == [4.0 * 2**k] * 2
+        assert shift == {"type": "translation", "translation": [100.0, 8.0, 12.0][3 - image_ndim:]}
+    assert len(np.unique(np.asarray(g["2"][...]))) < len(ids0)  # small cells fall between samples
+
+
+def test_records_are_written_in_parts_and_read_back_on_resume(tmp_path, isbi_labels,
+                                                              monkeypatch):
+    """Pass 2's per-block records are written by the driver in parts of many blocks (here 4 a
+    part: 18 blocks, 5 parts, so 10 files instead of 2 per block), and a resumed run finds every
+    done block's record in them."""
+    from emtile.segmenter import blocks as blocks_module
+    from emtile.segmenter import driver
+
+    p = boundary_map(isbi_labels[:2, :120, :150])
+    pred = write_pred(tmp_path / "pred.zarr", p)
+    opts = dict(method="ws", min_size=20, block_size=(1, 40, 50), progress=False)
+    ref = segment(pred, tmp_path / "ref.zarr", **opts)
+
+    class Stop(Exception):
+        pass
+
+    def stop(job, ids):
+        raise Stop
+
+    monkeypatch.setattr(driver, "_FLUSH_S", float("inf"))
+    monkeypatch.setattr(driver, "PART_BLOCKS", 4)
+    monkeypatch.setattr(blocks_module, "run_write_blocks", stop)
+    out = tmp_path / "seg.zarr"
+    with pytest.raises(Stop):
+        segment(pred, out, **opts)
+    records = out / "emtile_segment" / "records"
+    parts = sorted(q.name for q in records.iterdir() if q.is_dir() and q.name != "index")
+    assert parts == ["p0", "p1", "p2", "p3", "p4"]
+    assert sum(1 for q in records.rglob("*") if q.is_file()) == 1 + 2 + 2 * 5  # + group, index
+    monkeypatch.undo()
+    r = segment(pred, out, **opts)
+    assert r.blocks_resumed == (18, 18, 0) and is_complete(out)
+    np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "ref.zarr"))
+    assert r.objects == ref.objects
+
+
 def test_uint64_when_the_count_needs_it(tmp_path, monkeypatch):
     from emtile.segmenter import driver
 
@@ -576,6 +674,15 @@ def pred8(tmp_path):
     (dict(block_size=(0, 10, 10)), r"block_size=0,10,10 must give one positive whole number per axis"),
     (dict(block_size=(10, 10)), r"block_size=10,10 must give one positive whole number per axis \(Z,Y,X\)"),
     (dict(grow=0), r"grow=0 must be a whole number of pixels from 1 to"),
+    (dict(levels=0), r"levels=0 must be a positive whole number"),
+    (dict(levels=2, block_size=(1, 15, 16)), r"levels=2 needs blocks whose size in y and x is "
+                                             r"divisible by 2 .* blocks are 15 px in y: use at "
+                                             r"most 1 levels"),
+    (dict(levels=7), r"levels=7 would halve the 40-px y axis below one pixel: use at most 6"),
+    (dict(blocks_per_task=0), r"blocks_per_task=0 must be a positive integer"),
+    (dict(retries=-1), r"retries=-1 must be 0 or a positive integer"),
+    (dict(cluster="lokal"), r"--cluster 'lokal' is not a cluster"),
+    (dict(cluster="local", cluster_workers=0), r"--cluster-workers 0 must be a positive integer"),
 ])
 def test_bad_options(tmp_path, pred8, kw, match):
     out = tmp_path / "seg.zarr"

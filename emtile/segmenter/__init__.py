@@ -71,8 +71,9 @@ Known limits: in ws, interior pixels that no seed reaches within ``interior_roun
 their whole interior component as one fragment, which can be in two pieces when the reached
 fragments between them are not merged (none on ISBI with the defaults; 16 of 3,503 objects with
 24 rounds). The global step holds one row of blocks' graph at a time in 2d mode, the whole
-volume's in 3d mode, and agglomerates in Python (a heap of faces; tens of seconds for 10^5
-fragments).
+volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D graph, records included:
+:mod:`emtile.segmenter.graph` says how it was measured), and agglomerates in one thread
+(compiled, :mod:`emtile.segmenter.agglomerate`: seconds for 350,000 fragments).
 
 Defaults (``DEFAULTS``), measured on ISBI slices 25-29 with a U-Net trained for 600 iterations
 (``examples/bench_segment.py quality``): ws, threshold 0.9, merge threshold 0.3: V-Rand 0.938

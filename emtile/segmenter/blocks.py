@@ -3,8 +3,8 @@
 A pass is a module-level function ``run_xxx_blocks(job, block_ids) -> [result per block]``: it
 opens what it needs (cached per process), skips blocks already recorded done, computes, writes
 whole chunks that no other block writes, and returns a small picklable result (None for a block
-it skipped). The driver (:mod:`emtile.segmenter.driver`) records blocks as done and runs the global
-step between the passes.
+it skipped). The driver (:mod:`emtile.segmenter.driver`) records blocks as done, writes what the
+results carry (label counts, the records of pass 2) and runs the global step between the passes.
 
 Store layout (inside the output group, removed when the run completes)::
 
@@ -14,9 +14,16 @@ Store layout (inside the output group, removed when the run completes)::
     emtile_segment/offsets    int64 (n_blocks, 2)  first provisional id of each block's labels
     emtile_segment/fragments  uint64   provisional fragment id per pixel (pass 2); bit 63 set on
                                        boundary pixels (p < threshold)
-    emtile_segment/records/N  int64    block N's face pairs, fragment sizes and edges (pass 2)
+    emtile_segment/records    grouped  each block's face pairs, fragment sizes and edges (pass 2),
+                                       returned by the workers, written by the driver in parts
+                                       of many blocks (:mod:`emtile.segmenter.records`)
     emtile_segment/table      int64    provisional id -> output id (global step)
     emtile_segment/done1..3   markers  blocks done per pass
+
+Pass 3 writes the labels at ``0`` and, with ``levels > 1``, every pyramid level of the block from
+the same labels (``k``: every ``2**k``-th pixel in y and x, so no level holds an id that level 0
+does not); blocks start at multiples of ``2**(levels - 1)`` in y and x and each level's chunks are
+halved, so a block owns whole chunks at every level.
 """
 
 import math
@@ -26,10 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from emtile import _faults
-from emtile.segmenter import kernels
+from emtile.segmenter import kernels, records
 
 __all__ = ["SegmentJob", "SegmentPlan", "run_label_blocks", "run_fragment_blocks",
-           "run_write_blocks", "read_records", "map_ids", "TEMP", "BOUNDARY_BIT"]
+           "run_write_blocks", "map_ids", "TEMP", "BOUNDARY_BIT"]
 
 TEMP = "emtile_segment"
 BOUNDARY_BIT = np.uint64(1 << 63)
@@ -59,6 +66,7 @@ class SegmentJob:
     sampling: tuple  # (z, y, x) voxel size relative to x
     keep_boundaries: bool
     run: str
+    levels: int = 1  # resolution levels of the output (each halves y and x)
 
     @property
     def axes(self):
@@ -159,12 +167,12 @@ def _open(job):
 
 
 def _array(job, name):
-    """The temporary array ``name`` (or ``"0"``, the output), opened once per process and run.
-    The table is opened afresh: the driver rewrites it on a resumed run."""
+    """The temporary array ``name`` (or ``"0"``, ``"1"``, ...: the output's levels), opened once
+    per process and run. The table is never cached: the driver rewrites it on a resumed run."""
     cache = _open(job)
     arrays = cache.setdefault("arrays", {})
     if name not in arrays:
-        arrays[name] = cache["group"]["0"] if name == "0" else cache["temp"][name]
+        arrays[name] = cache["group"][name] if name.isdigit() else cache["temp"][name]
     return arrays[name]
 
 
@@ -283,10 +291,9 @@ def _fragments(job, plan, r0, r1):
 
 def run_fragment_blocks(job, block_ids):
     """Pass 2: per block, flood the seeds into fragments over its read box; write the write
-    region's provisional fragment ids to ``fragments`` and its record (face pairs, fragment
-    stats, edges) to ``records/N``. Returns the record's row counts per block."""
+    region's provisional fragment ids to ``fragments``. Returns each block's record (face pairs,
+    fragment stats, edges; :func:`emtile.segmenter.records.pack`), which the driver stores."""
     plan = SegmentPlan(job.shape, job.block)
-    temp = _open(job)["temp"]
     done = _done(job, "done2", block_ids)
     out = []
     for i, skip in zip(block_ids, done):
@@ -309,37 +316,9 @@ def run_fragment_blocks(job, block_ids):
         stored = frag[own].astype(np.uint64)
         stored[~inside[own]] |= BOUNDARY_BIT
         _array(job, "fragments")[_sl(start, stop)] = stored
-        _write_record(temp, i, pairs=pairs, stats=stats, edges=edges)
         _faults.point("segment.fragments.written")  # test-only: written, not yet reported
-        out.append((len(pairs), len(stats), len(edges)))
+        out.append(records.pack(pairs=pairs, stats=stats, edges=edges))
     return out
-
-
-_PARTS = (("pairs", 2), ("stats", 3), ("edges", 5))
-
-
-def _write_record(temp, i, **parts):
-    flat = np.concatenate([parts[name].reshape(-1) for name, _ in _PARTS]).astype(np.int64)
-    arr = temp.create_array(f"records/{i}", shape=(max(1, flat.size),), dtype="int64",
-                            chunks=(max(1, flat.size),), overwrite=True, compressors=None)
-    if flat.size:
-        arr[:] = flat
-    arr.attrs["rows"] = [len(parts[name]) for name, _ in _PARTS]
-
-
-def read_records(temp, block_ids):
-    """Concatenated ``(pairs, stats, edges)`` of the records of ``block_ids``."""
-    got = {name: [] for name, _ in _PARTS}
-    for i in block_ids:
-        arr = temp[f"records/{i}"]
-        rows = arr.attrs["rows"]
-        flat = np.asarray(arr[:])
-        pos = 0
-        for (name, width), n in zip(_PARTS, rows):
-            got[name].append(flat[pos:pos + n * width].reshape(n, width))
-            pos += n * width
-    return tuple(np.concatenate(got[name]) if got[name] else np.zeros((0, w), np.int64)
-                 for name, w in _PARTS)
 
 
 # --------------------------------------------------------------------------- pass 3: output
@@ -363,10 +342,12 @@ def map_ids(job, frag):
 
 
 def run_write_blocks(job, block_ids):
-    """Pass 3: per block, map its provisional fragment ids to output ids and write ``0``.
-    Returns the number of nonzero output pixels per block."""
+    """Pass 3: per block, map its provisional fragment ids to output ids and write ``0`` and
+    every further pyramid level. Returns the number of nonzero output pixels per block."""
+    from emtile.store import downsample
+
     plan = SegmentPlan(job.shape, job.block)
-    out_arr = _array(job, "0")
+    levels = [_array(job, str(k)) for k in range(job.levels)]
     done = _done(job, "done3", block_ids)
     out = []
     for i, skip in zip(block_ids, done):
@@ -378,11 +359,17 @@ def run_write_blocks(job, block_ids):
         frag = (stored & _ID_MASK).astype(np.int64)
         if job.keep_boundaries:
             frag[(stored & BOUNDARY_BIT) != 0] = 0
-        labels = map_ids(job, frag).astype(out_arr.dtype)
-        if job.image_ndim == 2:
-            out_arr[start[1]:stop[1], start[2]:stop[2]] = labels[0]
-        else:
-            out_arr[_sl(start, stop)] = labels
+        labels = map_ids(job, frag).astype(levels[0].dtype)
+        count = int(np.count_nonzero(labels))
+        for k, arr in enumerate(levels):
+            if k:
+                labels = downsample(labels, labels=True)
+            y, x = start[1] >> k, start[2] >> k  # blocks start at multiples of 2**k
+            box = (slice(y, y + labels.shape[1]), slice(x, x + labels.shape[2]))
+            if job.image_ndim == 2:
+                arr[box] = labels[0]
+            else:
+                arr[(slice(start[0], stop[0]),) + box] = labels
         _faults.point("segment.write.written")  # test-only: written, not yet reported
-        out.append(int(np.count_nonzero(labels)))
+        out.append(count)
     return out

@@ -2,15 +2,18 @@
 
 The process that calls :func:`segment` is the driver. It checks the input and the options (one
 line each), prepares the output store once, hands the blocks of each pass to
-:func:`map_blocks`, records blocks as done, runs the global step between passes 2 and 3
-(:mod:`emtile.segmenter.graph`), and alone marks the store complete, after removing its working
-arrays.
+:func:`emtile.distributed.map_blocks` (in this process, on a given client, or on a cluster it
+starts or joins for the run: ``cluster``), writes what the blocks' results carry (label counts,
+the records of pass 2: :mod:`emtile.segmenter.records`) and then records the blocks as done,
+runs the global step between passes 2 and 3 (:mod:`emtile.segmenter.graph`), and alone marks the
+store complete, after removing its working arrays. Workers write only their blocks' chunks.
 
 A run killed at any point and started again with the same input and options resumes: the blocks
 recorded as done in each pass are skipped, and the global step is recomputed from the per-block
 records in the store (it is deterministic), so the labels are identical to an uninterrupted run.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +29,7 @@ from emtile.markers import BlockMarkers
 from emtile.segmenter import blocks, kernels
 from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
 from emtile.segmenter.graph import number_objects
+from emtile.segmenter.records import PART_BLOCKS, PART_BYTES, RecordStore, record_nbytes
 
 __all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
 
@@ -58,12 +62,16 @@ class SegmentResult:
     blocks_resumed: tuple  # blocks each pass (labels, fragments, write) found done already
     seconds: float
     settings: dict  # every option that shaped the labels (also in the store's attributes)
+    levels: int = 1  # resolution levels written
+    cluster: str = ""  # the cluster it ran on ("" for this process)
 
     def __str__(self):
         block = "x".join(str(b) for b in self.block)
-        return (f"{self.output}: {self.objects} objects, {self.shape} {self.dtype}, method "
-                f"{self.method}, mode {self.mode}, {self.blocks} blocks of {block}, "
-                f"{self.seconds:.1f} s")
+        levels = f", {self.levels} levels" if self.levels > 1 else ""
+        where = f" on {self.cluster}" if self.cluster else ""
+        return (f"{self.output}: {self.objects} objects, {self.shape} {self.dtype}{levels}, "
+                f"method {self.method}, mode {self.mode}, {self.blocks} blocks of {block}, "
+                f"{self.seconds:.1f} s{where}")
 
 
 # --------------------------------------------------------------------------- input
@@ -198,6 +206,25 @@ def _check_block(block_size, shape, mode):
     return tuple(min(b, n) for b, n in zip(block, shape3))
 
 
+def _check_levels(levels, shape3, block):
+    """Every level's chunks stay whole per block: level ``levels - 1`` samples every
+    ``2 ** (levels - 1)``-th pixel in y and x, so blocks must start at multiples of it (or be
+    alone along that axis), and the image must keep at least one pixel."""
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise EmtileError(f"levels={levels!r} must be a positive whole number")
+    f = 2 ** (levels - 1)
+    for axis, b, n in zip("yx", block[1:], shape3[1:]):
+        if n < f:
+            raise EmtileError(f"levels={levels} would halve the {n}-px {axis} axis below one "
+                              f"pixel: use at most {n.bit_length()} levels")
+        if b % f and b < n:
+            raise EmtileError(f"levels={levels} needs blocks whose size in y and x is divisible "
+                              f"by {f} (each block writes whole chunks of every level), but the "
+                              f"blocks are {b} px in {axis}: use at most {(b & -b).bit_length()} "
+                              f"levels, or such a block size")
+    return int(levels)
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -219,7 +246,8 @@ def _resumable(group, fingerprint, n_blocks):
         temp = group[TEMP]
     except (KeyError, FileNotFoundError):
         return False
-    return all(BlockMarkers.open(temp, n_blocks, name=name) is not None for name in PASSES)
+    return RecordStore.open(temp, n_blocks) is not None and \
+        all(BlockMarkers.open(temp, n_blocks, name=name) is not None for name in PASSES)
 
 
 def _create_output(job, pred, plan, *, settings, fingerprint):
@@ -230,16 +258,17 @@ def _create_output(job, pred, plan, *, settings, fingerprint):
     voxel = pred.voxel if job.image_ndim == 3 else pred.voxel[1:]
     group = store.create_image(job.output, image_shape, np.uint32, chunks=chunks,
                                voxel_size=voxel, name="segmentation", kind="labels",
+                               levels=job.levels, halve_chunks=True,
                                attrs={"segment": settings, "source": pred.path,
                                       "segment_fingerprint": fingerprint})
     ome = dict(group.attrs["ome"])
     ms = [dict(m) for m in ome["multiscales"]]
     if pred.translation is not None and any(pred.translation):
-        d = dict(ms[0]["datasets"][0])
         t = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
-        d["coordinateTransformations"] = [d["coordinateTransformations"][0],
-                                          {"type": "translation", "translation": t}]
-        ms[0]["datasets"] = [d]
+        # every level at the prediction's place, as store.set_translation does
+        ms[0]["datasets"] = [dict(d, coordinateTransformations=[
+            d["coordinateTransformations"][0], {"type": "translation", "translation": t}])
+            for d in ms[0]["datasets"]]
     ome["multiscales"] = ms
     ome["image-label"] = {"version": "0.5", "source": {"image": os.path.relpath(
         os.path.abspath(pred.path), os.path.abspath(job.output))}}
@@ -254,6 +283,7 @@ def _create_output(job, pred, plan, *, settings, fingerprint):
     rows = min(n, 2**14)
     temp.create_array("counts", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
     temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
+    RecordStore.create(temp, n)
     for name in PASSES:  # last: their presence means the set-up finished
         BlockMarkers.create(temp, n, name=name)
     return group
@@ -277,12 +307,64 @@ def _open_output(job, pred, plan, *, overwrite, settings, fingerprint):
 # --------------------------------------------------------------------------- passes
 
 
-def _run_pass(fn, job, temp, name, *, progress, desc, client, on_result=None, flush=None):
+@dataclass(frozen=True)
+class _Runner:
+    """Where the blocks of every pass run: this process (``client`` None) or a Dask client."""
+
+    client: object = None
+    blocks_per_task: int = 1
+    retries: int = 2
+    progress: bool = True
+
+
+class _Counts:
+    """Pass 1's label counts per block, buffered; one read-modify-write of the rows spanned."""
+
+    def __init__(self, array):
+        self.array, self.rows = array, {}
+
+    def add(self, i, result):
+        self.rows[i] = result
+
+    def full(self):
+        return len(self.rows) >= _FLUSH_EVERY
+
+    def flush(self):
+        if self.rows:
+            lo, hi = min(self.rows), max(self.rows) + 1
+            rows = np.asarray(self.array[lo:hi])
+            for i, row in self.rows.items():
+                rows[i - lo] = row
+            self.array[lo:hi] = rows
+            self.rows.clear()
+
+
+class _Records:
+    """Pass 2's per-block records, buffered; written as one part of the record store."""
+
+    def __init__(self, records):
+        self.store, self.records, self.nbytes = records, {}, 0
+
+    def add(self, i, record):
+        self.records[i] = record
+        self.nbytes += record_nbytes(record)
+
+    def full(self):
+        return len(self.records) >= PART_BLOCKS or self.nbytes >= PART_BYTES
+
+    def flush(self):
+        self.store.write(self.records)
+        self.records.clear()
+        self.nbytes = 0
+
+
+def _run_pass(fn, job, temp, name, *, desc, runner, buffer=None):
     """Run ``fn`` over the blocks that the markers ``name`` do not record as done; record them.
 
-    ``on_result(i, result)`` keeps per-block data; ``flush()`` writes it, always before the
-    markers are flushed (every ``_FLUSH_EVERY`` blocks or ``_FLUSH_S`` seconds, and at the end).
-    Returns the number of blocks that were already done.
+    ``buffer`` (``add(i, result)``, ``full()``, ``flush()``) keeps what the results carry and
+    writes it, always before the markers are flushed: when it is full (without one, every
+    ``_FLUSH_EVERY`` blocks), every ``_FLUSH_S`` seconds and at the end. Returns the number of
+    blocks that were already done.
     """
     from emtile import distributed, store
 
@@ -297,16 +379,17 @@ def _run_pass(fn, job, temp, name, *, progress, desc, client, on_result=None, fl
     def keep(i, result):
         if result is None:  # the block was already recorded (a retry found it done)
             return
-        if on_result is not None:
-            on_result(i, result)
+        if buffer is not None:
+            buffer.add(i, result)
         pending.append(i)
-        if len(pending) >= _FLUSH_EVERY or time.monotonic() - last[0] >= _FLUSH_S or faults:
+        full = buffer.full() if buffer is not None else len(pending) >= _FLUSH_EVERY
+        if full or time.monotonic() - last[0] >= _FLUSH_S or faults:
             write()
 
     def write():
         with store.write_errors(job.output, then=_RESUME):
-            if flush is not None:
-                flush()
+            if buffer is not None:
+                buffer.flush()
             markers.record(pending)
             markers.flush()
         for _ in pending:
@@ -314,9 +397,10 @@ def _run_pass(fn, job, temp, name, *, progress, desc, client, on_result=None, fl
         pending.clear()
         last[0] = time.monotonic()
 
-    distributed.map_blocks(fn, job, iter(todo.tolist()), client=client, progress=progress,
-                           desc=desc, total=int(todo.size), on_result=keep,
-                           describe=lambda i: _describe(plan, i))
+    distributed.map_blocks(fn, job, iter(todo.tolist()), client=runner.client,
+                           blocks_per_task=runner.blocks_per_task, retries=runner.retries,
+                           progress=runner.progress, desc=desc, total=int(todo.size),
+                           on_result=keep, describe=lambda i: _describe(plan, i))
     write()
     missing = np.flatnonzero(~markers.done())
     if missing.size:  # every block was run: a bug, never a user error
@@ -330,26 +414,10 @@ def _describe(plan, i):
     return f"block {i} (voxels {', '.join(f'{a}:{b}' for a, b in zip(start, stop))})"
 
 
-def _pass_labels(job, temp, *, progress, client):
-    counts = temp["counts"]
-    buffer = {}
-
-    def on_result(i, result):
-        buffer[i] = result
-
-    def flush():  # one read-modify-write of the rows the buffered blocks span
-        if buffer:
-            lo, hi = min(buffer), max(buffer) + 1
-            rows = np.asarray(counts[lo:hi])
-            for i, row in buffer.items():
-                rows[i - lo] = row
-            counts[lo:hi] = rows
-            buffer.clear()
-
-    done = _run_pass(blocks.run_label_blocks, job, temp, "done1", progress=progress,
-                     desc="segment 1/3 labels", client=client, on_result=on_result,
-                     flush=flush)
-    counts = np.asarray(counts[:])
+def _pass_labels(job, temp, *, runner):
+    done = _run_pass(blocks.run_label_blocks, job, temp, "done1", desc="segment 1/3 labels",
+                     runner=runner, buffer=_Counts(temp["counts"]))
+    counts = np.asarray(temp["counts"][:])
     offsets = np.zeros_like(counts)
     offsets[1:, 0] = np.cumsum(counts[:-1, 0])
     offsets[:, 1] = counts[:, 0].sum() + np.concatenate([[0], np.cumsum(counts[:-1, 1])])
@@ -358,6 +426,12 @@ def _pass_labels(job, temp, *, progress, client):
     with store.write_errors(job.output, then=_RESUME):
         temp["offsets"][:] = offsets
     return int(counts.sum()) + 1, done  # size of the provisional id space (0 included)
+
+
+def _pass_fragments(job, temp, *, runner):
+    records = RecordStore.open(temp, len(SegmentPlan(job.shape, job.block)))
+    return _run_pass(blocks.run_fragment_blocks, job, temp, "done2",
+                     desc="segment 2/3 fragments", runner=runner, buffer=_Records(records))
 
 
 def _groups(job, plan):
@@ -369,13 +443,26 @@ def _groups(job, plan):
     return [range(k * per, (k + 1) * per) for k in range(plan.counts[0])]
 
 
+def _table(temp, n_ids):
+    """The provisional -> output id table, rewritten in place when a resumed run finds it: a
+    task of a killed driver may still be reading it, and reads the same values either way."""
+    try:
+        table = temp["table"]
+        if table.shape == (n_ids,) and table.dtype == np.int64:
+            return table
+    except KeyError:
+        pass
+    return temp.create_array("table", shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
+                             dtype="int64", fill_value=0, overwrite=True)
+
+
 def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
     """Per group of blocks: join ids across faces, agglomerate (ws), absorb small objects,
     number the objects by first pixel (after the groups before it); write the provisional ->
     output table. Returns N."""
     counts, offsets = np.asarray(temp["counts"][:]), np.asarray(temp["offsets"][:])
-    table = temp.create_array("table", shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
-                              dtype="int64", fill_value=0, overwrite=True)
+    records = RecordStore.open(temp, len(plan))
+    table = _table(temp, n_ids)
     total = 0
     for group in _groups(job, plan):
         b0, b1 = group[0], group[-1]
@@ -387,7 +474,7 @@ def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
         def local(x):
             return np.where(x < hi[0], x - lo[0] + 1, x - lo[1] + 1 + nc)
 
-        pairs, stats, edges = blocks.read_records(temp, group)
+        pairs, stats, edges = records.read(group)
         stats[:, 0] = local(stats[:, 0])
         edges[:, :2] = local(edges[:, :2])
         number, count = number_objects(
@@ -402,28 +489,64 @@ def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
 
 
 def _output_dtype(group, count, job):
-    """uint32 unless the id count needs uint64; the array is replaced before pass 3 writes."""
+    """uint32 unless the id count needs uint64; the arrays (every level) are replaced before
+    pass 3 writes."""
     dtype = np.dtype(np.uint32 if count <= UINT32_IDS else np.uint64)
-    arr = group["0"]
-    if arr.dtype != dtype:
-        group.create_array("0", shape=arr.shape, chunks=arr.chunks, dtype=dtype, fill_value=0,
-                           compressors=arr.compressors, dimension_names=arr.metadata.dimension_names,
-                           overwrite=True)
+    for k in range(job.levels):
+        arr = group[str(k)]
+        if arr.dtype != dtype:
+            group.create_array(str(k), shape=arr.shape, chunks=arr.chunks, dtype=dtype,
+                               fill_value=0, compressors=arr.compressors,
+                               dimension_names=arr.metadata.dimension_names, overwrite=True)
     return dtype
 
 
-def _fingerprint(pred, settings):
+def _fingerprint(pred, settings, levels):
     from emtile.volume import content_token
 
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),
-            "settings": digest}
+            "settings": digest, "levels": int(levels)}
+
+
+def _check_run(blocks_per_task, retries, client, cluster, cluster_workers, scheduler_file):
+    """One line for a bad distributed option, before anything is written."""
+    if isinstance(blocks_per_task, bool) or not isinstance(blocks_per_task, int) \
+            or blocks_per_task < 1:
+        raise EmtileError(f"blocks_per_task={blocks_per_task!r} must be a positive integer")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise EmtileError(f"retries={retries!r} must be 0 or a positive integer")
+    if client is None and (cluster is not None or scheduler_file is not None):
+        from emtile.distributed import cluster_spec
+
+        cluster_spec(cluster, workers=cluster_workers, scheduler_file=scheduler_file)
+
+
+@contextlib.contextmanager
+def _start(runner, *, cluster, cluster_workers, scheduler_file):
+    """``(runner, where)``: on ``runner.client``, or on a cluster started or joined here
+    (:func:`emtile.distributed.start_cluster`, closed at the end), or in this process."""
+    if runner.client is not None or (cluster is None and scheduler_file is None):
+        yield runner, "a Dask client" if runner.client is not None else ""
+        return
+    from dataclasses import replace
+
+    from emtile import distributed
+
+    with distributed.start_cluster(cluster, workers=cluster_workers,
+                                   scheduler_file=scheduler_file) as (client, info):
+        if runner.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(str(info))
+        yield replace(runner, client=client), f"{info.kind} cluster, {info.workers} workers"
 
 
 def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
             threshold=DEFAULTS["threshold"], min_size=DEFAULTS["min_size"],
             merge_threshold=DEFAULTS["merge_threshold"], keep_boundaries=False, block_size=None,
-            grow=DEFAULTS["grow"], overwrite=False, progress=True, client=None):
+            grow=DEFAULTS["grow"], overwrite=False, progress=True, client=None, cluster=None,
+            cluster_workers=None, scheduler_file=None, blocks_per_task=1, retries=2, levels=1):
     """Segment a probability map into labelled cells, block by block, into an OME-Zarr label image.
 
     Parameters
@@ -464,7 +587,27 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
     progress : bool
     client : distributed.Client, optional
         Run the blocks on this Dask cluster (:func:`emtile.distributed.map_blocks`); the
-        workers open the prediction and the output by path. None: in this process.
+        workers open the prediction and the output by path. None: in this process (or on
+        ``cluster``).
+    cluster : str, optional
+        Run the blocks on Dask: ``"local"`` (``cluster_workers`` processes on this machine),
+        ``"tcp://host:port"`` (a running scheduler), ``"slurm"`` (dask-jobqueue) or ``"cuda"``
+        (dask-cuda); started (or joined) for this run and closed after it. See
+        :func:`emtile.distributed.start_cluster`. The labels are the same on any cluster.
+    cluster_workers : int, optional
+        Workers of a local / cuda cluster, or SLURM jobs.
+    scheduler_file : path, optional
+        The scheduler file of a running cluster (instead of ``cluster``).
+    blocks_per_task : int
+        Blocks per Dask task.
+    retries : int
+        Extra tries of a failed Dask task.
+    levels : int
+        Resolution levels (an OME-Zarr pyramid for viewers): level ``k`` takes every
+        ``2**k``-th pixel in y and x of level 0 (labels are never averaged, so no level holds an
+        id that is not in level 0). Each block writes its part of every level as it writes
+        level 0 (no second pass); the block size in y and x must then be divisible by
+        ``2**(levels - 1)`` (the default blocks are).
 
     Returns
     -------
@@ -477,6 +620,8 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
     mode, shape3, block = _check_options(
         pred, method=method, mode=mode, threshold=threshold, min_size=min_size,
         merge_threshold=merge_threshold, grow=grow, block_size=block_size)
+    levels = _check_levels(levels, shape3, block)
+    _check_run(blocks_per_task, retries, client, cluster, cluster_workers, scheduler_file)
     store.check_output(output, inputs=[pred.path])
     sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
     job = SegmentJob(
@@ -484,28 +629,31 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         block=block, method=method, mode=mode, threshold=float(threshold), grow=int(grow),
         seed_cap=DEFAULTS["seed_cap"], seed_radius=DEFAULTS["seed_radius"],
         interior_rounds=DEFAULTS["interior_rounds"], sampling=sampling,
-        keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex)
+        keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex, levels=levels)
     plan = SegmentPlan(job.shape, job.block)
     settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold)
-    fingerprint = _fingerprint(pred, settings)
+    fingerprint = _fingerprint(pred, settings, levels)
+    runner = _Runner(client, blocks_per_task, retries, bool(progress))
     with store.output_lock(output):
         with store.write_errors(output, then=_RESUME):
             group, _ = _open_output(job, pred, plan, overwrite=overwrite, settings=settings,
                                     fingerprint=fingerprint)
         temp = group[TEMP]
-        n_ids, done1 = _pass_labels(job, temp, progress=progress, client=client)
-        done2 = _run_pass(blocks.run_fragment_blocks, job, temp, "done2", progress=progress,
-                          desc="segment 2/3 fragments", client=client)
-        with store.write_errors(output, then=_RESUME):
-            count = _global_step(job, temp, plan, n_ids, min_size=min_size,
-                                 merge_threshold=merge_threshold)
-            dtype = _output_dtype(group, count, job)
-        done3 = _run_pass(blocks.run_write_blocks, job, temp, "done3", progress=progress,
-                          desc="segment 3/3 write", client=client)
+        with _start(runner, cluster=cluster, cluster_workers=cluster_workers,
+                    scheduler_file=scheduler_file) as (runner, where):
+            n_ids, done1 = _pass_labels(job, temp, runner=runner)
+            done2 = _pass_fragments(job, temp, runner=runner)
+            with store.write_errors(output, then=_RESUME):
+                count = _global_step(job, temp, plan, n_ids, min_size=min_size,
+                                     merge_threshold=merge_threshold)
+                dtype = _output_dtype(group, count, job)
+            done3 = _run_pass(blocks.run_write_blocks, job, temp, "done3",
+                              desc="segment 3/3 write", runner=runner)
         with store.write_errors(output, then=_RESUME):
             del group[TEMP]
             store.mark_complete(group, objects=count)
     return SegmentResult(output=str(output), shape=pred.shape, dtype=str(dtype), objects=count,
                          method=method, mode=mode, block=block[3 - len(pred.shape):],
                          blocks=len(plan), blocks_resumed=(done1, done2, done3),
-                         seconds=time.perf_counter() - t0, settings=settings)
+                         seconds=time.perf_counter() - t0, settings=settings, levels=levels,
+                         cluster=where)

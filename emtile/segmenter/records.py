@@ -1,0 +1,138 @@
+"""The per-block records of pass 2, stored grouped: a few files per flush, never one per block.
+
+Pass 2 of ``emtile segment`` gives, per block, a *record*: the ids joined across its faces
+(pairs, shape (k, 2)), its fragments' sizes and first pixels (stats, (m, 3)) and its region-graph
+edges (edges, (e, 5)), all int64, which the global step needs from every block. The worker that
+computed the block returns its record with the block's result (:func:`pack`); the driver, the only
+process that writes here (as for the markers, :mod:`emtile.markers`), buffers the records and
+writes each flush's records as one *part*, then their rows of the index, and only then records the
+blocks as done. So a plan of 10^6 blocks writes one part per flush (up to :data:`PART_BLOCKS`
+blocks or :data:`PART_BYTES` bytes, or what arrived in the driver's flush interval), not 10^6
+arrays; reading a row of blocks back reads the few parts that hold it.
+
+Layout (inside the run's working group)::
+
+    records/index   int64 (n_blocks, 5)   part, offset, pairs, stats, edges per block; -1: none
+    records/pK      int64 (L,), one chunk  the records of the K-th flush, one after the other
+
+A driver killed after writing a part and before its index rows leaves that part unreferenced; the
+next run numbers its parts from one past the largest part referenced, so it replaces it.
+"""
+
+import collections
+
+import numpy as np
+
+__all__ = ["pack", "record_nbytes", "RecordStore", "PARTS", "PART_BLOCKS", "PART_BYTES",
+           "CACHE_BYTES"]
+
+PARTS = (("pairs", 2), ("stats", 3), ("edges", 5))  # name and width of each table of a record
+PART_BLOCKS = 1024  # blocks' records per part at most (the driver flushes when either is reached)
+PART_BYTES = 32 * 2**20  # bytes of records per part, about
+INDEX_ROWS = 4096  # index rows per chunk
+CACHE_BYTES = 2**28  # parts a reader keeps in memory (the most recently used)
+
+
+def pack(*, pairs, stats, edges):
+    """One block's record: ``(rows per table, flat int64 vector)``, small and picklable."""
+    tables = {"pairs": pairs, "stats": stats, "edges": edges}
+    flat = np.concatenate([np.asarray(tables[name], np.int64).reshape(-1) for name, _ in PARTS])
+    return tuple(len(tables[name]) for name, _ in PARTS), flat
+
+
+def record_nbytes(record):
+    """Bytes of a packed record's tables."""
+    return int(record[1].nbytes)
+
+
+class RecordStore:
+    """The records of a plan of ``n`` blocks in the Zarr group ``group``; see the module
+    docstring. Use :meth:`create` or :meth:`open`, not the constructor."""
+
+    def __init__(self, group):
+        self.group = group
+        self.index = group["index"]
+        self.n = int(self.index.shape[0])
+        parts = np.asarray(self.index[:, 0])
+        self.next_part = int(parts.max(initial=-1)) + 1
+        self._cache = collections.OrderedDict()  # part -> its data, least recently used first
+        self._cached = 0  # bytes in the cache
+
+    @classmethod
+    def create(cls, parent, n_blocks, *, name="records"):
+        """A new, empty record store ``name`` in the Zarr group ``parent``."""
+        group = parent.create_group(name)
+        n = int(n_blocks)
+        group.create_array("index", shape=(n, 5), chunks=(max(1, min(n, INDEX_ROWS)), 5),
+                           dtype="int64", fill_value=-1, compressors=None)
+        return cls(group)
+
+    @classmethod
+    def open(cls, parent, n_blocks, *, name="records"):
+        """The record store ``name`` of ``parent``, or None when it is missing or not for
+        ``n_blocks`` blocks."""
+        try:
+            group = parent[name]
+            index = group["index"]
+        except (KeyError, FileNotFoundError, ValueError, OSError):
+            return None
+        if getattr(index, "shape", None) != (int(n_blocks), 5):
+            return None
+        return cls(group)
+
+    def write(self, records):
+        """Write ``records`` (``{block id: packed record}``) as one part, then their index rows.
+
+        Only the driver calls this, for blocks not yet recorded as done."""
+        if not records:
+            return
+        ids = np.array(sorted(records), np.int64)
+        flats = [records[int(i)][1] for i in ids]
+        sizes = np.array([f.size for f in flats], np.int64)
+        rows = np.array([records[int(i)][0] for i in ids], np.int64).reshape(-1, 3)
+        data = np.concatenate(flats) if sizes.sum() else np.zeros(1, np.int64)
+        part = self.next_part
+        self.group.create_array(f"p{part}", shape=data.shape, chunks=data.shape, dtype="int64",
+                                compressors=None, overwrite=True)[:] = data
+        self.next_part += 1
+        values = np.column_stack([np.full(ids.size, part), np.cumsum(sizes) - sizes, rows])
+        chunk = int(self.index.chunks[0])
+        for c in np.unique(ids // chunk).tolist():  # one read-modify-write per index chunk
+            lo, hi = c * chunk, min(self.n, (c + 1) * chunk)
+            sel = (ids >= lo) & (ids < hi)
+            rows_c = np.asarray(self.index[lo:hi])
+            rows_c[ids[sel] - lo] = values[sel]
+            self.index[lo:hi] = rows_c
+
+    def read(self, block_ids):
+        """Concatenated ``(pairs, stats, edges)`` of the records of ``block_ids``, in their
+        order. Parts are read whole and the most recently used kept (:data:`CACHE_BYTES`), so
+        reading the rows of a plan one after the other reads each part about once."""
+        ids = np.asarray(block_ids, np.int64).reshape(-1)
+        got = {name: [] for name, _ in PARTS}
+        if ids.size:
+            lo, hi = int(ids.min()), int(ids.max()) + 1
+            index = np.asarray(self.index[lo:hi])[ids - lo]
+            missing = np.flatnonzero(index[:, 0] < 0)
+            if missing.size:  # the markers say done only after the record is written
+                raise RuntimeError(f"internal error: no record for block {int(ids[missing[0]])}")
+            for part, offset, *rows in index.tolist():
+                data = self._part(part)
+                pos = offset
+                for (name, width), n in zip(PARTS, rows):
+                    got[name].append(data[pos:pos + n * width].reshape(n, width))
+                    pos += n * width
+        return tuple(np.concatenate(got[name]) if got[name] else np.zeros((0, w), np.int64)
+                     for name, w in PARTS)
+
+    def _part(self, part):
+        data = self._cache.get(part)
+        if data is not None:
+            self._cache.move_to_end(part)
+            return data
+        data = np.asarray(self.group[f"p{part}"][:])
+        self._cache[part] = data
+        self._cached += data.nbytes
+        while self._cached > CACHE_BYTES and len(self._cache) > 1:
+            self._cached -= self._cache.popitem(last=False)[1].nbytes
+        return data
