@@ -33,7 +33,8 @@ class TileSize(click.ParamType):
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tiles per forward pass.")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
-              help="DataLoader worker processes reading tiles [default: 1 on CPU, up to 4 on CUDA].")
+              help="DataLoader worker processes reading tiles [default: 0 on CPU (a reader thread), "
+                   "up to 4 on CUDA].")
 @click.option("--device", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs.")
 @click.option("--amp", default=None, type=click.Choice(["bf16", "fp16"]),
