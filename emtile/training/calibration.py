@@ -5,6 +5,12 @@ other pixels, so a network trained with them says "membrane" more readily than t
 (its probabilities are biased, not badly ranked). :func:`calibrate_model` fits one logit offset
 on training slices and adds it to the bias of the last layer, so the model folder stays an
 ordinary model and ``emtile predict`` needs nothing new.
+
+The offset moves every threshold: the one with the lowest pixel error becomes 0.5, and the one
+with the best V-Rand moves too, possibly to the edge of the challenge's grid (0.0-1.0, step 0.1)
+where the sweep can no longer reach its maximum. :func:`calibrate_best` therefore measures the
+validation scores before and after, and keeps the calibrated model only if its validation V-Rand
+(best threshold) is not lower, unless told to keep it anyway.
 """
 
 import math
@@ -44,11 +50,12 @@ def threshold_offset(prob, truth, *, bins=1000, lo=0.02, hi=0.98):
     return offset, t, float(np.mean((prob > 0.5) != truth)), float(errors[best])
 
 
-def calibrate_model(model, raw, labels, zs, *, device, max_pixels=2**24):
+def calibrate_model(model, raw, labels, zs, *, device, max_pixels=2**24, normalize=None):
     """Fit the output bias so that threshold 0.5 gives the lowest pixel error on slices ``zs``.
 
     One logit offset, fitted on at most ``max_pixels`` pixels of those slices (slices spread
-    evenly), is added to the bias of ``model.head``, the last layer.
+    evenly), is added to the bias of ``model.head``, the last layer. ``normalize`` is the
+    training volume's :class:`~emtile.normalize.Scaling` (None: the ``dtype`` rule).
 
     Returns
     -------
@@ -59,7 +66,7 @@ def calibrate_model(model, raw, labels, zs, *, device, max_pixels=2**24):
     per_slice = int(np.prod(raw.shape[1:]))
     n = max(1, min(len(zs), max_pixels // per_slice))
     picks = sorted({zs[i] for i in np.linspace(0, len(zs) - 1, n).round().astype(int)})
-    prob = predict_slices(model, raw, picks, device=device)
+    prob = predict_slices(model, raw, picks, device=device, normalize=normalize)
     truth = np.stack([np.asarray(labels[z]) != 0 for z in picks])
     offset, t, before, after = threshold_offset(prob, truth)
     head = model.head
@@ -69,12 +76,16 @@ def calibrate_model(model, raw, labels, zs, *, device, max_pixels=2**24):
             "pixel_error_after": after, "slices": picks}
 
 
-def calibrate_best(best, raw, labels, zs, device, validator):
+def calibrate_best(best, raw, labels, zs, device, validator, *, normalize=None, before=None,
+                   keep=False):
     """Calibrate the model folder ``best`` once (see :func:`calibrate_model`); return the record.
 
-    The record (with ``val_after``, the validation scores after calibration, when there is a
-    ``validator``) goes into the folder's metadata under ``calibration``; a folder that has one
-    already (a resumed run that kept its best model) is left as it is.
+    With a ``validator``, the validation scores before (``before``, the scores ``best`` was
+    chosen with, or measured now) and after are recorded as ``val_before`` / ``val_after``,
+    and the calibrated weights replace ``best``'s only when the validation V-Rand (best
+    threshold) does not fall, or when ``keep``; ``kept`` says which, ``reason`` why. The record
+    goes into the folder's metadata under ``calibration``; a folder that has one already (a
+    resumed run that kept its best model) is left as it is.
     """
     from emtile.unet import load_metadata, load_model, save_model
 
@@ -83,10 +94,26 @@ def calibrate_best(best, raw, labels, zs, device, validator):
     if "calibration" in info:
         return info["calibration"]
     model = load_model(best, device=device)
-    record = calibrate_model(model, raw, labels, zs, device=device)
+    if validator is not None and not (before or {}).get("val_vrand"):
+        before = validator(model)
+    record = calibrate_model(model, raw, labels, zs, device=device, normalize=normalize)
+    kept = True
     if validator is not None:
-        record["val_after"] = validator(model)
+        before = {k: v for k, v in before.items() if k.startswith("val_")}
+        after = validator(model)
+        record.update(val_before=before, val_after=after)
+        fell = after["val_vrand"] < before["val_vrand"]
+        kept = keep or not fell
+        record["reason"] = (
+            f"validation V-Rand {before['val_vrand']:.4f} (best threshold "
+            f"{before['val_vrand_threshold']:g}) before, {after['val_vrand']:.4f} (best threshold "
+            f"{after['val_vrand_threshold']:g}) after"
+            + ("" if not fell else "; kept as asked" if keep else
+               "; the calibrated model was not kept"))
+    record["kept"] = kept
     info["calibration"] = {k: jsonable(v) for k, v in record.items()}
+    if not kept:
+        model = load_model(best, device=device)  # the weights as trained
     tmp = best.with_name(best.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp, metadata=meta)
