@@ -15,7 +15,7 @@ from emtile.training.settings import OPTIMIZERS, SCHEDULES
 @click.option("--train-slices", type=SliceList(), required=True, help="Slices to train on, e.g. 0:25 or 0,2,4.")
 @click.option("--val-slices", type=SliceList(), default=None,
               help="Slices to validate on, e.g. 25:30 (default: no validation; best = last).")
-@click.option("--iterations", type=click.IntRange(min=1), default=4000, show_default=True,
+@click.option("--iterations", type=click.IntRange(min=1), default=3800, show_default=True,
               help="Total optimiser steps (a resumed run continues up to this number).")
 @click.option("--base", type=click.IntRange(min=1), default=None,
               help="Channels of the first level, doubled per level [default: 16, the CPU recipe; "
@@ -96,7 +96,8 @@ def train(raw, labels, out, resume, overwrite, progress, **settings):
 
     The defaults are the documented CPU recipe (base 16, depth 4, batch norm frozen for the last
     30%, lr 2e-3, no class balance, percentile normalisation, bf16 where native): about 30
-    minutes on a 2-core CPU for 4000 iterations. --base 64 gives the paper's model size.
+    minutes on a quiet 2-core CPU with bf16 (3800 iterations). --base 64 gives the paper's model
+    size.
 
     \b
     emtile train --raw vol.zarr --labels labels.zarr --out model/ \\

@@ -166,7 +166,7 @@ def _model_lines(d, indent=""):
     lines.append(f"calibration   {_calibration_text(d['calibration'])}")
     cal = d["calibration"] or {}
     lines.append(f"validation    {format_scores(d['metrics']) or 'not recorded'}"
-                 + (" (before calibration)" if cal.get("kept") else ""))
+                 + (" (before calibration)" if cal.get("kept") and cal.get("val_after") else ""))
     if cal.get("val_after") and cal.get("kept"):
         lines.append(f"  calibrated  {format_scores(cal['val_after'])}")
     return [indent + line for line in lines]

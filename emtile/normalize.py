@@ -163,7 +163,7 @@ def apply(data, scaling):
     Examples
     --------
     >>> apply(np.array([0, 51, 255], np.uint8), Scaling("dtype")).tolist()
-    [0.0, 0.20000000298023224, 1.0]
+    [0.0, 0.20000001788139343, 1.0]
     >>> apply(np.array([10.0, 60.0]), Scaling("minmax", 10.0, 110.0)).tolist()
     [0.0, 0.5]
     """
@@ -238,7 +238,7 @@ def _minmax(array):
     return lo, hi
 
 
-def statistics(array, rule="dtype"):
+def statistics(array, rule="dtype", *, name="the volume"):
     """Resolve ``rule`` on a volume and measure where its normalised pixels lie.
 
     Parameters
@@ -247,6 +247,8 @@ def statistics(array, rule="dtype"):
         Read lazily: a sample of slices (and, for ``minmax``, the whole volume slab by slab).
     rule : str, dict or Rule
         See :func:`parse`.
+    name : str
+        What messages call the volume (``"raw"``).
 
     Returns
     -------
@@ -264,14 +266,14 @@ def statistics(array, rule="dtype"):
     rule = parse(rule)
     dtype = np.dtype(array.dtype)
     if dtype.kind not in "biuf":
-        raise EmtileError(f"the volume has dtype {dtype}, which is not numeric: expected integer "
+        raise EmtileError(f"{name} has dtype {dtype}, which is not numeric: expected integer "
                           f"or floating-point pixels")
     sample = _sample(array)
     if sample.size == 0:
-        raise EmtileError(f"the volume is empty (shape {tuple(array.shape)})")
+        raise EmtileError(f"{name} is empty (shape {tuple(array.shape)})")
     if dtype.kind == "f" and not np.isfinite(sample).all():
-        raise EmtileError("the volume holds NaN or infinite values: its intensities cannot be "
-                          "normalised (replace them first)")
+        raise EmtileError(f"{name} holds NaN or infinite values: its intensities cannot be "
+                          f"normalised (replace them first)")
     if rule.method == "dtype":
         scaling = Scaling("dtype")
     elif rule.method == "minmax":
@@ -348,7 +350,7 @@ def for_prediction(model, array, *, path=None, rule=None, model_ndim=2, name="in
     rec = model_record(model)
     recorded = rec.get("normalization")
     chosen = rule_of(recorded) if rule is None else parse(rule)
-    stats = statistics(array, chosen)
+    stats = statistics(array, chosen, name=name)
     notes = []
     if chosen == rule_of(recorded):
         notes.append(range_warning(stats, recorded, name=name))

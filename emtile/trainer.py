@@ -101,7 +101,7 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
     last = folder.check(resume=resume, overwrite=overwrite)
     s, net = _model(s, last, model)
     in_shape, out_shape, class_weights, weight_fn = _check_patches(data, s, net)
-    norm = statistics(data.raw, s.normalize)  # the model's input rule, on the raw volume
+    norm = statistics(data.raw, s.normalize, name="raw")  # the model's input rule, on raw
     scaling = norm["scaling"]
 
     if last is None:  # every check passed: only now touch the output folder

@@ -182,8 +182,19 @@ def test_nan_loss_names_the_iteration_and_cause(small, tmp_path):
     raw, labels = open_arrays(small)
     bad = np.asarray(raw).astype(np.float32) / 255
     bad[:, 40:60, 40:60] = np.nan
-    with pytest.raises(EmtileError, match="loss is nan at iteration 1; the raw patch holds NaN or infinite values"):
+    # refused before training: the normalisation's statistics see the NaN
+    with pytest.raises(EmtileError, match="raw holds NaN or infinite values: its intensities cannot "
+                                          "be normalised"):
         train(bad, labels, tmp_path / "run", train_slices=slice(0, 4), **dict(TINY, iterations=2, tile=96))
+    assert not (tmp_path / "run").exists()
+    # a patch holding NaN that reaches the loop anyway
+    net = torch.nn.Conv2d(1, 1, 1)
+    nan_batches = iter(lambda: {"image": torch.full((1, 1, 4, 4), float("nan")),
+                                "label": torch.ones(1, 1, 4, 4)}, None)
+    with pytest.raises(EmtileError, match="loss is nan at iteration 1; the raw patch holds NaN or infinite values"):
+        fit(net, nan_batches, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            loss_fn=lambda logits, target, weight: logits.mean(), lr_at=lambda it: 0.1, start=0,
+            iterations=2, device=torch.device("cpu"))
 
     # divergence: a loss that turns NaN at the third step
     model = torch.nn.Conv2d(1, 1, 1)
@@ -220,7 +231,7 @@ def test_every_cli_option_reaches_the_settings(small, tmp_path):
                "--momentum": ("0.9", 0.9), "--weight-decay": ("0.0001", 0.0001),
                "--schedule": ("poly", "poly"), "--warmup": ("1", 1), "--loss": ("bce+dice", "bce+dice"),
                "--w0": ("5", 5.0), "--sigma": ("3", 3.0), "--class-balance": ("0.5", 0.5),
-               "--workers": ("0", 0), "--device": ("cpu", "cpu"), "--amp": (None, True),
+               "--workers": ("0", 0), "--device": ("cpu", "cpu"), "--amp": ("bf16", "bf16"),
                "--clip": ("1.5", 1.5), "--val-every": ("1", 1), "--seed": ("3", 3),
                "--no-elastic": (None, False), "--elastic-sigma": ("4", 4.0), "--no-flip": (None, False),
                "--no-intensity": (None, False), "--noise": ("0.01", 0.01), "--blur": ("0.5", 0.5),

@@ -121,7 +121,7 @@ class TrainSettings:
 
     train_slices: object
     val_slices: object = None
-    iterations: int = 4000
+    iterations: int = 3800
     base: int = None
     depth: int = None
     batch_norm: bool = None

@@ -100,10 +100,10 @@ def format_scores(scores):
         parts.append(f"pixel error {scores['val_pixel_error']:.4f} at 0.5")
     if scores.get("val_f1") is not None:
         parts.append(f"F1 {scores['val_f1']:.4f} at 0.5")
-    if scores.get("val_vrand_05") is not None:
+    t = scores.get("val_vrand_threshold")
+    if scores.get("val_vrand_05") is not None and t != 0.5:
         parts.append(f"V-Rand {scores['val_vrand_05']:.4f} at 0.5")
     if scores.get("val_vrand") is not None:
-        t = scores.get("val_vrand_threshold")
         at = f" at {t:g} (best threshold)" if t is not None else " (best threshold)"
         parts.append(f"V-Rand {scores['val_vrand']:.4f}{at}")
     return ", ".join(parts)
