@@ -188,8 +188,8 @@ def merge_outlines(mask, truth, *, share=0.5):
     merged = merging[0][merging[1] >= 2]
     if not merged.size:
         return 0, np.zeros(mask.shape, bool)
-    return int(merged.size), find_boundaries(np.where(np.isin(pred, merged), pred, 0),
-                                             mode="inner")
+    framed = np.pad(np.where(np.isin(pred, merged), pred, 0), 1)  # the image edge outlines too
+    return int(merged.size), find_boundaries(framed, mode="inner")[1:-1, 1:-1]
 
 
 def _prob(pslice, decoder, scale):
