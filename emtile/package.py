@@ -291,15 +291,16 @@ def _axes_signature(axes):
 
 
 def _processing_signature(steps):
-    """The steps' ids and kwargs, with gains and offsets as the float32 numbers applied."""
+    """The steps' ids and kwargs, with numbers (gains, offsets, percentiles, eps) as the float32
+    numbers applied."""
     out = []
     for s in steps if isinstance(steps, list) else [steps]:
         if not isinstance(s, dict):
             out.append(repr(s))
             continue
         kwargs = dict(s.get("kwargs") or {})
-        for key in ("gain", "offset"):
-            if key in kwargs:
+        for key in ("gain", "offset", "eps", "min_percentile", "max_percentile"):
+            if key in kwargs:  # YAML reads 1e-06 as text: compare the numbers
                 try:
                     kwargs[key] = float(np.float32(float(kwargs[key])))
                 except (TypeError, ValueError):
