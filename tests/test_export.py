@@ -512,3 +512,12 @@ def test_bioimageio_check_script_runs(exported, volume):
     line = next(s for s in out.stdout.splitlines() if s.startswith("bioimageio.core (padding"))
     assert "mode='reflect'" in line and int(line.split("largest difference ")[1]) <= 1
     assert "own tiler (predict_sample_with_blocking):" in out.stdout
+
+
+def test_info_describes_a_package(exported):
+    _, package, _ = exported
+    r = run_cli("info", package)
+    assert r.exit_code == 0, r.output
+    assert "kind          bioimage.io package" in r.output
+    assert "U-Net 2-D, depth 2, base 4, batch norm on" in r.output
+    assert "normalisation dtype (not recorded" in r.output  # an old-style model: dtype
