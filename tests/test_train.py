@@ -236,7 +236,8 @@ def test_every_cli_option_reaches_the_settings(small, tmp_path):
                "--no-elastic": (None, False), "--elastic-sigma": ("4", 4.0), "--no-flip": (None, False),
                "--no-intensity": (None, False), "--noise": ("0.01", 0.01), "--blur": ("0.5", 0.5),
                "--foreground": ("0.5", 0.5), "--no-channels-last": (None, False),
-               "--no-calibrate": (None, False)}
+               "--normalize": ("minmax", "minmax"), "--no-calibrate": (None, False),
+               "--keep-calibrated": (None, True)}
     args = ["train", "--raw", raw, "--labels", labels, "--out", str(tmp_path / "run"), "--no-progress"]
     for option, (text, _) in options.items():
         args += [option] if text is None else [option, text]
