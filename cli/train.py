@@ -85,9 +85,10 @@ from emtile.training.settings import OPTIMIZERS, SCHEDULES
                    "and maximum), or dtype (integers / their type's maximum, floats as they "
                    "are).")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
-              help="Fit the output bias of best/ on the training slices so that threshold 0.5 "
-                   "gives the lowest pixel error (border weights bias it towards membrane); "
-                   "best/ keeps it only if the validation V-Rand (best threshold) does not fall.")
+              help="Fit a logit scale and offset for best/ on the training slices so that "
+                   "threshold 0.5 gives the lowest pixel error and 0.7 the best V-Rand (border "
+                   "weights bias the output towards membrane); best/ keeps them unless the "
+                   "validation V-Rand (best threshold) falls by more than 0.01.")
 @click.option("--keep-calibrated", is_flag=True,
               help="Keep the calibrated best/ even when its validation V-Rand is lower.")
 @progress_option()

@@ -128,9 +128,9 @@ def _sizes_text(g):
 def _calibration_text(cal):
     if not cal:
         return "none"
-    text = (f"logit offset {cal['offset']:+.3f} (threshold {cal['threshold']:.3f} -> 0.5 on "
-            f"the training slices; pixel error {cal['pixel_error_before']:.4f} -> "
-            f"{cal['pixel_error_after']:.4f})")
+    from emtile.training.calibration import calibration_text
+
+    text = calibration_text(cal)
     if cal.get("kept") is False:
         text = "tried and not kept: " + text
     return text

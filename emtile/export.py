@@ -274,9 +274,9 @@ def _readme(*, name, description, net, meta, crop_info, test_in, test_out, cite_
         rows.append("- settings: " + ", ".join(f"{k}={_fmt(v)}"
                                                for k, v in sorted(settings.items())))
     calibration = info.get("calibration") if isinstance(info.get("calibration"), dict) else {}
-    if "offset" in calibration:
-        rows.append(f"- output calibration: logit offset {_fmt(calibration['offset'])} folded "
-                    f"into the last layer's bias")
+    if "offset" in calibration and calibration.get("kept", True):
+        rows.append(f"- output calibration: logit scale {_fmt(calibration.get('scale', 1.0))} and "
+                    f"offset {_fmt(calibration['offset'])} folded into the last layer")
     lines += rows or ["The model folder records no training metadata."]
     lines += ["", "The full record is `metadata.json` (also under `config.emtile.metadata` in "
               "rdf.yaml).", "", "## Validation", ""]

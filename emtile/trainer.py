@@ -14,14 +14,14 @@ and the optimiser, then runs the loop, :func:`emtile.training.loop.fit`, which k
 :mod:`emtile.training.logs`        ``train.csv``, TensorBoard, the progress bar
 :mod:`emtile.training.batchnorm`   precise statistics (``update_bn``), ``FreezeNorm``
 :mod:`emtile.training.validation`  ``predict_slices`` and ``Validator``: the predictor's tiled path
-:mod:`emtile.training.calibration` the logit offset folded into ``best/``
+:mod:`emtile.training.calibration` the logit map (scale, offset) folded into ``best/``
 :mod:`emtile.training.run`         the run folder, ``training_state.pt``, ``Checkpoint``
 =================================  ===============================================================
 
 Two steps go beyond the paper's recipe. With batch norm, the last 30% of the run (``freeze_bn``)
 trains with fixed statistics, recomputed first, so that the network is trained as tiled
 prediction runs it (per-tile statistics would make the output depend on the tiling). At the end,
-``best`` gets one logit offset fitted on the training slices (``calibrate``), because the border
+``best`` gets a logit scale and offset fitted on the training slices (``calibrate``), because the border
 weights bias the probabilities towards membrane.
 
 Resuming reproduces an uninterrupted run: the patch stream is a pure function of the seed and
@@ -288,6 +288,7 @@ def _voxel_size(path):
 
 def format_result(result):
     """What ``emtile train`` prints about the ``result`` of :func:`train`."""
+    from emtile.training.calibration import calibration_text
     from emtile.training.validation import format_scores
 
     lines = [f"trained {result['iteration']} iterations in {result['elapsed_s']:.0f} s; "
@@ -299,9 +300,7 @@ def format_result(result):
     cal = result.get("calibration")
     if cal:
         what = "calibrated best/" if cal.get("kept", True) else "calibration tried and undone"
-        lines.append(f"{what}: threshold {cal['threshold']:.3f} -> 0.5 (logit offset "
-                     f"{cal['offset']:+.3f}); training-slice pixel error "
-                     f"{cal['pixel_error_before']:.4f} -> {cal['pixel_error_after']:.4f}")
+        lines.append(f"{what}: {calibration_text(cal)}")
         if cal.get("val_after"):
             lines.append(f"  validation after calibration: {format_scores(cal['val_after'])}")
         if cal.get("reason"):

@@ -439,7 +439,7 @@ def test_threshold_offset_finds_the_error_minimising_threshold():
     assert t == pytest.approx(0.02)
 
 
-def test_calibrate_model_moves_the_fitted_threshold_to_one_half(small):
+def test_calibrate_model_moves_the_fitted_thresholds_to_one_half_and_the_v_rand_target(small):
     from emtile.predictor import predict_array
     from emtile.training.calibration import calibrate_model
     from emtile.unet import UNet
@@ -458,11 +458,34 @@ def test_calibrate_model_moves_the_fitted_threshold_to_one_half(small):
     assert record["pixel_error_before"] == pytest.approx(np.mean((before > 0.5) != truth))
     assert record["pixel_error_after"] == pytest.approx(np.mean((before > t) != truth))
     assert record["pixel_error_after"] <= record["pixel_error_before"]
-    # the shift is exact in logit space: p' = sigmoid(logit(p) + offset)
+    # the map is exact in logit space: p' = sigmoid(scale * logit(p) + offset)
     logit = np.log(before) - np.log1p(-before)
-    np.testing.assert_allclose(after, 1 / (1 + np.exp(-(logit + record["offset"]))), atol=2e-5)
+    mapped = record["scale"] * logit + record["offset"]
+    np.testing.assert_allclose(after, 1 / (1 + np.exp(-mapped)), atol=2e-5)
     near = np.abs(before - t) < 1e-4  # float rounding may flip pixels exactly at the threshold
     assert np.array_equal((after > 0.5)[~near], (before > t)[~near])
+    # and the training slices' best V-Rand threshold is now 0.7 (when the two are apart)
+    from emtile.training.calibration import VRAND_TARGET, calibration_map, vrand_logit
+
+    z_vrand, vrand = vrand_logit(before, truth)
+    assert (record["vrand"], record["vrand_threshold"]) == pytest.approx(
+        (vrand, 1 / (1 + np.exp(-z_vrand))))
+    z_pixel = np.log(t / (1 - t))
+    assert (record["scale"], record["offset"]) == pytest.approx(calibration_map(z_pixel, z_vrand))
+    if abs(z_vrand - z_pixel) >= 0.25:
+        assert 1 / (1 + np.exp(-(record["scale"] * z_vrand + record["offset"]))) == pytest.approx(
+            VRAND_TARGET if z_vrand > z_pixel else 1 - VRAND_TARGET)
+
+
+def test_calibration_map_by_hand():
+    from emtile.training.calibration import calibration_map
+
+    # pixel error best at p 0.18 (logit -1.5), V-Rand best at p 0.92 (logit 2.5): the issue's case
+    scale, offset = calibration_map(-1.5, 2.5)
+    assert scale == pytest.approx(np.log(0.7 / 0.3) / 4) and offset == pytest.approx(1.5 * scale)
+    assert calibration_map(-1.5, -1.4) == (1.0, 1.5)  # too close: an offset alone
+    scale, offset = calibration_map(1.0, -1.0)  # V-Rand below: it goes to 0.3
+    assert scale > 0 and 1 / (1 + np.exp(-(scale * -1.0 + offset))) == pytest.approx(0.3)
 
 
 def test_train_calibrates_best_once_and_leaves_last_as_trained(small, tmp_path):
@@ -479,7 +502,9 @@ def test_train_calibrates_best_once_and_leaves_last_as_trained(small, tmp_path):
     best, last = emtile.load_model(out / "best"), emtile.load_model(out / "last")
     for (name, a), (_, b) in zip(best.state_dict().items(), last.state_dict().items()):
         if name == "head.bias":
-            torch.testing.assert_close(a, b + record["offset"])
+            torch.testing.assert_close(a, b * record["scale"] + record["offset"])
+        elif name == "head.weight":
+            torch.testing.assert_close(a, b * record["scale"])
         else:
             assert torch.equal(a, b), name
     # a second call (a resumed run that kept this best) does not shift it again
@@ -502,7 +527,7 @@ def test_cli_freeze_bn_and_calibrate(small, tmp_path):
             "--batch-norm", "--no-progress"]
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a"), "--freeze-bn", "0.5"])
     assert result.exit_code == 0, result.output
-    assert "calibrated best/: threshold" in result.output
+    assert "calibrated best/: pixel-error threshold" in result.output
     meta = json.loads((tmp_path / "a" / "best" / "metadata.json").read_text())["emtile"]
     assert meta["settings"]["freeze_bn"] == 0.5 and "calibration" in meta
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "b"), "--no-calibrate"])

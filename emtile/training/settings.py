@@ -100,12 +100,12 @@ class TrainSettings:
         (the default; ``"percentile:1,99.8"``), ``"minmax"`` or ``"dtype"``. Computed on the raw
         volume and recorded in the model, which ``emtile predict`` applies to its input.
     calibrate : bool
-        At the end, fit one logit offset on the training slices so that threshold 0.5 gives
-        the lowest pixel error, and fold it into ``best``'s last-layer bias (see
-        :func:`emtile.training.calibration.calibrate_model`; ``last`` stays as trained, for
-        resuming). With validation slices, the validation V-Rand (best threshold) is measured
-        before and after, and ``best`` keeps the calibrated model only if it is not lower
-        (unless ``keep_calibrated``). The record goes into ``best``'s metadata under
+        At the end, fit a logit scale and offset on the training slices so that threshold 0.5
+        gives the lowest pixel error and 0.7 the best V-Rand, and fold them into ``best``'s last
+        layer (see :mod:`emtile.training.calibration`; ``last`` stays as trained, for
+        resuming). With validation slices, the validation scores are measured before and after,
+        and ``best`` keeps the calibrated model unless its V-Rand (best threshold) is lower by
+        more than 0.01 (or ``keep_calibrated``). The record goes into ``best``'s metadata under
         ``calibration``.
     keep_calibrated : bool
         Keep the calibrated model as ``best`` even when its validation V-Rand is lower.
