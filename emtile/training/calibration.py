@@ -34,7 +34,7 @@ __all__ = ["threshold_offset", "vrand_logit", "calibration_map", "calibrate_mode
 #: Where calibration puts the training slices' best V-Rand threshold: on the challenge's grid.
 VRAND_TARGET = 0.7
 #: Logits searched for the best V-Rand (the challenge's thresholds 0.02-0.998, finer).
-VRAND_LOGITS = np.arange(-4.0, 6.01, 0.25)
+VRAND_LOGITS = np.arange(-4.0, 6.01, 0.5)
 #: The calibrated model counts as worse when its validation V-Rand is lower by more than this
 #: (the challenge's 11-point grid samples a broad maximum; smaller changes are its rounding).
 VRAND_TOLERANCE = 0.01
@@ -96,7 +96,7 @@ def calibration_map(z_pixel, z_vrand, *, target=VRAND_TARGET, min_gap=0.25):
 
 
 def calibrate_model(model, raw, labels, zs, *, device, max_pixels=2**24, normalize=None,
-                    vrand_slices=8):
+                    vrand_slices=6):
     """Fit the output map on slices ``zs``: 0.5 becomes the threshold of lowest pixel error, and
     :data:`VRAND_TARGET` the threshold of best V-Rand (see the module docstring).
 
