@@ -116,6 +116,15 @@ def describe_run(path):
 # --------------------------------------------------------------------------- text
 
 
+def _slices_text(zs):
+    """Slice indices as runs: ``[0, 1, 2, 5]`` -> ``0:3,5``."""
+    if not isinstance(zs, list) or not all(isinstance(z, int) for z in zs):
+        return str(zs)
+    from emtile.volume import slice_runs
+
+    return ",".join(str(a) if b == a + 1 else f"{a}:{b}" for a, b in slice_runs(sorted(zs)))
+
+
 def _sizes_text(g):
     sizes = g["valid_sizes"]
     shown = ", ".join(str(s) for s in sizes[:4])
@@ -150,8 +159,8 @@ def _model_lines(d, indent=""):
     ]
     if t:
         where = ", ".join(f"{k} {t[k]}" for k in ("raw", "labels") if k in t)
-        sl = ", ".join(f"{k.replace('_', ' ')} {t[k]}" for k in ("train_slices", "val_slices")
-                       if k in t)
+        sl = ", ".join(f"{k.replace('_', ' ')} {_slices_text(t[k])}"
+                       for k in ("train_slices", "val_slices") if k in t)
         lines.append(f"trained on    {where}" + (f"; {sl}" if sl else ""))
         if "iteration" in t:
             lines.append(f"iteration     {t['iteration']} of {t.get('iterations', '?')}"
@@ -189,7 +198,8 @@ def format_description(d):
              f"iterations" + (" (resume with emtile train ... --resume)"
                               if done is not None and done < s.get("iterations", 0) else ""),
              f"data          raw {d['raw']}, labels {d['labels']}; train slices "
-             f"{d['train_slices']}, validation slices {d['val_slices']}",
+             f"{_slices_text(d['train_slices'])}, validation slices "
+             f"{_slices_text(d['val_slices'])}",
              f"log           {d['log'] or '-'} (emtile show --log {d['path']} -o curve.png)"]
     if d["best"]:
         lines += ["", f"best model    {Path(d['path']) / 'best'}  (emtile predict --model "

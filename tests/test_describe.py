@@ -52,7 +52,7 @@ def test_info_describes_a_model_folder(run):
     n = sum(p.numel() for p in UNet(base=4, depth=2, batch_norm=True).parameters())
     assert f"parameters    {n:,}" in out
     assert "tile sizes    44 + 4 n (44, 48, 52, 56, ..., 572, ...); output = input - 40" in out
-    assert f"raw {d / 'raw.zarr'}, labels {d / 'labels.zarr'}; train slices [0, 1, 2, 3]" in out
+    assert f"raw {d / 'raw.zarr'}, labels {d / 'labels.zarr'}; train slices 0:4, val slices 4:6" in out
     assert "voxel size    50 x 4 x 4 nm" in out
     assert "normalisation percentile:1,99.8; training data uint8" in out
     assert "calibration   " in out and "logit offset" in out
