@@ -55,7 +55,7 @@ def test_info_describes_a_model_folder(run):
     assert f"raw {d / 'raw.zarr'}, labels {d / 'labels.zarr'}; train slices 0:4, val slices 4:6" in out
     assert "voxel size    50 x 4 x 4 nm" in out
     assert "normalisation percentile:1,99.8; training data uint8" in out
-    assert "calibration   " in out and "logit offset" in out
+    assert "calibration   " in out and "logit map x" in out and "pixel-error threshold" in out
     assert "validation    " in out and "(best threshold)" in out and "pixel error" in out
     as_json = json.loads(cli("info", d / "run" / "best", "--json").output)
     assert as_json["what"] == "model" and as_json["voxel_size"] == [50.0, 4.0, 4.0]
