@@ -1,34 +1,89 @@
-"""click parameter types shared by the commands: integer tuples, slice lists and ROIs.
+"""click parameter types and options shared by the commands, so that one option means one thing
+with the same values everywhere: integer tuples, slice lists, ROIs, ``--device``, ``--amp``,
+``--progress/--no-progress`` and the words for raw images and labels.
 
 Each type turns a malformed value into a usage error that names the option, the value and the
 accepted form, e.g. ``--roi '0:5,a:b' is not a valid ROI: expected start:stop per axis``.
 """
 
+import re
+
 import click
+
+#: How every command describes its raw image and label volumes.
+RAW_HELP = "Image volume (TIFF, image folder, Zarr / OME-Zarr, HDF5), axes Z,Y,X."
+LABELS_HELP = ("Binary labels of the same shape: 1 (or 255) = cell interior, 0 = membrane "
+               "(emtile convert --labels writes them).")
 
 
 class IntTuple(click.ParamType):
-    """``Z,Y,X`` (or any fixed or free length) comma-separated positive numbers."""
+    """``Z,Y,X`` comma-separated positive numbers (``length`` of them, when given)."""
 
     name = "N,N,N"
 
-    def __init__(self, length=None, *, cast=int, positive=True):
+    def __init__(self, length=None, *, cast=int, positive=True, example="1,512,512",
+                 names="Z,Y,X"):
         self.length = length
         self.cast = cast
         self.positive = positive
+        self.example = example
+        self.names = names
+        self.name = names
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
+        text = str(value).strip()
+        kind = "numbers" if self.cast is float else "integers"
         try:
-            out = tuple(self.cast(v) for v in str(value).split(","))
+            out = tuple(self.cast(v) for v in text.split(","))
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 1,512,512", param, ctx)
+            self.fail(f"{text} is not a comma-separated list of {kind}: give {self.names}, "
+                      f"e.g. {self.example}", param, ctx)
         if self.length is not None and len(out) != self.length:
-            self.fail(f"{value!r} has {len(out)} values; expected {self.length}", param, ctx)
+            self.fail(f"{text} has {len(out)} value{'s' if len(out) != 1 else ''}; give "
+                      f"{self.length} ({self.names}), e.g. {self.example}", param, ctx)
         if self.positive and any(v <= 0 for v in out):
-            self.fail(f"{value!r}: every value must be positive", param, ctx)
+            self.fail(f"{text}: every value must be positive, e.g. {self.example}", param, ctx)
         return out
+
+
+class Device(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    name = "auto|cpu|cuda|cuda:N"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+            return text
+        self.fail(f"{value!r} is not a device: choose auto, cpu, cuda or cuda:N (e.g. cuda:1)",
+                  param, ctx)
+
+
+def device_option():
+    """``--device``, the same in every command."""
+    return click.option("--device", type=Device(), default="auto", show_default=True,
+                        help="Where the model runs: auto (a CUDA device when there is one), "
+                             "cpu, cuda or cuda:N (the N-th CUDA device).")
+
+
+def amp_option(default, note=""):
+    """``--amp MODE``, the same in every command (``--amp`` alone is ``auto``)."""
+    from emtile.device import AMP_CHOICES
+
+    return click.option(
+        "--amp", type=click.Choice(AMP_CHOICES), default=default, show_default=True,
+        is_flag=False, flag_value="auto",
+        help="Mixed precision of the forward pass: off (float32), bf16, fp16, or auto (bf16 "
+             "where the device runs it natively: CUDA, CPUs with AVX512-BF16 or AMX; fp16 on "
+             "older CUDA; else off). --amp alone means auto." + note)
+
+
+def progress_option():
+    """``--progress/--no-progress``, the same in every command."""
+    return click.option("--progress/--no-progress", default=True, show_default=True,
+                        help="Show a progress bar.")
 
 
 def parse_slice(text):

@@ -4,7 +4,7 @@ import json
 
 import click
 
-from emtile.device import DEVICES
+from emtile.cli._types import amp_option, device_option
 
 
 @click.command()
@@ -16,15 +16,13 @@ from emtile.device import DEVICES
               help="Input tile size; must be valid for --depth (572 -> 388 at depth 4).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Tiles per forward pass, for both measurements.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto",
-              show_default=True, help="Where the model runs; auto picks cuda when there is one.")
+@device_option()
 @click.option("--tiles", type=click.IntRange(min=1), default=8, show_default=True,
               help="Tiles timed in each measurement (the predicted volume is exactly this many "
                    "output tiles, up to 2x2 per slice).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Run the model in channels_last memory format (faster on CPU).")
-@click.option("--amp", is_flag=True,
-              help="Mixed precision: bfloat16 autocast on CPU, float16 on CUDA.")
+@amp_option("off")
 @click.option("--workers", "num_workers", type=click.IntRange(min=0), default=None,
               help="DataLoader workers for predict (default: predict's default).")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,

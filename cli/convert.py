@@ -2,7 +2,7 @@
 
 import click
 
-from emtile.cli._types import IntTuple
+from emtile.cli._types import IntTuple, progress_option
 
 
 @click.command()
@@ -13,10 +13,15 @@ from emtile.cli._types import IntTuple
               help="With --labels: binarise as value > T (for masks with more than two values).")
 @click.option("--channel", type=int, default=None, help="For RGB / multi-channel stacks: the channel to keep.")
 @click.option("--dataset", default=None, help="HDF5 input: the dataset inside the file.")
-@click.option("--chunks", type=IntTuple(), default=None,
+@click.option("--chunks", type=IntTuple(3, example="1,1024,1024"), default=None,
               help="Chunk shape Z,Y,X (default 1,1024,1024 capped at the slice size: suits 2-D tiles).")
-@click.option("--voxel-size", type=IntTuple(cast=float), default=None,
-              help="Voxel size Z,Y,X in nm (default 1,1,1, recorded as unknown).")
+@click.option("--voxel-size", type=IntTuple(cast=float, example="50,4,4"), default=None,
+              help="Voxel size Z,Y,X (Y,X for a single image) in --unit (default unknown, "
+                   "recorded as 1 nm and shown as unknown). ISBI 2012: 50,4,4.")
+@click.option("--unit", type=click.Choice(["nm", "um", "µm", "mm", "angstrom"]), default="nm",
+              show_default=True,
+              help="Unit of --voxel-size; stores record nanometres (--voxel-size 0.05,0.004,0.004 "
+                   "--unit um is 50,4,4 nm).")
 @click.option("--levels", type=click.IntRange(min=1), default=1, show_default=True,
               help="Resolution levels for viewers (each halves y and x).")
 @click.option("--compression", type=click.Choice(["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"]),
@@ -25,8 +30,8 @@ from emtile.cli._types import IntTuple
 @click.option("--allow-partial", is_flag=True,
               help="Convert the complete pages of a TIFF cut short (refused otherwise); the store "
                    "records what was expected and what was found, and 'emtile info' shows it.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_size, levels,
+@progress_option()
+def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_size, unit, levels,
             compression, overwrite, allow_partial, progress):
     """Convert INPUT (TIFF, PNG/TIFF folder or glob, Zarr, HDF5) to an OME-Zarr store OUTPUT.
 
@@ -38,7 +43,7 @@ def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_si
     from emtile.volume import convert as run, format_info
 
     result = run(input, output, labels=labels, threshold=threshold, channel=channel,
-                 dataset=dataset, chunks=chunks, voxel_size=voxel_size, levels=levels,
+                 dataset=dataset, chunks=chunks, voxel_size=voxel_size, unit=unit, levels=levels,
                  compression=compression, overwrite=overwrite, allow_partial=allow_partial,
                  progress=progress)
     click.echo(f"wrote {output}")

@@ -2,7 +2,8 @@
 
 import click
 
-from emtile.cli._types import SliceList
+from emtile.cli._types import SliceList, progress_option
+
 
 @click.command()
 @click.argument("pred")
@@ -10,7 +11,8 @@ from emtile.cli._types import SliceList
 @click.option("--slices", type=SliceList(), default=None,
               help="Slices to score: a range 25:30 or a list 25,27 (default: all).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
-              help="Cell interior where probability > threshold.")
+              help="Cell interior where probability > threshold (the rule of predict's mask "
+                   "and show too).")
 @click.option("--sweep", is_flag=True,
               help="Also sweep thresholds 0.0..1.0 (step 0.1) and report the best mean V-Rand "
                    "and V-Info (the ISBI 'maximal' scores).")
@@ -21,14 +23,19 @@ from emtile.cli._types import SliceList
               help="Write every number and the settings to this JSON file.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write per-slice, mean, pixel and sweep rows to this CSV file.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def evaluate(pred, labels, slices, threshold, sweep, invert, json_path, csv_path, no_progress):
-    """Score PRED (probabilities or mask) against binary LABELS: pixel metrics and the ISBI 2012
-    V-Rand / V-Info / Rand error, per slice and averaged."""
+@progress_option()
+def evaluate(pred, labels, slices, threshold, sweep, invert, json_path, csv_path, progress):
+    """Score PRED (probabilities or mask, e.g. pred.zarr) against LABELS (binary labels: 1 or
+    255 = cell interior, 0 = membrane): pixel metrics and the ISBI 2012 V-Rand / V-Info / Rand
+    error, per slice and averaged, each named by its threshold.
+
+    A prediction of a region (predict --roi) is scored against the same region of full-size
+    LABELS (its offset is in its metadata); --slices then count in the labels' slices.
+    """
     from emtile.metrics import evaluate as run, format_report
 
     result = run(pred, labels, slices=slices, threshold=threshold, sweep=sweep, invert=invert,
-                 progress=not no_progress, json_path=json_path, csv_path=csv_path)
+                 progress=progress, json_path=json_path, csv_path=csv_path)
     click.echo(format_report(result))
     if json_path:
         click.echo(f"\nwrote {json_path}")

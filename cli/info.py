@@ -1,4 +1,4 @@
-"""``emtile info``: what a volume is and whether it is complete."""
+"""``emtile info``: what a volume, a model or a training run is."""
 
 import json
 
@@ -7,11 +7,14 @@ import click
 
 @click.command()
 @click.argument("path")
-@click.option("--stats", is_flag=True, help="Also compute min/max/mean, chunk by chunk.")
+@click.option("--stats", is_flag=True, help="Volumes: also compute min/max/mean, chunk by chunk.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(path, stats, as_json):
-    """Describe the volume at PATH: shape, dtype, chunks, sizes, voxel size, completeness."""
-    from emtile.volume import format_info, info as run
+    """Describe PATH: a volume (shape, dtype, chunks, sizes, voxel size, completeness; a
+    prediction's model, options, region and mask), a model folder or package (architecture,
+    valid tile sizes, training data, voxel size, normalisation, calibration, scores) or a
+    training run folder."""
+    from emtile.describe import describe, format_description
 
-    d = run(path, stats=stats, progress=stats and not as_json)
-    click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+    d = describe(path, stats=stats, progress=stats and not as_json)
+    click.echo(json.dumps(d, indent=2, default=str) if as_json else format_description(d))

@@ -6,11 +6,15 @@ become a one-line ``Error: ...`` and exit code 1; anything else keeps its traceb
 """
 
 import importlib
+import os
+import warnings
 
 import click
 
 from emtile import EmtileError, __version__
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OWN = (os.path.join(_ROOT, "emtile") + os.sep, os.path.join(_ROOT, "cli") + os.sep)
 # command name -> "module:attribute" of its click command
 COMMANDS = {
     "convert": "emtile.cli.convert:convert",
@@ -43,10 +47,22 @@ class LazyGroup(click.Group):
         return getattr(module, attr)
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EmtileError as exc:
-            raise click.ClickException(str(exc)) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            try:
+                return super().invoke(ctx)
+            except EmtileError as exc:
+                raise click.ClickException(str(exc)) from None
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """emtile's own warnings (user-facing: an input far from the training data, overlapping
+    slices) as one ``Warning: ...`` line on stderr; anything else as Python prints it."""
+    if category.__module__.startswith("emtile") or os.path.abspath(str(filename)).startswith(_OWN):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip(),
+                   err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

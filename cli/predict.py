@@ -2,7 +2,7 @@
 
 import click
 
-from emtile.cli._types import Roi
+from emtile.cli._types import Roi, amp_option, device_option, progress_option
 
 
 class TileSize(click.ParamType):
@@ -26,7 +26,9 @@ class TileSize(click.ParamType):
 @click.argument("input", type=click.Path())
 @click.argument("output", type=click.Path())
 @click.option("--model", "model", required=True, type=click.Path(),
-              help="Model folder written by emtile train or emtile.save_model.")
+              help="Model folder written by emtile train (RUN/best) or emtile.save_model, or a "
+                   "bioimage.io package (.zip) written by emtile export. The model's recorded "
+                   "input normalisation is applied to INPUT.")
 @click.option("--tile", default="572", show_default=True, type=TileSize(),
               help="Input tile size (valid for the model's depth, e.g. 572 at depth 4), or auto: "
                    "the size that computes the fewest pixels for this volume.")
@@ -35,10 +37,8 @@ class TileSize(click.ParamType):
 @click.option("--workers", default=None, type=click.IntRange(min=0),
               help="DataLoader worker processes reading tiles [default: 0 on CPU (a reader thread), "
                    "up to 4 on CUDA].")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs.")
-@click.option("--amp", default=None, type=click.Choice(["bf16", "fp16"]),
-              help="Mixed precision for the forward pass [default: off].")
+@device_option()
+@amp_option("off")
 @click.option("--blend", default="none", show_default=True,
               type=click.Choice(["none", "linear", "cosine", "gaussian"]),
               help="Weighting of overlapping tile outputs (used with --overlap).")
@@ -51,10 +51,11 @@ class TileSize(click.ParamType):
               type=click.Choice(["uint8", "float16", "float32"]),
               help="Storage type of the probabilities (uint8 stores round(255 p)).")
 @click.option("--threshold", default=None, type=click.FloatRange(0, 1),
-              help="Also write a binary mask (p >= T) at OUTPUT/labels/mask.")
+              help="Also write a binary mask at OUTPUT/labels/mask: cell interior where p > T "
+                   "(the rule of evaluate and show too).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@progress_option()
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the model (faster at small widths; 10-20 s to compile).")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
@@ -78,7 +79,7 @@ class TileSize(click.ParamType):
               help="Resolution levels: an OME-Zarr pyramid for viewers (each level halves y and "
                    "x; probabilities by the mean, the mask by sampling), written as blocks finish.")
 def predict(input, output, model, tile, batch_size, workers, device, amp, blend, overlap, tta, roi,
-            dtype, threshold, overwrite, no_progress, compile_, threads, cluster, cluster_workers,
+            dtype, threshold, overwrite, progress, compile_, threads, cluster, cluster_workers,
             scheduler_file, blocks_per_task, retries, levels):
     """Predict INPUT (TIFF, image folder, Zarr, HDF5) into the OME-Zarr store OUTPUT.
 
@@ -95,7 +96,7 @@ def predict(input, output, model, tile, batch_size, workers, device, amp, blend,
 
     result = run(model, input, output, tile=tile, batch_size=batch_size, num_workers=workers,
                  device=device, amp=amp, blend=blend, overlap=overlap, tta=tta, roi=roi,
-                 dtype=dtype, threshold=threshold, overwrite=overwrite, progress=not no_progress,
+                 dtype=dtype, threshold=threshold, overwrite=overwrite, progress=progress,
                  compile=compile_, threads=threads, cluster=cluster,
                  cluster_workers=cluster_workers, scheduler_file=scheduler_file,
                  blocks_per_task=blocks_per_task, retries=retries, levels=levels)

@@ -3,6 +3,7 @@ image whose labels do not depend on the blocks."""
 
 import click
 
+from emtile.cli._types import progress_option
 from emtile.segmenter.driver import DEFAULTS
 
 
@@ -51,7 +52,7 @@ def _block_size(text):
                    "cell stay 0. It also sets the context each block reads.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@progress_option()
 @click.option("--cluster", default=None, metavar="local|slurm|cuda|ADDRESS",
               help="Run the blocks on Dask: local (worker processes here), slurm (dask-jobqueue, "
                    "from your Dask config), cuda (dask-cuda, one worker per GPU), or the address "
@@ -70,7 +71,7 @@ def _block_size(text):
                    "y and x by sampling, so no level shows an id that level 0 does not), written "
                    "as blocks finish; block sizes in y and x must be divisible by 2^(N-1).")
 def segment(pred, output, method, mode, threshold, min_size, merge_threshold, keep_boundaries,
-            block_size, grow, overwrite, no_progress, cluster, cluster_workers, scheduler_file,
+            block_size, grow, overwrite, progress, cluster, cluster_workers, scheduler_file,
             blocks_per_task, retries, levels):
     """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
 
@@ -90,7 +91,7 @@ def segment(pred, output, method, mode, threshold, min_size, merge_threshold, ke
     result = run(pred, output, method=method, mode=mode, threshold=threshold, min_size=min_size,
                  merge_threshold=merge_threshold, keep_boundaries=keep_boundaries,
                  block_size=_block_size(block_size), grow=grow, overwrite=overwrite,
-                 progress=not no_progress, cluster=cluster, cluster_workers=cluster_workers,
+                 progress=progress, cluster=cluster, cluster_workers=cluster_workers,
                  scheduler_file=scheduler_file, blocks_per_task=blocks_per_task,
                  retries=retries, levels=levels)
     if any(result.blocks_resumed):

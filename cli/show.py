@@ -2,30 +2,37 @@
 
 import click
 
-from emtile.cli._types import Roi, SliceList
+from emtile.cli._types import LABELS_HELP, Roi, SliceList
 
 
 @click.command()
 @click.argument("raw", required=False)
-@click.option("--pred", default=None, help="Prediction: probabilities (pred.zarr) or a mask.")
-@click.option("--labels", default=None, help="Binary truth labels ({0,1} or {0,255}).")
+@click.option("--pred", default=None,
+              help="Prediction: probabilities (pred.zarr) or a mask; a prediction of a region "
+                   "(predict --roi) is drawn over the same region of RAW and --labels.")
+@click.option("--labels", default=None, help=LABELS_HELP)
 @click.option("--slices", type=SliceList(), default=None,
-              help="Slices to draw, one row each: 25,27 or 25:28 (default: 0).")
+              help="Slices to draw, one row each, in RAW's numbering: 25,27 or 25:28 (default: "
+                   "the first).")
 @click.option("--roi", type=Roi(), default=None,
               help="Crop y0:y1,x0:x1 (or z0:z1,y0:y1,x0:x1); only that region is read.")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
-              help="Cell interior where probability > threshold.")
+              help="Cell interior where probability > threshold (the rule of predict's mask and "
+                   "evaluate too); the scores are also shown at the best threshold.")
 @click.option("--invert", is_flag=True, help="PRED is a membrane probability: use 1 - p.")
-@click.option("--log", "log", type=click.Path(dir_okay=False), default=None,
-              help="Draw the training curve of this CSV log (model/train.csv) instead.")
+@click.option("--log", "log", type=click.Path(), default=None,
+              help="Draw the training curve of this run folder (train's --out) or its "
+                   "train.csv instead; a run folder marks the batch-norm freeze and the "
+                   "calibration.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Figure file to write: .png or .pdf.")
 @click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
               help="Resolution of PNG output.")
 @click.option("--title", default=None, help="Figure title.")
 def show(raw, pred, labels, slices, roi, threshold, invert, log, output, dpi, title):
-    """Draw RAW with --pred/--labels (panels per slice, error overlay and scores), or the
-    training curve of --log; write it to -o fig.png|pdf."""
+    """Draw RAW with --pred/--labels (panels per slice, an error overlay in EM terms, scores at
+    the threshold and at the best one), or the training curve of --log RUN (or of RUN given as
+    RAW); write it to -o fig.png|pdf."""
     from emtile.plot import show as run
 
     run(raw, pred=pred, labels=labels, slices=slices, roi=roi, threshold=threshold, invert=invert,

@@ -124,12 +124,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _amp_name(device, amp):
-    """``--amp`` -> predict's ``amp`` (an :data:`emtile.device.AMPS` mode): bfloat16 on CPU,
-    float16 on CUDA (what ``emtile predict --amp fp16`` runs)."""
-    return ("fp16" if device.type == "cuda" else "bf16") if amp else None
-
-
 def tiles_volume_shape(model, tile, tiles):
     """``(Z, Y, X)`` whose output area is exactly ``tiles`` output tiles of the global grid.
 
@@ -164,13 +158,14 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
         Input tile size (valid for ``depth``).
     batch_size : int
         Tiles per forward pass, for both measurements.
-    device : {"auto", "cpu", "cuda"}
+    device : {"auto", "cpu", "cuda", "cuda:N"}
     tiles : int
         Tiles timed in each measurement; the predicted volume is exactly that many output tiles.
     channels_last : bool
         Model and inputs in channels_last memory format (the faster layout on CPU).
-    amp : bool
-        Autocast (bfloat16 on CPU, float16 on CUDA).
+    amp : {"off", "auto", "bf16", "fp16"} or bool
+        Autocast, as in every command (:func:`emtile.device.resolve_amp`); the mode it
+        resolves to is reported as ``amp``.
     num_workers : int, optional
         DataLoader workers for ``predict`` (default: predict's own default).
     repeat : int
@@ -194,7 +189,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     """
     import torch
 
-    from emtile.device import autocast, resolve_device
+    from emtile.device import autocast, resolve_amp, resolve_device
     from emtile.predictor import predict
     from emtile.unet import UNet
 
@@ -202,7 +197,7 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
         if not isinstance(value, int) or value < 1:
             raise EmtileError(f"{name}={value!r} must be a positive integer")
     dev = resolve_device(device)
-    amp_name = _amp_name(dev, amp)
+    amp_name = resolve_amp(amp, dev)
     torch.manual_seed(seed)
     model = UNet(base=base, depth=depth)
     model.check(tile)
@@ -259,7 +254,8 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     return {
         "base": base, "depth": depth, "tile": tile, "out_tile": out_tile,
         "batch_size": batch_size, "tiles": tiles, "device": str(dev),
-        "threads": torch.get_num_threads(), "channels_last": channels_last, "amp": amp,
+        "threads": torch.get_num_threads(), "channels_last": channels_last,
+        "amp": amp_name or "off",
         "num_workers": num_workers, "volume_shape": shape, "repeat": repeat,
         "model_times": model_times, "predict_times": predict_times,
         "data": str(data) if data is not None else "random", "seed": seed,
@@ -279,7 +275,7 @@ def format_bench(r):
     """The report :func:`run_bench` returns, as a short table."""
     gib = 2.0**30
     layout = "channels_last" if r["channels_last"] else "contiguous"
-    precision = ("amp bf16" if r["device"] == "cpu" else "amp fp16") if r["amp"] else "fp32"
+    precision = f"amp {r['amp']}" if r["amp"] not in ("off", None, False) else "fp32"
     device = f"{r['device']} ({r['threads']} threads)" if r["device"] == "cpu" else r["device"]
     workers = "default" if r["num_workers"] is None else r["num_workers"]
     per_slice = r["tiles"] // r["volume_shape"][0]

@@ -9,12 +9,15 @@ import contextlib
 
 from emtile._errors import EmtileError
 
-__all__ = ["DEVICES", "AMPS", "resolve_device", "amp_dtype", "default_amp", "autocast"]
+__all__ = ["DEVICES", "AMPS", "AMP_CHOICES", "resolve_device", "amp_dtype", "default_amp",
+           "resolve_amp", "check_amp", "native_bf16", "autocast"]
 
-#: What ``--device`` accepts on the command line (``cuda:N`` is accepted by :func:`resolve_device`).
+#: What ``--device`` accepts in every command, besides ``cuda:N`` (the N-th CUDA device).
 DEVICES = ("auto", "cpu", "cuda")
 #: Mixed-precision modes: off, bfloat16 or float16 autocast.
 AMPS = (None, "bf16", "fp16")
+#: What ``--amp`` accepts in every command (see :func:`resolve_amp`).
+AMP_CHOICES = ("off", "auto", "bf16", "fp16")
 
 
 def resolve_device(device, net=None):
@@ -47,6 +50,10 @@ def resolve_device(device, net=None):
                           f"--device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise EmtileError(f"device={device!r} is not supported: choose auto, cpu or cuda")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise EmtileError(f"device={device!r} does not exist: this machine has {n} CUDA "
+                          f"device{'s' if n != 1 else ''} (cuda:0 to cuda:{n - 1})")
     return dev
 
 
@@ -68,6 +75,53 @@ def default_amp(device):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "fp16"
     return "bf16"
+
+
+def native_bf16(device):
+    """Whether ``device`` runs bfloat16 convolutions natively (fast): a CUDA device with bf16, or
+    a CPU with AVX512-BF16 or AMX (on other CPUs bf16 autocast is emulated and slower than
+    float32)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                      "_is_amx_tile_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def check_amp(amp):
+    """EmtileError unless ``amp`` is a mode :func:`resolve_amp` knows."""
+    if amp not in (None, True, False) and amp not in AMP_CHOICES:
+        raise EmtileError(f"amp={amp!r} is not supported: choose one of "
+                          f"{', '.join(AMP_CHOICES)}")
+
+
+def resolve_amp(amp, device):
+    """The :data:`AMPS` mode that ``amp`` means on ``device`` (the same in every command).
+
+    ``"off"``, None or False: float32. ``"bf16"``, ``"fp16"``: that autocast dtype. ``"auto"``:
+    bfloat16 where the device runs it natively (:func:`native_bf16`), float16 on a CUDA device
+    without bfloat16, else off. True: on, as :func:`default_amp` (bfloat16, also where it is
+    emulated).
+
+    Examples
+    --------
+    >>> import torch
+    >>> resolve_amp("off", torch.device("cpu")), resolve_amp("fp16", torch.device("cpu"))
+    (None, 'fp16')
+    """
+    check_amp(amp)
+    if amp in (None, False, "off"):
+        return None
+    if amp in ("bf16", "fp16"):
+        return amp
+    if amp is True:
+        return default_amp(device)
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else None
 
 
 def autocast(device, amp):

@@ -151,14 +151,28 @@ def _test_crop(shape_map, sample, sample_slice, meta):
     return np.ascontiguousarray(crop), f"{n}x{n} crop of {where}"
 
 
-def _probabilities(net, crop):
+def _model_input(crop, normalization):
+    """``crop`` normalised as the package's pre-processing describes it (float32): the
+    ``dtype`` rule as emtile applies it, or ``scale_range`` over the crop (its own percentiles,
+    ``(x - lo) / (hi - lo + eps)``, as a bioimage.io consumer computes it per image)."""
+    from emtile.normalize import apply, rule_of
+    from emtile.package import SCALE_RANGE_EPS
+
+    rule = rule_of(normalization)
+    if rule.method == "dtype":
+        return apply(crop, "dtype")
+    low, high = (0.0, 100.0) if rule.method == "minmax" else (rule.low, rule.high)
+    x = np.asarray(crop, np.float32)
+    lo, hi = np.percentile(x, [low, high])
+    return (x - np.float32(lo)) / np.float32(hi - lo + SCALE_RANGE_EPS)
+
+
+def _probabilities(net, crop, normalization=None):
     """The model's float32 probabilities for ``crop`` (Y, X) -> (1, C, Y', X'), as emtile computes
-    them: :func:`~emtile.predictor.input_to_float`, the U-Net, a float32 sigmoid."""
+    them: the input normalised (:func:`_model_input`), the U-Net, a float32 sigmoid."""
     import torch
 
-    from emtile.predictor import input_to_float
-
-    x = torch.from_numpy(input_to_float(crop)[None, None].copy())
+    x = torch.from_numpy(_model_input(crop, normalization)[None, None].copy())
     with torch.inference_mode():
         return torch.sigmoid(net.eval()(x).float()).numpy()
 
@@ -203,6 +217,20 @@ def _cover(crop, probs, path):
     Image.fromarray(img).save(path)
 
 
+def _preprocessing_text(normalization):
+    """The README's words for the input normalisation."""
+    from emtile.normalize import rule_of
+
+    rule = rule_of(normalization)
+    if rule.method == "dtype":
+        return ("integer pixels divided by their dtype's maximum (uint8: x / 255) in float32, "
+                "as emtile does")
+    low, high = (0, 100) if rule.method == "minmax" else (rule.low, rule.high)
+    return (f"each image scaled so that its {low:g}th and {high:g}th percentiles become 0 and 1 "
+            f"(emtile's {str(rule)!r} normalisation; emtile computes them over the whole volume "
+            f"it predicts)")
+
+
 def _fmt(value):
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -230,8 +258,8 @@ def _readme(*, name, description, net, meta, crop_info, test_in, test_out, cite_
              f"- output `{OUTPUT_ID}` (batch, channel, y, x): each spatial size is the input's "
              f"minus {2 * sm.halo}; output pixel (i, j) is the centre of the input, "
              f"{sm.halo} pixels in from each side",
-             "- pre-processing: integer pixels divided by their dtype's maximum (uint8: x / 255) "
-             "in float32, as emtile does; post-processing: sigmoid",
+             f"- pre-processing: {_preprocessing_text(info.get('normalization'))}; "
+             "post-processing: sigmoid",
              f"- to predict a whole image, pad it by {sm.halo} pixels per side, mirroring "
              f"(NumPy `reflect`, declared as the input's padding), up to a valid size, and keep "
              f"origins of tiles on multiples of {sm.align} so that tiles agree exactly (emtile "
@@ -246,9 +274,9 @@ def _readme(*, name, description, net, meta, crop_info, test_in, test_out, cite_
         rows.append("- settings: " + ", ".join(f"{k}={_fmt(v)}"
                                                for k, v in sorted(settings.items())))
     calibration = info.get("calibration") if isinstance(info.get("calibration"), dict) else {}
-    if "offset" in calibration:
-        rows.append(f"- output calibration: logit offset {_fmt(calibration['offset'])} folded "
-                    f"into the last layer's bias")
+    if "offset" in calibration and calibration.get("kept", True):
+        rows.append(f"- output calibration: logit scale {_fmt(calibration.get('scale', 1.0))} and "
+                    f"offset {_fmt(calibration['offset'])} folded into the last layer")
     lines += rows or ["The model folder records no training metadata."]
     lines += ["", "The full record is `metadata.json` (also under `config.emtile.metadata` in "
               "rdf.yaml).", "", "## Validation", ""]
@@ -382,7 +410,8 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
         f"trained with emtile: per-pixel foreground probabilities, {2 * sm.halo} pixels smaller "
         f"than its input.")
     crop, crop_info = _test_crop(sm, sample, sample_slice, meta.get("emtile", meta))
-    probs = _probabilities(net, crop)
+    normalization = meta.get("emtile", {}).get("normalization") if isinstance(meta, dict) else None
+    probs = _probabilities(net, crop, normalization)
     import tifffile
     import torch
 
@@ -409,7 +438,7 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
         try:
             save_bioimageio_package(descr, output_path=tmp_zip)
             again = load_package(tmp_zip)  # emtile's own reader, as predict will use it
-            assert np.array_equal(_probabilities(again, crop), probs), "package does not reproduce"
+            assert np.array_equal(_probabilities(again, crop, normalization), probs), "package does not reproduce"
             os.replace(tmp_zip, path)
         finally:
             if tmp_zip.exists():

@@ -86,7 +86,7 @@ from numbers import Integral
 import numpy as np
 
 from emtile._errors import EmtileError
-from emtile.volume import LabelChecker, open_stack, resolve_slices, slab_depth, slice_runs
+from emtile.volume import LabelChecker, Stack, Window, open_stack, resolve_slices, slab_depth, slice_runs
 
 __all__ = [
     "evaluate",
@@ -106,6 +106,9 @@ __all__ = [
     "confusion_counts",
     "PredictionDecoder",
     "SWEEP_THRESHOLDS",
+    "open_pair",
+    "check_kinds",
+    "store_kind",
 ]
 
 #: The challenge's threshold sweep: 0.0, 0.1, ..., 1.0.
@@ -486,6 +489,83 @@ def _check_shapes(a, b, name_a, name_b):
                           "they must have the same shape")
 
 
+def store_kind(source):
+    """``(kind, emtile attributes)`` of an emtile store (``"image"``, ``"labels"``,
+    ``"probabilities"``; a predicted mask is ``"labels"`` with a ``threshold``), or
+    ``(None, {})`` for anything else (arrays, TIFFs, foreign stores)."""
+    import os
+    from pathlib import Path
+
+    from emtile.store import emtile_attrs, is_zarr_store
+
+    if not isinstance(source, (str, os.PathLike)):
+        return None, {}
+    p = Path(str(source))
+    for candidate in (p, p.parent):  # a group, or an array inside one (pred.zarr/0)
+        if is_zarr_store(candidate):
+            meta = emtile_attrs(candidate)
+            if meta:
+                return meta.get("kind"), meta
+    return None, {}
+
+
+def check_kinds(pred, labels, *, command="evaluate"):
+    """Refuse a prediction and labels whose stores say they are something else: the raw image
+    given as the prediction, the two swapped, an image or a prediction given as labels.
+    Sources that record no kind (TIFFs, arrays, other tools' stores) pass."""
+    (pk, pmeta), (lk, _) = store_kind(pred), store_kind(labels)
+    truth = pk == "labels" and pmeta.get("threshold") is None  # converted, not predicted
+    usage = (f"emtile {command} PRED LABELS" if command == "evaluate" else
+             "emtile show RAW --pred PRED --labels LABELS")
+    if truth and lk == "probabilities":
+        raise EmtileError(f"PRED and LABELS are swapped: {str(pred)!r} holds labels and "
+                          f"{str(labels)!r} a prediction (their stores say so); {usage} takes "
+                          f"the prediction as PRED")
+    if pk == "image":
+        raise EmtileError(f"pred {str(pred)!r} is an image volume (its store says kind 'image'), "
+                          f"not a prediction: {usage} takes the output of emtile predict (or a "
+                          f"mask) as PRED")
+    if lk in ("image", "probabilities"):
+        what = "an image volume" if lk == "image" else "a prediction"
+        raise EmtileError(f"labels {str(labels)!r} is {what} (its store says kind {lk!r}), not "
+                          f"labels: {usage} takes binary labels (emtile convert --labels) as "
+                          f"LABELS")
+
+
+def open_pair(pred, other, *, other_name="labels", command="evaluate"):
+    """Open a prediction and a volume to compare it with (labels, or the raw image) on the same
+    grid: ``(pred stack, other stack, offset)``.
+
+    When the prediction covers a region of ``other`` (``emtile predict --roi``: a smaller store
+    that records its translation), ``other`` is cut to that region (a lazy :class:`Window`) and
+    ``offset`` is where the region starts (voxels, one per axis of the stack); else the shapes
+    must match and ``offset`` is all zeros.
+    """
+    from emtile.store import offset_voxels
+
+    pstack, ostack = open_stack(pred, name="pred"), open_stack(other, name=other_name)
+    zero = (0,) * 3
+    if pstack.shape == ostack.shape:
+        return pstack, ostack, zero
+    import os
+
+    start = offset_voxels(pred) if isinstance(pred, (str, os.PathLike)) else None
+    region = (f"prediction {pstack.display} has shape {tuple(pstack.array.shape)} but "
+              f"{other_name} {ostack.display} have shape {tuple(ostack.array.shape)}")
+    if start is None:
+        raise EmtileError(f"{region}; they must match (a prediction of a region, predict "
+                          f"--roi, records where it lies; this one records nothing)")
+    start = (0,) * (3 - len(start)) + tuple(start[-3:])
+    if (ostack.lead != pstack.lead or any(a < 0 or a + n > m for a, n, m
+                                          in zip(start, pstack.shape, ostack.shape))):
+        box = ", ".join(f"{ax} {a}:{a + n}" for ax, a, n in zip("zyx", start, pstack.shape))
+        raise EmtileError(f"{region}: the prediction covers {box} of its input, which does not "
+                          f"fit in the {other_name}")
+    inner = {"": start, "2d": start[1:], "c": (0,) + start}[ostack.lead]
+    window = Window(ostack.array, inner, pstack.array.shape)
+    return pstack, Stack(window, ostack.display), start
+
+
 def _slice_scores(fg, truth_seg):
     stats = segmentation_stats(truth_seg, thin_boundaries(fg))
     stats["rand_error"] = 1.0 - stats["v_rand"]
@@ -602,12 +682,10 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     store.check_output(None, inputs=[pred, labels], files={"--json": json_path, "--csv": csv_path})
     check_threshold(threshold)
     threshold = float(threshold)
-    pstack, lstack = open_stack(pred, name="pred"), open_stack(labels, name="labels")
+    check_kinds(pred, labels)
+    pstack, lstack, offset = open_pair(pred, labels)
     pname, lname = pstack.display, lstack.display
-    if pstack.shape != lstack.shape:
-        raise EmtileError(f"prediction {pname} has shape {tuple(pstack.array.shape)} but labels "
-                          f"{lname} have shape {tuple(lstack.array.shape)}; they must match")
-    zs = resolve_slices(slices, pstack.shape[0])
+    zs = _local_slices(slices, pstack.shape[0], offset[0])
     thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
     decoder = PredictionDecoder(pstack.dtype, invert=invert)
     checker = LabelChecker()
@@ -651,11 +729,31 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     finally:
         bar.close()
 
-    result = _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname)
+    out = _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname)
+    if any(offset):  # a prediction of a region: slices in the labels' numbering
+        out["settings"]["offset"] = list(offset)
+        out["settings"]["slices"] = [z + offset[0] for z in zs]
+        for row in out["slices"]:
+            row["z"] += offset[0]
     for path, write in ((json_path, write_json), (csv_path, write_csv)):
         if path is not None:
-            write(result, path)
-    return result
+            write(out, path)
+    return out
+
+
+def _local_slices(slices, depth, z0):
+    """``slices`` given in the full volume's numbering -> indices into a prediction of ``depth``
+    slices starting at slice ``z0`` (all of them when None)."""
+    if not z0:
+        return resolve_slices(slices, depth)
+    if slices is None:
+        return list(range(depth))
+    zs = resolve_slices(slices, z0 + depth)
+    outside = [z for z in zs if z < z0]
+    if outside:
+        raise EmtileError(f"slices={','.join(map(str, outside))} are outside the prediction, "
+                          f"which covers slices {z0}:{z0 + depth} of the labels")
+    return [z - z0 for z in zs]
 
 
 def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname):
@@ -753,23 +851,29 @@ def format_report(result):
     """The report ``emtile evaluate`` prints for the ``result`` of :func:`evaluate`: the settings,
     a per-slice table with the mean, the threshold sweep and the pixel metrics."""
     s, sweep = result["settings"], result["sweep"]
+    region = (f"  (a region: slices {s['slices'][0]}..{s['slices'][-1]} of the labels, offset "
+              f"{','.join(map(str, s['offset']))})" if s.get("offset") else "")
     lines = [
-        f"prediction  {s['pred']}  ({s['prediction_kind']}{', inverted' if s['invert'] else ''})",
+        f"prediction  {s['pred']}  ({s['prediction_kind']}{', inverted' if s['invert'] else ''})"
+        + region,
         f"labels      {s['labels']}",
-        f"threshold   {s['threshold']:g}" + ("   (+ sweep 0.0..1.0 step 0.1)" if s["sweep"] else ""),
+        f"threshold   {s['threshold']:g} (cell interior where p > {s['threshold']:g})"
+        + ("   (+ sweep 0.0..1.0 step 0.1)" if s["sweep"] else ""),
         "",
     ]
-    head = f"{'slice':>6}  {'V-Rand':>8}  {'V-Info':>8}  {'Rand err':>8}  {'pix err':>8}  {'F1':>8}"
+    t = format(s["threshold"], "g")
+    head = (f"{'slice':>6}  {'V-Rand@' + t:>10}  {'V-Info@' + t:>10}  {'RandErr@' + t:>11}  "
+            f"{'pixErr@' + t:>10}  {'F1@' + t:>8}")
     if sweep:
         br, bi = sweep["best_v_rand"]["threshold"], sweep["best_v_info"]["threshold"]
-        head += f"  {'V-Rand@' + format(br, 'g'):>10}  {'V-Info@' + format(bi, 'g'):>10}"
+        head += f"  {'V-Rand@' + format(br, 'g') + '*':>11}  {'V-Info@' + format(bi, 'g') + '*':>11}"
     lines += [head, "-" * len(head)]
 
     def row_text(label, d, best=None):
-        text = (f"{label:>6}  {d['v_rand']:8.4f}  {d['v_info']:8.4f}  {d['rand_error']:8.4f}  "
-                f"{d['pixel_error']:8.4f}  {d['f1']:8.4f}")
+        text = (f"{label:>6}  {d['v_rand']:10.4f}  {d['v_info']:10.4f}  {d['rand_error']:11.4f}  "
+                f"{d['pixel_error']:10.4f}  {d['f1']:8.4f}")
         if best is not None:
-            text += f"  {best[0]:10.4f}  {best[1]:10.4f}"
+            text += f"  {best[0]:11.4f}  {best[1]:11.4f}"
         return text
 
     for d in result["slices"]:
@@ -785,7 +889,13 @@ def format_report(result):
                   "  V-Info " + "".join(f"{v:7.4f}" for v in sweep["v_info"]),
                   f"  best V-Rand {sweep['best_v_rand']['value']:.4f} at {sweep['best_v_rand']['threshold']:g}"
                   f" (Rand error {sweep['best_rand_error']['value']:.4f}); "
-                  f"best V-Info {sweep['best_v_info']['value']:.4f} at {sweep['best_v_info']['threshold']:g}"]
+                  f"best V-Info {sweep['best_v_info']['value']:.4f} at {sweep['best_v_info']['threshold']:g}"
+                  f"  (* the sweep's best threshold; the other columns are at {t})"]
+        edge = sweep["best_v_rand"]["threshold"]
+        if edge in (sweep["thresholds"][1], sweep["thresholds"][-2]) and len(sweep["v_rand"]) > 2:
+            lines.append(f"  note: the best V-Rand threshold {edge:g} is at the edge of the "
+                         f"challenge's grid (0.0 and 1.0 leave no interior or no membrane): the "
+                         f"maximum may lie beyond it")
     p = result["pixel"]
     lines += ["", f"pixel metrics at threshold {p['threshold']:g} (foreground = cell interior), "
                   f"all {len(result['slices'])} slices:",

@@ -14,7 +14,9 @@ and the reader share one definition (:func:`input_description`, :func:`output_de
   valid sizes), padding declared as ``reflect`` (emtile mirrors context at a volume's border);
 * output ``(batch, channel, y, x)``, each spatial size a reference to the input's with offset
   ``-2 * halo``: the unpadded convolutions crop the halo inside the model;
-* pre-processing: emtile's :func:`~emtile.predictor.input_to_float` (:func:`preprocessing`);
+* pre-processing: the model's recorded input normalisation (:mod:`emtile.normalize`) as
+  bioimage.io steps (:func:`preprocessing`): ``scale_linear`` for ``dtype``, ``scale_range``
+  over each image for ``minmax`` (percentiles 0 and 100) and ``percentile``;
   post-processing: sigmoid (the U-Net returns logits).
 
 Reading needs neither ``bioimageio.spec`` nor ``bioimageio.core``: ``rdf.yaml`` is parsed with
@@ -34,8 +36,9 @@ import numpy as np
 
 from emtile._errors import EmtileError
 
-__all__ = ["is_package", "load_package", "read_description", "input_description",
-           "output_description", "preprocessing", "POSTPROCESSING"]
+__all__ = ["is_package", "load_package", "read_description", "package_metadata",
+           "input_description", "output_description", "preprocessing", "POSTPROCESSING",
+           "SCALE_RANGE_EPS"]
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 ARCHITECTURE = {"import_from": "emtile.unet", "callable": "UNet"}
@@ -43,6 +46,7 @@ INPUT_ID, OUTPUT_ID = "raw", "probability"
 MAX_RDF_BYTES = 16 * 2**20
 POSTPROCESSING = [{"id": "sigmoid"}, {"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
 _FLOAT32 = {"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}
+SCALE_RANGE_EPS = 1e-6  # bioimage.io's scale_range: (x - lo) / (hi - lo + eps)
 DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32",
           "float64", "bool")  # the bioimage.io data types
 
@@ -53,19 +57,24 @@ DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int6
 def preprocessing(dtype, normalization=None):
     """emtile's input mapping for ``dtype`` as bioimage.io pre-processing steps (plain data).
 
-    Integers are divided by their dtype's maximum, as :func:`emtile.predictor.input_to_float`
-    does: cast to float32, multiply by ``float32(1 / max)``. ``scale_linear`` computes the same
-    in float32 (a float32 tensor times the gain, plus an offset of 0), so uint8 pixels give
-    bit-identical model inputs. Floats and booleans are only cast to float32.
+    ``dtype`` normalisation (None, a model that records none): integers are divided by their
+    dtype's maximum, as :func:`emtile.normalize.apply` does: cast to float32, multiply by
+    ``float32(1 / max)``. ``scale_linear`` computes the same in float32 (a float32 tensor times
+    the gain, plus an offset of 0), so uint8 pixels give bit-identical model inputs. Floats and
+    booleans are only cast to float32.
+
+    ``minmax`` and ``percentile``: ``scale_range`` over each image's (channel, y, x) with the
+    percentiles 0 and 100 or the model's (``(x - lo) / (hi - lo + 1e-6)``). emtile computes them
+    over the whole volume it predicts; a bioimage.io consumer computes them per image, the same
+    for a single image.
 
     Parameters
     ----------
     dtype : str or numpy dtype
         The input pixels' type (the package's input ``data.type``).
-    normalization : str, optional
-        The model's recorded input normalisation (``metadata.json``). Every model today uses
-        dtype scaling (None or ``"dtype"``); anything else is refused until it has a
-        bioimage.io equivalent here, so a package never describes inputs other than the model's.
+    normalization : str or dict, optional
+        The model's recorded input normalisation (``metadata.json``, ``emtile.normalization``:
+        see :func:`emtile.normalize.parse`).
 
     Returns
     -------
@@ -73,14 +82,18 @@ def preprocessing(dtype, normalization=None):
         ``[{"id": ..., "kwargs": {...}}, ...]`` as in ``rdf.yaml``, starting and ending with
         ``ensure_dtype: float32``.
     """
-    if normalization not in (None, "dtype"):
-        raise EmtileError(f"input normalization={normalization!r} has no bioimage.io "
-                          f"description in emtile yet; emtile exports models that scale inputs "
-                          f"by their dtype (normalization 'dtype')")
+    from emtile.normalize import rule_of
+
+    rule = rule_of(normalization)
     dt = np.dtype(dtype)
     if dt.name not in DTYPES:
         raise EmtileError(f"input dtype {dt} cannot be described: bioimage.io inputs are one of "
                           f"{', '.join(DTYPES)}")
+    if rule.method != "dtype":
+        low, high = (0.0, 100.0) if rule.method == "minmax" else (rule.low, rule.high)
+        return [dict(_FLOAT32), {"id": "scale_range", "kwargs": {
+            "axes": ["channel", "y", "x"], "min_percentile": float(low),
+            "max_percentile": float(high), "eps": SCALE_RANGE_EPS}}, dict(_FLOAT32)]
     if dt.kind not in "ui":
         return [dict(_FLOAT32)]
     gain = float(np.float32(1.0 / np.iinfo(dt).max))  # the float32 factor emtile multiplies by
@@ -211,6 +224,20 @@ def _read_rdf(files):
     return rdf
 
 
+def package_metadata(path):
+    """The model folder's ``metadata.json`` that the package at ``path`` carries (under
+    ``config.emtile.metadata`` in rdf.yaml), or {}."""
+    with _Files(path) as files:
+        return _recorded_metadata(_read_rdf(files))
+
+
+def _recorded_metadata(rdf):
+    config = rdf.get("config")
+    emtile = config.get("emtile") if isinstance(config, dict) else None
+    meta = emtile.get("metadata") if isinstance(emtile, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
 def _get(rdf, path, label):
     """``rdf[a][b][0]...`` for ``path`` "a.b.0", or a one-line error naming the missing field."""
     value = rdf
@@ -264,15 +291,16 @@ def _axes_signature(axes):
 
 
 def _processing_signature(steps):
-    """The steps' ids and kwargs, with gains and offsets as the float32 numbers applied."""
+    """The steps' ids and kwargs, with numbers (gains, offsets, percentiles, eps) as the float32
+    numbers applied."""
     out = []
     for s in steps if isinstance(steps, list) else [steps]:
         if not isinstance(s, dict):
             out.append(repr(s))
             continue
         kwargs = dict(s.get("kwargs") or {})
-        for key in ("gain", "offset"):
-            if key in kwargs:
+        for key in ("gain", "offset", "eps", "min_percentile", "max_percentile"):
+            if key in kwargs:  # YAML reads 1e-06 as text: compare the numbers
                 try:
                     kwargs[key] = float(np.float32(float(kwargs[key])))
                 except (TypeError, ValueError):
@@ -293,7 +321,13 @@ def _check_tensors(rdf, shape_map, config, label):
     dtype = _get(rdf, "inputs.0.data.type", label)
     if dtype not in DTYPES:
         raise EmtileError(f"{label}: inputs[0].data.type={dtype!r} is not a bioimage.io type")
-    want_in = input_description(shape_map, channels=config["in_channels"], dtype=dtype)
+    recorded = _recorded_metadata(rdf).get("emtile", {})
+    try:
+        want_in = input_description(shape_map, channels=config["in_channels"], dtype=dtype,
+                                    normalization=recorded.get("normalization")
+                                    if isinstance(recorded, dict) else None)
+    except EmtileError as exc:
+        raise EmtileError(f"{label}: config.emtile.metadata: {exc}") from None
     want_out = output_description(shape_map, channels=config["out_channels"])
     want_out["axes"] = [dict(a, size=dict(a["size"], tensor_id=inputs[0].get("id")))
                         if isinstance(a.get("size"), dict) and "tensor_id" in a["size"] else a

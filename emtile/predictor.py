@@ -50,6 +50,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -57,8 +58,9 @@ import numpy as np
 
 from emtile._errors import EmtileError
 from emtile import _faults, geometry
-from emtile.device import AMPS, autocast, keep_large_allocations, resolve_device
+from emtile.device import autocast, check_amp, keep_large_allocations, resolve_amp, resolve_device
 from emtile.markers import MARKERS, BlockMarkers
+from emtile.normalize import Scaling, apply as normalize_pixels
 from emtile.stitch import BLENDS
 from emtile.volume import WriterThread, input_to_float, open_input
 
@@ -92,6 +94,8 @@ class PredictResult:
     cluster: str = ""  # the cluster it ran on ("" for this process)
     block_seconds: float = 0.0  # median seconds a block took (model + stitching + writing)
     tile_probe: dict = field(default_factory=dict)  # tile="auto": seconds per tile measured
+    mask: str = ""  # the mask store's path ("" without a threshold)
+    threshold: float = None
 
     def __str__(self):
         model_axes = [ax for ax, (t, o) in enumerate(zip(self.tile, self.out_tile))
@@ -103,10 +107,13 @@ class PredictResult:
         where = f"{self.device}" + (f" ({self.threads} threads)" if self.device == "cpu" else "")
         if self.cluster:
             where += f" on {self.cluster}"
-        return (f"{self.output}: {self.shape} {self.dtype}, tile {fmt(self.tile)} -> "
-                f"{fmt(self.out_tile)} (stride {fmt(self.stride)}), {self.tiles} tiles in "
-                f"{self.blocks} blocks, efficiency {self.efficiency:.0%}, {self.seconds:.1f} s "
-                f"on {where}")
+        mask = (f"mask: {self.mask} (cell interior where p > {self.threshold:g})" if self.mask
+                else "no mask (--threshold T writes one)")
+        return (f"{self.output}: {self.shape} {self.dtype} probabilities; {mask}\n"
+                f"tile {fmt(self.tile)} -> {fmt(self.out_tile)} (stride {fmt(self.stride)}), "
+                f"{self.tiles} tiles in {self.blocks} blocks, {self.seconds:.1f} s on {where}; "
+                f"efficiency {self.efficiency:.0%} (output pixels per input pixel computed: the "
+                f"rest is the context each tile reads)")
 
 
 @dataclass(frozen=True)
@@ -282,6 +289,7 @@ class PredictJob:
     device: str
     threads: int  # torch intra-op threads (0: leave the process's setting)
     levels: int = 1  # resolution levels written (each halves y and x)
+    normalize: tuple = Scaling("dtype")  # emtile.normalize.Scaling: raw pixels -> model input
 
     def grid(self):
         shape_map = geometry.ShapeMap(self.depth, self.model_ndim)
@@ -456,9 +464,10 @@ class _Tiles:
     re-opens a path input itself, and reads each group's bounding box once.
     """
 
-    def __init__(self, array, path, plan, block_ids, group, model_ndim):
+    def __init__(self, array, path, plan, block_ids, group, model_ndim, scaling=Scaling("dtype")):
         self.array, self.path, self.plan = array, path, plan
         self.block_ids, self.group, self.model_ndim = block_ids, group, model_ndim
+        self.scaling = scaling
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -493,7 +502,7 @@ class _Tiles:
         windows = [grid.in_window(t) for t in tiles]
         lo = tuple(min(w[0][ax] for w in windows) for ax in range(grid.ndim))
         hi = tuple(max(w[1][ax] for w in windows) for ax in range(grid.ndim))
-        data = input_to_float(geometry.read_window(array, lo, hi))
+        data = normalize_pixels(geometry.read_window(array, lo, hi), self.scaling)
         spatial = grid.in_tile[grid.ndim - self.model_ndim:]
         out = np.empty((len(tiles), 1) + spatial, np.float32)
         for i, (a, b) in enumerate(windows):
@@ -665,7 +674,8 @@ def _block_values(stitch, acc, wsum, dtype, threshold, levels=1):
     if threshold is None and levels == 1:
         return [(stitch.normalize(acc, wsum, dtype=np.dtype(dtype)), None)]
     f = stitch.normalize(acc, wsum, dtype=np.float32)
-    mask = (f >= np.float32(threshold)).astype(np.uint8) if threshold is not None else None
+    # the one rule: interior where p > T
+    mask = (f > np.float32(threshold)).astype(np.uint8) if threshold is not None else None
     out = [(f if dtype == "float32" else stitch.normalize(acc, wsum, dtype=np.dtype(dtype)),
             mask)]
     for _ in range(1, levels):
@@ -733,7 +743,7 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
     tile_bytes = 4 * math.prod(ctx.grid.in_tile)
     group = max(1, GROUP_BYTES // (tile_bytes * job.batch_size)) * job.batch_size
     dataset = _tiles_dataset(ctx.array, None if job.input.startswith(MEMORY) else job.input,
-                             ctx.plan, todo, group, job.model_ndim)
+                             ctx.plan, todo, group, job.model_ndim, job.normalize)
     if readers:
         ctx.stitcher.stitch.load_kernels()  # before any reader exists (see load_kernels)
         loader = torch.utils.data.DataLoader(
@@ -821,6 +831,7 @@ def _fingerprint(job, array):
         "channels_last": bool(job.channels_last), "compile": bool(job.compile),
         "threads": job.threads if device == "cpu" else None, "torch": torch.__version__,
         "levels": job.levels,
+        "normalize": list(job.normalize),
     }
 
 
@@ -837,6 +848,19 @@ def _resumable(group, fingerprint, n_blocks, threshold):
     except (KeyError, FileNotFoundError, ValueError, OSError):
         return None
     return BlockMarkers.open(group, n_blocks)
+
+
+def _provenance(job):
+    """What made the output, for ``emtile info``: model, input, region, options, mask."""
+    from emtile import __version__
+
+    return {"model": job.model or "(a model in memory)", "input": job.input or "(an array)",
+            "region": [list(r) for r in job.region], "tile": list(job.tile),
+            "overlap": list(job.overlap), "blend": job.blend, "tta": bool(job.tta),
+            "amp": job.amp or "off", "dtype": job.dtype, "threshold": job.threshold,
+            "mask": "labels/mask" if job.threshold is not None else None,
+            "normalization": list(job.normalize), "device": job.device,
+            "emtile": __version__}
 
 
 def _open_output(job, path, *, overwrite, fingerprint, flush_every):
@@ -868,7 +892,8 @@ def _open_output(job, path, *, overwrite, fingerprint, flush_every):
     group = store.create_image(output, shape, np.dtype(job.dtype), chunks=chunks,
                                levels=job.levels, halve_chunks=True,
                                voxel_size=voxel, axes=axes, name="probabilities",
-                               kind="probabilities", attrs={"predict": fingerprint})
+                               kind="probabilities",
+                               attrs={"predict": fingerprint, "provenance": _provenance(job)})
     store.set_translation(group, [a for a, _ in job.region])
     if job.threshold is not None:
         group.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["mask"]}})
@@ -899,12 +924,12 @@ def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, o
         raise EmtileError(f"batch_size={batch_size!r} must be a positive integer")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise EmtileError(f"num_workers={num_workers!r} must be 0 or a positive integer")
-    _choice("amp", amp, AMPS)
+    check_amp(amp)
     dev = resolve_device(device, net)
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if dev.type == "cuda" else 0
     if probe is not None:
-        probe = functools.partial(_probe_tiles, net=net, device=dev, amp=amp,
+        probe = functools.partial(_probe_tiles, net=net, device=dev, amp=resolve_amp(amp, dev),
                                   batch_size=batch_size, channels_last=channels_last,
                                   record=probe)
     grid, chunks = _plan(net, arr, tile=tile, overlap=overlap, roi=roi, blend=blend,
@@ -949,7 +974,7 @@ def _probe_tiles(costs, *, net, device, amp, batch_size, channels_last, record):
 
 def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block_px, dtype,
          threshold, tta, amp, blend, batch_size, channels_last, compile, device, threads,
-         levels=1):
+         levels=1, normalize=Scaling("dtype")):
     k = net.ndim
     return PredictJob(
         input=input, output=output, model=model, weights=weights, depth=net.depth, model_ndim=k,
@@ -958,7 +983,19 @@ def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block
         overlap=tuple(geometry.per_axis(overlap, k, "overlap")), blend=blend, chunks=chunks,
         max_block_px=int(max_block_px), dtype=dtype, threshold=threshold, tta=bool(tta), amp=amp,
         batch_size=batch_size, channels_last=bool(channels_last), compile=bool(compile),
-        device=str(device), threads=int(threads), levels=levels)
+        device=str(device), threads=int(threads), levels=levels,
+        normalize=Scaling(*normalize))
+
+
+def _scaling(model, net, arr, path, normalize):
+    """The :class:`~emtile.normalize.Scaling` of this input; warns (one line each) when the input
+    is far from the model's training data (:func:`emtile.normalize.for_prediction`)."""
+    from emtile.normalize import InputWarning, for_prediction
+
+    scaling, notes = for_prediction(model, arr, path=path, rule=normalize, model_ndim=net.ndim)
+    for note in notes:
+        warnings.warn(note, InputWarning, stacklevel=3)
+    return scaling
 
 
 def _check_threads(threads):
@@ -986,7 +1023,7 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
             overwrite=False, progress=True, channels_last=True, compile=False,
             max_tile_memory=AUTO_TILE_MEMORY, max_block_px=2**22, chunk_size=CHUNK_TARGET,
             threads=None, cluster=None, cluster_workers=None, scheduler_file=None,
-            blocks_per_task=1, retries=2, client=None, levels=1):
+            blocks_per_task=1, retries=2, client=None, levels=1, normalize=None):
     """Predict a volume tile by tile into an OME-Zarr store of probabilities (and a mask).
 
     Parameters
@@ -1010,9 +1047,10 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         DataLoader worker processes reading tiles in a run in this process (default: 0 on CPU,
         which reads them in a thread of this process, measured faster than a reader process on
         2 cores; up to 4 on CUDA).
-    device : {"auto", "cpu", "cuda"}
-    amp : {None, "bf16", "fp16"}
-        Mixed precision (autocast) for the forward pass.
+    device : {"auto", "cpu", "cuda", "cuda:N"}
+    amp : {None, "off", "auto", "bf16", "fp16"}
+        Mixed precision (autocast) for the forward pass (see :func:`emtile.device.resolve_amp`);
+        None and ``"off"``: float32.
     blend : {"none", "linear", "cosine", "gaussian"}
         How overlapping outputs are weighted when ``overlap > 0``. With ``overlap=0`` every output
         pixel comes from exactly one tile (valid-convolution tiling is exact).
@@ -1026,7 +1064,8 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
     dtype : {"uint8", "float16", "float32"}
         Probability storage: uint8 stores ``round(255 p)``.
     threshold : float, optional
-        Also write ``labels/mask`` (uint8, 1 where ``p >= threshold``).
+        Also write ``labels/mask`` (uint8, 1 where ``p > threshold``: the rule of every emtile
+        command).
     overwrite : bool
         Replace an existing output, and never resume an interrupted one (without it, an
         interrupted run's output is resumed when everything matches, else replaced).
@@ -1065,6 +1104,11 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         Resolution levels (an OME-Zarr pyramid for viewers of large volumes): level ``k`` halves
         y and x ``k`` times, probabilities by the 2×2 mean, the mask by the top-left sample.
         Every level of a block is written by the task that computed the block: no second pass.
+    normalize : str or emtile.normalize.Scaling, optional
+        How raw pixels become the model's input. None: the rule the model folder records
+        (``metadata.json``; ``dtype`` when it records none), computed on the whole input volume
+        (:func:`emtile.normalize.statistics`), with a one-line warning when the input's
+        intensities or voxel size are far from the training data's.
 
     Returns
     -------
@@ -1098,17 +1142,19 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
         max_block_px=max_block_px, chunk_size=chunk_size, probe=probe,
         channels_last=channels_last)
+    amp = resolve_amp(amp, dev)
     from emtile import store
 
     store.check_output(output, inputs=[path] if path is not None else [])
     _check_levels(levels, grid, chunks)
+    scaling = _scaling(model, net, arr, path, normalize)
     threads = _default_threads(threads, dev, distributed, spec)
     job = _job(net, grid, chunks, input=path or "", output=str(output),
                model=str(model) if isinstance(model, (str, os.PathLike)) else "",
                weights=weights_hash(net), overlap=overlap, max_block_px=max_block_px,
                dtype=dtype, threshold=threshold, tta=tta, amp=amp, blend=blend,
                batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
-               threads=threads, levels=levels)
+               threads=threads, levels=levels, normalize=scaling)
     fingerprint = None if path is None else _fingerprint(job, arr)
     plan = job.plan()
     with store.output_lock(output):
@@ -1143,7 +1189,8 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         out_tile=grid.out_tile, stride=grid.stride, tiles=n_runs, blocks=len(plan),
         blocks_resumed=len(plan) - len(todo), efficiency=_efficiency(grid, n_runs),
         seconds=time.perf_counter() - t0, device=str(dev), threads=threads, cluster=where,
-        block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=probe)
+        block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=probe,
+        mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold)
 
 
 def _resumed_tile(output):
@@ -1269,8 +1316,11 @@ def _open_group(path):
 def predict_array(model, array, *, tile=572, batch_size=1, num_workers=0, device="auto", amp=None,
                   blend="none", overlap=0, tta=False, roi=None, dtype="float32", progress=False,
                   channels_last=True, compile=False, max_tile_memory=AUTO_TILE_MEMORY,
-                  max_block_px=2**22, chunk_size=CHUNK_TARGET):
+                  max_block_px=2**22, chunk_size=CHUNK_TARGET, normalize=None):
     """Predict an in-memory array with the same tiling and stitching as :func:`predict`.
+
+    ``normalize`` is as in :func:`predict`; training's validation passes the
+    :class:`~emtile.normalize.Scaling` resolved on the training volume.
 
     Returns
     -------
@@ -1292,12 +1342,14 @@ def predict_array(model, array, *, tile=572, batch_size=1, num_workers=0, device
         model, array, tile=tile, batch_size=batch_size, num_workers=num_workers, device=device,
         amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
         max_block_px=max_block_px, chunk_size=chunk_size)
+    amp = resolve_amp(amp, dev)
+    scaling = _scaling(model, net, arr, None, normalize)
     out = np.zeros((net.out_channels,) + grid.region_shape, np.dtype(dtype))
     job = _job(net, grid, chunks, input=_register(arr), output=_register(out),
                model=_token(), weights="", overlap=overlap, max_block_px=max_block_px,
                dtype=dtype, threshold=None, tta=tta, amp=amp, blend=blend,
                batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
-               threads=0)
+               threads=0, normalize=scaling)
     plan = job.plan()
     bar = tqdm(total=plan.n_tile_runs, unit="tile", desc="predict", disable=not progress)
     try:

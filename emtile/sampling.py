@@ -20,7 +20,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from emtile._errors import EmtileError
 from emtile.geometry import read_window
-from emtile.volume import center_crop, input_to_float, resolve_slices
+from emtile.normalize import Scaling, apply as normalize_pixels
+from emtile.volume import center_crop, resolve_slices
 
 _BLOCK = 64  # block size of the foreground index
 
@@ -109,6 +110,9 @@ class PatchDataset(IterableDataset):
         contains a foreground (label ``1``) pixel drawn uniformly from all foreground pixels of
         the training slices; otherwise (and with ``None``) patches are uniform. Finding the
         foreground reads the training label slices once, a band of rows at a time.
+    normalize : emtile.normalize.Scaling, optional
+        How raw pixels become the model's input (:func:`emtile.normalize.apply`), resolved on
+        the raw volume by :func:`emtile.normalize.statistics`; default the ``dtype`` rule.
 
     Each batch is a dict of float32 tensors ``image`` (B, 1, *input), ``label`` (B, 1, *output)
     and, if ``weights`` is given, ``weight`` (B, 1, *output). Use it with
@@ -116,7 +120,8 @@ class PatchDataset(IterableDataset):
     """
 
     def __init__(self, raw, labels, *, input_size, output_size, slices, batch_size=1, seed=0,
-                 start=0, augment=None, weights=None, foreground=None, paths=None):
+                 start=0, augment=None, weights=None, foreground=None, paths=None,
+                 normalize=None):
         if raw.ndim != 3:
             raise EmtileError(f"raw has shape {tuple(raw.shape)}; expected a (Z, Y, X) stack")
         if tuple(raw.shape) != tuple(labels.shape):
@@ -135,6 +140,7 @@ class PatchDataset(IterableDataset):
         self.augment, self.weights = augment, weights
         self.foreground = foreground
         self.paths = tuple(paths) if paths is not None else (None, None)
+        self.normalize = Scaling("dtype") if normalize is None else Scaling(*normalize)
         self._blocks = self._index_foreground() if foreground else None
 
     def _index_foreground(self):
@@ -184,7 +190,7 @@ class PatchDataset(IterableDataset):
         margin = int(getattr(self.augment, "margin", 0)) if self.augment is not None else 0
         box = [(o - (i - n) // 2 - margin, o - (i - n) // 2 + i + margin)
                for o, i, n in zip(origin, self.input_size, self.output_size)]
-        image = input_to_float(read_mirrored(self.raw, z, box))
+        image = normalize_pixels(read_mirrored(self.raw, z, box), self.normalize)
         label = read_mirrored(self.labels, z, box)
         if self.augment is not None:
             image, label = self.augment(image, label, rng, image_shape=self.input_size,

@@ -677,3 +677,63 @@ def set_translation(group, starts):
         for d in ms[0]["datasets"]]
     ome["multiscales"] = ms
     group.attrs["ome"] = ome
+
+
+#: Length units of voxel sizes: the name the user gives (``--unit``) or NGFF writes, in nm.
+UNITS_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3, "micrometer": 1e3,
+            "micron": 1e3, "mm": 1e6, "millimeter": 1e6, "angstrom": 0.1, "Å": 0.1, "pm": 1e-3,
+            "picometer": 1e-3}
+
+
+def unit_to_nm(unit):
+    """Nanometres per ``unit`` (``"nm"``, ``"um"``/``"µm"``, ``"mm"``, ``"angstrom"``, or an NGFF
+    unit name such as ``"micrometer"``); a one-line error for anything else."""
+    try:
+        return UNITS_NM[str(unit).strip()]
+    except KeyError:
+        raise EmtileError(f"unit={unit!r} is not a length unit emtile knows: choose nm, um "
+                          f"(or µm), mm or angstrom") from None
+
+
+def voxel_size_nm(path):
+    """The voxel size in nm (spatial axes, in the store's order) that the OME-Zarr store at
+    ``path`` records, or None when it records none, records an emtile default (a conversion
+    given no ``--voxel-size``), or uses units emtile does not know."""
+    if path is None or not is_zarr_store(path):
+        return None
+    meta = emtile_attrs(path)
+    if meta is not None and meta.get("voxel_size_given") is False:
+        return None
+    try:
+        import zarr
+
+        ms = multiscales(zarr.open_group(str(path), mode="r").attrs.asdict())
+        scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
+        axes = ms["axes"]
+        out = [float(s) * UNITS_NM[a.get("unit", "nanometer")]
+               for a, s in zip(axes, scale) if a.get("type") == "space"]
+    except Exception:  # foreign or partial metadata, an unknown unit: unknown
+        return None
+    return out or None
+
+
+def offset_voxels(path):
+    """Where the image of the OME-Zarr group at ``path`` starts in a larger volume, in voxels
+    of each spatial axis (its NGFF ``translation`` divided by its ``scale``; what
+    :func:`set_translation` writes for a prediction of a region), or None when it records none."""
+    if path is None or not is_zarr_store(path):
+        return None
+    try:
+        import zarr
+
+        ms = multiscales(zarr.open_group(str(path), mode="r").attrs.asdict())
+        transforms = ms["datasets"][0]["coordinateTransformations"]
+        scale = transforms[0]["scale"]
+        shift = next((t["translation"] for t in transforms if t.get("type") == "translation"),
+                     None)
+        kinds = [a.get("type") for a in ms["axes"]]
+    except Exception:  # not NGFF, or foreign metadata
+        return None
+    if shift is None:
+        return None
+    return tuple(int(round(t / s)) for t, s, k in zip(shift, scale, kinds) if k == "space")

@@ -14,14 +14,14 @@ and the optimiser, then runs the loop, :func:`emtile.training.loop.fit`, which k
 :mod:`emtile.training.logs`        ``train.csv``, TensorBoard, the progress bar
 :mod:`emtile.training.batchnorm`   precise statistics (``update_bn``), ``FreezeNorm``
 :mod:`emtile.training.validation`  ``predict_slices`` and ``Validator``: the predictor's tiled path
-:mod:`emtile.training.calibration` the logit offset folded into ``best/``
+:mod:`emtile.training.calibration` the logit map (scale, offset) folded into ``best/``
 :mod:`emtile.training.run`         the run folder, ``training_state.pt``, ``Checkpoint``
 =================================  ===============================================================
 
 Two steps go beyond the paper's recipe. With batch norm, the last 30% of the run (``freeze_bn``)
 trains with fixed statistics, recomputed first, so that the network is trained as tiled
 prediction runs it (per-tile statistics would make the output depend on the tiling). At the end,
-``best`` gets one logit offset fitted on the training slices (``calibrate``), because the border
+``best`` gets a logit scale and offset fitted on the training slices (``calibrate``), because the border
 weights bias the probabilities towards membrane.
 
 Resuming reproduces an uninterrupted run: the patch stream is a pure function of the seed and
@@ -40,8 +40,9 @@ import torch
 
 from emtile._errors import EmtileError
 from emtile.augment import Augmenter
-from emtile.device import resolve_device
+from emtile.device import resolve_amp, resolve_device
 from emtile.losses import balanced_class_weights, get_loss, uses_weights, weight_map
+from emtile.normalize import record as normalization_record, statistics
 from emtile.sampling import PatchDataset, check_patch_geometry
 from emtile.training.batchnorm import FREEZE_BN_BATCHES, FreezeNorm, norm_layers, precise_norm_stats
 from emtile.training.calibration import calibrate_best
@@ -107,11 +108,13 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
     data = _open_data(raw, labels, s)
     loss_fn = get_loss(s.loss)
     dev = resolve_device(s.device)
-    amp = (dev.type == "cuda") if s.amp is None else bool(s.amp)
+    amp = resolve_amp(s.amp, dev)
     folder = RunFolder(out)
     last = folder.check(resume=resume, overwrite=overwrite)
     s, net = _model(s, last, model)
     in_shape, out_shape, class_weights, weight_fn = _check_patches(data, s, net)
+    norm = statistics(data.raw, s.normalize, name="raw")  # the model's input rule, on raw
+    scaling = norm["scaling"]
 
     if last is None:  # every check passed: only now touch the output folder
         folder.clear()
@@ -130,14 +133,16 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
                 "labels": describe(labels), "settings": s.to_json(), "train_slices": data.tz,
                 "val_slices": data.vz, "input_size": list(in_shape),
                 "output_size": list(out_shape), "class_weights": list(class_weights),
-                "versions": versions()}
+                "normalization": normalization_record(norm),
+                "voxel_size": _voxel_size(data.paths[0]), "amp": amp, "versions": versions()}
     folder.write_run(run_info)
 
     augment = Augmenter(elastic=s.elastic, elastic_sigma=s.elastic_sigma, flip=s.flip,
                         intensity=s.intensity, noise=s.noise, blur=s.blur)
-    loader = _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev)
+    loader = _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev, scaling)
     validator = (Validator(data.raw, data.labels, data.vz, loss_fn=loss_fn, weight_fn=weight_fn,
-                           tile=s.val_tile or "auto", batch_size=1, device=dev)
+                           tile=s.val_tile or "auto", batch_size=1, device=dev,
+                           normalize=scaling)
                  if data.vz else None)
     t0 = [time.perf_counter()]
     clock = Clock(lambda: elapsed0 + time.perf_counter() - t0[0])
@@ -146,7 +151,7 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
                                            "val_vrand" if validator is not None else "val_f1"),
         best_metric="val_vrand", validated=validator is not None, eligible_after=s.freeze_step(),
         best_score=state.get("best_score"), best_scores=state.get("best_scores"))
-    cbs = [*_freeze(s, data, in_shape, out_shape, augment, dev), checkpoint, clock,
+    cbs = [*_freeze(s, data, in_shape, out_shape, augment, dev, scaling), checkpoint, clock,
            *_logs(folder, start, s.iterations, progress), *callbacks]
 
     t0[0] = time.perf_counter()
@@ -162,7 +167,9 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
     if s.calibrate:
         with writes(folder.path):
             result["calibration"] = calibrate_best(folder.path / "best", data.raw, data.labels,
-                                                   data.tz, dev, validator)
+                                                   data.tz, dev, validator, normalize=scaling,
+                                                   before=checkpoint.best_scores,
+                                                   keep=s.keep_calibrated)
     folder.write_run({**run_info, "finished": True})
     result.update(best=checkpoint.best_scores, elapsed_s=round(clock.elapsed(), 2),
                   best_path=str(folder.path / "best"), last_path=str(folder.path / "last"),
@@ -239,13 +246,13 @@ def _optimizer(net, s):
                            weight_decay=s.weight_decay)
 
 
-def _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev):
-    """A DataLoader of the training batches from ``start`` on, read, augmented and weighted by
-    ``s.workers`` processes."""
+def _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev, scaling):
+    """A DataLoader of the training batches from ``start`` on, read, normalised, augmented and
+    weighted by ``s.workers`` processes."""
     dataset = PatchDataset(data.raw, data.labels, input_size=in_shape, output_size=out_shape,
                            slices=data.tz, batch_size=s.batch_size, seed=s.seed, start=start,
                            augment=augment, weights=weight_fn, foreground=s.foreground,
-                           paths=data.paths)
+                           paths=data.paths, normalize=scaling)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=s.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if s.workers else None, persistent_workers=False,
@@ -253,7 +260,7 @@ def _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev):
     return loader
 
 
-def _freeze(s, data, in_shape, out_shape, augment, dev):
+def _freeze(s, data, in_shape, out_shape, augment, dev, scaling):
     """``[FreezeNorm]`` when batch norm freezes in this run, else ``[]``."""
     after = s.freeze_step()
     if after is None:
@@ -261,7 +268,7 @@ def _freeze(s, data, in_shape, out_shape, augment, dev):
     # its own stream (sample indices far beyond any run), read in this process
     calib = PatchDataset(data.raw, data.labels, input_size=in_shape, output_size=out_shape,
                          slices=data.tz, batch_size=s.batch_size, seed=s.seed, start=2**40,
-                         augment=augment)
+                         augment=augment, normalize=scaling)
     return [FreezeNorm(after, lambda m: precise_norm_stats(
         m, iter(calib), FREEZE_BN_BATCHES, device=dev, channels_last=s.channels_last))]
 
@@ -286,25 +293,35 @@ def _metadata(run, elapsed, best_metric, iteration, scores, kind):
                        "input_size": run["input_size"], "output_size": run["output_size"],
                        "metrics": {k: jsonable(v) for k, v in (scores or {}).items()},
                        "best_metric": best_metric, "elapsed_s": round(elapsed(), 2),
+                       "normalization": run["normalization"], "voxel_size": run["voxel_size"],
                        "versions": run["versions"]}}
+
+
+def _voxel_size(path):
+    """The training volume's voxel size in nm (z, y, x) when its store records one, else None."""
+    from emtile.store import voxel_size_nm
+
+    return voxel_size_nm(path)
 
 
 def format_result(result):
     """What ``emtile train`` prints about the ``result`` of :func:`train`."""
+    from emtile.training.calibration import calibration_text
+    from emtile.training.validation import format_scores
+
     lines = [f"trained {result['iteration']} iterations in {result['elapsed_s']:.0f} s; "
              f"last loss {result['loss']:.4f}"]
     best = result.get("best") or {}
     if best:
-        shown = ", ".join(f"{k[4:]} {v:.4f}" for k, v in best.items()
-                          if k.startswith("val_") and isinstance(v, float))
-        lines.append(f"best (iteration {best.get('iteration')}): {shown}")
+        lines.append(f"best (iteration {best.get('iteration')}), validation: "
+                     f"{format_scores(best)}")
     cal = result.get("calibration")
     if cal:
-        after = cal.get("val_after") or {}
-        val = (f"; validation pixel error now {after['val_pixel_error']:.4f}"
-               if "val_pixel_error" in after else "")
-        lines.append(f"calibrated best/: threshold {cal['threshold']:.3f} -> 0.5 (logit offset "
-                     f"{cal['offset']:+.3f}); training-slice pixel error "
-                     f"{cal['pixel_error_before']:.4f} -> {cal['pixel_error_after']:.4f}{val}")
+        what = "calibrated best/" if cal.get("kept", True) else "calibration tried and undone"
+        lines.append(f"{what}: {calibration_text(cal)}")
+        if cal.get("val_after"):
+            lines.append(f"  validation after calibration: {format_scores(cal['val_after'])}")
+        if cal.get("reason"):
+            lines.append(f"  {cal['reason']}")
     lines.append(f"model: {result['best_path']}  (resume from {result['last_path']})")
     return "\n".join(lines)

@@ -285,6 +285,12 @@ def _read_config(directory):
         raise EmtileError(f"model {str(directory)!r} is not a folder: an emtile model is a folder "
                           f"with {CONFIG} and {WEIGHTS}")
     path = directory / CONFIG
+    if not path.exists() and (directory / "run.json").is_file():
+        found = [n for n in ("best", "last") if (directory / n / CONFIG).is_file()]
+        pick = (f"use {str(directory / 'best')!r} (the best validated model) or "
+                f"{str(directory / 'last')!r} (the latest)" if found else
+                "it holds no model yet (no best/ or last/)")
+        raise EmtileError(f"{str(directory)!r} is a training run folder, not a model: {pick}")
     if not path.exists():
         raise EmtileError(f"model folder {str(directory)!r} has no {CONFIG}: an emtile model is a "
                           f"folder with {CONFIG} and {WEIGHTS} (written by emtile.save_model)")

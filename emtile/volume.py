@@ -293,7 +293,7 @@ class ImageStack(LazyArray):
             if channel is None:
                 raise EmtileError(
                     f"{self.files[0]!r} has {shape[2]} channels (shape {shape}); "
-                    f"pick one with --channel N (0 to {shape[2] - 1})"
+                    f"{_one_channel_hint(self.files[0], shape[2])}"
                 )
             _check_channel(channel, shape[2], self.files[0])
             shape = shape[:2]
@@ -323,6 +323,12 @@ class ImageStack(LazyArray):
         return np.stack(slabs)
 
 
+def _one_channel_hint(path, n):
+    """How to get one channel of a multi-channel source, in words every command can use."""
+    return (f"emtile works on one channel: convert it first, e.g. emtile convert "
+            f"{str(path)} one_channel.zarr --channel N (N from 0 to {n - 1})")
+
+
 def _check_channel(channel, n, what):
     if not 0 <= channel < n:
         raise EmtileError(f"--channel {channel} is out of range for {what!r}: it has channels 0 to {n - 1}")
@@ -332,7 +338,7 @@ def _check_channel(channel, n, what):
 
 
 def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
-                require_complete=False):
+                require_complete=False, name="input"):
     """Open an image stack lazily, whatever its format.
 
     Parameters
@@ -352,6 +358,8 @@ def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
     require_complete : bool
         Refuse an emtile store whose writer has not finished (its unwritten chunks would read as
         zeros). ``convert`` asks for it, and every command through :func:`open_input`.
+    name : str
+        What the caller calls this volume in its messages (``"labels"``, ``"pred"``).
 
     Returns
     -------
@@ -374,10 +382,10 @@ def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
         return ImageStack(files, channel=channel)
     h5 = split_hdf5(text)
     if h5 is not None:
-        return _open_hdf5(h5[0], dataset or h5[1], channel)
+        return _open_hdf5(h5[0], dataset or h5[1], channel, name_as=name)
     p = Path(text)
     if not p.exists():
-        raise EmtileError(f"input {text!r} does not exist")
+        raise EmtileError(f"{name} {text!r} does not exist")
     if p.is_dir():
         if _store.is_zarr_store(p):
             return _select_channel(_open_zarr(p, require_complete), channel, text)
@@ -646,7 +654,7 @@ def _open_tiff(path, channel, allow_partial=False):
         if channel is None:
             raise EmtileError(
                 f"{str(path)!r} has {shape[axis]} channels (shape {shape}, axes {axes}); "
-                f"pick one with --channel N (0 to {shape[axis] - 1})"
+                f"{_one_channel_hint(path, shape[axis])}"
             )
         _check_channel(channel, shape[axis], str(path))
         return ChannelView(arr, axis, channel)
@@ -754,7 +762,7 @@ class HDF5Dataset(LazyArray):
                               axes=_default_axes(len(self.shape)), describe=describe) from None
 
 
-def _open_hdf5(filename, name, channel):
+def _open_hdf5(filename, name, channel, *, name_as="input"):
     try:
         import h5py
     except ImportError:
@@ -762,7 +770,7 @@ def _open_hdf5(filename, name, channel):
             f"reading {filename!r} needs h5py: pip install 'emtile[hdf5]'"
         ) from None
     if not Path(filename).exists():
-        raise EmtileError(f"input {filename!r} does not exist")
+        raise EmtileError(f"{name_as} {filename!r} does not exist")
     try:
         f = h5py.File(filename, "r")
     except OSError as exc:
@@ -776,7 +784,7 @@ def _open_hdf5(filename, name, channel):
             if len(names) != 1:
                 raise EmtileError(
                     f"{filename!r} holds {len(names)} datasets ({', '.join(names)}); "
-                    f"pick one as {filename}/NAME or with --dataset"
+                    f"name one as {filename}/NAME, e.g. {filename}/{names[0] if names else 'raw'}"
                 )
             name = names[0]
         if name not in names:
@@ -791,9 +799,45 @@ def _open_hdf5(filename, name, channel):
 # --------------------------------------------------------------------------- convert
 
 
+def _text(values):
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _check_tuple(name, values, n, example, *, cast):
+    """``values`` as a tuple of ``n`` positive numbers, or a one-line error in the user's form
+    (``chunks=1,256 has 2 values; give 3 (Z,Y,X), e.g. 1,1024,1024``)."""
+    if values is None:
+        return None
+    try:
+        out = tuple(cast(v) for v in values)
+    except (TypeError, ValueError):
+        raise EmtileError(f"{name}={values!r} is not a list of numbers: give Z,Y,X, e.g. "
+                          f"{example}") from None
+    axes = "Z,Y,X"[-(2 * n - 1):]
+    if len(out) != n:
+        raise EmtileError(f"{name}={_text(out)} has {len(out)} value"
+                          f"{'s' if len(out) != 1 else ''}; give {n} ({axes}), e.g. {example}")
+    if any(not v > 0 for v in out):
+        raise EmtileError(f"{name}={_text(out)}: every value must be positive, e.g. {example}")
+    return out
+
+
+def _voxel_size_nm(voxel_size, unit, ndim):
+    """The voxel size (Z, Y, X) in nm of a ``voxel_size`` given in ``unit`` for an input of
+    ``ndim`` dimensions (Y, X is enough for a single image)."""
+    nm = _store.unit_to_nm(unit)
+    if voxel_size is None:
+        return None
+    n = 2 if ndim == 2 and len(voxel_size) == 2 else 3
+    sizes = _check_tuple("voxel_size", voxel_size, n, "50,4,4" if n == 3 else "4,4",
+                         cast=float)
+    sizes = (1.0,) * (3 - n) + sizes
+    return tuple(v * nm for v in sizes)
+
+
 def convert(input, output, *, labels=False, threshold=None, channel=None, dataset=None,
-            chunks=None, voxel_size=None, levels=1, compression="zstd", compression_level=3,
-            overwrite=False, allow_partial=False, progress=True):
+            chunks=None, voxel_size=None, unit="nm", levels=1, compression="zstd",
+            compression_level=3, overwrite=False, allow_partial=False, progress=True):
     """Convert a stack to a chunked, compressed OME-Zarr store, streaming in bounded memory.
 
     Parameters
@@ -810,7 +854,11 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
     chunks : tuple of int, optional
         Chunk shape ``(Z, Y, X)``; default one slice by up to 1024×1024.
     voxel_size : tuple of float, optional
-        ``(Z, Y, X)`` in nanometres; default ``(1, 1, 1)`` (recorded as unknown).
+        ``(Z, Y, X)`` (``(Y, X)`` for a single image) in ``unit``; default ``(1, 1, 1)`` nm,
+        recorded as unknown.
+    unit : str
+        Unit of ``voxel_size``: ``"nm"`` (default), ``"um"`` / ``"µm"``, ``"mm"`` or
+        ``"angstrom"``. The store records nanometres.
     levels : int
         Resolution levels for viewers: level ``k`` is 2^k times smaller in y and x.
     allow_partial : bool
@@ -838,17 +886,13 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
     if src.ndim not in (2, 3):
         raise EmtileError(
             f"input {str(input)!r} has shape {src.shape}: expected a 2-D image or a 3-D stack "
-            "(for multi-channel data pick one with --channel N)"
+            "(for multi-channel data keep one with --channel N)"
         )
     if threshold is not None and not labels:
         raise EmtileError("--threshold only applies to --labels")
     shape = (1,) + tuple(src.shape) if src.ndim == 2 else tuple(src.shape)
-    if chunks is not None and len(chunks) == 2:
-        chunks = (1,) + tuple(chunks)
-    if chunks is not None and len(chunks) != 3:
-        raise EmtileError(f"chunks={tuple(chunks)} must have 3 values (Z,Y,X)")
-    if voxel_size is not None and len(voxel_size) == 2:
-        voxel_size = (1.0,) + tuple(voxel_size)
+    chunks = _check_tuple("chunks", chunks, 3, "1,1024,1024", cast=int)
+    voxel_size = _voxel_size_nm(voxel_size, unit, src.ndim)
     if levels < 1 or 2 ** (levels - 1) > max(shape[1:]):
         raise EmtileError(f"levels={levels} is not valid for slices of {shape[1:]}: "
                           f"at most {int(math.log2(max(shape[1:]))) + 1}")
@@ -997,6 +1041,10 @@ def info(path, *, stats=False, progress=False):
             out["complete"] = bool(meta.get("complete"))
             out["kind"] = meta.get("kind")
             out["partial"] = meta.get("partial")
+            if meta.get("provenance"):  # a prediction: what made it
+                out["provenance"] = meta["provenance"]
+            if meta.get("kind") == "labels" and meta.get("threshold") is not None:
+                out["threshold"] = meta["threshold"]  # a predicted mask
         ms = _store.multiscales(attrs)
         if ms:
             out["levels"] = len(ms["datasets"])
@@ -1050,10 +1098,37 @@ def format_info(d):
     lines.append(f"complete      {complete}")
     if d.get("partial"):
         lines.append(f"partial       YES: {_format_partial(d['partial'])}")
+    if d.get("provenance"):
+        lines += _format_provenance(d["path"], d["provenance"])
+    if d.get("threshold") is not None:
+        lines.append(f"mask of       cell interior where p > {d['threshold']:g}")
     for key in ("min", "max", "mean"):
         if key in d:
             lines.append(f"{key:<13} {d[key]:.6g}")
     return "\n".join(lines)
+
+
+def _format_provenance(path, p):
+    """The lines of a prediction store's provenance (``emtile predict``'s record)."""
+    region = p.get("region") or []
+    names = "zyx"[-len(region):] if 0 < len(region) <= 3 else None
+    where = ", ".join(f"{names[i] if names else i} {a}:{b}" for i, (a, b) in enumerate(region))
+    offset = [a for a, _ in region]
+    norm = p.get("normalization") or ["dtype", None, None]
+    norm_text = (norm[0] if norm[1] is None else
+                 f"{norm[0]} ({norm[1]:.6g} -> 0, {norm[2]:.6g} -> 1)")
+    options = (f"tile {'x'.join(str(t) for t in p.get('tile', []))}, tta "
+               f"{'on' if p.get('tta') else 'off'}, amp {p.get('amp', 'off')}, blend "
+               f"{p.get('blend')}, overlap {','.join(str(o) for o in p.get('overlap', []))}, "
+               f"dtype {p.get('dtype')}, normalisation {norm_text}, device {p.get('device')}")
+    mask = (f"{path.rstrip('/')}/{p['mask']} (cell interior where p > {p['threshold']:g})"
+            if p.get("mask") else "none (predict --threshold T writes one)")
+    return [f"model         {p.get('model')}",
+            f"input         {p.get('input')}",
+            f"region        {where}" + (f" (offset {','.join(map(str, offset))} in the input)"
+                                        if any(offset) else " (the whole input)"),
+            f"options       {options}",
+            f"mask          {mask}"]
 
 
 def _codec_name(codec):
@@ -1184,13 +1259,43 @@ def open_input(source, *, name="input", require_complete=True):
         The path, for re-opening in worker processes; None for an in-memory array.
     """
     if isinstance(source, (str, os.PathLike)):
-        return open_volume(source, require_complete=require_complete), str(source)
+        return open_volume(source, name=name, require_complete=require_complete), str(source)
     if isinstance(source, (list, tuple)):
         return np.asarray(source), None
     if not all(hasattr(source, a) for a in ("shape", "dtype", "__getitem__")):
         raise EmtileError(f"{name} must be a path or an array (with shape, dtype and slicing), got "
                           f"{type(source).__name__}")
     return source, None
+
+
+class Window(LazyArray):
+    """The box ``start : start + shape`` of ``array``, as an array of its own (lazy: reads go to
+    ``array``, shifted). E.g. the labels under a prediction of a region.
+
+    Examples
+    --------
+    >>> w = Window(np.arange(20).reshape(4, 5), (1, 2), (2, 3))
+    >>> w[...].tolist(), w[1, ::2].tolist()
+    ([[7, 8, 9], [12, 13, 14]], [12, 14])
+    """
+
+    def __init__(self, array, start, shape):
+        self.array, self.start = array, tuple(int(s) for s in start)
+        self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(array.dtype)
+        if len(self.start) != len(array.shape) or any(
+                a < 0 or a + n > m for a, n, m in zip(self.start, self.shape, array.shape)):
+            raise EmtileError(f"the box at {self.start} of shape {self.shape} does not fit in "
+                              f"an array of shape {tuple(array.shape)}")
+
+    def _read(self, key):
+        shifted = []
+        for k, a, n in zip(key, self.start, self.shape):
+            if isinstance(k, int):
+                shifted.append(a + k)
+            else:
+                lo, hi, step = k.indices(n)
+                shifted.append(slice(a + lo, a + max(hi, lo), step))
+        return np.asarray(self.array[tuple(shifted)])
 
 
 # --------------------------------------------------------------------------- stacks slab by slab

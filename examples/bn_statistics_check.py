@@ -23,6 +23,7 @@ import torch
 
 import emtile
 from emtile.metrics import evaluate
+from emtile.normalize import model_record, rule_of, statistics
 from emtile.sampling import PatchDataset
 from emtile.training.batchnorm import norm_layers, precise_norm_stats
 from emtile.training.validation import predict_slices
@@ -34,8 +35,8 @@ def parse_slices(text):
     return slice(int(a), int(b)) if b else [int(x) for x in text.split(",")]
 
 
-def score(model, raw, truth, zs):
-    prob = predict_slices(model, raw, zs, device="cpu")
+def score(model, raw, truth, zs, scaling):
+    prob = predict_slices(model, raw, zs, device="cpu", normalize=scaling)
     r = evaluate(prob, truth, sweep=True, progress=False)
     best = r["sweep"]["best_v_rand"]
     return r["pixel"]["pixel_error"], best["value"], best["threshold"]
@@ -58,17 +59,20 @@ def main():
     norms = norm_layers(model)
     if not norms:
         raise SystemExit(f"{args.model} has no batch norm: nothing to compare")
-    rows = [("running", score(model, raw, truth, zs))]
+    # the model's own input normalisation, on this volume (as emtile predict applies it)
+    rule = model_record(args.model).get("normalization")
+    scaling = statistics(raw, rule_of(rule))["scaling"]
+    rows = [("running", score(model, raw, truth, zs, scaling))]
 
     size = model.valid_sizes(1, 572)[-1]
     data = PatchDataset(raw, labels, input_size=size, output_size=model.output_size(size),
-                        slices=parse_slices(args.train_slices), seed=0)
+                        slices=parse_slices(args.train_slices), seed=0, normalize=scaling)
     precise_norm_stats(model, iter(data), args.patches, device=torch.device("cpu"))
-    rows.append((f"precise ({args.patches} patches)", score(model, raw, truth, zs)))
+    rows.append((f"precise ({args.patches} patches)", score(model, raw, truth, zs, scaling)))
 
     for m in norms:  # batch statistics at inference
         m.track_running_stats, m.running_mean, m.running_var = False, None, None
-    rows.append(("per-tile", score(model, raw, truth, zs)))
+    rows.append(("per-tile", score(model, raw, truth, zs, scaling)))
 
     print(f"{'statistics':24s} {'pixel error':>11s} {'V-Rand':>8s} {'thr':>4s}")
     for name, (pe, vr, t) in rows:

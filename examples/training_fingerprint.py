@@ -8,7 +8,10 @@ to OME-Zarr first), then predicts with a model, and prints (or saves) SHA-256 di
 - every chunk file of the prediction (probabilities and mask).
 
 Run A: batch norm, frozen for the last 30% (precise statistics), validation, calibration, fp32.
-Run B: no batch norm, bf16 autocast (``--amp``), SGD, poly schedule, ``bce+dice``.
+Run B: no batch norm, bf16 autocast (``--amp bf16``), SGD, poly schedule, ``bce+dice``.
+Both pin the settings whose defaults issue 13 changed (class balance, precision, batch norm,
+normalisation ``dtype``); its new ``train.csv`` columns and calibration rule (best/ keeps the
+better model) still make digests taken before it differ.
 
 A reshaping of the trainer must leave every digest unchanged on the same machine::
 
@@ -36,9 +39,11 @@ DATA = Path(os.environ.get("EMTILE_ISBI_DIR",
 RUNS = {
     "a": ["--train-slices", "0:4", "--val-slices", "4:6", "--iterations", "30", "--val-every", "10",
           "--base", "8", "--depth", "4", "--tile", "252", "--batch-norm", "--freeze-bn", "0.7",
-          "--lr", "2e-3", "--seed", "3", "--workers", "1"],
+          "--lr", "2e-3", "--seed", "3", "--workers", "1", "--class-balance", "1", "--amp", "off",
+          "--normalize", "dtype"],
     "b": ["--train-slices", "0:4", "--val-slices", "4:5", "--iterations", "8", "--val-every", "4",
-          "--base", "4", "--depth", "3", "--tile", "140", "--amp", "--optimizer", "sgd",
+          "--base", "4", "--depth", "3", "--tile", "140", "--amp", "bf16", "--no-batch-norm",
+          "--normalize", "dtype", "--optimizer", "sgd",
           "--momentum", "0.9", "--lr", "1e-2", "--schedule", "poly", "--loss", "bce+dice",
           "--class-balance", "0.5", "--seed", "7", "--workers", "0", "--no-calibrate",
           "--noise", "0.05", "--blur", "1.0"],

@@ -58,13 +58,13 @@ def test_every_bench_option_reaches_the_figures(tmp_path):
 
     tifffile.imwrite(tmp_path / "src.tif", np.arange(2 * 30 * 40, dtype=np.uint8).reshape(2, 30, 40))
     args = ["bench", "--base", "3", "--depth", "2", "--tile", "92", "--batch-size", "2",
-            "--device", "cpu", "--tiles", "2", "--no-channels-last", "--amp", "--workers", "0",
+            "--device", "cpu", "--tiles", "2", "--no-channels-last", "--amp", "bf16", "--workers", "0",
             "--repeat", "2", "--data", str(tmp_path / "src.tif"), "--seed", "4", "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     r = json.loads(result.output)
     assert (r["base"], r["depth"], r["tile"], r["batch_size"], r["device"], r["tiles"]) == (3, 2, 92, 2, "cpu", 2)
-    assert (r["channels_last"], r["amp"], r["num_workers"], r["repeat"]) == (False, True, 0, 2)
+    assert (r["channels_last"], r["amp"], r["num_workers"], r["repeat"]) == (False, "bf16", 0, 2)
     assert r["data"] == str(tmp_path / "src.tif") and r["seed"] == 4 and len(r["model_times"]) == 2
     assert r["gflop_per_tile"] == pytest.approx(model_flops(UNet(base=3, depth=2), torch.zeros(1, 1, 92, 92))[0] / 1e9)
     assert {p.name for p in command.params} == {"base", "depth", "tile", "batch_size", "device",

@@ -224,13 +224,47 @@ def test_core_preprocessing_is_emtile_arithmetic(tmp_path, dtype):
     assert got.dtype == np.float32 and np.array_equal(got, input_to_float(x))
 
 
-def test_preprocessing_hook_refuses_other_normalizations():
+def test_preprocessing_describes_each_normalization():
     assert preprocessing("uint8") == preprocessing("uint8", "dtype")
     assert preprocessing("float32") == [{"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}]
-    with pytest.raises(EmtileError, match=r"normalization='percentile' has no bioimage.io"):
-        preprocessing("uint8", normalization="percentile")
+    f32 = {"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}
+    recorded = {"method": "percentile", "low": 1.0, "high": 99.8, "training": {"lo": 29.0}}
+    assert preprocessing("uint16", recorded) == [f32, {"id": "scale_range", "kwargs": {
+        "axes": ["channel", "y", "x"], "min_percentile": 1.0, "max_percentile": 99.8,
+        "eps": 1e-6}}, f32]
+    assert preprocessing("float32", "minmax")[1]["kwargs"]["max_percentile"] == 100.0
+    with pytest.raises(EmtileError, match=r"normalize='zscore' is not valid"):
+        preprocessing("uint8", normalization="zscore")
     with pytest.raises(EmtileError, match=r"input dtype complex64 cannot be described"):
         preprocessing("complex64")
+
+
+@pytest.mark.parametrize("rule", ["percentile:1,99", "minmax"])
+def test_a_normalized_model_exports_validates_and_reads_back(tmp_path, volume, rule):
+    """A model that records percentile or minmax normalisation exports as scale_range; the
+    package passes bioimageio.core's test (its test output is the model on the crop normalised
+    by the crop's own percentiles, as a consumer computes them) and reads back in emtile."""
+    from emtile.normalize import record, statistics
+    from emtile.unet import load_metadata
+
+    folder = make_model(tmp_path / "m", volume)
+    meta = load_metadata(folder)
+    meta["emtile"]["normalization"] = record(statistics(zarr.open_array(str(volume)), rule))
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    emtile.export_model(folder, tmp_path / "m.zip")
+    steps = read_rdf(tmp_path / "m.zip")["inputs"][0]["preprocessing"]
+    assert [s["id"] for s in steps] == ["ensure_dtype", "scale_range", "ensure_dtype"]
+    core = pytest.importorskip("bioimageio.core")
+    summary = core.test_model(tmp_path / "m.zip")
+    errors = [(d.name, e.msg) for d in summary.details for e in d.errors]
+    assert summary.status == "passed" and not errors, errors
+    again = load_model(tmp_path / "m.zip")
+    for (k, a), b in zip(load_model(folder).state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    # emtile predicts with the package as with the folder: the recorded rule travels with it
+    from emtile.normalize import model_record
+
+    assert model_record(tmp_path / "m.zip")["normalization"] == meta["emtile"]["normalization"]
 
 
 # ------------------------------------------------------------------ reading it back
@@ -478,3 +512,12 @@ def test_bioimageio_check_script_runs(exported, volume):
     line = next(s for s in out.stdout.splitlines() if s.startswith("bioimageio.core (padding"))
     assert "mode='reflect'" in line and int(line.split("largest difference ")[1]) <= 1
     assert "own tiler (predict_sample_with_blocking):" in out.stdout
+
+
+def test_info_describes_a_package(exported):
+    _, package, _ = exported
+    r = run_cli("info", package)
+    assert r.exit_code == 0, r.output
+    assert "kind          bioimage.io package" in r.output
+    assert "U-Net 2-D, depth 2, base 4, batch norm on" in r.output
+    assert "normalisation dtype (not recorded" in r.output  # an old-style model: dtype

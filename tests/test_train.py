@@ -184,8 +184,19 @@ def test_nan_loss_names_the_iteration_and_cause(small, tmp_path):
     raw, labels = open_arrays(small)
     bad = np.asarray(raw).astype(np.float32) / 255
     bad[:, 40:60, 40:60] = np.nan
-    with pytest.raises(EmtileError, match="loss is nan at iteration 1; the raw patch holds NaN or infinite values"):
+    # refused before training: the normalisation's statistics see the NaN
+    with pytest.raises(EmtileError, match="raw holds NaN or infinite values: its intensities cannot "
+                                          "be normalised"):
         train(bad, labels, tmp_path / "run", train_slices=slice(0, 4), **dict(TINY, iterations=2, tile=96))
+    assert not (tmp_path / "run").exists()
+    # a patch holding NaN that reaches the loop anyway
+    net = torch.nn.Conv2d(1, 1, 1)
+    nan_batches = iter(lambda: {"image": torch.full((1, 1, 4, 4), float("nan")),
+                                "label": torch.ones(1, 1, 4, 4)}, None)
+    with pytest.raises(EmtileError, match="loss is nan at iteration 1; the raw patch holds NaN or infinite values"):
+        fit(net, nan_batches, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+            loss_fn=lambda logits, target, weight: logits.mean(), lr_at=lambda it: 0.1, start=0,
+            iterations=2, device=torch.device("cpu"))
 
     # divergence: a loss that turns NaN at the third step
     model = torch.nn.Conv2d(1, 1, 1)
@@ -222,12 +233,13 @@ def test_every_cli_option_reaches_the_settings(small, tmp_path):
                "--momentum": ("0.9", 0.9), "--weight-decay": ("0.0001", 0.0001),
                "--schedule": ("poly", "poly"), "--warmup": ("1", 1), "--loss": ("bce+dice", "bce+dice"),
                "--w0": ("5", 5.0), "--sigma": ("3", 3.0), "--class-balance": ("0.5", 0.5),
-               "--workers": ("0", 0), "--device": ("cpu", "cpu"), "--amp": (None, True),
+               "--workers": ("0", 0), "--device": ("cpu", "cpu"), "--amp": ("bf16", "bf16"),
                "--clip": ("1.5", 1.5), "--val-every": ("1", 1), "--seed": ("3", 3),
                "--no-elastic": (None, False), "--elastic-sigma": ("4", 4.0), "--no-flip": (None, False),
                "--no-intensity": (None, False), "--noise": ("0.01", 0.01), "--blur": ("0.5", 0.5),
                "--foreground": ("0.5", 0.5), "--no-channels-last": (None, False),
-               "--no-calibrate": (None, False)}
+               "--normalize": ("minmax", "minmax"), "--no-calibrate": (None, False),
+               "--keep-calibrated": (None, True)}
     args = ["train", "--raw", raw, "--labels", labels, "--out", str(tmp_path / "run"), "--no-progress"]
     for option, (text, _) in options.items():
         args += [option] if text is None else [option, text]
@@ -429,7 +441,7 @@ def test_threshold_offset_finds_the_error_minimising_threshold():
     assert t == pytest.approx(0.02)
 
 
-def test_calibrate_model_moves_the_fitted_threshold_to_one_half(small):
+def test_calibrate_model_moves_the_fitted_thresholds_to_one_half_and_the_v_rand_target(small):
     from emtile.predictor import predict_array
     from emtile.training.calibration import calibrate_model
     from emtile.unet import UNet
@@ -448,11 +460,34 @@ def test_calibrate_model_moves_the_fitted_threshold_to_one_half(small):
     assert record["pixel_error_before"] == pytest.approx(np.mean((before > 0.5) != truth))
     assert record["pixel_error_after"] == pytest.approx(np.mean((before > t) != truth))
     assert record["pixel_error_after"] <= record["pixel_error_before"]
-    # the shift is exact in logit space: p' = sigmoid(logit(p) + offset)
+    # the map is exact in logit space: p' = sigmoid(scale * logit(p) + offset)
     logit = np.log(before) - np.log1p(-before)
-    np.testing.assert_allclose(after, 1 / (1 + np.exp(-(logit + record["offset"]))), atol=2e-5)
+    mapped = record["scale"] * logit + record["offset"]
+    np.testing.assert_allclose(after, 1 / (1 + np.exp(-mapped)), atol=2e-5)
     near = np.abs(before - t) < 1e-4  # float rounding may flip pixels exactly at the threshold
     assert np.array_equal((after > 0.5)[~near], (before > t)[~near])
+    # and the training slices' best V-Rand threshold is now 0.7 (when the two are apart)
+    from emtile.training.calibration import VRAND_TARGET, calibration_map, vrand_logit
+
+    z_vrand, vrand = vrand_logit(before, truth)
+    assert (record["vrand"], record["vrand_threshold"]) == pytest.approx(
+        (vrand, 1 / (1 + np.exp(-z_vrand))))
+    z_pixel = np.log(t / (1 - t))
+    assert (record["scale"], record["offset"]) == pytest.approx(calibration_map(z_pixel, z_vrand))
+    if abs(z_vrand - z_pixel) >= 0.25:
+        assert 1 / (1 + np.exp(-(record["scale"] * z_vrand + record["offset"]))) == pytest.approx(
+            VRAND_TARGET if z_vrand > z_pixel else 1 - VRAND_TARGET)
+
+
+def test_calibration_map_by_hand():
+    from emtile.training.calibration import calibration_map
+
+    # pixel error best at p 0.18 (logit -1.5), V-Rand best at p 0.92 (logit 2.5): the issue's case
+    scale, offset = calibration_map(-1.5, 2.5)
+    assert scale == pytest.approx(np.log(0.7 / 0.3) / 4) and offset == pytest.approx(1.5 * scale)
+    assert calibration_map(-1.5, -1.4) == (1.0, 1.5)  # too close: an offset alone
+    scale, offset = calibration_map(1.0, -1.0)  # V-Rand below: it goes to 0.3
+    assert scale > 0 and 1 / (1 + np.exp(-(scale * -1.0 + offset))) == pytest.approx(0.3)
 
 
 def test_train_calibrates_best_once_and_leaves_last_as_trained(small, tmp_path):
@@ -469,7 +504,9 @@ def test_train_calibrates_best_once_and_leaves_last_as_trained(small, tmp_path):
     best, last = emtile.load_model(out / "best"), emtile.load_model(out / "last")
     for (name, a), (_, b) in zip(best.state_dict().items(), last.state_dict().items()):
         if name == "head.bias":
-            torch.testing.assert_close(a, b + record["offset"])
+            torch.testing.assert_close(a, b * record["scale"] + record["offset"])
+        elif name == "head.weight":
+            torch.testing.assert_close(a, b * record["scale"])
         else:
             assert torch.equal(a, b), name
     # a second call (a resumed run that kept this best) does not shift it again
@@ -492,7 +529,7 @@ def test_cli_freeze_bn_and_calibrate(small, tmp_path):
             "--batch-norm", "--no-progress"]
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a"), "--freeze-bn", "0.5"])
     assert result.exit_code == 0, result.output
-    assert "calibrated best/: threshold" in result.output
+    assert "calibrated best/: pixel-error threshold" in result.output
     meta = json.loads((tmp_path / "a" / "best" / "metadata.json").read_text())["emtile"]
     assert meta["settings"]["freeze_bn"] == 0.5 and "calibration" in meta
     result = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "b"), "--no-calibrate"])

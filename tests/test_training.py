@@ -66,7 +66,8 @@ def test_settings_json_round_trip_and_derived_values():
     assert s.model_args() == {"base": 8, "depth": 4, "batch_norm": True, "dropout": 0.0}
     assert s.warmup_steps() == 10 and dataclasses.replace(s, warmup=3).warmup_steps() == 3
     assert s.freeze_step() == 375
-    assert dataclasses.replace(s, batch_norm=None).freeze_step() is None  # no batch norm
+    assert dataclasses.replace(s, batch_norm=False).freeze_step() is None  # no batch norm
+    assert dataclasses.replace(s, batch_norm=None).freeze_step() == 375  # the default: on
     assert dataclasses.replace(s, freeze_bn=1.0).freeze_step() is None
 
 
@@ -83,7 +84,7 @@ def test_run_json_records_the_settings_object(small, tmp_path):
     losses = Losses()
     train(*small, tmp_path / "a", s, progress=False, callbacks=[losses])
     recorded = json.loads((tmp_path / "a" / "run.json").read_text())["settings"]
-    assert TrainSettings.from_json(recorded) == dataclasses.replace(s, batch_norm=False)
+    assert TrainSettings.from_json(recorded) == dataclasses.replace(s, batch_norm=True)
     # keywords and the object are the same run, bit for bit
     again = Losses()
     train(*small, tmp_path / "b", train_slices=slice(0, 4), val_slices=[5], iterations=2,
@@ -209,7 +210,8 @@ def test_train_takes_a_model_it_did_not_build(small, tmp_path):
 def test_resume_from_last_old_after_a_crash_between_renames(small, tmp_path):
     out = tmp_path / "run"
     kwargs = dict(TINY, train_slices=slice(0, 4), progress=False, calibrate=False, val_every=2,
-                  schedule="constant", warmup=0)  # the same learning rates whatever `iterations`
+                  schedule="constant", warmup=0,  # the same learning rates whatever `iterations`
+                  batch_norm=False)  # and no freeze, whose step depends on `iterations`
     straight = Losses()
     train(*small, tmp_path / "straight", iterations=4, callbacks=[straight], **kwargs)
     first = Losses()

@@ -197,7 +197,7 @@ def test_rgb_stack_needs_channel(tmp_path, rng):
     rgb = rng.integers(0, 255, size=(3, 10, 12, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     r = run_cli("convert", tmp_path / "rgb.tif", tmp_path / "o.zarr")
-    assert r.exit_code == 1 and "has 3 channels" in r.output and "--channel N (0 to 2)" in r.output
+    assert r.exit_code == 1 and "has 3 channels" in r.output and "--channel N (N from 0 to 2)" in r.output
     r = run_cli("convert", tmp_path / "rgb.tif", tmp_path / "o.zarr", "--channel", "1", "--no-progress")
     assert r.exit_code == 0, r.output
     np.testing.assert_array_equal(emtile.open_volume(tmp_path / "o.zarr")[:], rgb[..., 1])

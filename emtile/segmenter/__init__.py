@@ -6,7 +6,7 @@ into a label image: every cell (neurite profile) its own id, 0 for background.
 Methods
 -------
 ``cc``
-    The interior ``p >= threshold`` is split into connected components (4-connected per slice in
+    The interior ``p > threshold`` is split into connected components (4-connected per slice in
     ``mode="2d"``, 6-connected in ``"3d"``); the boundary pixels are then given to the cells by
     the bounded flood below (a seeded watershed on ``1 - p``); ``keep_boundaries`` leaves them 0.
 ``ws``

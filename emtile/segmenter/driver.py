@@ -559,7 +559,7 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         The new store: labels at ``"0"`` (uint32, or uint64 when the count needs it), 0 for
         background, objects numbered 1..N in the order of their first pixel (C order).
     method : {"cc", "ws"}
-        ``cc``: connected components of the interior (``p >= threshold``), the boundary pixels
+        ``cc``: connected components of the interior (``p > threshold``), the boundary pixels
         then flooded from them. ``ws``: seeds at the maxima of the interior's distance to the
         boundary, flooded over the interior and the boundary into fragments, which are merged
         while the mean boundary probability on their shared face is at most
@@ -568,9 +568,9 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         ``2d`` segments each z-slice on its own (4-connected); ``3d`` connects through z
         (6-connected). ``auto``: 3d only for a stack predicted by a 3-D model.
     threshold : float
-        Interior is ``p >= threshold``, as ``emtile predict --threshold``.
+        Interior is ``p > threshold``, as ``emtile predict --threshold``.
     min_size : int
-        Objects of fewer interior pixels (``p >= threshold``) join the neighbour they share the
+        Objects of fewer interior pixels (``p > threshold``) join the neighbour they share the
         largest face with, or are dropped when they have none.
     merge_threshold : float
         ws: highest mean boundary probability on a face for its fragments to be merged.

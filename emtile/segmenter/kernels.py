@@ -33,7 +33,7 @@ _INDEX_MASK = np.int64(INDEX_LIMIT - 1)
 
 
 def interior_mask(p, threshold):
-    """Cell interior: ``p >= threshold``, with ``p`` as :func:`emtile.predict` stores it.
+    """Cell interior: ``p > threshold``, with ``p`` as :func:`emtile.predict` stores it.
 
     Parameters
     ----------
@@ -49,9 +49,9 @@ def interior_mask(p, threshold):
     p = np.asarray(p)
     t = np.float32(threshold)
     if p.dtype == np.uint8:
-        lut = (np.arange(256, dtype=np.float32) / np.float32(255)) >= t
+        lut = (np.arange(256, dtype=np.float32) / np.float32(255)) > t
         return lut[p]
-    return p.astype(np.float32, copy=False) >= t
+    return p.astype(np.float32, copy=False) > t
 
 
 def altitude(p):

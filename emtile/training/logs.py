@@ -9,8 +9,10 @@ from emtile.training.run import writes
 
 __all__ = ["CSV_COLUMNS", "Clock", "CSVLog", "TensorBoardLog", "ProgressBar"]
 
+#: ``val_vrand`` is the V-Rand at its best threshold of the challenge's grid, which
+#: ``val_vrand_threshold`` names; ``val_vrand_05``, ``val_pixel_error`` and ``val_f1`` are at 0.5.
 CSV_COLUMNS = ("iteration", "loss", "lr", "val_loss", "val_pixel_error", "val_f1", "val_vrand",
-               "elapsed_s")
+               "val_vrand_threshold", "val_vrand_05", "elapsed_s")
 
 
 class Clock(Callback):
@@ -99,8 +101,12 @@ class ProgressBar(Callback):
                              refresh=False)
 
     def on_validation(self, state, logs):
-        self.val = {k[4:]: f"{v:.4f}" for k, v in logs.items()
-                    if k in ("val_pixel_error", "val_vrand") and v is not None}
+        self.val = {}
+        if logs.get("val_pixel_error") is not None:
+            self.val["pixel_error@0.5"] = f"{logs['val_pixel_error']:.4f}"
+        if logs.get("val_vrand") is not None:
+            t = logs.get("val_vrand_threshold")
+            self.val["vrand@" + (f"{t:g}" if t is not None else "best")] = f"{logs['val_vrand']:.4f}"
 
     def on_end(self, state):
         self.bar.close()

@@ -4,7 +4,9 @@ The output folder of a run::
 
     out/run.json         the settings of the run (marks the folder as an emtile training run;
                          ``"finished": true`` once its last step, checkpoint, calibration ran)
-    out/train.csv        iteration, loss, lr, val_loss, val_pixel_error, val_f1, val_vrand, elapsed_s
+    out/train.csv        iteration, loss, lr, val_loss, val_pixel_error, val_f1, val_vrand,
+                         val_vrand_threshold, val_vrand_05, elapsed_s (V-Rand at its best threshold,
+                         which the next column names, then at 0.5; pixel error and F1 at 0.5)
     out/best/            model folder (emtile.load_model / emtile predict --model out/best)
     out/last/            model folder + training_state.pt (optimizer, RNG, iteration) for --resume
     out/tensorboard/     if TensorBoard is installed

@@ -18,8 +18,10 @@ __all__ = ["TrainSettings", "OPTIMIZERS", "SCHEDULES", "MODEL_DEFAULTS", "jsonab
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "poly")
-#: The U-Net a new run builds when ``base``, ``depth`` or ``batch_norm`` is left as None.
-MODEL_DEFAULTS = {"base": 64, "depth": 4, "batch_norm": False}
+#: The U-Net a new run builds when ``base``, ``depth`` or ``batch_norm`` is left as None: the
+#: documented CPU recipe (0.5 M parameters). The paper's size is ``base=64`` (31 M parameters,
+#: about 16 times the arithmetic per step).
+MODEL_DEFAULTS = {"base": 16, "depth": 4, "batch_norm": True}
 _SLICE_FIELDS = ("train_slices", "val_slices")
 
 
@@ -37,8 +39,9 @@ class TrainSettings:
     iterations : int
         Total optimiser steps (a resumed run continues up to this number).
     base, depth, batch_norm, dropout :
-        The :class:`emtile.unet.UNet` (None: :data:`MODEL_DEFAULTS`, 64, 4, off). On resume they
-        come from the checkpoint; giving a different value is an error.
+        The :class:`emtile.unet.UNet` (None: :data:`MODEL_DEFAULTS`, 16, 4, on: the CPU recipe;
+        ``base=64`` is the paper's size). On resume they come from the checkpoint; giving a
+        different value is an error.
     bn_momentum : float
         Momentum of the batch-norm running statistics (PyTorch's default is 0.1). With small
         batches of augmented patches, 0.1 makes the statistics used at validation and prediction
@@ -66,15 +69,18 @@ class TrainSettings:
         ``bce`` is weighted by the paper's map (class balance + ``w0``, ``sigma`` border term;
         ``w0=0`` turns the border term off). ``class_balance`` is the exponent of the
         inverse-frequency class weights: ``True``/1 balances the classes (the paper),
-        ``False``/0 turns class weights off, e.g. 0.5 balances halfway.
+        ``False``/0 (the default) turns class weights off, e.g. 0.5 balances halfway: with
+        the border term they bias the output further towards membrane.
     workers : int
         DataLoader worker processes reading, augmenting and weighting patches (0: in-process).
-    device : {"auto", "cpu", "cuda", ...}
-    amp : bool, optional
-        Mixed precision: bfloat16 autocast of the forward pass (CUDA without bf16: float16 with
-        loss scaling). None: on with CUDA, off on CPU. On CPUs with AVX512-BF16 or AMX it is
-        much faster there too (2.6× per step on this project's 2-core Zen 4 machine).
-        Validation always predicts in float32, as ``emtile predict`` does by default.
+    device : {"auto", "cpu", "cuda", "cuda:N"}
+    amp : {"auto", "off", "bf16", "fp16"} or bool
+        Mixed precision of the forward pass (:func:`emtile.device.resolve_amp`): ``"auto"``
+        (the default) is bfloat16 where the device runs it natively (CUDA with bf16; CPUs with
+        AVX512-BF16 or AMX, where it was 2.6× faster per step on this project's 2-core Zen 4
+        machine), float16 with loss scaling on older CUDA devices, and off elsewhere. True is
+        bfloat16 (float16 on CUDA without bf16) everywhere, False / None off. Validation
+        always predicts in float32, as ``emtile predict`` does by default.
     clip : float, optional
         Gradient-norm clipping.
     val_every : int
@@ -89,24 +95,33 @@ class TrainSettings:
         Foreground balance of the patch sampler (see :class:`emtile.sampling.PatchDataset`).
     channels_last : bool
         Channels-last memory layout (faster convolutions on CPU).
+    normalize : str
+        How raw pixels become the model's input (:mod:`emtile.normalize`): ``"percentile"``
+        (the default; ``"percentile:1,99.8"``), ``"minmax"`` or ``"dtype"``. Computed on the raw
+        volume and recorded in the model, which ``emtile predict`` applies to its input.
     calibrate : bool
-        At the end, fit one logit offset on the training slices so that threshold 0.5 gives
-        the lowest pixel error, and fold it into ``best``'s last-layer bias (see
-        :func:`emtile.training.calibration.calibrate_model`; ``last`` stays as trained, for
-        resuming). The record goes into ``best``'s metadata under ``calibration``.
+        At the end, fit a logit scale and offset on the training slices so that threshold 0.5
+        gives the lowest pixel error and 0.7 the best V-Rand, and fold them into ``best``'s last
+        layer (see :mod:`emtile.training.calibration`; ``last`` stays as trained, for
+        resuming). With validation slices, the validation scores are measured before and after,
+        and ``best`` keeps the calibrated model unless its V-Rand (best threshold) is lower by
+        more than 0.01 (or ``keep_calibrated``). The record goes into ``best``'s metadata under
+        ``calibration``.
+    keep_calibrated : bool
+        Keep the calibrated model as ``best`` even when its validation V-Rand is lower.
 
     Examples
     --------
     >>> s = TrainSettings(train_slices=slice(0, 25), val_slices=slice(25, 30), base=16)
     >>> s.to_json()["train_slices"], s.model_args()
-    ('0:25', {'base': 16, 'depth': 4, 'batch_norm': False, 'dropout': 0.0})
+    ('0:25', {'base': 16, 'depth': 4, 'batch_norm': True, 'dropout': 0.0})
     >>> TrainSettings.from_json(s.to_json()) == s
     True
     """
 
     train_slices: object
     val_slices: object = None
-    iterations: int = 2000
+    iterations: int = 3800
     base: int = None
     depth: int = None
     batch_norm: bool = None
@@ -115,7 +130,7 @@ class TrainSettings:
     freeze_bn: float = 0.7
     tile: int = 572
     batch_size: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     optimizer: str = "adam"
     momentum: float = 0.99
     weight_decay: float = 0.0
@@ -124,10 +139,10 @@ class TrainSettings:
     loss: str = "bce"
     w0: float = 10.0
     sigma: float = 5.0
-    class_balance: float = True
+    class_balance: float = 0.0
     workers: int = 1
     device: str = "auto"
-    amp: bool = None
+    amp: object = "auto"
     clip: float = None
     val_every: int = 250
     val_tile: object = None
@@ -140,7 +155,9 @@ class TrainSettings:
     blur: float = 0.0
     foreground: float = None
     channels_last: bool = True
+    normalize: str = "percentile"
     calibrate: bool = True
+    keep_calibrated: bool = False
 
     def __post_init__(self):
         for name, lo in (("iterations", 1), ("batch_size", 1), ("workers", 0), ("val_every", 0)):
@@ -161,6 +178,11 @@ class TrainSettings:
         if not _number(self.class_balance) or not 0.0 <= float(self.class_balance) <= 1.0:
             raise EmtileError(f"class_balance={self.class_balance!r} must be a bool or a number in "
                               "[0, 1]")
+        from emtile.device import check_amp
+        from emtile.normalize import parse
+
+        check_amp(self.amp)
+        object.__setattr__(self, "normalize", str(parse(self.normalize)))
 
     # -- derived values
 

@@ -11,21 +11,27 @@ import torch
 
 from emtile.volume import slice_runs
 
-__all__ = ["predict_slices", "Validator"]
+__all__ = ["predict_slices", "Validator", "format_scores"]
 
 
-def predict_slices(model, raw, zs, *, tile="auto", batch_size=1, device="auto"):
+def predict_slices(model, raw, zs, *, tile="auto", batch_size=1, device="auto", normalize=None):
     """Probabilities of the sorted slices ``zs`` of ``raw``, shape (len(zs), Y, X), float32.
 
     Each contiguous run of slices is one :func:`emtile.predictor.predict_array` call, the tiled
-    path of ``emtile predict``.
+    path of ``emtile predict``; ``normalize`` is the :class:`~emtile.normalize.Scaling`
+    resolved on the whole of ``raw`` (None: the ``dtype`` rule).
     """
+    from emtile.normalize import Scaling, statistics
+
+    if not isinstance(normalize, Scaling):
+        normalize = statistics(raw, normalize or "dtype")["scaling"]
     from emtile.predictor import predict_array
 
     full = (slice(None),) * (raw.ndim - 1)
     prob = np.concatenate([
         np.asarray(predict_array(model, raw, tile=tile, batch_size=batch_size, device=device,
-                                 roi=(slice(z0, z1), *full), progress=False))
+                                 roi=(slice(z0, z1), *full), progress=False,
+                                 normalize=normalize))
         for z0, z1 in slice_runs(zs)]).astype(np.float32)
     return prob.reshape((len(zs), *raw.shape[1:]))
 
@@ -35,8 +41,8 @@ class Validator:
 
     The loss (same function as training, with the full-slice weight maps, computed once) is
     evaluated on the logits of the stitched probabilities; pixel error and F1 of the cell
-    interior at threshold 0.5; V-Rand best over thresholds 0.0-1.0, as the ISBI challenge
-    scores it, with its threshold, and V-Rand at 0.5.
+    interior at threshold 0.5 (interior where p > 0.5); V-Rand best over thresholds 0.0-1.0, as
+    the ISBI challenge scores it, with its threshold, and V-Rand at 0.5.
 
     Parameters
     ----------
@@ -47,12 +53,13 @@ class Validator:
         ``loss_fn(logits, target, weight)``, the training loss.
     weight_fn : callable or None
         ``weight_fn(label_slice)``: the loss's weight map, or None.
-    tile, batch_size, device :
-        Of :func:`emtile.predictor.predict_array`.
+    tile, batch_size, device, normalize :
+        Of :func:`predict_slices`.
     """
 
-    def __init__(self, raw, labels, zs, *, loss_fn, weight_fn, tile, batch_size, device):
-        self.raw, self.zs, self.tile = raw, zs, tile
+    def __init__(self, raw, labels, zs, *, loss_fn, weight_fn, tile, batch_size, device,
+                 normalize=None):
+        self.raw, self.zs, self.tile, self.normalize = raw, zs, tile, normalize
         self.batch_size, self.device, self.loss_fn = batch_size, device, loss_fn
         self.truth = np.stack([(np.asarray(labels[z]) != 0).astype(np.uint8) for z in zs])
         self.weights = (np.stack([weight_fn(t) for t in self.truth]) if weight_fn is not None
@@ -60,7 +67,8 @@ class Validator:
 
     def predict(self, model):
         return predict_slices(model, self.raw, self.zs, tile=self.tile,
-                              batch_size=self.batch_size, device=self.device)
+                              batch_size=self.batch_size, device=self.device,
+                              normalize=self.normalize)
 
     def __call__(self, model):
         """``val_loss``, ``val_pixel_error``, ``val_f1``, ``val_vrand``,
@@ -79,3 +87,23 @@ class Validator:
                 "val_vrand": float(r["sweep"]["best_v_rand"]["value"]),
                 "val_vrand_threshold": float(r["sweep"]["best_v_rand"]["threshold"]),
                 "val_vrand_05": float(r["mean"]["v_rand"])}
+
+
+def format_scores(scores):
+    """Validation scores in words, each V-Rand named by its threshold, e.g. ``pixel error 0.0812
+    at 0.5, V-Rand 0.8630 at 0.5, V-Rand 0.9410 at 0.7 (best threshold)``."""
+    scores = scores or {}
+    parts = []
+    if scores.get("val_loss") is not None:
+        parts.append(f"loss {scores['val_loss']:.4f}")
+    if scores.get("val_pixel_error") is not None:
+        parts.append(f"pixel error {scores['val_pixel_error']:.4f} at 0.5")
+    if scores.get("val_f1") is not None:
+        parts.append(f"F1 {scores['val_f1']:.4f} at 0.5")
+    t = scores.get("val_vrand_threshold")
+    if scores.get("val_vrand_05") is not None and t != 0.5:
+        parts.append(f"V-Rand {scores['val_vrand_05']:.4f} at 0.5")
+    if scores.get("val_vrand") is not None:
+        at = f" at {t:g} (best threshold)" if t is not None else " (best threshold)"
+        parts.append(f"V-Rand {scores['val_vrand']:.4f}{at}")
+    return ", ".join(parts)
