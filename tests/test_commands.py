@@ -97,7 +97,7 @@ def test_progress_is_the_same_switch_in_every_command():
             assert params["progress"].secondary_opts == ["--no-progress"]
             assert params["progress"].default is True
         assert "no_progress" not in params, name
-    assert set(with_progress) == {"convert", "predict", "train", "evaluate"}
+    assert set(with_progress) == {"convert", "predict", "train", "evaluate", "segment"}
 
 
 def test_train_defaults_are_the_documented_recipe():
