@@ -16,8 +16,11 @@ from emtile.cli._types import IntTuple, progress_option
 @click.option("--chunks", type=IntTuple(3, example="1,1024,1024"), default=None,
               help="Chunk shape Z,Y,X (default 1,1024,1024 capped at the slice size: suits 2-D tiles).")
 @click.option("--voxel-size", type=IntTuple(cast=float, example="50,4,4"), default=None,
-              help="Voxel size Z,Y,X (Y,X for a single image) in --unit (default unknown, "
-                   "recorded as 1 nm and shown as unknown). ISBI 2012: 50,4,4.")
+              help="Voxel size Z,Y,X (Y,X for a single image) in --unit. Default: what the "
+                   "input records (OME-XML, ImageJ spacing/unit, TIFF resolution tags, an "
+                   "OME-Zarr input's scale), else unknown (recorded as 1 nm, shown as unknown). "
+                   "'emtile info' says where it came from. ISBI 2012: 50,4,4 (its TIFFs record "
+                   "none).")
 @click.option("--unit", type=click.Choice(["nm", "um", "µm", "mm", "angstrom"]), default="nm",
               show_default=True,
               help="Unit of --voxel-size; stores record nanometres (--voxel-size 0.05,0.004,0.004 "
@@ -34,6 +37,8 @@ from emtile.cli._types import IntTuple, progress_option
 def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_size, unit, levels,
             compression, overwrite, allow_partial, progress):
     """Convert INPUT (TIFF, PNG/TIFF folder or glob, Zarr, HDF5) to an OME-Zarr store OUTPUT.
+
+    The voxel size is --voxel-size if given, else the one INPUT's metadata records.
 
     \b
     emtile convert stack.tif vol.zarr

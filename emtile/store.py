@@ -641,15 +641,18 @@ def spatial_scale(ms):
 
 
 def voxel_size(path, ndim):
-    """The last ``ndim`` spatial voxel sizes of the OME-Zarr group at ``path``, or None when
-    ``path`` is None, not a Zarr store, or has no (readable) multiscales metadata."""
+    """The last ``ndim`` spatial voxel sizes of the OME-Zarr group at ``path``, in nm where its
+    axes name a unit emtile knows (:data:`UNITS_NM`; as written otherwise), or None when
+    ``path`` is None, not a Zarr store, or has no (readable) multiscales metadata. What a
+    stage copies from its input to its output (predict, segment)."""
     if path is None or not is_zarr_store(path):
         return None
     try:
         import zarr
 
-        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
-        sizes = list(spatial_scale(multiscales(attrs)).values())
+        ms = multiscales(zarr.open_group(str(path), mode="r").attrs.asdict())
+        units = {a["name"]: UNITS_NM.get(a.get("unit"), 1.0) for a in ms["axes"]}
+        sizes = [s * units[n] for n, s in spatial_scale(ms).items()]
     except Exception:  # foreign metadata: the caller keeps its default voxel size
         return None
     return tuple(sizes[-ndim:]) if len(sizes) >= ndim else None

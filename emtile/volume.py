@@ -796,6 +796,256 @@ def _open_hdf5(filename, name, channel, *, name_as="input"):
     return _select_channel(arr, channel, filename) if channel is not None else arr
 
 
+# --------------------------------------------------------------------------- voxel sizes
+
+
+class MetadataWarning(UserWarning):
+    """A voxel size in an input's metadata that emtile cannot use (zero, negative, not finite,
+    an unknown unit, a print resolution): one line; the value is ignored."""
+
+
+#: Where a store's voxel size came from (``attrs["emtile"]["voxel_size_source"]``); the order is
+#: the precedence of :func:`convert` (``--voxel-size`` first, then the input's own metadata).
+VOXEL_SOURCES = ("--voxel-size", "OME-XML", "ImageJ", "TIFF resolution tags", "OME-Zarr",
+                 "not given")
+_SOURCE_WORDS = {"--voxel-size": "given at conversion (--voxel-size)",
+                 "OME-XML": "from the input's OME-XML",
+                 "ImageJ": "from the input's ImageJ metadata",
+                 "TIFF resolution tags": "from the input's TIFF resolution tags",
+                 "OME-Zarr": "from the input's OME-Zarr metadata", "input": "from the input",
+                 "prediction": "from the prediction"}
+
+#: Length units as the metadata formats spell them (OME symbols, ImageJ and NGFF names), in nm.
+_LENGTH_NM = {**_store.UNITS_NM, "nanometre": 1.0, "micrometre": 1e3, "microns": 1e3,
+              "cm": 1e7, "centimeter": 1e7, "m": 1e9, "meter": 1e9, "in": 2.54e7, "inch": 2.54e7}
+_UNCALIBRATED = {"", "pixel", "pixels", "px", "reference frame"}
+_PLAUSIBLE_NM = (1e-3, 1e7)  # a voxel between 1 pm and 1 cm
+#: TIFF resolutions of at most this many pixels per inch (pixels of 10 µm or more) are the print
+#: or screen settings that image software writes by default (72, 96, 300 dpi), not pixel sizes.
+_PRINT_DPI = 2540
+_TIFF_UNITS = {2: "inch", 3: "cm", 4: "mm", 5: "um"}  # ResolutionUnit: INCH ... MICROMETER
+
+
+def read_voxel_size(path):
+    """The voxel size that ``path``'s own metadata records, and where it was found.
+
+    TIFF files are read in this order, the first that gives the in-plane size winning: OME-XML
+    (``Pixels`` ``PhysicalSizeX/Y/Z`` and their units, micrometres by default), ImageJ
+    (``unit``, ``spacing`` and the resolution tags), the TIFF resolution tags (centimetre, inch,
+    millimetre or micrometre units; a unit of NONE or a resolution of 1/1 is no size). An
+    OME-Zarr store (or an array in one) gives its level's ``scale`` in its axes' units; a
+    folder or glob of images its first file's in-plane size. A value that cannot be a voxel
+    size is ignored with one :class:`MetadataWarning` line.
+
+    Parameters
+    ----------
+    path : str or Path
+        Anything :func:`open_volume` reads (HDF5 datasets record no voxel size emtile reads).
+
+    Returns
+    -------
+    sizes : dict
+        ``{"z": nm, "y": nm, "x": nm}``, the axes the metadata gives: empty when none, ``y`` and
+        ``x`` only when it has no slice spacing (resolution tags, a folder of images).
+    source : str
+        One of :data:`VOXEL_SOURCES` (``"not given"`` when ``sizes`` is empty).
+
+    Examples
+    --------
+    >>> import tifffile, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "a.tif")
+    >>> tifffile.imwrite(path, np.zeros((4, 8, 8), np.uint8), imagej=True, resolution=(250, 250),
+    ...                  metadata={"axes": "ZYX", "spacing": 0.05, "unit": "um"})
+    >>> read_voxel_size(path)
+    ({'z': 50.0, 'y': 4.0, 'x': 4.0}, 'ImageJ')
+    """
+    text = str(path)
+    if split_hdf5(text) is not None:
+        return {}, "not given"
+    p, stack = Path(text), False
+    if any(ch in text for ch in "*?["):
+        files = sorted(_glob.glob(text), key=_natural_key)
+        p, stack = (Path(files[0]) if files else None), True
+    elif p.is_dir():
+        if _store.is_zarr_store(p):
+            return _ngff_voxel_size(p)
+        files = sorted((f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+                        and not f.name.startswith(".")), key=_natural_key)
+        p, stack = (files[0] if files else None), True
+    if p is None or p.suffix.lower() not in TIFF_SUFFIXES or not p.is_file():
+        return {}, "not given"
+    sizes, source = _tiff_voxel_size(p)
+    if stack:  # one slice per file: a file's own z spacing is not the stack's
+        sizes.pop("z", None)
+    return sizes, source
+
+
+def _tiff_voxel_size(path):
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page, axes = tf.pages[0], tf.series[0].axes
+            # the slice spacing is the z axis's only when the stack's one non-plane axis is z
+            # (ImageJ calls a plain stack of images I)
+            lead = [a for a in axes if a not in "YXSC"]
+            readers = []
+            if tf.is_ome:
+                readers.append(("OME-XML", lambda: _ome_sizes(tf.ome_metadata, lead == ["Z"])))
+            if tf.is_imagej:
+                readers.append(("ImageJ", lambda: _imagej_sizes(
+                    tf.imagej_metadata or {}, page, lead in (["Z"], ["I"], ["Q"]))))
+            readers.append(("TIFF resolution tags", lambda: _tag_sizes(page)))
+            for source, read in readers:
+                sizes = _checked(read(), source, path)
+                if "y" in sizes and "x" in sizes:
+                    return {a: sizes[a] for a in "zyx" if a in sizes}, source
+    except Exception as exc:  # unreadable metadata: the reader says what is wrong with the file
+        warnings.warn(f"{str(path)!r}: its voxel size metadata cannot be read "
+                      f"({_one_line(exc)}); ignored", MetadataWarning, stacklevel=3)
+    return {}, "not given"
+
+
+def _ome_sizes(xml, has_z):
+    """``{axis: (value, unit, name)}`` of the first OME ``Image``'s ``Pixels``."""
+    import tifffile
+
+    image = tifffile.xml2dict(xml).get("OME", {}).get("Image") or {}
+    pixels = (image[0] if isinstance(image, list) else image).get("Pixels") or {}
+    out = {}
+    for ax in ("zyx" if has_z else "yx"):
+        key = f"PhysicalSize{ax.upper()}"
+        if key in pixels:
+            unit = pixels.get(f"{key}Unit", "µm")
+            out[ax] = (pixels[key], unit, f"{key} {pixels[key]} {unit}")
+    return out
+
+
+def _imagej_unit(text):
+    """ImageJ writes µ and Å as the six characters ``\\u00B5`` / ``\\u00C5``."""
+    return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), str(text))
+
+
+def _imagej_sizes(meta, page, has_z):
+    """ImageJ: the resolution tags in pixels per ``unit`` and ``spacing`` for z."""
+    unit = _imagej_unit(meta.get("unit", ""))
+    if unit.strip() in _UNCALIBRATED or "XResolution" not in page.tags:
+        return {}
+    xres, yres = page.resolution
+    yunit = _imagej_unit(meta.get("yunit", unit))
+    out = {"y": _per_pixel(yres, yunit, "YResolution"), "x": _per_pixel(xres, unit, "XResolution")}
+    if has_z and "spacing" in meta:
+        zunit = _imagej_unit(meta.get("zunit", unit))
+        out["z"] = (meta["spacing"], zunit, f"spacing {meta['spacing']} {zunit}")
+    return out
+
+
+def _per_pixel(resolution, unit, name):
+    """A resolution tag (pixels per ``unit``) as ``(size, unit, what the file says)``."""
+    return (1 / resolution if resolution else math.inf, unit,
+            f"{name} {resolution:g} pixels per {unit}")
+
+
+def _tag_sizes(page):
+    """Plain TIFF: XResolution / YResolution in pixels per ResolutionUnit."""
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return {}
+    unit = _TIFF_UNITS.get(int(page.resolutionunit))  # NONE (1): no physical size
+    xres, yres = page.resolution
+    if unit is None or (xres, yres) == (1, 1):
+        return {}
+    if unit == "inch" and 0 < min(xres, yres) and max(xres, yres) <= _PRINT_DPI:
+        return {"x": (None, None, f"{xres:g} x {yres:g} dpi is a print or screen "
+                                  f"setting, not a pixel size")}
+    return {"y": _per_pixel(yres, unit, "YResolution"), "x": _per_pixel(xres, unit, "XResolution")}
+
+
+def _checked(entries, source, path):
+    """``{axis: nm}`` of the plausible ``(value, unit, what the file says)`` entries, and one
+    warning line naming the others (``value`` None: refused by the reader, ``shown`` says why;
+    ``unit`` None: the metadata gives none)."""
+    out, problems = {}, []
+    for ax, (value, unit, shown) in entries.items():
+        if value is None:
+            problems.append(shown)
+        elif unit is not None and str(unit).strip() in _UNCALIBRATED:
+            continue  # uncalibrated: no size, nothing wrong
+        elif (factor := _LENGTH_NM.get(str(unit).strip()) if unit is not None else None) is None:
+            problems.append(f"{shown}: " + ("no unit" if unit is None else
+                                            f"{unit!r} is not a length unit emtile knows"))
+        elif not _PLAUSIBLE_NM[0] <= (nm := _as_float(value) * factor) <= _PLAUSIBLE_NM[1]:
+            problems.append(f"{shown} is not a voxel size (a voxel is from 1 pm to 1 cm)")
+        else:
+            out[ax] = nm
+    if problems:
+        warnings.warn(f"{str(path)!r}: {source}: {'; '.join(problems)}; ignored (pass "
+                      f"--voxel-size to give one)", MetadataWarning, stacklevel=4)
+    return out
+
+
+def _as_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _ngff_voxel_size(path):
+    """An OME-Zarr group's (or an array of one's) level scale in its axes' units, as nm."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+        group_path, level = (Path(path), None) if isinstance(node, zarr.Group) else \
+            (Path(path).parent, Path(path).name)
+        if level is not None and not _store.is_zarr_store(group_path):
+            return {}, "not given"
+        attrs = zarr.open_group(str(group_path), mode="r").attrs.asdict()
+        ms = _store.multiscales(attrs)
+        datasets = ms["datasets"] if ms else []
+        dataset = datasets[0] if level is None and datasets else \
+            next((d for d in datasets if d["path"] == level), None)
+        if dataset is None:
+            return {}, "not given"
+        meta = attrs.get("emtile")
+        if meta is not None and meta.get("voxel_size_given") is False:
+            return {}, "not given"  # emtile's placeholder of a conversion given none
+        scale = next(t["scale"] for t in dataset["coordinateTransformations"]
+                     if t["type"] == "scale")
+        space = [(a, float(s)) for a, s in zip(ms["axes"], scale) if a.get("type") == "space"]
+    except Exception:  # not NGFF, or foreign metadata: no voxel size
+        return {}, "not given"
+    if not any("unit" in a for a, _ in space) and all(s == 1 for _, s in space):
+        return {}, "not given"  # a writer's default, not a measurement
+    entries = {ax: (s, a.get("unit"), f"{a.get('name', ax)} scale {s:g} {a.get('unit', '')}"
+                    .rstrip()) for ax, (a, s) in zip("zyx"[-len(space):], space[-3:])}
+    sizes = _checked(entries, "OME-Zarr metadata", path)
+    return (sizes, "OME-Zarr") if "y" in sizes and "x" in sizes else ({}, "not given")
+
+
+def _conversion_voxel_size(input, ndim, voxel_size, unit):
+    """``(voxel size (z, y, x) nm or None, source, known)`` of a conversion: ``--voxel-size``
+    if given, else the input's own metadata (:func:`read_voxel_size`). A stack whose metadata
+    gives the in-plane size only gets z recorded as x, and counts as unknown (one warning)."""
+    given = _voxel_size_nm(voxel_size, unit, ndim)
+    if given is not None:
+        return given, "--voxel-size", True
+    sizes, source = read_voxel_size(input)
+    if "y" not in sizes or "x" not in sizes:
+        return None, "not given", False
+    y, x = sizes["y"], sizes["x"]
+    if ndim == 2:
+        return (1.0, y, x), source, True
+    if "z" in sizes:
+        return (sizes["z"], y, x), source, True
+    warnings.warn(f"{str(input)!r}: the pixel size {y:g} x {x:g} nm ({_SOURCE_WORDS[source]}) "
+                  f"comes with no slice spacing: z is recorded as {x:g} nm (as x) and the voxel "
+                  f"size counts as not given; pass --voxel-size Z,{y:g},{x:g} to set it",
+                  MetadataWarning, stacklevel=3)
+    return (x, y, x), source, False
+
+
 # --------------------------------------------------------------------------- convert
 
 
@@ -854,8 +1104,11 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
     chunks : tuple of int, optional
         Chunk shape ``(Z, Y, X)``; default one slice by up to 1024×1024.
     voxel_size : tuple of float, optional
-        ``(Z, Y, X)`` (``(Y, X)`` for a single image) in ``unit``; default ``(1, 1, 1)`` nm,
-        recorded as unknown.
+        ``(Z, Y, X)`` (``(Y, X)`` for a single image) in ``unit``. Default: what the input's
+        own metadata records (:func:`read_voxel_size`: OME-XML, ImageJ, TIFF resolution tags,
+        an OME-Zarr input's scale), else ``(1, 1, 1)`` nm recorded as unknown. The store
+        records where it came from (``attrs["emtile"]["voxel_size_source"]``, one of
+        :data:`VOXEL_SOURCES`), and :func:`info` says it.
     unit : str
         Unit of ``voxel_size``: ``"nm"`` (default), ``"um"`` / ``"µm"``, ``"mm"`` or
         ``"angstrom"``. The store records nanometres.
@@ -892,12 +1145,12 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
         raise EmtileError("--threshold only applies to --labels")
     shape = (1,) + tuple(src.shape) if src.ndim == 2 else tuple(src.shape)
     chunks = _check_tuple("chunks", chunks, 3, "1,1024,1024", cast=int)
-    voxel_size = _voxel_size_nm(voxel_size, unit, src.ndim)
+    voxel_size, voxel_source, known = _conversion_voxel_size(input, src.ndim, voxel_size, unit)
     if levels < 1 or 2 ** (levels - 1) > max(shape[1:]):
         raise EmtileError(f"levels={levels} is not valid for slices of {shape[1:]}: "
                           f"at most {int(math.log2(max(shape[1:]))) + 1}")
-    attrs = {"source": str(input), "source_dtype": str(dtype),
-             "voxel_size_given": voxel_size is not None}
+    attrs = {"source": str(input), "source_dtype": str(dtype), "voxel_size_given": known,
+             "voxel_size_source": voxel_source}
     if getattr(src, "partial", None):
         attrs["partial"] = src.partial
     with _store.output_lock(output):
@@ -1050,10 +1303,36 @@ def info(path, *, stats=False, progress=False):
             out["levels"] = len(ms["datasets"])
             out["bytes_on_disk_level0"] = _du(p / ms["datasets"][0]["path"])
             out["voxel_size"] = _store.spatial_scale(ms)
-            if meta is not None and not meta.get("voxel_size_given", True):
-                out["voxel_size_note"] = "not given at conversion; recorded as 1 nm"
+            out["voxel_unit"] = _axes_unit(ms)
+            out.update(_voxel_origin(meta))
     if stats and arr is not None:
         out.update(_stats(arr, progress=progress))
+    return out
+
+
+def _axes_unit(ms):
+    """The unit of a multiscales entry's spatial axes as ``info`` prints it (``nm``), or None
+    when they have none or differ."""
+    units = {a.get("unit") for a in ms["axes"] if a.get("type") == "space"}
+    unit = units.pop() if len(units) == 1 else None
+    return "nm" if unit == "nanometer" else unit
+
+
+def _voxel_origin(meta):
+    """``voxel_size_source`` (one of :data:`VOXEL_SOURCES`, or ``"input"`` / ``"prediction"``
+    for what predict and segment wrote) and a ``voxel_size_note`` when the size is not known,
+    from an emtile store's attributes."""
+    if meta is None:
+        return {}
+    source = meta.get("voxel_size_source")
+    if source is None:  # predict and segment copy their input's; older stores recorded none
+        source = ("input" if meta.get("provenance") or meta.get("threshold") is not None else
+                  "prediction" if meta.get("segment") else None)
+    out = {"voxel_size_source": source}
+    if meta.get("voxel_size_given", True) is False:
+        out["voxel_size_note"] = (
+            "not given at conversion; recorded as 1 nm" if source in (None, "not given") else
+            f"y, x {_SOURCE_WORDS[source]}; no slice spacing there, z recorded as x")
     return out
 
 
@@ -1089,8 +1368,11 @@ def format_info(d):
         lines.append(f"on disk       {_size(d['bytes_on_disk'])}")
     if d["voxel_size"]:
         vs = " x ".join(f"{v:g}" for v in d["voxel_size"].values())
-        note = f"  ({d['voxel_size_note']})" if d.get("voxel_size_note") else ""
-        lines.append(f"voxel size    {vs} nm ({','.join(d['voxel_size'])}){note}")
+        unit = d.get("voxel_unit", "nm") or "(no unit)"
+        source = d.get("voxel_size_source")
+        note = (f"  ({d['voxel_size_note']})" if d.get("voxel_size_note") else
+                f", {_SOURCE_WORDS[source]}" if source in _SOURCE_WORDS else "")
+        lines.append(f"voxel size    {vs} {unit} ({','.join(d['voxel_size'])}){note}")
     if d["levels"]:
         lines.append(f"levels        {d['levels']}")
     if d["kind"]:

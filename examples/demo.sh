@@ -22,7 +22,9 @@ bash .ci/setup
 mkdir -p "$OUT"
 E=.venv/bin/emtile
 set -x
-# 1. any stack -> chunked OME-Zarr (opens in napari / neuroglancer)
+# 1. any stack -> chunked OME-Zarr (opens in napari / neuroglancer). ISBI 2012 voxels are 4 x 4 nm
+#    in plane and 50 nm apart; its TIFFs record no voxel size (resolution 1/1, no unit), so it is
+#    given here (convert reads OME-XML, ImageJ or TIFF resolution metadata when a file has it)
 $E convert "$DATA/train-volume.tif" "$OUT/train.zarr" --voxel-size 50,4,4 --levels 2 --overwrite
 $E convert "$DATA/train-labels.tif" "$OUT/labels.zarr" --labels --voxel-size 50,4,4 --overwrite
 $E info "$OUT/train.zarr"
