@@ -893,7 +893,8 @@ def _open_output(job, path, *, overwrite, fingerprint, flush_every):
                                levels=job.levels, halve_chunks=True,
                                voxel_size=voxel, axes=axes, name="probabilities",
                                kind="probabilities",
-                               attrs={"predict": fingerprint, "provenance": _provenance(job)})
+                               attrs={"predict": fingerprint, "provenance": _provenance(job),
+                                      **store.inherited_voxel_attrs(path, "input")})
     store.set_translation(group, [a for a, _ in job.region])
     if job.threshold is not None:
         group.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["mask"]}})

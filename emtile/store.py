@@ -698,6 +698,17 @@ def unit_to_nm(unit):
                           f"(or µm), mm or angstrom") from None
 
 
+def inherited_voxel_attrs(path, source):
+    """The voxel-size record of a store written from the store at ``path`` (predict from its
+    input, segment from its prediction): ``{"voxel_size_source": source}``, or the input's own
+    record when the input's size was not known (so ``info`` keeps saying so downstream)."""
+    meta = emtile_attrs(path) if path is not None and is_zarr_store(path) else None
+    if meta is not None and meta.get("voxel_size_given") is False:
+        return {"voxel_size_given": False,
+                "voxel_size_source": meta.get("voxel_size_source", "not given")}
+    return {"voxel_size_source": source}
+
+
 def voxel_size_nm(path):
     """The voxel size in nm (spatial axes, in the store's order) that the OME-Zarr store at
     ``path`` records, or None when it records none, records an emtile default (a conversion

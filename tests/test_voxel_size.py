@@ -335,3 +335,24 @@ def test_predict_gives_nanometres_for_an_input_in_micrometres(tmp_path):
     predict(UNet(base=2, depth=2), src, tmp_path / "pred.zarr", tile=64, progress=False)
     scale, units = ngff(tmp_path / "pred.zarr")
     assert scale == pytest.approx([50, 4, 4]) and units == ["nanometer"] * 3
+
+
+def test_an_unknown_voxel_size_stays_unknown_downstream(tmp_path):
+    """A stack converted with no voxel size: its prediction and segmentation say so too, rather
+    than presenting the 1 nm placeholder as the input's size."""
+    import torch
+
+    from emtile.predictor import predict
+    from emtile.segmenter import segment
+    from emtile.unet import UNet
+
+    src = tmp_path / "plain.tif"
+    tifffile.imwrite(src, stack(), photometric="minisblack")
+    convert(src, tmp_path / "raw.zarr", progress=False)
+    torch.manual_seed(0)
+    predict(UNet(base=2, depth=2), tmp_path / "raw.zarr", tmp_path / "pred.zarr", tile=64,
+            threshold=0.5, progress=False)
+    segment(tmp_path / "pred.zarr", tmp_path / "seg.zarr", threshold=0.5, progress=False)
+    for store in ("pred.zarr", "seg.zarr"):
+        assert voxel_size_nm(tmp_path / store) is None, store
+        assert "not given at conversion" in cli("info", tmp_path / store).output, store

@@ -260,7 +260,8 @@ def _create_output(job, pred, plan, *, settings, fingerprint):
                                voxel_size=voxel, name="segmentation", kind="labels",
                                levels=job.levels, halve_chunks=True,
                                attrs={"segment": settings, "source": pred.path,
-                                      "segment_fingerprint": fingerprint})
+                                      "segment_fingerprint": fingerprint,
+                                      **store.inherited_voxel_attrs(pred.path, "prediction")})
     ome = dict(group.attrs["ome"])
     ms = [dict(m) for m in ome["multiscales"]]
     if pred.translation is not None and any(pred.translation):
