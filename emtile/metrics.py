@@ -398,7 +398,8 @@ def segmentation_stats(truth_seg, pred_seg):
     0 pixel (ISBI: a singleton; CREMI: the segment "0"):
 
     >>> st = segmentation_stats(np.array([[1, 1, 0, 2, 2]]), np.array([[3, 3, 3, 4, 0]]))
-    >>> st["singletons"], [round(st[k], 12) for k in ("voi_split", "voi_merge", "adapted_rand_error")]
+    >>> keys = ("voi_split", "voi_merge", "adapted_rand_error")
+    >>> st["singletons"], [round(st[k], 12) for k in keys]
     (1, [0.5, 0.0, 0.333333333333])
     """
     truth_seg, pred_seg = np.asarray(truth_seg), np.asarray(pred_seg)
@@ -1153,8 +1154,8 @@ def format_report(result):
     m = result["mean"]
     lines.append("-" * len(head))
     lines.append(row_text("mean", m, (m["v_rand_best"], m["v_info_best"]) if sweep else None))
-    lines += ["V-Rand, V-Info: ISBI 2012 (truth membrane left out; a predicted 0 inside a cell is a "
-              "singleton).",
+    lines += ["V-Rand, V-Info: ISBI 2012 (truth membrane left out; a predicted 0 inside a cell "
+              "is a singleton).",
               "VOIsplit = H(pred|truth), VOImerge = H(truth|pred), in bits; ARE = adapted Rand "
               "error; both CREMI's way",
               "(truth membrane left out; predicted 0 one segment)."]
@@ -1221,8 +1222,8 @@ def write_csv(result, path):
             row("slice", d)
         row("mean", {**result["mean"], "threshold": threshold})
         p = result["pixel"]
-        row("pixel", {"threshold": threshold, **{k: p[k] for k in
-                                                 ("pixel_error", "f1", "iou", "tp", "fp", "fn", "tn")}})
+        pixel_keys = ("pixel_error", "f1", "iou", "tp", "fp", "fn", "tn")
+        row("pixel", {"threshold": threshold, **{k: p[k] for k in pixel_keys}})
         if result["sweep"]:
             sw = result["sweep"]
             for i, t in enumerate(sw["thresholds"]):

@@ -133,7 +133,7 @@ def test_thresholded_map_voi_and_adapted_rand_against_skimage(stores):
     for t in (0.5, 0.8):
         r = M.evaluate(p, labels, threshold=t, progress=False)
         for z, row in enumerate(r["slices"]):
-            thinned = M.thin_boundaries(p[z] > t)  # the map's segments, as the ISBI scores take them
+            thinned = M.thin_boundaries(p[z] > t)  # the map's segments, as ISBI takes them
             split, merge, are = skimage_cremi(thinned, labels[z])
             assert (row["voi_split"], row["voi_merge"]) == pytest.approx((split, merge), abs=1e-9)
             assert row["adapted_rand_error"] == pytest.approx(are, abs=1e-12)
