@@ -1,4 +1,5 @@
-"""``emtile evaluate``: pixel metrics and ISBI 2012 scores of a prediction against labels."""
+"""``emtile evaluate``: ISBI 2012 and CREMI scores and pixel metrics of a prediction (or a
+segmentation) against labels."""
 
 import click
 
@@ -10,15 +11,15 @@ from emtile.cli._types import SliceList, progress_option
 @click.argument("labels")
 @click.option("--slices", type=SliceList(), default=None,
               help="Slices to score: a range 25:30 or a list 25,27 (default: all).")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="Cell interior where probability > threshold (the rule of predict's mask "
-                   "and show too).")
+                   "and show too)  [default: 0.5; not for a label image]")
 @click.option("--sweep", is_flag=True,
               help="Also sweep thresholds 0.0..1.0 (step 0.1) and report the best mean V-Rand "
-                   "and V-Info (the ISBI 'maximal' scores).")
+                   "and V-Info (the ISBI 'maximal' scores). Not for a label image.")
 @click.option("--invert", is_flag=True,
               help="PRED is a membrane probability (opposite polarity): use 1 - p. "
-                   "ISBI labels are 255 = cell interior.")
+                   "ISBI labels are 255 = cell interior. Not for a label image.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write every number and the settings to this JSON file.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -26,8 +27,13 @@ from emtile.cli._types import SliceList, progress_option
 @progress_option()
 def evaluate(pred, labels, slices, threshold, sweep, invert, json_path, csv_path, progress):
     """Score PRED (probabilities or mask, e.g. pred.zarr) against LABELS (binary labels: 1 or
-    255 = cell interior, 0 = membrane): pixel metrics and the ISBI 2012 V-Rand / V-Info / Rand
-    error, per slice and averaged, each named by its threshold.
+    255 = cell interior, 0 = membrane): the ISBI 2012 V-Rand / V-Info / Rand error, the CREMI
+    VOI split / merge and adapted Rand error, and pixel metrics, per slice and averaged, each
+    named by its threshold.
+
+    A label image as PRED (emtile segment's seg.zarr, or any uint32/uint64/int32/int64 volume)
+    is scored as a segmentation: its ids are the segments, 0 the boundary; there is no
+    threshold, so --threshold, --sweep and --invert are refused.
 
     A prediction of a region (predict --roi) is scored against the same region of full-size
     LABELS (its offset is in its metadata); --slices then count in the labels' slices.

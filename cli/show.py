@@ -1,4 +1,5 @@
-"""``emtile show``: comparison figures (raw / probability / mask / truth / errors) and training curves."""
+"""``emtile show``: comparison figures (raw / probability / mask / truth / errors /
+segmentation) and training curves."""
 
 import click
 
@@ -11,6 +12,9 @@ from emtile.cli._types import LABELS_HELP, Roi, SliceList
               help="Prediction: probabilities (pred.zarr) or a mask; a prediction of a region "
                    "(predict --roi) is drawn over the same region of RAW and --labels.")
 @click.option("--labels", default=None, help=LABELS_HELP)
+@click.option("--seg", default=None,
+              help="Label image (emtile segment's seg.zarr): its instances in distinct colours "
+                   "over RAW, titled with its scores when --labels is given.")
 @click.option("--slices", type=SliceList(), default=None,
               help="Slices to draw, one row each, in RAW's numbering: 25,27 or 25:28 (default: "
                    "the first).")
@@ -29,12 +33,12 @@ from emtile.cli._types import LABELS_HELP, Roi, SliceList
 @click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
               help="Resolution of PNG output.")
 @click.option("--title", default=None, help="Figure title.")
-def show(raw, pred, labels, slices, roi, threshold, invert, log, output, dpi, title):
-    """Draw RAW with --pred/--labels (panels per slice, an error overlay in EM terms, scores at
-    the threshold and at the best one), or the training curve of --log RUN (or of RUN given as
-    RAW); write it to -o fig.png|pdf."""
+def show(raw, pred, labels, seg, slices, roi, threshold, invert, log, output, dpi, title):
+    """Draw RAW with --pred/--labels/--seg (panels per slice, an error overlay in EM terms,
+    scores at the threshold and at the best one, a segmentation's instances in colour), or the
+    training curve of --log RUN (or of RUN given as RAW); write it to -o fig.png|pdf."""
     from emtile.plot import show as run
 
-    run(raw, pred=pred, labels=labels, slices=slices, roi=roi, threshold=threshold, invert=invert,
-        log=log, output=output, dpi=dpi, title=title)
+    run(raw, pred=pred, labels=labels, seg=seg, slices=slices, roi=roi, threshold=threshold,
+        invert=invert, log=log, output=output, dpi=dpi, title=title)
     click.echo(f"wrote {output}")

@@ -78,6 +78,44 @@ Conventions and documented differences
   here (in bits), and V-Info = 2I / (2I + H(T|S) + H(S|T)).
   ``sklearn.metrics.normalized_mutual_info_score(t, s, average_method="arithmetic")`` on the
   foreground pixels (singletons relabelled) equals V-Info, except in the single-segment case.
+
+**Label images** (the output of ``emtile segment``; :func:`label_scores`,
+:func:`is_label_image`) are scored as segmentations: their ids *are* the predicted segments S
+(no threshold, no thinning, no connected components: an id is one segment even where it is cut
+in two), and step 3 above applies unchanged: truth membrane pixels are left out, and a predicted
+0 pixel inside the truth foreground is its own singleton segment (ISBI). ``evaluate`` takes a
+prediction as a label image when its store says so (``emtile segment`` marks it: kind
+``"labels"`` with ``segment`` settings), or, for arrays and other tools' files, when its dtype is
+an integer of 32 or 64 bits (uint32 / uint64 / int32 / int64); bool, uint8, int8, (u)int16 stay
+probabilities (0-255) or 0/1 masks. A threshold, a sweep and ``invert`` mean nothing for a label
+image and are refused.
+
+**CREMI scores**, beside V-Rand and V-Info for both label images and thresholded maps (with the
+same predicted segments S: the thinned segmentation of a map, the ids of a label image), per
+slice and averaged over the scored slices like the ISBI ones:
+
+- *VOI split* ``H(S|T)`` and *VOI merge* ``H(T|S)``, conditional entropies in bits (CREMI's
+  ``voi(reconstruction, groundtruth)`` returns ``(H(X|Y), H(Y|X))`` with X the segmentation, Y
+  the truth: split grows with over-segmentation, merge with under-segmentation).
+- *Adapted Rand error* ``1 - F``, F the F-score of the Rand precision ``P / S2`` and recall
+  ``P / T2`` over pairs of *distinct* pixels: ``P = sum c_ij (c_ij - 1)``,
+  ``S2 = sum s_j (s_j - 1)``, ``T2 = sum t_i (t_i - 1)``, so ``F = 2P / (S2 + T2)``: exactly
+  ``skimage.metrics.adapted_rand_error(truth, pred, ignore_labels=(0,))[0]``.
+- CREMI's conventions for the pixels: the truth's label-0 pixels (membrane) are left out; a
+  predicted 0 is an ordinary label, *one* segment (CREMI's ``ignore_reconstruction=[]``,
+  scikit-image's ``ignore_labels`` applying to the truth only), not singletons as in the ISBI
+  scores. So ``adapted Rand error != 1 - V-Rand`` in general: the ISBI score counts ordered
+  pairs with a pixel paired with itself (``c^2``) and singletons; for a segmentation with no 0
+  inside the truth foreground the two differ only by ``c^2`` vs. ``c (c - 1)``.
+- Checked against ``skimage.metrics.variation_of_information(truth, pred,
+  ignore_labels=(0,))``, which returns ``[H(pred|truth), H(truth|pred)]`` = ``[split, merge]``
+  in bits, and ``adapted_rand_error``. CREMI's own ``adapted_rand`` (the SNEMI3D script) differs:
+  it counts ``c^2`` and gives each predicted-0 pixel a weight of ``1/N`` (N all pixels).
+- Edge cases: an empty truth slice scores 0, 0, 0 (left out of the means, as above); when every
+  segment of both is a single pixel (no pair at all), the adapted Rand error is 0 (scikit-image
+  divides by zero).
+- CREMI scores 3-D volumes with 3-D truth ids; emtile's truth is binary and its segments are
+  the 4-connected components of each slice, so every score here is per slice.
 """
 
 from fractions import Fraction
@@ -109,6 +147,10 @@ __all__ = [
     "open_pair",
     "check_kinds",
     "store_kind",
+    "label_scores",
+    "is_label_image",
+    "is_segmentation_store",
+    "LABEL_IMAGE_DTYPES",
 ]
 
 #: The challenge's threshold sweep: 0.0, 0.1, ..., 1.0.
@@ -280,19 +322,31 @@ def thin_boundaries(foreground):
     return watershed(relief, markers, connectivity=1, watershed_line=True).astype(np.int32, copy=False)
 
 
+def _compact(ids, n):
+    """``ids`` (>= 0) renumbered 0, 1, 2, ... in order (0 stays 0) when any exceeds ``n``, so
+    that the tables below never index by a large id (a label image's ids run over the volume)."""
+    if not ids.size or int(ids.max()) <= n:
+        return ids.astype(np.int64, copy=False)
+    values, inverse = np.unique(ids, return_inverse=True)
+    return inverse.reshape(-1).astype(np.int64) + (0 if values[0] == 0 else 1)
+
+
 def _tables(truth_seg, pred_seg):
-    """Counts restricted to the truth foreground: (a_i, b_j, c_ij, singletons, n), all int64."""
+    """Counts restricted to the truth foreground: (a_i, b_j, c_ij, z_i, singletons, n), all
+    int64; b and c leave out the predicted-0 pixels, z_i counts them per truth segment."""
     t = np.asarray(truth_seg).ravel()
     s = np.asarray(pred_seg).ravel()
     inside = t > 0
-    t, s = t[inside].astype(np.int64), s[inside].astype(np.int64)
-    n = t.size
+    n = int(np.count_nonzero(inside))
     if n == 0:
         return None
+    t, s = _compact(t[inside], n), _compact(s[inside], n)
     a = np.bincount(t)
     a = a[a > 0]
     labelled = s > 0
     singles = n - int(np.count_nonzero(labelled))
+    z = np.bincount(t[~labelled]) if singles else np.zeros(0, np.int64)
+    z = z[z > 0]
     t, s = t[labelled], s[labelled]
     if s.size:
         b = np.bincount(s)
@@ -305,7 +359,7 @@ def _tables(truth_seg, pred_seg):
             c = np.unique(t * width + s, return_counts=True)[1]
     else:
         b = c = np.zeros(0, np.int64)
-    return a, b, c, singles, n
+    return a, b, c, z, singles, n
 
 
 def _entropy(counts, n, singles):
@@ -333,16 +387,32 @@ def segmentation_stats(truth_seg, pred_seg):
         ``sum_p2`` (= sum c_ij^2 + singletons), ``sum_s2``, ``sum_t2``; ``rand_precision``
         (sum_p2 / sum_s2), ``rand_recall`` (sum_p2 / sum_t2), ``v_rand``; entropies in nats
         ``h_truth``, ``h_pred``, ``h_joint``, ``mutual_info``, ``v_info``; ``empty`` (n == 0).
+        The CREMI scores, with predicted 0 as one ordinary segment instead of singletons:
+        ``voi_split`` (H(pred|truth)) and ``voi_merge`` (H(truth|pred)) in bits,
+        ``adapted_rand_error`` (over pairs of distinct pixels, as scikit-image).
         See the module docstring for the conventions (empty slices, single segments).
+
+    Examples
+    --------
+    Truth: two cells of 2 pixels. The prediction splits the second cell into a segment and a
+    0 pixel (ISBI: a singleton; CREMI: the segment "0"):
+
+    >>> st = segmentation_stats(np.array([[1, 1, 0, 2, 2]]), np.array([[3, 3, 3, 4, 0]]))
+    >>> keys = ("voi_split", "voi_merge", "adapted_rand_error")
+    >>> st["singletons"], [round(st[k], 12) for k in keys]
+    (1, [0.5, 0.0, 0.333333333333])
     """
     truth_seg, pred_seg = np.asarray(truth_seg), np.asarray(pred_seg)
     _check_shapes(truth_seg.shape, pred_seg.shape, "truth_seg", "pred_seg")
+    for name, seg in (("truth_seg", truth_seg), ("pred_seg", pred_seg)):
+        _check_ids(seg, name)
     tables = _tables(truth_seg, pred_seg)
     if tables is None:
         return {"n": 0, "singletons": 0, "sum_p2": 0, "sum_s2": 0, "sum_t2": 0,
                 "rand_precision": 1.0, "rand_recall": 1.0, "v_rand": 1.0, "h_truth": 0.0,
-                "h_pred": 0.0, "h_joint": 0.0, "mutual_info": 0.0, "v_info": 1.0, "empty": True}
-    a, b, c, singles, n = tables
+                "h_pred": 0.0, "h_joint": 0.0, "mutual_info": 0.0, "v_info": 1.0,
+                "voi_split": 0.0, "voi_merge": 0.0, "adapted_rand_error": 0.0, "empty": True}
+    a, b, c, z, singles, n = tables
     sum_t2 = int(a @ a)
     sum_s2 = int(b @ b) + singles
     sum_p2 = int(c @ c) + singles
@@ -358,8 +428,34 @@ def segmentation_stats(truth_seg, pred_seg):
         "v_rand": sum_p2 / (0.5 * sum_s2 + 0.5 * sum_t2),
         "h_truth": h_truth, "h_pred": h_pred, "h_joint": h_joint, "mutual_info": float(mutual),
         "v_info": float(2.0 * mutual / h_sum) if h_sum > 0 else 1.0,
+        **_cremi(a, b, c, z, singles, n, h_truth),
         "empty": False,
     }
+
+
+def _cremi(a, b, c, z, singles, n, h_truth):
+    """VOI split / merge (bits) and adapted Rand error with predicted 0 one segment (CREMI)."""
+    if singles:
+        b = np.append(b, singles)  # the pixels labelled 0: one segment ...
+        c = np.concatenate([c, z])  # ... meeting each truth segment it covers
+    pairs_t, pairs_s, pairs_p = int(a @ a) - n, int(b @ b) - n, int(c @ c) - n
+    den = pairs_s + pairs_t
+    h_joint = _entropy(c, n, 0)
+    return {
+        "voi_split": float(max(h_joint - h_truth, 0.0) / np.log(2)),
+        "voi_merge": float(max(h_joint - _entropy(b, n, 0), 0.0) / np.log(2)),
+        "adapted_rand_error": 1.0 - 2.0 * pairs_p / den if den else 0.0,
+    }
+
+
+def _check_ids(seg, name):
+    """Segments are non-negative integers (or bool)."""
+    if seg.dtype != np.bool_ and not np.issubdtype(seg.dtype, np.integer):
+        raise EmtileError(f"{name} has dtype {seg.dtype}: segment ids must be integers "
+                          "(0 = boundary / left out)")
+    if seg.size and seg.dtype.kind == "i" and int(seg.min()) < 0:
+        raise EmtileError(f"{name} has negative ids (down to {int(seg.min())}): segment ids "
+                          "must be 0 (boundary / left out) or positive")
 
 
 def v_rand(truth_seg, pred_seg):
@@ -436,7 +532,9 @@ class PredictionDecoder:
                 if lo < 0 or hi > 255:
                     raise EmtileError(
                         f"prediction values in {where} span [{lo}, {hi}]: integer predictions "
-                        "must be 0-255 probabilities (255 = 1.0) or a 0/1 mask")
+                        "must be 0-255 probabilities (255 = 1.0) or a 0/1 mask (a label image "
+                        "is scored as segments when it is uint32, uint64, int32 or int64, or "
+                        "emtile segment's store)")
                 if hi > 1:
                     self.seen_above_one = True
             return 255 if self.seen_above_one else 1
@@ -509,12 +607,43 @@ def store_kind(source):
     return None, {}
 
 
+#: Integer dtypes read as label images (ids) when no store says what the prediction is.
+LABEL_IMAGE_DTYPES = tuple(np.dtype(t) for t in ("uint32", "uint64", "int32", "int64"))
+
+
+def is_segmentation_store(source):
+    """True when ``source`` is a store written by ``emtile segment`` (a label image): its emtile
+    attributes say kind ``"labels"`` and carry the ``segment`` settings."""
+    kind, meta = store_kind(source)
+    return kind == "labels" and "segment" in meta
+
+
+def is_label_image(source, dtype):
+    """Whether ``evaluate`` scores the prediction ``source`` (of ``dtype``) as a label image.
+
+    The store's own record first: an ``emtile segment`` store is one; any other emtile store
+    (probabilities, a predicted mask, converted labels, an image) is not. Otherwise (arrays,
+    TIFFs, other tools' stores) an integer dtype of 32 or 64 bits (:data:`LABEL_IMAGE_DTYPES`)
+    is one; bool, 8- and 16-bit integers and floats are probabilities or masks.
+
+    Examples
+    --------
+    >>> is_label_image(np.zeros(3, np.uint32), np.uint32), is_label_image(None, np.uint8)
+    (True, False)
+    """
+    kind, meta = store_kind(source)
+    if kind is not None:
+        return kind == "labels" and "segment" in meta
+    return np.dtype(dtype) in LABEL_IMAGE_DTYPES
+
+
 def check_kinds(pred, labels, *, command="evaluate"):
     """Refuse a prediction and labels whose stores say they are something else: the raw image
-    given as the prediction, the two swapped, an image or a prediction given as labels.
-    Sources that record no kind (TIFFs, arrays, other tools' stores) pass."""
-    (pk, pmeta), (lk, _) = store_kind(pred), store_kind(labels)
-    truth = pk == "labels" and pmeta.get("threshold") is None  # converted, not predicted
+    given as the prediction, the two swapped, an image, a prediction or a segmentation given as
+    labels. Sources that record no kind (TIFFs, arrays, other tools' stores) pass."""
+    (pk, pmeta), (lk, lmeta) = store_kind(pred), store_kind(labels)
+    # converted labels: neither predicted (a mask records its threshold) nor segmented
+    truth = pk == "labels" and pmeta.get("threshold") is None and "segment" not in pmeta
     usage = (f"emtile {command} PRED LABELS" if command == "evaluate" else
              "emtile show RAW --pred PRED --labels LABELS")
     if truth and lk == "probabilities":
@@ -530,6 +659,11 @@ def check_kinds(pred, labels, *, command="evaluate"):
         raise EmtileError(f"labels {str(labels)!r} is {what} (its store says kind {lk!r}), not "
                           f"labels: {usage} takes binary labels (emtile convert --labels) as "
                           f"LABELS")
+    if lk == "labels" and "segment" in lmeta:
+        raise EmtileError(f"labels {str(labels)!r} is a segmentation (emtile segment wrote it), "
+                          f"not binary labels: {usage} takes binary labels (1 = cell interior, "
+                          f"0 = membrane; emtile convert --labels) as LABELS; a segmentation is "
+                          f"scored by giving it as PRED")
 
 
 def open_pair(pred, other, *, other_name="labels", command="evaluate"):
@@ -612,6 +746,44 @@ def isbi_scores(pred_slice, truth_slice, *, threshold=0.5, invert=False):
     return out
 
 
+def label_scores(seg_slice, truth_slice):
+    """V-Rand, V-Info, Rand error and the CREMI scores of one 2-D slice of a label image.
+
+    The ids of ``seg_slice`` are the predicted segments (0 = boundary: singletons inside the
+    truth foreground for the ISBI scores, one segment for the CREMI ones); the truth's segments
+    are the 4-connected components of its cell interior, its membrane left out (see the module
+    docstring).
+
+    Parameters
+    ----------
+    seg_slice : ndarray of int, shape (Y, X)
+        Segment ids (e.g. a slice of ``emtile segment``'s output), >= 0.
+    truth_slice : ndarray, shape (Y, X)
+        Binary labels ({0, 1} or {0, 255}; non-zero = cell interior).
+
+    Returns
+    -------
+    dict
+        As :func:`segmentation_stats`, plus ``rand_error``.
+
+    Examples
+    --------
+    >>> t = np.zeros((4, 5), np.uint8); t[:, :2] = 1; t[:, 3:] = 1   # two cells, one membrane
+    >>> seg = np.array([[1, 1, 1, 2, 2]] * 4, np.uint32)            # ids; the membrane given away
+    >>> s = label_scores(seg, t)
+    >>> s["v_rand"], s["voi_split"], s["voi_merge"], s["adapted_rand_error"]
+    (1.0, 0.0, 0.0, 0.0)
+    """
+    seg_slice, truth_slice = np.asarray(seg_slice), np.asarray(truth_slice)
+    if seg_slice.ndim != 2:
+        raise EmtileError(f"seg_slice must be 2-D (Y, X), got shape {seg_slice.shape}")
+    _check_shapes(seg_slice.shape, truth_slice.shape, "seg_slice", "truth_slice")
+    tseg = truth_segments(LabelChecker().foreground(truth_slice, "truth_slice"))
+    out = segmentation_stats(tseg, seg_slice)
+    out["rand_error"] = 1.0 - out["v_rand"]
+    return out
+
+
 # --------------------------------------------------------------------------- volumes
 
 
@@ -624,9 +796,10 @@ def _mean(values):
     return float(np.mean(values)) if len(values) else 1.0
 
 
-def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=False, progress=True,
-             json_path=None, csv_path=None):
-    """Score a prediction against binary labels: pixel metrics and the ISBI 2012 scores.
+def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=False,
+             progress=True, json_path=None, csv_path=None):
+    """Score a prediction or a segmentation against binary labels: the ISBI 2012 scores (V-Rand,
+    V-Info), the CREMI ones (VOI split and merge, adapted Rand error) and pixel metrics.
 
     Reads the two volumes in z-slabs (at most ~64 MB of prediction at a time), so volumes
     larger than memory can be scored; pixel counts are accumulated over the slabs.
@@ -635,21 +808,27 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     ----------
     pred : str, Path or array-like, shape (Z, Y, X) or (Y, X)
         Cell-interior probabilities: float in [0, 1], or uint8 0-255 (255 = 1.0); or a mask
-        (bool, or integers that are all 0/1). Paths open with :func:`emtile.open_volume`
-        (``pred.zarr`` reads its probabilities at ``"0"``; ``pred.zarr/labels/mask`` its mask).
+        (bool, or integers that are all 0/1); or a label image, scored as a segmentation (its
+        ids are the segments, 0 = boundary): ``emtile segment``'s store, or any uint32 / uint64
+        / int32 / int64 array (:func:`is_label_image`). Paths open with
+        :func:`emtile.open_volume` (``pred.zarr`` reads its probabilities at ``"0"``;
+        ``pred.zarr/labels/mask`` its mask).
     labels : str, Path or array-like, same shape
         Binary truth: {0, 1} (``emtile convert --labels``) or {0, 255} (the ISBI TIFF);
-        non-zero = cell interior.
+        non-zero = cell interior. A segmentation store is refused here (instance ids are not
+        binary labels).
     slices : None, int, list of int or slice
         Slices (z indices) to score; all by default.
-    threshold : float
+    threshold : float, optional
         Interior where probability > threshold (default 0.5); pixel metrics always use it.
+        Refused with a label image, which has no threshold.
     sweep : bool
         Also run the challenge's "maximal" variant over thresholds 0.0, 0.1, ..., 1.0 and
         report the best mean V-Rand and the best mean V-Info, each with its threshold.
+        Refused with a label image.
     invert : bool
         The prediction is a membrane probability (0 = interior); use ``1 - p``. (ISBI labels
-        are 255 = cell interior; emtile predicts the interior.)
+        are 255 = cell interior; emtile predicts the interior.) Refused with a label image.
     progress : bool
         Show a tqdm progress bar.
     json_path, csv_path : str or Path, optional
@@ -659,14 +838,18 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     Returns
     -------
     dict
-        ``settings`` (inputs, slices, threshold, thresholds, sweep, invert, prediction kind),
-        ``pixel`` (:func:`metrics_from_counts` over all scored slices at ``threshold``, with
-        ``classification_report``), ``slices`` (one dict per slice: ``z``, ``v_rand``,
-        ``v_info``, ``rand_error``, ``pixel_error``, ``f1``, counts, ``n``, ``empty``; with
-        ``sweep`` also the per-threshold lists and the scores at the best thresholds),
-        ``mean`` (means over non-empty slices; ``pixel_error`` over all), ``sweep`` (None, or
-        ``thresholds``, mean ``v_rand``/``v_info`` lists, ``best_v_rand``/``best_v_info``
-        with ``value`` and ``threshold``). Plain Python numbers, ready for JSON.
+        ``settings`` (inputs, slices, threshold (None for a label image), thresholds, sweep,
+        invert, ``prediction_kind``, ``label_image``, ``conventions``), ``pixel``
+        (:func:`metrics_from_counts` over all scored slices at ``threshold``, with
+        ``classification_report``; for a label image, of its labelled pixels, id != 0),
+        ``slices`` (one dict per slice: ``z``, ``threshold``, ``v_rand``, ``v_info``,
+        ``rand_error``, ``voi_split``, ``voi_merge``, ``adapted_rand_error``, ``pixel_error``,
+        ``f1``, counts, ``n``, ``empty``; with ``sweep`` also the per-threshold lists and the
+        scores at the best thresholds), ``mean`` (means over non-empty slices; ``pixel_error``
+        over all), ``sweep`` (None, or ``thresholds``, mean ``v_rand`` / ``v_info`` /
+        ``voi_split`` / ``voi_merge`` / ``adapted_rand_error`` lists, ``best_v_rand`` /
+        ``best_v_info`` with ``value`` and ``threshold``). Plain Python numbers, ready for JSON.
+        The module docstring states every convention.
 
     Examples
     --------
@@ -674,22 +857,68 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
     >>> r = evaluate(t.astype(np.float32), t, progress=False)
     >>> r["mean"]["v_rand"], r["mean"]["v_info"], r["pixel"]["pixel_error"]
     (1.0, 1.0, 0.0)
+    >>> seg = np.where(np.arange(8) < 4, 1, 2).astype(np.uint32) * np.ones((2, 8, 1), np.uint32)
+    >>> r = evaluate(seg, t, progress=False)            # a label image: scored as segments
+    >>> r["mean"]["v_rand"], r["mean"]["voi_merge"], r["settings"]["label_image"]
+    (1.0, 0.0, True)
     """
-    from tqdm import tqdm
-
     from emtile import store
 
     store.check_output(None, inputs=[pred, labels], files={"--json": json_path, "--csv": csv_path})
-    check_threshold(threshold)
-    threshold = float(threshold)
+    if threshold is not None:
+        check_threshold(threshold)
     check_kinds(pred, labels)
     pstack, lstack, offset = open_pair(pred, labels)
-    pname, lname = pstack.display, lstack.display
     zs = _local_slices(slices, pstack.shape[0], offset[0])
-    thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
-    decoder = PredictionDecoder(pstack.dtype, invert=invert)
-    checker = LabelChecker()
+    label_image = is_label_image(pred, pstack.dtype)
+    if label_image:
+        _refuse_map_options(pstack.display, threshold=threshold, sweep=sweep, invert=invert)
+        results = _score_label_image(pstack, lstack, zs, progress=progress)
+        kind = f"label image ({pstack.dtype}): its ids are the segments"
+    else:
+        threshold = 0.5 if threshold is None else float(threshold)
+        thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
+        decoder = PredictionDecoder(pstack.dtype, invert=invert)
+        results = _score_map(pstack, lstack, zs, thresholds, decoder, progress=progress)
+        kind = decoder.describe()
 
+    out = _summarise(results, zs, threshold=threshold, sweep=sweep, invert=invert, kind=kind,
+                     label_image=label_image, names=(pstack.display, lstack.display))
+    if any(offset):  # a prediction of a region: slices in the labels' numbering
+        out["settings"]["offset"] = list(offset)
+        out["settings"]["slices"] = [z + offset[0] for z in zs]
+        for row in out["slices"]:
+            row["z"] += offset[0]
+    for path, write in ((json_path, write_json), (csv_path, write_csv)):
+        if path is not None:
+            write(out, path)
+    return out
+
+
+def _refuse_map_options(name, *, threshold, sweep, invert):
+    """A label image has no threshold: refuse the options that only mean something for maps."""
+    given = [text for text, on in ((f"--threshold {threshold:g}" if threshold is not None else "",
+                                    threshold is not None),
+                                   ("--sweep", sweep), ("--invert", invert)) if on]
+    if given:
+        raise EmtileError(f"{given[0]} does not apply to a label image: pred {name!r} is scored as "
+                          f"a segmentation (its ids are the segments), which has no threshold; "
+                          f"leave out {given[0].split()[0]}")
+
+
+def _progress_bar(total, progress):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit="slice", disable=not progress)
+
+
+def _where(z0, z1):
+    return f"slices {z0}-{z1 - 1}" if z1 - z0 > 1 else f"slice {z0}"
+
+
+def _score_map(pstack, lstack, zs, thresholds, decoder, *, progress):
+    """``{z: {threshold: stats}}`` of a probability map or mask, thresholded and thinned."""
+    checker = LabelChecker()
     results = {}
     tentative = []  # slices scored as a 0/1 mask before any value > 1 was seen
 
@@ -708,13 +937,12 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
             per[t] = cache[key]
         results[z] = per
 
-    bar = tqdm(total=len(zs), desc="evaluate", unit="slice", disable=not progress)
+    bar = _progress_bar(len(zs), progress)
     try:
         for z0, z1 in slice_runs(zs, _slab_depth(pstack)):
-            where = f"slices {z0}-{z1 - 1}" if z1 - z0 > 1 else f"slice {z0}"
             pslab = pstack.read(z0, z1)
             tslab = lstack.read(z0, z1)
-            scale = decoder.inspect(pslab, where)
+            scale = decoder.inspect(pslab, _where(z0, z1))
             for k in range(z1 - z0):
                 score(z0 + k, pslab[k], tslab[k], scale)
                 if decoder.kind == "int" and scale == 1:
@@ -728,17 +956,28 @@ def evaluate(pred, labels, *, slices=None, threshold=0.5, sweep=False, invert=Fa
                     score(z0 + k, pslab[k], tslab[k], 255)
     finally:
         bar.close()
+    return results
 
-    out = _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname)
-    if any(offset):  # a prediction of a region: slices in the labels' numbering
-        out["settings"]["offset"] = list(offset)
-        out["settings"]["slices"] = [z + offset[0] for z in zs]
-        for row in out["slices"]:
-            row["z"] += offset[0]
-    for path, write in ((json_path, write_json), (csv_path, write_csv)):
-        if path is not None:
-            write(out, path)
-    return out
+
+def _score_label_image(pstack, lstack, zs, *, progress):
+    """``{z: {None: stats}}`` of a label image: its ids are the predicted segments."""
+    checker = LabelChecker()
+    results = {}
+    bar = _progress_bar(len(zs), progress)
+    try:
+        for z0, z1 in slice_runs(zs, _slab_depth(pstack)):
+            pslab, tslab = pstack.read(z0, z1), lstack.read(z0, z1)
+            _check_ids(pslab, f"label image {pstack.display!r} in {_where(z0, z1)}")
+            for k in range(z1 - z0):
+                tfg = checker.foreground(tslab[k], f"slice {z0 + k}")
+                stats = segmentation_stats(truth_segments(tfg), pslab[k])
+                stats["rand_error"] = 1.0 - stats["v_rand"]
+                stats["counts"] = confusion_counts(pslab[k] != 0, tfg)
+                results[z0 + k] = {None: stats}
+                bar.update(1)
+    finally:
+        bar.close()
+    return results
 
 
 def _local_slices(slices, depth, z0):
@@ -756,7 +995,29 @@ def _local_slices(slices, depth, z0):
     return [z - z0 for z in zs]
 
 
-def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname, lname):
+
+#: The per-slice scores every row and mean carry (besides the pixel metrics).
+_SCORES = ("v_rand", "v_info", "rand_error", "voi_split", "voi_merge", "adapted_rand_error")
+
+#: What ``settings["conventions"]`` says, once, in every JSON.
+CONVENTIONS = {
+    "v_rand, v_info, rand_error": "ISBI 2012: per slice; truth segments = 4-connected cell "
+                                  "interiors, truth membrane left out; a predicted 0 inside the "
+                                  "truth foreground is its own singleton segment; pairs counted "
+                                  "as sum c^2; natural log",
+    "voi_split, voi_merge, adapted_rand_error": "CREMI: per slice; truth membrane left out; a "
+                                                "predicted 0 is one ordinary segment; "
+                                                "voi_split = H(pred|truth), voi_merge = "
+                                                "H(truth|pred), in bits; adapted_rand_error = "
+                                                "1 - F-score of Rand precision and recall over "
+                                                "pairs of distinct pixels (as "
+                                                "skimage.metrics.adapted_rand_error)",
+    "mean": "mean over the slices whose truth has cell interior",
+}
+
+
+def _summarise(results, zs, *, threshold, sweep, invert, kind, label_image, names):
+    """The result dict of :func:`evaluate` from the per-slice statistics."""
     total = np.zeros(4, np.int64)
     for z in zs:
         total += np.array(results[z][threshold]["counts"], np.int64)
@@ -773,8 +1034,8 @@ def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname
     best = {"v_rand": threshold, "v_info": threshold}
     if sweep:
         grid = list(SWEEP_THRESHOLDS)
-        vr = [mean_at(t, "v_rand") for t in grid]
-        vi = [mean_at(t, "v_info") for t in grid]
+        means = {key: [mean_at(t, key) for t in grid] for key in _SCORES if key != "rand_error"}
+        vr, vi = means["v_rand"], means["v_info"]
         # ties: the first (lowest) threshold wins, as Fiji's strict ">" keeps the first maximum
         ir, ii = int(np.argmax(vr)), int(np.argmax(vi))
         best = {"v_rand": grid[ir], "v_info": grid[ii]}
@@ -783,6 +1044,9 @@ def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname
             "v_rand": vr,
             "v_info": vi,
             "rand_error": [1.0 - v for v in vr],
+            "voi_split": means["voi_split"],
+            "voi_merge": means["voi_merge"],
+            "adapted_rand_error": means["adapted_rand_error"],
             "best_v_rand": {"value": vr[ir], "threshold": grid[ir]},
             "best_v_info": {"value": vi[ii], "threshold": grid[ii]},
             "best_rand_error": {"value": 1.0 - vr[ir], "threshold": grid[ir]},
@@ -794,16 +1058,13 @@ def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname
     for z in zs:
         r = results[z][threshold]
         m = metrics_from_counts(*r["counts"])
-        row = {
-            "z": z, "threshold": threshold,
-            "v_rand": r["v_rand"], "v_info": r["v_info"], "rand_error": r["rand_error"],
-            "pixel_error": m["pixel_error"], "f1": m["f1"], "iou": m["iou"],
-            "tp": m["tp"], "fp": m["fp"], "fn": m["fn"], "tn": m["tn"],
-            "n": r["n"], "singletons": r["singletons"],
-            "rand_precision": r["rand_precision"], "rand_recall": r["rand_recall"],
-            "h_truth": r["h_truth"], "h_pred": r["h_pred"], "mutual_info": r["mutual_info"],
-            "empty": r["empty"],
-        }
+        row = {"z": z, "threshold": threshold, **{key: r[key] for key in _SCORES},
+               "pixel_error": m["pixel_error"], "f1": m["f1"], "iou": m["iou"],
+               "tp": m["tp"], "fp": m["fp"], "fn": m["fn"], "tn": m["tn"],
+               "n": r["n"], "singletons": r["singletons"],
+               "rand_precision": r["rand_precision"], "rand_recall": r["rand_recall"],
+               "h_truth": r["h_truth"], "h_pred": r["h_pred"], "mutual_info": r["mutual_info"],
+               "empty": r["empty"]}
         if sweep:
             row["sweep_v_rand"] = [results[z][t]["v_rand"] for t in SWEEP_THRESHOLDS]
             row["sweep_v_info"] = [results[z][t]["v_info"] for t in SWEEP_THRESHOLDS]
@@ -814,8 +1075,7 @@ def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname
     pooled = [results[z][threshold] for z in scored]
     den = sum(0.5 * r["sum_s2"] + 0.5 * r["sum_t2"] for r in pooled)
     mean = {
-        "v_rand": mean_at(threshold, "v_rand"),
-        "v_info": mean_at(threshold, "v_info"),
+        **{key: mean_at(threshold, key) for key in _SCORES},
         "rand_error": 1.0 - mean_at(threshold, "v_rand"),
         "pixel_error": float(np.mean([row["pixel_error"] for row in rows])),
         "f1": float(np.mean([row["f1"] for row in rows])),
@@ -829,11 +1089,16 @@ def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname
     from emtile import __version__
 
     settings = {
-        "pred": pname, "labels": lname, "slices": list(zs), "threshold": threshold,
-        "sweep": bool(sweep), "thresholds": list(SWEEP_THRESHOLDS) if sweep else [threshold],
-        "invert": bool(invert), "prediction_kind": decoder.describe(),
-        "foreground": "label 1 (cell interior); probabilities > threshold",
-        "connectivity": 4, "thinning": "watershed, flat relief, 1-pixel lines",
+        "pred": names[0], "labels": names[1], "slices": list(zs), "threshold": threshold,
+        "sweep": bool(sweep),
+        "thresholds": list(SWEEP_THRESHOLDS) if sweep else [] if label_image else [threshold],
+        "invert": bool(invert), "prediction_kind": kind, "label_image": bool(label_image),
+        "foreground": ("label 1 (cell interior); for the pixel metrics, predicted ids != 0"
+                       if label_image else "label 1 (cell interior); probabilities > threshold"),
+        "connectivity": 4,
+        "thinning": ("none: the label image's ids are the segments" if label_image
+                     else "watershed, flat relief, 1-pixel lines"),
+        "conventions": dict(CONVENTIONS),
         "emtile_version": __version__,
     }
     return {"settings": settings, "pixel": pixel, "slices": rows, "mean": mean, "sweep": sweep_out}
@@ -842,36 +1107,43 @@ def _summarise(results, zs, thresholds, threshold, sweep, invert, decoder, pname
 # --------------------------------------------------------------------------- reports
 
 
-_CSV_FIELDS = ["z", "threshold", "v_rand", "v_info", "rand_error", "pixel_error", "f1", "iou",
-               "tp", "fp", "fn", "tn", "n", "singletons", "rand_precision", "rand_recall",
-               "h_truth", "h_pred", "mutual_info", "empty"]
+_CSV_FIELDS = ["z", "threshold", "v_rand", "v_info", "rand_error", "voi_split", "voi_merge",
+               "adapted_rand_error", "pixel_error", "f1", "iou", "tp", "fp", "fn", "tn", "n",
+               "singletons", "rand_precision", "rand_recall", "h_truth", "h_pred", "mutual_info",
+               "empty"]
+
+#: The report's per-slice table: (heading, key, width).
+_TABLE = (("V-Rand", "v_rand", 10), ("V-Info", "v_info", 10), ("RandErr", "rand_error", 11),
+          ("VOIsplit", "voi_split", 9), ("VOImerge", "voi_merge", 9),
+          ("ARE", "adapted_rand_error", 8), ("pixErr", "pixel_error", 10), ("F1", "f1", 8))
 
 
 def format_report(result):
     """The report ``emtile evaluate`` prints for the ``result`` of :func:`evaluate`: the settings,
     a per-slice table with the mean, the threshold sweep and the pixel metrics."""
     s, sweep = result["settings"], result["sweep"]
+    label_image = s.get("label_image", False)
     region = (f"  (a region: slices {s['slices'][0]}..{s['slices'][-1]} of the labels, offset "
               f"{','.join(map(str, s['offset']))})" if s.get("offset") else "")
     lines = [
         f"prediction  {s['pred']}  ({s['prediction_kind']}{', inverted' if s['invert'] else ''})"
         + region,
         f"labels      {s['labels']}",
-        f"threshold   {s['threshold']:g} (cell interior where p > {s['threshold']:g})"
-        + ("   (+ sweep 0.0..1.0 step 0.1)" if s["sweep"] else ""),
+        ("scored as   a segmentation: no threshold (predicted 0 = boundary)" if label_image else
+         f"threshold   {s['threshold']:g} (cell interior where p > {s['threshold']:g})"
+         + ("   (+ sweep 0.0..1.0 step 0.1)" if s["sweep"] else "")),
         "",
     ]
-    t = format(s["threshold"], "g")
-    head = (f"{'slice':>6}  {'V-Rand@' + t:>10}  {'V-Info@' + t:>10}  {'RandErr@' + t:>11}  "
-            f"{'pixErr@' + t:>10}  {'F1@' + t:>8}")
+    at = "" if label_image else "@" + format(s["threshold"], "g")
+    columns = [(name + at, key, max(width, len(name + at))) for name, key, width in _TABLE]
+    head = f"{'slice':>6}" + "".join(f"  {name:>{w}}" for name, _, w in columns)
     if sweep:
         br, bi = sweep["best_v_rand"]["threshold"], sweep["best_v_info"]["threshold"]
         head += f"  {'V-Rand@' + format(br, 'g') + '*':>11}  {'V-Info@' + format(bi, 'g') + '*':>11}"
     lines += [head, "-" * len(head)]
 
     def row_text(label, d, best=None):
-        text = (f"{label:>6}  {d['v_rand']:10.4f}  {d['v_info']:10.4f}  {d['rand_error']:11.4f}  "
-                f"{d['pixel_error']:10.4f}  {d['f1']:8.4f}")
+        text = f"{label:>6}" + "".join(f"  {d[key]:{w}.4f}" for _, key, w in columns)
         if best is not None:
             text += f"  {best[0]:11.4f}  {best[1]:11.4f}"
         return text
@@ -882,23 +1154,20 @@ def format_report(result):
     m = result["mean"]
     lines.append("-" * len(head))
     lines.append(row_text("mean", m, (m["v_rand_best"], m["v_info_best"]) if sweep else None))
+    lines += ["V-Rand, V-Info: ISBI 2012 (truth membrane left out; a predicted 0 inside a cell "
+              "is a singleton).",
+              "VOIsplit = H(pred|truth), VOImerge = H(truth|pred), in bits; ARE = adapted Rand "
+              "error; both CREMI's way",
+              "(truth membrane left out; predicted 0 one segment)."]
     if sweep:
-        lines += ["", "threshold sweep (mean over slices):",
-                  "  t      " + "".join(f"{t:>7.1f}" for t in sweep["thresholds"]),
-                  "  V-Rand " + "".join(f"{v:7.4f}" for v in sweep["v_rand"]),
-                  "  V-Info " + "".join(f"{v:7.4f}" for v in sweep["v_info"]),
-                  f"  best V-Rand {sweep['best_v_rand']['value']:.4f} at {sweep['best_v_rand']['threshold']:g}"
-                  f" (Rand error {sweep['best_rand_error']['value']:.4f}); "
-                  f"best V-Info {sweep['best_v_info']['value']:.4f} at {sweep['best_v_info']['threshold']:g}"
-                  f"  (* the sweep's best threshold; the other columns are at {t})"]
-        edge = sweep["best_v_rand"]["threshold"]
-        if edge in (sweep["thresholds"][1], sweep["thresholds"][-2]) and len(sweep["v_rand"]) > 2:
-            lines.append(f"  note: the best V-Rand threshold {edge:g} is at the edge of the "
-                         f"challenge's grid (0.0 and 1.0 leave no interior or no membrane): the "
-                         f"maximum may lie beyond it")
+        lines += _sweep_lines(sweep, format(s["threshold"], "g"))
     p = result["pixel"]
-    lines += ["", f"pixel metrics at threshold {p['threshold']:g} (foreground = cell interior), "
-                  f"all {len(result['slices'])} slices:",
+    what = (f"pixel metrics of the labelled pixels (id != 0 as cell interior; meaningful when the "
+            f"segmentation keeps its boundaries), all {len(result['slices'])} slices:"
+            if label_image else
+            f"pixel metrics at threshold {p['threshold']:g} (foreground = cell interior), "
+            f"all {len(result['slices'])} slices:")
+    lines += ["", what,
               f"  accuracy {p['accuracy']:.4f}  pixel error {p['pixel_error']:.4f}  "
               f"precision {p['precision']:.4f}  recall {p['recall']:.4f}  "
               f"F1/Dice {p['f1']:.4f}  IoU {p['iou']:.4f}",
@@ -907,32 +1176,58 @@ def format_report(result):
     return "\n".join(lines)
 
 
+def _sweep_lines(sweep, t):
+    lines = ["", "threshold sweep (mean over slices):",
+             "  t        " + "".join(f"{t:>7.1f}" for t in sweep["thresholds"])]
+    for name, key in (("V-Rand", "v_rand"), ("V-Info", "v_info"), ("VOIsplit", "voi_split"),
+                      ("VOImerge", "voi_merge"), ("ARE", "adapted_rand_error")):
+        lines.append(f"  {name:<8} " + "".join(f"{v:7.4f}" for v in sweep[key]))
+    lines.append(f"  best V-Rand {sweep['best_v_rand']['value']:.4f} at "
+                 f"{sweep['best_v_rand']['threshold']:g} (Rand error "
+                 f"{sweep['best_rand_error']['value']:.4f}); best V-Info "
+                 f"{sweep['best_v_info']['value']:.4f} at {sweep['best_v_info']['threshold']:g}"
+                 f"  (* the sweep's best threshold; the other columns are at {t})")
+    edge = sweep["best_v_rand"]["threshold"]
+    if edge in (sweep["thresholds"][1], sweep["thresholds"][-2]) and len(sweep["v_rand"]) > 2:
+        lines.append(f"  note: the best V-Rand threshold {edge:g} is at the edge of the "
+                     f"challenge's grid (0.0 and 1.0 leave no interior or no membrane): the "
+                     f"maximum may lie beyond it")
+    return lines
+
+
 def write_csv(result, path):
     """The ``result`` of :func:`evaluate` as CSV: a settings line, one row per slice, a ``mean``
-    row, a ``pixel`` row and (with a sweep) one row per threshold."""
+    row, a ``pixel`` row and (with a sweep) one row per threshold. Columns are named in the
+    second line (``_CSV_FIELDS``: ``z``, ``threshold`` (empty for a label image), the ISBI and
+    CREMI scores, the pixel metrics and counts, the entropies); a row leaves empty what it does
+    not have."""
     s = result["settings"]
     import csv
 
+    threshold = "" if s["threshold"] is None else s["threshold"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["# emtile evaluate", f"pred={s['pred']}", f"labels={s['labels']}",
-                    f"threshold={s['threshold']}", f"sweep={s['sweep']}", f"invert={s['invert']}",
-                    f"prediction_kind={s['prediction_kind']}", f"version={s['emtile_version']}"])
-        extra = ["v_rand_best", "v_info_best"] if result["sweep"] else []
-        w.writerow(["row"] + _CSV_FIELDS + extra)
+                    f"threshold={threshold}", f"sweep={s['sweep']}", f"invert={s['invert']}",
+                    f"prediction_kind={s['prediction_kind']}",
+                    f"label_image={s.get('label_image', False)}",
+                    f"version={s['emtile_version']}"])
+        fields = _CSV_FIELDS + (["v_rand_best", "v_info_best"] if result["sweep"] else [])
+        w.writerow(["row"] + fields)
+
+        def row(kind, values):
+            w.writerow([kind] + ["" if values.get(k) is None else values[k] for k in fields])
+
         for d in result["slices"]:
-            w.writerow(["slice"] + [d[k] for k in _CSV_FIELDS + extra])
-        m = result["mean"]
-        w.writerow(["mean"] + [m.get(k, "") if k not in ("z", "threshold") else
-                               ("" if k == "z" else s["threshold"]) for k in _CSV_FIELDS + extra])
+            row("slice", d)
+        row("mean", {**result["mean"], "threshold": threshold})
         p = result["pixel"]
-        w.writerow(["pixel"] + ["", s["threshold"], "", "", "", p["pixel_error"], p["f1"], p["iou"],
-                                p["tp"], p["fp"], p["fn"], p["tn"]] + [""] * (len(_CSV_FIELDS) - 12 + len(extra)))
+        pixel_keys = ("pixel_error", "f1", "iou", "tp", "fp", "fn", "tn")
+        row("pixel", {"threshold": threshold, **{k: p[k] for k in pixel_keys}})
         if result["sweep"]:
             sw = result["sweep"]
-            for t, vr, vi in zip(sw["thresholds"], sw["v_rand"], sw["v_info"]):
-                row = {"threshold": t, "v_rand": vr, "v_info": vi, "rand_error": 1.0 - vr}
-                w.writerow(["sweep"] + [row.get(k, "") for k in _CSV_FIELDS + extra])
+            for i, t in enumerate(sw["thresholds"]):
+                row("sweep", {"threshold": t, **{k: sw[k][i] for k in _SCORES}})
 
 
 def write_json(result, path):

@@ -4,7 +4,9 @@
 (with a colour bar) / thresholded mask / truth / error overlay in EM terms (missing membrane,
 which merges cells; extra membrane, which splits them; merging segments outlined), the overlay
 titled with the slice's scores at the threshold used and at the best one. Only the slices and
-the crop (``roi``) asked for are read.
+the crop (``roi``) asked for are read. With a label image (``seg``, ``emtile segment``'s
+output) a last panel draws its instances in distinct colours over the raw slice
+(:func:`segmentation_rgba`), titled with its scores when the truth is given.
 
 :func:`training_curve` plots a training run (its folder, or its ``train.csv``): the losses
 above, the validation scores as lines on a [0, 1] axis below, each V-Rand named by its
@@ -22,11 +24,14 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["show", "comparison_figure", "training_curve", "read_log", "merge_outlines",
-           "FP_COLOR", "FN_COLOR", "MERGE_COLOR"]
+           "segmentation_rgba", "FP_COLOR", "FN_COLOR", "MERGE_COLOR", "SEG_ALPHA"]
 
 FP_COLOR = (1.0, 0.55, 0.0)  # orange: missing membrane (predicted interior, truth membrane)
 FN_COLOR = (0.0, 0.75, 1.0)  # sky blue: extra membrane (predicted membrane, truth interior)
 MERGE_COLOR = (1.0, 0.0, 1.0)  # magenta: outline of a predicted segment that merges cells
+SEG_ALPHA = 0.55  # opacity of the instance colours over the raw slice
+_HUES, _SHADES = 16, ((0.85, 1.0), (1.0, 0.7))  # the instance colour table: hue x (sat, value)
+_NEAR = ((0, 1), (1, 0), (0, 2), (2, 0), (1, 1), (1, -1))  # offsets of "neighbouring" segments
 _X_COLUMNS = ("iteration", "step", "epoch")
 _NOT_METRICS = {"iteration", "step", "epoch", "time", "elapsed", "elapsed_s", "wall", "wall_time",
                 "lr", "learning_rate", "seconds"}
@@ -101,12 +106,13 @@ def _read_slice(stack, z, ys, xs):
     return stack.read(z, z + 1, (ys, xs))[0]
 
 
-def _read_rows(rstack, pstack, lstack, zs, ys, xs, *, threshold, invert, z0=0):
+def _read_rows(rstack, pstack, lstack, zs, ys, xs, *, threshold, invert, z0=0, sstack=None):
     """One dict per slice: ``z`` (in the whole volume's numbering: ``z0`` added), ``raw``; with a
     prediction ``prob`` and ``mask``; with labels ``truth``; with both the ``scores`` of the
     region at ``threshold`` and at the best threshold of the challenge's grid, and the
-    ``merges``. Returns ``(rows, decoder or None)``."""
-    from emtile.metrics import PredictionDecoder
+    ``merges``; with a label image ``seg`` (and with labels its ``seg_scores``). Returns
+    ``(rows, decoder or None)``."""
+    from emtile.metrics import PredictionDecoder, label_scores
     from emtile.volume import LabelChecker
 
     decoder = PredictionDecoder(pstack.dtype, invert=invert) if pstack is not None else None
@@ -125,6 +131,10 @@ def _read_rows(rstack, pstack, lstack, zs, ys, xs, *, threshold, invert, z0=0):
         if pstack is not None and lstack is not None:
             row["scores"] = _scores(row, decoder, threshold)
             row["merges"], row["merge_outline"] = merge_outlines(row["mask"], row["truth"])
+        if sstack is not None:
+            row["seg"] = _read_slice(sstack, z, ys, xs)
+            if lstack is not None:
+                row["seg_scores"] = label_scores(row["seg"], row["truth"])
         rows.append(row)
     return rows, decoder
 
@@ -192,6 +202,100 @@ def merge_outlines(mask, truth, *, share=0.5):
     return int(merged.size), find_boundaries(framed, mode="inner")[1:-1, 1:-1]
 
 
+def segmentation_rgba(labels, *, seed=0, alpha=1.0):
+    """The instances of a label image in distinct colours, 0 transparent: an RGBA image.
+
+    Each id has a colour from a fixed table (16 hues in two shades, shuffled by ``seed``),
+    chosen by a hash of the id, so an object keeps its colour from slice to slice and figure to
+    figure; where two neighbouring segments (touching, or apart by a one-pixel line) would
+    share a hue, the later id takes the next entry whose hue differs from all its neighbours'.
+    Slices given together are coloured together: one colour per id in all of them.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (Y, X) or (Z, Y, X)
+        Segment ids (>= 0); 0 = no segment (transparent).
+    seed : int
+        Shuffles the colour table.
+    alpha : float
+        Opacity of the labelled pixels.
+
+    Returns
+    -------
+    ndarray of float64, shape ``labels.shape + (4,)``
+        RGBA in [0, 1]; alpha 0 where ``labels`` is 0.
+
+    Examples
+    --------
+    >>> rgba = segmentation_rgba(np.array([[0, 7, 7, 9]]), alpha=0.5)
+    >>> rgba[0, 0].tolist(), float(rgba[0, 1, 3]), bool((rgba[0, 1] == rgba[0, 2]).all())
+    ([0.0, 0.0, 0.0, 0.0], 0.5, True)
+    >>> bool((rgba[0, 2, :3] != rgba[0, 3, :3]).any())      # neighbours differ
+    True
+    """
+    labels = np.asarray(labels)
+    if labels.ndim not in (2, 3) or not (np.issubdtype(labels.dtype, np.integer)
+                                         or labels.dtype == np.bool_):
+        raise EmtileError(f"labels must be a 2-D or 3-D array of integer ids, got shape "
+                          f"{labels.shape} and dtype {labels.dtype}")
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape)
+    table = _colour_table(seed)
+    entries = _pick_entries(ids, _neighbours(inverse if labels.ndim == 3 else inverse[None], ids),
+                            seed)
+    colours = np.concatenate([table[entries], np.full((ids.size, 1), float(alpha))], axis=1)
+    colours[ids == 0] = 0.0
+    return colours[inverse]
+
+
+def _colour_table(seed):
+    """``_HUES * len(_SHADES)`` RGB colours; entries ``k`` and ``k + _HUES`` share a hue (the
+    hues' order shuffled by ``seed``)."""
+    from matplotlib.colors import hsv_to_rgb
+
+    hsv = [((h + 0.5) / _HUES, sat, val) for sat, val in _SHADES for h in range(_HUES)]
+    rgb = hsv_to_rgb(np.array(hsv))
+    hues = np.random.default_rng(seed).permutation(_HUES)  # which colour each hue slot shows
+    return rgb[np.concatenate([hues + k * _HUES for k in range(len(_SHADES))])]
+
+
+def _neighbours(index, ids):
+    """For each position in ``ids``, the set of positions of segments near it in any slice of
+    ``index`` (positions into ``ids``, shape (Z, Y, X)): touching, or one pixel apart."""
+    zero = 0 if ids.size and ids[0] == 0 else -1  # ids are sorted
+    pairs = []
+    for dy, dx in _NEAR:
+        y1, x1 = index.shape[1] - dy, index.shape[2] - abs(dx)
+        if y1 <= 0 or x1 <= 0:
+            continue
+        a = index[:, :y1, max(0, -dx):max(0, -dx) + x1]
+        b = index[:, dy:, max(0, dx):max(0, dx) + x1]
+        keep = (a != b) & (a != zero) & (b != zero)
+        pairs.append(np.stack([a[keep], b[keep]], axis=1))
+    near = [set() for _ in range(ids.size)]
+    if pairs:
+        for i, j in np.unique(np.sort(np.concatenate(pairs), axis=1), axis=0).tolist():
+            near[i].add(j)
+            near[j].add(i)
+    return near
+
+
+def _pick_entries(ids, near, seed):
+    """Table entry per id: its hashed entry, or the next one whose hue no neighbour has."""
+    size = _HUES * len(_SHADES)
+    with np.errstate(over="ignore"):
+        mixed = (ids.astype(np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+    start = ((mixed >> np.uint64(32)) % np.uint64(size)).astype(np.int64)
+    entries = np.full(ids.size, -1, np.int64)
+    for i in range(ids.size):  # ascending ids: the earlier id keeps its colour
+        taken = {int(entries[j]) for j in near[i] if entries[j] >= 0}
+        hues = {e % _HUES for e in taken}
+        candidates = [(int(start[i]) + k) % size for k in range(size)]
+        entries[i] = next((e for e in candidates if e % _HUES not in hues),
+                          next((e for e in candidates if e not in taken), int(start[i])))
+    return entries
+
+
 def _prob(pslice, decoder, scale):
     """Probabilities in [0, 1] for display (after ``invert``), or None for masks."""
     if decoder.is_mask(scale):
@@ -200,28 +304,74 @@ def _prob(pslice, decoder, scale):
     return 1.0 - p if decoder.invert else p
 
 
-def _stacks(raw, pred, labels, slices, roi):
-    """The three stacks on one grid (cut to a prediction of a region), and ``slices``, ``roi``
-    in that grid: ``(rstack, pstack, lstack, slices, roi, offset)``."""
-    from emtile.metrics import check_kinds, open_pair
+def _stacks(raw, pred, labels, slices, roi, seg=None):
+    """The stacks on one grid (cut to a prediction, or a segmentation, of a region), and
+    ``slices``, ``roi`` in that grid: ``(rstack, pstack, lstack, sstack, slices, roi, offset)``."""
+    from emtile.metrics import check_kinds, is_label_image, open_pair
 
     if pred is not None and labels is not None:
         check_kinds(pred, labels, command="show")
-    if pred is None:
-        rstack, pstack, lstack, offset = _open(raw, "raw"), None, _open(labels, "labels"), (0, 0, 0)
-    else:
+    sstack = None if seg is None else _open_seg(seg)
+    if pred is not None:
         pstack, rstack, offset = open_pair(pred, raw, other_name="raw", command="show")
+        if is_label_image(pred, pstack.dtype):
+            raise EmtileError(f"pred {pstack.display!r} is a label image (segment ids, "
+                              f"{pstack.dtype}), not a probability map or mask: draw it with "
+                              f"--seg")
         lstack = None if labels is None else open_pair(pred, labels, command="show")[1]
+        if sstack is not None and sstack.shape != pstack.shape:
+            if not any(offset):  # else a full-size seg is cut to the prediction's region
+                raise EmtileError(f"seg {sstack.display!r} has shape {sstack.shape} but pred "
+                                  f"{pstack.display!r} has shape {pstack.shape}; they must match")
+            sstack = open_pair(pred, seg, other_name="seg", command="show")[1]
+    elif sstack is not None:  # the segmentation places the figure, as a prediction would
+        _check_seg_shape(seg, sstack, raw)
+        sstack, rstack, offset = open_pair(seg, raw, other_name="raw", command="show")
+        pstack = None
+        lstack = None if labels is None else open_pair(seg, labels, command="show")[1]
+    else:
+        rstack, pstack, lstack, offset = _open(raw, "raw"), None, _open(labels, "labels"), (0, 0, 0)
     if lstack is not None and lstack.shape != rstack.shape:
         raise EmtileError(f"{lstack.display} has shape {lstack.shape} but raw {rstack.display} "
                           f"has shape {rstack.shape}; they must match")
     roi, slices = _shift(roi, slices, offset, rstack.shape)
-    return rstack, pstack, lstack, slices, roi, offset
+    return rstack, pstack, lstack, sstack, slices, roi, offset
 
 
-def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, threshold=0.5,
-                      invert=False, title=None):
-    """Panels raw / probability / mask / truth / error overlay, one row per slice.
+def _open_seg(seg):
+    """The label image to draw, checked: integer ids, not another kind of emtile store."""
+    from emtile.metrics import store_kind
+
+    kind, meta = store_kind(seg)
+    if kind in ("image", "probabilities") or meta.get("threshold") is not None:
+        what = {"image": "an image volume", "probabilities": "a prediction"}.get(kind,
+                                                                              "a predicted mask")
+        raise EmtileError(f"seg {str(seg)!r} is {what} (its store says so), not a label image: "
+                          f"--seg takes the output of emtile segment")
+    sstack = _open(seg, "seg")
+    if not (np.issubdtype(sstack.dtype, np.integer) or sstack.dtype == np.bool_):
+        raise EmtileError(f"seg {sstack.display!r} has dtype {sstack.dtype}: expected a label "
+                          f"image (integer ids, such as emtile segment writes)")
+    return sstack
+
+
+def _check_seg_shape(seg, sstack, raw):
+    """A label image of another shape than ``raw`` must record where it lies (a segmentation of
+    a region); say so in one line otherwise."""
+    import os
+
+    from emtile.store import offset_voxels
+
+    rstack = _open(raw, "raw")
+    located = isinstance(seg, (str, os.PathLike)) and offset_voxels(seg) is not None
+    if sstack.shape != rstack.shape and not located:
+        raise EmtileError(f"seg {sstack.display!r} has shape {sstack.shape} but raw "
+                          f"{rstack.display!r} has shape {rstack.shape}; they must match")
+
+
+def comparison_figure(raw, *, pred=None, labels=None, seg=None, slices=None, roi=None,
+                      threshold=0.5, invert=False, title=None):
+    """Panels raw / probability / mask / truth / error overlay / segmentation, one row per slice.
 
     Parameters
     ----------
@@ -233,6 +383,12 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
         ``raw`` and ``labels`` (its offset is in its metadata).
     labels : str, Path or array-like, optional
         Binary truth ({0, 1} or {0, 255}); the shape of ``raw``.
+    seg : str, Path or array-like, optional
+        A label image (``emtile segment``'s output; integer ids, 0 = none): its instances are
+        drawn in distinct colours over the raw slice (:func:`segmentation_rgba`), titled with
+        its scores against ``labels`` when given (:func:`emtile.metrics.label_scores`). The
+        shape of ``raw`` (or of ``pred``), or a segmentation of a region that records where it
+        lies.
     slices : int, list of int or slice
         Slices to draw (one row each), in ``raw``'s numbering; default the first (of the
         prediction's region).
@@ -258,13 +414,15 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
     matplotlib.figure.Figure
         One axes per panel (plus one colour bar axes when a probability is shown); each panel
         axes has ``emtile_panel`` set to its kind (``raw``, ``probability``, ``mask``,
-        ``truth``, ``errors``).
+        ``truth``, ``errors``, ``segmentation``); a segmentation panel's RGBA overlay is its
+        second image (``ax.get_images()[1]``).
     """
     from emtile.metrics import check_threshold
     from emtile.volume import resolve_slices
 
     check_threshold(threshold)
-    rstack, pstack, lstack, slices, roi, offset = _stacks(raw, pred, labels, slices, roi)
+    rstack, pstack, lstack, sstack, slices, roi, offset = _stacks(raw, pred, labels, slices, roi,
+                                                                  seg)
     zpart, ys, xs = _crop(roi, rstack.shape)
     if slices is None:
         slices = zpart if zpart is not None else [0]
@@ -272,7 +430,7 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
         raise EmtileError("give the slices either with slices= or as the z range of roi, not both")
     zs = resolve_slices(slices, rstack.shape[0])
     rows, decoder = _read_rows(rstack, pstack, lstack, zs, ys, xs, threshold=threshold,
-                               invert=invert, z0=offset[0])
+                               invert=invert, z0=offset[0], sstack=sstack)
     kinds = ["raw"]
     if pstack is not None:
         if any(r["prob"] is not None for r in rows):
@@ -282,6 +440,11 @@ def comparison_figure(raw, *, pred=None, labels=None, slices=None, roi=None, thr
         kinds.append("truth")
     if pstack is not None and lstack is not None:
         kinds.append("errors")
+    if sstack is not None:
+        kinds.append("segmentation")
+        colours = segmentation_rgba(np.stack([r["seg"] for r in rows]), alpha=SEG_ALPHA)
+        for row, rgba in zip(rows, colours):
+            row["seg_rgba"] = rgba
     crop = (ys.start + offset[1], ys.stop + offset[1], xs.start + offset[2], xs.stop + offset[2])
     crop_note = (f" [y {crop[0]}:{crop[1]}, x {crop[2]}:{crop[3]}]"
                  if roi is not None or any(offset) else "")
@@ -318,15 +481,19 @@ def _draw(rows, kinds, decoder, threshold, invert, crop_note, title):
             elif kind == "truth":
                 ax.imshow(row["truth"], cmap="gray", vmin=0, vmax=1)
                 ax.set_title("truth (white = cell)", fontsize=9)
-            else:
+            elif kind == "errors":
                 ax.imshow(_overlay(raw_img, lo, hi, row["mask"], row["truth"],
                                    row["merge_outline"]))
                 ax.set_title(_scores_title(row["scores"], row["merges"]), fontsize=8)
+            else:
+                ax.imshow(raw_img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+                ax.imshow(row["seg_rgba"], interpolation="nearest")
+                ax.set_title(_seg_title(row), fontsize=8)
     if "errors" in kinds:
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
-        axes[0, -1].legend(handles=[
+        axes[0, kinds.index("errors")].legend(handles=[
             Patch(color=FP_COLOR, label="missing membrane (merge)"),
             Patch(color=FN_COLOR, label="extra membrane (split)"),
             Line2D([], [], color=MERGE_COLOR, lw=1.5, label="merged cells (outline)")],
@@ -346,6 +513,18 @@ def _scores_title(s, merges):
         first += f", {s['best'][0]:.4f} at {s['best'][1]:g} (best)"
     return (f"{first}\nV-Info {s['v_info']:.4f}, pixel error {s['pixel_error']:.4f}, F1 "
             f"{s['f1']:.4f} at {t}\n{merges} merged segment{'s' if merges != 1 else ''} at {t}")
+
+
+def _seg_title(row):
+    seg = row["seg"]
+    objects = int(np.count_nonzero(np.unique(seg)))
+    text = f"segmentation: {objects} object{'s' if objects != 1 else ''}"
+    s = row.get("seg_scores")
+    if s is None:
+        return text
+    return (f"{text}\nV-Rand {s['v_rand']:.4f}, V-Info {s['v_info']:.4f}\n"
+            f"VOI split {s['voi_split']:.3f}, merge {s['voi_merge']:.3f}, "
+            f"ARE {s['adapted_rand_error']:.4f}")
 
 
 def _overlay(raw_img, lo, hi, mask, truth, outline=None):
@@ -521,13 +700,13 @@ def _check_output(output):
     return output
 
 
-def show(raw=None, *, pred=None, labels=None, slices=None, roi=None, threshold=0.5, invert=False,
-         log=None, output=None, dpi=150, title=None):
+def show(raw=None, *, pred=None, labels=None, seg=None, slices=None, roi=None, threshold=0.5,
+         invert=False, log=None, output=None, dpi=150, title=None):
     """Draw a comparison figure (``raw`` given) or a training curve (``log`` given); save it.
 
     Parameters
     ----------
-    raw, pred, labels, slices, roi, threshold, invert, title
+    raw, pred, labels, seg, slices, roi, threshold, invert, title
         See :func:`comparison_figure`. ``slices`` defaults to slice 0.
     log : str or Path, optional
         A training run folder or its CSV log: draw :func:`training_curve` instead (``raw`` must
@@ -544,10 +723,10 @@ def show(raw=None, *, pred=None, labels=None, slices=None, roi=None, threshold=0
     """
     from emtile import store
 
-    store.check_output(None, inputs=[raw, pred, labels, log], files={"-o": output})
+    store.check_output(None, inputs=[raw, pred, labels, seg, log], files={"-o": output})
     if output is not None:
         output = _check_output(output)
-    if raw is not None and log is None and pred is None and labels is None:
+    if raw is not None and log is None and pred is None and labels is None and seg is None:
         from emtile.describe import is_run_folder
 
         if is_run_folder(raw):
@@ -557,10 +736,10 @@ def show(raw=None, *, pred=None, labels=None, slices=None, roi=None, threshold=0
             raise EmtileError("give either RAW (a comparison figure) or --log (a training curve), not both")
         fig = training_curve(log, title=title)
     elif raw is None:
-        raise EmtileError("nothing to show: give RAW (with --pred/--labels) or --log RUN (a "
+        raise EmtileError("nothing to show: give RAW (with --pred/--labels/--seg) or --log RUN (a "
                           "training run folder or its train.csv)")
     else:
-        fig = comparison_figure(raw, pred=pred, labels=labels, slices=slices, roi=roi,
+        fig = comparison_figure(raw, pred=pred, labels=labels, seg=seg, slices=slices, roi=roi,
                                 threshold=threshold, invert=invert, title=title)
     if output is not None:
         fig.savefig(output, dpi=dpi)

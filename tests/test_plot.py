@@ -265,3 +265,156 @@ def test_figure_that_cannot_be_written_is_refused_before_any_work(volumes, monke
     with pytest.raises(EmtileError, match="-o '.*train.csv' is the input"):
         P.show(log=d / "train.csv", output=d / "train.csv")
     assert (d / "train.csv").read_text().startswith("iteration,loss")
+
+
+# --------------------------------------------------------------------------- segmentations (--seg)
+
+
+@pytest.fixture(scope="module")
+def seg_volumes(tmp_path_factory):
+    """Synthetic raw and labels, a noisy probability store and two real emtile segment stores of
+    it (cells tiling the slice; boundaries kept as 0)."""
+    import tifffile
+    from conftest import synthetic_em
+    from scipy import ndimage
+
+    from emtile.segmenter import segment
+    from emtile.store import create_image, mark_complete
+
+    d = tmp_path_factory.mktemp("showseg")
+    raw, labels = synthetic_em((3, 64, 64), cells=12, membrane=1.5, seed=2)
+    rng = np.random.default_rng(0)
+    p = ndimage.gaussian_filter(labels.astype(np.float32), (0, 1.5, 1.5))
+    p = np.clip(p + rng.normal(0, 0.15, p.shape), 0, 1).astype(np.float32)
+    tifffile.imwrite(d / "raw.tif", raw, photometric="minisblack")
+    tifffile.imwrite(d / "labels.tif", labels, photometric="minisblack")
+    g = create_image(d / "pred.zarr", p.shape, np.float32, kind="probabilities")
+    g["0"][...] = p
+    mark_complete(g)
+    segment(str(d / "pred.zarr"), str(d / "seg.zarr"), progress=False)
+    segment(str(d / "pred.zarr"), str(d / "seg_kb.zarr"), keep_boundaries=True, progress=False)
+    return d, raw, labels
+
+
+def read_ids(path):
+    import zarr
+
+    return np.asarray(zarr.open_group(str(path), mode="r")["0"][...])
+
+
+def adjacent_pairs(ids):
+    """(a, b) position pairs of 4-adjacent pixels holding two different non-zero ids."""
+    out = []
+    for a, b in ((ids[:, :-1], ids[:, 1:]), (ids[:-1], ids[1:])):
+        keep = (a != b) & (a > 0) & (b > 0)
+        out.append((a[keep], b[keep]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["seg.zarr", "seg_kb.zarr"])
+def test_show_seg_draws_instances_in_distinct_colours_over_raw(seg_volumes, name):
+    from emtile.metrics import label_scores
+
+    d, raw, labels = seg_volumes
+    fig = P.show(str(d / "raw.tif"), labels=str(d / "labels.tif"), seg=str(d / name),
+                 slices=[0, 2], output=d / f"{name}.png")
+    assert (d / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+    assert panels(fig) == ["raw", "truth", "segmentation"] * 2
+    seg = read_ids(d / name)
+    axes = [ax for ax in fig.axes if getattr(ax, "emtile_panel", "") == "segmentation"]
+    for ax, z in zip(axes, (0, 2)):
+        under, over = ax.get_images()
+        assert np.array_equal(np.asarray(under.get_array()), raw[z].astype(np.float64))
+        rgba = np.asarray(over.get_array())
+        ids = seg[z]
+        assert rgba.shape == ids.shape + (4,)
+        assert (rgba[ids == 0] == 0).all() and (rgba[ids > 0, 3] == P.SEG_ALPHA).all()
+        for i in np.unique(ids[ids > 0]):  # one colour per id
+            assert len(np.unique(rgba[ids == i], axis=0)) == 1
+        pairs = 0
+        for a, b in adjacent_pairs(ids):
+            colour = {int(i): rgba[ids == i][0, :3] for i in np.unique(np.concatenate([a, b]))}
+            for i, j in set(zip(a.tolist(), b.tolist())):
+                assert not np.array_equal(colour[i], colour[j]), (i, j)
+                pairs += 1
+        s = label_scores(ids, labels[z])
+        assert f"V-Rand {s['v_rand']:.4f}" in ax.get_title()
+        assert f"ARE {s['adapted_rand_error']:.4f}" in ax.get_title()
+        assert f"{len(np.unique(ids[ids > 0]))} objects" in ax.get_title()
+    if name == "seg.zarr":
+        assert pairs > 20  # cells tile the slice: many touching pairs were checked
+
+
+def test_segmentation_rgba_neighbours_differ_and_ids_keep_their_colour():
+    from matplotlib.colors import rgb_to_hsv
+
+    rng = np.random.default_rng(3)
+    ids = rng.choice(2**32 - 1, size=(20, 20), replace=False).astype(np.uint32) + 1
+    touching = np.kron(ids, np.ones((3, 3), np.uint32))  # 400 segments, 32 table colours
+    gapped = np.zeros((80, 80), np.uint32)  # the same blocks apart by one-pixel 0 lines
+    inside = np.arange(80) % 4 != 3
+    gapped[np.ix_(inside, inside)] = np.kron(ids, np.ones((3, 3), np.uint32))
+    for image, step in ((touching, 3), (gapped, 4)):
+        hue = rgb_to_hsv(P.segmentation_rgba(image)[..., :3])[..., 0]
+        blocks = hue[::step, ::step]  # one pixel of each block
+        assert (np.abs(np.diff(blocks, axis=0)) > 1e-6).all()  # vertical neighbours
+        assert (np.abs(np.diff(blocks, axis=1)) > 1e-6).all()  # horizontal neighbours
+    # fixed by id and seed: a lone id has its colour in any image; another seed shuffles them
+    alone = P.segmentation_rgba(np.array([[7]], np.uint64))[0, 0]
+    assert np.array_equal(P.segmentation_rgba(np.array([[7, 0, 0, 9]]))[0, 0], alone)
+    assert np.array_equal(P.segmentation_rgba(np.array([[0], [7]]))[1, 0], alone)
+    many = np.arange(1, 33)[None]
+    assert not np.array_equal(P.segmentation_rgba(many, seed=1), P.segmentation_rgba(many))
+    # slices drawn together share the colours
+    pair = P.segmentation_rgba(np.stack([touching[:9, :9], touching[:9, :9]]))
+    assert np.array_equal(pair[0], pair[1])
+    with pytest.raises(EmtileError, match="integer ids"):
+        P.segmentation_rgba(np.zeros((4, 4), np.float32))
+
+
+def test_show_seg_with_pred_and_labels(seg_volumes):
+    d, *_ = seg_volumes
+    fig = P.comparison_figure(str(d / "raw.tif"), pred=str(d / "pred.zarr"),
+                              labels=str(d / "labels.tif"), seg=str(d / "seg.zarr"), slices=[1])
+    assert panels(fig) == ["raw", "probability", "mask", "truth", "errors", "segmentation"]
+    errors = next(ax for ax in fig.axes if getattr(ax, "emtile_panel", "") == "errors")
+    assert errors.get_legend() is not None  # the legend stays on the error overlay
+
+
+def test_cli_show_seg(seg_volumes):
+    d, *_ = seg_volumes
+    res = CliRunner().invoke(main, ["show", str(d / "raw.tif"), "--seg", str(d / "seg.zarr"),
+                                    "--slices", "1", "-o", str(d / "seg_cli.png")])
+    assert res.exit_code == 0, res.output
+    assert res.output == f"wrote {d / 'seg_cli.png'}\n"
+    assert (d / "seg_cli.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_show_seg_bad_inputs(seg_volumes):
+    import tifffile
+
+    d, raw, _ = seg_volumes
+    seg = read_ids(d / "seg.zarr")
+    with pytest.raises(EmtileError, match=r"^seg 'seg array' has shape \(3, 50, 64\) but raw "
+                                          r"'.*raw.tif' has shape \(3, 64, 64\); they must match$"):
+        P.comparison_figure(str(d / "raw.tif"), seg=seg[:, :50])
+    with pytest.raises(EmtileError, match=r"^seg 'seg array' has shape \(3, 50, 64\) but pred "
+                                          r"'.*pred.zarr' has shape \(3, 64, 64\); they must "
+                                          r"match$"):
+        P.comparison_figure(str(d / "raw.tif"), pred=str(d / "pred.zarr"), seg=seg[:, :50])
+    with pytest.raises(EmtileError, match=r"has dtype float32: expected a label image"):
+        P.comparison_figure(raw, seg=seg.astype(np.float32))
+    with pytest.raises(EmtileError, match=r"seg '.*pred.zarr' is a prediction \(its store says "
+                                          r"so\), not a label image: --seg takes the output of "
+                                          r"emtile segment"):
+        P.comparison_figure(raw, seg=str(d / "pred.zarr"))
+    with pytest.raises(EmtileError, match=r"pred '.*seg.zarr' is a label image \(segment ids, "
+                                          r"uint32\), not a probability map or mask: draw it "
+                                          r"with --seg"):
+        P.comparison_figure(str(d / "raw.tif"), pred=str(d / "seg.zarr"))
+    tifffile.imwrite(d / "small_seg.tif", seg[:, :50], photometric="minisblack")
+    res = CliRunner().invoke(main, ["show", str(d / "raw.tif"), "--seg", str(d / "small_seg.tif"),
+                                    "-o", str(d / "bad.png")])
+    assert res.exit_code == 1 and res.output.startswith("Error: seg ")
+    assert len(res.output.strip().splitlines()) == 1 and "must match" in res.output
+    assert not (d / "bad.png").exists()
