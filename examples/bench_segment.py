@@ -79,7 +79,7 @@ def segmentation_scores(seg, truth):
         inside = tseg > 0
         # CREMI: only truth-labelled pixels; a predicted 0 is one more segment there
         ts, ps = tseg[inside], s[inside].astype(np.int64)
-        merge, split = variation_of_information(ts, ps)  # H(truth|seg), H(seg|truth)
+        split, merge = variation_of_information(ts, ps)  # H(seg|truth), H(truth|seg)
         are = adapted_rand_error(ts, ps)[0]
         rows.append((st["v_rand"], st["v_info"], split, merge, are))
     m = np.mean(rows, axis=0)
