@@ -42,3 +42,9 @@ $E evaluate "$OUT/pred.zarr" "$OUT/labels.zarr" --slices 25:30 --sweep \
 $E show "$OUT/train.zarr" --pred "$OUT/pred.zarr" --labels "$OUT/labels.zarr" --slices 25,27 \
     -o "$OUT/compare.png"
 $E show --log "$OUT/model" -o "$OUT/training.png"
+# 5. labelled cells from the probability map (seeded watershed, blockwise, the same labels for any
+#    block size), scored as a segmentation and drawn in colour over the raw slice
+$E segment "$OUT/pred.zarr" "$OUT/seg.zarr" --overwrite
+$E evaluate "$OUT/seg.zarr" "$OUT/labels.zarr" --slices 25:30 --json "$OUT/seg-scores.json"
+$E show "$OUT/train.zarr" --seg "$OUT/seg.zarr" --labels "$OUT/labels.zarr" --slices 27 \
+    -o "$OUT/segmentation.png"
