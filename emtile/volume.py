@@ -1632,8 +1632,9 @@ def resolve_slices(slices, depth, *, name="slices"):
 
     Parameters
     ----------
-    slices : None, int, slice or sequence of int
-        None: all; ``3``; ``slice(25, 30)`` (open ends allowed, no step); ``[25, 27]``.
+    slices : None, int, slice, sequence of int or str
+        None: all; ``3``; ``slice(25, 30)`` (open ends allowed, no step); ``[25, 27]``; or the
+        CLI's text, ``"25:30"``, ``"25,27"``.
     depth : int
         Number of slices in the volume.
     name : str
@@ -1645,6 +1646,8 @@ def resolve_slices(slices, depth, *, name="slices"):
     [25, 26, 27, 28, 29]
     >>> resolve_slices([4, 1, 1], 5)
     [1, 4]
+    >>> resolve_slices("25:30", 30), resolve_slices("3,1", 5)
+    ([25, 26, 27, 28, 29], [1, 3])
     """
     def outside(text):
         return EmtileError(f"{name}={text} is outside the volume, which has {depth} slice"
@@ -1652,6 +1655,8 @@ def resolve_slices(slices, depth, *, name="slices"):
 
     if slices is None:
         return list(range(depth))
+    if isinstance(slices, str):  # the CLI's spelling: "25:30", "25,27", "3"
+        slices = parse_slices(slices, name)
     if isinstance(slices, slice):
         start = 0 if slices.start is None else int(slices.start)
         stop = depth if slices.stop is None else int(slices.stop)
@@ -1671,6 +1676,20 @@ def resolve_slices(slices, depth, *, name="slices"):
     if wrong:
         raise outside(",".join(str(z) for z in wrong))
     return out
+
+
+def parse_slices(text, name="slices"):
+    """``"25:30"`` -> ``slice(25, 30)``; ``"25,27"`` -> ``[25, 27]``; a one-line error otherwise."""
+    try:
+        if ":" in text:
+            parts = [p.strip() for p in text.split(":")]
+            if len(parts) != 2:
+                raise ValueError
+            return slice(*(int(p) if p else None for p in parts))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise EmtileError(f"{name}={text!r} is not a slice range like 25:30 or a list like "
+                          f"25,27") from None
 
 
 def slice_runs(zs, max_len=None):

@@ -176,3 +176,22 @@ def test_info_table_writes_sizes_as_tqdm_does(tmp_path):
     assert result.exit_code == 0, result.output
     assert "uncompressed  524kB\n" in result.output  # 2 x 512 x 512 bytes
     assert "complete      yes" in result.output
+
+
+def test_slices_in_the_clis_spelling_from_python():
+    """``"25:30"`` and ``"25,27"`` mean from Python what they mean on the command line (the
+    README's API example uses them); anything else is one line naming the parameter."""
+    from emtile import TrainSettings
+    from emtile.volume import resolve_slices
+
+    assert resolve_slices("25:30", 30) == [25, 26, 27, 28, 29]
+    assert resolve_slices(":2", 30) == [0, 1] and resolve_slices("3,1", 5) == [1, 3]
+    with pytest.raises(EmtileError, match=r"slices='0-25' is not a slice range like 25:30"):
+        resolve_slices("0-25", 30)
+    with pytest.raises(EmtileError, match=r"outside the volume"):
+        resolve_slices("25:31", 30)
+    s = TrainSettings(train_slices="0:25", val_slices="25,27")
+    assert s.train_slices == slice(0, 25) and s.val_slices == [25, 27]
+    assert s.to_json()["train_slices"] == "0:25"
+    with pytest.raises(EmtileError, match=r"val_slices='x' is not a slice range"):
+        TrainSettings(train_slices="0:25", val_slices="x")

@@ -160,6 +160,11 @@ class TrainSettings:
     keep_calibrated: bool = False
 
     def __post_init__(self):
+        from emtile.volume import parse_slices
+
+        for name in _SLICE_FIELDS:  # the CLI's text ("0:25", "25,27") from Python too
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, parse_slices(getattr(self, name), name))
         for name, lo in (("iterations", 1), ("batch_size", 1), ("workers", 0), ("val_every", 0)):
             value = getattr(self, name)
             if not isinstance(value, Integral) or isinstance(value, bool) or value < lo:
