@@ -15,7 +15,7 @@ from emtile import store
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOK = EXAMPLES / "isbi2012.ipynb"
 TINY = {"EMTILE_NB_ITERATIONS": "5", "EMTILE_NB_BASE": "4", "EMTILE_NB_TRAIN_SLICES": "0:2",
-        "EMTILE_NB_VAL_SLICES": "2:3"}
+        "EMTILE_NB_VAL_SLICES": "2:5"}
 
 
 def test_stored_without_outputs():
@@ -55,7 +55,7 @@ def test_runs_on_a_tiny_configuration(isbi_dir, tmp_path, monkeypatch):
     assert "V-Rand@0.5" in report and "V-Info@0.5" in report
 
     scores = json.loads((out / "scores.json").read_text())
-    assert [d["z"] for d in scores["slices"]] == [2]
+    assert [d["z"] for d in scores["slices"]] == [2, 3, 4]
     assert 0 <= scores["mean"]["v_rand"] <= 1
     assert 0 <= scores["sweep"]["best_v_rand"]["value"] <= 1
     for name in ("train.zarr", "labels.zarr", "pred.zarr", "seg.zarr"):
