@@ -38,20 +38,11 @@ _NOT_METRICS = {"iteration", "step", "epoch", "time", "elapsed", "elapsed_s", "w
 _SUFFIXES = (".png", ".pdf")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _figure(**kwargs):
-    # a Figure not registered with pyplot: no global state, freed when dropped
+    # a Figure not registered with pyplot: no backend chosen, no global state (a notebook's inline
+    # backend stays as it was), freed when dropped; savefig renders it with Agg
     from matplotlib.figure import Figure
 
-    _pyplot()
     return Figure(**kwargs)
 
 
