@@ -27,7 +27,7 @@ sizes (uint8, Z x side x side) and segments each in its own subprocess; peak RSS
 with the volume (target: within 1.2x).
 
 ``speed`` times, in one process: scikit-image's ``watershed`` on the whole volume in memory
-(markers: components of ``p >= threshold``, in-plane connectivity; relief ``1 - p``), and
+(markers: components of ``p > threshold``, in-plane connectivity; relief ``1 - p``), and
 ``emtile segment`` (cc, the same two steps, and ws) from store to store, in this process and on
 a local cluster of ``--workers`` worker processes (``--cluster local --cluster-workers 2``; the
 cluster's start-up is timed apart, as a cluster that is already running costs nothing to join).
@@ -304,7 +304,7 @@ def speed(a):
         t0 = time.perf_counter()
         plane = np.zeros((3, 3, 3), bool)
         plane[1] = ndimage.generate_binary_structure(2, 1)
-        markers, _ = ndimage.label(p >= round(a.threshold * 255), structure=plane)
+        markers, _ = ndimage.label(p > a.threshold * 255, structure=plane)
         watershed(255 - p, markers, connectivity=plane)
         t_ws = time.perf_counter() - t0
         print(f"prediction {src} {p.shape}")
