@@ -125,3 +125,31 @@ class Roi(click.ParamType):
         except ValueError:
             self.fail(f"{value!r} is not a valid ROI: expected start:stop per axis, e.g. 0:5,0:256,0:256",
                       param, ctx)
+
+
+def cluster_options():
+    """``--cluster``, ``--cluster-workers``, ``--scheduler-file``, ``--blocks-per-task`` and
+    ``--retries``: where a blockwise command's blocks run, the same in every such command."""
+    options = [
+        click.option("--cluster", default=None, metavar="local|slurm|cuda|ADDRESS",
+                     help="Run the blocks on Dask: local (worker processes here), slurm "
+                          "(dask-jobqueue, from your Dask config), cuda (dask-cuda, one worker "
+                          "per GPU), or the address of a running scheduler (tcp://host:8786)."),
+        click.option("--cluster-workers", default=None, type=click.IntRange(min=1),
+                     help="Workers of a local or cuda cluster, or SLURM jobs [default: one per "
+                          "core / GPU; 1 job]."),
+        click.option("--scheduler-file", default=None, type=click.Path(),
+                     help="The scheduler file of a running Dask cluster (instead of --cluster)."),
+        click.option("--blocks-per-task", default=1, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="Blocks per Dask task (more when blocks take milliseconds)."),
+        click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
+                     help="Extra tries of a failed Dask task before the run stops."),
+    ]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate

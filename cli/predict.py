@@ -2,7 +2,7 @@
 
 import click
 
-from emtile.cli._types import Roi, amp_option, device_option, progress_option
+from emtile.cli._types import Roi, amp_option, cluster_options, device_option, progress_option
 
 
 class TileSize(click.ParamType):
@@ -62,19 +62,7 @@ class TileSize(click.ParamType):
               help="Torch threads per process on the CPU [default: this process's setting; on a "
                    "local cluster, cores / workers; on other clusters 1]. A resumed run must use "
                    "the same count.")
-@click.option("--cluster", default=None, metavar="local|slurm|cuda|ADDRESS",
-              help="Run the blocks on Dask: local (worker processes here), slurm (dask-jobqueue, "
-                   "from your Dask config), cuda (dask-cuda, one worker per GPU), or the address "
-                   "of a running scheduler (tcp://host:8786).")
-@click.option("--cluster-workers", default=None, type=click.IntRange(min=1),
-              help="Workers of a local or cuda cluster, or SLURM jobs [default: one per core / "
-                   "GPU; 1 job].")
-@click.option("--scheduler-file", default=None, type=click.Path(),
-              help="The scheduler file of a running Dask cluster (instead of --cluster).")
-@click.option("--blocks-per-task", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Blocks per Dask task (more when blocks take milliseconds).")
-@click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Extra tries of a failed Dask task before the run stops.")
+@cluster_options()
 @click.option("--levels", default=1, show_default=True, type=click.IntRange(min=1),
               help="Resolution levels: an OME-Zarr pyramid for viewers (each level halves y and "
                    "x; probabilities by the mean, the mask by sampling), written as blocks finish.")

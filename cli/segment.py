@@ -3,7 +3,7 @@ image whose labels do not depend on the blocks."""
 
 import click
 
-from emtile.cli._types import progress_option
+from emtile.cli._types import cluster_options, progress_option
 from emtile.segmenter.driver import DEFAULTS
 
 
@@ -53,19 +53,7 @@ def _block_size(text):
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()
-@click.option("--cluster", default=None, metavar="local|slurm|cuda|ADDRESS",
-              help="Run the blocks on Dask: local (worker processes here), slurm (dask-jobqueue, "
-                   "from your Dask config), cuda (dask-cuda, one worker per GPU), or the address "
-                   "of a running scheduler (tcp://host:8786).")
-@click.option("--cluster-workers", default=None, type=click.IntRange(min=1),
-              help="Workers of a local or cuda cluster, or SLURM jobs [default: one per core / "
-                   "GPU; 1 job].")
-@click.option("--scheduler-file", default=None, type=click.Path(),
-              help="The scheduler file of a running Dask cluster (instead of --cluster).")
-@click.option("--blocks-per-task", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Blocks per Dask task (more when blocks take milliseconds).")
-@click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Extra tries of a failed Dask task before the run stops.")
+@cluster_options()
 @click.option("--levels", default=1, show_default=True, type=click.IntRange(min=1),
               help="Resolution levels: an OME-Zarr label pyramid for viewers (each level halves "
                    "y and x by sampling, so no level shows an id that level 0 does not), written "
