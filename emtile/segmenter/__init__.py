@@ -75,12 +75,15 @@ volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D graph, reco
 :mod:`emtile.segmenter.graph` says how it was measured), and agglomerates in one thread
 (compiled, :mod:`emtile.segmenter.agglomerate`: seconds for 350,000 fragments).
 
-Defaults (``DEFAULTS``), measured on ISBI slices 25-29 with a U-Net trained for 600 iterations
-(``examples/bench_segment.py quality``): ws, threshold 0.9, merge threshold 0.3: V-Rand 0.938
-against 0.794 for the best threshold of the same map (cc: 0.795); threshold 0.5 gave 0.839, 0.7
-0.878, 0.95 0.939; merge thresholds 0.3-0.5 within 0.01; ``min_size`` 20 or 60 and ``grow`` 12
-or 64 changed V-Rand by less than 0.003. On a blurred-truth map (no model) threshold 0.5 was
-best (0.989): the threshold depends on the model; the grid of the bench shows it.
+Defaults (``DEFAULTS``): ws, threshold 0.7, merge threshold 0.3, chosen on the three models of
+``examples/train_isbi.py --seeds 0,1,2`` (the calibrated CPU recipe; ``examples/bench_segment.py
+quality --grid``, ISBI slices 25-29): V-Rand 0.966, 0.958, 0.972 at threshold 0.7 against 0.956,
+0.886, 0.964 at 0.9 and 0.972, 0.895, 0.963 at 0.5. On these maps the best threshold of the
+thresholded map itself is as good or better (0.967, 0.969, 0.974): segmentation pays off on weak
+maps (a 600-iteration model: 0.938 against 0.794 thresholded), not yet on the recipe's. Merge
+thresholds above 0.3 merged too much on all three; ``min_size`` and ``grow`` changed V-Rand by less
+than 0.003 on the 600-iteration model. The threshold depends on the model; the bench's grid shows
+it.
 
 Floats: probabilities stored as floats are turned into uint8 altitudes (nearest 1/255) before
 anything is compared, so no sum depends on the order of additions.

@@ -35,7 +35,7 @@ __all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
 
 METHODS = ("cc", "ws")
 MODES = ("auto", "2d", "3d")
-DEFAULTS = {"method": "ws", "threshold": 0.9, "min_size": 0, "merge_threshold": 0.3,
+DEFAULTS = {"method": "ws", "threshold": 0.7, "min_size": 0, "merge_threshold": 0.3,
             "grow": 16, "seed_cap": 12, "seed_radius": 2, "interior_rounds": 40}
 BLOCK_PX = 2**22  # pixels per default block
 _FLUSH_EVERY = 64  # results buffered before counts and markers are written (or _FLUSH_S)
@@ -576,7 +576,7 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
     merge_threshold : float
         ws: highest mean boundary probability on a face for its fragments to be merged.
     keep_boundaries : bool
-        Leave the boundary pixels (``p < threshold``) 0 instead of giving them to the cells.
+        Leave the boundary pixels (``p <= threshold``) 0 instead of giving them to the cells.
     block_size : tuple of int, optional
         Block shape, one number per axis of the prediction; default about 4 M pixels
         (2d: whole slices up to 1024 x 1024). The labels do not depend on it.
