@@ -291,8 +291,9 @@ def seg_volumes(tmp_path_factory):
     g = create_image(d / "pred.zarr", p.shape, np.float32, kind="probabilities")
     g["0"][...] = p
     mark_complete(g)
-    segment(str(d / "pred.zarr"), str(d / "seg.zarr"), progress=False)
-    segment(str(d / "pred.zarr"), str(d / "seg_kb.zarr"), keep_boundaries=True, progress=False)
+    segment(str(d / "pred.zarr"), str(d / "seg.zarr"), threshold=0.9, progress=False)
+    segment(str(d / "pred.zarr"), str(d / "seg_kb.zarr"), keep_boundaries=True, threshold=0.9,
+            progress=False)
     return d, raw, labels
 
 

@@ -188,10 +188,10 @@ def test_seed_maxima_are_local_and_capped():
 
 
 def test_interior_rule_is_predicts():
-    # uint8 v means v / 255, compared in float32 as emtile predict --threshold does
+    # uint8 v means v / 255, compared in float32 with p > T, as emtile predict --threshold does
     v = np.arange(256, dtype=np.uint8)
     for t in (0.0, 0.3, 0.5, 0.9, 1.0):
-        expected = (v.astype(np.float32) / np.float32(255)) >= np.float32(t)
+        expected = (v.astype(np.float32) / np.float32(255)) > np.float32(t)
         np.testing.assert_array_equal(kernels.interior_mask(v, t), expected)
     assert kernels.interior_mask(np.uint8(128), 0.5) and not kernels.interior_mask(np.uint8(127), 0.5)
     np.testing.assert_array_equal(kernels.altitude(np.array([0.0, 0.5, 1.0], np.float16)),
