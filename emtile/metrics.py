@@ -867,8 +867,8 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
     store.check_output(None, inputs=[pred, labels], files={"--json": json_path, "--csv": csv_path})
     if threshold is not None:
         check_threshold(threshold)
+    pstack, lstack, offset = open_pair(pred, labels)  # unfinished or unreadable stores first
     check_kinds(pred, labels)
-    pstack, lstack, offset = open_pair(pred, labels)
     zs = _local_slices(slices, pstack.shape[0], offset[0])
     label_image = is_label_image(pred, pstack.dtype)
     if label_image:
