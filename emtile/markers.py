@@ -19,6 +19,7 @@ block a 10^6-block plan is 10^6 files to open on every resume; grouped in chunks
 reads (``examples/bench_markers.py`` measures both).
 """
 
+import math
 import time
 
 import numpy as np
@@ -41,7 +42,8 @@ class BlockMarkers:
         self.chunk = int(array.chunks[0])
         self.flush_every = float(flush_every)
         self._dirty = {}  # marker chunk index -> its values, recorded but not yet written
-        self._last_flush = time.monotonic()
+        self._last_flush = -math.inf  # the first record is written at once: progress is durable
+        # from the first block on, whatever flush_every is
 
     @classmethod
     def create(cls, group, n_blocks, *, name=MARKERS, chunk=CHUNK, flush_every=0.0):
