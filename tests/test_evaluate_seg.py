@@ -16,7 +16,7 @@ from emtile import EmtileError
 from emtile import metrics as M
 from emtile.cli.main import main
 from emtile.segmenter import segment
-from emtile.store import create_image, mark_complete
+from emtile.store import create_image, mark_complete, set_translation
 from emtile.volume import convert
 
 
@@ -24,15 +24,8 @@ def write_pred(path, p, translation=None):
     """A probability store as emtile predict writes it (optionally of a region)."""
     g = create_image(path, p.shape, p.dtype, kind="probabilities")
     g["0"][...] = p
-    if translation is not None:
-        ome = dict(g.attrs["ome"])
-        ms = [dict(m) for m in ome["multiscales"]]
-        d = dict(ms[0]["datasets"][0])
-        d["coordinateTransformations"] = [d["coordinateTransformations"][0],
-                                          {"type": "translation", "translation": translation}]
-        ms[0]["datasets"] = [d]
-        ome["multiscales"] = ms
-        g.attrs["ome"] = ome
+    if translation is not None:  # first voxel per axis (the store's scale is 1)
+        set_translation(g, translation)
     mark_complete(g)
     return str(path)
 
