@@ -10,9 +10,10 @@ changes the bytes, the device and the torch thread count; never an array or a mo
    the model (loaded from the model folder and checked against the hash), and skips blocks that
    are already recorded as done;
 2. it reads each block's input tiles (mirroring context at the volume border,
-   :func:`emtile.geometry.read_window`) in groups of whole batches, in DataLoader worker
-   processes or in a reader thread, while the model runs on the previous batches (CUDA: pinned
-   memory, non-blocking copies, AMP, channels_last; CPU: channels_last);
+   :func:`emtile.geometry.read_window`) in groups of whole batches: in DataLoader worker
+   processes or a reader thread while the model runs on the previous batches when a core is
+   free for it (CUDA: pinned memory, non-blocking copies, AMP, channels_last), between forward
+   passes when torch's threads already use every core (CPU: channels_last);
 3. it adds the output tiles into the block's buffer (:func:`emtile.stitch.accumulate`);
 4. a writer thread normalises the finished block, writes its chunks (probabilities, and the
    thresholded mask) and only then reports it; reports carry the tiles run and the seconds spent
@@ -702,6 +703,24 @@ def _single_numba_thread():
     return previous
 
 
+def _cores_saturated(device):
+    """Whether torch's CPU threads already use every core this process may run on.
+
+    Then a reader thread has no core to itself: each read preempts a torch thread in the middle
+    of a parallel operation (and takes the GIL between operations), so the model waits for it
+    anyway, and more than the read itself (``examples/bench_predict_overlap.py`` measures it).
+    Reading between forward passes costs only the read."""
+    import torch
+
+    if device.type != "cpu":
+        return False
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() >= cores
+
+
 # --------------------------------------------------------------------------- a block's work
 
 
@@ -718,8 +737,10 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
     job : PredictJob
     block_ids : sequence of int
     readers : int
-        DataLoader worker processes reading tiles; 0 reads them in a thread of this process
-        (Dask workers are daemon processes and cannot start DataLoader workers).
+        DataLoader worker processes reading tiles; 0 reads them in this process: in a reader
+        thread, or between forward passes when torch's CPU threads use every core this process
+        may run on (a reader thread would only preempt them). Dask workers are daemon processes
+        and cannot start DataLoader workers.
     on_block : callable, optional
         ``on_block(report)``, from the writer thread, once a block's chunks are written.
     on_tiles : callable, optional
@@ -750,8 +771,11 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
             dataset, batch_size=None, num_workers=readers, pin_memory=ctx.device.type == "cuda",
             prefetch_factor=2)
         batches = iter(loader)  # workers fork here, before the writer thread exists
+    elif _cores_saturated(ctx.device):
+        batches = iter(dataset)  # read between forward passes: no core is free to overlap
     else:
         batches = _read_ahead(iter(dataset))
+
     def finish(block, acc, wsum, read_s, compute_s):
         t0 = time.perf_counter()
         values = _block_values(ctx.stitcher.stitch, acc, wsum, job.dtype, job.threshold,
@@ -1046,8 +1070,8 @@ def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, d
         Tiles per forward pass (1 was fastest per tile on a 2-core CPU).
     num_workers : int, optional
         DataLoader worker processes reading tiles in a run in this process (default: 0 on CPU,
-        which reads them in a thread of this process, measured faster than a reader process on
-        2 cores; up to 4 on CUDA).
+        which reads them in this process, measured faster than a reader process on 2 cores; up
+        to 4 on CUDA).
     device : {"auto", "cpu", "cuda", "cuda:N"}
     amp : {None, "off", "auto", "bf16", "fp16"}
         Mixed precision (autocast) for the forward pass (see :func:`emtile.device.resolve_amp`);
