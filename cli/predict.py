@@ -35,7 +35,7 @@ class TileSize(click.ParamType):
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
               help="Tiles per forward pass.")
 @click.option("--workers", default=None, type=click.IntRange(min=0),
-              help="DataLoader worker processes reading tiles [default: 0 on CPU (a reader thread), "
+              help="DataLoader worker processes reading tiles [default: 0 on CPU (read in this process), "
                    "up to 4 on CUDA].")
 @device_option()
 @amp_option("off")

@@ -27,8 +27,9 @@ Named points (counts are per process):
 ``store.removing``
     after a store being replaced is renamed away, before it is deleted;
 ``predict.read``
-    before each group of input tiles is read: in the reader thread, or in each DataLoader
-    worker process (``--workers N``; they inherit the variable, and count their own hits);
+    before each group of input tiles is read: in this process (between forward passes, or in
+    the reader thread), or in each DataLoader worker process (``--workers N``; they inherit the
+    variable, and count their own hits);
 ``predict.block_written``
     a block's chunks written, its done-marker not yet (in the process that ran the block);
 ``predict.block_recorded``
