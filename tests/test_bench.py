@@ -38,6 +38,8 @@ def test_bench_json(tmp_path, isbi_dir):
     assert len(r["model_times"]) == len(r["predict_times"]) == 2
     assert r["model_s"] == min(r["model_times"]) > 0 and r["predict_s"] > 0
     assert r["ratio"] == pytest.approx(r["predict_s"] / r["model_s"])
+    rounds = sorted(p / m for p, m in zip(r["predict_times"], r["model_times"]))
+    assert r["ratio_rounds"] == pytest.approx((rounds[0] + rounds[1]) / 2)
     assert r["out_voxels"] == 2 * 52 * 52
     assert r["peak_rss"] > 0 and r["cuda_peak"] is None
     assert r["data"].endswith("train-volume.tif")
