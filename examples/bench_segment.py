@@ -10,11 +10,11 @@
 
 ``quality`` scores slices 25-29 (``--slices``) of the ISBI 2012 training stack; ``--grid`` adds
 thresholds 0.8, 0.85, 0.9 x merge quantiles 0.25, 0.5 and the mean x merge thresholds 0.2, 0.25,
-0.3 (component seeds), cc at the three thresholds, and the defaults before quantile linkage. The baseline is the
-challenge's own post-processing: the probability map thresholded at each of 0.0, 0.1, ..., 1.0
-(boundaries thinned, ``emtile evaluate --sweep``), best mean V-Rand kept. ``emtile segment``
-(2-D) is scored with the same conventions: truth cells = 4-connected components of the truth
-interior, truth membrane left out, predicted 0-pixels inside truth cells count as singletons
+0.3 (component seeds), cc at the three thresholds, and the defaults before quantile linkage. The
+baseline is the challenge's own post-processing: the probability map thresholded at each of 0.0,
+0.1, ..., 1.0 (boundaries thinned, ``emtile evaluate --sweep``), best mean V-Rand kept. ``emtile
+segment`` (2-D) is scored with the same conventions: truth cells = 4-connected components of the
+truth interior, truth membrane left out, predicted 0-pixels inside truth cells count as singletons
 (:func:`emtile.metrics.segmentation_stats`). Beside V-Rand and V-Info: VOI split and merge (bits)
 and the adapted Rand error with CREMI's conventions (scikit-image's ``variation_of_information``
 and ``adapted_rand_error`` on the truth-interior pixels only), per slice, averaged.

@@ -43,10 +43,11 @@ region exactly, from a read region whose halo follows from the operators' own pa
    them, and every such chain crosses block faces only between face-neighbouring pixels. The
    pairs of labels that touch across every face are joined by a union-find over the whole
    volume (:func:`emtile.segmenter.graph.join_faces`), which is exact.
-3. *Seeds* (ws, distance): ``min(EDT, cap)`` at a pixel is decided by the pixels within ``cap`` (if the
-   nearest boundary pixel is further, the value is ``cap`` either way), and a maximum over a box
-   of ``radius`` needs ``radius`` more, so a halo of ``cap + radius`` gives the same seed
-   pixels; seeds are then joined across faces like components.
+3. *Seeds* (ws, distance): ``min(EDT, cap)`` at a pixel is decided by the pixels within
+   ``cap`` (if the nearest boundary pixel is further, the value is ``cap`` either way), and a
+   maximum over a box of ``radius`` needs ``radius`` more, so a halo of ``cap + radius`` gives
+   the same seed pixels; seeds are then joined across faces like components. (Component seeds
+   are the components of 2.)
 4. *The flood* (:func:`emtile.segmenter.kernels.flood`, a seeded watershed on topographic
    distance: each step into a pixel costs ``1 + 255 (1 - p)``, so fronts meet on the ridges of the
    boundary map) is ``rounds`` synchronous rounds in which each pixel looks only at its direct
@@ -69,22 +70,24 @@ region exactly, from a read region whose halo follows from the operators' own pa
    whatever the cut. A quantile is read off the summed histogram (the first bin whose
    cumulative count reaches ``merge_quantile`` times the face's pixels), so it is exact too,
    where a quantile of per-block quantiles would not be; the histogram needs no halo (it counts
-   the pixel pairs a block owns, like the sums); agglomeration and small-object absorption run on it once, breaking ties by first pixel
-   (:mod:`emtile.segmenter.graph`). The numbering by first pixel makes the output identical,
-   not only equal up to renaming.
+   the pixel pairs a block owns, like the sums); agglomeration and small-object absorption run
+   on it once, breaking ties by first pixel (:mod:`emtile.segmenter.graph`). The numbering by
+   first pixel makes the output identical, not only equal up to renaming.
 
 The halos are sufficient, not tight: the seeds' needs one pixel less (distances are compared
 with an integer cap), and random searches never found a flood that needed more than
 ``rounds + 1``; ``2 * rounds + 1`` is what the argument above proves. Nothing in the result is
 approximate: the tests compare every block size with the single-block run bit for bit.
 
-Known limits: in ws with distance seeds, interior pixels that no seed reaches within ``interior_rounds`` steps keep
-their whole interior component as one fragment, which can be in two pieces when the reached
-fragments between them are not merged (none on ISBI with the defaults; 16 of 3,503 objects with
-24 rounds). The global step holds one row of blocks' graph at a time in 2d mode, the whole
-volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D graph, records included:
-:mod:`emtile.segmenter.graph` says how it was measured), and agglomerates in one thread
-(compiled, :mod:`emtile.segmenter.agglomerate`: seconds for 350,000 fragments).
+Known limits: in ws with distance seeds, interior pixels that no seed reaches within
+``interior_rounds`` steps keep their whole interior component as one fragment, which can be in
+two pieces when the reached fragments between them are not merged (none on ISBI with 40 rounds;
+16 of 3,503 objects with 24 rounds). The global step holds one row of blocks' graph at a time
+in 2d mode, the whole volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D
+graph, records included, with mean linkage: :mod:`emtile.segmenter.graph` says how it was
+measured; quantile linkage adds 8 histogram counts, 64 B, per face and block to the records and
+the graph), and agglomerates in one thread (compiled, :mod:`emtile.segmenter.agglomerate`:
+seconds for 350,000 fragments).
 
 Defaults (``DEFAULTS``): ws, component seeds, threshold 0.85, median linkage
 (``merge_quantile`` 0.5) at ``merge_threshold`` 0.25, ``grow`` 32, chosen on the three models of
@@ -100,7 +103,8 @@ while their lower quantiles separate them better. A face mean above 0.3 merged f
 membranes. ``grow`` 16 left interior pixels far from every component 0 (singletons in V-Rand);
 32 reaches them all on ISBI (64 gave the same labels). The scores move by 0.003-0.04 with one
 merge of two large cells, so the threshold and the merge threshold stay model dependent: the
-bench's grid shows them. The grid searched is in the bench's docstring.
+bench's grid shows them. Smoothing the map (Gaussian, sigma 1-2) before thresholding and the
+flood did not help on these maps.
 
 Floats: probabilities stored as floats are turned into uint8 altitudes (nearest 1/255) before
 anything is compared, so no sum depends on the order of additions.
