@@ -20,28 +20,49 @@ def _block_size(text):
                           f"numbers, e.g. 1,1024,1024 (Z,Y,X)") from None
 
 
+def _quantile(text):
+    """``'0.25'`` -> 0.25, ``'mean'`` -> None; anything else refused in one line."""
+    if text.strip().lower() == "mean":
+        return None
+    from emtile import EmtileError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise EmtileError(f"--merge-quantile {text!r} must be a number in (0, 1] or 'mean'") \
+            from None
+
+
 @click.command()
 @click.argument("pred", type=click.Path())
 @click.argument("output", type=click.Path())
 @click.option("--method", default=DEFAULTS["method"], show_default=True,
               type=click.Choice(["cc", "ws"]),
               help="cc: connected components of the interior (p > threshold), boundaries "
-                   "flooded from them. ws: seeds at the interior's distance maxima, a watershed "
-                   "on the boundary map into fragments, merged across faces whose mean boundary "
-                   "probability is at most --merge-threshold.")
+                   "flooded from them. ws: seeds (--seeds) flooded into fragments by a watershed "
+                   "on the boundary map, merged across faces whose boundary probability "
+                   "(--merge-quantile) is at most --merge-threshold.")
 @click.option("--mode", default="auto", show_default=True,
               type=click.Choice(["auto", "2d", "3d"]),
               help="2d: each z-slice on its own (serial sections); 3d: connect through z. "
                    "auto: 3d only for a stack predicted by a 3-D model.")
 @click.option("--threshold", default=DEFAULTS["threshold"], show_default=True, type=float,
-              help="Cell interior is p > T (as emtile predict --threshold), T in [0, 1]; 0.7 is where calibrated models (emtile train) give their best V-Rand.")
+              help="Cell interior is p > T (as emtile predict --threshold), T in [0, 1].")
 @click.option("--min-size", default=DEFAULTS["min_size"], show_default=True, type=int,
               help="Objects of fewer interior pixels (p >= T) join the neighbour they share "
                    "the largest face with (dropped if they have none).")
 @click.option("--merge-threshold", default=DEFAULTS["merge_threshold"], show_default=True,
               type=float,
-              help="ws: merge neighbouring fragments while the mean boundary probability "
-                   "(1 - p) on their shared face is at most this, in [0, 1].")
+              help="ws: merge neighbouring fragments while the boundary probability (1 - p) "
+                   "on their shared face (--merge-quantile) is at most this, in [0, 1].")
+@click.option("--seeds", default=DEFAULTS["seeds"], show_default=True,
+              type=click.Choice(["components", "distance"]),
+              help="ws: seeds are the interior's connected components, or the maxima of its "
+                   "distance to the boundary (several per cell).")
+@click.option("--merge-quantile", default=str(DEFAULTS["merge_quantile"]), show_default=True,
+              metavar="Q|mean",
+              help="ws: measure a face by this quantile (0 < Q <= 1) of its pixels' boundary "
+                   "probabilities, or by their mean.")
 @click.option("--keep-boundaries", is_flag=True,
               help="Leave boundary pixels (p < T) 0 instead of giving them to the cells.")
 @click.option("--block-size", default=None, metavar="Z,Y,X",
@@ -58,9 +79,9 @@ def _block_size(text):
               help="Resolution levels: an OME-Zarr label pyramid for viewers (each level halves "
                    "y and x by sampling, so no level shows an id that level 0 does not), written "
                    "as blocks finish; block sizes in y and x must be divisible by 2^(N-1).")
-def segment(pred, output, method, mode, threshold, min_size, merge_threshold, keep_boundaries,
-            block_size, grow, overwrite, progress, cluster, cluster_workers, scheduler_file,
-            blocks_per_task, retries, levels):
+def segment(pred, output, method, mode, threshold, min_size, merge_threshold, seeds,
+            merge_quantile, keep_boundaries, block_size, grow, overwrite, progress, cluster,
+            cluster_workers, scheduler_file, blocks_per_task, retries, levels):
     """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
 
     Every cell gets its own id (1..N, 0 = background), uint32 or uint64; OUTPUT is an OME-Zarr
@@ -77,7 +98,8 @@ def segment(pred, output, method, mode, threshold, min_size, merge_threshold, ke
     from emtile.segmenter import segment as run
 
     result = run(pred, output, method=method, mode=mode, threshold=threshold, min_size=min_size,
-                 merge_threshold=merge_threshold, keep_boundaries=keep_boundaries,
+                 merge_threshold=merge_threshold, seeds=seeds,
+                 merge_quantile=_quantile(merge_quantile), keep_boundaries=keep_boundaries,
                  block_size=_block_size(block_size), grow=grow, overwrite=overwrite,
                  progress=progress, cluster=cluster, cluster_workers=cluster_workers,
                  scheduler_file=scheduler_file, blocks_per_task=blocks_per_task,

@@ -8,11 +8,13 @@
     python examples/bench_segment.py records --blocks 100000            # files of pass 2's records
     python examples/bench_segment.py graph --fragments 350000 --reference  # the global step
 
-``quality`` scores slices 25-29 (``--slices``) of the ISBI 2012 training stack. The baseline is the
-challenge's own post-processing: the probability map thresholded at each of 0.0, 0.1, ..., 1.0
-(boundaries thinned, ``emtile evaluate --sweep``), best mean V-Rand kept. ``emtile segment``
-(2-D) is scored with the same conventions: truth cells = 4-connected components of the truth
-interior, truth membrane left out, predicted 0-pixels inside truth cells count as singletons
+``quality`` scores slices 25-29 (``--slices``) of the ISBI 2012 training stack; ``--grid`` adds
+thresholds 0.8, 0.85, 0.9 x merge quantiles 0.25, 0.5 and the mean x merge thresholds 0.2, 0.25,
+0.3 (component seeds), cc at the three thresholds, and the defaults before quantile linkage. The
+baseline is the challenge's own post-processing: the probability map thresholded at each of 0.0,
+0.1, ..., 1.0 (boundaries thinned, ``emtile evaluate --sweep``), best mean V-Rand kept. ``emtile
+segment`` (2-D) is scored with the same conventions: truth cells = 4-connected components of the
+truth interior, truth membrane left out, predicted 0-pixels inside truth cells count as singletons
 (:func:`emtile.metrics.segmentation_stats`). Beside V-Rand and V-Info: VOI split and merge (bits)
 and the adapted Rand error with CREMI's conventions (scikit-image's ``variation_of_information``
 and ``adapted_rand_error`` on the truth-interior pixels only), per slice, averaged.
@@ -170,9 +172,12 @@ def quality(a):
         print(f"thresholded (best of 0.0..1.0 at {base['threshold']:g}): " + fmt(base))
         settings = [{}]
         if a.grid:
-            settings += [dict(threshold=th, merge_threshold=m) for th in (0.5, 0.7, 0.9)
-                         for m in (0.3, 0.5)] + [dict(method="cc", threshold=th)
-                                                 for th in (0.5, 0.9)]
+            settings += [dict(threshold=th, merge_threshold=m, merge_quantile=q)
+                         for th in (0.8, 0.85, 0.9) for q in (0.25, 0.5, None)
+                         for m in (0.2, 0.25, 0.3)]
+            settings += [dict(method="cc", threshold=th) for th in (0.8, 0.85, 0.9)]
+            settings += [dict(seeds="distance", threshold=0.7, merge_threshold=0.3,
+                              merge_quantile=None, grow=16)]  # the defaults before quantiles
         rows = []
         for kw in settings:
             t0 = time.perf_counter()

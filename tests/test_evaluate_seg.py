@@ -42,10 +42,14 @@ def stores(tmp_path_factory):
     tifffile.imwrite(d / "labels.tif", labels, photometric="minisblack")
     convert(d / "labels.tif", d / "labels.zarr", labels=True, progress=False)
     write_pred(d / "pred.zarr", p)
-    segment(str(d / "pred.zarr"), str(d / "seg.zarr"), threshold=0.9, progress=False)
-    segment(str(d / "pred.zarr"), str(d / "seg_kb.zarr"), keep_boundaries=True, threshold=0.9,
-            progress=False)
+    segment(str(d / "pred.zarr"), str(d / "seg.zarr"), **SEG_OPTS)
+    segment(str(d / "pred.zarr"), str(d / "seg_kb.zarr"), keep_boundaries=True, **SEG_OPTS)
     return d, labels, p
+
+
+# distance seeds: many fragments, so that ids run past 255
+SEG_OPTS = dict(threshold=0.9, seeds="distance", merge_quantile=None, merge_threshold=0.3,
+                progress=False)
 
 
 def read_seg(path):
@@ -167,8 +171,7 @@ def test_ids_are_segments_whatever_their_values(stores):
 def test_a_segmentation_of_a_region_is_scored_against_full_labels(stores, tmp_path):
     d, labels, p = stores
     write_pred(tmp_path / "roi.zarr", p[1:3], translation=[1.0, 0.0, 0.0])
-    segment(str(tmp_path / "roi.zarr"), str(tmp_path / "seg_roi.zarr"), threshold=0.9,
-            progress=False)
+    segment(str(tmp_path / "roi.zarr"), str(tmp_path / "seg_roi.zarr"), **SEG_OPTS)
     part = M.evaluate(str(tmp_path / "seg_roi.zarr"), str(d / "labels.zarr"), progress=False)
     whole = M.evaluate(str(d / "seg.zarr"), str(d / "labels.zarr"), slices=slice(1, 3),
                        progress=False)

@@ -245,7 +245,94 @@ def test_compiled_merges_equal_the_python_definition(seed, coarse):
     assert ids.shape == (0,) and count == 0
 
 
+def with_histograms(edges, seed, *, coarse=False):
+    """``edges`` with random face histograms (``FACE_BINS`` columns): each face's evidence
+    pixels spread over the bins, some of them above the last bin (counted only in the total)."""
+    rng = np.random.default_rng(seed)
+    bins = kernels.FACE_BINS
+    c = edges[:, 3]
+    hist = np.zeros((c.size, bins), np.int64)
+    spread = 3 if coarse else bins  # coarse: few bins in use, ties everywhere
+    low = rng.random(c.size)  # the share of each face's pixels in the bins
+    for i, n in enumerate(c.tolist()):
+        b = np.where(rng.random(n) < low[i], rng.integers(0, spread, n), bins)
+        hist[i] = np.bincount(b[b < bins], minlength=bins)
+    return np.concatenate([edges, hist], axis=1)
+
+
+@pytest.mark.parametrize("seed, coarse", [(0, False), (1, True)])
+def test_compiled_quantile_merges_equal_the_python_definition(seed, coarse):
+    """Quantile linkage: merge_objects makes RegionGraph's merges on faces with histograms."""
+    from emtile.segmenter.agglomerate import merge_objects
+    from emtile.segmenter.graph import RegionGraph
+
+    first, size, edges = random_region_graph(3000, seed, coarse=coarse)
+    edges = with_histograms(edges, seed, coarse=coarse)
+    merged = []
+    for quantile, min_size in [(0.5, 60), (0.25, 0), (1.0, 0), (0.1, 400)]:
+        graph = RegionGraph(first, size, edges, quantile=quantile)
+        merged.append(graph.agglomerate(0.3))  # the threshold is in the bins already
+        graph.absorb_small(min_size)
+        ids, count = graph.final_ids()
+        got, got_count = merge_objects(first, size, edges, merge_threshold=0.3,
+                                       merge_quantile=quantile, min_size=min_size)
+        assert got_count == count and 0 < count
+        np.testing.assert_array_equal(got, ids, err_msg=f"{quantile}, {min_size}")
+    assert merged[2] < merged[0] < merged[1]  # a higher quantile needs more of the face low
+
+
+def test_face_histograms_count_the_evidence_pixels():
+    """With every level in the bins (limit 255), a face's histogram counts exactly the
+    evidence pixels whose altitudes are summed; with a lower limit, those at or below it."""
+    rng = np.random.default_rng(0)
+    frag = np.repeat(np.repeat(rng.integers(1, 6, (1, 6, 7)), 5, axis=1), 5, axis=2)
+    alt = rng.integers(0, 256, frag.shape).astype(np.uint8)
+    source = np.arange(frag.size).reshape(frag.shape)  # every pixel its own source: interior
+    kw = dict(start=(0, 0, 0), stop=frag.shape, axes=(1, 2), origin=(0, 0, 0),
+              volume_shape=frag.shape)
+    plain = kernels.adjacent_pairs(frag, alt, source, **kw)
+    full = kernels.adjacent_pairs(frag, alt, source, bins=kernels.altitude_bins(255), **kw)
+    np.testing.assert_array_equal(full[:, :5], plain)
+    np.testing.assert_array_equal(full[:, 5:].sum(axis=1), plain[:, 3])
+    limit = kernels.face_limit(0.3)
+    assert limit == 76  # 0.3 * 255 = 76.5
+    low = kernels.adjacent_pairs(frag, alt, source, bins=kernels.altitude_bins(limit), **kw)
+    for u, v, *_, in plain[:4].tolist():  # recount the first faces by hand
+        a, b = frag[0], alt[0].astype(int)
+        count = sum(int(x <= limit) + int(y <= limit) for ax in (0, 1)
+                    for p, q, x, y in zip(np.take(a, range(a.shape[ax] - 1), ax).ravel(),
+                                          np.take(a, range(1, a.shape[ax]), ax).ravel(),
+                                          np.take(b, range(a.shape[ax] - 1), ax).ravel(),
+                                          np.take(b, range(1, a.shape[ax]), ax).ravel())
+                    if {int(p), int(q)} == {u, v})
+        row = low[(low[:, 0] == u) & (low[:, 1] == v)][0]
+        assert row[5:].sum() == count
+
+
+def test_median_linkage_merges_a_split_cell_with_specks(tmp_path):
+    """One cell split by a band of weak boundary (p 0.6) with dark specks, beside a second
+    cell behind a real membrane: the mean of the band's face is above the merge threshold
+    (the specks), its median is not, so only median linkage joins the split cell; the
+    membrane is never merged."""
+    p = np.ones((1, 40, 70), np.float32)
+    p[0, :, 44:47] = 0  # the membrane between the two cells
+    p[0, :, 20:22] = 0.6  # the band splitting the first cell
+    p[0, ::3, 20:22] = 0  # specks in it: a third of its pixels
+    kw = dict(method="ws", threshold=0.85, merge_threshold=0.45)
+    _, r = run(tmp_path, p, "mean.zarr", merge_quantile=None, **kw)
+    assert r.objects == 3
+    labels, r = run(tmp_path, p, "median.zarr", merge_quantile=0.5, **kw)
+    assert r.objects == 2
+    assert labels[0, 10, 5] == labels[0, 10, 30] != labels[0, 10, 60]
+    blocks, _ = run(tmp_path, p, "blocks.zarr", merge_quantile=0.5, block_size=(1, 9, 11), **kw)
+    np.testing.assert_array_equal(blocks, labels)
+
+
 # --------------------------------------------------------------------------- hand-built cells
+
+
+WS_DISTANCE = dict(method="ws", seeds="distance", merge_quantile=None)  # ws before quantiles
+METHOD_OPTS = {"cc": dict(method="cc"), "ws": dict(method="ws"), "ws-distance": WS_DISTANCE}
 
 
 def two_cells_with_gap():
@@ -261,14 +348,18 @@ def test_two_cells_touching_through_a_gap(tmp_path):
     p = two_cells_with_gap()
     cc, r = run(tmp_path, p, "cc.zarr", method="cc")
     assert r.objects == 1  # components cannot see the gap
-    ws, r = run(tmp_path, p, "ws.zarr", method="ws", merge_threshold=0.5)
-    assert r.objects == 2  # the shared face is mostly membrane: not merged
-    assert ws[0, 20, 10] != ws[0, 20, 50] and ws[0, 20, 10] > 0 and ws[0, 20, 50] > 0
-    assert (ws > 0).all()  # the membrane is given to the cells
-    kept, _ = run(tmp_path, p, "kept.zarr", method="ws", keep_boundaries=True)
+    _, r = run(tmp_path, p, "wsc.zarr", method="ws")
+    assert r.objects == 1  # nor can component seeds
+    for q in (None, 0.5):
+        ws, r = run(tmp_path, p, f"ws{q}.zarr", **dict(WS_DISTANCE, merge_quantile=q),
+                    merge_threshold=0.5)
+        assert r.objects == 2  # the shared face is mostly membrane: not merged
+        assert ws[0, 20, 10] != ws[0, 20, 50] and ws[0, 20, 10] > 0 and ws[0, 20, 50] > 0
+        assert (ws > 0).all()  # the membrane is given to the cells
+    kept, _ = run(tmp_path, p, "kept.zarr", **WS_DISTANCE, keep_boundaries=True)
     np.testing.assert_array_equal(kept > 0, p > 0.5)
     # merged when the threshold accepts the face
-    _, r = run(tmp_path, p, "merged.zarr", method="ws", merge_threshold=1.0)
+    _, r = run(tmp_path, p, "merged.zarr", **WS_DISTANCE, merge_threshold=1.0)
     assert r.objects == 1
 
 
@@ -299,7 +390,7 @@ def spiral(n=64, width=2, gap=3):
     return img[None].astype(np.float32)
 
 
-@pytest.mark.parametrize("method", ["cc", "ws"])
+@pytest.mark.parametrize("method", ["cc", "ws", "ws-distance"])
 @pytest.mark.parametrize("case", ["plus", "spiral"])
 def test_one_cell_across_many_blocks(tmp_path, method, case):
     p = plus_shape() if case == "plus" else spiral()
@@ -308,7 +399,7 @@ def test_one_cell_across_many_blocks(tmp_path, method, case):
     # ws splits the spiral where its turns meet along a long membrane (a neck, as between two
     # cells touching through a gap); a permissive merge threshold joins the fragments again,
     # across every block face, on the global region graph
-    opts = dict(method=method, merge_threshold=1.0 if case == "spiral" else 0.5)
+    opts = dict(METHOD_OPTS[method], merge_threshold=1.0 if case == "spiral" else 0.5)
     whole, r1 = run(tmp_path, p, "whole.zarr", **opts)
     assert r1.objects == cells and r1.blocks == 1
     if case == "plus":  # the plus is one object, its membrane split with its neighbour
@@ -376,7 +467,11 @@ INVARIANCE = [
     dict(method="cc"),
     dict(method="cc", keep_boundaries=True, min_size=40),
     dict(method="ws"),
-    dict(method="ws", min_size=60, merge_threshold=0.4, keep_boundaries=True),
+    dict(method="ws", threshold=0.7, merge_threshold=0.6, merge_quantile=0.25),
+    dict(method="ws", merge_quantile=None, merge_threshold=0.5),
+    WS_DISTANCE,
+    dict(WS_DISTANCE, min_size=60, merge_threshold=0.4, keep_boundaries=True),
+    dict(WS_DISTANCE, merge_threshold=0.5, merge_quantile=0.5),
 ]
 
 
@@ -412,15 +507,15 @@ def sparse_cells(shape, seed=0):
     return np.round(p * 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("method,short", [("cc", False), ("ws", False), ("cc", True),
-                                          ("ws", True)])
+@pytest.mark.parametrize("method,short", [("cc", False), ("ws", False), ("ws-distance", False),
+                                          ("cc", True), ("ws", True), ("ws-distance", True)])
 def test_block_invariance_wide_boundaries(tmp_path, monkeypatch, method, short):
     """Every halo is needed: a block that read one pixel less would differ (checked by
     shrinking each halo by one). ``short``: tiny operator parameters, so that most paths run
     into their limits."""
     from emtile.segmenter import driver
 
-    opts = dict(method=method, threshold=0.5, min_size=15)
+    opts = dict(METHOD_OPTS[method], threshold=0.5, min_size=15)
     if short:
         monkeypatch.setitem(driver.DEFAULTS, "seed_cap", 3)
         monkeypatch.setitem(driver.DEFAULTS, "seed_radius", 1)
@@ -434,18 +529,17 @@ def test_block_invariance_wide_boundaries(tmp_path, monkeypatch, method, short):
         np.testing.assert_array_equal(labels, whole, err_msg=str(block))
 
 
-@pytest.mark.parametrize("method", ["cc", "ws"])
+@pytest.mark.parametrize("method", ["cc", "ws", "ws-distance"])
 def test_block_invariance_3d(tmp_path, isbi_labels, method):
     # ISBI sections are 50 nm apart; 3-D mode on a stack of near slices, voxel (8, 4, 4) nm
     p = boundary_map(isbi_labels[:1, :96, :120].repeat(7, axis=0), noise=0.2, seed=3)
     pred = tmp_path / "pred.zarr"
     write_pred(pred, p, voxel=(8, 4, 4))
-    whole, r = run(tmp_path, p, "whole.zarr", method=method, mode="3d", min_size=30,
-                   block_size=p.shape)
+    opts = dict(METHOD_OPTS[method], mode="3d", min_size=30)
+    whole, r = run(tmp_path, p, "whole.zarr", **opts, block_size=p.shape)
     assert r.objects > 5
     for block in [(3, 40, 50), (7, 17, 120), (2, 96, 33)]:
-        labels, _ = run(tmp_path, p, f"b{block}.zarr", method=method, mode="3d", min_size=30,
-                        block_size=block)
+        labels, _ = run(tmp_path, p, f"b{block}.zarr", **opts, block_size=block)
         np.testing.assert_array_equal(labels, whole, err_msg=str(block))
 
 
@@ -652,7 +746,7 @@ def test_uint64_when_the_count_needs_it(tmp_path, monkeypatch):
 
 def test_two_dimensional_image(tmp_path):
     p = two_cells_with_gap()[0]
-    labels, r = run(tmp_path, p, block_size=(17, 23))
+    labels, r = run(tmp_path, p, block_size=(17, 23), **WS_DISTANCE, merge_threshold=0.5)
     assert labels.shape == p.shape and r.objects == 2
 
 
@@ -668,6 +762,10 @@ def pred8(tmp_path):
     (dict(threshold=1.5), r"threshold=1.5 must be a number between 0 and 1"),
     (dict(threshold=-0.1), r"threshold=-0.1 must be"),
     (dict(merge_threshold=2), r"merge_threshold=2 must be"),
+    (dict(seeds="peaks"), r"seeds='peaks' is not supported: choose components or distance"),
+    (dict(merge_quantile=0), r"merge_quantile=0 must be a number in \(0, 1\], or None"),
+    (dict(merge_quantile=1.5), r"merge_quantile=1.5 must be a number in \(0, 1\]"),
+    (dict(merge_quantile="median"), r"merge_quantile='median' must be a number"),
     (dict(min_size=-3), r"min_size=-3 must be a whole number"),
     (dict(method="mc"), r"method='mc' is not supported: choose cc or ws"),
     (dict(mode="4d"), r"mode='4d' is not supported"),
@@ -755,12 +853,22 @@ def test_cli(tmp_path, pred8):
         (["--threshold", "1.5"], "threshold=1.5 must be a number between 0 and 1"),
         (["--block-size", "1,a,16"], "--block-size '1,a,16' is not a comma-separated list"),
         (["--block-size", "1,16"], "block_size=1,16 must give one positive whole number"),
+        (["--merge-quantile", "x"], "--merge-quantile 'x' must be a number in (0, 1] or 'mean'"),
+        (["--merge-quantile", "1.5"], "merge_quantile=1.5 must be a number in (0, 1]"),
         (["--mode", "3d"], None),
+        (["--merge-quantile", "mean", "--seeds", "distance"], None),
+        (["--merge-quantile", "0.25", "--merge-threshold", "0.5"], None),
     ]:
-        r = runner.invoke(main, ["segment", pred8, str(tmp_path / "x.zarr"), "--no-progress",
-                                 *args])
+        r = runner.invoke(main, ["segment", pred8, str(tmp_path / f"x{len(args)}{args[1]}.zarr"),
+                                 "--no-progress", *args])
         if match is None:
             assert r.exit_code == 0, r.output
+            settings = zarr.open_group(str(tmp_path / f"x{len(args)}{args[1]}.zarr"),
+                                       mode="r").attrs["emtile"]["segment"]
+            if "--seeds" in args:
+                assert settings["seeds"] == "distance" and settings["merge_quantile"] is None
+            if "0.25" in args:
+                assert settings["merge_quantile"] == 0.25 and settings["merge_threshold"] == 0.5
             continue
         assert r.exit_code == 1 and match in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1

@@ -10,12 +10,17 @@ Methods
     ``mode="2d"``, 6-connected in ``"3d"``); the boundary pixels are then given to the cells by
     the bounded flood below (a seeded watershed on ``1 - p``); ``keep_boundaries`` leaves them 0.
 ``ws``
-    Seeds are the maxima of the interior's distance to the boundary (capped, so a wide cell's
-    core is one plateau); the flood carries them over the interior (pixels no seed reaches keep
-    their interior component as a fragment), then over the boundary. Neighbouring fragments
-    are merged while the mean boundary probability on their shared face is at most
-    ``merge_threshold``, lowest first, faces re-measured after each merge, on one region graph
-    of the whole volume.
+    Seeds (``seeds``) are flooded into fragments, which are then merged across their faces, on
+    one region graph of the whole volume: neighbouring fragments are merged while the boundary
+    probability on their shared face is at most ``merge_threshold``, lowest first, faces
+    re-measured after each merge. A face is measured by the ``merge_quantile`` of its pixels'
+    boundary probabilities (quantile linkage; the median by default), or by their mean
+    (``merge_quantile=None``). ``seeds="components"`` (default): the seeds are the interior's
+    connected components, as in cc, so the fragments are cc's objects and the merging joins a
+    cell that the threshold split. ``seeds="distance"``: the maxima of the interior's distance
+    to the boundary (capped, so a wide cell's core is one plateau), flooded over the interior
+    first (pixels no seed reaches keep their interior component as a fragment), then over the
+    boundary.
 
 Both then let objects with fewer than ``min_size`` interior pixels join the neighbour they share
 the largest face with (or drop them when they have none), and number the objects 1..N in the
@@ -38,10 +43,11 @@ region exactly, from a read region whose halo follows from the operators' own pa
    them, and every such chain crosses block faces only between face-neighbouring pixels. The
    pairs of labels that touch across every face are joined by a union-find over the whole
    volume (:func:`emtile.segmenter.graph.join_faces`), which is exact.
-3. *Seeds* (ws): ``min(EDT, cap)`` at a pixel is decided by the pixels within ``cap`` (if the
-   nearest boundary pixel is further, the value is ``cap`` either way), and a maximum over a box
-   of ``radius`` needs ``radius`` more, so a halo of ``cap + radius`` gives the same seed
-   pixels; seeds are then joined across faces like components.
+3. *Seeds* (ws, distance): ``min(EDT, cap)`` at a pixel is decided by the pixels within
+   ``cap`` (if the nearest boundary pixel is further, the value is ``cap`` either way), and a
+   maximum over a box of ``radius`` needs ``radius`` more, so a halo of ``cap + radius`` gives
+   the same seed pixels; seeds are then joined across faces like components. (Component seeds
+   are the components of 2.)
 4. *The flood* (:func:`emtile.segmenter.kernels.flood`, a seeded watershed on topographic
    distance: each step into a pixel costs ``1 + 255 (1 - p)``, so fronts meet on the ridges of the
    boundary map) is ``rounds`` synchronous rounds in which each pixel looks only at its direct
@@ -52,38 +58,53 @@ region exactly, from a read region whose halo follows from the operators' own pa
    that chain is at most ``rounds`` long, so the kept keys are a function of the pixels within
    ``2 * rounds`` steps, and a halo of ``2 * rounds + 1`` (the ``+ 1``: the plane past each
    upper face, whose fragments give the edges across that face) reproduces them bit for bit. (In
-   ws the interior flood and the boundary flood run one after the other: their rounds add up.)
+   ws with distance seeds the interior flood and the boundary flood run one after the other:
+   their rounds add up.)
    An unbounded watershed would not be local: a label can travel along a low valley of the
    boundary map arbitrarily far. Bounding it (``grow``) is what makes it exact; boundary pixels
    further than ``grow`` steps from every cell stay 0.
 5. *The region graph* is summed from per-block records with integers only (altitude sums of
-   uint8 levels and pixel counts, sizes, first pixels), so it is the same graph whatever the
-   cut; agglomeration and small-object absorption run on it once, breaking ties by first pixel
-   (:mod:`emtile.segmenter.graph`). The numbering by first pixel makes the output identical,
-   not only equal up to renaming.
+   uint8 levels and pixel counts, sizes, first pixels, and for quantile linkage each face's
+   histogram: its evidence pixels counted in :data:`~emtile.segmenter.kernels.FACE_BINS` bins of
+   altitude up to ``merge_threshold``, higher ones only in the total), so it is the same graph
+   whatever the cut. A quantile is read off the summed histogram (the first bin whose
+   cumulative count reaches ``merge_quantile`` times the face's pixels), so it is exact too,
+   where a quantile of per-block quantiles would not be; the histogram needs no halo (it counts
+   the pixel pairs a block owns, like the sums); agglomeration and small-object absorption run
+   on it once, breaking ties by first pixel (:mod:`emtile.segmenter.graph`). The numbering by
+   first pixel makes the output identical, not only equal up to renaming.
 
 The halos are sufficient, not tight: the seeds' needs one pixel less (distances are compared
 with an integer cap), and random searches never found a flood that needed more than
 ``rounds + 1``; ``2 * rounds + 1`` is what the argument above proves. Nothing in the result is
 approximate: the tests compare every block size with the single-block run bit for bit.
 
-Known limits: in ws, interior pixels that no seed reaches within ``interior_rounds`` steps keep
-their whole interior component as one fragment, which can be in two pieces when the reached
-fragments between them are not merged (none on ISBI with the defaults; 16 of 3,503 objects with
-24 rounds). The global step holds one row of blocks' graph at a time in 2d mode, the whole
-volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D graph, records included:
-:mod:`emtile.segmenter.graph` says how it was measured), and agglomerates in one thread
-(compiled, :mod:`emtile.segmenter.agglomerate`: seconds for 350,000 fragments).
+Known limits: in ws with distance seeds, interior pixels that no seed reaches within
+``interior_rounds`` steps keep their whole interior component as one fragment, which can be in
+two pieces when the reached fragments between them are not merged (none on ISBI with 40 rounds;
+16 of 3,503 objects with 24 rounds). The global step holds one row of blocks' graph at a time
+in 2d mode, the whole volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D
+graph, records included, with mean linkage: :mod:`emtile.segmenter.graph` says how it was
+measured; quantile linkage adds 8 histogram counts, 64 B, per face and block to the records and
+the graph), and agglomerates in one thread (compiled, :mod:`emtile.segmenter.agglomerate`:
+seconds for 350,000 fragments).
 
-Defaults (``DEFAULTS``): ws, threshold 0.7, merge threshold 0.3, chosen on the three models of
+Defaults (``DEFAULTS``): ws, component seeds, threshold 0.85, median linkage
+(``merge_quantile`` 0.5) at ``merge_threshold`` 0.25, ``grow`` 32, chosen on the three models of
 ``examples/train_isbi.py --seeds 0,1,2`` (the calibrated CPU recipe; ``examples/bench_segment.py
-quality --grid``, ISBI slices 25-29): V-Rand 0.966, 0.958, 0.972 at threshold 0.7 against 0.956,
-0.886, 0.964 at 0.9 and 0.972, 0.895, 0.963 at 0.5. On these maps the best threshold of the
-thresholded map itself is as good or better (0.967, 0.969, 0.974): segmentation pays off on weak
-maps (a 600-iteration model: 0.938 against 0.794 thresholded), not yet on the recipe's. Merge
-thresholds above 0.3 merged too much on all three; ``min_size`` and ``grow`` changed V-Rand by less
-than 0.003 on the 600-iteration model. The threshold depends on the model; the bench's grid shows
-it.
+quality --grid``, ISBI slices 25-29): V-Rand 0.9708, 0.9691, 0.9768 against 0.9679, 0.9687,
+0.9740 for the best threshold of the thresholded map itself (0.8, 0.8, 0.9), so +0.0029,
++0.0005, +0.0027. The previous defaults (distance seeds, threshold 0.7, mean linkage at 0.3,
+``grow`` 16) gave 0.966, 0.958, 0.972. Why: at a high threshold the models' faint membranes
+(p 0.8-0.9) still part the cells, but mottled cell interiors split cells into several
+components; the faces of those splits run through interior (low boundary probability with a
+few dark specks), the faint membranes' faces are faint all along, and their means overlap
+while their lower quantiles separate them better. A face mean above 0.3 merged faint
+membranes. ``grow`` 16 left interior pixels far from every component 0 (singletons in V-Rand);
+32 reaches them all on ISBI (64 gave the same labels). The scores move by 0.003-0.04 with one
+merge of two large cells, so the threshold and the merge threshold stay model dependent: the
+bench's grid shows them. Smoothing the map (Gaussian, sigma 1-2) before thresholding and the
+flood did not help on these maps.
 
 Floats: probabilities stored as floats are turned into uint8 altitudes (nearest 1/255) before
 anything is compared, so no sum depends on the order of additions.

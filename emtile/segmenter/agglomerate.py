@@ -25,6 +25,21 @@ def _mean(s, c):
 
 
 @njit(cache=True)
+def _value(f, s, c, h, q):
+    """The mean altitude of face ``f``, or with ``q > 0`` (quantile linkage) the first bin of its
+    histogram whose cumulative count reaches ``q * pixels`` (inf when none does)."""
+    if q <= 0:
+        return _mean(s[f], c[f])
+    need = q * c[f]
+    cum = 0
+    for b in range(h.shape[1]):
+        cum += h[f, b]
+        if c[f] and cum >= need:
+            return float(b)
+    return np.inf
+
+
+@njit(cache=True)
 def _build(n, edges):
     """One dict per object: neighbour -> face number (a row of ``edges``)."""
     adj = List()
@@ -37,7 +52,7 @@ def _build(n, edges):
 
 
 @njit(cache=True)
-def _merge(a, b, adj, parent, first, size, s, c, t):
+def _merge(a, b, adj, parent, first, size, s, c, t, h):
     """Join roots ``a`` and ``b`` as ``RegionGraph._merge``: the one with fewer faces is folded
     into the other (ties: into the smaller first pixel). Returns the new root and the neighbours
     whose face with it changed."""
@@ -57,6 +72,8 @@ def _merge(a, b, adj, parent, first, size, s, c, t):
             s[f] += s[e]
             c[f] += c[e]
             t[f] += t[e]
+            for k in range(h.shape[1]):
+                h[f, k] += h[e, k]
         else:
             f = e
             adj[a][w] = f
@@ -68,40 +85,40 @@ def _merge(a, b, adj, parent, first, size, s, c, t):
 
 
 @njit(cache=True)
-def _entry(u, v, adj, first, s, c):
+def _entry(u, v, adj, first, s, c, h, q):
     f = adj[u][v]
     fu, fv = first[u], first[v]
-    return (_mean(s[f], c[f]), min(fu, fv), max(fu, fv), s[f], c[f], u, v)
+    return (_value(f, s, c, h, q), min(fu, fv), max(fu, fv), s[f], c[f], u, v)
 
 
 @njit(cache=True)
-def _agglomerate(limit, adj, parent, first, size, s, c, t):
+def _agglomerate(limit, q, adj, parent, first, size, s, c, t, h):
     heap = [(0.0, 0, 0, 0, 0, 0, 0)]  # typed by its first entry, removed below
     heap.pop()
     for u in range(len(adj)):
         for v in adj[u].keys():
             if u < v:
-                heap.append(_entry(u, v, adj, first, s, c))
+                heap.append(_entry(u, v, adj, first, s, c, h, q))
     heapq.heapify(heap)
     merges = 0
     while heap:
         mean, _, _, hs, hc, u, v = heapq.heappop(heap)
-        if mean > limit:
+        if mean > limit or mean == np.inf:
             break
         if parent[u] != u or parent[v] != v or v not in adj[u]:
             continue  # stale: one side was merged
         f = adj[u][v]
         if s[f] != hs or c[f] != hc:
             continue  # stale: the face changed since
-        r, changed = _merge(u, v, adj, parent, first, size, s, c, t)
+        r, changed = _merge(u, v, adj, parent, first, size, s, c, t, h)
         merges += 1
         for w in changed:
-            heapq.heappush(heap, _entry(r, w, adj, first, s, c))
+            heapq.heappush(heap, _entry(r, w, adj, first, s, c, h, q))
     return merges
 
 
 @njit(cache=True)
-def _absorb_small(min_size, adj, parent, dropped, first, size, s, c, t):
+def _absorb_small(min_size, adj, parent, dropped, first, size, s, c, t, h):
     heap = [(0, 0, 0)]
     heap.pop()
     for i in range(len(adj)):
@@ -120,7 +137,7 @@ def _absorb_small(min_size, adj, parent, dropped, first, size, s, c, t):
             m = _mean(s[e], c[e])
             if best < 0 or (-t[e], m, first[w]) < (key_t, key_m, key_f):
                 best, key_t, key_m, key_f = w, -t[e], m, first[w]
-        r, _ = _merge(i, best, adj, parent, first, size, s, c, t)
+        r, _ = _merge(i, best, adj, parent, first, size, s, c, t, h)
         if size[r] < min_size:
             heapq.heappush(heap, (size[r], first[r], r))
 
@@ -136,17 +153,19 @@ def _roots(parent):
     return out
 
 
-def merge_objects(first, size, edges, *, merge_threshold=None, min_size=0):
+def merge_objects(first, size, edges, *, merge_threshold=None, merge_quantile=None, min_size=0):
     """Agglomerate (``merge_threshold``), absorb small objects (``min_size``) and number the
-    objects by first pixel: ``RegionGraph(first, size, edges)`` then ``agglomerate``,
-    ``absorb_small`` and ``final_ids``, with the same result.
+    objects by first pixel: ``RegionGraph(first, size, edges, quantile=merge_quantile)`` then
+    ``agglomerate``, ``absorb_small`` and ``final_ids``, with the same result.
 
     Parameters
     ----------
     first, size : ndarray of int64, shape (n,)
-    edges : ndarray of int64, shape (e, 5)
-        ``(u, v, altitude_sum, pixels, contact)``, each pair once, ``u != v``.
+    edges : ndarray of int64, shape (e, 5) or (e, 5 + bins)
+        ``(u, v, altitude_sum, pixels, contact[, histogram...])``, each pair once, ``u != v``.
     merge_threshold : float, optional
+    merge_quantile : float, optional
+        Quantile linkage on the edges' histograms (binned up to ``merge_threshold``).
     min_size : int
 
     Returns
@@ -157,16 +176,20 @@ def merge_objects(first, size, edges, *, merge_threshold=None, min_size=0):
     """
     first = np.array(first, np.int64)
     size = np.array(size, np.int64)
-    edges = np.asarray(edges, np.int64).reshape(-1, 5)
+    edges = np.asarray(edges, np.int64)
+    edges = edges.reshape(-1, max(5, edges.shape[-1]))
     n = first.size
     s, c, t = (np.ascontiguousarray(edges[:, k]) for k in (2, 3, 4))
+    h = np.ascontiguousarray(edges[:, 5:])
     adj = _build(n, np.ascontiguousarray(edges[:, :2]))
     parent = np.arange(n, dtype=np.int64)
     dropped = np.zeros(n, np.bool_)
     if merge_threshold is not None:
-        _agglomerate(float(merge_threshold) * 255.0, adj, parent, first, size, s, c, t)
+        q = -1.0 if merge_quantile is None else float(merge_quantile)
+        limit = float(merge_threshold) * 255.0 if merge_quantile is None else np.inf
+        _agglomerate(limit, q, adj, parent, first, size, s, c, t, h)
     if min_size > 1:
-        _absorb_small(int(min_size), adj, parent, dropped, first, size, s, c, t)
+        _absorb_small(int(min_size), adj, parent, dropped, first, size, s, c, t, h)
     roots = _roots(parent)
     alive = np.flatnonzero((roots == np.arange(n)) & ~dropped)
     order = alive[np.argsort(first[alive], kind="stable")]

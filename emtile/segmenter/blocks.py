@@ -67,6 +67,8 @@ class SegmentJob:
     keep_boundaries: bool
     run: str
     levels: int = 1  # resolution levels of the output (each halves y and x)
+    seeds: str = "distance"  # ws: "distance" (maxima of the distance transform) or "components"
+    face_limit: int = -1  # ws, quantile linkage: highest altitude in the faces' histograms
 
     @property
     def axes(self):
@@ -79,16 +81,23 @@ class SegmentJob:
 
     @property
     def label_halo(self):
-        """Context pass 1 reads: the seeds' distance cap plus the maxima box (ws), else none."""
-        if self.method != "ws":
+        """Context pass 1 reads: the seeds' distance cap plus the maxima box (ws with distance
+        seeds), else none (components are joined across faces exactly)."""
+        if not self.distance_seeds:
             return (0, 0, 0)
         r = self.seed_cap + self.seed_radius
         return tuple(int(math.ceil(r / self.sampling[ax] - 1e-9)) if ax in self.axes else 0
                      for ax in range(3))
 
     @property
+    def distance_seeds(self):
+        """ws seeded at the distance maxima (flooded over the interior first); with component
+        seeds, ws's fragments are the interior components, as cc's."""
+        return self.method == "ws" and self.seeds == "distance"
+
+    @property
     def rounds(self):
-        return self.grow + (self.interior_rounds if self.method == "ws" else 0)
+        return self.grow + (self.interior_rounds if self.distance_seeds else 0)
 
     @property
     def fragment_halo(self):
@@ -239,7 +248,7 @@ def run_label_blocks(job, block_ids):
         cells, n_cells = kernels.label_components(inside[own], axes=job.axes)
         _array(job, "cells")[_sl(start, stop)] = cells
         n_seeds = 0
-        if job.method == "ws":
+        if job.distance_seeds:
             peaks = kernels.seed_maxima(inside, cap=job.seed_cap, radius=job.seed_radius,
                                         axes=job.axes, sampling=job.sampling)
             seeds, n_seeds = kernels.label_components(peaks[own], axes=job.axes)
@@ -273,7 +282,7 @@ def _fragments(job, plan, r0, r1):
     cells = _provisional(job, plan, "cells", 0, r0, r1)
     labels = cells
     joined = [cells]
-    if job.method == "ws":
+    if job.distance_seeds:
         seeds = _provisional(job, plan, "seeds", 1, r0, r1)
         joined.append(seeds)
         key = kernels.flood(seeds > 0, inside & (seeds == 0), alt, rounds=job.interior_rounds,
@@ -310,9 +319,10 @@ def run_fragment_blocks(job, block_ids):
                                 for lab in joined])
         stats = kernels.fragment_stats(frag[own], inside[own], origin=start,
                                        volume_shape=job.shape)
+        bins = kernels.altitude_bins(job.face_limit) if job.face_limit >= 0 else None
         edges = kernels.adjacent_pairs(frag, alt, source, start=w0, stop=w1, axes=job.axes,
                                        origin=r0, volume_shape=job.shape,
-                                       sampling=job.sampling)
+                                       sampling=job.sampling, bins=bins)
         stored = frag[own].astype(np.uint64)
         stored[~inside[own]] |= BOUNDARY_BIT
         _array(job, "fragments")[_sl(start, stop)] = stored

@@ -31,12 +31,14 @@ from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
 from emtile.segmenter.graph import number_objects
 from emtile.segmenter.records import PART_BLOCKS, PART_BYTES, RecordStore, record_nbytes
 
-__all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
+__all__ = ["segment", "SegmentResult", "METHODS", "MODES", "SEEDS", "DEFAULTS"]
 
 METHODS = ("cc", "ws")
 MODES = ("auto", "2d", "3d")
-DEFAULTS = {"method": "ws", "threshold": 0.7, "min_size": 0, "merge_threshold": 0.3,
-            "grow": 16, "seed_cap": 12, "seed_radius": 2, "interior_rounds": 40}
+SEEDS = ("components", "distance")
+DEFAULTS = {"method": "ws", "seeds": "components", "threshold": 0.85, "min_size": 0,
+            "merge_threshold": 0.25, "merge_quantile": 0.5, "grow": 32, "seed_cap": 12,
+            "seed_radius": 2, "interior_rounds": 40}
 BLOCK_PX = 2**22  # pixels per default block
 _FLUSH_EVERY = 64  # results buffered before counts and markers are written (or _FLUSH_S)
 _FLUSH_S = 2.0
@@ -157,9 +159,16 @@ def _ngff_transforms(attrs, ndim):
 
 
 def _check_options(pred, *, method, mode, threshold, min_size, merge_threshold, grow,
-                   block_size):
+                   block_size, seeds="distance", merge_quantile=None):
     if method not in METHODS:
         raise EmtileError(f"method={method!r} is not supported: choose cc or ws")
+    if seeds not in SEEDS:
+        raise EmtileError(f"seeds={seeds!r} is not supported: choose components or distance")
+    if merge_quantile is not None and (
+            isinstance(merge_quantile, bool) or not isinstance(merge_quantile, (int, float))
+            or not 0 < merge_quantile <= 1):
+        raise EmtileError(f"merge_quantile={merge_quantile!r} must be a number in (0, 1], or "
+                          f"None for the mean")
     if mode not in MODES:
         raise EmtileError(f"mode={mode!r} is not supported: choose auto, 2d or 3d")
     if mode == "auto":
@@ -228,13 +237,16 @@ def _check_levels(levels, shape3, block):
 # --------------------------------------------------------------------------- the store
 
 
-def _settings(job, *, min_size, merge_threshold):
+def _settings(job, *, min_size, merge_threshold, merge_quantile):
     out = {"method": job.method, "mode": job.mode, "threshold": job.threshold,
            "min_size": int(min_size), "keep_boundaries": job.keep_boundaries, "grow": job.grow,
            "block": list(job.block)}
     if job.method == "ws":
-        out.update(merge_threshold=merge_threshold, seed_cap=job.seed_cap,
-                   seed_radius=job.seed_radius, interior_rounds=job.interior_rounds)
+        out.update(seeds=job.seeds, merge_threshold=merge_threshold,
+                   merge_quantile=merge_quantile)
+        if job.distance_seeds:
+            out.update(seed_cap=job.seed_cap, seed_radius=job.seed_radius,
+                       interior_rounds=job.interior_rounds)
     return out
 
 
@@ -277,14 +289,15 @@ def _create_output(job, pred, plan, *, settings, fingerprint):
     temp = group.create_group(TEMP)
     chunks3 = (1,) + job.block[1:] if job.mode == "2d" else job.block
     for name, dtype in (("cells", "uint32"), ("seeds", "uint32"), ("fragments", "uint64")):
-        if name == "seeds" and job.method != "ws":
+        if name == "seeds" and not job.distance_seeds:
             continue
         temp.create_array(name, shape=job.shape, chunks=chunks3, dtype=dtype, fill_value=0)
     n = len(plan)
     rows = min(n, 2**14)
     temp.create_array("counts", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
     temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
-    RecordStore.create(temp, n)
+    bins = kernels.FACE_BINS if job.face_limit >= 0 else 0
+    RecordStore.create(temp, n, edge_width=5 + bins)
     for name in PASSES:  # last: their presence means the set-up finished
         BlockMarkers.create(temp, n, name=name)
     return group
@@ -457,7 +470,7 @@ def _table(temp, n_ids):
                              dtype="int64", fill_value=0, overwrite=True)
 
 
-def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
+def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold, merge_quantile):
     """Per group of blocks: join ids across faces, agglomerate (ws), absorb small objects,
     number the objects by first pixel (after the groups before it); write the provisional ->
     output table. Returns N."""
@@ -480,7 +493,8 @@ def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold):
         edges[:, :2] = local(edges[:, :2])
         number, count = number_objects(
             1 + nc + int(hi[1] - lo[1]), local(pairs), stats, edges, min_size=min_size,
-            merge_threshold=merge_threshold if job.method == "ws" else None)
+            merge_threshold=merge_threshold if job.method == "ws" else None,
+            merge_quantile=merge_quantile if job.method == "ws" else None)
         number[number > 0] += total
         total += count
         table[int(lo[0]):int(hi[0])] = number[1:1 + nc]
@@ -545,7 +559,8 @@ def _start(runner, *, cluster, cluster_workers, scheduler_file):
 
 def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
             threshold=DEFAULTS["threshold"], min_size=DEFAULTS["min_size"],
-            merge_threshold=DEFAULTS["merge_threshold"], keep_boundaries=False, block_size=None,
+            merge_threshold=DEFAULTS["merge_threshold"], seeds=DEFAULTS["seeds"],
+            merge_quantile=DEFAULTS["merge_quantile"], keep_boundaries=False, block_size=None,
             grow=DEFAULTS["grow"], overwrite=False, progress=True, client=None, cluster=None,
             cluster_workers=None, scheduler_file=None, blocks_per_task=1, retries=2, levels=1):
     """Segment a probability map into labelled cells, block by block, into an OME-Zarr label image.
@@ -561,10 +576,9 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         background, objects numbered 1..N in the order of their first pixel (C order).
     method : {"cc", "ws"}
         ``cc``: connected components of the interior (``p > threshold``), the boundary pixels
-        then flooded from them. ``ws``: seeds at the maxima of the interior's distance to the
-        boundary, flooded over the interior and the boundary into fragments, which are merged
-        while the mean boundary probability on their shared face is at most
-        ``merge_threshold``.
+        then flooded from them. ``ws``: seeds (``seeds``) flooded over the interior and the
+        boundary into fragments, which are merged while the boundary probability on their
+        shared face (its ``merge_quantile``, or its mean) is at most ``merge_threshold``.
     mode : {"auto", "2d", "3d"}
         ``2d`` segments each z-slice on its own (4-connected); ``3d`` connects through z
         (6-connected). ``auto``: 3d only for a stack predicted by a 3-D model.
@@ -574,7 +588,15 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         Objects of fewer interior pixels (``p > threshold``) join the neighbour they share the
         largest face with, or are dropped when they have none.
     merge_threshold : float
-        ws: highest mean boundary probability on a face for its fragments to be merged.
+        ws: highest boundary probability on a face (its quantile, or its mean) for its
+        fragments to be merged.
+    seeds : {"components", "distance"}
+        ws: the seeds are the interior's connected components (the fragments are cc's
+        objects), or the maxima of the interior's distance to the boundary (several per cell,
+        each flooded over the interior first).
+    merge_quantile : float or None
+        ws: measure a face by this quantile (in (0, 1]) of the boundary probabilities of its
+        pixels, counted in 8 bins up to ``merge_threshold``; None: by their mean.
     keep_boundaries : bool
         Leave the boundary pixels (``p <= threshold``) 0 instead of giving them to the cells.
     block_size : tuple of int, optional
@@ -620,7 +642,8 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
     pred = _open_prediction(prediction)
     mode, shape3, block = _check_options(
         pred, method=method, mode=mode, threshold=threshold, min_size=min_size,
-        merge_threshold=merge_threshold, grow=grow, block_size=block_size)
+        merge_threshold=merge_threshold, grow=grow, block_size=block_size, seeds=seeds,
+        merge_quantile=merge_quantile)
     levels = _check_levels(levels, shape3, block)
     _check_run(blocks_per_task, retries, client, cluster, cluster_workers, scheduler_file)
     store.check_output(output, inputs=[pred.path])
@@ -630,9 +653,12 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         block=block, method=method, mode=mode, threshold=float(threshold), grow=int(grow),
         seed_cap=DEFAULTS["seed_cap"], seed_radius=DEFAULTS["seed_radius"],
         interior_rounds=DEFAULTS["interior_rounds"], sampling=sampling,
-        keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex, levels=levels)
+        keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex, levels=levels, seeds=seeds,
+        face_limit=kernels.face_limit(merge_threshold)
+        if method == "ws" and merge_quantile is not None else -1)
     plan = SegmentPlan(job.shape, job.block)
-    settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold)
+    settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold,
+                         merge_quantile=merge_quantile)
     fingerprint = _fingerprint(pred, settings, levels)
     runner = _Runner(client, blocks_per_task, retries, bool(progress))
     with store.output_lock(output):
@@ -646,7 +672,8 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
             done2 = _pass_fragments(job, temp, runner=runner)
             with store.write_errors(output, then=_RESUME):
                 count = _global_step(job, temp, plan, n_ids, min_size=min_size,
-                                     merge_threshold=merge_threshold)
+                                     merge_threshold=merge_threshold,
+                                     merge_quantile=merge_quantile)
                 dtype = _output_dtype(group, count, job)
             done3 = _run_pass(blocks.run_write_blocks, job, temp, "done3",
                               desc="segment 3/3 write", runner=runner)

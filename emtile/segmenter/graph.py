@@ -62,24 +62,31 @@ class RegionGraph:
         First pixel (global index) of each node; unique; the node's identity.
     size : ndarray of int64, shape (n,)
         Pixels each node shows in the output.
-    edges : ndarray of int64, shape (e, 5)
-        ``(u, v, altitude_sum, pixels, contact)`` with ``u != v`` node numbers, each pair
-        once: the face's mean boundary altitude is ``altitude_sum / pixels`` (no evidence when
-        ``pixels`` is 0), ``contact`` counts the touching pixel pairs.
+    edges : ndarray of int64, shape (e, 5) or (e, 5 + bins)
+        ``(u, v, altitude_sum, pixels, contact[, histogram...])`` with ``u != v`` node numbers,
+        each pair once: the face's mean boundary altitude is ``altitude_sum / pixels`` (no
+        evidence when ``pixels`` is 0), ``contact`` counts the touching pixel pairs, the
+        histogram counts the evidence pixels per altitude bin up to the merge threshold
+        (:func:`emtile.segmenter.kernels.altitude_bins`).
+    quantile : float, optional
+        Quantile linkage: a face is measured by the bin of its ``quantile``-th evidence pixel
+        (:meth:`value`) instead of its mean.
 
     Merging keeps a union-find forest; a merged object's first pixel is the smaller of the two.
     """
 
-    def __init__(self, first, size, edges):
+    def __init__(self, first, size, edges, *, quantile=None):
         self.first = np.asarray(first, np.int64).copy()
         self.size = np.asarray(size, np.int64).copy()
+        self.quantile = quantile
         n = self.first.size
         self.parent = np.arange(n)
         self.dropped = np.zeros(n, bool)
         self.adj = [dict() for _ in range(n)]
-        for u, v, s, c, t in np.asarray(edges, np.int64).reshape(-1, 5).tolist():
-            self.adj[u][v] = [s, c, t]
-            self.adj[v][u] = [s, c, t]
+        edges = np.asarray(edges, np.int64)
+        for u, v, *face in edges.reshape(-1, max(5, edges.shape[-1])).tolist():
+            self.adj[u][v] = list(face)
+            self.adj[v][u] = self.adj[u][v]
 
     def find(self, i):
         root = i
@@ -102,13 +109,11 @@ class RegionGraph:
         self.size[a] += self.size[b]
         self.first[a] = min(self.first[a], self.first[b])
         self.adj[a].pop(b, None)
-        for w, (s, c, t) in self.adj[b].items():
+        for w, other in self.adj[b].items():
             if w == a:
                 continue
-            face = self.adj[a].setdefault(w, [0, 0, 0])
-            face[0] += s
-            face[1] += c
-            face[2] += t
+            face = self.adj[a].setdefault(w, [0] * len(other))
+            face[:] = [x + y for x, y in zip(face, other)]
             nb = self.adj[w]
             del nb[b]
             nb[a] = face
@@ -120,25 +125,40 @@ class RegionGraph:
     def _mean(face):
         return face[0] / face[1] if face[1] else float("inf")
 
+    def value(self, face):
+        """What agglomeration compares: the mean altitude, or with ``quantile`` the first
+        histogram bin whose cumulative count reaches ``quantile * pixels`` (inf when none does:
+        the quantile is above the merge threshold, or there is no evidence)."""
+        if self.quantile is None:
+            return self._mean(face)
+        need, cum = self.quantile * face[1], 0
+        for b, count in enumerate(face[3:]):
+            cum += count
+            if face[1] and cum >= need:
+                return float(b)
+        return float("inf")
+
     def _entry(self, u, v):
         face = self.adj[u][v]
         fu, fv = self.first[u], self.first[v]
-        return (self._mean(face), min(fu, fv), max(fu, fv), face[0], face[1], u, v)
+        return (self.value(face), min(fu, fv), max(fu, fv), face[0], face[1], u, v)
 
     def agglomerate(self, threshold):
         """Merge neighbours while the lowest mean boundary probability on a face is at most
         ``threshold``, lowest first, re-measuring faces after every merge (mean linkage).
-        Faces without evidence (``pixels`` 0) are never merged.
+        Faces without evidence (``pixels`` 0) are never merged. With ``quantile`` (quantile
+        linkage) the faces' histograms, binned up to the threshold, decide instead: a face
+        merges when its ``quantile``-th evidence pixel falls in a bin, lowest bin first.
 
         Ties go to the pair with the smaller first pixels. Returns the number of merges.
         """
-        limit = float(threshold) * 255.0
+        limit = float(threshold) * 255.0 if self.quantile is None else float("inf")
         heap = [self._entry(u, v) for u in range(len(self.adj)) for v in self.adj[u] if u < v]
         heapq.heapify(heap)
         merges = 0
         while heap:
             mean, _, _, s, c, u, v = heapq.heappop(heap)
-            if mean > limit:
+            if mean > limit or mean == float("inf"):
                 break
             face = self.adj[u].get(v)
             if self.parent[u] != u or self.parent[v] != v or face is None or face[:2] != [s, c]:
@@ -196,7 +216,8 @@ class RegionGraph:
         return number[roots], int(order.size)
 
 
-def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, min_size=0):
+def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, merge_quantile=None,
+                   min_size=0):
     """The whole global step on compact arrays: ids joined across faces -> objects, agglomerated
     (``merge_threshold``, ws), small ones absorbed, numbered 1..N by first pixel.
 
@@ -208,10 +229,13 @@ def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, min_size
         Ids that are one object (they touch across a block face).
     stats : ndarray of int64, shape (m, 3)
         ``(id, interior pixels, first global index)`` per fragment and block.
-    edges : ndarray of int64, shape (e, 5)
-        ``(u, v, altitude_sum, pixels, contact)`` per fragment pair and block.
+    edges : ndarray of int64, shape (e, 5) or (e, 5 + bins)
+        ``(u, v, altitude_sum, pixels, contact[, histogram...])`` per fragment pair and block.
     merge_threshold : float, optional
         Agglomerate while the mean boundary probability on a face is at most this.
+    merge_quantile : float, optional
+        Quantile linkage instead (:class:`RegionGraph`): the edges carry histograms binned up to
+        ``merge_threshold``.
     min_size : int
 
     Returns
@@ -237,10 +261,10 @@ def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, min_size
         u = np.searchsorted(objects, comp[edges[:, 0]])
         v = np.searchsorted(objects, comp[edges[:, 1]])
         keep = u != v
-        faces = sum_edges(np.minimum(u, v)[keep], np.maximum(u, v)[keep], edges[keep, 2],
-                          edges[keep, 3], edges[keep, 4])
+        faces = sum_edges(np.minimum(u, v)[keep], np.maximum(u, v)[keep],
+                          *(edges[keep, k] for k in range(2, edges.shape[1])))
         ids, count = merge_objects(first, size, faces, merge_threshold=merge_threshold,
-                                   min_size=min_size)
+                                   merge_quantile=merge_quantile, min_size=min_size)
     number = np.zeros(n_ids, np.int64)
     if objects.size:
         pos = np.minimum(np.searchsorted(objects, comp), objects.size - 1)

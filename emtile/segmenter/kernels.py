@@ -18,7 +18,8 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["interior_mask", "altitude", "label_components", "seed_maxima", "flood",
-           "source_labels", "sum_edges", "COST_SHIFT", "INDEX_LIMIT", "UNSET", "MAX_ROUNDS"]
+           "source_labels", "sum_edges", "altitude_bins", "face_limit", "COST_SHIFT",
+           "INDEX_LIMIT", "UNSET", "MAX_ROUNDS", "FACE_BINS"]
 
 # A flood key packs (cost, source) into one int64, compared as a whole:
 #   cost   = sum over the path's pixels (seed excluded) of 1 + altitude, bits 44..62
@@ -30,6 +31,7 @@ INDEX_LIMIT = 1 << COST_SHIFT
 MAX_ROUNDS = 255
 UNSET = np.int64((1 << 63) - 1)  # above every key
 _INDEX_MASK = np.int64(INDEX_LIMIT - 1)
+FACE_BINS = 8  # bins of a face's altitude histogram (quantile linkage), over [0, merge limit]
 
 
 def interior_mask(p, threshold):
@@ -64,6 +66,29 @@ def altitude(p):
         return np.uint8(255) - p
     q = np.rint((1.0 - p.astype(np.float32)) * np.float32(255))
     return np.clip(q, 0, 255).astype(np.uint8)
+
+
+def face_limit(merge_threshold):
+    """The highest altitude level (0..255) at or below ``merge_threshold * 255``."""
+    return int(np.floor(np.float64(merge_threshold) * 255))
+
+
+def altitude_bins(limit, n_bins=FACE_BINS):
+    """Bin of each altitude level for a face's histogram: levels ``0..limit`` in ``n_bins``
+    equal runs (``level * n_bins // (limit + 1)``), levels above ``limit`` -1 (not counted).
+
+    Parameters
+    ----------
+    limit : int
+        Highest altitude (0..255) that may be merged: ``floor(merge_threshold * 255)``.
+    n_bins : int
+
+    Returns
+    -------
+    ndarray of int64, shape (256,)
+    """
+    level = np.arange(256, dtype=np.int64)
+    return np.where(level <= limit, level * n_bins // (int(limit) + 1), -1)
 
 
 def _structure(axes):
@@ -244,7 +269,7 @@ def face_pairs(labels, *, start, stop, axes):
 
 
 def adjacent_pairs(frag, alt, source, *, start, stop, axes, origin, volume_shape,
-                   sampling=(1.0, 1.0, 1.0)):
+                   sampling=(1.0, 1.0, 1.0), bins=None, n_bins=FACE_BINS):
     """Region-graph edges of the box ``[start, stop)``: neighbouring pixels with two fragments.
 
     Pairs ``(x, x + e)`` with ``x`` in the box and ``x + e`` in the box or one plane past its
@@ -264,16 +289,23 @@ def adjacent_pairs(frag, alt, source, *, start, stop, axes, origin, volume_shape
     source : ndarray of int64, shape (Z, Y, X)
         Global index of the pixel each pixel's label came from (the boundary flood's source;
         itself for interior pixels).
+    bins : ndarray of int64, shape (256,), optional
+        The histogram bin of each altitude level, -1 for none (:func:`altitude_bins`): the
+        evidence pixels are also counted per bin, in ``n_bins`` more columns.
+    n_bins : int
 
     Returns
     -------
-    ndarray of int64, shape (k, 5)
-        ``(u, v, altitude_sum, pixels, contact)`` per fragment pair ``u < v``: the altitudes of
-        both pixels of every evidence pair are summed and ``pixels`` counts them (2 per pair),
-        so the mean boundary probability on the face is ``altitude_sum / pixels / 255``;
-        ``contact`` counts all touching pairs.
+    ndarray of int64, shape (k, 5) (or (k, 5 + n_bins) with ``bins``)
+        ``(u, v, altitude_sum, pixels, contact[, histogram...])`` per fragment pair ``u < v``:
+        the altitudes of both pixels of every evidence pair are summed and ``pixels`` counts
+        them (2 per pair), so the mean boundary probability on the face is
+        ``altitude_sum / pixels / 255``; ``contact`` counts all touching pairs; the histogram
+        counts the evidence pixels per altitude bin.
     """
+    n_bins = 0 if bins is None else int(n_bins)
     us, vs, ws, ns = [], [], [], []
+    hs = [[] for _ in range(n_bins)]
     index = _global_index(frag.shape, origin, volume_shape)
     for ax in axes:
         end = min(stop[ax] + 1, frag.shape[ax])
@@ -297,11 +329,16 @@ def adjacent_pairs(frag, alt, source, *, start, stop, axes, origin, volume_shape
         vs.append(np.maximum(a, b))
         ws.append(np.where(evidence, w, 0))
         ns.append(2 * evidence.astype(np.int64))
+        if n_bins:
+            ba = np.where(evidence, bins[alt[lo].ravel()[keep]], -1)
+            bb = np.where(evidence, bins[alt[hi].ravel()[keep]], -1)
+            for k in range(n_bins):
+                hs[k].append((ba == k).astype(np.int64) + (bb == k))
     if not us:
-        return np.zeros((0, 5), np.int64)
+        return np.zeros((0, 5 + n_bins), np.int64)
     n = np.concatenate(ns)
     return sum_edges(np.concatenate(us), np.concatenate(vs), np.concatenate(ws), n,
-                     np.ones(n.size, np.int64))
+                     np.ones(n.size, np.int64), *(np.concatenate(h) for h in hs))
 
 
 def _vector(source, index, volume_shape):

@@ -2,16 +2,18 @@
 
 Pass 2 of ``emtile segment`` gives, per block, a *record*: the ids joined across its faces
 (pairs, shape (k, 2)), its fragments' sizes and first pixels (stats, (m, 3)) and its region-graph
-edges (edges, (e, 5)), all int64, which the global step needs from every block. The worker that
-computed the block returns its record with the block's result (:func:`pack`); the driver, the only
-process that writes here (as for the markers, :mod:`emtile.markers`), buffers the records and
-writes each flush's records as one *part*, then their rows of the index, and only then records the
-blocks as done. So a plan of 10^6 blocks writes one part per flush (up to :data:`PART_BLOCKS`
-blocks or :data:`PART_BYTES` bytes, or what arrived in the driver's flush interval), not 10^6
-arrays; reading a row of blocks back reads the few parts that hold it.
+edges (edges, (e, 5), or (e, 5 + bins) with face histograms: the store's ``edge_width``), all
+int64, which the global step needs from every block. The worker that computed the block returns
+its record with the block's result (:func:`pack`); the driver, the only process that writes here
+(as for the markers, :mod:`emtile.markers`), buffers the records and writes each flush's records
+as one *part*, then their rows of the index, and only then records the blocks as done. So a plan
+of 10^6 blocks writes one part per flush (up to :data:`PART_BLOCKS` blocks or :data:`PART_BYTES`
+bytes, or what arrived in the driver's flush interval), not 10^6 arrays; reading a row of blocks
+back reads the few parts that hold it.
 
 Layout (inside the run's working group)::
 
+    records         attribute edge_width  columns of the edges table (5, or 5 + histogram bins)
     records/index   int64 (n_blocks, 5)   part, offset, pairs, stats, edges per block; -1: none
     records/pK      int64 (L,), one chunk  the records of the K-th flush, one after the other
 
@@ -27,6 +29,7 @@ __all__ = ["pack", "record_nbytes", "RecordStore", "PARTS", "PART_BLOCKS", "PART
            "CACHE_BYTES"]
 
 PARTS = (("pairs", 2), ("stats", 3), ("edges", 5))  # name and width of each table of a record
+# (the edges' width is the store's edge_width)
 PART_BLOCKS = 1024  # blocks' records per part at most (the driver flushes when either is reached)
 PART_BYTES = 32 * 2**20  # bytes of records per part, about
 INDEX_ROWS = 4096  # index rows per chunk
@@ -52,6 +55,8 @@ class RecordStore:
     def __init__(self, group):
         self.group = group
         self.index = group["index"]
+        width = int(group.attrs.get("edge_width", 5))
+        self.parts = tuple((name, width if name == "edges" else w) for name, w in PARTS)
         self.n = int(self.index.shape[0])
         parts = np.asarray(self.index[:, 0])
         self.next_part = int(parts.max(initial=-1)) + 1
@@ -59,9 +64,11 @@ class RecordStore:
         self._cached = 0  # bytes in the cache
 
     @classmethod
-    def create(cls, parent, n_blocks, *, name="records"):
-        """A new, empty record store ``name`` in the Zarr group ``parent``."""
+    def create(cls, parent, n_blocks, *, name="records", edge_width=5):
+        """A new, empty record store ``name`` in the Zarr group ``parent``, for edges of
+        ``edge_width`` columns."""
         group = parent.create_group(name)
+        group.attrs["edge_width"] = int(edge_width)
         n = int(n_blocks)
         group.create_array("index", shape=(n, 5), chunks=(max(1, min(n, INDEX_ROWS)), 5),
                            dtype="int64", fill_value=-1, compressors=None)
@@ -109,7 +116,7 @@ class RecordStore:
         order. Parts are read whole and the most recently used kept (:data:`CACHE_BYTES`), so
         reading the rows of a plan one after the other reads each part about once."""
         ids = np.asarray(block_ids, np.int64).reshape(-1)
-        got = {name: [] for name, _ in PARTS}
+        got = {name: [] for name, _ in self.parts}
         if ids.size:
             lo, hi = int(ids.min()), int(ids.max()) + 1
             index = np.asarray(self.index[lo:hi])[ids - lo]
@@ -119,11 +126,11 @@ class RecordStore:
             for part, offset, *rows in index.tolist():
                 data = self._part(part)
                 pos = offset
-                for (name, width), n in zip(PARTS, rows):
+                for (name, width), n in zip(self.parts, rows):
                     got[name].append(data[pos:pos + n * width].reshape(n, width))
                     pos += n * width
         return tuple(np.concatenate(got[name]) if got[name] else np.zeros((0, w), np.int64)
-                     for name, w in PARTS)
+                     for name, w in self.parts)
 
     def _part(self, part):
         data = self._cache.get(part)
