@@ -292,6 +292,8 @@ def run_fragment_blocks(job, block_ids):
     """Pass 2: per block, flood the seeds into fragments over its read box; write the write
     region's provisional fragment ids to ``fragments``. Returns each block's record (face pairs,
     fragment stats, edges; :func:`emtile.segmenter.records.pack`), which the driver stores."""
+    from emtile.segmenter.pixels import stored_ids
+
     plan = SegmentPlan(job.shape, job.block)
     done = _done(job, "done2", block_ids)
     out = []
@@ -312,8 +314,7 @@ def run_fragment_blocks(job, block_ids):
         edges = kernels.adjacent_pairs(frag, alt, source, start=w0, stop=w1, axes=job.axes,
                                        origin=r0, volume_shape=job.shape,
                                        sampling=job.sampling)
-        stored = frag[own].astype(np.uint64)
-        stored[~inside[own]] |= BOUNDARY_BIT
+        stored = stored_ids(frag[own], inside[own], BOUNDARY_BIT)
         _array(job, "fragments")[_sl(start, stop)] = stored
         _faults.point("segment.fragments.written")  # test-only: written, not yet reported
         out.append(records.pack(pairs=pairs, stats=stats, edges=edges))

@@ -268,7 +268,7 @@ def adjacent_pairs(frag, alt, source, *, start, stop, axes, origin, volume_shape
     rows = edge_sums(frag, alt, source, np.array(start, np.int64), np.array(stop, np.int64),
                      np.array([ax in axes for ax in range(3)]), np.array(origin, np.int64),
                      np.array(volume_shape, np.int64), np.array(sampling, np.float64))
-    return rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    return _by_pair(rows)
 
 
 def sum_edges(u, v, *values):
@@ -282,8 +282,20 @@ def sum_edges(u, v, *values):
     columns = np.empty((u.size, len(values)), np.int64)
     for k, x in enumerate(values):
         columns[:, k] = x
-    rows = group_sums(u, v, columns)
-    return rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    return _by_pair(group_sums(u, v, columns))
+
+
+def _by_pair(rows):
+    """Rows with distinct ``(u, v)`` in their first two columns, sorted by them: one sort of
+    ``u * span + v`` when that fits in int64 (ids of a block or a group of blocks), else two."""
+    if len(rows) < 2:
+        return rows
+    u, v = rows[:, 0], rows[:, 1]
+    lo = int(min(u.min(), v.min()))
+    span = int(max(u.max(), v.max())) - lo + 1
+    if span < 2**31:
+        return rows[np.argsort((u - lo) * span + (v - lo))]
+    return rows[np.lexsort((v, u))]
 
 
 def fragment_stats(frag, inside, *, origin, volume_shape):

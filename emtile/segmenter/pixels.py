@@ -238,6 +238,19 @@ def fragment_table(frag, inside, origin, volume_shape):
 
 
 @njit(cache=True)
+def stored_ids(frag, inside, boundary_bit):
+    """``frag`` as uint64 with ``boundary_bit`` set where not ``inside`` (what pass 2 stores)."""
+    out = np.empty(frag.shape, np.uint64)
+    nz, ny, nx = frag.shape
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                f = np.uint64(frag[z, y, x])
+                out[z, y, x] = f if inside[z, y, x] else f | boundary_bit
+    return out
+
+
+@njit(cache=True)
 def id_range(stored, boundary_bit):
     """Smallest and largest nonzero id of ``stored`` (``boundary_bit`` cleared); (0, -1) if none."""
     id_mask = ~boundary_bit
