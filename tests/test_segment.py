@@ -198,6 +198,88 @@ def test_interior_rule_is_predicts():
                                   [255, 128, 0])
 
 
+def adjacent_pairs_reference(frag, alt, source, *, start, stop, axes, origin, volume_shape,
+                             sampling):
+    """The region-graph edges of a box by their definition, pixel pair by pixel pair."""
+    faces = {}
+    for pos in itertools.product(*(range(a, b) for a, b in zip(start, stop))):
+        for ax in axes:
+            nb = list(pos)
+            nb[ax] += 1
+            nb = tuple(nb)
+            if nb[ax] >= frag.shape[ax]:
+                continue
+            a, b = int(frag[pos]), int(frag[nb])
+            if a <= 0 or b <= 0 or a == b:
+                continue
+            vec = []
+            for p in (pos, nb):
+                here = np.add(p, origin)
+                vec.append(np.subtract(np.unravel_index(int(source[p]), volume_shape), here))
+            dot = sum(w * w * float(x) * float(y) for w, x, y in zip(sampling, *vec))
+            evidence = dot < 0 or not (np.any(vec[0]) or np.any(vec[1]))
+            face = faces.setdefault((min(a, b), max(a, b)), [0, 0, 0])
+            if evidence:
+                face[0] += int(alt[pos]) + int(alt[nb])
+                face[1] += 2
+            face[2] += 1
+    return np.array([[u, v, *faces[u, v]] for u, v in sorted(faces)], np.int64).reshape(-1, 5)
+
+
+@pytest.mark.parametrize("axes,sampling", [((1, 2), (1.0, 1.0, 1.0)),
+                                           ((0, 1, 2), (12.5, 1.0, 1.0))])
+def test_compiled_edges_and_stats_equal_their_definition(axes, sampling):
+    """The Numba passes (pixels.py) on random blocks: edges, fragment stats, labels read at
+    sources, summed pairs, against plain Python / NumPy."""
+    rng = np.random.default_rng(5)
+    shape, origin, volume_shape = (4, 9, 11), (2, 3, 1), (9, 15, 14)
+    for trial in range(3):
+        frag = rng.integers(0, 6, shape) * (10 ** (3 * trial))  # ids dense, then far apart
+        alt = rng.integers(0, 256, shape).astype(np.uint8)
+        here = np.ravel_multi_index(np.add(np.indices(shape), np.reshape(origin, (3, 1, 1, 1))),
+                                    volume_shape)
+        source = np.where(rng.random(shape) < 0.4, here,
+                          rng.integers(0, np.prod(volume_shape), shape))
+        for start, stop in [((0, 0, 0), shape), ((1, 2, 3), (3, 7, 8))]:
+            got = kernels.adjacent_pairs(frag, alt, source, start=start, stop=stop, axes=axes,
+                                         origin=origin, volume_shape=volume_shape,
+                                         sampling=sampling)
+            ref = adjacent_pairs_reference(frag, alt, source, start=start, stop=stop, axes=axes,
+                                           origin=origin, volume_shape=volume_shape,
+                                           sampling=sampling)
+            np.testing.assert_array_equal(got, ref)
+            own = tuple(slice(a, b) for a, b in zip(start, stop))
+            box, inside = frag[own], alt[own] < 128
+            ids = np.unique(box[box > 0])
+            stats = [[i, np.sum(inside & (box == i)),
+                      np.ravel_multi_index(np.add(np.argwhere(box == i)[0], origin),
+                                           volume_shape)] for i in ids]
+            np.testing.assert_array_equal(
+                kernels.fragment_stats(box, inside, origin=origin, volume_shape=volume_shape),
+                np.array(stats, np.int64).reshape(-1, 3))
+        # labels read at each key's source, fill where unset
+        labels = rng.integers(1, 50, shape)
+        src = rng.integers(0, frag.size, shape)
+        key = (np.int64(rng.integers(0, 500)) << 44) + here.reshape(-1)[src]
+        key[rng.random(shape) < 0.3] = kernels.UNSET
+        fill = rng.integers(-5, 0, shape)
+        np.testing.assert_array_equal(
+            kernels.source_labels(key, labels, origin=origin, volume_shape=volume_shape,
+                                  fill=fill),
+            np.where(key == kernels.UNSET, fill, labels.reshape(-1)[src]))
+    # summed pairs: enough distinct pairs for the table to grow several times
+    u, v = rng.integers(0, 150, 60000), rng.integers(-3, 150, 60000)
+    w = rng.integers(0, 9, (2, u.size))
+    pairs = sorted(set(zip(u.tolist(), v.tolist())))
+    ref = {p: [0, 0] for p in pairs}
+    for a, b, x, y in zip(u.tolist(), v.tolist(), *w.tolist()):
+        ref[a, b][0] += x
+        ref[a, b][1] += y
+    np.testing.assert_array_equal(kernels.sum_edges(u, v, w[0], w[1]),
+                                  np.array([[a, b, *ref[a, b]] for a, b in pairs]))
+    assert kernels.sum_edges(u[:0], v[:0], w[0, :0]).shape == (0, 3)
+
+
 def random_region_graph(n, seed, *, coarse=False):
     """A planar-like region graph of ``n`` objects: on a grid, faces to the right, below and
     (some) diagonally; random face sums, some faces without evidence; random sizes and first

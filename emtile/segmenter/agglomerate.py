@@ -93,18 +93,20 @@ def _entry(u, v, adj, first, s, c, h, q):
 
 @njit(cache=True)
 def _agglomerate(limit, q, adj, parent, first, size, s, c, t, h):
+    # Faces above the limit (or with no evidence: infinite) never merge: RegionGraph pops them
+    # only to stop, so they are left out of the heap (the same merges, a smaller heap)
     heap = [(0.0, 0, 0, 0, 0, 0, 0)]  # typed by its first entry, removed below
     heap.pop()
     for u in range(len(adj)):
         for v in adj[u].keys():
             if u < v:
-                heap.append(_entry(u, v, adj, first, s, c, h, q))
+                entry = _entry(u, v, adj, first, s, c, h, q)
+                if entry[0] <= limit and entry[0] != np.inf:
+                    heap.append(entry)
     heapq.heapify(heap)
     merges = 0
     while heap:
         mean, _, _, hs, hc, u, v = heapq.heappop(heap)
-        if mean > limit or mean == np.inf:
-            break
         if parent[u] != u or parent[v] != v or v not in adj[u]:
             continue  # stale: one side was merged
         f = adj[u][v]
@@ -113,7 +115,9 @@ def _agglomerate(limit, q, adj, parent, first, size, s, c, t, h):
         r, changed = _merge(u, v, adj, parent, first, size, s, c, t, h)
         merges += 1
         for w in changed:
-            heapq.heappush(heap, _entry(r, w, adj, first, s, c, h, q))
+            entry = _entry(r, w, adj, first, s, c, h, q)
+            if entry[0] <= limit and entry[0] != np.inf:
+                heapq.heappush(heap, entry)
     return merges
 
 

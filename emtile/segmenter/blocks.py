@@ -288,13 +288,12 @@ def _fragments(job, plan, r0, r1):
         key = kernels.flood(seeds > 0, inside & (seeds == 0), alt, rounds=job.interior_rounds,
                             axes=job.axes, origin=r0, volume_shape=job.shape)
         # unreached interior keeps its component as a fragment
-        labels = np.where(key != kernels.UNSET,
-                          kernels.source_labels(key, seeds, origin=r0, volume_shape=job.shape),
-                          np.where(inside, cells, 0))
+        labels = kernels.source_labels(key, seeds, origin=r0, volume_shape=job.shape,
+                                       fill=np.where(inside, cells, 0))
     key = kernels.flood(inside, ~inside, alt, rounds=job.grow, axes=job.axes, origin=r0,
                         volume_shape=job.shape)
     frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape)
-    source = np.where(key != kernels.UNSET, key & np.int64(kernels.INDEX_LIMIT - 1), -1)
+    source = key & np.int64(kernels.INDEX_LIMIT - 1)  # read where frag > 0 (the key is set)
     return frag, inside, alt, joined, source
 
 
@@ -302,6 +301,8 @@ def run_fragment_blocks(job, block_ids):
     """Pass 2: per block, flood the seeds into fragments over its read box; write the write
     region's provisional fragment ids to ``fragments``. Returns each block's record (face pairs,
     fragment stats, edges; :func:`emtile.segmenter.records.pack`), which the driver stores."""
+    from emtile.segmenter.pixels import stored_ids
+
     plan = SegmentPlan(job.shape, job.block)
     done = _done(job, "done2", block_ids)
     out = []
@@ -323,8 +324,7 @@ def run_fragment_blocks(job, block_ids):
         edges = kernels.adjacent_pairs(frag, alt, source, start=w0, stop=w1, axes=job.axes,
                                        origin=r0, volume_shape=job.shape,
                                        sampling=job.sampling, bins=bins)
-        stored = frag[own].astype(np.uint64)
-        stored[~inside[own]] |= BOUNDARY_BIT
+        stored = stored_ids(frag[own], inside[own], BOUNDARY_BIT)
         _array(job, "fragments")[_sl(start, stop)] = stored
         _faults.point("segment.fragments.written")  # test-only: written, not yet reported
         out.append(records.pack(pairs=pairs, stats=stats, edges=edges))
@@ -334,21 +334,30 @@ def run_fragment_blocks(job, block_ids):
 # --------------------------------------------------------------------------- pass 3: output
 
 
-def map_ids(job, frag):
-    """Output ids of the provisional ids ``frag`` (0 stays 0), read from the stored table: one
-    contiguous read when the ids are dense (a block's and its neighbours'), else the ids found."""
+def map_ids(job, stored, dtype):
+    """Output ids (``dtype``) of the provisional ids ``stored`` as pass 2 stored them
+    (:data:`BOUNDARY_BIT` set on boundary pixels, which ``keep_boundaries`` leaves 0; id 0 stays
+    0), read from the stored table: one contiguous read when the ids are dense (a block's and
+    its neighbours'), else the ids found."""
+    from emtile.segmenter.pixels import id_range, map_stored
+
     table = _open(job)["temp"]["table"]  # not cached: a resumed run rewrites it
-    nz = frag > 0
-    if not nz.any():
-        return np.zeros(frag.shape, np.int64)
-    lo, hi = int(frag[nz].min()), int(frag[nz].max())
-    if hi - lo < 4 * frag.size:
+    out = np.zeros(stored.shape, dtype)
+    lo, hi = id_range(stored, BOUNDARY_BIT)
+    if hi < 0:
+        return out
+    if hi - lo < 4 * stored.size:
         lut = np.asarray(table[lo:hi + 1], np.int64)
-        return np.where(nz, lut[np.where(nz, frag - lo, 0)], 0)
+        map_stored(stored, lut, lo, BOUNDARY_BIT, bool(job.keep_boundaries), out)
+        return out
+    frag = (stored & _ID_MASK).astype(np.int64)
+    if job.keep_boundaries:
+        frag[(stored & BOUNDARY_BIT) != 0] = 0
     ids, inverse = np.unique(frag, return_inverse=True)
     mapped = np.zeros(ids.size, np.int64)
     mapped[ids > 0] = np.asarray(table.get_coordinate_selection(ids[ids > 0]))
-    return mapped[inverse.reshape(frag.shape)]
+    out[...] = mapped[inverse.reshape(frag.shape)]
+    return out
 
 
 def run_write_blocks(job, block_ids):
@@ -366,10 +375,7 @@ def run_write_blocks(job, block_ids):
             continue
         start, stop = plan[i]
         stored = np.asarray(_array(job, "fragments")[_sl(start, stop)])
-        frag = (stored & _ID_MASK).astype(np.int64)
-        if job.keep_boundaries:
-            frag[(stored & BOUNDARY_BIT) != 0] = 0
-        labels = map_ids(job, frag).astype(levels[0].dtype)
+        labels = map_ids(job, stored, levels[0].dtype)
         count = int(np.count_nonzero(labels))
         for k, arr in enumerate(levels):
             if k:

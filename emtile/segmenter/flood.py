@@ -82,26 +82,6 @@ def flood_rounds(key, domain, alt, rounds, shape, axes):
 
 
 @njit(cache=True)
-def take_sources(key, labels, out, origin, shape, volume_shape):
-    """``out[p] = labels[local index of key[p]'s source]`` wherever ``key[p]`` is set (flat
-    C-order arrays of ``shape`` at ``origin`` in a volume of ``volume_shape``)."""
-    unset = np.int64(0x7FFFFFFFFFFFFFFF)
-    mask = (np.int64(1) << COST_SHIFT) - 1
-    plane = volume_shape[1] * volume_shape[2]
-    row = volume_shape[2]
-    for p in range(key.size):
-        k = key[p]
-        if k == unset:
-            continue
-        g = k & mask
-        z = g // plane
-        rest = g - z * plane
-        y = rest // row
-        x = rest - y * row
-        out[p] = labels[((z - origin[0]) * shape[1] + y - origin[1]) * shape[2] + x - origin[2]]
-
-
-@njit(cache=True)
 def keep_supported(key, domain, alt, rounds, shape, axes):
     """Unset every domain pixel whose key is not carried by a chain of neighbours back to a
     seed in the final state: ``key[q] == key[p] + step(q)`` along the chain (in place).

@@ -200,12 +200,11 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
     if not 0 <= rounds <= MAX_ROUNDS:
         raise EmtileError(f"rounds={rounds} must be between 0 and {MAX_ROUNDS}")
     from emtile.segmenter.flood import flood_rounds, keep_supported
+    from emtile.segmenter.pixels import init_keys
 
     shape = seeds.shape
-    key = np.full(shape, UNSET, np.int64)
-    index = _global_index(shape, origin, volume_shape)
-    key[seeds] = index[seeds]
-    del index
+    key = init_keys(np.asarray(seeds, bool), np.array(origin, np.int64),
+                    np.array(volume_shape, np.int64))
     if not seeds.any() or not domain.any():
         return key
     flat = key.reshape(-1)
@@ -215,13 +214,6 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
     if flood_rounds(flat, *args) == rounds:  # still moving at the limit: keep only keys that
         keep_supported(flat, *args)          # a chain of final keys carries back to a seed
     return key
-
-
-def _global_index(shape, origin, volume_shape):
-    """Global C-order linear index of every pixel of a box at ``origin`` (int64)."""
-    z, y, x = (np.arange(o, o + n, dtype=np.int64) for o, n in zip(origin, shape))
-    _, Y, X = volume_shape
-    return (z[:, None, None] * Y + y[None, :, None]) * X + x[None, None, :]
 
 
 def source_labels(key, labels, *, origin, volume_shape, fill=0):
@@ -234,13 +226,11 @@ def source_labels(key, labels, *, origin, volume_shape, fill=0):
     -------
     ndarray of int64, shape of ``key``
     """
-    from emtile.segmenter.flood import take_sources
+    from emtile.segmenter.pixels import labels_at_sources
 
-    out = np.full(key.shape, fill, np.int64)
-    take_sources(key.reshape(-1), np.ascontiguousarray(labels, np.int64).reshape(-1),
-                 out.reshape(-1), np.array(origin, np.int64), np.array(key.shape, np.int64),
-                 np.array(volume_shape, np.int64))
-    return out
+    fill = np.broadcast_to(np.asarray(fill, np.int64), key.shape)
+    return labels_at_sources(key, np.asarray(labels, np.int64), fill,
+                             np.array(origin, np.int64), np.array(volume_shape, np.int64))
 
 
 def face_pairs(labels, *, start, stop, axes):
@@ -288,7 +278,7 @@ def adjacent_pairs(frag, alt, source, *, start, stop, axes, origin, volume_shape
     alt : ndarray of uint8, shape (Z, Y, X)
     source : ndarray of int64, shape (Z, Y, X)
         Global index of the pixel each pixel's label came from (the boundary flood's source;
-        itself for interior pixels).
+        itself for interior pixels); read only where ``frag`` is nonzero.
     bins : ndarray of int64, shape (256,), optional
         The histogram bin of each altitude level, -1 for none (:func:`altitude_bins`): the
         evidence pixels are also counted per bin, in ``n_bins`` more columns.
@@ -303,62 +293,43 @@ def adjacent_pairs(frag, alt, source, *, start, stop, axes, origin, volume_shape
         ``altitude_sum / pixels / 255``; ``contact`` counts all touching pairs; the histogram
         counts the evidence pixels per altitude bin.
     """
+    from emtile.segmenter.pixels import edge_sums
+
     n_bins = 0 if bins is None else int(n_bins)
-    us, vs, ws, ns = [], [], [], []
-    hs = [[] for _ in range(n_bins)]
-    index = _global_index(frag.shape, origin, volume_shape)
-    for ax in axes:
-        end = min(stop[ax] + 1, frag.shape[ax])
-        lo = [slice(a, b) for a, b in zip(start, stop)]
-        hi = list(lo)
-        lo[ax] = slice(start[ax], end - 1)
-        hi[ax] = slice(start[ax] + 1, end)
-        lo, hi = tuple(lo), tuple(hi)
-        a, b = frag[lo].ravel(), frag[hi].ravel()
-        keep = (a != b) & (a > 0) & (b > 0)
-        if not keep.any():
-            continue
-        a, b = a[keep], b[keep]
-        w = alt[lo].ravel()[keep].astype(np.int64) + alt[hi].ravel()[keep]
-        va = _vector(source[lo].ravel()[keep], index[lo].ravel()[keep], volume_shape)
-        vb = _vector(source[hi].ravel()[keep], index[hi].ravel()[keep], volume_shape)
-        dot = sum(s * s * x * y for s, x, y in zip(sampling, va, vb))
-        still = np.all([v == 0 for v in va + vb], axis=0)
-        evidence = (dot < 0) | still
-        us.append(np.minimum(a, b))
-        vs.append(np.maximum(a, b))
-        ws.append(np.where(evidence, w, 0))
-        ns.append(2 * evidence.astype(np.int64))
-        if n_bins:
-            ba = np.where(evidence, bins[alt[lo].ravel()[keep]], -1)
-            bb = np.where(evidence, bins[alt[hi].ravel()[keep]], -1)
-            for k in range(n_bins):
-                hs[k].append((ba == k).astype(np.int64) + (bb == k))
-    if not us:
-        return np.zeros((0, 5 + n_bins), np.int64)
-    n = np.concatenate(ns)
-    return sum_edges(np.concatenate(us), np.concatenate(vs), np.concatenate(ws), n,
-                     np.ones(n.size, np.int64), *(np.concatenate(h) for h in hs))
+    bins = np.full(256, -1, np.int64) if bins is None else np.asarray(bins, np.int64)
 
-
-def _vector(source, index, volume_shape):
-    """Per pixel, the vector (dz, dy, dx) from the pixel to its source (both global indices)."""
-    a = np.unravel_index(source, volume_shape)
-    b = np.unravel_index(index, volume_shape)
-    return tuple(x.astype(np.int64) - y for x, y in zip(a, b))
+    rows = edge_sums(frag, alt, source, np.array(start, np.int64), np.array(stop, np.int64),
+                     np.array([ax in axes for ax in range(3)]), np.array(origin, np.int64),
+                     np.array(volume_shape, np.int64), np.array(sampling, np.float64), bins,
+                     n_bins)
+    return _by_pair(rows)
 
 
 def sum_edges(u, v, *values):
     """Sum each of ``values`` over repeated ``(u, v)`` pairs -> (k, 2 + len(values)) int64,
     sorted by ``(u, v)``."""
-    u, v = np.asarray(u, np.int64), np.asarray(v, np.int64)
+    from emtile.segmenter.pixels import group_sums
+
+    u, v = np.asarray(u, np.int64).reshape(-1), np.asarray(v, np.int64).reshape(-1)
     if u.size == 0:
         return np.zeros((0, 2 + len(values)), np.int64)
-    order = np.lexsort((v, u))
-    u, v = u[order], v[order]
-    first = np.flatnonzero(np.r_[True, (u[1:] != u[:-1]) | (v[1:] != v[:-1])])
-    sums = [np.add.reduceat(np.asarray(x, np.int64)[order], first) for x in values]
-    return np.stack([u[first], v[first], *sums], axis=1)
+    columns = np.empty((u.size, len(values)), np.int64)
+    for k, x in enumerate(values):
+        columns[:, k] = x
+    return _by_pair(group_sums(u, v, columns))
+
+
+def _by_pair(rows):
+    """Rows with distinct ``(u, v)`` in their first two columns, sorted by them: one sort of
+    ``u * span + v`` when that fits in int64 (ids of a block or a group of blocks), else two."""
+    if len(rows) < 2:
+        return rows
+    u, v = rows[:, 0], rows[:, 1]
+    lo = int(min(u.min(), v.min()))
+    span = int(max(u.max(), v.max())) - lo + 1
+    if span < 2**31:
+        return rows[np.argsort((u - lo) * span + (v - lo))]
+    return rows[np.lexsort((v, u))]
 
 
 def fragment_stats(frag, inside, *, origin, volume_shape):
@@ -369,25 +340,9 @@ def fragment_stats(frag, inside, *, origin, volume_shape):
     first global index (C order) is the smallest over all the fragment's pixels in this region:
     the block's C order is the volume's.
     """
-    flat = frag.ravel()
-    pos = np.flatnonzero(flat > 0)
-    if pos.size == 0:
-        return np.zeros((0, 3), np.int64)
-    ids = flat[pos]
-    lo = int(ids.min())
-    span = int(ids.max()) - lo + 1
-    if span <= 4 * flat.size:  # ids are dense here (a block's and its neighbours'): no sort
-        first = np.full(span, -1, np.int64)
-        first[ids[::-1] - lo] = pos[::-1]  # the last write, the smallest position, wins
-        counts = np.bincount(flat[inside.ravel() & (flat > 0)] - lo, minlength=span)
-        keep = np.flatnonzero(first >= 0)
-        ids, first, counts = keep + lo, first[keep], counts[keep]
-    else:
-        ids, at = np.unique(ids, return_index=True)
-        first = pos[at]
-        counts = np.bincount(np.searchsorted(ids, flat[inside.ravel() & (flat > 0)]),
-                             minlength=ids.size)
-    zyx = np.unravel_index(first, frag.shape)
-    _, Y, X = volume_shape
-    index = ((zyx[0] + origin[0]) * Y + zyx[1] + origin[1]) * X + zyx[2] + origin[2]
-    return np.stack([ids, counts.astype(np.int64), index.astype(np.int64)], axis=1)
+    from emtile.segmenter.pixels import fragment_table
+
+    rows = fragment_table(frag, np.asarray(inside, bool), np.array(origin, np.int64),
+                          np.array(volume_shape, np.int64))
+    rows = rows[rows[:, 2] >= 0]
+    return rows[np.argsort(rows[:, 0], kind="stable")]
