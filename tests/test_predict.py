@@ -730,3 +730,27 @@ def test_bad_levels(tmp_path):
         predict(net, rand_volume((300, 300)), tmp_path / "p.zarr", tile=68, levels=4,
                 chunk_size=28)
     assert not (tmp_path / "p.zarr").exists()
+
+
+def test_cpu_reads_between_forward_passes_when_torch_uses_every_core(tmp_path, monkeypatch):
+    """A reader thread only preempts torch's threads when they already use every core: then the
+    tiles are read between forward passes; with a core left free, a reader thread reads ahead.
+    Either way the bytes are the same."""
+    import emtile.predictor as predictor
+
+    started = []
+    ahead = predictor._read_ahead
+    monkeypatch.setattr(predictor, "_read_ahead",
+                        lambda items, **kw: started.append(1) or ahead(items, **kw))
+    monkeypatch.setattr(predictor.os, "sched_getaffinity", lambda pid: {0, 1})  # two cores
+    net = make_net(2)
+    vol = write_input(tmp_path / "in.zarr", (rand_volume((2, 131, 97)) * 255).astype(np.uint8))
+    outputs = []
+    for threads, reader in ((2, False), (1, True)):
+        started.clear()
+        out = tmp_path / f"pred-{threads}.zarr"
+        predict(net, vol, out, tile=68, threads=threads, device="cpu", progress=False,
+                max_block_px=4000, chunk_size=56)
+        assert bool(started) == reader, threads
+        outputs.append(emtile.open_volume(out)[:])
+    assert np.abs(outputs[0].astype(int) - outputs[1].astype(int)).max() <= 1  # threads differ
