@@ -15,8 +15,8 @@ scripts. ``emtile bench`` is the command line.
 """
 
 import resource
-import sys
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
