@@ -19,6 +19,13 @@ truth interior, truth membrane left out, predicted 0-pixels inside truth cells c
 and the adapted Rand error with CREMI's conventions (scikit-image's ``variation_of_information``
 and ``adapted_rand_error`` on the truth-interior pixels only), per slice, averaged.
 
+``--oracle`` separates the agglomeration's error from the map's: the defaults' fragments (before
+any merge) merged by the truth (each fragment joins the truth cell it overlaps most), scored; and
+the faces between fragments of at least 300 px, measured by the median boundary probability of
+their contacts: how many lie within a cell and how many between cells, the ROC AUC of the median
+for telling them apart, and how many faces between cells a merge threshold that joins half the
+faces within cells would also join.
+
 ``invariance`` segments the prediction with blocks of 128, 256, 512 and 1024 px and compares each
 to the single-block run (the whole volume as one block): identical or not, adapted Rand error and
 VOI between the two (0 when identical). ``--side 2048`` mirrors the prediction to 2048 x 2048
@@ -188,9 +195,76 @@ def quality(a):
             rows.append({"settings": r.settings, **s})
             print(f"segment {json.dumps(kw) if kw else '(defaults)'}: " + fmt(s)
                   + f"  V-Rand {s['v_rand'] - base['v_rand']:+.4f} vs thresholded")
+        out = {"thresholded": base, "segment": rows}
+        if a.oracle:
+            out["oracle"] = oracle(pred_path, tmp, (z0, z1), p, t)
         if a.json:
-            Path(a.json).write_text(json.dumps({"thresholded": base, "segment": rows}, indent=2,
-                                               default=float))
+            Path(a.json).write_text(json.dumps(out, indent=2, default=float))
+
+
+def oracle(pred_path, tmp, slices, p, t, *, min_px=300):
+    """How much of the error is the agglomeration's, and how much the map's.
+
+    The fragments are the defaults' before any merge (cc at the default threshold, no
+    ``min_size``). Each is given the truth cell it overlaps most, and fragments given one cell
+    are merged: no agglomeration of these fragments can score higher. Then each face between two
+    fragments whose smaller side has at least ``min_px`` pixels is measured by the median, over
+    its contacts (4-neighbour pixel pairs of the two fragments), of the higher boundary
+    probability of the pair, and labelled by the truth (same cell or not); the ROC AUC of that
+    measure says how well any threshold on it can tell the merges to make from those to avoid.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    import emtile
+    from emtile.metrics import truth_segments
+    from emtile.segmenter import DEFAULTS
+
+    emtile.segment(pred_path, tmp / "fragments.zarr", method="cc", min_size=0,
+                   threshold=DEFAULTS["threshold"], overwrite=True, progress=False)
+    frag = read(tmp / "fragments.zarr")[slice(*slices)]
+    q = 1 - (p.astype(np.float64) / (255 if p.dtype == np.uint8 else 1))
+    merged, medians, same = np.zeros_like(frag, dtype=np.int64), [], []
+    for z in range(len(t)):
+        f, ts = frag[z].astype(np.int64), truth_segments(t[z])
+        inside = (f > 0) & (ts > 0)
+        n = int(f.max()) + 1
+        overlap = np.bincount(f[inside] * (ts.max() + 1) + ts[inside],
+                              minlength=n * (ts.max() + 1)).reshape(n, -1)
+        cell = np.where(overlap.max(1) > 0, overlap.argmax(1), 0)
+        cell = np.where(cell > 0, cell, np.arange(n) + ts.max() + 1)  # no overlap: its own
+        cell[0] = 0
+        merged[z] = cell[f]
+        sizes = np.bincount(f.ravel(), minlength=n)
+        u, v, e = [], [], []
+        for x, y, qx, qy in ((f[:, :-1], f[:, 1:], q[z][:, :-1], q[z][:, 1:]),
+                             (f[:-1], f[1:], q[z][:-1], q[z][1:])):
+            d = (x != y) & (x > 0) & (y > 0)
+            u.append(np.minimum(x[d], y[d]))
+            v.append(np.maximum(x[d], y[d]))
+            e.append(np.maximum(qx[d], qy[d]))
+        u, v, e = np.concatenate(u), np.concatenate(v), np.concatenate(e)
+        order = np.lexsort((e, v, u))
+        key = (u * n + v)[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        counts = np.diff(np.r_[starts, key.size])
+        fu, fv = u[order][starts], v[order][starts]
+        keep = np.minimum(sizes[fu], sizes[fv]) >= min_px
+        medians.append(e[order][starts + (counts - 1) // 2][keep])  # lower median
+        same.append((cell[fu] == cell[fv])[keep])
+    medians, same = np.concatenate(medians), np.concatenate(same)
+    s = segmentation_scores(merged, t)
+    auc = float(roc_auc_score(same, -medians)) if 0 < same.sum() < same.size else float("nan")
+    half = float(np.median(medians[same])) if same.any() else float("nan")
+    out = {"v_rand_oracle": s["v_rand"], "faces_same": int(same.sum()),
+           "faces_different": int((~same).sum()), "auc_median": auc,
+           "half_same_at": half, "different_merged_at_half": int((~same & (medians <= half)).sum())}
+    print(f"oracle: the defaults' fragments merged by the truth: V-Rand {s['v_rand']:.4f} "
+          f"(what a perfect agglomeration of them would score)")
+    print(f"faces of >= {min_px}-px fragments: {out['faces_same']} within a cell, "
+          f"{out['faces_different']} between cells; ROC AUC of the face median {auc:.3f}; merging "
+          f"faces up to {half:.3f} joins half of the first and {out['different_merged_at_half']} "
+          f"of the second")
+    return out
 
 
 def fmt(s):
@@ -496,6 +570,9 @@ def main(argv=None):
                    default=(25, 30), help="slices scored, start:stop")
     q.add_argument("--grid", action="store_true", help="also a small grid of settings")
     q.add_argument("--json", help="write the scores here")
+    q.add_argument("--oracle", action="store_true",
+                   help="also the score of the fragments merged by the truth, and how well the "
+                        "map's faces tell merges apart")
     i = sub.add_parser("invariance", parents=[common], help="blocks against one block")
     i.add_argument("--side", type=int, default=None, help="mirror slices to side x side first")
     m = sub.add_parser("memory", parents=[common], help="peak RSS against volume size")

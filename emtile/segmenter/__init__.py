@@ -106,7 +106,10 @@ merge of two large cells, so the threshold and the merge threshold stay model de
 bench's grid shows them; on the same models' test-time-augmented maps these defaults lose to the
 best threshold on two of three (0.9718, 0.9684, 0.9789 against 0.9731, 0.9704, 0.9778).
 Smoothing the map (Gaussian, sigma 1-2) before thresholding and the flood did not help on these
-maps.
+maps. The limit is the map's (``bench_segment.py quality --oracle``): the default fragments
+merged by the truth would score 0.983-0.987 on all three, but the faces that should merge and
+those that should not overlap in boundary probability (membranes the model missed look like
+interior), so no merge threshold separates them on every model.
 
 Floats: probabilities stored as floats are turned into uint8 altitudes (nearest 1/255) before
 anything is compared, so no sum depends on the order of additions.

@@ -1,0 +1,43 @@
+"""``examples/bench_segment.py``'s oracle: what it counts on a hand-built map whose answer is known
+(no timing: benchmarks are never timed tests)."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "examples" / "bench_segment.py"
+    spec = importlib.util.spec_from_file_location("bench_segment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("faint, auc, merged", [(0.0, 1.0, 0), (0.6, 0.5, 1)])
+def test_oracle_merges_a_false_split_and_counts_the_faces(bench, tmp_path, faint, auc, merged):
+    # truth: two cells, left and right of a membrane in columns 31-32
+    truth = np.full((1, 64, 64), 255, np.uint8)
+    truth[0, :, 31:33] = 0
+    # the map: the true membrane at p = 0 (at p = faint below row 32: a membrane the model
+    # half missed), and a false membrane (p = 0.5) across the left cell at row 32, so the left
+    # cell is two fragments at the default threshold (0.85)
+    p = np.ones((1, 64, 64), np.float32)
+    p[0, :, 31:33] = 0.0
+    p[0, 33:, 31:33] = faint
+    p[0, 32, :31] = 0.5
+    path = bench.write_probabilities(tmp_path / "p.zarr", np.round(p * 255).astype(np.uint8))
+
+    out = bench.oracle(path, tmp_path, (0, 1), bench.read(path), truth)
+
+    # the two halves of the left cell joined by the truth: a perfect score
+    assert out["v_rand_oracle"] == pytest.approx(1.0)
+    # one face inside the left cell, one between each half and the right cell
+    assert (out["faces_same"], out["faces_different"]) == (1, 2)
+    # the false membrane's face (boundary 0.5) against the true one's (1.0, or 0.4 where faint)
+    assert out["auc_median"] == pytest.approx(auc)
+    assert out["half_same_at"] == pytest.approx(0.5, abs=1 / 255)
+    assert out["different_merged_at_half"] == merged
