@@ -47,6 +47,7 @@ Named points (counts are per process):
 import errno
 import os
 import signal
+import threading
 
 ENV = "_EMTILE_FAULTS"
 ACTIONS = ("kill", "stop", "enospc", "eacces", "eio")
@@ -97,7 +98,10 @@ def _reach(name):
         if action == "kill" and n == count:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "stop" and n == count:
-            os.kill(os.getpid(), signal.SIGSTOP)
+            # to this thread, not the process: a process-directed SIGSTOP is taken by the main
+            # thread, and the thread that sent it runs on until the main thread is scheduled to
+            # stop the group (under load, long enough to write and record another block)
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
         elif action in _ERRNO and n >= count:
             code = _ERRNO[action]
             raise OSError(code, f"{os.strerror(code)} (injected at {name} #{n})")
