@@ -172,8 +172,11 @@ def quality(a):
         tmp = Path(tmp)
         pred_path = prediction(a, tmp)
         z0, z1 = a.slices
-        t = truth(a)[z0:z1]
-        p = read(pred_path)[z0:z1]
+        full, whole = truth(a), read(pred_path)
+        if whole.shape != full.shape:
+            sys.exit(f"the prediction {pred_path} has shape {whole.shape}, the ISBI labels "
+                     f"{full.shape}: give a prediction of the whole training stack (or --model)")
+        t, p = full[z0:z1], whole[z0:z1]
         base = thresholded_scores(p, t)
         print(f"prediction {pred_path}, slices {z0}:{z1}")
         print(f"thresholded (best of 0.0..1.0 at {base['threshold']:g}): " + fmt(base))
