@@ -210,7 +210,8 @@ def oracle(pred_path, tmp, slices, p, t, *, min_px=300):
 
     The fragments are the defaults' before any merge (cc at the default threshold, no
     ``min_size``). Each is given the truth cell it overlaps most, and fragments given one cell
-    are merged: no agglomeration of these fragments can score higher. Then each face between two
+    are merged: about the best an agglomeration of these fragments could score (this one may
+    also join fragments of a cell that do not touch). Then each face between two
     fragments whose smaller side has at least ``min_px`` pixels is measured by the median, over
     its contacts (4-neighbour pixel pairs of the two fragments), of the higher boundary
     probability of the pair, and labelled by the truth (same cell or not); the ROC AUC of that
@@ -233,8 +234,8 @@ def oracle(pred_path, tmp, slices, p, t, *, min_px=300):
         n = int(f.max()) + 1
         overlap = np.bincount(f[inside] * (ts.max() + 1) + ts[inside],
                               minlength=n * (ts.max() + 1)).reshape(n, -1)
-        cell = np.where(overlap.max(1) > 0, overlap.argmax(1), 0)
-        cell = np.where(cell > 0, cell, np.arange(n) + ts.max() + 1)  # no overlap: its own
+        cell = overlap.argmax(1)  # 0 only where a fragment overlaps no truth cell: its own
+        cell = np.where(cell > 0, cell, np.arange(n) + ts.max() + 1)
         cell[0] = 0
         merged[z] = cell[f]
         sizes = np.bincount(f.ravel(), minlength=n)
