@@ -41,3 +41,12 @@ def test_oracle_merges_a_false_split_and_counts_the_faces(bench, tmp_path, faint
     assert out["auc_median"] == pytest.approx(auc)
     assert out["half_same_at"] == pytest.approx(0.5, abs=1 / 255)
     assert out["different_merged_at_half"] == merged
+
+
+def test_quality_refuses_a_prediction_that_is_not_the_whole_stack(bench, tmp_path, isbi_dir):
+    path = bench.write_probabilities(tmp_path / "five.zarr", np.zeros((5, 512, 512), np.uint8))
+    with pytest.raises(SystemExit) as e:
+        bench.main(["quality", "--pred", path, "--data", str(isbi_dir), "--workdir", str(tmp_path)])
+    assert str(e.value) == (f"the prediction {path} has shape (5, 512, 512), the ISBI labels "
+                            f"(30, 512, 512): give a prediction of the whole training stack (or "
+                            f"--model)")
