@@ -30,3 +30,15 @@ def _worker_message(text, cls):
     name = re.escape(f"{cls.__module__}.{cls.__qualname__}")
     found = re.findall(rf"^(?:{name}|{re.escape(cls.__qualname__)}): (.*)$", text, flags=re.M)
     return found[-1] if found else text
+
+
+def whole_number(name, value, *, least=1):
+    """``int(value)``, or one line naming ``name=`` when ``value`` is not a whole number (a bool
+    is not one) of at least ``least``: the one wording of every such check."""
+    from numbers import Integral
+
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < least:
+        what = {0: "0 or a positive integer", 1: "a positive integer"}.get(
+            least, f"an integer >= {least}")
+        raise EmtileError(f"{name}={value!r} must be {what}")
+    return int(value)

@@ -33,7 +33,7 @@ import uuid
 
 import numpy as np
 
-from emtile._errors import EmtileError
+from emtile._errors import EmtileError, whole_number
 
 __all__ = ["map_blocks", "start_cluster", "create_cluster", "cluster_spec", "gpu_resources",
            "CLUSTERS", "ClusterInfo"]
@@ -122,10 +122,8 @@ def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2,
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(blocks_per_task, int) or blocks_per_task < 1:
-        raise EmtileError(f"blocks_per_task={blocks_per_task!r} must be a positive integer")
-    if not isinstance(retries, int) or retries < 0:
-        raise EmtileError(f"retries={retries!r} must be 0 or a positive integer")
+    whole_number("blocks_per_task", blocks_per_task, least=1)
+    whole_number("retries", retries, least=0)
     bar = tqdm(total=total, unit="block", desc=desc, disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
     link = getattr(client, "dashboard_link", None) if client is not None else None
@@ -248,13 +246,13 @@ def cluster_spec(cluster, *, workers=None, scheduler_file=None):
     """
     if scheduler_file is not None:
         if cluster not in (None, "scheduler-file"):
-            raise EmtileError(f"give either --cluster or --scheduler-file, not both "
-                              f"(--cluster {cluster})")
+            raise EmtileError(f"give either cluster= or scheduler_file=, not both "
+                              f"(cluster={cluster!r})")
         return {"kind": "scheduler-file", "factory": "distributed:Client",
                 "kwargs": {"scheduler_file": str(scheduler_file)}, "scale": None,
                 "resources": None}
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise EmtileError(f"--cluster-workers {workers!r} must be a positive integer")
+    if workers is not None:
+        whole_number("cluster_workers", workers, least=1)
     if isinstance(cluster, str) and cluster.startswith(_ADDRESS_SCHEMES):
         return {"kind": "address", "factory": "distributed:Client",
                 "kwargs": {"address": cluster}, "scale": None, "resources": None}
@@ -277,9 +275,9 @@ def cluster_spec(cluster, *, workers=None, scheduler_file=None):
             kwargs["n_workers"] = workers
         return {"kind": "cuda", "factory": "dask_cuda:LocalCUDACluster", "kwargs": kwargs,
                 "scale": None, "resources": {"GPU": 1}}
-    raise EmtileError(f"--cluster {cluster!r} is not a cluster: choose local, slurm, cuda, or a "
+    raise EmtileError(f"cluster={cluster!r} is not a cluster: choose local, slurm, cuda, or a "
                       f"scheduler address such as tcp://10.0.0.5:8786 (or give "
-                      f"--scheduler-file)")
+                      f"scheduler_file=)")
 
 
 def _has_bokeh():
@@ -301,7 +299,7 @@ def _factory(name):
         return getattr(importlib.import_module(module), attr)
     except ImportError:
         extra = _EXTRAS.get(module, module)
-        raise EmtileError(f"--cluster {extra} needs {module.replace('_', '-')}: "
+        raise EmtileError(f"cluster={extra!r} needs {module.replace('_', '-')}: "
                           f"pip install 'emtile[{extra}]'") from None
 
 
@@ -312,7 +310,7 @@ def create_cluster(cluster, *, workers=None):
     user's Dask config asks SLURM for."""
     spec = cluster_spec(cluster, workers=workers)
     if spec["kind"] in ("address", "scheduler-file"):
-        raise EmtileError(f"--cluster {cluster} is a running cluster: join it with a Client")
+        raise EmtileError(f"cluster={cluster!r} is a running cluster: join it with a Client")
     return _factory(spec["factory"])(**spec["kwargs"])
 
 

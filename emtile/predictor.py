@@ -47,7 +47,6 @@ import json
 import math
 import os
 import queue
-import signal
 import threading
 import time
 import uuid
@@ -59,19 +58,17 @@ import numpy as np
 
 from emtile._errors import EmtileError
 from emtile import _faults, geometry
-from emtile.device import autocast, check_amp, keep_large_allocations, resolve_amp, resolve_device
-from emtile.markers import MARKERS, BlockMarkers
+from emtile.device import autocast, keep_large_allocations, resolve_amp, resolve_device
+from emtile.blockwise import RESUME as _RESUME
+from emtile.markers import MARKERS
 from emtile.normalize import Scaling, apply as normalize_pixels
-from emtile.stitch import BLENDS
+from emtile.settings import DTYPES
 from emtile.volume import WriterThread, input_to_float, open_input
 
 __all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
            "PredictResult", "weights_hash", "DTYPES"]
 
-DTYPES = ("uint8", "float16", "float32")
-AUTO_TILE_MEMORY = 2**30  # activation memory --tile auto may use
 GROUP_BYTES = 64 * 2**20  # input tiles a reader reads at once
-CHUNK_TARGET = 512  # output chunks are the multiple of the tile stride nearest to this
 MEMORY = "memory:"  # prefix of an input, output or model held by this process (not a path)
 
 
@@ -160,12 +157,6 @@ def _as_model(model):
     raise EmtileError(f"model must be an emtile UNet or a model folder, got {type(model).__name__}")
 
 
-def _choice(name, value, allowed):
-    if value not in allowed:
-        shown = ", ".join("None" if a is None else str(a) for a in allowed)
-        raise EmtileError(f"{name}={value!r} is not supported: choose one of {shown}")
-
-
 def weights_hash(net):
     """sha256 of a model's config and weights: what identifies it across processes."""
     h = hashlib.sha256(json.dumps(net.config, sort_keys=True).encode())
@@ -183,7 +174,6 @@ def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, m
     """``(grid, chunks)``; ``tile="auto"`` takes the size computing the fewest pixels, or the
     one ``probe(costs)`` picks from :func:`emtile.geometry.tile_costs`."""
     _check_volume(net, arr)
-    _choice("blend", blend, BLENDS)
     shape = tuple(int(s) for s in arr.shape)
     region = geometry.normalize_roi(roi, shape)
     ramps = blend in ("linear", "cosine")
@@ -823,20 +813,18 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
     return [reports[i] for i in ids]
 
 
-# --------------------------------------------------------------------------- the store
+# --------------------------------------------------------------------------- the stage
 
 
 def _fingerprint(job, array):
-    from emtile.volume import content_token
-
     """Everything that determines the output bytes; a resumed run must match it exactly.
 
     Only for path inputs (an in-memory array is never resumed): its resolved path and
     :func:`emtile.volume.content_token` (sizes and times of every file it reads, so chunks
-    rewritten in place are noticed); the model's config and a hash of its weights; the grid, chunks and
-    blocks; every option that changes the arithmetic (device type, batch size, memory format,
-    compile, AMP, torch version, and on the CPU the torch thread count: torch's CPU kernels can
-    round differently with another number of threads).
+    rewritten in place are noticed); the model's config and a hash of its weights; the grid,
+    chunks and blocks; every option that changes the arithmetic (device type, batch size, memory
+    format, compile, AMP, torch version, and on the CPU the torch thread count: torch's CPU
+    kernels can round differently with another number of threads).
     """
     import torch
 
@@ -859,23 +847,9 @@ def _fingerprint(job, array):
     }
 
 
-def _resumable(group, fingerprint, n_blocks, threshold):
-    """The markers of an interrupted store this run can finish, or None. The markers array is
-    created last, so its presence means the set-up finished."""
-    meta = group.attrs.asdict().get("emtile", {})
-    if meta.get("predict") != json.loads(json.dumps(fingerprint)):
-        return None
-    try:
-        group["0"]
-        if threshold is not None:
-            group["labels/mask/0"]
-    except (KeyError, FileNotFoundError, ValueError, OSError):
-        return None
-    return BlockMarkers.open(group, n_blocks)
-
-
-def _provenance(job):
-    """What made the output, for ``emtile info``: model, input, region, options, mask."""
+def _provenance(job, settings):
+    """What made the output, for ``emtile info``: model, input, region, options, mask, and the
+    settings as given."""
     from emtile import __version__
 
     return {"model": job.model or "(a model in memory)", "input": job.input or "(an array)",
@@ -884,82 +858,91 @@ def _provenance(job):
             "amp": job.amp or "off", "dtype": job.dtype, "threshold": job.threshold,
             "mask": "labels/mask" if job.threshold is not None else None,
             "normalization": list(job.normalize), "device": job.device,
-            "emtile": __version__}
+            "settings": settings.to_json(), "emtile": __version__}
 
 
-def _open_output(job, path, *, overwrite, fingerprint, flush_every):
-    """Create the output store, or re-open an interrupted run's store with the same fingerprint.
-
-    ``fingerprint`` None (an in-memory input) or ``overwrite`` never resumes: the output is
-    replaced. Returns ``(group, markers, resumed)``.
-    """
-    import zarr
-
+def _create_output(job, path, settings):
+    """The output store: probabilities (every level) and, with a threshold, the mask."""
     from emtile import store
 
     output = job.output
-    resume = fingerprint is not None and not overwrite
-    state = store.prepare_output(output, overwrite=overwrite, resume=resume)
-    if state == "resume":
-        group = zarr.open_group(str(output), mode="r+")
-        markers = _resumable(group, fingerprint, len(job.plan()), job.threshold)
-        if markers is not None:
-            markers.flush_every = flush_every
-            return group, markers, True
-        store.prepare_output(output, overwrite=overwrite)  # not this run's, or set-up unfinished
     region_shape = tuple(b - a for a, b in job.region)
     c = job.channels
     shape = ((c,) if c > 1 else ()) + region_shape
     chunks = ((c,) if c > 1 else ()) + job.chunks
     axes = ("c" if c > 1 else "") + ("zyx" if len(region_shape) == 3 else "yx")
     voxel = store.voxel_size(path, len(region_shape))
+    offset = [a for a, _ in job.region]
     group = store.create_image(output, shape, np.dtype(job.dtype), chunks=chunks,
-                               levels=job.levels, halve_chunks=True,
-                               voxel_size=voxel, axes=axes, name="probabilities",
-                               kind="probabilities",
-                               attrs={"predict": fingerprint, "provenance": _provenance(job),
+                               levels=job.levels, halve_chunks=True, voxel_size=voxel, axes=axes,
+                               name="probabilities", kind="probabilities",
+                               attrs={"provenance": _provenance(job, settings),
                                       **store.inherited_voxel_attrs(path, "input")})
-    store.set_translation(group, [a for a, _ in job.region])
+    store.set_translation(group, offset)
     if job.threshold is not None:
-        group.create_group("labels", attributes={"ome": {"version": "0.5", "labels": ["mask"]}})
-        mgroup = store.create_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
-                                    levels=job.levels, halve_chunks=True,
-                                    voxel_size=voxel, axes=axes, name="mask", kind="labels",
-                                    attrs={"threshold": job.threshold})
-        store.set_translation(mgroup, [a for a, _ in job.region])
-        ome = dict(mgroup.attrs["ome"])
-        ome["image-label"] = {"source": {"image": "../../"}}  # NGFF 0.5: the version is ome's
-        mgroup.attrs["ome"] = ome
-    # last: its existence means the set-up finished (see _resumable)
-    markers = BlockMarkers.create(group, len(job.plan()), flush_every=flush_every)
-    return group, markers, False
+        store.create_label_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
+                                 levels=job.levels, voxel_size=voxel, axes=axes, name="mask",
+                                 source="../../", starts=offset, register=True,
+                                 attrs={"threshold": job.threshold})
+    return group
 
 
-# --------------------------------------------------------------------------- the driver
+def _has_arrays(threshold, group):
+    """A resumable store holds its probabilities and, with a threshold, its mask."""
+    try:
+        group["0"]
+        if threshold is not None:
+            group["labels/mask/0"]
+    except (KeyError, FileNotFoundError, ValueError, OSError):
+        return False
+    return True
 
 
-def _setup(model, input, *, tile, batch_size, num_workers, device, amp, blend, overlap, roi,
-           max_tile_memory, max_block_px, chunk_size, probe=None, channels_last=True):
-    """Check the options; return ``(net, array, input path or None, grid, chunks, device,
-    num_workers)``. ``probe``: a dict to fill with the seconds per tile :func:`_probe_tiles`
-    measured when ``tile="auto"`` (None: choose by computed pixels alone)."""
+def _finish(output, threshold, group):
+    if threshold is not None:
+        from emtile import store
+
+        store.mark_complete(_open_group(f"{output}/labels/mask"))
+    return {}
+
+
+class _Seconds:
+    """Keeps the compute + write seconds of each block (for the median reported); full after
+    ``every`` blocks, so the markers are written as often as the pass asks."""
+
+    def __init__(self, seconds, every):
+        self.seconds, self.every, self.n = seconds, every, 0
+
+    def add(self, i, report):
+        self.n += 1
+        if not report.skipped:
+            self.seconds.append(report.compute_s + report.write_s)
+
+    def full(self):
+        return self.n >= self.every
+
+    def flush(self):
+        self.n = 0
+
+
+def _setup(model, input, settings, probe=None):
+    """Check the input against the settings; return ``(net, array, input path or None, grid,
+    chunks, device, num_workers)``. ``probe``: a dict to fill with the seconds per tile
+    :func:`_probe_tiles` measured when ``tile="auto"`` (None: choose by computed pixels alone)."""
+    s = settings
     net = _as_model(model)
     arr, path = open_input(input)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise EmtileError(f"batch_size={batch_size!r} must be a positive integer")
-    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
-        raise EmtileError(f"num_workers={num_workers!r} must be 0 or a positive integer")
-    check_amp(amp)
-    dev = resolve_device(device, net)
+    dev = resolve_device(s.device, net)
+    num_workers = s.num_workers
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1) if dev.type == "cuda" else 0
     if probe is not None:
-        probe = functools.partial(_probe_tiles, net=net, device=dev, amp=resolve_amp(amp, dev),
-                                  batch_size=batch_size, channels_last=channels_last,
+        probe = functools.partial(_probe_tiles, net=net, device=dev, amp=resolve_amp(s.amp, dev),
+                                  batch_size=s.batch_size, channels_last=s.channels_last,
                                   record=probe)
-    grid, chunks = _plan(net, arr, tile=tile, overlap=overlap, roi=roi, blend=blend,
-                         max_tile_memory=max_tile_memory, batch_size=batch_size,
-                         max_block_px=max_block_px, chunk_size=chunk_size, probe=probe)
+    grid, chunks = _plan(net, arr, tile=s.tile, overlap=s.overlap, roi=s.roi, blend=s.blend,
+                         max_tile_memory=s.max_tile_memory, batch_size=s.batch_size,
+                         max_block_px=s.max_block_px, chunk_size=s.chunk_size, probe=probe)
     return net, arr, path, grid, chunks, dev, num_workers
 
 
@@ -997,18 +980,17 @@ def _probe_tiles(costs, *, net, device, amp, batch_size, channels_last, record):
     return min(candidates, key=lambda c: (c[1] * record[c[0]], c[0]))[0]
 
 
-def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block_px, dtype,
-         threshold, tta, amp, blend, batch_size, channels_last, compile, device, threads,
-         levels=1, normalize=Scaling("dtype")):
-    k = net.ndim
+def _job(net, grid, chunks, settings, *, input, output, model, weights, amp, device, threads,
+         normalize):
+    k, s = net.ndim, settings
     return PredictJob(
         input=input, output=output, model=model, weights=weights, depth=net.depth, model_ndim=k,
         channels=net.out_channels, volume_shape=grid.volume_shape, region=grid.region,
         tile=grid.in_tile[grid.ndim - k:],
-        overlap=tuple(geometry.per_axis(overlap, k, "overlap")), blend=blend, chunks=chunks,
-        max_block_px=int(max_block_px), dtype=dtype, threshold=threshold, tta=bool(tta), amp=amp,
-        batch_size=batch_size, channels_last=bool(channels_last), compile=bool(compile),
-        device=str(device), threads=int(threads), levels=levels,
+        overlap=tuple(geometry.per_axis(s.overlap, k, "overlap")), blend=s.blend, chunks=chunks,
+        max_block_px=int(s.max_block_px), dtype=s.dtype, threshold=s.threshold, tta=bool(s.tta),
+        amp=amp, batch_size=s.batch_size, channels_last=bool(s.channels_last),
+        compile=bool(s.compile), device=str(device), threads=int(threads), levels=s.levels,
         normalize=Scaling(*normalize))
 
 
@@ -1021,11 +1003,6 @@ def _scaling(model, net, arr, path, normalize):
     for note in notes:
         warnings.warn(note, InputWarning, stacklevel=3)
     return scaling
-
-
-def _check_threads(threads):
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise EmtileError(f"threads={threads!r} must be a positive integer")
 
 
 @contextlib.contextmanager
@@ -1043,178 +1020,106 @@ def _torch_threads(n):
             torch.set_num_threads(before)
 
 
-def predict(model, input, output, *, tile=572, batch_size=1, num_workers=None, device="auto",
-            amp=None, blend="none", overlap=0, tta=False, roi=None, dtype="uint8", threshold=None,
-            overwrite=False, progress=True, channels_last=True, compile=False,
-            max_tile_memory=AUTO_TILE_MEMORY, max_block_px=2**22, chunk_size=CHUNK_TARGET,
-            threads=None, cluster=None, cluster_workers=None, scheduler_file=None,
-            blocks_per_task=1, retries=2, client=None, levels=1, normalize=None):
-    """Predict a volume tile by tile into an OME-Zarr store of probabilities (and a mask).
+def predict_stage(model, input, output, settings, runner, *, overwrite=False):
+    """The :class:`emtile.blockwise.Stage` of a prediction, checked and planned, and what
+    :func:`predict` reports: ``(stage, info)``."""
+    from emtile import store
+    from emtile.blockwise import Pass, Stage
 
-    Parameters
-    ----------
-    model : UNet or path
-        A model, or a model folder written by :func:`emtile.save_model` (needed for a cluster:
-        workers load it themselves).
-    input : path or array-like, shape (Z, Y, X) or (Y, X)
-        Anything :func:`emtile.open_volume` opens, or an array (this process only). A 2-D model
-        runs slice by slice.
-    output : path
-        The new store. Probabilities at ``"0"``, shape the region's (``(C, ...)`` for ``C > 1``
-        output channels); the mask at ``labels/mask``.
-    tile : int, tuple or "auto"
-        Valid input tile size (572 at depth 4 gives 388-px outputs, stride 384). ``"auto"`` picks
-        the valid size computing the fewest pixels for this volume whose forward pass fits in
-        ``max_tile_memory`` bytes.
-    batch_size : int
-        Tiles per forward pass (1 was fastest per tile on a 2-core CPU).
-    num_workers : int, optional
-        DataLoader worker processes reading tiles in a run in this process (default: 0 on CPU,
-        which reads them in this process, measured faster than a reader process on 2 cores; up
-        to 4 on CUDA).
-    device : {"auto", "cpu", "cuda", "cuda:N"}
-    amp : {None, "off", "auto", "bf16", "fp16"}
-        Mixed precision (autocast) for the forward pass (see :func:`emtile.device.resolve_amp`);
-        None and ``"off"``: float32.
-    blend : {"none", "linear", "cosine", "gaussian"}
-        How overlapping outputs are weighted when ``overlap > 0``. With ``overlap=0`` every output
-        pixel comes from exactly one tile (valid-convolution tiling is exact).
-    overlap : int
-        Minimum output overlap between neighbouring tiles, in pixels.
-    tta : bool
-        Average the probabilities over the 8 flips / transposes of each tile.
-    roi : tuple of slices, optional
-        Region ``(z0:z1, y0:y1, x0:x1)`` to predict; context outside it is read from the volume.
-        The result equals the same region of a whole-volume prediction.
-    dtype : {"uint8", "float16", "float32"}
-        Probability storage: uint8 stores ``round(255 p)``.
-    threshold : float, optional
-        Also write ``labels/mask`` (uint8, 1 where ``p > threshold``: the rule of every emtile
-        command).
-    overwrite : bool
-        Replace an existing output, and never resume an interrupted one (without it, an
-        interrupted run's output is resumed when everything matches, else replaced).
-    progress : bool
-        Show a progress bar (tiles/s, ETA; blocks and voxels/s on a cluster).
-    channels_last : bool
-        Run convolutions in channels_last memory format (faster on CPU and on CUDA with AMP).
-    compile : bool
-        ``torch.compile`` the model (with freezing): faster at small widths, 10-20 s to compile.
-    max_tile_memory : int
-        Activation memory in bytes that ``tile="auto"`` may use.
-    max_block_px : int
-        Output pixels per block (the unit of work, writing and resumption).
-    chunk_size : int
-        Target output chunk edge along the model axes (rounded to a multiple of the tile stride).
-    threads : int, optional
-        Torch threads per process on the CPU. Default: this process's setting for a local run;
-        cores / workers on a local cluster; 1 on other clusters (start their workers with one
-        thread each, ``--nthreads 1``). Part of what a resumed run must match: torch's CPU
-        kernels may round differently with another thread count.
-    cluster : str, optional
-        Run the blocks on Dask: ``"local"`` (``cluster_workers`` processes on this machine),
-        ``"tcp://host:port"`` (a running scheduler), ``"slurm"`` (dask-jobqueue) or ``"cuda"``
-        (dask-cuda). See :func:`emtile.distributed.start_cluster`.
-    cluster_workers : int, optional
-        Workers of a local / cuda cluster, or SLURM jobs.
-    scheduler_file : path, optional
-        The scheduler file of a running cluster (instead of ``cluster``).
-    blocks_per_task : int
-        Blocks per Dask task.
-    retries : int
-        Extra tries of a failed Dask task.
-    client : distributed.Client, optional
-        An existing client to run on (instead of ``cluster``).
-    levels : int
-        Resolution levels (an OME-Zarr pyramid for viewers of large volumes): level ``k`` halves
-        y and x ``k`` times, probabilities by the 2×2 mean, the mask by the top-left sample.
-        Every level of a block is written by the task that computed the block: no second pass.
-    normalize : str or emtile.normalize.Scaling, optional
-        How raw pixels become the model's input. None: the rule the model folder records
-        (``metadata.json``; ``dtype`` when it records none), computed on the whole input volume
-        (:func:`emtile.normalize.statistics`), with a one-line warning when the input's
-        intensities or voxel size are far from the training data's.
-
-    Returns
-    -------
-    PredictResult
-    """
-    t0 = time.perf_counter()
-    _choice("dtype", dtype, DTYPES)
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
-        raise EmtileError(f"threshold={threshold!r} must be a number between 0 and 1")
-    _check_threads(threads)
-    distributed = cluster is not None or scheduler_file is not None or client is not None
-    spec = None
-    if distributed:
-        from emtile.distributed import cluster_spec
-
-        if client is None:
-            spec = cluster_spec(cluster, workers=cluster_workers, scheduler_file=scheduler_file)
+    s = settings
+    if runner.distributed:
         if not isinstance(model, (str, os.PathLike)):
             raise EmtileError("a cluster run needs the model as a model folder (workers load it "
                               "themselves): save it with emtile.save_model and pass its path")
         if not isinstance(input, (str, os.PathLike)):
             raise EmtileError("a cluster run needs the input as a path (workers open it "
                               "themselves), not an array")
-        if not isinstance(blocks_per_task, int) or blocks_per_task < 1:
-            raise EmtileError(f"blocks_per_task={blocks_per_task!r} must be a positive integer")
+    tile = s.tile
     if tile == "auto" and not overwrite:
         tile = _resumed_tile(output) or tile  # the interrupted run's choice, not a new probe
     probe = {}
     net, arr, path, grid, chunks, dev, num_workers = _setup(
-        model, input, tile=tile, batch_size=batch_size, num_workers=num_workers, device=device,
-        amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
-        max_block_px=max_block_px, chunk_size=chunk_size, probe=probe,
-        channels_last=channels_last)
-    amp = resolve_amp(amp, dev)
-    from emtile import store
-
+        model, input, replace(s, tile=tile), probe=probe)
     store.check_output(output, inputs=[path] if path is not None else [])
-    _check_levels(levels, grid, chunks)
-    scaling = _scaling(model, net, arr, path, normalize)
-    threads = _default_threads(threads, dev, distributed, spec)
-    job = _job(net, grid, chunks, input=path or "", output=str(output),
+    _check_levels(s.levels, grid, chunks)
+    scaling = _scaling(model, net, arr, path, s.normalize)
+    threads = _default_threads(s.threads, dev, runner)
+    job = _job(net, grid, chunks, s, input=path or "", output=str(output),
                model=str(model) if isinstance(model, (str, os.PathLike)) else "",
-               weights=weights_hash(net), overlap=overlap, max_block_px=max_block_px,
-               dtype=dtype, threshold=threshold, tta=tta, amp=amp, blend=blend,
-               batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
-               threads=threads, levels=levels, normalize=scaling)
-    fingerprint = None if path is None else _fingerprint(job, arr)
+               weights=weights_hash(net), amp=resolve_amp(s.amp, dev), device=dev,
+               threads=threads, normalize=scaling)
     plan = job.plan()
-    with store.output_lock(output):
-        with store.write_errors(output, then=_RESUME):
-            group, markers, resumed = _open_output(job, path, overwrite=overwrite,
-                                                   fingerprint=fingerprint,
-                                                   flush_every=0.5 if distributed else 0.0)
-        todo = np.flatnonzero(~markers.done())
-        where, seconds = "", []
-        if distributed:
-            where = _run_on_cluster(job, todo, markers, seconds, client=client, cluster=cluster,
-                                    cluster_workers=cluster_workers,
-                                    scheduler_file=scheduler_file,
-                                    blocks_per_task=blocks_per_task, retries=retries,
-                                    progress=progress)
-        else:
-            _run_here(job, net, arr, todo, markers, seconds, readers=num_workers,
-                      progress=progress)
-        with store.write_errors(output, then=_RESUME):
-            markers.flush()
-            missing = np.flatnonzero(~markers.done())
-            if missing.size:  # every block was run: a bug, never a user error
-                raise RuntimeError(f"internal error: {missing.size} of {len(plan)} blocks of "
-                                   f"{output} were not recorded (first: {int(missing[0])}); the "
-                                   f"output is left incomplete")
-            if threshold is not None:
-                store.mark_complete(_open_group(f"{output}/labels/mask"))
-            store.mark_complete(group)
+    seconds = []
+    every = 64 if runner.distributed else 1  # here, every block's marker is written at once
+    one = Pass(name="predict", fn=run_blocks, job=job, plan=plan,
+               describe=functools.partial(_describe, job, plan), point="predict.block_recorded",
+               keep=lambda group: _Seconds(seconds, every),
+               here=functools.partial(_run_here, job, net, arr, readers=num_workers),
+               gpu=job.device.startswith("cuda"), flush_blocks=every, flush_seconds=0.5)
+    stage = Stage(name="predict", output=str(output), inputs=(path,),
+                  fingerprint=None if path is None else _fingerprint(job, arr),
+                  create=functools.partial(_create_output, job, path, s), passes=(one,),
+                  resumable=functools.partial(_has_arrays, job.threshold),
+                  finish=functools.partial(_finish, str(output), job.threshold))
+    info = {"grid": grid, "plan": plan, "device": dev, "threads": threads, "probe": probe,
+            "seconds": seconds}
+    return stage, info
+
+
+def _describe(job, plan, i):
+    return job.describe(i, plan)
+
+
+def predict(model, input, output, settings=None, runner=None, *, overwrite=False, progress=True,
+            **overrides):
+    """Predict a volume tile by tile into an OME-Zarr store of probabilities (and a mask).
+
+    Parameters
+    ----------
+    model : UNet or path
+        A model, a model folder written by :func:`emtile.save_model`, a training run folder or a
+        bioimage.io package (a cluster needs a path: workers load it themselves).
+    input : path or array-like, shape (Z, Y, X) or (Y, X)
+        Anything :func:`emtile.open_volume` opens, or an array (this process only). A 2-D model
+        runs slice by slice.
+    output : path
+        The new store. Probabilities at ``"0"``, shape the region's (``(C, ...)`` for ``C > 1``
+        output channels); the mask at ``labels/mask``.
+    settings : PredictSettings, optional
+        Tile size, precision, storage and every other choice (:class:`emtile.settings.
+        PredictSettings`; its defaults when None).
+    runner : emtile.blockwise.Runner, optional
+        Where the blocks run: here (None), or on a Dask cluster.
+    overwrite : bool
+        Replace an existing output, and never resume an interrupted one (without it, an
+        interrupted run's output is resumed when everything matches, else replaced).
+    progress : bool
+        Show a progress bar (tiles/s here; blocks and voxels/s on a cluster).
+    **overrides
+        Fields of the settings or the runner by name (``tile=388``, ``threshold=0.5``,
+        ``cluster="local"``, ``client=client``).
+
+    Returns
+    -------
+    PredictResult
+    """
+    from emtile.blockwise import Runner, run_stage
+    from emtile.settings import PredictSettings, split_overrides
+
+    t0 = time.perf_counter()
+    settings, runner = split_overrides(PredictSettings, settings, overrides, Runner, runner)
+    stage, info = predict_stage(model, input, output, settings, runner, overwrite=overwrite)
+    done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
+    grid, plan, seconds = info["grid"], info["plan"], info["seconds"]
     n_runs = plan.n_tile_runs
+    threshold = settings.threshold
     return PredictResult(
-        output=str(output), shape=tuple(group["0"].shape), dtype=dtype, tile=grid.in_tile,
-        out_tile=grid.out_tile, stride=grid.stride, tiles=n_runs, blocks=len(plan),
-        blocks_resumed=len(plan) - len(todo), efficiency=_efficiency(grid, n_runs),
-        seconds=time.perf_counter() - t0, device=str(dev), threads=threads, cluster=where,
-        block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=probe,
+        output=str(output), shape=tuple(done.group["0"].shape), dtype=settings.dtype,
+        tile=grid.in_tile, out_tile=grid.out_tile, stride=grid.stride, tiles=n_runs,
+        blocks=len(plan), blocks_resumed=done.blocks_done[0],
+        efficiency=_efficiency(grid, n_runs), seconds=time.perf_counter() - t0,
+        device=str(info["device"]), threads=info["threads"], cluster=done.where,
+        block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=info["probe"],
         mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold)
 
 
@@ -1226,22 +1131,17 @@ def _resumed_tile(output):
     if not store.is_zarr_store(output):
         return None
     meta = store.emtile_attrs(output) or {}
-    tile = (meta.get("predict") or {}).get("tile")
+    tile = ((meta.get("fingerprints") or {}).get("predict") or {}).get("tile")
     if meta.get("complete") or not tile:
         return None
     sizes = [t for t in tile if t > 1]
     return tuple(sizes) if sizes else None
 
 
-_RESUME = "run the same command again to resume"
-
-
 def _check_levels(levels, grid, chunks):
     """Each level's chunks must stay whole per block: level ``levels - 1`` halves a chunk
     ``levels - 1`` times in y and x, so ``2 ** (levels - 1)`` must divide it (or the region must
     be one chunk there)."""
-    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
-        raise EmtileError(f"levels={levels!r} must be a positive integer")
     f = 2 ** (levels - 1)
     for c, n in zip(chunks[-2:], grid.region_shape[-2:]):
         if c % f and c < n:
@@ -1253,83 +1153,39 @@ def _check_levels(levels, grid, chunks):
                               f"use at most {n.bit_length()} levels")
 
 
-def _default_threads(threads, dev, distributed, spec):
-    """Torch threads per process: as given; else this process's count for a local run, cores /
-    workers on a local cluster, 1 on other clusters; 0 (left alone) on a GPU."""
+def _default_threads(threads, dev, runner):
+    """Torch threads per process: as given; else this process's count here, and what the
+    runner says on a cluster (cores / workers on a local one, else 1); 0 (left alone) on a
+    GPU."""
     import torch
 
     if dev.type != "cpu":
         return 0  # the GPU does the arithmetic
     if threads is not None:
         return threads
-    if not distributed:
-        return torch.get_num_threads()
-    if spec is not None and spec["kind"] == "local":
-        return max(1, (os.cpu_count() or 1) // spec["kwargs"]["n_workers"])
-    return 1
+    return runner.threads() or torch.get_num_threads()
 
 
-def _recorder(markers, seconds, output):
-    """``record(report)``: mark a block done, after its worker reported its chunks written;
-    its seconds go to the list ``seconds``. A marker write that fails is one line."""
-    from emtile.store import write_errors
-
-    def record(report):
-        with write_errors(output, then=_RESUME):
-            markers.record(report.index)
-        _faults.point("predict.block_recorded")  # test-only: a driver killed here
-        if not report.skipped:
-            seconds.append(report.compute_s + report.write_s)
-
-    return record
-
-
-def _run_here(job, net, arr, todo, markers, seconds, *, readers, progress):
-    """The blocks ``todo`` in this process: the driver lends its array and model to the job."""
+def _run_here(job, net, arr, ids, record, progress, *, readers):
+    """The blocks ``ids`` in this process, the driver lending its array and model to the job;
+    ``record(i, report)`` as each block's chunks are written."""
     from tqdm.auto import tqdm
 
     plan = job.plan()
-    total = sum(plan.n_tiles(int(i)) for i in todo)
+    total = sum(plan.n_tiles(int(i)) for i in ids)
     bar = tqdm(total=total, unit="tile", desc="predict", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
-    record = _recorder(markers, seconds, job.output)
     local = replace(job, input=job.input or _register(arr), model=_token())
     try:
         with _prepared(net, job.device, job.channels_last, job.compile) as fn, \
                 _torch_threads(job.threads):
             _MEMORY[local.model] = (net, fn)
-            run_blocks(local, todo, readers=readers, on_block=record, on_tiles=bar.update)
+            run_blocks(local, ids, readers=readers,
+                       on_block=lambda report: record(report.index, report),
+                       on_tiles=bar.update)
     finally:
         bar.close()
         _forget(local)
-
-
-def _run_on_cluster(job, todo, markers, seconds, *, client, cluster, cluster_workers,
-                    scheduler_file, blocks_per_task, retries, progress):
-    """The blocks ``todo`` on Dask; returns a description of the cluster."""
-    from emtile import distributed
-
-    plan = job.plan()
-    record = _recorder(markers, seconds, job.output)
-    kwargs = dict(blocks_per_task=blocks_per_task, retries=retries, progress=progress,
-                  desc="predict", total=len(todo), describe=lambda i: job.describe(i, plan),
-                  on_result=lambda i, report: record(report))
-    if client is not None:
-        distributed.map_blocks(run_blocks, job, iter(todo.tolist()), client=client,
-                               resources=distributed.gpu_resources(client)
-                               if job.device.startswith("cuda") else None, **kwargs)
-        return "a Dask client"
-    with distributed.start_cluster(cluster, workers=cluster_workers,
-                                   scheduler_file=scheduler_file) as (c, info):
-        if progress:
-            from tqdm.auto import tqdm
-
-            tqdm.write(str(info))
-        distributed.map_blocks(run_blocks, job, iter(todo.tolist()), client=c,
-                               resources=info.resources if job.device.startswith("cuda") else None,
-                               **kwargs)
-        markers.flush()
-        return f"{info.kind} cluster, {info.workers} workers"
 
 
 def _open_group(path):
@@ -1338,13 +1194,11 @@ def _open_group(path):
     return zarr.open_group(str(path), mode="r+")
 
 
-def predict_array(model, array, *, tile=572, batch_size=1, num_workers=0, device="auto", amp=None,
-                  blend="none", overlap=0, tta=False, roi=None, dtype="float32", progress=False,
-                  channels_last=True, compile=False, max_tile_memory=AUTO_TILE_MEMORY,
-                  max_block_px=2**22, chunk_size=CHUNK_TARGET, normalize=None):
+def predict_array(model, array, settings=None, *, progress=False, **overrides):
     """Predict an in-memory array with the same tiling and stitching as :func:`predict`.
 
-    ``normalize`` is as in :func:`predict`; training's validation passes the
+    ``settings`` and ``overrides`` are as in :func:`predict`, with float32 storage and no reader
+    processes by default; training's validation passes ``normalize=``, the
     :class:`~emtile.normalize.Scaling` resolved on the training volume.
 
     Returns
@@ -1362,19 +1216,15 @@ def predict_array(model, array, *, tile=572, batch_size=1, num_workers=0, device
     """
     from tqdm.auto import tqdm
 
-    _choice("dtype", dtype, DTYPES)
-    net, arr, _, grid, chunks, dev, num_workers = _setup(
-        model, array, tile=tile, batch_size=batch_size, num_workers=num_workers, device=device,
-        amp=amp, blend=blend, overlap=overlap, roi=roi, max_tile_memory=max_tile_memory,
-        max_block_px=max_block_px, chunk_size=chunk_size)
-    amp = resolve_amp(amp, dev)
-    scaling = _scaling(model, net, arr, None, normalize)
-    out = np.zeros((net.out_channels,) + grid.region_shape, np.dtype(dtype))
-    job = _job(net, grid, chunks, input=_register(arr), output=_register(out),
-               model=_token(), weights="", overlap=overlap, max_block_px=max_block_px,
-               dtype=dtype, threshold=None, tta=tta, amp=amp, blend=blend,
-               batch_size=batch_size, channels_last=channels_last, compile=compile, device=dev,
-               threads=0, normalize=scaling)
+    from emtile.settings import PredictSettings
+
+    settings = replace(settings or PredictSettings(dtype="float32", num_workers=0), **overrides)
+    net, arr, _, grid, chunks, dev, num_workers = _setup(model, array, settings)
+    scaling = _scaling(model, net, arr, None, settings.normalize)
+    out = np.zeros((net.out_channels,) + grid.region_shape, np.dtype(settings.dtype))
+    job = _job(net, grid, chunks, replace(settings, threshold=None), input=_register(arr),
+               output=_register(out), model=_token(), weights="",
+               amp=resolve_amp(settings.amp, dev), device=dev, threads=0, normalize=scaling)
     plan = job.plan()
     bar = tqdm(total=plan.n_tile_runs, unit="tile", desc="predict", disable=not progress)
     try:

@@ -35,6 +35,7 @@ from emtile._errors import EmtileError
 
 FORMAT_VERSION = 1
 _UNITS = {"z": "nanometer", "y": "nanometer", "x": "nanometer"}
+NGFF_VERSION = "0.5"  # the OME-Zarr version of every store emtile writes
 
 
 def default_chunks(shape, dtype=np.uint8):
@@ -172,7 +173,7 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
             dimension_names=list(axes),
         )
     group.attrs.update({
-        "ome": {"version": "0.5", "multiscales": _multiscales(axes, full_voxel, levels, name)},
+        "ome": {"version": NGFF_VERSION, "multiscales": _multiscales(axes, full_voxel, levels, name)},
         "emtile": emtile_attrs,
     })
     return group
@@ -658,28 +659,62 @@ def voxel_size(path, ndim):
     return tuple(sizes[-ndim:]) if len(sizes) >= ndim else None
 
 
-def set_translation(group, starts):
+def set_translation(group, starts=None, *, physical=None):
     """Record where the image starts in a larger volume (NGFF 0.5: the ``scale`` transform, then
     a ``translation`` in physical units), so viewers overlay it on that volume.
 
-    ``starts`` gives the first voxel along each spatial axis, in full-resolution voxels; all zero
-    leaves the group as it is. Every resolution level gets the same translation (the physical
-    place of its first voxel's corner at full resolution).
+    ``starts`` gives the first voxel along each spatial axis, in full-resolution voxels;
+    ``physical`` gives the translation itself, in the image's units, one per spatial axis. All
+    zero leaves the group as it is. Every resolution level gets the same translation (the
+    physical place of its first voxel's corner at full resolution).
     """
-    starts = [int(s) for s in starts]
-    if not any(starts):
-        return
     ome = dict(group.attrs["ome"])
     ms = [dict(m) for m in ome["multiscales"]]
     names = [a["name"] for a in ms[0]["axes"]]
     scale = ms[0]["datasets"][0]["coordinateTransformations"][0]["scale"]
-    it = iter(starts)
-    translation = [0.0 if n == "c" else float(next(it) * s) for n, s in zip(names, scale)]
+    if physical is None:
+        starts = [int(s) for s in starts]
+        if not any(starts):
+            return
+        it = iter(starts)
+        translation = [0.0 if n == "c" else float(next(it) * s) for n, s in zip(names, scale)]
+    else:
+        if not any(physical):
+            return
+        it = iter(physical)
+        translation = [0.0 if n == "c" else float(next(it)) for n in names]
     ms[0]["datasets"] = [dict(d, coordinateTransformations=[
         d["coordinateTransformations"][0], {"type": "translation", "translation": translation}])
         for d in ms[0]["datasets"]]
     ome["multiscales"] = ms
     group.attrs["ome"] = ome
+
+
+def create_label_image(path, shape, dtype, *, source, starts=None, physical=None,
+                       register=False, **kwargs):
+    """Create an incomplete NGFF 0.5 label image at ``path`` (:func:`create_image` with
+    ``kind="labels"`` and chunks halved per level) whose ``image-label`` names its image by the
+    relative path ``source``, placed as :func:`set_translation` says (``starts`` in voxels or
+    ``physical``). ``register``: also list it in its parent ``labels`` group (created when
+    missing), as a label image inside an image's ``labels/`` folder must be."""
+    import zarr
+
+    if register:
+        parent = os.path.dirname(os.path.abspath(str(path)))
+        name = os.path.basename(os.path.abspath(str(path)))
+        if os.path.exists(os.path.join(parent, "zarr.json")):
+            labels = zarr.open_group(parent, mode="r+")
+            names = list(labels.attrs.get("ome", {}).get("labels", [])) + [name]
+        else:
+            labels, names = zarr.open_group(parent, mode="a"), [name]
+        labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
+    group = create_image(path, shape, dtype, kind="labels", halve_chunks=True, **kwargs)
+    if starts is not None or physical is not None:
+        set_translation(group, starts, physical=physical)
+    ome = dict(group.attrs["ome"])
+    ome["image-label"] = {"source": {"image": source}}  # NGFF 0.5: the version is ome's
+    group.attrs["ome"] = ome
+    return group
 
 
 #: Length units of voxel sizes: the name the user gives (``--unit``) or NGFF writes, in nm.

@@ -293,10 +293,11 @@ def test_auto_tile_picks_one_big_tile_on_a_small_slice(tmp_path):
 
 def plan_of(net, vol, tile=68, max_block_px=4000, chunk_size=56):
     """The block plan :func:`predict` makes for these options."""
-    *_, grid, chunks, _, _ = predict_module._setup(
-        net, vol, tile=tile, batch_size=1, num_workers=0, device="cpu", amp=None, blend="none",
-        overlap=0, roi=None, max_tile_memory=2**30, max_block_px=max_block_px,
-        chunk_size=chunk_size)
+    from emtile.settings import PredictSettings
+
+    settings = PredictSettings(tile=tile, device="cpu", max_block_px=max_block_px,
+                               chunk_size=chunk_size)
+    *_, grid, chunks, _, _ = predict_module._setup(net, vol, settings)
     return geometry.block_plan(grid, chunks, max_block_px=max_block_px)
 
 

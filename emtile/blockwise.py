@@ -1,0 +1,344 @@
+"""One driver for every blockwise stage: :class:`Stage`, :class:`Pass`, :class:`Runner` and
+:func:`run_stage`.
+
+A **stage** writes one output store from its inputs, block by block. It is described, not coded:
+
+- ``output`` and ``inputs`` (paths; the output is never an input, nor inside one);
+- ``fingerprint``, everything that changes the output's bytes (a resumed run must match it);
+- ``create()``, which makes the output's arrays in a freshly prepared store;
+- one or more **passes**, each a block plan and a module-level ``fn(job, ids) -> list`` that does
+  the whole work of some blocks in any process (one small result per block), with the
+  done-markers of its blocks; a later pass reads what the earlier ones wrote, as daisy's
+  upstream tasks do.
+
+:func:`run_stage` is the only driver. In order: the output check
+(:func:`emtile.store.check_output`), the output's lock, prepare or resume (an interrupted store
+with the same fingerprint and a finished set-up is resumed, anything else replaced), then for
+each pass its markers, its blocks here or on a Dask cluster (:func:`emtile.distributed.map_blocks`:
+a bounded window, retries), the results a pass keeps and its markers flushed together, the
+missing-block check, and last the completeness flag. A killed run started again, here or on a
+cluster, in any mix, runs only the blocks its markers do not record.
+
+A **runner** (:class:`Runner`) says where blocks run: here (in this process), on a local
+cluster, on a running scheduler (an address or a scheduler file), on SLURM or on a dask-cuda
+cluster. It is checked once, when made, and shared by every command.
+
+Nothing here knows about prediction or segmentation.
+"""
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from emtile import _faults
+from emtile._errors import EmtileError, whole_number
+from emtile.markers import MARKERS, BlockMarkers
+
+__all__ = ["Runner", "Stage", "Pass", "StageResult", "run_stage", "RESUME"]
+
+RESUME = "run the same command again to resume"
+_FINGERPRINTS = "fingerprints"  # where a stage's fingerprint lives in the output's emtile attrs
+
+
+@dataclass(frozen=True)
+class Runner:
+    """Where the blocks of a stage run, and how they are handed out.
+
+    Every field is checked when the runner is made: a bad value is one line naming it.
+    """
+
+    #: None: in this process. "local" (worker processes here), "slurm" (dask-jobqueue, from the
+    #: Dask config), "cuda" (dask-cuda, one worker per GPU), or a scheduler's address
+    #: (tcp://host:8786).
+    cluster: Optional[str] = field(default=None, metadata={
+        "help": "Run the blocks on Dask: local (worker processes here), slurm (dask-jobqueue, "
+                "from your Dask config), cuda (dask-cuda, one worker per GPU), or the address of "
+                "a running scheduler (tcp://host:8786).",
+        "metavar": "local|slurm|cuda|ADDRESS"})
+    #: Workers of a local or cuda cluster, or SLURM jobs (None: one per core / GPU; 1 job).
+    cluster_workers: Optional[int] = field(default=None, metadata={
+        "help": "Workers of a local or cuda cluster, or SLURM jobs [default: one per core / "
+                "GPU; 1 job].", "min": 1})
+    #: The scheduler file of a running cluster (instead of ``cluster``).
+    scheduler_file: Optional[str] = field(default=None, metadata={
+        "help": "The scheduler file of a running Dask cluster (instead of --cluster).",
+        "path": True})
+    #: Blocks per Dask task (more when blocks take milliseconds).
+    blocks_per_task: int = field(default=1, metadata={
+        "help": "Blocks per Dask task (more when blocks take milliseconds).", "min": 1})
+    #: Extra tries of a failed Dask task (user errors are not retried).
+    retries: int = field(default=2, metadata={
+        "help": "Extra tries of a failed Dask task before the run stops.", "min": 0})
+    #: Seconds to wait for a scheduler and its first worker.
+    timeout: float = field(default=60.0, metadata={
+        "help": "Seconds to wait for the Dask scheduler and its first worker.", "min": 0})
+    #: A running ``distributed.Client`` to use (Python only).
+    client: Any = field(default=None, compare=False, repr=False, metadata={"cli": False})
+
+    def __post_init__(self):
+        whole_number("blocks_per_task", self.blocks_per_task, least=1)
+        whole_number("retries", self.retries, least=0)
+        if self.cluster_workers is not None:
+            whole_number("cluster_workers", self.cluster_workers, least=1)
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
+                or not self.timeout > 0:
+            raise EmtileError(f"timeout={self.timeout!r} must be a positive number of seconds")
+        if self.client is not None and (self.cluster or self.scheduler_file):
+            raise EmtileError("give either client= or cluster= / scheduler_file=, not both")
+        if self.distributed and self.client is None:
+            self.spec()  # the cluster's own checks, now
+
+    @classmethod
+    def of(cls, **kwargs):
+        """A runner from keyword arguments, ignoring those that are not its fields (``None``
+        means the field's default)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in names and v is not None})
+
+    @property
+    def distributed(self):
+        """True when the blocks run on Dask rather than in this process."""
+        return self.client is not None or self.cluster is not None \
+            or self.scheduler_file is not None
+
+    def spec(self):
+        """What :func:`emtile.distributed.start_cluster` would start or join (None: here, or a
+        client that is already running)."""
+        if self.client is not None or not self.distributed:
+            return None
+        from emtile.distributed import cluster_spec
+
+        return cluster_spec(self.cluster, workers=self.cluster_workers,
+                            scheduler_file=self.scheduler_file)
+
+    def threads(self):
+        """Torch threads a process of this runner should use on the CPU: None (this process's
+        own setting) here, cores / workers on a local cluster, 1 elsewhere."""
+        if not self.distributed:
+            return None
+        spec = self.spec()
+        if spec is not None and spec["kind"] == "local":
+            return max(1, (os.cpu_count() or 1) // spec["kwargs"]["n_workers"])
+        return 1
+
+    @contextlib.contextmanager
+    def started(self, *, progress=True):
+        """``(runner, where)``: this runner with a client (a cluster started or joined here is
+        closed at the end), or itself when its blocks run here; ``where`` describes it."""
+        if self.client is not None or not self.distributed:
+            yield self, "a Dask client" if self.client is not None else ""
+            return
+        from emtile import distributed
+
+        with distributed.start_cluster(self.cluster, workers=self.cluster_workers,
+                                       scheduler_file=self.scheduler_file,
+                                       timeout=self.timeout) as (client, info):
+            if progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(str(info))
+            yield replace(self, client=client, cluster=None, scheduler_file=None), \
+                f"{info.kind} cluster, {info.workers} workers"
+
+
+@dataclass(frozen=True)
+class Pass:
+    """The blocks of one pass of a stage.
+
+    ``fn(job, ids) -> list`` is module-level (picklable) and does the whole work of blocks
+    ``ids`` in any process, one result per block (None: the block was already done). ``plan``
+    has ``len()``; ``describe(i)`` names block ``i`` in messages.
+    """
+
+    name: str  # the bar's label, e.g. "segment 2/3 fragments"
+    fn: Callable
+    job: Any
+    plan: Any
+    describe: Callable
+    markers: str = MARKERS  # the done-markers array, in the stage's markers group
+    point: str = ""  # test-only fault point passed after each block is recorded
+    #: ``keep(group) -> buffer`` with ``add(i, result)``, ``full()`` and ``flush()``: what the
+    #: results carry, written before the markers that record their blocks.
+    keep: Optional[Callable] = None
+    before: Optional[Callable] = None  # before(group): every run, resumed too
+    after: Optional[Callable] = None  # after(group): once every block is recorded
+    #: ``here(ids, record, progress)``: run ``ids`` in this process, calling ``record(i, result)``
+    #: as each block finishes (default: ``fn`` on groups of ``blocks_per_task``).
+    here: Optional[Callable] = None
+    gpu: bool = False  # tasks ask for {"GPU": 1} when the cluster's workers declare GPUs
+    flush_blocks: int = 64  # results kept before they and their markers are written
+    flush_seconds: float = 2.0  # ... or after this long
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One output store written by one or more passes; see the module docstring."""
+
+    name: str
+    output: str
+    inputs: tuple
+    fingerprint: Optional[dict]  # None: never resumed (an input held in memory)
+    create: Callable  # create() -> the output's zarr group, after prepare_output made room
+    passes: tuple
+    markers_group: str = ""  # the group (inside the output) that holds the passes' markers
+    resumable: Optional[Callable] = None  # resumable(group) -> bool: beyond the markers
+    finish: Optional[Callable] = None  # finish(group) -> attrs for mark_complete
+    check_output: bool = True  # False: the caller checked it (with its other files)
+
+
+@dataclass
+class StageResult:
+    """What :func:`run_stage` did."""
+
+    group: Any
+    resumed: bool
+    blocks: tuple  # per pass: its number of blocks
+    blocks_done: tuple  # per pass: blocks already recorded when the run started
+    where: str
+    seconds: float
+    attrs: dict = field(default_factory=dict)  # what ``finish`` returned
+
+
+def run_stage(stage, runner=None, *, overwrite=False, progress=True):
+    """Run ``stage`` where ``runner`` says (None: here); see the module docstring.
+
+    ``overwrite`` replaces an existing output and never resumes an interrupted one.
+    """
+    from emtile import store
+
+    t0 = time.perf_counter()
+    runner = runner or Runner()
+    if stage.check_output:
+        store.check_output(stage.output, inputs=[p for p in stage.inputs if p])
+    with store.output_lock(stage.output):
+        with store.write_errors(stage.output, then=RESUME):
+            group, resumed = _open(stage, overwrite)
+        done = []
+        with runner.started(progress=progress) as (started, where):
+            for p in stage.passes:
+                done.append(_run_pass(stage, p, group, started, progress=progress))
+        with store.write_errors(stage.output, then=RESUME):
+            attrs = (stage.finish(group) if stage.finish else None) or {}
+            store.mark_complete(group, **attrs)
+    return StageResult(group=group, resumed=resumed, blocks=tuple(len(p.plan) for p in
+                                                                   stage.passes),
+                       blocks_done=tuple(done), where=where, seconds=time.perf_counter() - t0,
+                       attrs=attrs)
+
+
+def _markers_group(stage, group):
+    return group[stage.markers_group] if stage.markers_group else group
+
+
+def _open(stage, overwrite):
+    """``(group, resumed)``: the interrupted store of this stage, or a new one."""
+    import zarr
+
+    from emtile import store
+
+    resume = stage.fingerprint is not None and not overwrite
+    state = store.prepare_output(stage.output, overwrite=overwrite, resume=resume)
+    if state == "resume":
+        group = zarr.open_group(str(stage.output), mode="r+")
+        if _resumable(stage, group):
+            return group, True
+        store.prepare_output(stage.output, overwrite=overwrite)  # another run's, or unfinished
+    group = stage.create()
+    meta = dict(group.attrs.get("emtile", {}))
+    meta[_FINGERPRINTS] = {stage.name: stage.fingerprint}
+    group.attrs["emtile"] = meta
+    mgroup = _markers_group(stage, group)
+    for p in stage.passes:  # last: their presence means the set-up finished
+        BlockMarkers.create(mgroup, len(p.plan), name=p.markers)
+    return group, False
+
+
+def _resumable(stage, group):
+    """True when ``group`` is this stage's, with the same fingerprint and a finished set-up."""
+    meta = group.attrs.asdict().get("emtile", {})
+    recorded = (meta.get(_FINGERPRINTS) or {}).get(stage.name)
+    if recorded != json.loads(json.dumps(stage.fingerprint)):
+        return False
+    try:
+        mgroup = _markers_group(stage, group)
+    except (KeyError, FileNotFoundError):
+        return False
+    if any(BlockMarkers.open(mgroup, len(p.plan), name=p.markers) is None for p in stage.passes):
+        return False
+    return stage.resumable is None or bool(stage.resumable(group))
+
+
+class _Recorder:
+    """Records a pass's blocks as done: keeps their results (the pass's buffer), and writes the
+    buffer, then the markers, when either is full or ``flush_seconds`` passed."""
+
+    def __init__(self, stage, p, group, markers):
+        self.output, self.p, self.markers = stage.output, p, markers
+        self.buffer = p.keep(group) if p.keep else None
+        self.pending, self.last = [], time.monotonic()
+        self.every_block = bool(os.environ.get(_faults.ENV))  # test-only: no batching
+
+    def __call__(self, i, result):
+        if result is None:  # the block was already recorded (a retry found it done)
+            return
+        if self.buffer is not None:
+            self.buffer.add(i, result)
+        self.pending.append(i)
+        full = self.buffer.full() if self.buffer is not None else \
+            len(self.pending) >= self.p.flush_blocks
+        if full or self.every_block or time.monotonic() - self.last >= self.p.flush_seconds:
+            self.flush()
+
+    def flush(self):
+        from emtile.store import write_errors
+
+        with write_errors(self.output, then=RESUME):
+            if self.buffer is not None:
+                self.buffer.flush()
+            self.markers.record(self.pending)
+            self.markers.flush()
+        if self.p.point:
+            for _ in self.pending:
+                _faults.point(self.p.point)  # test-only: the driver killed after recording
+        self.pending.clear()
+        self.last = time.monotonic()
+
+
+def _run_pass(stage, p, group, runner, *, progress):
+    """The blocks of pass ``p`` that its markers do not record; returns how many were done
+    before."""
+    from emtile import distributed
+    from emtile.store import write_errors
+
+    markers = BlockMarkers.open(_markers_group(stage, group), len(p.plan), name=p.markers,
+                                flush_every=float("inf"))
+    todo = np.flatnonzero(~markers.done())
+    if p.before:
+        with write_errors(stage.output, then=RESUME):
+            p.before(group)
+    record = _Recorder(stage, p, group, markers)
+    if runner.client is None and p.here is not None:
+        p.here(todo, record, progress)
+    else:
+        resources = None
+        if p.gpu and runner.client is not None:
+            resources = distributed.gpu_resources(runner.client)
+        distributed.map_blocks(p.fn, p.job, iter(todo.tolist()), client=runner.client,
+                               blocks_per_task=runner.blocks_per_task, retries=runner.retries,
+                               progress=progress, desc=p.name, total=int(todo.size),
+                               on_result=record, describe=p.describe, resources=resources)
+    record.flush()
+    missing = np.flatnonzero(~markers.done())
+    if missing.size:  # every block was run: a bug, never a user error
+        raise RuntimeError(f"internal error: {missing.size} of {len(p.plan)} blocks of "
+                           f"{p.name} in {stage.output} were not recorded (first: "
+                           f"{int(missing[0])}); the output is left incomplete")
+    if p.after:
+        with write_errors(stage.output, then=RESUME):
+            p.after(group)
+    return len(p.plan) - int(todo.size)
