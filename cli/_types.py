@@ -127,29 +127,58 @@ class Roi(click.ParamType):
                       param, ctx)
 
 
-def cluster_options():
-    """``--cluster``, ``--cluster-workers``, ``--scheduler-file``, ``--blocks-per-task`` and
-    ``--retries``: where a blockwise command's blocks run, the same in every such command."""
-    options = [
-        click.option("--cluster", default=None, metavar="local|slurm|cuda|ADDRESS",
-                     help="Run the blocks on Dask: local (worker processes here), slurm "
-                          "(dask-jobqueue, from your Dask config), cuda (dask-cuda, one worker "
-                          "per GPU), or the address of a running scheduler (tcp://host:8786)."),
-        click.option("--cluster-workers", default=None, type=click.IntRange(min=1),
-                     help="Workers of a local or cuda cluster, or SLURM jobs [default: one per "
-                          "core / GPU; 1 job]."),
-        click.option("--scheduler-file", default=None, type=click.Path(),
-                     help="The scheduler file of a running Dask cluster (instead of --cluster)."),
-        click.option("--blocks-per-task", default=1, show_default=True,
-                     type=click.IntRange(min=1),
-                     help="Blocks per Dask task (more when blocks take milliseconds)."),
-        click.option("--retries", default=2, show_default=True, type=click.IntRange(min=0),
-                     help="Extra tries of a failed Dask task before the run stops."),
-    ]
+def defaults(cls):
+    """The field defaults of a settings dataclass, by name (``defaults(PredictSettings).tile``):
+    every command takes its options' defaults from here, so each default lives once."""
+    import dataclasses
+    from types import SimpleNamespace
 
-    def decorate(f):
+    return SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(cls)
+                              if f.default is not dataclasses.MISSING})
+
+
+def _runner_option(f):
+    """The click option of one :class:`emtile.blockwise.Runner` field, from its metadata."""
+    meta = f.metadata
+    kind = {"cluster_workers": int, "blocks_per_task": int, "retries": int,
+            "timeout": float}.get(f.name, str)
+    if meta.get("path"):
+        type_ = click.Path()
+    elif kind is int:
+        type_ = click.IntRange(min=meta.get("min"))
+    elif kind is float:
+        type_ = click.FloatRange(min=meta.get("min"), min_open=True)
+    else:
+        type_ = None
+    return click.option("--" + f.name.replace("_", "-"), f.name, default=f.default, type=type_,
+                        show_default=f.default is not None, metavar=meta.get("metavar"),
+                        help=meta["help"])
+
+
+def runner_options():
+    """``--cluster``, ``--cluster-workers``, ``--scheduler-file``, ``--blocks-per-task``,
+    ``--retries`` and ``--timeout``: where a blockwise command's blocks run, built once from the
+    fields of :class:`emtile.blockwise.Runner`, so they mean the same in every command."""
+    import dataclasses
+
+    from emtile.blockwise import Runner
+
+    options = [_runner_option(f) for f in dataclasses.fields(Runner)
+               if f.metadata.get("cli", True)]
+
+    def decorate(fn):
         for option in reversed(options):
-            f = option(f)
-        return f
+            fn = option(fn)
+        return fn
 
     return decorate
+
+
+def pop_runner(params):
+    """The :class:`emtile.blockwise.Runner` of a command's options, taken out of ``params``."""
+    import dataclasses
+
+    from emtile.blockwise import Runner
+
+    names = [f.name for f in dataclasses.fields(Runner) if f.metadata.get("cli", True)]
+    return Runner(**{n: params.pop(n) for n in names if n in params})

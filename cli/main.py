@@ -7,6 +7,7 @@ become a one-line ``Error: ...`` and exit code 1; anything else keeps its traceb
 
 import importlib
 import os
+import re
 import warnings
 
 import click
@@ -52,7 +53,37 @@ class LazyGroup(click.Group):
             try:
                 return super().invoke(ctx)
             except EmtileError as exc:
-                raise click.ClickException(str(exc)) from None
+                command = self.get_command(ctx, ctx.invoked_subcommand or "")
+                raise click.ClickException(as_flags(str(exc), command)) from None
+
+
+_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=(\S*)")
+
+
+def as_flags(message, command):
+    """A library error names keyword arguments (``threshold=1.5``, ``overwrite=True``); on the
+    command line it names the command's flags instead (``--threshold 1.5``, ``--overwrite``).
+    Names that are not options of ``command`` are left as they are."""
+    if command is None:
+        return message
+    flags = {}
+    for p in command.params:
+        if isinstance(p, click.Option) and p.name:
+            flags[p.name] = (max(p.opts, key=len), p.is_flag)
+
+    def flag(match):
+        name, value = match.groups()
+        if name not in flags:
+            return match.group(0)
+        text, is_flag = flags[name]
+        stripped = value.rstrip(",.;:)")
+        tail = value[len(stripped):]
+        if is_flag and stripped in ("True", ""):
+            return text + tail
+        stripped = stripped.strip("'\"")
+        return f"{text} {stripped}{tail}" if stripped else text + tail
+
+    return _KEYWORD.sub(flag, message)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

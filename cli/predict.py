@@ -2,7 +2,11 @@
 
 import click
 
-from emtile.cli._types import Roi, amp_option, cluster_options, device_option, progress_option
+from emtile.cli._types import (Roi, amp_option, defaults, device_option, pop_runner,
+                               progress_option, runner_options)
+from emtile.settings import BLENDS, DTYPES, PredictSettings
+
+_D = defaults(PredictSettings)
 
 
 class TileSize(click.ParamType):
@@ -29,46 +33,42 @@ class TileSize(click.ParamType):
               help="Model folder written by emtile train (RUN/best) or emtile.save_model, or a "
                    "bioimage.io package (.zip) written by emtile export. The model's recorded "
                    "input normalisation is applied to INPUT.")
-@click.option("--tile", default="572", show_default=True, type=TileSize(),
+@click.option("--tile", default=_D.tile, show_default=True, type=TileSize(),
               help="Input tile size (valid for the model's depth, e.g. 572 at depth 4), or auto: "
                    "the size that computes the fewest pixels for this volume.")
-@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=_D.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Tiles per forward pass.")
-@click.option("--workers", default=None, type=click.IntRange(min=0),
+@click.option("--workers", "num_workers", default=_D.num_workers, type=click.IntRange(min=0),
               help="DataLoader worker processes reading tiles [default: 0 on CPU (read in this process), "
                    "up to 4 on CUDA].")
 @device_option()
-@amp_option("off")
-@click.option("--blend", default="none", show_default=True,
-              type=click.Choice(["none", "linear", "cosine", "gaussian"]),
+@amp_option(_D.amp)
+@click.option("--blend", default=_D.blend, show_default=True, type=click.Choice(BLENDS),
               help="Weighting of overlapping tile outputs (used with --overlap).")
-@click.option("--overlap", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--overlap", default=_D.overlap, show_default=True, type=click.IntRange(min=0),
               help="Minimum output overlap between neighbouring tiles, in pixels.")
-@click.option("--tta", is_flag=True, help="Test-time augmentation: average over 8 flips/transposes.")
-@click.option("--roi", default=None, type=Roi(),
+@click.option("--tta", is_flag=True, default=_D.tta, help="Test-time augmentation: average over 8 flips/transposes.")
+@click.option("--roi", default=_D.roi, type=Roi(),
               help="Region to predict, start:stop per axis, e.g. 0:5,0:256,0:256.")
-@click.option("--dtype", default="uint8", show_default=True,
-              type=click.Choice(["uint8", "float16", "float32"]),
+@click.option("--dtype", default=_D.dtype, show_default=True, type=click.Choice(DTYPES),
               help="Storage type of the probabilities (uint8 stores round(255 p)).")
-@click.option("--threshold", default=None, type=click.FloatRange(0, 1),
+@click.option("--threshold", default=_D.threshold, type=click.FloatRange(0, 1),
               help="Also write a binary mask at OUTPUT/labels/mask: cell interior where p > T "
                    "(the rule of evaluate and show too).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()
-@click.option("--compile", "compile_", is_flag=True,
+@click.option("--compile", is_flag=True, default=_D.compile,
               help="torch.compile the model (faster at small widths; 10-20 s to compile).")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
+@click.option("--threads", default=_D.threads, type=click.IntRange(min=1),
               help="Torch threads per process on the CPU [default: this process's setting; on a "
                    "local cluster, cores / workers; on other clusters 1]. A resumed run must use "
                    "the same count.")
-@cluster_options()
-@click.option("--levels", default=1, show_default=True, type=click.IntRange(min=1),
+@runner_options()
+@click.option("--levels", default=_D.levels, show_default=True, type=click.IntRange(min=1),
               help="Resolution levels: an OME-Zarr pyramid for viewers (each level halves y and "
                    "x; probabilities by the mean, the mask by sampling), written as blocks finish.")
-def predict(input, output, model, tile, batch_size, workers, device, amp, blend, overlap, tta, roi,
-            dtype, threshold, overwrite, progress, compile_, threads, cluster, cluster_workers,
-            scheduler_file, blocks_per_task, retries, levels):
+def predict(input, output, model, overwrite, progress, **options):
     """Predict INPUT (TIFF, image folder, Zarr, HDF5) into the OME-Zarr store OUTPUT.
 
     A 2-D model runs slice by slice over a (Z, Y, X) stack. An interrupted run started again
@@ -82,12 +82,9 @@ def predict(input, output, model, tile, batch_size, workers, device, amp, blend,
     """
     from emtile.predictor import predict as run
 
-    result = run(model, input, output, tile=tile, batch_size=batch_size, num_workers=workers,
-                 device=device, amp=amp, blend=blend, overlap=overlap, tta=tta, roi=roi,
-                 dtype=dtype, threshold=threshold, overwrite=overwrite, progress=progress,
-                 compile=compile_, threads=threads, cluster=cluster,
-                 cluster_workers=cluster_workers, scheduler_file=scheduler_file,
-                 blocks_per_task=blocks_per_task, retries=retries, levels=levels)
+    runner = pop_runner(options)
+    result = run(model, input, output, PredictSettings(**options), runner, overwrite=overwrite,
+                 progress=progress)
     if result.tile_probe:
         timed = ", ".join(f"{t}: {s:.2f} s" for t, s in sorted(result.tile_probe.items()))
         click.echo(f"tile auto: timed the model per tile ({timed}); fastest run: "

@@ -3,85 +3,87 @@ image whose labels do not depend on the blocks."""
 
 import click
 
-from emtile.cli._types import cluster_options, progress_option
-from emtile.segmenter.driver import DEFAULTS
+from emtile.cli._types import defaults, pop_runner, progress_option, runner_options
+from emtile.settings import METHODS, MODES, SEEDS, SegmentSettings
+
+_D = defaults(SegmentSettings)
 
 
-def _block_size(text):
-    """``'1,1024,1024'`` -> a tuple; anything else is left to the library to refuse in one line."""
-    if text is None:
-        return None
-    from emtile import EmtileError
+class BlockSize(click.ParamType):
+    """``Z,Y,X`` (or ``Y,X``) whole numbers; their count and size are checked against the
+    prediction by the library."""
 
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise EmtileError(f"--block-size {text!r} is not a comma-separated list of whole "
-                          f"numbers, e.g. 1,1024,1024 (Z,Y,X)") from None
+    name = "Z,Y,X"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of whole numbers, e.g. "
+                      f"1,1024,1024 (Z,Y,X)", param, ctx)
 
 
-def _quantile(text):
-    """``'0.25'`` -> 0.25, ``'mean'`` -> None; anything else refused in one line."""
-    if text.strip().lower() == "mean":
-        return None
-    from emtile import EmtileError
+class Quantile(click.ParamType):
+    """A number in (0, 1], or ``mean`` (None)."""
 
-    try:
-        return float(text)
-    except ValueError:
-        raise EmtileError(f"--merge-quantile {text!r} must be a number in (0, 1] or 'mean'") \
-            from None
+    name = "Q|mean"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() == "mean":
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} must be a number in (0, 1] or 'mean'", param, ctx)
 
 
 @click.command()
 @click.argument("pred", type=click.Path())
 @click.argument("output", type=click.Path())
-@click.option("--method", default=DEFAULTS["method"], show_default=True,
-              type=click.Choice(["cc", "ws"]),
+@click.option("--method", default=_D.method, show_default=True, type=click.Choice(METHODS),
               help="cc: connected components of the interior (p > threshold), boundaries "
                    "flooded from them. ws: seeds (--seeds) flooded into fragments by a watershed "
                    "on the boundary map, merged across faces whose boundary probability "
                    "(--merge-quantile) is at most --merge-threshold.")
-@click.option("--mode", default="auto", show_default=True,
-              type=click.Choice(["auto", "2d", "3d"]),
+@click.option("--mode", default=_D.mode, show_default=True, type=click.Choice(MODES),
               help="2d: each z-slice on its own (serial sections); 3d: connect through z. "
                    "auto: 3d only for a stack predicted by a 3-D model.")
-@click.option("--threshold", default=DEFAULTS["threshold"], show_default=True, type=float,
+@click.option("--threshold", default=_D.threshold, show_default=True, type=float,
               help="Cell interior is p > T (as emtile predict --threshold), T in [0, 1].")
-@click.option("--min-size", default=DEFAULTS["min_size"], show_default=True, type=int,
+@click.option("--min-size", default=_D.min_size, show_default=True, type=int,
               help="Objects of fewer interior pixels (p >= T) join the neighbour they share "
                    "the largest face with (dropped if they have none).")
-@click.option("--merge-threshold", default=DEFAULTS["merge_threshold"], show_default=True,
+@click.option("--merge-threshold", default=_D.merge_threshold, show_default=True,
               type=float,
               help="ws: merge neighbouring fragments while the boundary probability (1 - p) "
                    "on their shared face (--merge-quantile) is at most this, in [0, 1].")
-@click.option("--seeds", default=DEFAULTS["seeds"], show_default=True,
-              type=click.Choice(["components", "distance"]),
+@click.option("--seeds", default=_D.seeds, show_default=True, type=click.Choice(SEEDS),
               help="ws: seeds are the interior's connected components, or the maxima of its "
                    "distance to the boundary (several per cell).")
-@click.option("--merge-quantile", default=str(DEFAULTS["merge_quantile"]), show_default=True,
-              metavar="Q|mean",
+@click.option("--merge-quantile", default=_D.merge_quantile, show_default=True, type=Quantile(),
               help="ws: measure a face by this quantile (0 < Q <= 1) of its pixels' boundary "
                    "probabilities, or by their mean.")
-@click.option("--keep-boundaries", is_flag=True,
+@click.option("--keep-boundaries", is_flag=True, default=_D.keep_boundaries,
               help="Leave boundary pixels (p < T) 0 instead of giving them to the cells.")
-@click.option("--block-size", default=None, metavar="Z,Y,X",
+@click.option("--block-size", default=_D.block_size, type=BlockSize(),
               help="Block shape in pixels, one number per axis [default: about 4 M pixels; "
                    "2d: whole slices up to 1024x1024]. The labels do not depend on it.")
-@click.option("--grow", default=DEFAULTS["grow"], show_default=True, type=int,
+@click.option("--grow", default=_D.grow, show_default=True, type=int,
               help="How far (pixels) labels are carried: boundary pixels further from every "
                    "cell stay 0. It also sets the context each block reads.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()
-@cluster_options()
-@click.option("--levels", default=1, show_default=True, type=click.IntRange(min=1),
+@runner_options()
+@click.option("--levels", default=_D.levels, show_default=True, type=click.IntRange(min=1),
               help="Resolution levels: an OME-Zarr label pyramid for viewers (each level halves "
                    "y and x by sampling, so no level shows an id that level 0 does not), written "
                    "as blocks finish; block sizes in y and x must be divisible by 2^(N-1).")
-def segment(pred, output, method, mode, threshold, min_size, merge_threshold, seeds,
-            merge_quantile, keep_boundaries, block_size, grow, overwrite, progress, cluster,
-            cluster_workers, scheduler_file, blocks_per_task, retries, levels):
+def segment(pred, output, overwrite, progress, **options):
     """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
 
     Every cell gets its own id (1..N, 0 = background), uint32 or uint64; OUTPUT is an OME-Zarr
@@ -97,13 +99,9 @@ def segment(pred, output, method, mode, threshold, min_size, merge_threshold, se
     """
     from emtile.segmenter import segment as run
 
-    result = run(pred, output, method=method, mode=mode, threshold=threshold, min_size=min_size,
-                 merge_threshold=merge_threshold, seeds=seeds,
-                 merge_quantile=_quantile(merge_quantile), keep_boundaries=keep_boundaries,
-                 block_size=_block_size(block_size), grow=grow, overwrite=overwrite,
-                 progress=progress, cluster=cluster, cluster_workers=cluster_workers,
-                 scheduler_file=scheduler_file, blocks_per_task=blocks_per_task,
-                 retries=retries, levels=levels)
+    runner = pop_runner(options)
+    result = run(pred, output, SegmentSettings(**options), runner, overwrite=overwrite,
+                 progress=progress)
     if any(result.blocks_resumed):
         labels, fragments, write = result.blocks_resumed
         click.echo(f"resumed: of {result.blocks} blocks, {labels} (labels), {fragments} "

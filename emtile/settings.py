@@ -78,8 +78,9 @@ class PredictSettings(_Settings):
         DataLoader processes reading tiles in a run in this process (None: 0 on the CPU, up to 4
         on CUDA).
     device : {"auto", "cpu", "cuda", "cuda:N"}
-    amp : {None, "off", "auto", "bf16", "fp16"}
-        Mixed precision of the forward pass (:func:`emtile.device.resolve_amp`).
+    amp : {"off", "auto", "bf16", "fp16"} or None
+        Mixed precision of the forward pass (:func:`emtile.device.resolve_amp`); None and
+        ``"off"``: float32.
     blend : {"none", "linear", "cosine", "gaussian"}
         How overlapping outputs are weighted when ``overlap > 0``.
     overlap : int
@@ -115,7 +116,7 @@ class PredictSettings(_Settings):
     batch_size: int = 1
     num_workers: Optional[int] = None
     device: str = "auto"
-    amp: Optional[str] = None
+    amp: Optional[str] = "off"
     blend: str = "none"
     overlap: int = 0
     tta: bool = False

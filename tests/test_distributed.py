@@ -74,9 +74,9 @@ def test_spec_of_each_cluster_kind():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(cluster="lokal"), r"--cluster 'lokal' is not a cluster: choose local, slurm, cuda"),
-    (dict(cluster="local", workers=0), r"--cluster-workers 0 must be a positive integer"),
-    (dict(cluster="local", scheduler_file="s.json"), r"give either --cluster or --scheduler-file"),
+    (dict(cluster="lokal"), r"cluster='lokal' is not a cluster: choose local, slurm, cuda"),
+    (dict(cluster="local", workers=0), r"cluster_workers=0 must be a positive integer"),
+    (dict(cluster="local", scheduler_file="s.json"), r"give either cluster= or scheduler_file="),
 ])
 def test_bad_cluster_options(kwargs, match):
     with pytest.raises(EmtileError, match=match):

@@ -171,17 +171,11 @@ def test_killed_driver_resumes_locally_and_killed_local_run_resumes_on_a_cluster
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--cluster", "lokal"], "Error: --cluster 'lokal' is not a cluster: choose local, slurm, cuda"),
-    (["--cluster", "local", "--scheduler-file", "s.json"], "Error: give either --cluster or "
-                                                           "--scheduler-file"),
-    (["--cluster", "local", "--blocks-per-task", "0"], "Invalid value for '--blocks-per-task'"),
-    (["--cluster", "local", "--cluster-workers", "0"], "Invalid value for '--cluster-workers'"),
-    (["--retries", "-1"], "Invalid value for '--retries'"),
     (["--levels", "0"], "Invalid value for '--levels'"),
     (["--levels", "3", "--block-size", "1,30,30"], "Error: levels=3 needs blocks whose size in y "
                                                    "and x is divisible by 4"),
 ])
-def test_bad_cluster_and_level_options_are_one_line(data, tmp_path, args, message):
+def test_bad_level_options_are_one_line(data, tmp_path, args, message):
     out = tmp_path / "s.zarr"
     result = CliRunner().invoke(main, ["segment", str(data / "pred.zarr"), str(out),
                                        "--no-progress", *args])

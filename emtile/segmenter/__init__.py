@@ -89,7 +89,7 @@ measured; quantile linkage adds 8 histogram counts, 64 B, per face and block to 
 the graph), and agglomerates in one thread (compiled, :mod:`emtile.segmenter.agglomerate`:
 seconds for 350,000 fragments).
 
-Defaults (``DEFAULTS``): ws, component seeds, threshold 0.85, median linkage
+Defaults (:class:`emtile.settings.SegmentSettings`): ws, component seeds, threshold 0.85, median linkage
 (``merge_quantile`` 0.5) at ``merge_threshold`` 0.25, ``grow`` 32, chosen on the three models of
 ``examples/train_isbi.py --seeds 0,1,2`` (the calibrated CPU recipe; ``examples/bench_segment.py
 quality --grid``, ISBI slices 25-29): V-Rand 0.9708, 0.9691, 0.9768 against 0.9679, 0.9687,
@@ -115,6 +115,6 @@ Floats: probabilities stored as floats are turned into uint8 altitudes (nearest 
 anything is compared, so no sum depends on the order of additions.
 """
 
-from emtile.segmenter.driver import DEFAULTS, METHODS, MODES, SegmentResult, segment
+from emtile.segmenter.driver import METHODS, MODES, SegmentResult, segment, segment_stage
 
-__all__ = ["segment", "SegmentResult", "METHODS", "MODES", "DEFAULTS"]
+__all__ = ["segment", "segment_stage", "SegmentResult", "METHODS", "MODES"]

@@ -13,7 +13,7 @@ recorded as done in each pass are skipped, and the global step is recomputed fro
 records in the store (it is deterministic), so the labels are identical to an uninterrupted run.
 """
 
-import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -23,28 +23,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emtile import _faults
 from emtile._errors import EmtileError
-from emtile.markers import BlockMarkers
+from emtile.blockwise import Pass, Runner, Stage, run_stage
 from emtile.segmenter import blocks, kernels
 from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
 from emtile.segmenter.graph import number_objects
 from emtile.segmenter.records import PART_BLOCKS, PART_BYTES, RecordStore, record_nbytes
+from emtile.settings import METHODS, MODES, SEEDS, SegmentSettings, split_overrides
 
-__all__ = ["segment", "SegmentResult", "METHODS", "MODES", "SEEDS", "DEFAULTS"]
+__all__ = ["segment", "segment_stage", "SegmentResult", "METHODS", "MODES", "SEEDS"]
 
-METHODS = ("cc", "ws")
-MODES = ("auto", "2d", "3d")
-SEEDS = ("components", "distance")
-DEFAULTS = {"method": "ws", "seeds": "components", "threshold": 0.85, "min_size": 0,
-            "merge_threshold": 0.25, "merge_quantile": 0.5, "grow": 32, "seed_cap": 12,
-            "seed_radius": 2, "interior_rounds": 40}
 BLOCK_PX = 2**22  # pixels per default block
-_FLUSH_EVERY = 64  # results buffered before counts and markers are written (or _FLUSH_S)
+_FLUSH_EVERY = 64  # label counts buffered before they and the markers are written (or _FLUSH_S)
 _FLUSH_S = 2.0
 PASSES = ("done1", "done2", "done3")  # the markers of the three passes
-_PASS_NAMES = {"done1": "labels", "done2": "fragments", "done3": "write"}
-_RESUME = "run the same command again to resume"
 _TABLE_CHUNK = 2**18
 UINT32_IDS = int(np.iinfo(np.uint32).max)  # more objects than this: uint64 labels
 
@@ -158,35 +150,20 @@ def _ngff_transforms(attrs, ndim):
 # --------------------------------------------------------------------------- options
 
 
-def _check_options(pred, *, method, mode, threshold, min_size, merge_threshold, grow,
-                   block_size, seeds="distance", merge_quantile=None):
-    if method not in METHODS:
-        raise EmtileError(f"method={method!r} is not supported: choose cc or ws")
-    if seeds not in SEEDS:
-        raise EmtileError(f"seeds={seeds!r} is not supported: choose components or distance")
-    if merge_quantile is not None and (
-            isinstance(merge_quantile, bool) or not isinstance(merge_quantile, (int, float))
-            or not 0 < merge_quantile <= 1):
-        raise EmtileError(f"merge_quantile={merge_quantile!r} must be a number in (0, 1], or "
-                          f"None for the mean")
-    if mode not in MODES:
-        raise EmtileError(f"mode={mode!r} is not supported: choose auto, 2d or 3d")
+def _check_options(pred, settings):
+    """The checks that need the prediction: ``(mode, shape3, block)``."""
+    mode, grow = settings.mode, settings.grow
     if mode == "auto":
         mode = "3d" if pred.model_ndim == 3 and len(pred.shape) == 3 else "2d"
     if mode == "3d" and len(pred.shape) == 2:
-        raise EmtileError(f"--mode 3d needs a (Z, Y, X) stack, but prediction {pred.path!r} is "
-                          f"one 2-D image of shape {pred.shape}; use --mode 2d")
-    for name, value in (("threshold", threshold), ("merge_threshold", merge_threshold)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise EmtileError(f"{name}={value!r} must be a number between 0 and 1")
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise EmtileError(f"min_size={min_size!r} must be a whole number of pixels, 0 or more")
+        raise EmtileError(f"mode='3d' needs a (Z, Y, X) stack, but prediction {pred.path!r} is "
+                          f"one 2-D image of shape {pred.shape}; use mode='2d'")
     if isinstance(grow, bool) or not isinstance(grow, (int, np.integer)) \
             or not 1 <= grow <= kernels.MAX_ROUNDS // 2:
         raise EmtileError(f"grow={grow!r} must be a whole number of pixels from 1 to "
                           f"{kernels.MAX_ROUNDS // 2}")
     shape3 = (1,) * (3 - len(pred.shape)) + pred.shape
-    block = _check_block(block_size, pred.shape, mode)
+    block = _check_block(settings.block_size, pred.shape, mode)
     if np.prod(shape3, dtype=np.float64) >= kernels.INDEX_LIMIT:
         raise EmtileError(f"prediction of shape {pred.shape} has more than 2**44 pixels; "
                           f"segment it in parts with a region of interest")
@@ -237,55 +214,45 @@ def _check_levels(levels, shape3, block):
 # --------------------------------------------------------------------------- the store
 
 
-def _settings(job, *, min_size, merge_threshold, merge_quantile):
+def _settings(job, settings):
+    """What shaped the labels, as the store records it (the settings that apply)."""
+    s = settings
     out = {"method": job.method, "mode": job.mode, "threshold": job.threshold,
-           "min_size": int(min_size), "keep_boundaries": job.keep_boundaries, "grow": job.grow,
+           "min_size": int(s.min_size), "keep_boundaries": job.keep_boundaries, "grow": job.grow,
            "block": list(job.block)}
     if job.method == "ws":
-        out.update(seeds=job.seeds, merge_threshold=merge_threshold,
-                   merge_quantile=merge_quantile)
+        out.update(seeds=job.seeds, merge_threshold=s.merge_threshold,
+                   merge_quantile=s.merge_quantile)
         if job.distance_seeds:
             out.update(seed_cap=job.seed_cap, seed_radius=job.seed_radius,
                        interior_rounds=job.interior_rounds)
     return out
 
 
-def _resumable(group, fingerprint, n_blocks):
-    meta = group.attrs.asdict().get("emtile", {})
-    if meta.get("segment_fingerprint") != json.loads(json.dumps(fingerprint)):
-        return False
-    try:
-        temp = group[TEMP]
-    except (KeyError, FileNotFoundError):
-        return False
-    return RecordStore.open(temp, n_blocks) is not None and \
-        all(BlockMarkers.open(temp, n_blocks, name=name) is not None for name in PASSES)
+def _fingerprint(pred, recorded, levels):
+    from emtile.volume import content_token
+
+    digest = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
+    return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),
+            "settings": digest, "levels": int(levels)}
 
 
-def _create_output(job, pred, plan, *, settings, fingerprint):
+def _create_output(job, pred, plan, recorded):
+    """The label image (every level) and the working arrays of the passes in ``TEMP``."""
     from emtile import store
 
     image_shape = job.shape if job.image_ndim == 3 else job.shape[1:]
     chunks = (1,) * (job.image_ndim == 3) + job.block[1:] if job.mode == "2d" else job.block
     voxel = pred.voxel if job.image_ndim == 3 else pred.voxel[1:]
-    group = store.create_image(job.output, image_shape, np.uint32, chunks=chunks,
-                               voxel_size=voxel, name="segmentation", kind="labels",
-                               levels=job.levels, halve_chunks=True,
-                               attrs={"segment": settings, "source": pred.path,
-                                      "segment_fingerprint": fingerprint,
-                                      **store.inherited_voxel_attrs(pred.path, "prediction")})
-    ome = dict(group.attrs["ome"])
-    ms = [dict(m) for m in ome["multiscales"]]
-    if pred.translation is not None and any(pred.translation):
-        t = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
-        # every level at the prediction's place, as store.set_translation does
-        ms[0]["datasets"] = [dict(d, coordinateTransformations=[
-            d["coordinateTransformations"][0], {"type": "translation", "translation": t}])
-            for d in ms[0]["datasets"]]
-    ome["multiscales"] = ms
-    ome["image-label"] = {"version": "0.5", "source": {"image": os.path.relpath(
-        os.path.abspath(pred.path), os.path.abspath(job.output))}}
-    group.attrs["ome"] = ome
+    translation = None
+    if pred.translation is not None:
+        translation = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
+    source = os.path.relpath(os.path.abspath(pred.path), os.path.abspath(job.output))
+    group = store.create_label_image(
+        job.output, image_shape, np.uint32, chunks=chunks, voxel_size=voxel,
+        name="segmentation", levels=job.levels, source=source, physical=translation,
+        attrs={"segment": recorded, "source": pred.path,
+               **store.inherited_voxel_attrs(pred.path, "prediction")})
     temp = group.create_group(TEMP)
     chunks3 = (1,) + job.block[1:] if job.mode == "2d" else job.block
     for name, dtype in (("cells", "uint32"), ("seeds", "uint32"), ("fragments", "uint64")):
@@ -298,37 +265,10 @@ def _create_output(job, pred, plan, *, settings, fingerprint):
     temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
     bins = kernels.FACE_BINS if job.face_limit >= 0 else 0
     RecordStore.create(temp, n, edge_width=5 + bins)
-    for name in PASSES:  # last: their presence means the set-up finished
-        BlockMarkers.create(temp, n, name=name)
     return group
 
 
-def _open_output(job, pred, plan, *, overwrite, settings, fingerprint):
-    """-> (group, resumed). An interrupted run with the same fingerprint is resumed."""
-    import zarr
-
-    from emtile import store
-
-    state = store.prepare_output(job.output, overwrite=overwrite, resume=not overwrite)
-    if state == "resume":
-        group = zarr.open_group(job.output, mode="r+")
-        if _resumable(group, fingerprint, len(plan)):
-            return group, True
-        store.prepare_output(job.output, overwrite=overwrite)
-    return _create_output(job, pred, plan, settings=settings, fingerprint=fingerprint), False
-
-
 # --------------------------------------------------------------------------- passes
-
-
-@dataclass(frozen=True)
-class _Runner:
-    """Where the blocks of every pass run: this process (``client`` None) or a Dask client."""
-
-    client: object = None
-    blocks_per_task: int = 1
-    retries: int = 2
-    progress: bool = True
 
 
 class _Counts:
@@ -372,80 +312,54 @@ class _Records:
         self.nbytes = 0
 
 
-def _run_pass(fn, job, temp, name, *, desc, runner, buffer=None):
-    """Run ``fn`` over the blocks that the markers ``name`` do not record as done; record them.
-
-    ``buffer`` (``add(i, result)``, ``full()``, ``flush()``) keeps what the results carry and
-    writes it, always before the markers are flushed: when it is full (without one, every
-    ``_FLUSH_EVERY`` blocks), every ``_FLUSH_S`` seconds and at the end. Returns the number of
-    blocks that were already done.
-    """
-    from emtile import distributed, store
-
-    plan = SegmentPlan(job.shape, job.block)
-    markers = BlockMarkers.open(temp, len(plan), name=name, flush_every=float("inf"))
-    todo = np.flatnonzero(~markers.done())
-    pending = []
-    last = [time.monotonic()]
-    point = f"segment.{_PASS_NAMES[name]}.recorded"
-    faults = bool(os.environ.get(_faults.ENV))  # test-only: record every block at once
-
-    def keep(i, result):
-        if result is None:  # the block was already recorded (a retry found it done)
-            return
-        if buffer is not None:
-            buffer.add(i, result)
-        pending.append(i)
-        full = buffer.full() if buffer is not None else len(pending) >= _FLUSH_EVERY
-        if full or time.monotonic() - last[0] >= _FLUSH_S or faults:
-            write()
-
-    def write():
-        with store.write_errors(job.output, then=_RESUME):
-            if buffer is not None:
-                buffer.flush()
-            markers.record(pending)
-            markers.flush()
-        for _ in pending:
-            _faults.point(point)  # test-only: the driver killed after recording blocks
-        pending.clear()
-        last[0] = time.monotonic()
-
-    distributed.map_blocks(fn, job, iter(todo.tolist()), client=runner.client,
-                           blocks_per_task=runner.blocks_per_task, retries=runner.retries,
-                           progress=runner.progress, desc=desc, total=int(todo.size),
-                           on_result=keep, describe=lambda i: _describe(plan, i))
-    write()
-    missing = np.flatnonzero(~markers.done())
-    if missing.size:  # every block was run: a bug, never a user error
-        raise RuntimeError(f"internal error: {missing.size} blocks of {desc} were not recorded "
-                           f"(first: {int(missing[0])}); the output is left incomplete")
-    return len(plan) - int(todo.size)
-
-
 def _describe(plan, i):
     start, stop = plan[i]
     return f"block {i} (voxels {', '.join(f'{a}:{b}' for a, b in zip(start, stop))})"
 
 
-def _pass_labels(job, temp, *, runner):
-    done = _run_pass(blocks.run_label_blocks, job, temp, "done1", desc="segment 1/3 labels",
-                     runner=runner, buffer=_Counts(temp["counts"]))
-    counts = np.asarray(temp["counts"][:])
-    offsets = np.zeros_like(counts)
-    offsets[1:, 0] = np.cumsum(counts[:-1, 0])
-    offsets[:, 1] = counts[:, 0].sum() + np.concatenate([[0], np.cumsum(counts[:-1, 1])])
-    from emtile import store
+class _Steps:
+    """The hooks between the passes: label offsets after pass 1, the global step before pass 3,
+    the working arrays removed at the end. Their state (the id space, the object count) is
+    recomputed on every run, resumed ones too: it is deterministic."""
 
-    with store.write_errors(job.output, then=_RESUME):
+    def __init__(self, job, plan, settings):
+        self.job, self.plan, self.settings = job, plan, settings
+        self.n_ids = self.count = 0
+        self.dtype = np.dtype(np.uint32)
+
+    def offsets(self, group):
+        """After pass 1: each block's first provisional cell and seed id."""
+        temp = group[TEMP]
+        counts = np.asarray(temp["counts"][:])
+        offsets = np.zeros_like(counts)
+        offsets[1:, 0] = np.cumsum(counts[:-1, 0])
+        offsets[:, 1] = counts[:, 0].sum() + np.concatenate([[0], np.cumsum(counts[:-1, 1])])
         temp["offsets"][:] = offsets
-    return int(counts.sum()) + 1, done  # size of the provisional id space (0 included)
+        self.n_ids = int(counts.sum()) + 1  # the provisional id space (0 included)
+
+    def global_step(self, group):
+        """Before pass 3: the provisional -> output id table, and the output's dtype."""
+        s = self.settings
+        self.count = _global_step(self.job, group[TEMP], self.plan, self.n_ids,
+                                  min_size=s.min_size, merge_threshold=s.merge_threshold,
+                                  merge_quantile=s.merge_quantile)
+        self.dtype = _output_dtype(group, self.count, self.job)
+
+    def finish(self, group):
+        del group[TEMP]
+        return {"objects": self.count}
 
 
-def _pass_fragments(job, temp, *, runner):
-    records = RecordStore.open(temp, len(SegmentPlan(job.shape, job.block)))
-    return _run_pass(blocks.run_fragment_blocks, job, temp, "done2",
-                     desc="segment 2/3 fragments", runner=runner, buffer=_Records(records))
+def _has_records(n_blocks, group):
+    return RecordStore.open(group[TEMP], n_blocks) is not None
+
+
+def _keep_counts(group):
+    return _Counts(group[TEMP]["counts"])
+
+
+def _keep_records(n_blocks, group):
+    return _Records(RecordStore.open(group[TEMP], n_blocks))
 
 
 def _groups(job, plan):
@@ -516,53 +430,62 @@ def _output_dtype(group, count, job):
     return dtype
 
 
-def _fingerprint(pred, settings, levels):
-    from emtile.volume import content_token
-
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),
-            "settings": digest, "levels": int(levels)}
 
 
-def _check_run(blocks_per_task, retries, client, cluster, cluster_workers, scheduler_file):
-    """One line for a bad distributed option, before anything is written."""
-    if isinstance(blocks_per_task, bool) or not isinstance(blocks_per_task, int) \
-            or blocks_per_task < 1:
-        raise EmtileError(f"blocks_per_task={blocks_per_task!r} must be a positive integer")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise EmtileError(f"retries={retries!r} must be 0 or a positive integer")
-    if client is None and (cluster is not None or scheduler_file is not None):
-        from emtile.distributed import cluster_spec
-
-        cluster_spec(cluster, workers=cluster_workers, scheduler_file=scheduler_file)
+# --------------------------------------------------------------------------- the stage
 
 
-@contextlib.contextmanager
-def _start(runner, *, cluster, cluster_workers, scheduler_file):
-    """``(runner, where)``: on ``runner.client``, or on a cluster started or joined here
-    (:func:`emtile.distributed.start_cluster`, closed at the end), or in this process."""
-    if runner.client is not None or (cluster is None and scheduler_file is None):
-        yield runner, "a Dask client" if runner.client is not None else ""
-        return
-    from dataclasses import replace
+def segment_stage(prediction, output, settings, runner):
+    """The :class:`emtile.blockwise.Stage` of a segmentation, checked and planned, and the
+    hooks between its passes: ``(stage, steps, pred)``.
 
-    from emtile import distributed
+    Three passes over one block plan, each reading what the one before wrote in the output's
+    working group: labels (interior components or seeds, counted per block), fragments (the
+    flood, with each block's records of faces and fragments), and write (ids through the table
+    the global step made from the records, every pyramid level).
+    """
+    from emtile import store
 
-    with distributed.start_cluster(cluster, workers=cluster_workers,
-                                   scheduler_file=scheduler_file) as (client, info):
-        if runner.progress:
-            from tqdm.auto import tqdm
+    s = settings
+    pred = _open_prediction(prediction)
+    mode, shape3, block = _check_options(pred, s)
+    levels = _check_levels(s.levels, shape3, block)
+    store.check_output(output, inputs=[pred.path])
+    sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
+    job = SegmentJob(
+        input=pred.path, output=str(output), shape=shape3, image_ndim=len(pred.shape),
+        block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=int(s.grow),
+        seed_cap=s.seed_cap, seed_radius=s.seed_radius, interior_rounds=s.interior_rounds,
+        sampling=sampling, keep_boundaries=bool(s.keep_boundaries), run=uuid.uuid4().hex,
+        levels=levels, seeds=s.seeds,
+        face_limit=kernels.face_limit(s.merge_threshold)
+        if s.method == "ws" and s.merge_quantile is not None else -1)
+    plan = SegmentPlan(job.shape, job.block)
+    recorded = _settings(job, s)
+    steps = _Steps(job, plan, s)
+    describe = functools.partial(_describe, plan)
+    n = len(plan)
+    passes = (
+        Pass(name="segment 1/3 labels", fn=blocks.run_label_blocks, job=job, plan=plan,
+             describe=describe, markers="done1", point="segment.labels.recorded",
+             keep=_keep_counts, after=steps.offsets, flush_seconds=_FLUSH_S),
+        Pass(name="segment 2/3 fragments", fn=blocks.run_fragment_blocks, job=job, plan=plan,
+             describe=describe, markers="done2", point="segment.fragments.recorded",
+             keep=functools.partial(_keep_records, n), flush_seconds=_FLUSH_S),
+        Pass(name="segment 3/3 write", fn=blocks.run_write_blocks, job=job, plan=plan,
+             describe=describe, markers="done3", point="segment.write.recorded",
+             before=steps.global_step, flush_seconds=_FLUSH_S),
+    )
+    stage = Stage(name="segment", output=str(output), inputs=(pred.path,),
+                  fingerprint=_fingerprint(pred, recorded, levels),
+                  create=functools.partial(_create_output, job, pred, plan, recorded),
+                  passes=passes, markers_group=TEMP,
+                  resumable=functools.partial(_has_records, n), finish=steps.finish)
+    return stage, steps, pred
 
-            tqdm.write(str(info))
-        yield replace(runner, client=client), f"{info.kind} cluster, {info.workers} workers"
 
-
-def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
-            threshold=DEFAULTS["threshold"], min_size=DEFAULTS["min_size"],
-            merge_threshold=DEFAULTS["merge_threshold"], seeds=DEFAULTS["seeds"],
-            merge_quantile=DEFAULTS["merge_quantile"], keep_boundaries=False, block_size=None,
-            grow=DEFAULTS["grow"], overwrite=False, progress=True, client=None, cluster=None,
-            cluster_workers=None, scheduler_file=None, blocks_per_task=1, retries=2, levels=1):
+def segment(prediction, output, settings=None, runner=None, *, overwrite=False, progress=True,
+            **overrides):
     """Segment a probability map into labelled cells, block by block, into an OME-Zarr label image.
 
     Parameters
@@ -573,115 +496,33 @@ def segment(prediction, output, *, method=DEFAULTS["method"], mode="auto",
         :func:`emtile.open_volume` opens; shape (Z, Y, X) or (Y, X).
     output : str or Path
         The new store: labels at ``"0"`` (uint32, or uint64 when the count needs it), 0 for
-        background, objects numbered 1..N in the order of their first pixel (C order).
-    method : {"cc", "ws"}
-        ``cc``: connected components of the interior (``p > threshold``), the boundary pixels
-        then flooded from them. ``ws``: seeds (``seeds``) flooded over the interior and the
-        boundary into fragments, which are merged while the boundary probability on their
-        shared face (its ``merge_quantile``, or its mean) is at most ``merge_threshold``.
-    mode : {"auto", "2d", "3d"}
-        ``2d`` segments each z-slice on its own (4-connected); ``3d`` connects through z
-        (6-connected). ``auto``: 3d only for a stack predicted by a 3-D model.
-    threshold : float
-        Interior is ``p > threshold``, as ``emtile predict --threshold``.
-    min_size : int
-        Objects of fewer interior pixels (``p > threshold``) join the neighbour they share the
-        largest face with, or are dropped when they have none.
-    merge_threshold : float
-        ws: highest boundary probability on a face (its quantile, or its mean) for its
-        fragments to be merged.
-    seeds : {"components", "distance"}
-        ws: the seeds are the interior's connected components (the fragments are cc's
-        objects), or the maxima of the interior's distance to the boundary (several per cell,
-        each flooded over the interior first).
-    merge_quantile : float or None
-        ws: measure a face by this quantile (in (0, 1]) of the boundary probabilities of its
-        pixels, counted in 8 bins up to ``merge_threshold``; None: by their mean.
-    keep_boundaries : bool
-        Leave the boundary pixels (``p <= threshold``) 0 instead of giving them to the cells.
-    block_size : tuple of int, optional
-        Block shape, one number per axis of the prediction; default about 4 M pixels
-        (2d: whole slices up to 1024 x 1024). The labels do not depend on it.
-    grow : int
-        How far, in pixels, a flood carries a label: boundary pixels further from every cell
-        stay 0. It also sets the context each block reads.
+        background, objects numbered 1..N in the order of their first pixel (C order); every
+        level of a pyramid (``levels``) takes every ``2**k``-th pixel of level 0.
+    settings : SegmentSettings, optional
+        The method and its parameters (:class:`emtile.settings.SegmentSettings`, whose
+        docstring says what each does; its defaults when None). The labels do not depend on the
+        block size.
+    runner : emtile.blockwise.Runner, optional
+        Where the blocks run: here (None), or on a Dask cluster (the labels are the same).
     overwrite : bool
         Replace an existing output (and never resume an interrupted one).
     progress : bool
-    client : distributed.Client, optional
-        Run the blocks on this Dask cluster (:func:`emtile.distributed.map_blocks`); the
-        workers open the prediction and the output by path. None: in this process (or on
-        ``cluster``).
-    cluster : str, optional
-        Run the blocks on Dask: ``"local"`` (``cluster_workers`` processes on this machine),
-        ``"tcp://host:port"`` (a running scheduler), ``"slurm"`` (dask-jobqueue) or ``"cuda"``
-        (dask-cuda); started (or joined) for this run and closed after it. See
-        :func:`emtile.distributed.start_cluster`. The labels are the same on any cluster.
-    cluster_workers : int, optional
-        Workers of a local / cuda cluster, or SLURM jobs.
-    scheduler_file : path, optional
-        The scheduler file of a running cluster (instead of ``cluster``).
-    blocks_per_task : int
-        Blocks per Dask task.
-    retries : int
-        Extra tries of a failed Dask task.
-    levels : int
-        Resolution levels (an OME-Zarr pyramid for viewers): level ``k`` takes every
-        ``2**k``-th pixel in y and x of level 0 (labels are never averaged, so no level holds an
-        id that is not in level 0). Each block writes its part of every level as it writes
-        level 0 (no second pass); the block size in y and x must then be divisible by
-        ``2**(levels - 1)`` (the default blocks are).
+    **overrides
+        Fields of the settings or the runner by name (``method="cc"``, ``block_size=(1, 512,
+        512)``, ``cluster="local"``, ``client=client``).
 
     Returns
     -------
     SegmentResult
     """
     t0 = time.perf_counter()
-    from emtile import store
-
-    pred = _open_prediction(prediction)
-    mode, shape3, block = _check_options(
-        pred, method=method, mode=mode, threshold=threshold, min_size=min_size,
-        merge_threshold=merge_threshold, grow=grow, block_size=block_size, seeds=seeds,
-        merge_quantile=merge_quantile)
-    levels = _check_levels(levels, shape3, block)
-    _check_run(blocks_per_task, retries, client, cluster, cluster_workers, scheduler_file)
-    store.check_output(output, inputs=[pred.path])
-    sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
-    job = SegmentJob(
-        input=pred.path, output=str(output), shape=shape3, image_ndim=len(pred.shape),
-        block=block, method=method, mode=mode, threshold=float(threshold), grow=int(grow),
-        seed_cap=DEFAULTS["seed_cap"], seed_radius=DEFAULTS["seed_radius"],
-        interior_rounds=DEFAULTS["interior_rounds"], sampling=sampling,
-        keep_boundaries=bool(keep_boundaries), run=uuid.uuid4().hex, levels=levels, seeds=seeds,
-        face_limit=kernels.face_limit(merge_threshold)
-        if method == "ws" and merge_quantile is not None else -1)
-    plan = SegmentPlan(job.shape, job.block)
-    settings = _settings(job, min_size=min_size, merge_threshold=merge_threshold,
-                         merge_quantile=merge_quantile)
-    fingerprint = _fingerprint(pred, settings, levels)
-    runner = _Runner(client, blocks_per_task, retries, bool(progress))
-    with store.output_lock(output):
-        with store.write_errors(output, then=_RESUME):
-            group, _ = _open_output(job, pred, plan, overwrite=overwrite, settings=settings,
-                                    fingerprint=fingerprint)
-        temp = group[TEMP]
-        with _start(runner, cluster=cluster, cluster_workers=cluster_workers,
-                    scheduler_file=scheduler_file) as (runner, where):
-            n_ids, done1 = _pass_labels(job, temp, runner=runner)
-            done2 = _pass_fragments(job, temp, runner=runner)
-            with store.write_errors(output, then=_RESUME):
-                count = _global_step(job, temp, plan, n_ids, min_size=min_size,
-                                     merge_threshold=merge_threshold,
-                                     merge_quantile=merge_quantile)
-                dtype = _output_dtype(group, count, job)
-            done3 = _run_pass(blocks.run_write_blocks, job, temp, "done3",
-                              desc="segment 3/3 write", runner=runner)
-        with store.write_errors(output, then=_RESUME):
-            del group[TEMP]
-            store.mark_complete(group, objects=count)
-    return SegmentResult(output=str(output), shape=pred.shape, dtype=str(dtype), objects=count,
-                         method=method, mode=mode, block=block[3 - len(pred.shape):],
-                         blocks=len(plan), blocks_resumed=(done1, done2, done3),
-                         seconds=time.perf_counter() - t0, settings=settings, levels=levels,
-                         cluster=where)
+    settings, runner = split_overrides(SegmentSettings, settings, overrides, Runner, runner)
+    stage, steps, pred = segment_stage(prediction, output, settings, runner)
+    done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
+    job = steps.job
+    return SegmentResult(output=str(output), shape=pred.shape, dtype=str(steps.dtype),
+                         objects=steps.count, method=job.method, mode=job.mode,
+                         block=job.block[3 - len(pred.shape):], blocks=len(steps.plan),
+                         blocks_resumed=done.blocks_done, seconds=time.perf_counter() - t0,
+                         settings=_settings(job, settings), levels=job.levels,
+                         cluster=done.where)
