@@ -298,7 +298,7 @@ def _prob(pslice, decoder, scale):
 def _stacks(raw, pred, labels, slices, roi, seg=None):
     """The stacks on one grid (cut to a prediction, or a segmentation, of a region), and
     ``slices``, ``roi`` in that grid: ``(rstack, pstack, lstack, sstack, slices, roi, offset)``."""
-    from emtile.metrics import check_kinds, is_label_image, open_pair
+    from emtile.evaluation import check_kinds, is_label_image, open_pair
 
     if pred is not None and labels is not None:
         check_kinds(pred, labels, command="show")
@@ -331,7 +331,7 @@ def _stacks(raw, pred, labels, slices, roi, seg=None):
 
 def _open_seg(seg):
     """The label image to draw, checked: integer ids, not another kind of emtile store."""
-    from emtile.metrics import store_kind
+    from emtile.evaluation import store_kind
 
     kind, meta = store_kind(seg)
     if kind in ("image", "probabilities") or meta.get("threshold") is not None:

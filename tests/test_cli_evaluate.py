@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from emtile import EmtileError
 from emtile.cli.main import main
-from emtile.metrics import evaluate
+from emtile.evaluation import evaluate
 
 
 @pytest.fixture
@@ -89,14 +89,14 @@ def test_user_errors_exit_1(files):
 @pytest.mark.parametrize("option", ["--json", "--csv"])
 def test_files_that_cannot_be_written_are_refused_before_any_work(files, monkeypatch, option):
     """`--json missing_dir/s.json` used to score every slice and then die with a traceback."""
-    import emtile.metrics
+    import emtile.evaluation
 
     d, pred, labels = files
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the inputs were opened before the output files were checked")
 
-    monkeypatch.setattr(emtile.metrics, "open_stack", no_reading)
+    monkeypatch.setattr(emtile.evaluation, "open_stack", no_reading)
     args = ["evaluate", str(d / "pred.zarr"), str(d / "labels.tif"), "--no-progress"]
     cases = {str(d / "missing_dir" / "s.out"): f"{option} '{d / 'missing_dir' / 's.out'}': its "
                                                f"folder '{d / 'missing_dir'}' does not exist",

@@ -242,7 +242,7 @@ def test_swapped_or_wrong_volumes_are_named(stores):
 
 
 def test_a_region_prediction_is_scored_against_full_labels(stores):
-    from emtile.metrics import evaluate
+    from emtile.evaluation import evaluate
 
     d = stores
     part = evaluate(str(d / "roi.zarr"), str(d / "labels.zarr"), sweep=True, progress=False)
