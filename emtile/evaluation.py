@@ -91,33 +91,31 @@ def check_kinds(pred, labels, *, command="evaluate"):
     (pk, pmeta), (lk, lmeta) = store_kind(pred), store_kind(labels)
     # converted labels: neither predicted (a mask records its threshold) nor segmented
     truth = pk == "labels" and pmeta.get("threshold") is None and "segment" not in pmeta
-    usage = (f"emtile {command} PRED LABELS" if command == "evaluate" else
-             "emtile show RAW --pred PRED --labels LABELS")
     if truth and lk == "probabilities":
-        raise EmtileError(f"PRED and LABELS are swapped: {str(pred)!r} holds labels and "
-                          f"{str(labels)!r} a prediction (their stores say so); {usage} takes "
-                          f"the prediction as PRED")
+        raise EmtileError(f"pred and labels are swapped: {str(pred)!r} holds labels and "
+                          f"{str(labels)!r} a prediction (their stores say so); {command} takes "
+                          f"the prediction as pred=")
     if pk == "image":
         raise EmtileError(f"pred {str(pred)!r} is an image volume (its store says kind 'image'), "
-                          f"not a prediction: {usage} takes the output of emtile predict (or a "
-                          f"mask) as PRED")
+                          f"not a prediction: {command} takes the output of predict (or a "
+                          f"mask) as pred=")
     if lk in ("image", "probabilities"):
         what = "an image volume" if lk == "image" else "a prediction"
         raise EmtileError(f"labels {str(labels)!r} is {what} (its store says kind {lk!r}), not "
-                          f"labels: {usage} takes binary labels (emtile convert --labels) as "
-                          f"LABELS")
+                          f"labels: {command} takes binary labels (convert's labels=True) as "
+                          f"labels=")
     if lk == "labels" and "segment" in lmeta:
         raise EmtileError(f"labels {str(labels)!r} is a segmentation (emtile segment wrote it), "
-                          f"not binary labels: {usage} takes binary labels (1 = cell interior, "
-                          f"0 = membrane; emtile convert --labels) as LABELS; a segmentation is "
-                          f"scored by giving it as PRED")
+                          f"not binary labels: {command} takes binary labels (1 = cell interior, "
+                          f"0 = membrane; convert's labels=True) as labels=; a segmentation is "
+                          f"scored by giving it as pred=")
 
 
 def open_pair(pred, other, *, other_name="labels", command="evaluate"):
     """Open a prediction and a volume to compare it with (labels, or the raw image) on the same
     grid: ``(pred stack, other stack, offset)``.
 
-    When the prediction covers a region of ``other`` (``emtile predict --roi``: a smaller store
+    When the prediction covers a region of ``other`` (``predict(..., roi=...)``: a smaller store
     that records its translation), ``other`` is cut to that region (a lazy :class:`Window`) and
     ``offset`` is where the region starts (voxels, one per axis of the stack); else the shapes
     must match and ``offset`` is all zeros.
@@ -134,8 +132,8 @@ def open_pair(pred, other, *, other_name="labels", command="evaluate"):
     region = (f"prediction {pstack.display} has shape {tuple(pstack.array.shape)} but "
               f"{other_name} {ostack.display} have shape {tuple(ostack.array.shape)}")
     if start is None:
-        raise EmtileError(f"{region}; they must match (a prediction of a region, predict "
-                          f"--roi, records where it lies; this one records nothing)")
+        raise EmtileError(f"{region}; they must match (a prediction of a region, predict's "
+                          f"roi=, records where it lies; this one records nothing)")
     start = (0,) * (3 - len(start)) + tuple(start[-3:])
     if (ostack.lead != pstack.lead or any(a < 0 or a + n > m for a, n, m
                                           in zip(start, pstack.shape, ostack.shape))):
@@ -229,7 +227,8 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
     """
     from emtile import store
 
-    store.check_output(None, inputs=[pred, labels], files={"--json": json_path, "--csv": csv_path})
+    store.check_output(None, inputs=[pred, labels], files={"json_path": json_path,
+                                                                "csv_path": csv_path})
     if threshold is not None:
         check_threshold(threshold)
     pstack, lstack, offset = open_pair(pred, labels)  # unfinished or unreadable stores first
@@ -262,13 +261,13 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
 
 def _refuse_map_options(name, *, threshold, sweep, invert):
     """A label image has no threshold: refuse the options that only mean something for maps."""
-    given = [text for text, on in ((f"--threshold {threshold:g}" if threshold is not None else "",
+    given = [text for text, on in ((f"threshold={threshold:g}" if threshold is not None else "",
                                     threshold is not None),
-                                   ("--sweep", sweep), ("--invert", invert)) if on]
+                                   ("sweep=True", sweep), ("invert=True", invert)) if on]
     if given:
         raise EmtileError(f"{given[0]} does not apply to a label image: pred {name!r} is scored as "
                           f"a segmentation (its ids are the segments), which has no threshold; "
-                          f"leave out {given[0].split()[0]}")
+                          f"leave out {given[0].split('=')[0]}=")
 
 
 def _scores(truth_seg, pred_seg):

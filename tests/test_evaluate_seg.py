@@ -248,9 +248,9 @@ def test_map_csv_and_report_carry_the_cremi_scores(stores, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kw, option", [({"sweep": True}, "--sweep"),
-                                        ({"threshold": 0.3}, "--threshold 0.3"),
-                                        ({"invert": True}, "--invert")])
+@pytest.mark.parametrize("kw, option", [({"sweep": True}, "sweep=True"),
+                                        ({"threshold": 0.3}, "threshold=0.3"),
+                                        ({"invert": True}, "invert=True")])
 def test_map_options_are_refused_with_a_label_image(stores, tmp_path, kw, option):
     d, _, _ = stores
     with pytest.raises(EmtileError, match=f"^{option} does not apply to a label image: pred "
@@ -265,7 +265,7 @@ def test_cli_sweep_with_a_label_image_is_one_line(stores, tmp_path):
     res = CliRunner().invoke(main, ["evaluate", str(d / "seg.zarr"), str(d / "labels.zarr"),
                                     "--sweep", "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 1
-    assert res.output.startswith("Error: --sweep does not apply to a label image")
+    assert res.output.startswith("Error: sweep=True does not apply to a label image")
     assert res.output.count("\n") == 1 and "Traceback" not in res.output
     assert not (tmp_path / "s.json").exists()
 
@@ -279,11 +279,11 @@ def test_shapes_differ(stores, tmp_path):
 
 
 def test_a_segmentation_as_labels_is_refused(stores):
-    """LABELS must be binary (cell interior / membrane): instance ids are not accepted there."""
+    """labels must be binary (cell interior / membrane): instance ids are not accepted there."""
     d, _, p = stores
     with pytest.raises(EmtileError, match=r"labels '.*seg.zarr' is a segmentation \(emtile "
                                           r"segment wrote it\), not binary labels: .* a "
-                                          r"segmentation is scored by giving it as PRED"):
+                                          r"segmentation is scored by giving it as pred="):
         E.evaluate(str(d / "pred.zarr"), str(d / "seg.zarr"), progress=False)
     with pytest.raises(EmtileError, match="labels are not binary in slice 0"):
         E.evaluate(p, read_seg(d / "seg.zarr"), progress=False)  # an array says nothing: values
