@@ -119,7 +119,6 @@ slice and averaged over the scored slices like the ISBI ones:
 """
 
 from fractions import Fraction
-from numbers import Integral
 
 import numpy as np
 
