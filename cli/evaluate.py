@@ -38,7 +38,8 @@ def evaluate(pred, labels, slices, threshold, sweep, invert, json_path, csv_path
     A prediction of a region (predict --roi) is scored against the same region of full-size
     LABELS (its offset is in its metadata); --slices then count in the labels' slices.
     """
-    from emtile.metrics import evaluate as run, format_report
+    from emtile.evaluation import evaluate as run
+    from emtile.reports import format_report
 
     result = run(pred, labels, slices=slices, threshold=threshold, sweep=sweep, invert=invert,
                  progress=progress, json_path=json_path, csv_path=csv_path)

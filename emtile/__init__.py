@@ -21,7 +21,7 @@ _LAZY = {
     "predict": "emtile.predictor",
     "train": "emtile.trainer",
     "TrainSettings": "emtile.training.settings",
-    "evaluate": "emtile.metrics",
+    "evaluate": "emtile.evaluation",
     "show": "emtile.plot",
     "export_model": "emtile.export",
     "segment": "emtile.segmenter",

@@ -89,15 +89,16 @@ def _spec():
     return v0_5
 
 
-def _check_destination(path, overwrite):
+def _check_destination(path, overwrite, inputs):
+    """The package to write, checked by the output rule (:func:`emtile.store.check_output`); an
+    existing file is replaced only when it is a bioimage.io package."""
+    from emtile import store
+
     path = Path(path)
     if path.suffix.lower() != ".zip":
-        raise EmtileError(f"output={str(path)!r} must end in .zip (a bioimage.io package is a zip)")
-    if path.is_dir():
-        raise EmtileError(f"output={str(path)!r} is a folder; give a .zip file name")
+        raise EmtileError(f"path={str(path)!r} must end in .zip (a bioimage.io package is a zip)")
+    store.check_output(None, inputs=inputs, files={"path": path}, overwrite=overwrite)
     if path.exists():
-        if not overwrite:
-            raise EmtileError(f"output={str(path)!r} exists; use --overwrite to replace it")
         import zipfile
 
         ours = zipfile.is_zipfile(path)
@@ -105,10 +106,8 @@ def _check_destination(path, overwrite):
             with zipfile.ZipFile(path) as z:
                 ours = "rdf.yaml" in z.namelist()
         if not ours:
-            raise EmtileError(f"output={str(path)!r} exists and is not a bioimage.io package; "
+            raise EmtileError(f"path={str(path)!r} exists and is not a bioimage.io package; "
                               f"emtile replaces only its own kind of file")
-    if not path.parent.is_dir():
-        raise EmtileError(f"output={str(path)!r}: the folder {str(path.parent)!r} does not exist")
     return path
 
 
@@ -132,7 +131,7 @@ def _test_crop(shape_map, sample, sample_slice, meta):
         if not isinstance(sample, str) or not Path(sample).exists():
             raise EmtileError(f"no sample image for the test tensors: the model's metadata.json "
                               f"records raw={sample!r}, which is not an existing volume; give "
-                              f"sample= (--sample VOLUME)")
+                              f"sample= (a volume to cut the test input from)")
     arr = open_volume(sample)
     if arr.ndim not in (2, 3) or np.dtype(arr.dtype).kind not in "biuf":
         raise EmtileError(f"sample={str(sample)!r} has shape {tuple(arr.shape)} and dtype "
@@ -197,7 +196,7 @@ def _write_torchscript(net, crop, path):
         for t in (x, other):
             if not torch.equal(traced(t), net(t)):
                 raise EmtileError("the traced TorchScript model differs from the U-Net; export "
-                                  "without --torchscript")
+                                  "with torchscript=False")
         torch.jit.save(traced, str(path))
 
 
@@ -398,7 +397,7 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
                           f"model folder (config.json, model.safetensors)")
     net = load_model(model)
     meta = load_metadata(model)
-    path = _check_destination(path, overwrite)
+    path = _check_destination(path, overwrite, inputs=[model, sample])
     if net.in_channels != 1:
         raise EmtileError(f"the model has in_channels={net.in_channels}; emtile exports "
                           f"single-channel models (its test input is one image slice)")

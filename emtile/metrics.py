@@ -7,11 +7,11 @@ thresholded and compared pixel by pixel. Foreground (the positive class) is the 
 label 1. Accuracy, pixel error (1 - accuracy), precision, recall, F1 (= Dice) and IoU (= Jaccard)
 of the foreground, the 2x2 confusion matrix ``[[TN, FP], [FN, TP]]`` (rows: truth 0/1, columns:
 prediction 0/1, as :func:`sklearn.metrics.confusion_matrix`) and scikit-learn's
-``classification_report`` text. :func:`evaluate` accumulates the four counts over z-slabs, so a
-volume larger than memory can be scored, and builds the report exactly from them (the four
-counts are passed to scikit-learn as ``sample_weight``). A 0/0 ratio (e.g. precision when nothing
-is predicted as foreground) is 1.0 when truth and prediction agree that there is no foreground
-(TP + FP + FN = 0) and 0.0 otherwise.
+``classification_report`` text. :func:`emtile.evaluation.evaluate` accumulates the four counts
+over z-slabs, so a volume larger than memory can be scored, and builds the report exactly from
+them (the four counts are passed to scikit-learn as ``sample_weight``). A 0/0 ratio (e.g.
+precision when nothing is predicted as foreground) is 1.0 when truth and prediction agree that
+there is no foreground (TP + FP + FN = 0) and 0.0 otherwise.
 
 **ISBI 2012 scores** (:func:`isbi_scores`, :func:`v_rand`, :func:`v_info`), following the
 challenge's Fiji evaluation (Arganda-Carreras et al. 2015, Front. Neuroanat. 9:142; Fiji's
@@ -80,9 +80,9 @@ Conventions and documented differences
   foreground pixels (singletons relabelled) equals V-Info, except in the single-segment case.
 
 **Label images** (the output of ``emtile segment``; :func:`label_scores`,
-:func:`is_label_image`) are scored as segmentations: their ids *are* the predicted segments S
-(no threshold, no thinning, no connected components: an id is one segment even where it is cut
-in two), and step 3 above applies unchanged: truth membrane pixels are left out, and a predicted
+:func:`emtile.evaluation.is_label_image`) are scored as segmentations: their ids *are* the
+predicted segments S (no threshold, no thinning, no connected components: an id is one segment
+even where it is cut in two), and step 3 above applies unchanged: truth membrane pixels are left out, and a predicted
 0 pixel inside the truth foreground is its own singleton segment (ISBI). ``evaluate`` takes a
 prediction as a label image when its store says so (``emtile segment`` marks it: kind
 ``"labels"`` with ``segment`` settings), or, for arrays and other tools' files, when its dtype is
@@ -119,45 +119,36 @@ slice and averaged over the scored slices like the ISBI ones:
 """
 
 from fractions import Fraction
-from numbers import Integral
 
 import numpy as np
 
 from emtile._errors import EmtileError
-from emtile.volume import LabelChecker, Stack, Window, open_stack, resolve_slices, slab_depth, slice_runs
+from emtile.volume import LabelChecker
 
 __all__ = [
-    "evaluate",
     "pixel_metrics",
     "metrics_from_counts",
     "classification_report_text",
     "isbi_scores",
+    "label_scores",
     "segmentation_stats",
     "v_rand",
     "v_info",
     "thin_boundaries",
     "truth_segments",
-    "format_report",
-    "write_csv",
-    "write_json",
     "check_threshold",
+    "check_ids",
     "confusion_counts",
     "PredictionDecoder",
     "SWEEP_THRESHOLDS",
-    "open_pair",
-    "check_kinds",
-    "store_kind",
-    "label_scores",
-    "is_label_image",
-    "is_segmentation_store",
-    "LABEL_IMAGE_DTYPES",
+    "SCORES",
+    "CONVENTIONS",
 ]
 
 #: The challenge's threshold sweep: 0.0, 0.1, ..., 1.0.
 SWEEP_THRESHOLDS = tuple(k / 10 for k in range(11))
 
 _FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
-_SLAB_BYTES = 64 * 2**20  # how much prediction one read may hold
 _JOINT_BINCOUNT_MAX = 1 << 23  # above this many (i, j) cells, count pairs by sorting instead
 
 
@@ -246,7 +237,8 @@ def pixel_metrics(pred, truth, *, threshold=0.5, invert=False):
     -------
     dict
         As :func:`metrics_from_counts`, plus ``threshold`` and ``classification_report``.
-        :func:`evaluate` gives the same numbers for volumes on disk, slab by slab.
+        :func:`emtile.evaluation.evaluate` gives the same numbers for volumes on disk, slab by
+        slab.
 
     Examples
     --------
@@ -405,7 +397,7 @@ def segmentation_stats(truth_seg, pred_seg):
     truth_seg, pred_seg = np.asarray(truth_seg), np.asarray(pred_seg)
     _check_shapes(truth_seg.shape, pred_seg.shape, "truth_seg", "pred_seg")
     for name, seg in (("truth_seg", truth_seg), ("pred_seg", pred_seg)):
-        _check_ids(seg, name)
+        check_ids(seg, name)
     tables = _tables(truth_seg, pred_seg)
     if tables is None:
         return {"n": 0, "singletons": 0, "sum_p2": 0, "sum_s2": 0, "sum_t2": 0,
@@ -448,8 +440,9 @@ def _cremi(a, b, c, z, singles, n, h_truth):
     }
 
 
-def _check_ids(seg, name):
-    """Segments are non-negative integers (or bool)."""
+def check_ids(seg, name):
+    """EmtileError unless the segment ids ``seg`` (named ``name``) are non-negative integers
+    (or bool)."""
     if seg.dtype != np.bool_ and not np.issubdtype(seg.dtype, np.integer):
         raise EmtileError(f"{name} has dtype {seg.dtype}: segment ids must be integers "
                           "(0 = boundary / left out)")
@@ -587,118 +580,6 @@ def _check_shapes(a, b, name_a, name_b):
                           "they must have the same shape")
 
 
-def store_kind(source):
-    """``(kind, emtile attributes)`` of an emtile store (``"image"``, ``"labels"``,
-    ``"probabilities"``; a predicted mask is ``"labels"`` with a ``threshold``), or
-    ``(None, {})`` for anything else (arrays, TIFFs, foreign stores)."""
-    import os
-    from pathlib import Path
-
-    from emtile.store import emtile_attrs, is_zarr_store
-
-    if not isinstance(source, (str, os.PathLike)):
-        return None, {}
-    p = Path(str(source))
-    for candidate in (p, p.parent):  # a group, or an array inside one (pred.zarr/0)
-        if is_zarr_store(candidate):
-            meta = emtile_attrs(candidate)
-            if meta:
-                return meta.get("kind"), meta
-    return None, {}
-
-
-#: Integer dtypes read as label images (ids) when no store says what the prediction is.
-LABEL_IMAGE_DTYPES = tuple(np.dtype(t) for t in ("uint32", "uint64", "int32", "int64"))
-
-
-def is_segmentation_store(source):
-    """True when ``source`` is a store written by ``emtile segment`` (a label image): its emtile
-    attributes say kind ``"labels"`` and carry the ``segment`` settings."""
-    kind, meta = store_kind(source)
-    return kind == "labels" and "segment" in meta
-
-
-def is_label_image(source, dtype):
-    """Whether ``evaluate`` scores the prediction ``source`` (of ``dtype``) as a label image.
-
-    The store's own record first: an ``emtile segment`` store is one; any other emtile store
-    (probabilities, a predicted mask, converted labels, an image) is not. Otherwise (arrays,
-    TIFFs, other tools' stores) an integer dtype of 32 or 64 bits (:data:`LABEL_IMAGE_DTYPES`)
-    is one; bool, 8- and 16-bit integers and floats are probabilities or masks.
-
-    Examples
-    --------
-    >>> is_label_image(np.zeros(3, np.uint32), np.uint32), is_label_image(None, np.uint8)
-    (True, False)
-    """
-    kind, meta = store_kind(source)
-    if kind is not None:
-        return kind == "labels" and "segment" in meta
-    return np.dtype(dtype) in LABEL_IMAGE_DTYPES
-
-
-def check_kinds(pred, labels, *, command="evaluate"):
-    """Refuse a prediction and labels whose stores say they are something else: the raw image
-    given as the prediction, the two swapped, an image, a prediction or a segmentation given as
-    labels. Sources that record no kind (TIFFs, arrays, other tools' stores) pass."""
-    (pk, pmeta), (lk, lmeta) = store_kind(pred), store_kind(labels)
-    # converted labels: neither predicted (a mask records its threshold) nor segmented
-    truth = pk == "labels" and pmeta.get("threshold") is None and "segment" not in pmeta
-    usage = (f"emtile {command} PRED LABELS" if command == "evaluate" else
-             "emtile show RAW --pred PRED --labels LABELS")
-    if truth and lk == "probabilities":
-        raise EmtileError(f"PRED and LABELS are swapped: {str(pred)!r} holds labels and "
-                          f"{str(labels)!r} a prediction (their stores say so); {usage} takes "
-                          f"the prediction as PRED")
-    if pk == "image":
-        raise EmtileError(f"pred {str(pred)!r} is an image volume (its store says kind 'image'), "
-                          f"not a prediction: {usage} takes the output of emtile predict (or a "
-                          f"mask) as PRED")
-    if lk in ("image", "probabilities"):
-        what = "an image volume" if lk == "image" else "a prediction"
-        raise EmtileError(f"labels {str(labels)!r} is {what} (its store says kind {lk!r}), not "
-                          f"labels: {usage} takes binary labels (emtile convert --labels) as "
-                          f"LABELS")
-    if lk == "labels" and "segment" in lmeta:
-        raise EmtileError(f"labels {str(labels)!r} is a segmentation (emtile segment wrote it), "
-                          f"not binary labels: {usage} takes binary labels (1 = cell interior, "
-                          f"0 = membrane; emtile convert --labels) as LABELS; a segmentation is "
-                          f"scored by giving it as PRED")
-
-
-def open_pair(pred, other, *, other_name="labels", command="evaluate"):
-    """Open a prediction and a volume to compare it with (labels, or the raw image) on the same
-    grid: ``(pred stack, other stack, offset)``.
-
-    When the prediction covers a region of ``other`` (``emtile predict --roi``: a smaller store
-    that records its translation), ``other`` is cut to that region (a lazy :class:`Window`) and
-    ``offset`` is where the region starts (voxels, one per axis of the stack); else the shapes
-    must match and ``offset`` is all zeros.
-    """
-    from emtile.store import offset_voxels
-
-    pstack, ostack = open_stack(pred, name="pred"), open_stack(other, name=other_name)
-    zero = (0,) * 3
-    if pstack.shape == ostack.shape:
-        return pstack, ostack, zero
-    import os
-
-    start = offset_voxels(pred) if isinstance(pred, (str, os.PathLike)) else None
-    region = (f"prediction {pstack.display} has shape {tuple(pstack.array.shape)} but "
-              f"{other_name} {ostack.display} have shape {tuple(ostack.array.shape)}")
-    if start is None:
-        raise EmtileError(f"{region}; they must match (a prediction of a region, predict "
-                          f"--roi, records where it lies; this one records nothing)")
-    start = (0,) * (3 - len(start)) + tuple(start[-3:])
-    if (ostack.lead != pstack.lead or any(a < 0 or a + n > m for a, n, m
-                                          in zip(start, pstack.shape, ostack.shape))):
-        box = ", ".join(f"{ax} {a}:{a + n}" for ax, a, n in zip("zyx", start, pstack.shape))
-        raise EmtileError(f"{region}: the prediction covers {box} of its input, which does not "
-                          f"fit in the {other_name}")
-    inner = {"": start, "2d": start[1:], "c": (0,) + start}[ostack.lead]
-    window = Window(ostack.array, inner, pstack.array.shape)
-    return pstack, Stack(window, ostack.display), start
-
 
 def _slice_scores(fg, truth_seg):
     stats = segmentation_stats(truth_seg, thin_boundaries(fg))
@@ -784,220 +665,11 @@ def label_scores(seg_slice, truth_slice):
     return out
 
 
-# --------------------------------------------------------------------------- volumes
-
-
-def _slab_depth(stack):
-    """Slices per read: about ``_SLAB_BYTES`` of prediction, counted as at least float32."""
-    return slab_depth(stack.shape, max(stack.dtype.itemsize, 4), budget=_SLAB_BYTES)
-
-
-def _mean(values):
-    return float(np.mean(values)) if len(values) else 1.0
-
-
-def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=False,
-             progress=True, json_path=None, csv_path=None):
-    """Score a prediction or a segmentation against binary labels: the ISBI 2012 scores (V-Rand,
-    V-Info), the CREMI ones (VOI split and merge, adapted Rand error) and pixel metrics.
-
-    Reads the two volumes in z-slabs (at most ~64 MB of prediction at a time), so volumes
-    larger than memory can be scored; pixel counts are accumulated over the slabs.
-
-    Parameters
-    ----------
-    pred : str, Path or array-like, shape (Z, Y, X) or (Y, X)
-        Cell-interior probabilities: float in [0, 1], or uint8 0-255 (255 = 1.0); or a mask
-        (bool, or integers that are all 0/1); or a label image, scored as a segmentation (its
-        ids are the segments, 0 = boundary): ``emtile segment``'s store, or any uint32 / uint64
-        / int32 / int64 array (:func:`is_label_image`). Paths open with
-        :func:`emtile.open_volume` (``pred.zarr`` reads its probabilities at ``"0"``;
-        ``pred.zarr/labels/mask`` its mask).
-    labels : str, Path or array-like, same shape
-        Binary truth: {0, 1} (``emtile convert --labels``) or {0, 255} (the ISBI TIFF);
-        non-zero = cell interior. A segmentation store is refused here (instance ids are not
-        binary labels).
-    slices : None, int, list of int or slice
-        Slices (z indices) to score; all by default.
-    threshold : float, optional
-        Interior where probability > threshold (default 0.5); pixel metrics always use it.
-        Refused with a label image, which has no threshold.
-    sweep : bool
-        Also run the challenge's "maximal" variant over thresholds 0.0, 0.1, ..., 1.0 and
-        report the best mean V-Rand and the best mean V-Info, each with its threshold.
-        Refused with a label image.
-    invert : bool
-        The prediction is a membrane probability (0 = interior); use ``1 - p``. (ISBI labels
-        are 255 = cell interior; emtile predicts the interior.) Refused with a label image.
-    progress : bool
-        Show a tqdm progress bar.
-    json_path, csv_path : str or Path, optional
-        Also write the result there (:func:`write_json`, :func:`write_csv`); both are checked
-        before any work (their folders exist and are writable, neither lies in an input).
-
-    Returns
-    -------
-    dict
-        ``settings`` (inputs, slices, threshold (None for a label image), thresholds, sweep,
-        invert, ``prediction_kind``, ``label_image``, ``conventions``), ``pixel``
-        (:func:`metrics_from_counts` over all scored slices at ``threshold``, with
-        ``classification_report``; for a label image, of its labelled pixels, id != 0),
-        ``slices`` (one dict per slice: ``z``, ``threshold``, ``v_rand``, ``v_info``,
-        ``rand_error``, ``voi_split``, ``voi_merge``, ``adapted_rand_error``, ``pixel_error``,
-        ``f1``, counts, ``n``, ``empty``; with ``sweep`` also the per-threshold lists and the
-        scores at the best thresholds), ``mean`` (means over non-empty slices; ``pixel_error``
-        over all), ``sweep`` (None, or ``thresholds``, mean ``v_rand`` / ``v_info`` /
-        ``voi_split`` / ``voi_merge`` / ``adapted_rand_error`` lists, ``best_v_rand`` /
-        ``best_v_info`` with ``value`` and ``threshold``). Plain Python numbers, ready for JSON.
-        The module docstring states every convention.
-
-    Examples
-    --------
-    >>> t = np.zeros((2, 8, 8), np.uint8); t[:, :, :3] = 1; t[:, :, 4:] = 1
-    >>> r = evaluate(t.astype(np.float32), t, progress=False)
-    >>> r["mean"]["v_rand"], r["mean"]["v_info"], r["pixel"]["pixel_error"]
-    (1.0, 1.0, 0.0)
-    >>> seg = np.where(np.arange(8) < 4, 1, 2).astype(np.uint32) * np.ones((2, 8, 1), np.uint32)
-    >>> r = evaluate(seg, t, progress=False)            # a label image: scored as segments
-    >>> r["mean"]["v_rand"], r["mean"]["voi_merge"], r["settings"]["label_image"]
-    (1.0, 0.0, True)
-    """
-    from emtile import store
-
-    store.check_output(None, inputs=[pred, labels], files={"--json": json_path, "--csv": csv_path})
-    if threshold is not None:
-        check_threshold(threshold)
-    pstack, lstack, offset = open_pair(pred, labels)  # unfinished or unreadable stores first
-    check_kinds(pred, labels)
-    zs = _local_slices(slices, pstack.shape[0], offset[0])
-    label_image = is_label_image(pred, pstack.dtype)
-    if label_image:
-        _refuse_map_options(pstack.display, threshold=threshold, sweep=sweep, invert=invert)
-        results = _score_label_image(pstack, lstack, zs, progress=progress)
-        kind = f"label image ({pstack.dtype}): its ids are the segments"
-    else:
-        threshold = 0.5 if threshold is None else float(threshold)
-        thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
-        decoder = PredictionDecoder(pstack.dtype, invert=invert)
-        results = _score_map(pstack, lstack, zs, thresholds, decoder, progress=progress)
-        kind = decoder.describe()
-
-    out = _summarise(results, zs, threshold=threshold, sweep=sweep, invert=invert, kind=kind,
-                     label_image=label_image, names=(pstack.display, lstack.display))
-    if any(offset):  # a prediction of a region: slices in the labels' numbering
-        out["settings"]["offset"] = list(offset)
-        out["settings"]["slices"] = [z + offset[0] for z in zs]
-        for row in out["slices"]:
-            row["z"] += offset[0]
-    for path, write in ((json_path, write_json), (csv_path, write_csv)):
-        if path is not None:
-            write(out, path)
-    return out
-
-
-def _refuse_map_options(name, *, threshold, sweep, invert):
-    """A label image has no threshold: refuse the options that only mean something for maps."""
-    given = [text for text, on in ((f"--threshold {threshold:g}" if threshold is not None else "",
-                                    threshold is not None),
-                                   ("--sweep", sweep), ("--invert", invert)) if on]
-    if given:
-        raise EmtileError(f"{given[0]} does not apply to a label image: pred {name!r} is scored as "
-                          f"a segmentation (its ids are the segments), which has no threshold; "
-                          f"leave out {given[0].split()[0]}")
-
-
-def _progress_bar(total, progress):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="evaluate", unit="slice", disable=not progress)
-
-
-def _where(z0, z1):
-    return f"slices {z0}-{z1 - 1}" if z1 - z0 > 1 else f"slice {z0}"
-
-
-def _score_map(pstack, lstack, zs, thresholds, decoder, *, progress):
-    """``{z: {threshold: stats}}`` of a probability map or mask, thresholded and thinned."""
-    checker = LabelChecker()
-    results = {}
-    tentative = []  # slices scored as a 0/1 mask before any value > 1 was seen
-
-    def score(z, pslice, tslice, scale):
-        tfg = checker.foreground(tslice, f"slice {z}")
-        tseg = truth_segments(tfg)
-        per = {}
-        cache = {}
-        for t in thresholds:
-            fg = decoder.binarize(pslice, t, scale)
-            key = "mask" if decoder.is_mask(scale) else t
-            if key not in cache:
-                stats = _slice_scores(fg, tseg)
-                stats["counts"] = confusion_counts(fg, tfg)
-                cache[key] = stats
-            per[t] = cache[key]
-        results[z] = per
-
-    bar = _progress_bar(len(zs), progress)
-    try:
-        for z0, z1 in slice_runs(zs, _slab_depth(pstack)):
-            pslab = pstack.read(z0, z1)
-            tslab = lstack.read(z0, z1)
-            scale = decoder.inspect(pslab, _where(z0, z1))
-            for k in range(z1 - z0):
-                score(z0 + k, pslab[k], tslab[k], scale)
-                if decoder.kind == "int" and scale == 1:
-                    tentative.append(z0 + k)
-                bar.update(1)
-        if decoder.final_scale() == 255 and tentative:
-            # values > 1 appeared after these slices were scored as a 0/1 mask: 0-255 after all
-            for z0, z1 in slice_runs(tentative, _slab_depth(pstack)):
-                pslab, tslab = pstack.read(z0, z1), lstack.read(z0, z1)
-                for k in range(z1 - z0):
-                    score(z0 + k, pslab[k], tslab[k], 255)
-    finally:
-        bar.close()
-    return results
-
-
-def _score_label_image(pstack, lstack, zs, *, progress):
-    """``{z: {None: stats}}`` of a label image: its ids are the predicted segments."""
-    checker = LabelChecker()
-    results = {}
-    bar = _progress_bar(len(zs), progress)
-    try:
-        for z0, z1 in slice_runs(zs, _slab_depth(pstack)):
-            pslab, tslab = pstack.read(z0, z1), lstack.read(z0, z1)
-            _check_ids(pslab, f"label image {pstack.display!r} in {_where(z0, z1)}")
-            for k in range(z1 - z0):
-                tfg = checker.foreground(tslab[k], f"slice {z0 + k}")
-                stats = segmentation_stats(truth_segments(tfg), pslab[k])
-                stats["rand_error"] = 1.0 - stats["v_rand"]
-                stats["counts"] = confusion_counts(pslab[k] != 0, tfg)
-                results[z0 + k] = {None: stats}
-                bar.update(1)
-    finally:
-        bar.close()
-    return results
-
-
-def _local_slices(slices, depth, z0):
-    """``slices`` given in the full volume's numbering -> indices into a prediction of ``depth``
-    slices starting at slice ``z0`` (all of them when None)."""
-    if not z0:
-        return resolve_slices(slices, depth)
-    if slices is None:
-        return list(range(depth))
-    zs = resolve_slices(slices, z0 + depth)
-    outside = [z for z in zs if z < z0]
-    if outside:
-        raise EmtileError(f"slices={','.join(map(str, outside))} are outside the prediction, "
-                          f"which covers slices {z0}:{z0 + depth} of the labels")
-    return [z - z0 for z in zs]
-
+# --------------------------------------------------------------------------- what a result carries
 
 
 #: The per-slice scores every row and mean carry (besides the pixel metrics).
-_SCORES = ("v_rand", "v_info", "rand_error", "voi_split", "voi_merge", "adapted_rand_error")
+SCORES = ("v_rand", "v_info", "rand_error", "voi_split", "voi_merge", "adapted_rand_error")
 
 #: What ``settings["conventions"]`` says, once, in every JSON.
 CONVENTIONS = {
@@ -1015,224 +687,3 @@ CONVENTIONS = {
     "mean": "mean over the slices whose truth has cell interior",
 }
 
-
-def _summarise(results, zs, *, threshold, sweep, invert, kind, label_image, names):
-    """The result dict of :func:`evaluate` from the per-slice statistics."""
-    total = np.zeros(4, np.int64)
-    for z in zs:
-        total += np.array(results[z][threshold]["counts"], np.int64)
-    pixel = metrics_from_counts(*total.tolist())
-    pixel["threshold"] = threshold
-    pixel["classification_report"] = classification_report_text(*total.tolist())
-
-    scored = [z for z in zs if not results[z][threshold]["empty"]]
-
-    def mean_at(t, key):
-        return _mean([results[z][t][key] for z in scored])
-
-    sweep_out = None
-    best = {"v_rand": threshold, "v_info": threshold}
-    if sweep:
-        grid = list(SWEEP_THRESHOLDS)
-        means = {key: [mean_at(t, key) for t in grid] for key in _SCORES if key != "rand_error"}
-        vr, vi = means["v_rand"], means["v_info"]
-        # ties: the first (lowest) threshold wins, as Fiji's strict ">" keeps the first maximum
-        ir, ii = int(np.argmax(vr)), int(np.argmax(vi))
-        best = {"v_rand": grid[ir], "v_info": grid[ii]}
-        sweep_out = {
-            "thresholds": grid,
-            "v_rand": vr,
-            "v_info": vi,
-            "rand_error": [1.0 - v for v in vr],
-            "voi_split": means["voi_split"],
-            "voi_merge": means["voi_merge"],
-            "adapted_rand_error": means["adapted_rand_error"],
-            "best_v_rand": {"value": vr[ir], "threshold": grid[ir]},
-            "best_v_info": {"value": vi[ii], "threshold": grid[ii]},
-            "best_rand_error": {"value": 1.0 - vr[ir], "threshold": grid[ir]},
-            "selection": "each of mean V-Rand and mean V-Info maximised separately over the "
-                         "thresholds; one threshold for all scored slices",
-        }
-
-    rows = []
-    for z in zs:
-        r = results[z][threshold]
-        m = metrics_from_counts(*r["counts"])
-        row = {"z": z, "threshold": threshold, **{key: r[key] for key in _SCORES},
-               "pixel_error": m["pixel_error"], "f1": m["f1"], "iou": m["iou"],
-               "tp": m["tp"], "fp": m["fp"], "fn": m["fn"], "tn": m["tn"],
-               "n": r["n"], "singletons": r["singletons"],
-               "rand_precision": r["rand_precision"], "rand_recall": r["rand_recall"],
-               "h_truth": r["h_truth"], "h_pred": r["h_pred"], "mutual_info": r["mutual_info"],
-               "empty": r["empty"]}
-        if sweep:
-            row["sweep_v_rand"] = [results[z][t]["v_rand"] for t in SWEEP_THRESHOLDS]
-            row["sweep_v_info"] = [results[z][t]["v_info"] for t in SWEEP_THRESHOLDS]
-            row["v_rand_best"] = results[z][best["v_rand"]]["v_rand"]
-            row["v_info_best"] = results[z][best["v_info"]]["v_info"]
-        rows.append(row)
-
-    pooled = [results[z][threshold] for z in scored]
-    den = sum(0.5 * r["sum_s2"] + 0.5 * r["sum_t2"] for r in pooled)
-    mean = {
-        **{key: mean_at(threshold, key) for key in _SCORES},
-        "rand_error": 1.0 - mean_at(threshold, "v_rand"),
-        "pixel_error": float(np.mean([row["pixel_error"] for row in rows])),
-        "f1": float(np.mean([row["f1"] for row in rows])),
-        "v_rand_pooled": sum(r["sum_p2"] for r in pooled) / den if den else 1.0,
-        "slices_scored": len(scored),
-        "slices_empty": len(zs) - len(scored),
-    }
-    if sweep:
-        mean["v_rand_best"] = sweep_out["best_v_rand"]["value"]
-        mean["v_info_best"] = sweep_out["best_v_info"]["value"]
-    from emtile import __version__
-
-    settings = {
-        "pred": names[0], "labels": names[1], "slices": list(zs), "threshold": threshold,
-        "sweep": bool(sweep),
-        "thresholds": list(SWEEP_THRESHOLDS) if sweep else [] if label_image else [threshold],
-        "invert": bool(invert), "prediction_kind": kind, "label_image": bool(label_image),
-        "foreground": ("label 1 (cell interior); for the pixel metrics, predicted ids != 0"
-                       if label_image else "label 1 (cell interior); probabilities > threshold"),
-        "connectivity": 4,
-        "thinning": ("none: the label image's ids are the segments" if label_image
-                     else "watershed, flat relief, 1-pixel lines"),
-        "conventions": dict(CONVENTIONS),
-        "emtile_version": __version__,
-    }
-    return {"settings": settings, "pixel": pixel, "slices": rows, "mean": mean, "sweep": sweep_out}
-
-
-# --------------------------------------------------------------------------- reports
-
-
-_CSV_FIELDS = ["z", "threshold", "v_rand", "v_info", "rand_error", "voi_split", "voi_merge",
-               "adapted_rand_error", "pixel_error", "f1", "iou", "tp", "fp", "fn", "tn", "n",
-               "singletons", "rand_precision", "rand_recall", "h_truth", "h_pred", "mutual_info",
-               "empty"]
-
-#: The report's per-slice table: (heading, key, width).
-_TABLE = (("V-Rand", "v_rand", 10), ("V-Info", "v_info", 10), ("RandErr", "rand_error", 11),
-          ("VOIsplit", "voi_split", 9), ("VOImerge", "voi_merge", 9),
-          ("ARE", "adapted_rand_error", 8), ("pixErr", "pixel_error", 10), ("F1", "f1", 8))
-
-
-def format_report(result):
-    """The report ``emtile evaluate`` prints for the ``result`` of :func:`evaluate`: the settings,
-    a per-slice table with the mean, the threshold sweep and the pixel metrics."""
-    s, sweep = result["settings"], result["sweep"]
-    label_image = s.get("label_image", False)
-    region = (f"  (a region: slices {s['slices'][0]}..{s['slices'][-1]} of the labels, offset "
-              f"{','.join(map(str, s['offset']))})" if s.get("offset") else "")
-    lines = [
-        f"prediction  {s['pred']}  ({s['prediction_kind']}{', inverted' if s['invert'] else ''})"
-        + region,
-        f"labels      {s['labels']}",
-        ("scored as   a segmentation: no threshold (predicted 0 = boundary)" if label_image else
-         f"threshold   {s['threshold']:g} (cell interior where p > {s['threshold']:g})"
-         + ("   (+ sweep 0.0..1.0 step 0.1)" if s["sweep"] else "")),
-        "",
-    ]
-    at = "" if label_image else "@" + format(s["threshold"], "g")
-    columns = [(name + at, key, max(width, len(name + at))) for name, key, width in _TABLE]
-    head = f"{'slice':>6}" + "".join(f"  {name:>{w}}" for name, _, w in columns)
-    if sweep:
-        br, bi = sweep["best_v_rand"]["threshold"], sweep["best_v_info"]["threshold"]
-        head += f"  {'V-Rand@' + format(br, 'g') + '*':>11}  {'V-Info@' + format(bi, 'g') + '*':>11}"
-    lines += [head, "-" * len(head)]
-
-    def row_text(label, d, best=None):
-        text = f"{label:>6}" + "".join(f"  {d[key]:{w}.4f}" for _, key, w in columns)
-        if best is not None:
-            text += f"  {best[0]:11.4f}  {best[1]:11.4f}"
-        return text
-
-    for d in result["slices"]:
-        best = (d["v_rand_best"], d["v_info_best"]) if sweep else None
-        lines.append(row_text(str(d["z"]), d, best) + ("  (empty truth: not in mean)" if d["empty"] else ""))
-    m = result["mean"]
-    lines.append("-" * len(head))
-    lines.append(row_text("mean", m, (m["v_rand_best"], m["v_info_best"]) if sweep else None))
-    lines += ["V-Rand, V-Info: ISBI 2012 (truth membrane left out; a predicted 0 inside a cell "
-              "is a singleton).",
-              "VOIsplit = H(pred|truth), VOImerge = H(truth|pred), in bits; ARE = adapted Rand "
-              "error; both CREMI's way",
-              "(truth membrane left out; predicted 0 one segment)."]
-    if sweep:
-        lines += _sweep_lines(sweep, format(s["threshold"], "g"))
-    p = result["pixel"]
-    what = (f"pixel metrics of the labelled pixels (id != 0 as cell interior; meaningful when the "
-            f"segmentation keeps its boundaries), all {len(result['slices'])} slices:"
-            if label_image else
-            f"pixel metrics at threshold {p['threshold']:g} (foreground = cell interior), "
-            f"all {len(result['slices'])} slices:")
-    lines += ["", what,
-              f"  accuracy {p['accuracy']:.4f}  pixel error {p['pixel_error']:.4f}  "
-              f"precision {p['precision']:.4f}  recall {p['recall']:.4f}  "
-              f"F1/Dice {p['f1']:.4f}  IoU {p['iou']:.4f}",
-              f"  confusion matrix [[TN, FP], [FN, TP]] = {p['confusion_matrix']}", "",
-              p["classification_report"].rstrip()]
-    return "\n".join(lines)
-
-
-def _sweep_lines(sweep, t):
-    lines = ["", "threshold sweep (mean over slices):",
-             "  t        " + "".join(f"{t:>7.1f}" for t in sweep["thresholds"])]
-    for name, key in (("V-Rand", "v_rand"), ("V-Info", "v_info"), ("VOIsplit", "voi_split"),
-                      ("VOImerge", "voi_merge"), ("ARE", "adapted_rand_error")):
-        lines.append(f"  {name:<8} " + "".join(f"{v:7.4f}" for v in sweep[key]))
-    lines.append(f"  best V-Rand {sweep['best_v_rand']['value']:.4f} at "
-                 f"{sweep['best_v_rand']['threshold']:g} (Rand error "
-                 f"{sweep['best_rand_error']['value']:.4f}); best V-Info "
-                 f"{sweep['best_v_info']['value']:.4f} at {sweep['best_v_info']['threshold']:g}"
-                 f"  (* the sweep's best threshold; the other columns are at {t})")
-    edge = sweep["best_v_rand"]["threshold"]
-    if edge in (sweep["thresholds"][1], sweep["thresholds"][-2]) and len(sweep["v_rand"]) > 2:
-        lines.append(f"  note: the best V-Rand threshold {edge:g} is at the edge of the "
-                     f"challenge's grid (0.0 and 1.0 leave no interior or no membrane): the "
-                     f"maximum may lie beyond it")
-    return lines
-
-
-def write_csv(result, path):
-    """The ``result`` of :func:`evaluate` as CSV: a settings line, one row per slice, a ``mean``
-    row, a ``pixel`` row and (with a sweep) one row per threshold. Columns are named in the
-    second line (``_CSV_FIELDS``: ``z``, ``threshold`` (empty for a label image), the ISBI and
-    CREMI scores, the pixel metrics and counts, the entropies); a row leaves empty what it does
-    not have."""
-    s = result["settings"]
-    import csv
-
-    threshold = "" if s["threshold"] is None else s["threshold"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["# emtile evaluate", f"pred={s['pred']}", f"labels={s['labels']}",
-                    f"threshold={threshold}", f"sweep={s['sweep']}", f"invert={s['invert']}",
-                    f"prediction_kind={s['prediction_kind']}",
-                    f"label_image={s.get('label_image', False)}",
-                    f"version={s['emtile_version']}"])
-        fields = _CSV_FIELDS + (["v_rand_best", "v_info_best"] if result["sweep"] else [])
-        w.writerow(["row"] + fields)
-
-        def row(kind, values):
-            w.writerow([kind] + ["" if values.get(k) is None else values[k] for k in fields])
-
-        for d in result["slices"]:
-            row("slice", d)
-        row("mean", {**result["mean"], "threshold": threshold})
-        p = result["pixel"]
-        pixel_keys = ("pixel_error", "f1", "iou", "tp", "fp", "fn", "tn")
-        row("pixel", {"threshold": threshold, **{k: p[k] for k in pixel_keys}})
-        if result["sweep"]:
-            sw = result["sweep"]
-            for i, t in enumerate(sw["thresholds"]):
-                row("sweep", {"threshold": t, **{k: sw[k][i] for k in _SCORES}})
-
-
-def write_json(result, path):
-    """The ``result`` of :func:`evaluate`, every number and setting, as JSON."""
-    import json
-
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)

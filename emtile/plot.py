@@ -298,7 +298,7 @@ def _prob(pslice, decoder, scale):
 def _stacks(raw, pred, labels, slices, roi, seg=None):
     """The stacks on one grid (cut to a prediction, or a segmentation, of a region), and
     ``slices``, ``roi`` in that grid: ``(rstack, pstack, lstack, sstack, slices, roi, offset)``."""
-    from emtile.metrics import check_kinds, is_label_image, open_pair
+    from emtile.evaluation import check_kinds, is_label_image, open_pair
 
     if pred is not None and labels is not None:
         check_kinds(pred, labels, command="show")
@@ -308,7 +308,7 @@ def _stacks(raw, pred, labels, slices, roi, seg=None):
         if is_label_image(pred, pstack.dtype):
             raise EmtileError(f"pred {pstack.display!r} is a label image (segment ids, "
                               f"{pstack.dtype}), not a probability map or mask: draw it with "
-                              f"--seg")
+                              f"seg=")
         lstack = None if labels is None else open_pair(pred, labels, command="show")[1]
         if sstack is not None and sstack.shape != pstack.shape:
             if not any(offset):  # else a full-size seg is cut to the prediction's region
@@ -331,14 +331,14 @@ def _stacks(raw, pred, labels, slices, roi, seg=None):
 
 def _open_seg(seg):
     """The label image to draw, checked: integer ids, not another kind of emtile store."""
-    from emtile.metrics import store_kind
+    from emtile.evaluation import store_kind
 
     kind, meta = store_kind(seg)
     if kind in ("image", "probabilities") or meta.get("threshold") is not None:
         what = {"image": "an image volume", "probabilities": "a prediction"}.get(kind,
                                                                               "a predicted mask")
         raise EmtileError(f"seg {str(seg)!r} is {what} (its store says so), not a label image: "
-                          f"--seg takes the output of emtile segment")
+                          f"seg= takes the output of emtile segment")
     sstack = _open(seg, "seg")
     if not (np.issubdtype(sstack.dtype, np.integer) or sstack.dtype == np.bool_):
         raise EmtileError(f"seg {sstack.display!r} has dtype {sstack.dtype}: expected a label "
@@ -682,15 +682,6 @@ def _mark_freeze(ax, step):
                label=f"batch norm frozen at {step} (statistics recomputed, optimiser restarted)")
 
 
-def _check_output(output):
-    output = Path(output)
-    if output.suffix.lower() not in _SUFFIXES:
-        raise EmtileError(f"output {str(output)!r} must end in .png or .pdf")
-    if not output.parent.exists():
-        raise EmtileError(f"output folder {str(output.parent)!r} does not exist")
-    return output
-
-
 def show(raw=None, *, pred=None, labels=None, seg=None, slices=None, roi=None, threshold=0.5,
          invert=False, log=None, output=None, dpi=150, title=None):
     """Draw a comparison figure (``raw`` given) or a training curve (``log`` given); save it.
@@ -714,9 +705,9 @@ def show(raw=None, *, pred=None, labels=None, seg=None, slices=None, roi=None, t
     """
     from emtile import store
 
-    store.check_output(None, inputs=[raw, pred, labels, seg, log], files={"-o": output})
-    if output is not None:
-        output = _check_output(output)
+    store.check_output(None, inputs=[raw, pred, labels, seg, log], files={"output": output})
+    if output is not None and Path(output).suffix.lower() not in _SUFFIXES:
+        raise EmtileError(f"output={str(output)!r} must end in .png or .pdf")
     if raw is not None and log is None and pred is None and labels is None and seg is None:
         from emtile.describe import is_run_folder
 
@@ -724,10 +715,11 @@ def show(raw=None, *, pred=None, labels=None, seg=None, slices=None, roi=None, t
             raw, log = None, raw
     if log is not None:
         if raw is not None:
-            raise EmtileError("give either RAW (a comparison figure) or --log (a training curve), not both")
+            raise EmtileError("give either raw= (a comparison figure) or log= (a training curve), "
+                              "not both")
         fig = training_curve(log, title=title)
     elif raw is None:
-        raise EmtileError("nothing to show: give RAW (with --pred/--labels/--seg) or --log RUN (a "
+        raise EmtileError("nothing to show: give raw= (with pred=, labels= or seg=) or log= (a "
                           "training run folder or its train.csv)")
     else:
         fig = comparison_figure(raw, pred=pred, labels=labels, seg=seg, slices=slices, roi=roi,

@@ -244,7 +244,7 @@ def prepare_output(path, *, overwrite=False, resume=False):
         remove_store(path)
         return "replaced"
     if not overwrite:
-        raise EmtileError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+        raise EmtileError(f"output {str(path)!r} already exists; pass overwrite=True to replace it")
     remove_store(path)
     return "replaced"
 
@@ -356,7 +356,7 @@ def _via(spec, loc, target, how):
     return f" (in its store {str(loc)!r})"
 
 
-def check_output(output, *, inputs=(), files=None):
+def check_output(output, *, inputs=(), files=None, overwrite=True):
     """Refuse, before any work, outputs that could destroy an input or cannot be written.
 
     Parameters
@@ -367,43 +367,47 @@ def check_output(output, *, inputs=(), files=None):
         What the command reads: paths, globs, ``file.h5/dataset``, Zarr stores or arrays nested
         in them (see :func:`input_locations`); arrays and None are skipped.
     files : dict or sequence, optional
-        Single files the command writes, as ``{option name: path}`` (e.g. ``{"--json": p}``)
-        or a list of paths.
+        Single files the command writes, as ``{keyword: path}`` (e.g. ``{"json_path": p}``,
+        named ``json_path='p'`` in the errors) or a list of paths.
+    overwrite : bool
+        Whether an existing file of ``files`` may be replaced (the default); if False it is
+        refused. (Whether an existing output store may be replaced is :func:`prepare_output`'s.)
 
     Raises
     ------
     EmtileError
         If an output (or file) is, holds or lies inside an input, after resolving ``..``,
         symlinks and trailing slashes; if its folder does not exist or is not writable; if a
-        file to write is an existing folder.
+        file to write is an existing folder, or an existing file and ``overwrite`` is False.
     """
-    named = list(files.items()) if isinstance(files, dict) else \
-        [("output file", f) for f in files or ()]
-    targets = ([("output", output)] if output is not None else []) + \
-        [(name, f) for name, f in named if f is not None]
+    named = ([(f"{key}={str(f)!r}", f) for key, f in files.items()] if isinstance(files, dict)
+             else [(f"output file {str(f)!r}", f) for f in files or ()])
+    targets = ([(f"output {str(output)!r}", output, False)] if output is not None else []) + \
+        [(label, f, True) for label, f in named if f is not None]
     located = [(spec, loc) for spec in inputs for loc in input_locations(spec)]
-    for name, target in targets:
+    for label, target, is_file in targets:
         for spec, loc in located:
             how = _relation(target, loc)
             if how is not None:
                 raise EmtileError(
-                    f"{name} {str(target)!r} {how} the input {os.fspath(spec)!r}"
+                    f"{label} {how} the input {os.fspath(spec)!r}"
                     f"{_via(spec, loc, target, how)}: writing it could destroy the input; "
                     f"choose a path outside the input")
-        _check_writable_location(name, target, is_file=name != "output")
+        _check_writable_location(label, target, is_file=is_file, overwrite=overwrite)
 
 
-def _check_writable_location(name, target, *, is_file):
+def _check_writable_location(label, target, *, is_file, overwrite):
     path = Path(target)
     if is_file and path.is_dir():
-        raise EmtileError(f"{name} {str(target)!r} is an existing folder; give a file path")
+        raise EmtileError(f"{label} is an existing folder; give a file path")
+    if is_file and not overwrite and path.exists():
+        raise EmtileError(f"{label} already exists; pass overwrite=True to replace it")
     parent = Path(os.path.abspath(path)).parent
     if not parent.is_dir():
-        raise EmtileError(f"{name} {str(target)!r}: its folder {str(path.parent)!r} does not "
-                          f"exist; create it first")
+        raise EmtileError(f"{label}: its folder {str(path.parent)!r} does not exist; create it "
+                          f"first")
     if not _writable(parent):
-        raise EmtileError(f"{name} {str(target)!r}: its folder {str(path.parent)!r} is not "
-                          f"writable")
+        raise EmtileError(f"{label}: its folder {str(path.parent)!r} is not writable")
 
 
 class StoreWriteError(EmtileError):

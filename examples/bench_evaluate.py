@@ -28,7 +28,7 @@ def main():
     import zarr
     from scipy import ndimage
 
-    from emtile.metrics import evaluate
+    from emtile.evaluation import evaluate
 
     labels = tifffile.imread(Path(args.isbi) / "train-labels.tif")
     rng = np.random.default_rng(0)

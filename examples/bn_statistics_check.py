@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import emtile
-from emtile.metrics import evaluate
+from emtile.evaluation import evaluate
 from emtile.normalize import model_record, rule_of, statistics
 from emtile.sampling import PatchDataset
 from emtile.training.batchnorm import norm_layers, precise_norm_stats

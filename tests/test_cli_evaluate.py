@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from emtile import EmtileError
 from emtile.cli.main import main
-from emtile.metrics import evaluate
+from emtile.evaluation import evaluate
 
 
 @pytest.fixture
@@ -86,21 +86,23 @@ def test_user_errors_exit_1(files):
     assert runner.invoke(main, ["evaluate", "--help"]).exit_code == 0
 
 
-@pytest.mark.parametrize("option", ["--json", "--csv"])
-def test_files_that_cannot_be_written_are_refused_before_any_work(files, monkeypatch, option):
+@pytest.mark.parametrize("option, keyword", [("--json", "json_path"), ("--csv", "csv_path")])
+def test_files_that_cannot_be_written_are_refused_before_any_work(files, monkeypatch, option,
+                                                                   keyword):
     """`--json missing_dir/s.json` used to score every slice and then die with a traceback."""
-    import emtile.metrics
+    import emtile.evaluation
 
     d, pred, labels = files
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the inputs were opened before the output files were checked")
 
-    monkeypatch.setattr(emtile.metrics, "open_stack", no_reading)
+    monkeypatch.setattr(emtile.evaluation, "open_stack", no_reading)
     args = ["evaluate", str(d / "pred.zarr"), str(d / "labels.tif"), "--no-progress"]
-    cases = {str(d / "missing_dir" / "s.out"): f"{option} '{d / 'missing_dir' / 's.out'}': its "
+    # the library names the keyword (json_path=...); the CLI root is to map it to the flag
+    cases = {str(d / "missing_dir" / "s.out"): f"{keyword}='{d / 'missing_dir' / 's.out'}': its "
                                                f"folder '{d / 'missing_dir'}' does not exist",
-             str(d / "pred.zarr" / "s.out"): f"{option} '{d / 'pred.zarr' / 's.out'}' lies "
+             str(d / "pred.zarr" / "s.out"): f"{keyword}='{d / 'pred.zarr' / 's.out'}' lies "
                                              f"inside the input '{d / 'pred.zarr'}'"}
     for path, message in cases.items():
         res = CliRunner().invoke(main, [*args, option, path])
@@ -108,9 +110,9 @@ def test_files_that_cannot_be_written_are_refused_before_any_work(files, monkeyp
         assert res.output.strip() == res.output.strip().splitlines()[0]  # one line
         assert res.output.startswith(f"Error: {message}"), res.output
     assert not (d / "pred.zarr" / "s.out").exists()
-    with pytest.raises(EmtileError, match="--json .* lies inside the input"):
+    with pytest.raises(EmtileError, match="json_path=.* lies inside the input"):
         evaluate(str(d / "pred.zarr"), str(d / "labels.tif"),
                  json_path=d / "pred.zarr" / "zarr.json")
     (d / "folder").mkdir()
-    with pytest.raises(EmtileError, match="--csv .* is an existing folder"):
+    with pytest.raises(EmtileError, match="csv_path=.* is an existing folder"):
         evaluate(str(d / "pred.zarr"), str(d / "labels.tif"), csv_path=d / "folder")

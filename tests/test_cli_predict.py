@@ -79,5 +79,5 @@ def test_existing_output_needs_overwrite(tmp_path, model_and_volume):
     args = ["predict", "--model", model, "--tile", "64", "--no-progress", vol, out]
     assert run_cli(*args).exit_code == 0
     result = run_cli(*args)
-    assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
+    assert result.exit_code == 1 and "already exists; pass overwrite=True" in result.output
     assert run_cli(*args, "--overwrite").exit_code == 0

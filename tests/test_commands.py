@@ -226,7 +226,7 @@ def test_a_missing_labels_volume_is_called_labels(stores):
 def test_swapped_or_wrong_volumes_are_named(stores):
     d = stores
     r = cli("evaluate", d / "labels.zarr", d / "full.zarr")
-    assert r.exit_code == 1 and r.output.startswith("Error: PRED and LABELS are swapped: ")
+    assert r.exit_code == 1 and r.output.startswith("Error: pred and labels are swapped: ")
     r = cli("evaluate", d / "raw.zarr", d / "labels.zarr")
     assert r.exit_code == 1 and (f"pred {str(d / 'raw.zarr')!r} is an image volume (its store says "
                                  f"kind 'image'), not a prediction") in r.output
@@ -234,7 +234,7 @@ def test_swapped_or_wrong_volumes_are_named(stores):
     assert r.exit_code == 1 and "is an image volume (its store says kind 'image'), not labels" in r.output
     r = cli("show", d / "raw.zarr", "--pred", d / "labels.zarr", "--labels", d / "full.zarr",
             "-o", d / "f.png")
-    assert r.exit_code == 1 and "PRED and LABELS are swapped" in r.output
+    assert r.exit_code == 1 and "pred and labels are swapped" in r.output
     # a predicted mask is a fine PRED
     assert cli("predict", "--model", d / "m", d / "raw.zarr", d / "t.zarr", "--tile", "68",
                "--threshold", "0.5", "--no-progress").exit_code == 0
@@ -242,7 +242,7 @@ def test_swapped_or_wrong_volumes_are_named(stores):
 
 
 def test_a_region_prediction_is_scored_against_full_labels(stores):
-    from emtile.metrics import evaluate
+    from emtile.evaluation import evaluate
 
     d = stores
     part = evaluate(str(d / "roi.zarr"), str(d / "labels.zarr"), sweep=True, progress=False)
@@ -263,6 +263,6 @@ def test_a_region_prediction_is_scored_against_full_labels(stores):
     # a smaller prediction that records no offset is still refused, saying why
     z = zarr.create_array(str(d / "plain.zarr"), shape=(3, 96, 96), dtype="uint8")
     z[:] = 0
-    with pytest.raises(EmtileError, match="they must match \\(a prediction of a region, predict "
-                                          "--roi, records where it lies; this one records nothing\\)"):
+    with pytest.raises(EmtileError, match="they must match \\(a prediction of a region, predict's "
+                                          "roi=, records where it lies; this one records nothing\\)"):
         evaluate(str(d / "plain.zarr"), str(d / "labels.zarr"), progress=False)

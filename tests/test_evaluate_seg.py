@@ -13,6 +13,7 @@ from conftest import synthetic_em
 from scipy import ndimage
 
 from emtile import EmtileError
+from emtile import evaluation as E
 from emtile import metrics as M
 from emtile.cli.main import main
 from emtile.segmenter import segment
@@ -97,7 +98,7 @@ def test_label_image_v_rand_agrees_with_an_independent_computation(stores, name)
     d, labels, _ = stores
     seg = read_seg(d / name)
     assert seg.dtype == np.uint32 and seg.max() > 255  # ids run over the volume
-    r = M.evaluate(str(d / name), str(d / "labels.zarr"), progress=False)
+    r = E.evaluate(str(d / name), str(d / "labels.zarr"), progress=False)
     assert r["settings"]["label_image"] and r["settings"]["threshold"] is None
     assert r["settings"]["prediction_kind"].startswith("label image (uint32)")
     by_hand = [v_rand_by_hand(seg[z], labels[z]) for z in range(3)]
@@ -107,7 +108,7 @@ def test_label_image_v_rand_agrees_with_an_independent_computation(stores, name)
     if name == "seg_kb.zarr":  # boundaries kept: predicted 0 inside cells, scored as singletons
         assert all(row["singletons"] > 0 for row in r["slices"])
         # ... which is not what the thresholded map would give (no thinning here)
-        assert r["mean"]["v_rand"] != M.evaluate(str(d / "pred.zarr"), str(d / "labels.zarr"),
+        assert r["mean"]["v_rand"] != E.evaluate(str(d / "pred.zarr"), str(d / "labels.zarr"),
                                                  progress=False)["mean"]["v_rand"]
 
 
@@ -115,7 +116,7 @@ def test_label_image_v_rand_agrees_with_an_independent_computation(stores, name)
 def test_label_image_voi_and_adapted_rand_against_skimage(stores, name):
     d, labels, _ = stores
     seg = read_seg(d / name)
-    r = M.evaluate(str(d / name), str(d / "labels.tif"), progress=False)
+    r = E.evaluate(str(d / name), str(d / "labels.tif"), progress=False)
     for z, row in enumerate(r["slices"]):
         split, merge, are = skimage_cremi(seg[z], labels[z])
         assert row["voi_split"] == pytest.approx(split, abs=1e-9)
@@ -129,7 +130,7 @@ def test_label_image_voi_and_adapted_rand_against_skimage(stores, name):
 def test_thresholded_map_voi_and_adapted_rand_against_skimage(stores):
     d, labels, p = stores
     for t in (0.5, 0.8):
-        r = M.evaluate(p, labels, threshold=t, progress=False)
+        r = E.evaluate(p, labels, threshold=t, progress=False)
         for z, row in enumerate(r["slices"]):
             thinned = M.thin_boundaries(p[z] > t)  # the map's segments, as ISBI takes them
             split, merge, are = skimage_cremi(thinned, labels[z])
@@ -139,10 +140,10 @@ def test_thresholded_map_voi_and_adapted_rand_against_skimage(stores):
 
 def test_sweep_carries_the_cremi_scores_per_threshold(stores):
     _, labels, p = stores
-    r = M.evaluate(p, labels, sweep=True, progress=False)
+    r = E.evaluate(p, labels, sweep=True, progress=False)
     sw = r["sweep"]
     for i in (3, 5, 8):
-        single = M.evaluate(p, labels, threshold=sw["thresholds"][i], progress=False)["mean"]
+        single = E.evaluate(p, labels, threshold=sw["thresholds"][i], progress=False)["mean"]
         for key in ("voi_split", "voi_merge", "adapted_rand_error"):
             assert sw[key][i] == single[key]
     assert len(set(sw["adapted_rand_error"])) > 3
@@ -152,9 +153,9 @@ def test_ids_are_segments_whatever_their_values(stores):
     """Renaming ids (beyond 2^40, uint64) changes no score; an id cut in two is one segment."""
     d, labels, _ = stores
     seg = read_seg(d / "seg_kb.zarr")
-    base = M.evaluate(seg, labels, progress=False)
+    base = E.evaluate(seg, labels, progress=False)
     big = np.where(seg > 0, seg.astype(np.uint64) * 7 + 2**40, 0).astype(np.uint64)
-    renamed = M.evaluate(big, labels, progress=False)
+    renamed = E.evaluate(big, labels, progress=False)
     for a, b in zip(base["slices"], renamed["slices"]):
         for key in ("v_rand", "v_info", "voi_split", "voi_merge", "adapted_rand_error"):
             assert a[key] == pytest.approx(b[key], abs=1e-12), key
@@ -163,7 +164,7 @@ def test_ids_are_segments_whatever_their_values(stores):
     t[:, :, :2] = 1
     t[:, :, 3:] = 1
     one = np.where(t > 0, 5, 0).astype(np.uint32)
-    r = M.evaluate(one, t, progress=False)["slices"][0]
+    r = E.evaluate(one, t, progress=False)["slices"][0]
     assert r["v_rand"] == pytest.approx(v_rand_by_hand(one[0], t[0])) and r["v_rand"] < 1
     assert r["voi_merge"] == pytest.approx(1.0) and r["voi_split"] == 0.0  # H(T|S) = 1 bit
 
@@ -172,8 +173,8 @@ def test_a_segmentation_of_a_region_is_scored_against_full_labels(stores, tmp_pa
     d, labels, p = stores
     write_pred(tmp_path / "roi.zarr", p[1:3], translation=[1.0, 0.0, 0.0])
     segment(str(tmp_path / "roi.zarr"), str(tmp_path / "seg_roi.zarr"), **SEG_OPTS)
-    part = M.evaluate(str(tmp_path / "seg_roi.zarr"), str(d / "labels.zarr"), progress=False)
-    whole = M.evaluate(str(d / "seg.zarr"), str(d / "labels.zarr"), slices=slice(1, 3),
+    part = E.evaluate(str(tmp_path / "seg_roi.zarr"), str(d / "labels.zarr"), progress=False)
+    whole = E.evaluate(str(d / "seg.zarr"), str(d / "labels.zarr"), slices=slice(1, 3),
                        progress=False)
     assert [r["z"] for r in part["slices"]] == [1, 2] and part["settings"]["offset"] == [1, 0, 0]
     for a, b in zip(part["slices"], whole["slices"]):  # 2-D segmentation: same per slice
@@ -183,14 +184,14 @@ def test_a_segmentation_of_a_region_is_scored_against_full_labels(stores, tmp_pa
 
 def test_is_label_image(stores):
     d, labels, p = stores
-    assert M.is_label_image(str(d / "seg.zarr"), np.uint32)
-    assert M.is_label_image(str(d / "seg.zarr/0"), np.uint32)  # the array inside the store
-    assert not M.is_label_image(str(d / "pred.zarr"), np.float32)
-    assert not M.is_label_image(str(d / "labels.zarr"), np.uint32)  # converted labels, by record
+    assert E.is_label_image(str(d / "seg.zarr"), np.uint32)
+    assert E.is_label_image(str(d / "seg.zarr/0"), np.uint32)  # the array inside the store
+    assert not E.is_label_image(str(d / "pred.zarr"), np.float32)
+    assert not E.is_label_image(str(d / "labels.zarr"), np.uint32)  # converted labels, by record
     for dtype in ("uint32", "uint64", "int32", "int64"):
-        assert M.is_label_image(np.zeros(2, dtype), dtype)
+        assert E.is_label_image(np.zeros(2, dtype), dtype)
     for dtype in ("bool", "uint8", "int8", "uint16", "int16", "float32"):
-        assert not M.is_label_image(np.zeros(2, dtype), dtype)
+        assert not E.is_label_image(np.zeros(2, dtype), dtype)
 
 
 # --------------------------------------------------------------------------- CLI, JSON, CSV
@@ -206,7 +207,7 @@ def test_cli_scores_a_label_image_with_json_and_csv(stores, tmp_path):
     head = next(line for line in res.output.splitlines() if line.lstrip().startswith("slice"))
     assert head.split() == ["slice", "V-Rand", "V-Info", "RandErr", "VOIsplit", "VOImerge",
                             "ARE", "pixErr", "F1"]  # no threshold named: there is none
-    direct = M.evaluate(str(d / "seg.zarr"), str(d / "labels.zarr"), slices=slice(1, 3),
+    direct = E.evaluate(str(d / "seg.zarr"), str(d / "labels.zarr"), slices=slice(1, 3),
                         progress=False)
     data = json.loads((tmp_path / "s.json").read_text())
     assert data["mean"] == pytest.approx(direct["mean"])
@@ -234,7 +235,7 @@ def test_map_csv_and_report_carry_the_cremi_scores(stores, tmp_path):
                                     "--sweep", "--csv", str(tmp_path / "m.csv"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "VOIsplit@0.5" in res.output and "ARE@0.5" in res.output
-    direct = M.evaluate(str(d / "pred.zarr"), str(d / "labels.zarr"), sweep=True, progress=False)
+    direct = E.evaluate(str(d / "pred.zarr"), str(d / "labels.zarr"), sweep=True, progress=False)
     rows = list(csv.reader((tmp_path / "m.csv").open()))
     header = rows[1]
     sweep = [dict(zip(header, row)) for row in rows[2:] if row[0] == "sweep"]
@@ -247,14 +248,14 @@ def test_map_csv_and_report_carry_the_cremi_scores(stores, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kw, option", [({"sweep": True}, "--sweep"),
-                                        ({"threshold": 0.3}, "--threshold 0.3"),
-                                        ({"invert": True}, "--invert")])
+@pytest.mark.parametrize("kw, option", [({"sweep": True}, "sweep=True"),
+                                        ({"threshold": 0.3}, "threshold=0.3"),
+                                        ({"invert": True}, "invert=True")])
 def test_map_options_are_refused_with_a_label_image(stores, tmp_path, kw, option):
     d, _, _ = stores
     with pytest.raises(EmtileError, match=f"^{option} does not apply to a label image: pred "
                                           f"'.*seg.zarr' is scored as a segmentation"):
-        M.evaluate(str(d / "seg.zarr"), str(d / "labels.zarr"), progress=False,
+        E.evaluate(str(d / "seg.zarr"), str(d / "labels.zarr"), progress=False,
                    json_path=tmp_path / "s.json", **kw)
     assert not (tmp_path / "s.json").exists()
 
@@ -264,7 +265,7 @@ def test_cli_sweep_with_a_label_image_is_one_line(stores, tmp_path):
     res = CliRunner().invoke(main, ["evaluate", str(d / "seg.zarr"), str(d / "labels.zarr"),
                                     "--sweep", "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 1
-    assert res.output.startswith("Error: --sweep does not apply to a label image")
+    assert res.output.startswith("Error: sweep=True does not apply to a label image")
     assert res.output.count("\n") == 1 and "Traceback" not in res.output
     assert not (tmp_path / "s.json").exists()
 
@@ -274,18 +275,18 @@ def test_shapes_differ(stores, tmp_path):
     tifffile.imwrite(tmp_path / "small.tif", labels[:, :, :50], photometric="minisblack")
     with pytest.raises(EmtileError, match=r"seg.zarr has shape \(3, 64, 64\) but labels .*small"
                                           r".tif have shape \(3, 64, 50\); they must match"):
-        M.evaluate(str(d / "seg.zarr"), str(tmp_path / "small.tif"), progress=False)
+        E.evaluate(str(d / "seg.zarr"), str(tmp_path / "small.tif"), progress=False)
 
 
 def test_a_segmentation_as_labels_is_refused(stores):
-    """LABELS must be binary (cell interior / membrane): instance ids are not accepted there."""
+    """labels must be binary (cell interior / membrane): instance ids are not accepted there."""
     d, _, p = stores
     with pytest.raises(EmtileError, match=r"labels '.*seg.zarr' is a segmentation \(emtile "
                                           r"segment wrote it\), not binary labels: .* a "
-                                          r"segmentation is scored by giving it as PRED"):
-        M.evaluate(str(d / "pred.zarr"), str(d / "seg.zarr"), progress=False)
+                                          r"segmentation is scored by giving it as pred="):
+        E.evaluate(str(d / "pred.zarr"), str(d / "seg.zarr"), progress=False)
     with pytest.raises(EmtileError, match="labels are not binary in slice 0"):
-        M.evaluate(p, read_seg(d / "seg.zarr"), progress=False)  # an array says nothing: values
+        E.evaluate(p, read_seg(d / "seg.zarr"), progress=False)  # an array says nothing: values
 
 
 def test_negative_ids_and_integer_predictions_out_of_range(stores):
@@ -294,7 +295,7 @@ def test_negative_ids_and_integer_predictions_out_of_range(stores):
     seg[1, 3, 4] = -2
     with pytest.raises(EmtileError, match=r"label image 'pred array' in slices 0-2 has negative "
                                           r"ids \(down to -2\)"):
-        M.evaluate(seg, labels, progress=False)
+        E.evaluate(seg, labels, progress=False)
     with pytest.raises(EmtileError, match=r"0-255 probabilities .*\(a label image is scored as "
                                           r"segments when it is uint32, uint64, int32 or int64"):
-        M.evaluate(np.full(labels.shape, 300, np.uint16), labels, progress=False)
+        E.evaluate(np.full(labels.shape, 300, np.uint16), labels, progress=False)

@@ -441,9 +441,10 @@ def test_export_refuses_bad_requests(exported, tmp_path, volume):
          r"model folder '.*nope' does not exist"),
         (("export", package, tmp_path / "x.zip"), r"is a bioimage.io package; export takes an "
                                                   r"emtile model folder"),
-        (("export", folder, package), r"output='.*model.zip' exists; use --overwrite"),
-        (("export", folder, tmp_path / "x.tar"), r"output='.*x.tar' must end in .zip"),
-        (("export", folder, tmp_path / "no" / "x.zip"), r"the folder '.*no' does not exist"),
+        (("export", folder, package), r"path='.*model.zip' already exists; pass overwrite=True"),
+        (("export", folder, tmp_path / "x.tar"), r"path='.*x.tar' must end in .zip"),
+        (("export", folder, tmp_path / "no" / "x.zip"), r"its folder '.*no' does not exist"),
+        (("export", folder, folder / "x.zip"), r"path='.*x.zip' lies inside the input"),
         (("export", folder, tmp_path / "x.zip", "--slice", "7"),
          r"sample_slice=7 is outside the sample's 3 slices \(0 to 2\)"),
         (("export", folder, tmp_path / "x.zip", "--license", "not a licence"),

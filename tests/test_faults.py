@@ -233,7 +233,7 @@ SERVER = r"""
 import atexit, json, os, signal, sys, threading, time, traceback
 
 import numba, numpy, torch, zarr, tifffile  # the slow imports, once
-import emtile.predictor, emtile.trainer, emtile.metrics, emtile.plot, emtile.volume
+import emtile.predictor, emtile.trainer, emtile.metrics, emtile.evaluation, emtile.plot, emtile.volume
 import emtile.cli.convert, emtile.cli.info, emtile.cli.predict, emtile.cli.train
 import emtile.cli.evaluate, emtile.cli.show
 import scipy.stats, sklearn.metrics, torch._dynamo  # imported on first use by train, evaluate

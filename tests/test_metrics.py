@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage
 
 from emtile import EmtileError
+from emtile import evaluation as E
 from emtile import metrics as M
 
 
@@ -243,26 +244,26 @@ def blurred_prediction(labels, seed=0):
 def test_evaluate_matches_per_slice_functions_and_slab_size(isbi_labels, monkeypatch):
     labels = isbi_labels[:4, :128, :160]
     pred = blurred_prediction(labels)
-    r = M.evaluate(pred, labels, progress=False)
+    r = E.evaluate(pred, labels, progress=False)
     for row, z in zip(r["slices"], range(4)):
         s = M.isbi_scores(pred[z], labels[z])
         assert row["v_rand"] == s["v_rand"] and row["v_info"] == s["v_info"]
     whole = M.pixel_metrics(pred, labels)
     assert r["pixel"]["confusion_matrix"] == whole["confusion_matrix"]
     assert r["mean"]["v_rand"] == pytest.approx(np.mean([s["v_rand"] for s in r["slices"]]))
-    monkeypatch.setattr(M, "_SLAB_BYTES", 1)  # one slice per read
-    assert M.evaluate(pred, labels, progress=False) == r
+    monkeypatch.setattr(E, "_SLAB_BYTES", 1)  # one slice per read
+    assert E.evaluate(pred, labels, progress=False) == r
 
 
 def test_evaluate_uint8_float_invert_and_mask_agree(isbi_labels):
     labels = isbi_labels[10:12, :96, :96]
     pred = blurred_prediction(labels, seed=3)
     u8 = np.round(pred * 255).astype(np.uint8)
-    a = M.evaluate(u8, labels, progress=False)
-    b = M.evaluate(u8.astype(np.float64) / 255, labels, progress=False)
-    c = M.evaluate(255 - u8, labels, invert=True, progress=False)
+    a = E.evaluate(u8, labels, progress=False)
+    b = E.evaluate(u8.astype(np.float64) / 255, labels, progress=False)
+    c = E.evaluate(255 - u8, labels, invert=True, progress=False)
     mask = (u8 > 127).astype(np.uint8)  # 0/1 integers: read as a mask
-    d = M.evaluate(mask, labels, progress=False)
+    d = E.evaluate(mask, labels, progress=False)
     for other in (b, c, d):
         assert other["mean"]["v_rand"] == a["mean"]["v_rand"]
         assert other["pixel"]["confusion_matrix"] == a["pixel"]["confusion_matrix"]
@@ -273,7 +274,7 @@ def test_evaluate_uint8_float_invert_and_mask_agree(isbi_labels):
 def test_uint8_threshold_is_exact():
     t = np.ones((1, 2, 2), np.uint8)
     p = np.array([[[153, 154], [153, 154]]], np.uint8)  # 153/255 == 0.6 exactly: not > 0.6
-    m = M.evaluate(p, t, threshold=0.6, progress=False)["pixel"]
+    m = E.evaluate(p, t, threshold=0.6, progress=False)["pixel"]
     assert m["tp"] == 2 and m["fn"] == 2
 
 
@@ -282,19 +283,19 @@ def test_integer_mask_switches_to_probabilities_when_values_above_one_appear(mon
     p = np.zeros((2, 4, 4), np.uint8)
     p[0] = 1      # slice 0 alone looks like a 0/1 mask ...
     p[1] = 200    # ... but slice 1 shows 0-255 probabilities: 1/255 is background after all
-    monkeypatch.setattr(M, "_SLAB_BYTES", 1)
-    r = M.evaluate(p, t, progress=False)
+    monkeypatch.setattr(E, "_SLAB_BYTES", 1)
+    r = E.evaluate(p, t, progress=False)
     assert r["slices"][0]["tp"] == 0 and r["slices"][1]["tp"] == 16
 
 
 def test_sweep_picks_best_threshold_per_metric(isbi_labels):
     labels = isbi_labels[:2, :128, :128]
     pred = blurred_prediction(labels, seed=5)
-    r = M.evaluate(pred, labels, sweep=True, progress=False)
+    r = E.evaluate(pred, labels, sweep=True, progress=False)
     sw = r["sweep"]
     assert sw["thresholds"] == [k / 10 for k in range(11)]
     for t, vr, vi in zip(sw["thresholds"], sw["v_rand"], sw["v_info"]):
-        single = M.evaluate(pred, labels, threshold=t, progress=False)["mean"]
+        single = E.evaluate(pred, labels, threshold=t, progress=False)["mean"]
         assert vr == single["v_rand"] and vi == single["v_info"]
     assert sw["best_v_rand"]["value"] == max(sw["v_rand"])
     assert sw["best_v_rand"]["threshold"] == sw["thresholds"][int(np.argmax(sw["v_rand"]))]
@@ -308,7 +309,7 @@ def test_empty_slices_are_excluded_from_the_mean():
     t[0, :, 3:] = 1
     p = np.zeros((2, 6, 6), np.float32)
     p[0, :, 3:] = 1.0  # slice 0: cell A missed entirely
-    r = M.evaluate(p, t, progress=False)
+    r = E.evaluate(p, t, progress=False)
     assert r["slices"][1]["empty"] and r["slices"][1]["v_rand"] == 1.0
     assert r["mean"]["v_rand"] == r["slices"][0]["v_rand"] < 1.0
     assert r["mean"]["slices_empty"] == 1
@@ -324,10 +325,10 @@ def test_evaluate_reads_paths(tmp_path, isbi_labels):
     z = zarr.create_array(str(tmp_path / "pred.zarr"), shape=pred.shape, dtype="uint8",
                           chunks=(1, 32, 32))
     z[:] = pred
-    r = M.evaluate(tmp_path / "pred.zarr", str(tmp_path / "labels.tif"), slices=slice(1, 3),
+    r = E.evaluate(tmp_path / "pred.zarr", str(tmp_path / "labels.tif"), slices=slice(1, 3),
                    progress=False)
     assert [row["z"] for row in r["slices"]] == [1, 2]
-    assert r == {**M.evaluate(pred, labels, slices=[1, 2], progress=False),
+    assert r == {**E.evaluate(pred, labels, slices=[1, 2], progress=False),
                  "settings": r["settings"]}
     assert r["settings"]["pred"].endswith("pred.zarr")
 
@@ -337,39 +338,39 @@ def test_evaluate_reads_paths(tmp_path, isbi_labels):
 
 def test_error_shapes_differ_names_both():
     with pytest.raises(EmtileError, match=r"\(2, 4, 4\).*\(2, 4, 5\)"):
-        M.evaluate(np.zeros((2, 4, 4)), np.zeros((2, 4, 5), np.uint8), progress=False)
+        E.evaluate(np.zeros((2, 4, 4)), np.zeros((2, 4, 5), np.uint8), progress=False)
 
 
 def test_error_float_prediction_out_of_range():
     with pytest.raises(EmtileError, match=r"\[0, 1\]"):
-        M.evaluate(np.full((1, 3, 3), 1.5), np.ones((1, 3, 3), np.uint8), progress=False)
+        E.evaluate(np.full((1, 3, 3), 1.5), np.ones((1, 3, 3), np.uint8), progress=False)
     with pytest.raises(EmtileError, match="NaN"):
-        M.evaluate(np.full((1, 3, 3), np.nan), np.ones((1, 3, 3), np.uint8), progress=False)
+        E.evaluate(np.full((1, 3, 3), np.nan), np.ones((1, 3, 3), np.uint8), progress=False)
 
 
 def test_error_integer_prediction_out_of_range():
     with pytest.raises(EmtileError, match="0-255"):
-        M.evaluate(np.full((1, 3, 3), 300, np.uint16), np.ones((1, 3, 3), np.uint8), progress=False)
+        E.evaluate(np.full((1, 3, 3), 300, np.uint16), np.ones((1, 3, 3), np.uint8), progress=False)
 
 
 def test_error_labels_not_binary():
     p = np.zeros((2, 3, 3), np.float32)
     with pytest.raises(EmtileError, match="not binary"):
-        M.evaluate(p, np.full((2, 3, 3), 2, np.uint8), progress=False)
+        E.evaluate(p, np.full((2, 3, 3), 2, np.uint8), progress=False)
     mixed = np.ones((2, 3, 3), np.uint8)
     mixed[1] = 255  # 1 in one slice, 255 in the next
     with pytest.raises(EmtileError, match="not binary"):
-        M.evaluate(p, mixed, progress=False)
+        E.evaluate(p, mixed, progress=False)
 
 
 def test_error_slices_outside_volume():
     p, t = np.zeros((5, 3, 3), np.float32), np.ones((5, 3, 3), np.uint8)
     with pytest.raises(EmtileError, match=r"slices=25:30 is outside the volume, which has 5 slices"):
-        M.evaluate(p, t, slices=slice(25, 30), progress=False)
+        E.evaluate(p, t, slices=slice(25, 30), progress=False)
     with pytest.raises(EmtileError, match="slices=7 is outside"):
-        M.evaluate(p, t, slices=[1, 7], progress=False)
+        E.evaluate(p, t, slices=[1, 7], progress=False)
 
 
 def test_error_threshold():
     with pytest.raises(EmtileError, match="threshold=1.5"):
-        M.evaluate(np.zeros((1, 2, 2)), np.ones((1, 2, 2), np.uint8), threshold=1.5, progress=False)
+        E.evaluate(np.zeros((1, 2, 2)), np.ones((1, 2, 2), np.uint8), threshold=1.5, progress=False)

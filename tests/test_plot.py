@@ -101,10 +101,14 @@ def test_bad_inputs(volumes):
         P.comparison_figure(raw, slices=[7])
     with pytest.raises(EmtileError, match="must match"):
         P.comparison_figure(raw, labels=labels[:, :10])
-    with pytest.raises(EmtileError, match=".png or .pdf"):
+    with pytest.raises(EmtileError, match=r"^output='.*fig\.jpg' must end in \.png or \.pdf$"):
         P.show(raw, output=d / "fig.jpg")
-    with pytest.raises(EmtileError, match="nothing to show"):
+    with pytest.raises(EmtileError, match=r"^nothing to show: give raw= \(with pred=, labels= or "
+                                          r"seg=\) or log= "):
         P.show()
+    with pytest.raises(EmtileError, match=r"^give either raw= \(a comparison figure\) or log= \(a "
+                                          r"training curve\), not both$"):
+        P.show(raw, log=d / "train.csv")
 
 
 def write_log(path):
@@ -252,17 +256,18 @@ def test_figure_that_cannot_be_written_is_refused_before_any_work(volumes, monke
     monkeypatch.setattr(P, "_open", no_reading)
     args = ["show", str(d / "raw.tif"), "--pred", str(d / "pred.zarr"), "--labels",
             str(d / "labels.tif")]
-    cases = {d / "missing" / "f.png": f"-o '{d / 'missing' / 'f.png'}': its folder "
+    # the library names the keyword (output=...); the CLI root is to map it to -o
+    cases = {d / "missing" / "f.png": f"output='{d / 'missing' / 'f.png'}': its folder "
                                       f"'{d / 'missing'}' does not exist",
-             d / "pred.zarr" / "f.png": f"-o '{d / 'pred.zarr' / 'f.png'}' lies inside the input "
-                                        f"'{d / 'pred.zarr'}'"}
+             d / "pred.zarr" / "f.png": f"output='{d / 'pred.zarr' / 'f.png'}' lies inside the "
+                                        f"input '{d / 'pred.zarr'}'"}
     for path, message in cases.items():
         res = CliRunner().invoke(main, [*args, "-o", str(path)])
         assert res.exit_code == 1 and res.output.startswith(f"Error: {message}"), res.output
         assert len(res.output.strip().splitlines()) == 1
     assert not (d / "pred.zarr" / "f.png").exists()
     write_log(d / "train.csv")
-    with pytest.raises(EmtileError, match="-o '.*train.csv' is the input"):
+    with pytest.raises(EmtileError, match="output='.*train.csv' is the input"):
         P.show(log=d / "train.csv", output=d / "train.csv")
     assert (d / "train.csv").read_text().startswith("iteration,loss")
 
@@ -406,12 +411,12 @@ def test_show_seg_bad_inputs(seg_volumes):
     with pytest.raises(EmtileError, match=r"has dtype float32: expected a label image"):
         P.comparison_figure(raw, seg=seg.astype(np.float32))
     with pytest.raises(EmtileError, match=r"seg '.*pred.zarr' is a prediction \(its store says "
-                                          r"so\), not a label image: --seg takes the output of "
+                                          r"so\), not a label image: seg= takes the output of "
                                           r"emtile segment"):
         P.comparison_figure(raw, seg=str(d / "pred.zarr"))
     with pytest.raises(EmtileError, match=r"pred '.*seg.zarr' is a label image \(segment ids, "
                                           r"uint32\), not a probability map or mask: draw it "
-                                          r"with --seg"):
+                                          r"with seg="):
         P.comparison_figure(str(d / "raw.tif"), pred=str(d / "seg.zarr"))
     tifffile.imwrite(d / "small_seg.tif", seg[:, :50], photometric="minisblack")
     res = CliRunner().invoke(main, ["show", str(d / "raw.tif"), "--seg", str(d / "small_seg.tif"),

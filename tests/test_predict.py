@@ -614,7 +614,7 @@ def test_roi_outside_the_volume(tmp_path):
 def test_output_exists(tmp_path):
     net, vol, out = make_net(2), rand_volume((30, 30)), tmp_path / "p.zarr"
     predict(net, vol, out, tile=64, progress=False)
-    with pytest.raises(EmtileError, match="already exists; pass --overwrite"):
+    with pytest.raises(EmtileError, match="already exists; pass overwrite=True"):
         predict(net, vol, out, tile=64, progress=False)
     predict(net, vol, out, tile=64, progress=False, overwrite=True)
     (tmp_path / "folder").mkdir()

@@ -904,7 +904,7 @@ def test_3d_mode_on_one_image(tmp_path):
 def test_existing_output_and_output_inside_input(tmp_path, pred8):
     out = tmp_path / "seg.zarr"
     segment(pred8, out, progress=False)
-    with pytest.raises(EmtileError, match=r"already exists; pass --overwrite"):
+    with pytest.raises(EmtileError, match=r"already exists; pass overwrite=True"):
         segment(pred8, out, progress=False)
     assert is_complete(out)
     segment(pred8, out, progress=False, overwrite=True)

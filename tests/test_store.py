@@ -71,7 +71,7 @@ def test_prepare_output_states(tmp_path):
     assert prepare_output(out, resume=True) == "resume" and out.exists()
     assert prepare_output(out) == "replaced" and not out.exists()
     mark_complete(create_image(out, (2, 8, 8), np.uint8))
-    with pytest.raises(EmtileError, match="already exists; pass --overwrite"):
+    with pytest.raises(EmtileError, match=r"already exists; pass overwrite=True"):
         prepare_output(out)
     with pytest.raises(EmtileError, match="already exists"):
         prepare_output(out, resume=True)  # a finished store is never resumed
@@ -166,15 +166,26 @@ def test_outputs_beside_inputs_are_fine(inputs, monkeypatch, inp, out):
 
 def test_files_to_write_are_checked(inputs):
     out = inputs / "new.zarr"
-    check_output(out, inputs=[inputs / "a.tif"], files={"--json": inputs / "s.json"})
-    with pytest.raises(EmtileError, match=r"--json '.*pred\.zarr/s\.json' lies inside the input"):
-        check_output(None, inputs=[inputs / "pred.zarr"], files={"--json": inputs / "pred.zarr/s.json"})
-    with pytest.raises(EmtileError, match=r"--csv '.*missing_dir/s\.csv': its folder .* does not exist"):
-        check_output(out, files={"--csv": inputs / "missing_dir" / "s.csv"})
-    with pytest.raises(EmtileError, match=r"-o '.*slices' is an existing folder; give a file path"):
-        check_output(None, files={"-o": inputs / "slices"})
+    check_output(out, inputs=[inputs / "a.tif"], files={"json_path": inputs / "s.json"})
+    with pytest.raises(EmtileError, match=r"json_path='.*pred\.zarr/s\.json' lies inside the input"):
+        check_output(None, inputs=[inputs / "pred.zarr"], files={"json_path": inputs / "pred.zarr/s.json"})
+    with pytest.raises(EmtileError, match=r"csv_path='.*missing_dir/s\.csv': its folder .* does not exist"):
+        check_output(out, files={"csv_path": inputs / "missing_dir" / "s.csv"})
+    with pytest.raises(EmtileError, match=r"output='.*slices' is an existing folder; give a file path"):
+        check_output(None, files={"output": inputs / "slices"})
     with pytest.raises(EmtileError, match=r"output file '.*x\.png': its folder .* does not exist"):
         check_output(None, files=[inputs / "nope" / "x.png"])
+
+
+def test_an_existing_file_is_replaced_unless_overwrite_is_false(tmp_path):
+    package = tmp_path / "m.zip"
+    package.write_text("mine")
+    check_output(None, files={"path": package})  # files are replaced by default (--json, -o)
+    with pytest.raises(EmtileError, match=r"^path='.*m\.zip' already exists; pass overwrite=True "
+                                          r"to replace it$"):
+        check_output(None, files={"path": package}, overwrite=False)
+    check_output(None, files={"path": package}, overwrite=True)
+    check_output(None, files={"path": tmp_path / "new.zip"}, overwrite=False)
 
 
 def test_unwritable_folder_is_refused(tmp_path):

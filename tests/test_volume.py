@@ -238,7 +238,7 @@ def test_existing_output_is_refused_then_overwritten(tmp_path, isbi_raw):
     out = tmp_path / "o.zarr"
     assert run_cli("convert", tmp_path / "a.tif", out, "--no-progress").exit_code == 0
     r = run_cli("convert", tmp_path / "b.tif", out, "--no-progress")
-    assert r.exit_code == 1 and "already exists; pass --overwrite" in r.output
+    assert r.exit_code == 1 and "already exists; pass overwrite=True" in r.output
     np.testing.assert_array_equal(emtile.open_volume(out)[:], isbi_raw[:2])  # untouched
     assert run_cli("convert", tmp_path / "b.tif", out, "--overwrite", "--no-progress").exit_code == 0
     np.testing.assert_array_equal(emtile.open_volume(out)[:], isbi_raw[2:4])

@@ -1,7 +1,7 @@
 """Validation during training, through the same tiled path as ``emtile predict``.
 
 The scores are what users will get: the validation slices are predicted with
-:func:`emtile.predictor.predict_array` and scored with :func:`emtile.metrics.evaluate`. The best
+:func:`emtile.predictor.predict_array` and scored with :func:`emtile.evaluation.evaluate`. The best
 checkpoint is the one with the highest V-Rand (the ISBI score, best over thresholds 0.0-1.0),
 which punishes the thin membrane gaps that merge cells and that pixel accuracy hides.
 """
@@ -73,7 +73,7 @@ class Validator:
     def __call__(self, model):
         """``val_loss``, ``val_pixel_error``, ``val_f1``, ``val_vrand``,
         ``val_vrand_threshold`` and ``val_vrand_05`` of ``model``."""
-        from emtile.metrics import evaluate
+        from emtile.evaluation import evaluate
 
         prob = self.predict(model)
         p = torch.from_numpy(np.clip(prob, 1e-6, 1 - 1e-6))
