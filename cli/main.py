@@ -57,7 +57,7 @@ class LazyGroup(click.Group):
                 raise click.ClickException(as_flags(str(exc), command)) from None
 
 
-_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=(\S*)")
+_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|\S*)")
 
 
 def as_flags(message, command):
@@ -80,7 +80,8 @@ def as_flags(message, command):
         tail = value[len(stripped):]
         if is_flag and stripped in ("True", ""):
             return text + tail
-        stripped = stripped.strip("'\"")
+        if "/" not in stripped and os.sep not in stripped:  # a path keeps its quotes
+            stripped = stripped.strip("'\"")
         return f"{text} {stripped}{tail}" if stripped else text + tail
 
     return _KEYWORD.sub(flag, message)

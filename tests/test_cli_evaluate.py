@@ -99,10 +99,10 @@ def test_files_that_cannot_be_written_are_refused_before_any_work(files, monkeyp
 
     monkeypatch.setattr(emtile.evaluation, "open_stack", no_reading)
     args = ["evaluate", str(d / "pred.zarr"), str(d / "labels.tif"), "--no-progress"]
-    # the library names the keyword (json_path=...); the CLI root is to map it to the flag
-    cases = {str(d / "missing_dir" / "s.out"): f"{keyword}='{d / 'missing_dir' / 's.out'}': its "
+    # the library names the keyword (json_path=...); the CLI root names the flag
+    cases = {str(d / "missing_dir" / "s.out"): f"{option} '{d / 'missing_dir' / 's.out'}': its "
                                                f"folder '{d / 'missing_dir'}' does not exist",
-             str(d / "pred.zarr" / "s.out"): f"{keyword}='{d / 'pred.zarr' / 's.out'}' lies "
+             str(d / "pred.zarr" / "s.out"): f"{option} '{d / 'pred.zarr' / 's.out'}' lies "
                                              f"inside the input '{d / 'pred.zarr'}'"}
     for path, message in cases.items():
         res = CliRunner().invoke(main, [*args, option, path])

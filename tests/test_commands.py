@@ -70,7 +70,7 @@ def test_cuda_n_reaches_predict_and_is_refused_in_one_line_without_cuda(tmp_path
     r = cli("predict", "--model", tmp_path / "m", tmp_path / "v.tif", tmp_path / "p.zarr",
             "--device", "cuda:1")
     assert r.exit_code == 1
-    assert r.output == ("Error: device='cuda:1' was asked for but CUDA is not available here; "
+    assert r.output == ("Error: --device cuda:1 was asked for but CUDA is not available here; "
                         "use --device cpu or auto\n")
     assert not (tmp_path / "p.zarr").exists()
 

@@ -265,7 +265,7 @@ def test_cli_sweep_with_a_label_image_is_one_line(stores, tmp_path):
     res = CliRunner().invoke(main, ["evaluate", str(d / "seg.zarr"), str(d / "labels.zarr"),
                                     "--sweep", "--json", str(tmp_path / "s.json")])
     assert res.exit_code == 1
-    assert res.output.startswith("Error: sweep=True does not apply to a label image")
+    assert res.output.startswith("Error: --sweep does not apply to a label image")
     assert res.output.count("\n") == 1 and "Traceback" not in res.output
     assert not (tmp_path / "s.json").exists()
 

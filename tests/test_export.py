@@ -441,7 +441,7 @@ def test_export_refuses_bad_requests(exported, tmp_path, volume):
          r"model folder '.*nope' does not exist"),
         (("export", package, tmp_path / "x.zip"), r"is a bioimage.io package; export takes an "
                                                   r"emtile model folder"),
-        (("export", folder, package), r"path='.*model.zip' already exists; pass overwrite=True"),
+        (("export", folder, package), r"path='.*model.zip' already exists; pass --overwrite"),
         (("export", folder, tmp_path / "x.tar"), r"path='.*x.tar' must end in .zip"),
         (("export", folder, tmp_path / "no" / "x.zip"), r"its folder '.*no' does not exist"),
         (("export", folder, folder / "x.zip"), r"path='.*x.zip' lies inside the input"),

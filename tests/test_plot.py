@@ -256,10 +256,10 @@ def test_figure_that_cannot_be_written_is_refused_before_any_work(volumes, monke
     monkeypatch.setattr(P, "_open", no_reading)
     args = ["show", str(d / "raw.tif"), "--pred", str(d / "pred.zarr"), "--labels",
             str(d / "labels.tif")]
-    # the library names the keyword (output=...); the CLI root is to map it to -o
-    cases = {d / "missing" / "f.png": f"output='{d / 'missing' / 'f.png'}': its folder "
+    # the library names the keyword (output=...); the CLI root names the flag
+    cases = {d / "missing" / "f.png": f"--output '{d / 'missing' / 'f.png'}': its folder "
                                       f"'{d / 'missing'}' does not exist",
-             d / "pred.zarr" / "f.png": f"output='{d / 'pred.zarr' / 'f.png'}' lies inside the "
+             d / "pred.zarr" / "f.png": f"--output '{d / 'pred.zarr' / 'f.png'}' lies inside the "
                                         f"input '{d / 'pred.zarr'}'"}
     for path, message in cases.items():
         res = CliRunner().invoke(main, [*args, "-o", str(path)])
