@@ -42,7 +42,6 @@ validation during training.
 import collections
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -61,6 +60,7 @@ from emtile._errors import EmtileError
 from emtile import _faults, geometry
 from emtile.device import autocast, check_amp, keep_large_allocations, resolve_amp, resolve_device
 from emtile.markers import MARKERS, BlockMarkers
+from emtile.model import weights_hash
 from emtile.normalize import Scaling, apply as normalize_pixels
 from emtile.stitch import BLENDS
 from emtile.volume import WriterThread, input_to_float, open_input
@@ -151,7 +151,8 @@ def _check_volume(net, arr, name="input"):
 
 
 def _as_model(model):
-    from emtile.unet import UNet, load_model
+    from emtile.model import load_model
+    from emtile.unet import UNet
 
     if isinstance(model, UNet):
         return model
@@ -164,15 +165,6 @@ def _choice(name, value, allowed):
     if value not in allowed:
         shown = ", ".join("None" if a is None else str(a) for a in allowed)
         raise EmtileError(f"{name}={value!r} is not supported: choose one of {shown}")
-
-
-def weights_hash(net):
-    """sha256 of a model's config and weights: what identifies it across processes."""
-    h = hashlib.sha256(json.dumps(net.config, sort_keys=True).encode())
-    for name, t in net.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -370,7 +362,7 @@ class _Context:
             return _MEMORY[job.model]
         key = (job.model, job.weights, job.device, job.channels_last, job.compile)
         if key not in _MODELS:
-            from emtile.unet import load_model
+            from emtile.model import load_model
 
             net = load_model(job.model)
             if weights_hash(net) != job.weights:
@@ -1015,9 +1007,11 @@ def _job(net, grid, chunks, *, input, output, model, weights, overlap, max_block
 def _scaling(model, net, arr, path, normalize):
     """The :class:`~emtile.normalize.Scaling` of this input; warns (one line each) when the input
     is far from the model's training data (:func:`emtile.normalize.for_prediction`)."""
+    from emtile.model import read_metadata
     from emtile.normalize import InputWarning, for_prediction
 
-    scaling, notes = for_prediction(model, arr, path=path, rule=normalize, model_ndim=net.ndim)
+    scaling, notes = for_prediction(read_metadata(model), arr, path=path, rule=normalize,
+                                    model_ndim=net.ndim)
     for note in notes:
         warnings.warn(note, InputWarning, stacklevel=3)
     return scaling
