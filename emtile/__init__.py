@@ -17,7 +17,7 @@ _LAZY = {
     "info": "emtile.volume",
     "UNet": "emtile.unet",
     "save_model": "emtile.unet",
-    "load_model": "emtile.unet",
+    "load_model": "emtile.model",
     "predict": "emtile.predictor",
     "train": "emtile.trainer",
     "TrainSettings": "emtile.training.settings",

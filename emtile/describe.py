@@ -62,8 +62,9 @@ def describe_model(path):
     ``metrics``."""
     import torch
 
+    from emtile.model import load_model
     from emtile.package import is_package
-    from emtile.unet import UNet, load_model
+    from emtile.unet import UNet
 
     net = load_model(path)  # checks the folder or package completely
     with torch.device("meta"):

@@ -387,7 +387,7 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
     ExportResult
     """
     from emtile.package import load_package
-    from emtile.unet import load_metadata, load_model
+    from emtile.unet import load_folder, load_metadata
 
     m = _spec()
     from bioimageio.spec import save_bioimageio_package
@@ -395,7 +395,7 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
     if is_package(model):
         raise EmtileError(f"model={str(model)!r} is a bioimage.io package; export takes an emtile "
                           f"model folder (config.json, model.safetensors)")
-    net = load_model(model)
+    net = load_folder(model)
     meta = load_metadata(model)
     path = _check_destination(path, overwrite, inputs=[model, sample])
     if net.in_channels != 1:

@@ -300,35 +300,46 @@ def rule_of(recorded):
 
 
 def model_record(model):
-    """A model's metadata as far as prediction needs it: ``{"normalization": ..., "voxel_size":
-    ...}`` from the ``emtile`` section of a model folder's ``metadata.json`` (or a bioimage.io
-    package's copy of it); {} for an in-memory model or a folder that records nothing."""
+    """A model's record as far as prediction needs it: ``{"normalization": ..., "voxel_size":
+    ...}`` (a dict; a tuple of floats in nm), each when recorded; {} when nothing is.
+
+    Parameters
+    ----------
+    model : emtile.model.Model, dict or None
+        A loaded model (:func:`emtile.model.load`: its ``normalization`` and ``voxel_size``);
+        a model's metadata (``metadata.json``: its ``emtile`` section) or such a record itself;
+        anything else (a network in memory, None) records nothing. This module reads no model
+        files: load a path with :func:`emtile.model.load` (or its metadata with
+        :func:`emtile.model.read_metadata`) first.
+    """
     import os
 
-    if not isinstance(model, (str, os.PathLike)):
-        return {}
-    from emtile.package import is_package
-
-    if is_package(model):
-        from emtile.package import package_metadata
-
-        meta = package_metadata(model)
+    if isinstance(model, (str, os.PathLike)):
+        raise EmtileError(f"model={str(model)!r} is a path: give the loaded model "
+                          f"(emtile.model.load) or its metadata (emtile.model.read_metadata)")
+    if isinstance(model, dict):
+        info = model.get("emtile", model)
+        info = info if isinstance(info, dict) else {}
     else:
-        from emtile.unet import load_metadata
+        info = {k: getattr(model, k, None) for k in ("normalization", "voxel_size")}
+    out = {k: info.get(k) for k in ("normalization", "voxel_size") if info.get(k) is not None}
+    if "voxel_size" in out:
+        try:
+            out["voxel_size"] = tuple(float(v) for v in out["voxel_size"])
+        except (TypeError, ValueError):
+            raise EmtileError(f"the model's recorded voxel_size={out['voxel_size']!r} is not a "
+                              f"list of numbers (nm)") from None
+    return out
 
-        meta = load_metadata(model)
-    info = meta.get("emtile", {}) if isinstance(meta, dict) else {}
-    return {k: info.get(k) for k in ("normalization", "voxel_size") if info.get(k) is not None}
 
-
-def for_prediction(model, array, *, path=None, rule=None, model_ndim=2, name="input"):
+def for_prediction(model, array, *, path=None, rule=None, model_ndim=None, name="input"):
     """How to normalise ``array`` for ``model``, and what to warn about.
 
     Parameters
     ----------
-    model : path or emtile.unet.UNet
-        A model folder or package (its recorded normalisation and voxel size are used), or an
-        in-memory model (``dtype``, nothing to compare with).
+    model : emtile.model.Model, dict or None
+        What the model recorded (see :func:`model_record`): a loaded model, its metadata, or
+        a network in memory / None (``dtype``, nothing to compare with).
     array : array-like
         The whole input volume (statistics are those of the volume, whatever region is
         predicted).
@@ -336,8 +347,9 @@ def for_prediction(model, array, *, path=None, rule=None, model_ndim=2, name="in
         The input's path, for its voxel size.
     rule : str, dict, Rule or Scaling, optional
         None: the model's recorded rule. A :class:`Scaling` is used as it is (no warnings).
-    model_ndim : int
-        The model's spatial dimensions (voxel sizes are compared along these, the last axes).
+    model_ndim : int, optional
+        The model's spatial dimensions (voxel sizes are compared along these, the last axes);
+        None: ``model.ndim`` when the model has one, else 2.
 
     Returns
     -------
@@ -348,6 +360,8 @@ def for_prediction(model, array, *, path=None, rule=None, model_ndim=2, name="in
     if isinstance(rule, Scaling):
         return rule, []
     rec = model_record(model)
+    if model_ndim is None:
+        model_ndim = getattr(model, "ndim", 2)
     recorded = rec.get("normalization")
     chosen = rule_of(recorded) if rule is None else parse(rule)
     stats = statistics(array, chosen, name=name)
@@ -398,7 +412,7 @@ def range_warning(stats, recorded, *, name="input"):
     if abs(i01 - t01) <= FAR * spread and abs(i99 - t99) <= FAR * spread:
         return None
     rule = stats["rule"]
-    hint = ("retrain with --normalize percentile, or store the input as the training data "
+    hint = ("retrain with normalize='percentile', or store the input as the training data "
             "were stored" if rule.method == "dtype" else
             "check that this is the kind of image the model was trained on")
     what = (f"the model's training data {t01:.3g} to {t99:.3g}" if training else

@@ -2,9 +2,9 @@
 
 A package is a ``.zip`` (or the same files unpacked in a folder) holding ``rdf.yaml``, the model
 description in the bioimage.io format 0.5, next to the weights and test tensors.
-:func:`emtile.export.export_model` writes one from a model folder; :func:`load_package` (reached
-through :func:`emtile.unet.load_model`, so ``emtile predict --model model.zip`` works) rebuilds the
-:class:`~emtile.unet.UNet` from it.
+:func:`emtile.export.export_model` writes one from a model folder; :func:`read_package` (reached
+through :func:`emtile.model.load`, so a package is a model wherever a model folder is) rebuilds the
+:class:`~emtile.unet.UNet` from it, with the model folder's metadata it carries.
 
 The tensor descriptions are built here, as the plain data ``rdf.yaml`` holds, so that the writer
 and the reader share one definition (:func:`input_description`, :func:`output_description`):
@@ -36,7 +36,7 @@ import numpy as np
 
 from emtile._errors import EmtileError
 
-__all__ = ["is_package", "load_package", "read_description", "package_metadata",
+__all__ = ["is_package", "load_package", "read_package", "read_description", "package_metadata",
            "input_description", "output_description", "preprocessing", "POSTPROCESSING",
            "SCALE_RANGE_EPS"]
 
@@ -406,15 +406,15 @@ def _read_weights(files, rdf, expected, label):
     return state
 
 
-def load_package(path, device="cpu"):
-    """Rebuild the :class:`~emtile.unet.UNet` of a bioimage.io package written by
-    :func:`emtile.export.export_model` (a ``.zip`` or an unpacked folder).
+def read_package(path, *, device="cpu"):
+    """``(UNet, metadata)`` of a bioimage.io package written by
+    :func:`emtile.export.export_model` (a ``.zip`` or an unpacked folder), read once.
 
     The package must name ``emtile.unet.UNet`` with arguments that pass its bounds checks,
     describe exactly that U-Net's tensors (:func:`input_description`, :func:`output_description`)
     and hold ``pytorch_state_dict`` weights that ``torch.load(weights_only=True)`` reads, with
     the SHA-256 recorded. The model is returned in eval mode, identical to the folder it was
-    exported from.
+    exported from; the metadata is that folder's ``metadata.json`` (:func:`package_metadata`).
     """
     from emtile.unet import UNet
 
@@ -427,4 +427,9 @@ def load_package(path, device="cpu"):
         state = _read_weights(files, rdf, meta.state_dict(), label)
     model = UNet(**config)
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    return model.to(device).eval(), _recorded_metadata(rdf)
+
+
+def load_package(path, device="cpu"):
+    """The :class:`~emtile.unet.UNet` of a bioimage.io package (:func:`read_package`'s)."""
+    return read_package(path, device=device)[0]

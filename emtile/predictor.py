@@ -42,7 +42,6 @@ validation during training.
 import collections
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -61,6 +60,7 @@ from emtile import _faults, geometry
 from emtile.device import autocast, keep_large_allocations, resolve_amp, resolve_device
 from emtile.blockwise import RESUME as _RESUME
 from emtile.markers import MARKERS
+from emtile.model import weights_hash
 from emtile.normalize import Scaling, apply as normalize_pixels
 from emtile.settings import DTYPES
 from emtile.volume import WriterThread, input_to_float, open_input
@@ -148,7 +148,8 @@ def _check_volume(net, arr, name="input"):
 
 
 def _as_model(model):
-    from emtile.unet import UNet, load_model
+    from emtile.model import load_model
+    from emtile.unet import UNet
 
     if isinstance(model, UNet):
         return model
@@ -157,13 +158,6 @@ def _as_model(model):
     raise EmtileError(f"model must be an emtile UNet or a model folder, got {type(model).__name__}")
 
 
-def weights_hash(net):
-    """sha256 of a model's config and weights: what identifies it across processes."""
-    h = hashlib.sha256(json.dumps(net.config, sort_keys=True).encode())
-    for name, t in net.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -360,7 +354,7 @@ class _Context:
             return _MEMORY[job.model]
         key = (job.model, job.weights, job.device, job.channels_last, job.compile)
         if key not in _MODELS:
-            from emtile.unet import load_model
+            from emtile.model import load_model
 
             net = load_model(job.model)
             if weights_hash(net) != job.weights:
@@ -997,9 +991,11 @@ def _job(net, grid, chunks, settings, *, input, output, model, weights, amp, dev
 def _scaling(model, net, arr, path, normalize):
     """The :class:`~emtile.normalize.Scaling` of this input; warns (one line each) when the input
     is far from the model's training data (:func:`emtile.normalize.for_prediction`)."""
+    from emtile.model import read_metadata
     from emtile.normalize import InputWarning, for_prediction
 
-    scaling, notes = for_prediction(model, arr, path=path, rule=normalize, model_ndim=net.ndim)
+    scaling, notes = for_prediction(read_metadata(model), arr, path=path, rule=normalize,
+                                    model_ndim=net.ndim)
     for note in notes:
         warnings.warn(note, InputWarning, stacklevel=3)
     return scaling

@@ -207,7 +207,7 @@ def _open_data(raw, labels, s):
 def _model(s, last, model):
     """``(settings, model)``: the settings with the model's fields, and the model to train (the
     one given, or a new :class:`~emtile.unet.UNet` built after seeding torch with ``seed``)."""
-    from emtile.unet import UNet, load_model
+    from emtile.unet import UNet, load_folder
 
     if model is not None:
         if not isinstance(model, UNet):
@@ -215,7 +215,7 @@ def _model(s, last, model):
                               f"{type(model).__name__}")
         s = s.with_model(model.config, source="the model given")
     if last is not None:
-        s = s.with_model(load_model(last).config)
+        s = s.with_model(load_folder(last).config)
     torch.manual_seed(s.seed)
     net = model if model is not None else UNet(1, 1, **s.model_args())
     s = s.with_model(net.config)  # run.json records the model's values, defaults included

@@ -6,9 +6,11 @@ tiled prediction exact (see :mod:`emtile.geometry`).
 
 A model is saved as a folder that can be trusted: ``model.safetensors`` (tensors only; loading it
 cannot run code), ``config.json`` (the constructor arguments) and optionally ``metadata.json``
-(whatever the trainer wants to keep: epochs, losses, data paths). :func:`load_model` rebuilds the
-model from the folder alone. emtile never unpickles anything from a model folder: a ``model.pt``
-(or any other pickle) is refused, not read.
+(whatever the trainer wants to keep: epochs, losses, data paths). :func:`load_folder` rebuilds
+the model from the folder alone. emtile never unpickles anything from a model folder: a
+``model.pt`` (or any other pickle) is refused, not read. :func:`emtile.model.load` (and
+``emtile.load_model``) reads any source: a model folder (through :func:`load_folder`), a training
+run folder or a bioimage.io package.
 """
 
 import json
@@ -22,7 +24,7 @@ from emtile._errors import EmtileError
 from emtile.geometry import ShapeMap
 from emtile.volume import center_crop
 
-__all__ = ["UNet", "save_model", "load_model", "load_metadata"]
+__all__ = ["UNet", "save_model", "load_folder", "load_metadata"]
 
 WEIGHTS = "model.safetensors"
 PICKLED_WEIGHTS = ("model.pt", "model.pth", "model.bin", "model.ckpt")  # refused, never read
@@ -328,18 +330,14 @@ def _read_weights(directory):
     raise EmtileError(f"model folder {str(directory)!r} has no weights: expected {WEIGHTS}")
 
 
-def load_model(directory, device="cpu"):
+def load_folder(directory, device="cpu"):
     """Rebuild a :class:`UNet` from a model folder written by :func:`save_model`.
 
     Nothing in the folder is executed: the weights are read with safetensors only, the
     architecture from ``config.json`` (checked for types and bounds before anything is built).
-    The model is returned in eval mode. A bioimage.io package (a ``.zip``, or an unpacked folder
-    with ``rdf.yaml``) written by ``emtile export`` is read by :func:`emtile.package.load_package`.
+    The model is returned in eval mode. A model folder only: :func:`emtile.model.load` also
+    reads training run folders and bioimage.io packages.
     """
-    from emtile.package import is_package, load_package
-
-    if is_package(directory):
-        return load_package(directory, device=device)
     config = _read_config(directory)
     try:
         with torch.device("meta"):  # no memory: the expected tensor shapes only

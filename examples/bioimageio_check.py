@@ -35,7 +35,7 @@ import numpy as np
 
 import emtile
 from emtile.export import export_model
-from emtile.unet import load_metadata, load_model
+from emtile.unet import load_folder, load_metadata
 
 
 def parse_slices(text):
@@ -104,7 +104,7 @@ def main():
     raw_path = args.raw or meta.get("raw")
     zs = parse_slices(args.slices) if args.slices else meta.get("val_slices") or [0]
     raw = emtile.open_volume(raw_path)
-    net = load_model(args.model)
+    net = load_folder(args.model)
     with tempfile.TemporaryDirectory(prefix="bioimageio-check-") as tmp:
         tmp = Path(tmp)
         result = export_model(args.model, tmp / "model.zip", sample=raw_path, sample_slice=zs[0])

@@ -23,7 +23,8 @@ import torch
 
 import emtile
 from emtile.evaluation import evaluate
-from emtile.normalize import model_record, rule_of, statistics
+from emtile.model import load
+from emtile.normalize import rule_of, statistics
 from emtile.sampling import PatchDataset
 from emtile.training.batchnorm import norm_layers, precise_norm_stats
 from emtile.training.validation import predict_slices
@@ -55,12 +56,13 @@ def main():
     raw, labels = emtile.open_volume(args.raw), emtile.open_volume(args.labels)
     zs = resolve_slices(parse_slices(args.slices), raw.shape[0], name="slices")
     truth = np.stack([(np.asarray(labels[z]) != 0).astype(np.uint8) for z in zs])
-    model = emtile.load_model(args.model)
+    loaded = load(args.model)
+    model = loaded.net
     norms = norm_layers(model)
     if not norms:
         raise SystemExit(f"{args.model} has no batch norm: nothing to compare")
     # the model's own input normalisation, on this volume (as emtile predict applies it)
-    rule = model_record(args.model).get("normalization")
+    rule = loaded.normalization
     scaling = statistics(raw, rule_of(rule))["scaling"]
     rows = [("running", score(model, raw, truth, zs, scaling))]
 

@@ -67,11 +67,13 @@ def test_info_describes_a_run_folder_and_predict_points_into_it(run):
     assert r.exit_code == 0, r.output
     assert "emtile training run" in r.output and "progress      4 of 4 iterations" in r.output
     assert f"best model    {d / 'run' / 'best'}" in r.output
-    r = cli("predict", "--model", d / "run", d / "raw.zarr", d / "p.zarr")
-    assert r.exit_code == 1
-    assert r.output == (f"Error: {str(d / 'run')!r} is a training run folder, not a model: use "
-                        f"{str(d / 'run' / 'best')!r} (the best validated model) or "
-                        f"{str(d / 'run' / 'last')!r} (the latest)\n")
+    # a run folder is a model: its best/ (emtile.model.load)
+    for model, out in ((d / "run", "p.zarr"), (d / "run" / "best", "p_best.zarr")):
+        r = cli("predict", "--model", model, d / "raw.zarr", d / out, "--tile", "68",
+                "--no-progress")
+        assert r.exit_code == 0, r.output
+    a, b = (zarr.open_array(str(d / out / "0"))[:] for out in ("p.zarr", "p_best.zarr"))
+    assert np.array_equal(a, b)
 
 
 def test_a_prediction_says_where_it_came_from(run):
@@ -137,7 +139,8 @@ def test_calibration_reports_before_and_after_and_keeps_the_better(run, tmp_path
     import shutil
 
     from emtile.training.calibration import calibrate_best
-    from emtile.unet import load_metadata, load_model
+    from emtile.model import load_model
+    from emtile.unet import load_metadata
 
     d, _ = run
     cal = load_metadata(d / "run" / "best")["emtile"]["calibration"]

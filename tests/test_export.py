@@ -28,7 +28,8 @@ from emtile.cli.main import main
 from emtile.geometry import ShapeMap
 from emtile.package import input_description, output_description, preprocessing
 from emtile.predictor import input_to_float
-from emtile.unet import UNet, load_model, save_model
+from emtile.model import load_model
+from emtile.unet import UNet, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 spec = pytest.importorskip("bioimageio.spec")  # the writer needs it; CI installs the extra
@@ -262,9 +263,9 @@ def test_a_normalized_model_exports_validates_and_reads_back(tmp_path, volume, r
     for (k, a), b in zip(load_model(folder).state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
     # emtile predicts with the package as with the folder: the recorded rule travels with it
-    from emtile.normalize import model_record
+    from emtile.model import load
 
-    assert model_record(tmp_path / "m.zip")["normalization"] == meta["emtile"]["normalization"]
+    assert load(tmp_path / "m.zip").normalization == meta["emtile"]["normalization"]
 
 
 # ------------------------------------------------------------------ reading it back

@@ -176,7 +176,7 @@ def test_predict_gives_the_uint8_probabilities_for_any_storage(trained, tmp_path
     assert np.abs(a - b).max() <= (2e-3 if convert is as_12_bit else 1e-5)
     # the test can fail: the same model under the dtype rule sees another image
     from emtile.predictor import predict_array
-    from emtile.unet import load_model
+    from emtile.model import load_model
 
     net = load_model(model)
     with warnings.catch_warnings():
@@ -191,7 +191,7 @@ def test_predict_applies_the_training_normalisation_exactly(trained):
     from emtile.normalize import statistics as stats
     from emtile.predictor import predict_array
     from emtile.training.validation import predict_slices
-    from emtile.unet import load_model
+    from emtile.model import load_model
 
     net = load_model(trained / "run" / "best")
     raw = zarr.open_array(str(trained / "raw.zarr/0"))
@@ -215,7 +215,7 @@ def test_far_inputs_warn_in_one_line(trained, tmp_path):
     assert len(lines) == 1
     assert ("far from the model's training data in intensity: after the model's 'dtype' "
             "normalisation its 1st-99th percentiles are") in lines[0]
-    assert "retrain with --normalize percentile" in lines[0]
+    assert "retrain with normalize='percentile'" in lines[0]
     # a percentile model given an input at twice its training pixel size
     from emtile import convert
 

@@ -9,7 +9,7 @@ import torch
 
 import emtile
 from emtile import EmtileError
-from emtile.unet import UNet, load_metadata, load_model, save_model
+from emtile.unet import UNet, load_folder, load_metadata, save_model
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +117,7 @@ def test_crafted_config_gives_a_clear_error_and_builds_nothing(tmp_path, config,
     doc["config"].update(config)
     (tmp_path / "m" / "config.json").write_text(json.dumps(doc))
     with pytest.raises(EmtileError, match=match):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
 
 
 @pytest.mark.parametrize("text", ['[1, 2]', '{"format": "emtile-unet", "config": [4]}', "{not json",
@@ -126,14 +126,17 @@ def test_config_json_of_the_wrong_shape_is_refused(tmp_path, text):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(text)
     with pytest.raises(EmtileError, match="is not an emtile model config"):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(EmtileError, match="is not an emtile model config"):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
 
 
 def test_public_names_are_lazy_exports():
-    assert emtile.UNet is UNet and emtile.save_model is save_model and emtile.load_model is load_model
+    import emtile.model
+
+    assert emtile.UNet is UNet and emtile.save_model is save_model
+    assert emtile.load_model is emtile.model.load_model  # any source: folder, run or package
 
 
 # ------------------------------------------------------------------ model folders
@@ -150,7 +153,7 @@ def test_save_and_load_round_trip(tmp_path):
         "config.json", "metadata.json", "model.safetensors"]
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["config"] == net.config
-    loaded = load_model(tmp_path / "m")
+    loaded = load_folder(tmp_path / "m")
     assert loaded.config == net.config and not loaded.training
     x = torch.rand(2, 1, 100, 100)
     with torch.no_grad():
@@ -172,7 +175,7 @@ def test_a_pickled_state_dict_is_never_read(tmp_path, monkeypatch):
     with pytest.raises(EmtileError, match="has model.pt but no model.safetensors: emtile reads "
                                           "weights only from model.safetensors and never "
                                           "unpickles a file"):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
 
 
 class _Exploit:
@@ -196,20 +199,20 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path, filename):
     else:
         (tmp_path / "m" / filename).write_bytes(pickle.dumps(payload))
     with pytest.raises(EmtileError, match="not a valid safetensors file|never unpickles"):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
     assert not victim.exists()
 
 
 def test_missing_folder_config_or_weights(tmp_path):
     with pytest.raises(EmtileError, match="model folder '.*nope' does not exist"):
-        load_model(tmp_path / "nope")
+        load_folder(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmtileError, match="has no config.json"):
-        load_model(tmp_path / "empty")
+        load_folder(tmp_path / "empty")
     save_model(UNet(base=2, depth=2), tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(EmtileError, match="has no weights: expected model.safetensors"):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
 
 
 def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
@@ -218,14 +221,14 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     doc["config"]["base"] = 4
     (tmp_path / "m" / "config.json").write_text(json.dumps(doc))
     with pytest.raises(EmtileError, match="do not match its config.json"):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
 
 
 def test_config_that_is_not_ours_is_refused(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text('{"hidden_size": 3}')
     with pytest.raises(EmtileError, match="is not an emtile model config"):
-        load_model(tmp_path / "m")
+        load_folder(tmp_path / "m")
 
 
 def test_metadata_must_be_json(tmp_path):
@@ -262,4 +265,4 @@ def test_saving_again_replaces_config_atomically_and_drops_stale_metadata(tmp_pa
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json",
                                                                   "model.safetensors"]
     assert load_metadata(tmp_path / "m") == {}  # not the previous model's epochs
-    assert load_model(tmp_path / "m").config["base"] == 3
+    assert load_folder(tmp_path / "m").config["base"] == 3

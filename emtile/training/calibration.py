@@ -144,13 +144,13 @@ def calibrate_best(best, raw, labels, zs, device, validator, *, normalize=None, 
     goes into the folder's metadata under ``calibration``; a folder that has one already (a
     resumed run that kept its best model) is left as it is.
     """
-    from emtile.unet import load_metadata, load_model, save_model
+    from emtile.unet import load_folder, load_metadata, save_model
 
     meta = load_metadata(best)
     info = meta.setdefault("emtile", {})
     if "calibration" in info:
         return info["calibration"]
-    model = load_model(best, device=device)
+    model = load_folder(best, device=device)
     if validator is not None and not (before or {}).get("val_vrand"):
         before = validator(model)
     record = calibrate_model(model, raw, labels, zs, device=device, normalize=normalize)
@@ -170,7 +170,7 @@ def calibrate_best(best, raw, labels, zs, device, validator, *, normalize=None, 
     record["kept"] = kept
     info["calibration"] = {k: jsonable(v) for k, v in record.items()}
     if not kept:
-        model = load_model(best, device=device)  # the weights as trained
+        model = load_folder(best, device=device)  # the weights as trained
     tmp = best.with_name(best.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp, metadata=meta)

@@ -181,9 +181,9 @@ def load_training_state(folder, model, optimizer):
     """Restore ``model``'s weights, ``optimizer`` and the torch RNG from the folder ``folder``;
     return the state dict (``iteration``, ``best_score``, ``best_scores``, ``elapsed_s``,
     ``scaler``)."""
-    from emtile.unet import load_model
+    from emtile.unet import load_folder
 
-    model.load_state_dict(load_model(folder).state_dict())
+    model.load_state_dict(load_folder(folder).state_dict())
     try:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle with code in it is refused by weights_only=True
