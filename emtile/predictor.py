@@ -42,7 +42,6 @@ validation during training.
 import collections
 import contextlib
 import functools
-import json
 import math
 import os
 import queue
@@ -148,16 +147,20 @@ def _check_volume(net, arr, name="input"):
 
 
 def _as_model(model):
-    from emtile.model import load_model
+    """The :class:`emtile.model.Model` of ``model`` (loaded once: network, metadata,
+    normalisation, weights hash). A network lent by the caller keeps its mode."""
+    from emtile.model import Model, load
     from emtile.unet import UNet
 
     if isinstance(model, UNet):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return load_model(model)
-    raise EmtileError(f"model must be an emtile UNet or a model folder, got {type(model).__name__}")
-
-
+        was_training = model.training
+        loaded = load(model)
+        model.train(was_training)
+        return loaded
+    if isinstance(model, (Model, str, os.PathLike)):
+        return load(model)
+    raise EmtileError(f"model must be an emtile UNet, a Model or a model folder, got "
+                      f"{type(model).__name__}")
 
 
 # --------------------------------------------------------------------------- the plan
@@ -924,7 +927,7 @@ def _setup(model, input, settings, probe=None):
     chunks, device, num_workers)``. ``probe``: a dict to fill with the seconds per tile
     :func:`_probe_tiles` measured when ``tile="auto"`` (None: choose by computed pixels alone)."""
     s = settings
-    net = _as_model(model)
+    net = _as_model(model).net
     arr, path = open_input(input)
     dev = resolve_device(s.device, net)
     num_workers = s.num_workers
@@ -988,14 +991,14 @@ def _job(net, grid, chunks, settings, *, input, output, model, weights, amp, dev
         normalize=Scaling(*normalize))
 
 
-def _scaling(model, net, arr, path, normalize):
-    """The :class:`~emtile.normalize.Scaling` of this input; warns (one line each) when the input
-    is far from the model's training data (:func:`emtile.normalize.for_prediction`)."""
-    from emtile.model import read_metadata
+def _scaling(model, arr, path, normalize):
+    """The :class:`~emtile.normalize.Scaling` of this input for the loaded ``model``; warns (one
+    line each) when the input is far from the model's training data
+    (:func:`emtile.normalize.for_prediction`)."""
     from emtile.normalize import InputWarning, for_prediction
 
-    scaling, notes = for_prediction(read_metadata(model), arr, path=path, rule=normalize,
-                                    model_ndim=net.ndim)
+    scaling, notes = for_prediction(model, arr, path=path, rule=normalize,
+                                    model_ndim=model.ndim)
     for note in notes:
         warnings.warn(note, InputWarning, stacklevel=3)
     return scaling
@@ -1023,8 +1026,9 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     from emtile.blockwise import Pass, Stage
 
     s = settings
+    model = _as_model(model)
     if runner.distributed:
-        if not isinstance(model, (str, os.PathLike)):
+        if not model.source:
             raise EmtileError("a cluster run needs the model as a model folder (workers load it "
                               "themselves): save it with emtile.save_model and pass its path")
         if not isinstance(input, (str, os.PathLike)):
@@ -1038,11 +1042,10 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
         model, input, replace(s, tile=tile), probe=probe)
     store.check_output(output, inputs=[path] if path is not None else [])
     _check_levels(s.levels, grid, chunks)
-    scaling = _scaling(model, net, arr, path, s.normalize)
+    scaling = _scaling(model, arr, path, s.normalize)
     threads = _default_threads(s.threads, dev, runner)
     job = _job(net, grid, chunks, s, input=path or "", output=str(output),
-               model=str(model) if isinstance(model, (str, os.PathLike)) else "",
-               weights=weights_hash(net), amp=resolve_amp(s.amp, dev), device=dev,
+               model=model.source, weights=model.weights_sha256, amp=resolve_amp(s.amp, dev), device=dev,
                threads=threads, normalize=scaling)
     plan = job.plan()
     seconds = []
@@ -1072,9 +1075,10 @@ def predict(model, input, output, settings=None, runner=None, *, overwrite=False
 
     Parameters
     ----------
-    model : UNet or path
-        A model, a model folder written by :func:`emtile.save_model`, a training run folder or a
-        bioimage.io package (a cluster needs a path: workers load it themselves).
+    model : UNet, emtile.model.Model or path
+        A model, one loaded by :func:`emtile.model.load`, or what it loads: a model folder
+        written by :func:`emtile.save_model`, a training run folder or a bioimage.io package (a
+        cluster needs a model loaded from a path: workers load it themselves).
     input : path or array-like, shape (Z, Y, X) or (Y, X)
         Anything :func:`emtile.open_volume` opens, or an array (this process only). A 2-D model
         runs slice by slice.
@@ -1215,8 +1219,9 @@ def predict_array(model, array, settings=None, *, progress=False, **overrides):
     from emtile.settings import PredictSettings
 
     settings = replace(settings or PredictSettings(dtype="float32", num_workers=0), **overrides)
+    model = _as_model(model)
     net, arr, _, grid, chunks, dev, num_workers = _setup(model, array, settings)
-    scaling = _scaling(model, net, arr, None, settings.normalize)
+    scaling = _scaling(model, arr, None, settings.normalize)
     out = np.zeros((net.out_channels,) + grid.region_shape, np.dtype(settings.dtype))
     job = _job(net, grid, chunks, replace(settings, threshold=None), input=_register(arr),
                output=_register(out), model=_token(), weights="",
