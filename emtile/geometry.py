@@ -471,6 +471,26 @@ def block_plan(grid, chunks, *, max_block_px=2**22):
 # --------------------------------------------------------------------------- auto tile
 
 
+def check_levels(levels, sizes, units, *, unit="output chunks"):
+    """``levels`` resolution levels of an image of ``sizes`` (y, x) written by work units of
+    ``units`` (y, x) pixels, each writing whole chunks of every level: level ``levels - 1``
+    halves y and x ``levels - 1`` times, so ``2 ** (levels - 1)`` must divide a unit (unless it
+    is the whole axis) and the image must keep a pixel. Returns ``levels``; one line otherwise.
+    """
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise EmtileError(f"levels={levels!r} must be a positive whole number")
+    f = 2 ** (levels - 1)
+    for axis, u, n in zip("yx", units, sizes):
+        if n < f:
+            raise EmtileError(f"levels={levels} would halve the {n}-px {axis} axis below one "
+                              f"pixel: use at most {n.bit_length()} levels")
+        if u % f and u < n:
+            raise EmtileError(f"levels={levels} needs {unit} whose size in y and x is divisible "
+                              f"by {f} (each writes whole chunks of every level), but the {unit} "
+                              f"are {u} px in {axis}: use at most {(u & -u).bit_length()} levels")
+    return int(levels)
+
+
 def tile_costs(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None):
     """Every valid tile size with its cost for this region, cheapest first.
 

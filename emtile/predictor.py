@@ -1041,7 +1041,7 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     net, arr, path, grid, chunks, dev, num_workers = _setup(
         model, input, replace(s, tile=tile), probe=probe)
     store.check_output(output, inputs=[path] if path is not None else [])
-    _check_levels(s.levels, grid, chunks)
+    geometry.check_levels(s.levels, grid.region_shape[-2:], chunks[-2:])
     scaling = _scaling(model, arr, path, s.normalize)
     threads = _default_threads(s.threads, dev, runner)
     job = _job(net, grid, chunks, s, input=path or "", output=str(output),
@@ -1136,21 +1136,6 @@ def _resumed_tile(output):
         return None
     sizes = [t for t in tile if t > 1]
     return tuple(sizes) if sizes else None
-
-
-def _check_levels(levels, grid, chunks):
-    """Each level's chunks must stay whole per block: level ``levels - 1`` halves a chunk
-    ``levels - 1`` times in y and x, so ``2 ** (levels - 1)`` must divide it (or the region must
-    be one chunk there)."""
-    f = 2 ** (levels - 1)
-    for c, n in zip(chunks[-2:], grid.region_shape[-2:]):
-        if c % f and c < n:
-            most = 1 + max(k for k in range(12) if c % 2**k == 0)
-            raise EmtileError(f"levels={levels} needs output chunks divisible by {f} in y and x, "
-                              f"but they are {c} px: use at most {most} levels")
-        if n < f:
-            raise EmtileError(f"levels={levels} would halve the {n}-px region below one pixel: "
-                              f"use at most {n.bit_length()} levels")
 
 
 def _default_threads(threads, dev, runner):

@@ -172,7 +172,7 @@ def test_killed_driver_resumes_locally_and_killed_local_run_resumes_on_a_cluster
 
 @pytest.mark.parametrize("args, message", [
     (["--levels", "0"], "Invalid value for '--levels'"),
-    (["--levels", "3", "--block-size", "1,30,30"], "Error: levels=3 needs blocks whose size in y "
+    (["--levels", "3", "--block-size", "1,30,30"], "Error: --levels 3 needs blocks whose size in y "
                                                    "and x is divisible by 4"),
 ])
 def test_bad_level_options_are_one_line(data, tmp_path, args, message):

@@ -25,6 +25,7 @@ import numpy as np
 
 from emtile._errors import EmtileError
 from emtile.blockwise import Pass, Runner, Stage, run_stage
+from emtile.geometry import check_levels
 from emtile.segmenter import blocks, kernels
 from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
 from emtile.segmenter.graph import number_objects
@@ -192,25 +193,6 @@ def _check_block(block_size, shape, mode):
     return tuple(min(b, n) for b, n in zip(block, shape3))
 
 
-def _check_levels(levels, shape3, block):
-    """Every level's chunks stay whole per block: level ``levels - 1`` samples every
-    ``2 ** (levels - 1)``-th pixel in y and x, so blocks must start at multiples of it (or be
-    alone along that axis), and the image must keep at least one pixel."""
-    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
-        raise EmtileError(f"levels={levels!r} must be a positive whole number")
-    f = 2 ** (levels - 1)
-    for axis, b, n in zip("yx", block[1:], shape3[1:]):
-        if n < f:
-            raise EmtileError(f"levels={levels} would halve the {n}-px {axis} axis below one "
-                              f"pixel: use at most {n.bit_length()} levels")
-        if b % f and b < n:
-            raise EmtileError(f"levels={levels} needs blocks whose size in y and x is divisible "
-                              f"by {f} (each block writes whole chunks of every level), but the "
-                              f"blocks are {b} px in {axis}: use at most {(b & -b).bit_length()} "
-                              f"levels, or such a block size")
-    return int(levels)
-
-
 # --------------------------------------------------------------------------- the store
 
 
@@ -237,9 +219,9 @@ def _fingerprint(pred, recorded, levels):
             "settings": digest, "levels": int(levels)}
 
 
-def _create_output(job, pred, plan, recorded):
+def _create_output(job, pred, plan, recorded, settings):
     """The label image (every level) and the working arrays of the passes in ``TEMP``."""
-    from emtile import store
+    from emtile import __version__, store
 
     image_shape = job.shape if job.image_ndim == 3 else job.shape[1:]
     chunks = (1,) * (job.image_ndim == 3) + job.block[1:] if job.mode == "2d" else job.block
@@ -252,6 +234,7 @@ def _create_output(job, pred, plan, recorded):
         job.output, image_shape, np.uint32, chunks=chunks, voxel_size=voxel,
         name="segmentation", levels=job.levels, source=source, physical=translation,
         attrs={"segment": recorded, "source": pred.path,
+               "settings": settings.to_json(), "version": __version__,
                **store.inherited_voxel_attrs(pred.path, "prediction")})
     temp = group.create_group(TEMP)
     chunks3 = (1,) + job.block[1:] if job.mode == "2d" else job.block
@@ -449,7 +432,7 @@ def segment_stage(prediction, output, settings, runner):
     s = settings
     pred = _open_prediction(prediction)
     mode, shape3, block = _check_options(pred, s)
-    levels = _check_levels(s.levels, shape3, block)
+    levels = check_levels(s.levels, shape3[1:], block[1:], unit="blocks")
     store.check_output(output, inputs=[pred.path])
     sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
     job = SegmentJob(
@@ -478,7 +461,7 @@ def segment_stage(prediction, output, settings, runner):
     )
     stage = Stage(name="segment", output=str(output), inputs=(pred.path,),
                   fingerprint=_fingerprint(pred, recorded, levels),
-                  create=functools.partial(_create_output, job, pred, plan, recorded),
+                  create=functools.partial(_create_output, job, pred, plan, recorded, s),
                   passes=passes, markers_group=TEMP,
                   resumable=functools.partial(_has_records, n), finish=steps.finish)
     return stage, steps, pred
