@@ -30,3 +30,10 @@ def _worker_message(text, cls):
     name = re.escape(f"{cls.__module__}.{cls.__qualname__}")
     found = re.findall(rf"^(?:{name}|{re.escape(cls.__qualname__)}): (.*)$", text, flags=re.M)
     return found[-1] if found else text
+
+
+def one_line(exc, limit=200):
+    """``exc`` as ``Type: message`` on one line, cut to ``limit`` characters: the reason that a
+    one-line error quotes from a library's exception."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -124,7 +124,8 @@ from numbers import Integral
 import numpy as np
 
 from emtile._errors import EmtileError
-from emtile.volume import LabelChecker, Stack, Window, open_stack, resolve_slices, slab_depth, slice_runs
+from emtile.geometry import Window
+from emtile.stacks import LabelChecker, Stack, open_stack, resolve_slices, slab_depth, slice_runs
 
 __all__ = [
     "evaluate",

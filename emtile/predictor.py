@@ -63,7 +63,8 @@ from emtile.device import autocast, check_amp, keep_large_allocations, resolve_a
 from emtile.markers import MARKERS, BlockMarkers
 from emtile.normalize import Scaling, apply as normalize_pixels
 from emtile.stitch import BLENDS
-from emtile.volume import WriterThread, input_to_float, open_input
+from emtile.stacks import WriterThread
+from emtile.volume import open_input
 
 __all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
            "PredictResult", "weights_hash", "DTYPES"]
@@ -827,7 +828,7 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
 
 
 def _fingerprint(job, array):
-    from emtile.volume import content_token
+    from emtile.markers import content_token
 
     """Everything that determines the output bytes; a resumed run must match it exactly.
 
@@ -840,7 +841,7 @@ def _fingerprint(job, array):
     """
     import torch
 
-    from emtile.volume import content_token
+    from emtile.markers import content_token
 
     grid, plan = job.grid(), job.plan()
     device = job.device.split(":")[0]

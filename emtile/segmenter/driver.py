@@ -517,7 +517,7 @@ def _output_dtype(group, count, job):
 
 
 def _fingerprint(pred, settings, levels):
-    from emtile.volume import content_token
+    from emtile.markers import content_token
 
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),
