@@ -45,7 +45,8 @@ def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_si
     emtile convert labels.tif labels.zarr --labels
     emtile convert 'slices/*.png' vol.zarr --voxel-size 50,4,4 --levels 3
     """
-    from emtile.volume import convert as run, format_info
+    from emtile.converter import convert as run
+    from emtile.describe import format_info
 
     result = run(input, output, labels=labels, threshold=threshold, channel=channel,
                  dataset=dataset, chunks=chunks, voxel_size=voxel_size, unit=unit, levels=levels,

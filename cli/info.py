@@ -14,7 +14,7 @@ def info(path, stats, as_json):
     prediction's model, options, region and mask), a model folder or package (architecture,
     valid tile sizes, training data, voxel size, normalisation, calibration, scores) or a
     training run folder."""
-    from emtile.describe import describe, format_description
+    from emtile import describe
 
-    d = describe(path, stats=stats, progress=stats and not as_json)
-    click.echo(json.dumps(d, indent=2, default=str) if as_json else format_description(d))
+    d = describe.info(path, stats=stats, progress=stats and not as_json)
+    click.echo(json.dumps(d, indent=2, default=str) if as_json else describe.format_info(d))

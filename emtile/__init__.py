@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it (imported on first access, PEP 562)
 _LAZY = {
     "open_volume": "emtile.volume",
-    "convert": "emtile.volume",
-    "info": "emtile.volume",
+    "convert": "emtile.converter",
+    "info": "emtile.describe",
     "UNet": "emtile.unet",
     "save_model": "emtile.unet",
     "load_model": "emtile.model",

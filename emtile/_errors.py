@@ -42,3 +42,10 @@ def whole_number(name, value, *, least=1):
             least, f"an integer >= {least}")
         raise EmtileError(f"{name}={value!r} must be {what}")
     return int(value)
+
+
+def one_line(exc, limit=200):
+    """``exc`` as ``Type: message`` on one line, cut to ``limit`` characters: the reason that a
+    one-line error quotes from a library's exception."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

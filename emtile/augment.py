@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from scipy import ndimage
 
-from emtile.volume import center_crop
+from emtile.geometry import center_crop
 
 
 @lru_cache(maxsize=64)

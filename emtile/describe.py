@@ -1,7 +1,9 @@
 """What ``emtile info`` says about anything emtile reads or writes: a volume, a model, a run.
 
-:func:`describe` recognises the path and returns a plain dict; :func:`format_description` prints
-it. Volumes (and prediction stores, with their provenance) are :func:`emtile.volume.info`'s.
+:func:`info` (``emtile.info``) recognises the path and returns a plain dict; :func:`format_info`
+prints it. A volume (:func:`describe_volume`) is described by its shape, dtype, chunks,
+compression, sizes, voxel size and where it came from, completeness and, for a prediction store,
+the model, options, region and mask that made it (its provenance).
 A model folder (``config.json``) or bioimage.io package is described from its files alone:
 architecture, parameters, valid tile sizes, the data it was trained on and at which voxel size,
 its input normalisation, its calibration and its validation scores, each V-Rand named by its
@@ -10,11 +12,20 @@ its best model and where to find it.
 """
 
 import json
+import math
 from pathlib import Path
 
-from emtile._errors import EmtileError
+import numpy as np
 
-__all__ = ["describe", "describe_model", "describe_run", "format_description", "is_run_folder"]
+from emtile import store as _store
+from emtile._errors import EmtileError
+from emtile.stacks import slab_depth, slice_runs
+from emtile.tiff import TIFF_SUFFIXES
+from emtile.voxels import SOURCE_WORDS
+from emtile.volume import open_volume
+
+__all__ = ["info", "describe_volume", "describe_model", "describe_run", "format_info",
+           "is_run_folder"]
 
 RUN_FILE = "run.json"  # emtile.training.run.RUN_FILE (not imported: it pulls in torch)
 
@@ -32,19 +43,19 @@ def _is_model(path):
     return (p.is_dir() and (p / "config.json").is_file()) or (p.exists() and is_package(p))
 
 
-def describe(path, *, stats=False, progress=False):
-    """Describe ``path``: ``{"what": "volume" | "model" | "run", ...}``.
+def info(path, *, stats=False, progress=False):
+    """Describe ``path`` (what ``emtile info`` prints): ``{"what": "volume" | "model" | "run",
+    ...}``.
 
-    A volume's dict is :func:`emtile.volume.info`'s (``stats`` and ``progress`` are for it);
-    a model's :func:`describe_model`'s; a run's :func:`describe_run`'s.
+    A volume's dict is :func:`describe_volume`'s (``stats`` and ``progress`` are for it); a
+    model folder's or package's :func:`describe_model`'s; a run folder's :func:`describe_run`'s.
+    :func:`format_info` turns any of them into text.
     """
     if is_run_folder(path):
         return describe_run(path)
     if _is_model(path):
         return describe_model(path)
-    from emtile.volume import info
-
-    return dict(info(path, stats=stats, progress=progress), what="volume")
+    return describe_volume(path, stats=stats, progress=progress)
 
 
 def _metadata(path):
@@ -114,6 +125,222 @@ def describe_run(path):
     return out
 
 
+# --------------------------------------------------------------------------- volumes
+
+def _du(path):
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def describe_volume(path, *, stats=False, progress=False):
+    """Describe a volume: shape, dtype, chunks, compression, sizes, voxel size, completeness.
+
+    Parameters
+    ----------
+    path : str or Path
+        Anything :func:`emtile.open_volume` reads.
+    stats : bool
+        Also compute min / max / mean, reading the volume slab by slab (bounded memory).
+
+    Returns
+    -------
+    dict
+        ``what`` is ``"volume"``; ``complete`` is True/False for stores emtile wrote and None
+        for other sources; ``partial`` (stores converted with ``allow_partial`` from a TIFF cut
+        short) says what was expected and what was found, else None.
+    """
+    p = Path(str(path))
+    meta = _store.emtile_attrs(p) if _store.is_zarr_store(p) else None
+    try:
+        arr = open_volume(path)
+    except EmtileError:
+        if meta is None or meta.get("complete"):
+            raise
+        arr = None  # an emtile store killed before its arrays were written: say so
+    out = {
+        "path": str(path),
+        "shape": tuple(int(s) for s in arr.shape) if arr is not None else None,
+        "dtype": str(arr.dtype) if arr is not None else None,
+        "chunks": None,
+        "compressor": None,
+        "bytes_uncompressed": int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+        if arr is not None else None,
+        "bytes_on_disk": _du(h5[0] if (h5 := _store.split_hdf5_path(path)) else path)
+        if Path(str(path)).exists() else None,
+        "voxel_size": None,
+        "levels": None,
+        "kind": None,
+        "complete": None,
+        "partial": None,
+    }
+    if hasattr(arr, "chunks") and hasattr(arr, "compressors"):
+        out["chunks"] = tuple(int(c) for c in arr.chunks)
+        out["compressor"] = ", ".join(_codec_name(c) for c in arr.compressors) or "none"
+    if p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
+        import tifffile
+
+        with tifffile.TiffFile(p) as tf:
+            page = tf.pages[0]
+            out["compressor"] = f"TIFF {page.compression.name.lower()}"
+            out["chunks"] = (1,) + (tuple(page.chunks) if page.is_tiled else tuple(page.shape[:2]))
+    if _store.is_zarr_store(p):
+        import zarr
+
+        node = zarr.open(str(p), mode="r")
+        attrs = node.attrs.asdict()
+        meta = attrs.get("emtile")
+        if meta is not None:
+            out["complete"] = bool(meta.get("complete"))
+            out["kind"] = meta.get("kind")
+            out["partial"] = meta.get("partial")
+            if meta.get("provenance"):  # a prediction: what made it
+                out["provenance"] = meta["provenance"]
+            if meta.get("kind") == "labels" and meta.get("threshold") is not None:
+                out["threshold"] = meta["threshold"]  # a predicted mask
+        ms = _store.multiscales(attrs)
+        if ms:
+            out["levels"] = len(ms["datasets"])
+            out["bytes_on_disk_level0"] = _du(p / ms["datasets"][0]["path"])
+            out["voxel_size"] = _store.spatial_scale(ms)
+            out["voxel_unit"] = _axes_unit(ms)
+            out.update(_voxel_origin(meta))
+    if stats and arr is not None:
+        out.update(_stats(arr, progress=progress))
+    out["what"] = "volume"
+    return out
+
+
+def _axes_unit(ms):
+    """The unit of a multiscales entry's spatial axes as ``info`` prints it (``nm``), or None
+    when they have none or differ."""
+    units = {a.get("unit") for a in ms["axes"] if a.get("type") == "space"}
+    unit = units.pop() if len(units) == 1 else None
+    return "nm" if unit == "nanometer" else unit
+
+
+def _voxel_origin(meta):
+    """``voxel_size_source`` (one of :data:`emtile.voxels.VOXEL_SOURCES`, or ``"input"`` / ``"prediction"``
+    for what predict and segment wrote) and a ``voxel_size_note`` when the size is not known,
+    from an emtile store's attributes."""
+    if meta is None:
+        return {}
+    source = meta.get("voxel_size_source")
+    if source is None:  # predict and segment copy their input's; older stores recorded none
+        source = ("input" if meta.get("provenance") or meta.get("threshold") is not None else
+                  "prediction" if meta.get("segment") else None)
+    out = {"voxel_size_source": source}
+    if meta.get("voxel_size_given", True) is False:
+        out["voxel_size_note"] = (
+            "not given at conversion; recorded as 1 nm" if source in (None, "not given") else
+            f"y, x {SOURCE_WORDS[source]}; no slice spacing there, z recorded as x")
+    return out
+
+
+def _size(n):
+    """Bytes as tqdm writes them (three significant digits, SI prefixes: ``7.86MB``)."""
+    from tqdm import tqdm
+
+    return "-" if n is None else tqdm.format_sizeof(n, "B")
+
+
+def _format_partial(partial):
+    """One line for a store converted with --allow-partial: what was expected, what was found."""
+    found = "x".join(str(n) for n in partial["found"])
+    return f"converted {found} (the complete pages); expected {partial['expected']}"
+
+
+def _format_volume(d):
+    """What ``emtile info`` prints for the dict that :func:`describe_volume` returns."""
+    complete = {True: "yes", False: "NO (interrupted or still being written)", None: "-"}[d["complete"]]
+    lines = [
+        f"path          {d['path']}",
+        f"shape         {d['shape'] or '-'}",
+        f"dtype         {d['dtype'] or '-'}",
+        f"chunks        {d['chunks'] or '-'}",
+        f"compressor    {d['compressor'] or '-'}",
+        f"uncompressed  {_size(d['bytes_uncompressed'])}",
+    ]
+    if d.get("bytes_on_disk_level0") is not None and d["bytes_uncompressed"] is not None:
+        ratio = d["bytes_uncompressed"] / max(d["bytes_on_disk_level0"], 1)
+        lines.append(f"on disk       {_size(d['bytes_on_disk_level0'])} (ratio {ratio:.2f}); "
+                     f"whole store {_size(d['bytes_on_disk'])}")
+    else:
+        lines.append(f"on disk       {_size(d['bytes_on_disk'])}")
+    if d["voxel_size"]:
+        vs = " x ".join(f"{v:g}" for v in d["voxel_size"].values())
+        unit = d.get("voxel_unit", "nm") or "(no unit)"
+        source = d.get("voxel_size_source")
+        note = (f"  ({d['voxel_size_note']})" if d.get("voxel_size_note") else
+                f", {SOURCE_WORDS[source]}" if source in SOURCE_WORDS else "")
+        lines.append(f"voxel size    {vs} {unit} ({','.join(d['voxel_size'])}){note}")
+    if d["levels"]:
+        lines.append(f"levels        {d['levels']}")
+    if d["kind"]:
+        lines.append(f"kind          {d['kind']}")
+    lines.append(f"complete      {complete}")
+    if d.get("partial"):
+        lines.append(f"partial       YES: {_format_partial(d['partial'])}")
+    if d.get("provenance"):
+        lines += _format_provenance(d["path"], d["provenance"])
+    if d.get("threshold") is not None:
+        lines.append(f"mask of       cell interior where p > {d['threshold']:g}")
+    for key in ("min", "max", "mean"):
+        if key in d:
+            lines.append(f"{key:<13} {d[key]:.6g}")
+    return "\n".join(lines)
+
+
+def _format_provenance(path, p):
+    """The lines of a prediction store's provenance (``emtile predict``'s record)."""
+    region = p.get("region") or []
+    names = "zyx"[-len(region):] if 0 < len(region) <= 3 else None
+    where = ", ".join(f"{names[i] if names else i} {a}:{b}" for i, (a, b) in enumerate(region))
+    offset = [a for a, _ in region]
+    norm = p.get("normalization") or ["dtype", None, None]
+    norm_text = (norm[0] if norm[1] is None else
+                 f"{norm[0]} ({norm[1]:.6g} -> 0, {norm[2]:.6g} -> 1)")
+    options = (f"tile {'x'.join(str(t) for t in p.get('tile', []))}, tta "
+               f"{'on' if p.get('tta') else 'off'}, amp {p.get('amp', 'off')}, blend "
+               f"{p.get('blend')}, overlap {','.join(str(o) for o in p.get('overlap', []))}, "
+               f"dtype {p.get('dtype')}, normalisation {norm_text}, device {p.get('device')}")
+    mask = (f"{path.rstrip('/')}/{p['mask']} (cell interior where p > {p['threshold']:g})"
+            if p.get("mask") else "none (predict --threshold T writes one)")
+    return [f"model         {p.get('model')}",
+            f"input         {p.get('input')}",
+            f"region        {where}" + (f" (offset {','.join(map(str, offset))} in the input)"
+                                        if any(offset) else " (the whole input)"),
+            f"options       {options}",
+            f"mask          {mask}"]
+
+
+def _codec_name(codec):
+    name = type(codec).__name__
+    cname = getattr(codec, "cname", None)
+    level = getattr(codec, "clevel", None)
+    if cname is not None:
+        cname = getattr(cname, "value", cname)
+        return f"{name}({cname}, level {level})"
+    return name
+
+
+def _stats(arr, *, progress=False):
+    from tqdm.auto import tqdm
+
+    if arr.ndim < 3:
+        data = np.asarray(arr[...], dtype=np.float64)
+        return {"min": float(data.min()), "max": float(data.max()), "mean": float(data.mean())}
+    chunk_z = (getattr(arr, "chunks", None) or (1,))[0]
+    depth = slab_depth(arr.shape, np.dtype(arr.dtype).itemsize, chunk_z=chunk_z)
+    lo, hi, total = math.inf, -math.inf, 0.0
+    for z0 in tqdm(range(0, arr.shape[0], depth), disable=not progress, desc="stats", delay=1.0):
+        slab = np.asarray(arr[z0:z0 + depth])
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        total += float(slab.sum(dtype=np.float64))
+    return {"min": lo, "max": hi, "mean": total / max(int(np.prod(arr.shape)), 1)}
+
+
 # --------------------------------------------------------------------------- text
 
 
@@ -121,8 +348,6 @@ def _slices_text(zs):
     """Slice indices as runs: ``[0, 1, 2, 5]`` -> ``0:3,5``."""
     if not isinstance(zs, list) or not all(isinstance(z, int) for z in zs):
         return str(zs)
-    from emtile.volume import slice_runs
-
     return ",".join(str(a) if b == a + 1 else f"{a}:{b}" for a, b in slice_runs(sorted(zs)))
 
 
@@ -182,12 +407,10 @@ def _model_lines(d, indent=""):
     return [indent + line for line in lines]
 
 
-def format_description(d):
-    """What ``emtile info`` prints for a :func:`describe` dict."""
+def format_info(d):
+    """What ``emtile info`` prints for an :func:`info` dict (a volume, a model or a run)."""
     if d["what"] == "volume":
-        from emtile.volume import format_info
-
-        return format_info(d)
+        return _format_volume(d)
     if d["what"] == "model":
         return "\n".join([f"path          {d['path']}", f"kind          {d['format']}",
                           *_model_lines(d)])

@@ -15,7 +15,8 @@ from emtile.metrics import (CONVENTIONS, SCORES, SWEEP_THRESHOLDS, PredictionDec
                             confusion_counts, metrics_from_counts, segmentation_stats,
                             thin_boundaries, truth_segments)
 from emtile.reports import write_csv, write_json
-from emtile.volume import (LabelChecker, Stack, Window, open_stack, resolve_slices, slab_depth,
+from emtile.geometry import Window
+from emtile.stacks import (LabelChecker, Stack, open_stack, resolve_slices, slab_depth,
                            slice_runs)
 
 __all__ = [

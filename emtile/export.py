@@ -184,7 +184,7 @@ def _write_torchscript(net, crop, path):
     crop and the smallest), so a size frozen into the trace cannot pass."""
     import torch
 
-    from emtile.predictor import input_to_float
+    from emtile.normalize import dtype_scaled as input_to_float
 
     x = torch.from_numpy(input_to_float(crop)[None, None].copy())
     with warnings.catch_warnings(), torch.inference_mode():
@@ -204,7 +204,7 @@ def _cover(crop, probs, path):
     """A 2:1 cover: the test crop beside the first output channel (grey, centred, black border)."""
     from PIL import Image
 
-    from emtile.predictor import input_to_float
+    from emtile.normalize import dtype_scaled as input_to_float
 
     n = crop.shape[0]
     left = np.clip(input_to_float(crop), 0, 1)

@@ -19,6 +19,9 @@ same plan, so the output does not depend on how the work is split.
 
 Every function is N-dimensional: a 2-D model over a ``(Z, Y, X)`` stack is a grid whose tiles are
 one slice deep (tile 1, halo 0, alignment 1 along Z).
+
+Boxes of arrays: :func:`center_crop` (the centre of the last axes, a view: the U-Net's skip
+connections, training patches) and :class:`Window` (a box of an array as a lazy array of its own).
 """
 
 import itertools
@@ -30,7 +33,8 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["ShapeMap", "Grid", "Block", "BlockPlan", "tile_grid", "block_plan", "choose_tile",
-           "normalize_roi", "reflect_index", "read_window", "per_axis", "tile_costs"]
+           "normalize_roi", "reflect_index", "read_window", "per_axis", "tile_costs",
+           "center_crop", "Window", "LazyArray", "check_levels"]
 
 
 # --------------------------------------------------------------------------- shape map
@@ -585,3 +589,99 @@ def read_window(array, start, stop):
         if idx is not None:
             data = np.take(data, idx, axis=axis)
     return data
+
+
+# --------------------------------------------------------------------------- boxes of arrays
+
+
+def center_crop(array, shape):
+    """The centre ``shape`` of the last ``len(shape)`` axes of ``array`` (a view).
+
+    Works on NumPy arrays and torch tensors alike. An odd size difference leaves the extra pixel
+    at the end (the U-Net's skip connections and training patches always differ by even sizes).
+    """
+    sizes = tuple(array.shape[-len(shape):])
+    assert all(n >= s for n, s in zip(sizes, shape)), (tuple(array.shape), tuple(shape))
+    box = tuple(slice((n - s) // 2, (n - s) // 2 + s) for n, s in zip(sizes, shape))
+    return array[(Ellipsis, *box)]
+
+
+# --------------------------------------------------------------------------- lazy views
+
+
+def _normalize_key(key, shape):
+    """Expand a basic-indexing key into one int or slice per axis (bounds-checked ints)."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1:]
+    if len(key) > len(shape):
+        raise IndexError(f"too many indices ({len(key)}) for an array of shape {shape}")
+    key = key + (slice(None),) * (len(shape) - len(key))
+    out = []
+    for k, n in zip(key, shape):
+        if isinstance(k, (int, np.integer)):
+            k = int(k)
+            if not -n <= k < n:
+                raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
+            out.append(k % n)
+        elif isinstance(k, slice):
+            out.append(k)
+        else:
+            raise TypeError(f"only ints and slices are supported, got {k!r}")
+    return out
+
+
+class LazyArray:
+    """Base of emtile's lazy views: subclasses define ``shape``, ``dtype`` and ``_read(key)``."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        return self._read(_normalize_key(key, self.shape))
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[...]
+        return data.astype(dtype) if dtype is not None else data
+
+    def __repr__(self):
+        return f"<{type(self).__name__} shape={self.shape} dtype={self.dtype}>"
+
+
+class Window(LazyArray):
+    """The box ``start : start + shape`` of ``array``, as an array of its own (lazy: reads go to
+    ``array``, shifted). E.g. the labels under a prediction of a region.
+
+    Examples
+    --------
+    >>> w = Window(np.arange(20).reshape(4, 5), (1, 2), (2, 3))
+    >>> w[...].tolist(), w[1, ::2].tolist()
+    ([[7, 8, 9], [12, 13, 14]], [12, 14])
+    """
+
+    def __init__(self, array, start, shape):
+        self.array, self.start = array, tuple(int(s) for s in start)
+        self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(array.dtype)
+        if len(self.start) != len(array.shape) or any(
+                a < 0 or a + n > m for a, n, m in zip(self.start, self.shape, array.shape)):
+            raise EmtileError(f"the box at {self.start} of shape {self.shape} does not fit in "
+                              f"an array of shape {tuple(array.shape)}")
+
+    def _read(self, key):
+        shifted = []
+        for k, a, n in zip(key, self.start, self.shape):
+            if isinstance(k, int):
+                shifted.append(a + k)
+            else:
+                lo, hi, step = k.indices(n)
+                shifted.append(slice(a + lo, a + max(hi, lo), step))
+        return np.asarray(self.array[tuple(shifted)])

@@ -123,7 +123,7 @@ from fractions import Fraction
 import numpy as np
 
 from emtile._errors import EmtileError
-from emtile.volume import LabelChecker
+from emtile.stacks import LabelChecker
 
 __all__ = [
     "pixel_metrics",

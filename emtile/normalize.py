@@ -42,7 +42,7 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["NORMALIZATIONS", "Rule", "Scaling", "InputWarning", "parse", "statistics", "apply",
-           "record", "rule_of", "model_record", "for_prediction", "range_warning",
+           "dtype_scaled", "record", "rule_of", "model_record", "for_prediction", "range_warning",
            "voxel_warning", "describe", "SAMPLE_PIXELS", "SAMPLE_SLICES"]
 
 NORMALIZATIONS = ("dtype", "minmax", "percentile")
@@ -141,8 +141,11 @@ def parse(rule):
 # --------------------------------------------------------------------------- statistics
 
 
-def _dtype_scaled(a):
-    """The ``dtype`` rule on a NumPy array (float32)."""
+def dtype_scaled(a):
+    """The ``dtype`` rule on pixels: integers scaled by their dtype's maximum (uint8 / 255),
+    booleans to 0/1, floats unchanged, as float32 (``apply(a, Scaling("dtype"))``; a float32
+    array is returned as it is). What a model that records no normalisation sees, and what an
+    exported package's pre-processing reproduces."""
     a = np.asarray(a)
     if a.dtype == np.float32:
         return a
@@ -169,7 +172,7 @@ def apply(data, scaling):
     """
     method, lo, hi = _scaling(scaling)
     if method == "dtype":
-        return _dtype_scaled(data)
+        return dtype_scaled(data)
     a = np.asarray(data)
     if a.dtype == np.bool_:
         a = a.view(np.uint8)
@@ -223,7 +226,7 @@ def _sample(array, max_pixels=SAMPLE_PIXELS, max_slices=SAMPLE_SLICES):
 
 def _minmax(array):
     """The minimum and maximum of the whole volume, slab by slab."""
-    from emtile.volume import slab_depth
+    from emtile.stacks import slab_depth
 
     shape = tuple(int(s) for s in array.shape)
     if len(shape) < 3:

@@ -47,7 +47,7 @@ def _figure(**kwargs):
 
 
 def _open(x, name):
-    from emtile.volume import open_stack
+    from emtile.stacks import open_stack
 
     return None if x is None else open_stack(x, name=name)
 
@@ -70,7 +70,7 @@ def _shift(roi, slices, offset, shape):
     region at ``offset`` (a prediction of a region) of ``shape`` (Z, Y, X)."""
     if not any(offset):
         return roi, slices
-    from emtile.volume import resolve_slices
+    from emtile.stacks import resolve_slices
 
     box = ", ".join(f"{ax} {a}:{a + n}" for ax, a, n in zip("zyx", offset, shape))
     if roi is not None:
@@ -104,7 +104,7 @@ def _read_rows(rstack, pstack, lstack, zs, ys, xs, *, threshold, invert, z0=0, s
     ``merges``; with a label image ``seg`` (and with labels its ``seg_scores``). Returns
     ``(rows, decoder or None)``."""
     from emtile.metrics import PredictionDecoder, label_scores
-    from emtile.volume import LabelChecker
+    from emtile.stacks import LabelChecker
 
     decoder = PredictionDecoder(pstack.dtype, invert=invert) if pstack is not None else None
     checker = LabelChecker()
@@ -409,7 +409,7 @@ def comparison_figure(raw, *, pred=None, labels=None, seg=None, slices=None, roi
         second image (``ax.get_images()[1]``).
     """
     from emtile.metrics import check_threshold
-    from emtile.volume import resolve_slices
+    from emtile.stacks import resolve_slices
 
     check_threshold(threshold)
     rstack, pstack, lstack, sstack, slices, roi, offset = _stacks(raw, pred, labels, slices, roi,

@@ -62,7 +62,8 @@ from emtile.markers import MARKERS
 from emtile.model import weights_hash
 from emtile.normalize import Scaling, apply as normalize_pixels
 from emtile.settings import DTYPES
-from emtile.volume import WriterThread, input_to_float, open_input
+from emtile.stacks import WriterThread
+from emtile.volume import open_input
 
 __all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
            "PredictResult", "weights_hash", "DTYPES"]
@@ -817,7 +818,7 @@ def _fingerprint(job, array):
     """Everything that determines the output bytes; a resumed run must match it exactly.
 
     Only for path inputs (an in-memory array is never resumed): its resolved path and
-    :func:`emtile.volume.content_token` (sizes and times of every file it reads, so chunks
+    :func:`emtile.markers.content_token` (sizes and times of every file it reads, so chunks
     rewritten in place are noticed); the model's config and a hash of its weights; the grid,
     chunks and blocks; every option that changes the arithmetic (device type, batch size, memory
     format, compile, AMP, torch version, and on the CPU the torch thread count: torch's CPU
@@ -825,7 +826,7 @@ def _fingerprint(job, array):
     """
     import torch
 
-    from emtile.volume import content_token
+    from emtile.markers import content_token
 
     grid, plan = job.grid(), job.plan()
     device = job.device.split(":")[0]

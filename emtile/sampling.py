@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from emtile._errors import EmtileError
-from emtile.geometry import read_window
+from emtile.geometry import center_crop, read_window
 from emtile.normalize import Scaling, apply as normalize_pixels
-from emtile.volume import center_crop, resolve_slices
+from emtile.stacks import resolve_slices
 
 _BLOCK = 64  # block size of the foreground index
 
@@ -88,7 +88,7 @@ class PatchDataset(IterableDataset):
     input_size, output_size : int or (int, int)
         The model's input patch and the output patch it predicts (e.g. 572 and 388).
     slices : sequence of int
-        Slice indices to sample from (checked by :func:`emtile.volume.resolve_slices`).
+        Slice indices to sample from (checked by :func:`emtile.stacks.resolve_slices`).
     batch_size : int
         Samples per yielded batch.
     seed : int

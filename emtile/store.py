@@ -790,3 +790,33 @@ def offset_voxels(path):
     if shift is None:
         return None
     return tuple(int(round(t / s)) for t, s, k in zip(shift, scale, kinds) if k == "space")
+
+
+def level_scale(path):
+    """``[(axis, scale), ...]`` of the spatial axes of the OME-Zarr image at ``path``: a group's
+    first level, or the level an array of one is (``store.zarr/1``); each ``axis`` its NGFF
+    entry (``name``, ``type``, ``unit`` when written), each ``scale`` a float, as written (no
+    unit conversion). None when ``path`` records no scale emtile can read (not NGFF, foreign
+    metadata, an array outside a store) or records emtile's placeholder (a conversion given no
+    voxel size: ``voxel_size_given`` false)."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+        group_path, level = (Path(path), None) if isinstance(node, zarr.Group) else \
+            (Path(path).parent, Path(path).name)
+        if level is not None and not is_zarr_store(group_path):
+            return None
+        attrs = zarr.open_group(str(group_path), mode="r").attrs.asdict()
+        ms = multiscales(attrs)
+        datasets = ms["datasets"] if ms else []
+        dataset = datasets[0] if level is None and datasets else \
+            next((d for d in datasets if d["path"] == level), None)
+        meta = attrs.get("emtile")
+        if dataset is None or (meta is not None and meta.get("voxel_size_given") is False):
+            return None
+        scale = next(t["scale"] for t in dataset["coordinateTransformations"]
+                     if t["type"] == "scale")
+        return [(a, float(s)) for a, s in zip(ms["axes"], scale) if a.get("type") == "space"]
+    except Exception:  # not NGFF, or foreign metadata
+        return None

@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -52,7 +51,8 @@ from emtile.training.run import (Checkpoint, RunFolder, describe, load_training_
                                  writes)
 from emtile.training.settings import TrainSettings, jsonable
 from emtile.training.validation import Validator
-from emtile.volume import check_labels, open_input, resolve_slices
+from emtile.stacks import check_labels, resolve_slices
+from emtile.volume import open_input
 
 __all__ = ["train", "format_result"]
 

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from emtile._errors import EmtileError
-from emtile.geometry import ShapeMap
-from emtile.volume import center_crop
+from emtile.geometry import ShapeMap, center_crop
 
 __all__ = ["UNet", "save_model", "load_folder", "load_metadata"]
 

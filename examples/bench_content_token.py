@@ -1,4 +1,4 @@
-"""Cost of ``emtile.volume.content_token`` (the resume fingerprint's input token) on a big store.
+"""Cost of ``emtile.markers.content_token`` (the resume fingerprint's input token) on a big store.
 
 Builds a Zarr v3 array with ``--chunks`` chunk files (tiny ones: the token reads no data, only
 one ``stat`` per file), then times the token ``--repeat`` times (page cache warm after the first)
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
-    from emtile.volume import content_token
+    from emtile.markers import content_token
 
     work = Path(tempfile.mkdtemp(prefix="emtile-token-", dir=args.workdir))
     try:

@@ -110,7 +110,8 @@ def run_seams(a):
 
     import emtile
     from emtile.geometry import read_window
-    from emtile.volume import input_to_float, open_volume
+    from emtile.normalize import dtype_scaled
+    from emtile.volume import open_volume
 
     vol = open_volume(a.dir / "vol.zarr")
     ny, nx = vol.shape[1:]
@@ -120,7 +121,7 @@ def run_seams(a):
         net = emtile.load_model(a.dir / "emtile-model")
         h = net.halo
         n = next(s for s in net.valid_sizes(max(ny, nx) + 2 * h, max(ny, nx) + 2 * h + 64))
-        window = input_to_float(read_window(vol, (0, -h, -h), (1, n - h, n - h)))
+        window = dtype_scaled(read_window(vol, (0, -h, -h), (1, n - h, n - h)))
         whole = torch.sigmoid(net(torch.from_numpy(window)[None]))[0, 0, :ny, :nx].numpy()
         tiled = open_volume(a.dir / "emtile.zarr")[0]
         res["emtile"] = relative_difference(tiled, whole)

@@ -28,7 +28,7 @@ from emtile.normalize import rule_of, statistics
 from emtile.sampling import PatchDataset
 from emtile.training.batchnorm import norm_layers, precise_norm_stats
 from emtile.training.validation import predict_slices
-from emtile.volume import resolve_slices
+from emtile.stacks import resolve_slices
 
 
 def parse_slices(text):

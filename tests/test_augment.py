@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from emtile.augment import Augmenter, displacement_field, elastic, flip_rotate, jitter_intensity
-from emtile.volume import center_crop
+from emtile.geometry import center_crop
 
 
 def blocks(rng, shape, size=6):

@@ -177,8 +177,8 @@ def test_multichannel_inputs_point_to_convert(tmp_path):
     rgb = np.zeros((2, 20, 24, 3), np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     save_model(UNet(base=2, depth=2), tmp_path / "m")
-    hint = (f"emtile works on one channel: convert it first, e.g. emtile convert "
-            f"{tmp_path / 'rgb.tif'} one_channel.zarr --channel N (N from 0 to 2)")
+    hint = (f"emtile works on one channel: convert it first, e.g. convert("
+            f"{str(tmp_path / 'rgb.tif')!r}, 'one_channel.zarr', channel=N) (N from 0 to 2)")
     for args in (("info", tmp_path / "rgb.tif"),
                  ("predict", "--model", tmp_path / "m", tmp_path / "rgb.tif", tmp_path / "p.zarr")):
         r = cli(*args)

@@ -18,7 +18,7 @@ from emtile import metrics as M
 from emtile.cli.main import main
 from emtile.segmenter import segment
 from emtile.store import create_image, mark_complete, set_translation
-from emtile.volume import convert
+from emtile.converter import convert
 
 
 def write_pred(path, p, translation=None):

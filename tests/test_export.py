@@ -27,8 +27,8 @@ from emtile import EmtileError
 from emtile.cli.main import main
 from emtile.geometry import ShapeMap
 from emtile.package import input_description, output_description, preprocessing
-from emtile.predictor import input_to_float
 from emtile.model import load_model
+from emtile.normalize import dtype_scaled
 from emtile.unet import UNet, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,7 @@ def test_package_contents(exported, volume, isbi_raw):
     assert np.array_equal(x[0, 0], isbi_raw[27, 100 + 8:100 + 112, 200 + 13:200 + 117])
     net = load_model(folder)
     with torch.no_grad():
-        want = torch.sigmoid(net(torch.from_numpy(input_to_float(x)))).numpy()
+        want = torch.sigmoid(net(torch.from_numpy(dtype_scaled(x)))).numpy()
     assert y.dtype == np.float32 and np.array_equal(y, want)
     assert result.test_input == (104, 104) and result.test_output == (64, 64)
 
@@ -204,7 +204,7 @@ def test_bioimageio_core_validates_the_package(exported):
 @pytest.mark.parametrize("dtype", ["uint8", "uint16"])
 def test_core_preprocessing_is_emtile_arithmetic(tmp_path, dtype):
     """bioimageio.core's pre-processing of the package input gives the float32 numbers emtile's
-    input_to_float gives, bit for bit, for every value of the dtype's range that is tested."""
+    dtype_scaled gives, bit for bit, for every value of the dtype's range that is tested."""
     core = pytest.importorskip("bioimageio.core")
     from bioimageio.core import Sample, Tensor, create_prediction_pipeline
 
@@ -222,7 +222,7 @@ def test_core_preprocessing_is_emtile_arithmetic(tmp_path, dtype):
     with create_prediction_pipeline(descr, devices=["cpu"]) as pp:
         pp.apply_preprocessing(sample)
     got = sample.members[descr.inputs[0].id].data.values
-    assert got.dtype == np.float32 and np.array_equal(got, input_to_float(x))
+    assert got.dtype == np.float32 and np.array_equal(got, dtype_scaled(x))
 
 
 def test_preprocessing_describes_each_normalization():

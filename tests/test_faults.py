@@ -37,7 +37,7 @@ N_KILLS = 24
 # A small stack in many small slabs and chunks: tens of points to kill at, runs of ~0.5 s.
 SHAPE = (12, 64, 64)
 CONVERT_ARGS = ["--chunks", "2,32,32", "--levels", "2", "--no-progress"]
-RUNNER = ("import sys, emtile.volume as v; v.SLAB_BYTES = 2 * 64 * 64; "
+RUNNER = ("import sys, emtile.stacks as s; s.SLAB_BYTES = 2 * 64 * 64; "
           "from emtile.cli.main import main; main(sys.argv[1:], prog_name='emtile')")
 
 

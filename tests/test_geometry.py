@@ -193,3 +193,15 @@ def test_blocks_partition_the_region_on_chunk_boundaries(args, chunk_factor, bud
                   if all(max(a, b) < min(c, d) for a, b, c, d in zip(o0, block.start, o1, block.stop))}
         assert set(block.tiles) == expect
     assert (seen == 1).all()
+
+
+def test_center_crop_of_arrays_and_tensors():
+    import torch
+
+    from emtile.geometry import center_crop
+
+    a = np.arange(6 * 8).reshape(6, 8)
+    np.testing.assert_array_equal(center_crop(a, (2, 4)), a[2:4, 2:6])
+    t = torch.arange(2 * 6 * 8).reshape(2, 1, 6, 8)
+    assert torch.equal(center_crop(t, (4, 4)), t[..., 1:5, 2:6])
+    assert center_crop(a, (6, 8)) is not a and np.shares_memory(center_crop(a, (2, 2)), a)  # a view

@@ -10,7 +10,7 @@ import zarr
 
 from emtile.predictor import predict
 from emtile.unet import UNet
-from emtile.volume import convert
+from emtile.converter import convert
 
 models = pytest.importorskip("ome_zarr_models")
 from ome_zarr_models import open_ome_zarr  # noqa: E402

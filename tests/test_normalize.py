@@ -246,3 +246,13 @@ def test_warning_rules_by_hand():
 def test_record_round_trip(synthetic_small):
     rec = record(statistics(synthetic_small[0], "minmax"))
     assert json.loads(json.dumps(rec)) == rec and parse(rec) == Rule("minmax")
+
+
+def test_dtype_scaled():
+    from emtile.normalize import dtype_scaled
+
+    assert dtype_scaled(np.array([0, 255], np.uint8)).tolist() == [0.0, 1.0]
+    assert dtype_scaled(np.array([65535], np.uint16)).tolist() == [1.0]
+    assert dtype_scaled(np.array([True])).dtype == np.float32
+    x = np.array([0.25], np.float32)
+    assert dtype_scaled(x) is x

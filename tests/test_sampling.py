@@ -7,7 +7,7 @@ from emtile import EmtileError
 from emtile.augment import Augmenter
 from emtile.losses import weight_map
 from emtile.sampling import PatchDataset, read_mirrored
-from emtile.volume import resolve_slices
+from emtile.stacks import resolve_slices
 
 
 def coded_volume(tmp_path, shape=(3, 90, 110), chunks=(1, 32, 32)):

@@ -7,7 +7,7 @@ import zarr
 from emtile import EmtileError, open_volume
 from emtile.store import (create_image, multiscales, remove_store, set_translation, spatial_scale,
                           voxel_size)
-from emtile.volume import info
+from emtile.describe import info
 
 
 def test_multiscales_of_ngff_05_and_04():

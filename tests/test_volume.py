@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import emtile
+import emtile.markers
 from emtile import EmtileError
 from emtile.cli.main import main
 from emtile.store import is_complete
@@ -151,7 +152,7 @@ def test_labels_with_many_values_name_them_and_leave_nothing(tmp_path):
     data[0, 0, :3] = [3, 7, 9]
     tifffile.imwrite(tmp_path / "lab.tif", data, photometric="minisblack")
     out = tmp_path / "lab.zarr"
-    with pytest.raises(EmtileError, match=r"found 4 values: 0, 3, 7, 9.*--threshold"):
+    with pytest.raises(EmtileError, match=r"found 4 values: 0, 3, 7, 9.*threshold=T"):
         emtile.convert(tmp_path / "lab.tif", out, labels=True, progress=False)
     assert not out.exists()
     emtile.convert(tmp_path / "lab.tif", out, labels=True, threshold=5, progress=False)
@@ -197,11 +198,11 @@ def test_rgb_stack_needs_channel(tmp_path, rng):
     rgb = rng.integers(0, 255, size=(3, 10, 12, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     r = run_cli("convert", tmp_path / "rgb.tif", tmp_path / "o.zarr")
-    assert r.exit_code == 1 and "has 3 channels" in r.output and "--channel N (N from 0 to 2)" in r.output
+    assert r.exit_code == 1 and "has 3 channels" in r.output and "channel=N) (N from 0 to 2)" in r.output
     r = run_cli("convert", tmp_path / "rgb.tif", tmp_path / "o.zarr", "--channel", "1", "--no-progress")
     assert r.exit_code == 0, r.output
     np.testing.assert_array_equal(emtile.open_volume(tmp_path / "o.zarr")[:], rgb[..., 1])
-    with pytest.raises(EmtileError, match="--channel 5 is out of range"):
+    with pytest.raises(EmtileError, match="channel=5 is out of range"):
         emtile.open_volume(tmp_path / "rgb.tif", channel=5)
 
 
@@ -429,7 +430,7 @@ def test_zlib_stack_cut_at_300_kB_is_an_error_naming_what_is_missing(zlib_stack,
     assert line.startswith(f"Error: TIFF '{src}' is damaged or cut short: its page chain is cut "
                            "after page 1")
     assert "promises shape (30, 512, 512) (its shaped metadata) but its pages hold (512, 512)" in line
-    assert "found 1 complete slice of shape (512, 512) (pass --allow-partial" in line
+    assert "found 1 complete slice of shape (512, 512) (pass allow_partial=True" in line
     assert not out.exists()
 
 
@@ -723,30 +724,30 @@ def test_content_token_notices_a_chunk_rewritten_in_place(tmp_path, isbi_raw):
 
     out = tmp_path / "v.zarr"
     emtile.convert(_tif(tmp_path, isbi_raw[:4]), out, chunks=(1, 256, 256), progress=False)
-    token = emtile.volume.content_token(out)
+    token = emtile.markers.content_token(out)
     emtile.open_volume(out)[:]  # reading changes nothing
-    assert emtile.volume.content_token(out) == token
-    assert emtile.volume.content_token(str(out) + "/") == token
+    assert emtile.markers.content_token(out) == token
+    assert emtile.markers.content_token(str(out) + "/") == token
     chunk = out / "0" / "c" / "2" / "1" / "1"
     st = chunk.stat()
     time.sleep(0.01)
     zarr.open_array(out / "0", mode="r+")[2, 256:, 256:] = 7  # zarr rewrites it in place
     os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with its mtime put back
-    assert emtile.volume.content_token(out) != token
-    token = emtile.volume.content_token(out)
+    assert emtile.markers.content_token(out) != token
+    token = emtile.markers.content_token(out)
     (out / "1").mkdir()  # another level is not the array read
     (out / "1" / "x").write_bytes(b"1")
-    assert emtile.volume.content_token(out) == token
+    assert emtile.markers.content_token(out) == token
     damage(chunk)  # same size, same name: still noticed
-    assert emtile.volume.content_token(out) != token
+    assert emtile.markers.content_token(out) != token
 
 
 def test_content_token_of_files(tmp_path, isbi_raw):
     tif = _tif(tmp_path, isbi_raw[:2])
-    token = emtile.volume.content_token(tif)
-    assert emtile.volume.content_token(tif) == token
+    token = emtile.markers.content_token(tif)
+    assert emtile.markers.content_token(tif) == token
     time.sleep(0.01)
     tif.write_bytes(tif.read_bytes())
-    assert emtile.volume.content_token(tif) != token
+    assert emtile.markers.content_token(tif) != token
     with pytest.raises(EmtileError, match="does not exist"):
-        emtile.volume.content_token(tmp_path / "nope.tif")
+        emtile.markers.content_token(tmp_path / "nope.tif")

@@ -13,7 +13,9 @@ from click.testing import CliRunner
 
 from emtile.cli.main import main
 from emtile.store import voxel_size_nm
-from emtile.volume import MetadataWarning, convert, info, read_voxel_size
+from emtile.converter import convert
+from emtile.describe import info
+from emtile.voxels import MetadataWarning, read_voxel_size
 
 ZYX = {"z": 50.0, "y": 4.0, "x": 4.0}
 
@@ -108,7 +110,7 @@ def test_a_stack_with_in_plane_sizes_only_says_so(tmp_path):
                      photometric="minisblack")
     with pytest.warns(MetadataWarning, match=r"'.*cm\.tif': the pixel size 4 x 4 nm \(from the "
                       r"input's TIFF resolution tags\) comes with no slice spacing: z is recorded "
-                      r"as 4 nm \(as x\) .*; pass --voxel-size Z,4,4 to set it"):
+                      r"as 4 nm \(as x\) .*; pass voxel_size=Z,4,4 to set it"):
         convert(src, tmp_path / "v.zarr", progress=False)
     assert ngff(tmp_path / "v.zarr")[0] == pytest.approx([4, 4, 4])
     assert voxel_size_nm(tmp_path / "v.zarr") is None
@@ -186,7 +188,7 @@ def test_implausible_ome_sizes_are_one_warning_and_ignored(tmp_path, sizes, what
     lines = [str(w.message) for w in record]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert lines[0].startswith(f"{str(src)!r}: OME-XML: {what}")
-    assert lines[0].endswith("; ignored (pass --voxel-size to give one)")
+    assert lines[0].endswith("; ignored (pass voxel_size= to give one)")
 
 
 def test_an_implausible_ome_size_falls_back_to_the_tags(tmp_path):
@@ -260,7 +262,7 @@ def test_an_ome_zarr_scale_without_unit(tmp_path):
     assert [str(w.message).split(": ", 1)[1] for w in record
             if issubclass(w.category, MetadataWarning)] == [
         "OME-Zarr metadata: z scale 50: no unit; y scale 4: no unit; x scale 4: no unit; "
-        "ignored (pass --voxel-size to give one)"]
+        "ignored (pass voxel_size= to give one)"]
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -285,7 +287,7 @@ def test_cli_warning_is_one_line(tmp_path):
     assert r.exit_code == 0, r.output
     warned = [line for line in r.stderr.splitlines() if line.startswith("Warning:")]
     assert warned == [f"Warning: {str(src)!r}: OME-XML: PhysicalSizeX 0 µm is not a voxel size "
-                      f"(a voxel is from 1 pm to 1 cm); ignored (pass --voxel-size to give one)"]
+                      f"(a voxel is from 1 pm to 1 cm); ignored (pass voxel_size= to give one)"]
     assert "Traceback" not in r.output
     assert "(not given at conversion; recorded as 1 nm)" in r.output
 

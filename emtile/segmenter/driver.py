@@ -212,7 +212,7 @@ def _settings(job, settings):
 
 
 def _fingerprint(pred, recorded, levels):
-    from emtile.volume import content_token
+    from emtile.markers import content_token
 
     digest = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
     return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),

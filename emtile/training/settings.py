@@ -160,7 +160,7 @@ class TrainSettings:
     keep_calibrated: bool = False
 
     def __post_init__(self):
-        from emtile.volume import parse_slices
+        from emtile.stacks import parse_slices
 
         for name in _SLICE_FIELDS:  # the CLI's text ("0:25", "25,27") from Python too
             if isinstance(getattr(self, name), str):

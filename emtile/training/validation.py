@@ -9,7 +9,7 @@ which punishes the thin membrane gaps that merge cells and that pixel accuracy h
 import numpy as np
 import torch
 
-from emtile.volume import slice_runs
+from emtile.stacks import slice_runs
 
 __all__ = ["predict_slices", "Validator", "format_scores"]
 

@@ -1,18 +1,17 @@
-"""emtile.volume's shared helpers: paths or arrays, stacks slab by slab, binary labels, the
-centre crop and the writer thread (one home each; metrics, plot, sampling, the trainer and
-convert use them)."""
+"""emtile.stacks (stacks slab by slab, binary labels, the writer thread) and emtile.volume's
+open_input (paths or arrays): one home each; metrics, plot, sampling, the trainer, convert and
+predict use them."""
 
 import threading
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from emtile import EmtileError
-from emtile.volume import (LabelChecker, Stack, WriterThread, center_crop, check_labels,
-                           input_to_float, open_input, open_stack, resolve_slices, slab_depth,
-                           slice_runs)
+from emtile.stacks import (LabelChecker, Stack, WriterThread, check_labels, open_stack,
+                           resolve_slices, slab_depth, slice_runs)
+from emtile.volume import open_input
 
 
 def test_resolve_slices_forms_and_errors():
@@ -50,7 +49,7 @@ def test_label_checker_accepts_one_encoding_across_slabs():
     checker.foreground(np.array([[255, 255]], np.uint8), "slab 1")
     with pytest.raises(EmtileError, match=r"labels are not binary in slab 2: found 3 values: 0, 1, 255"):
         checker.foreground(np.array([[1, 0]], np.uint8), "slab 2")  # 1 after 255: mixed
-    with pytest.raises(EmtileError, match=r"found 4 values: 0, 0.5, 1, 2; .*--threshold T"):
+    with pytest.raises(EmtileError, match=r"found 4 values: 0, 0.5, 1, 2; .*threshold=T"):
         LabelChecker().foreground(np.array([0.0, 0.5, 1.0, 2.0]), "x")
     booleans = np.array([True, False])
     assert LabelChecker().foreground(booleans, "x") is booleans
@@ -74,14 +73,6 @@ def test_check_labels_reads_slice_by_slice_and_counts_the_foreground():
     assert check_labels(Spy(), [0]) == 0.25
 
 
-def test_center_crop_of_arrays_and_tensors():
-    a = np.arange(6 * 8).reshape(6, 8)
-    np.testing.assert_array_equal(center_crop(a, (2, 4)), a[2:4, 2:6])
-    t = torch.arange(2 * 6 * 8).reshape(2, 1, 6, 8)
-    assert torch.equal(center_crop(t, (4, 4)), t[..., 1:5, 2:6])
-    assert center_crop(a, (6, 8)) is not a and np.shares_memory(center_crop(a, (2, 2)), a)  # a view
-
-
 def test_open_input_paths_arrays_and_errors(tmp_path):
     z = zarr.create_array(str(tmp_path / "v.zarr"), shape=(2, 3, 4), dtype="uint8")
     array, path = open_input(tmp_path / "v.zarr")
@@ -103,14 +94,6 @@ def test_stack_views_and_names():
                                   np.arange(24).reshape(2, 3, 4)[1:2, 0:2, 1:3])
     with pytest.raises(EmtileError, match=r"x has shape \(2, 2, 2, 2\): expected \(Z, Y, X\)"):
         Stack(np.zeros((2, 2, 2, 2)), "x")
-
-
-def test_input_to_float():
-    assert input_to_float(np.array([0, 255], np.uint8)).tolist() == [0.0, 1.0]
-    assert input_to_float(np.array([65535], np.uint16)).tolist() == [1.0]
-    assert input_to_float(np.array([True])).dtype == np.float32
-    x = np.array([0.25], np.float32)
-    assert input_to_float(x) is x
 
 
 def test_writer_thread_keeps_order_and_runs_off_the_callers_thread():
@@ -182,7 +165,7 @@ def test_slices_in_the_clis_spelling_from_python():
     """``"25:30"`` and ``"25,27"`` mean from Python what they mean on the command line (the
     README's API example uses them); anything else is one line naming the parameter."""
     from emtile import TrainSettings
-    from emtile.volume import resolve_slices
+    from emtile.stacks import resolve_slices
 
     assert resolve_slices("25:30", 30) == [25, 26, 27, 28, 29]
     assert resolve_slices(":2", 30) == [0, 1] and resolve_slices("3,1", 5) == [1, 3]

@@ -1,0 +1,230 @@
+"""``emtile.convert``: any stack -> a chunked, compressed OME-Zarr store, in bounded memory.
+
+The input is read slab by slab (:func:`emtile.stacks.slab_depth`, about 64 MB each) on the
+calling thread while a :class:`~emtile.stacks.WriterThread` compresses and writes the previous
+slab and its downsampled levels. Labels are checked binary as they stream
+(:class:`~emtile.stacks.LabelChecker`). The voxel size is ``voxel_size=`` if given, else what the
+input's metadata records (:func:`emtile.voxels.read_voxel_size`), recorded with its source.
+The store is written in the order every writing command follows (``docs/ARCHITECTURE.md``,
+Stores) and marked complete only after its last chunk.
+
+(Not ``convert.py``: a submodule of that name would replace the lazily exported function
+``emtile.convert`` as soon as anything imported it.)
+"""
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from emtile import _faults
+from emtile import store as _store
+from emtile._errors import EmtileError
+from emtile.describe import describe_volume
+from emtile.stacks import LabelChecker, WriterThread, slab_depth
+from emtile.volume import open_volume
+from emtile.voxels import SOURCE_WORDS, MetadataWarning, read_voxel_size
+
+__all__ = ["convert"]
+
+
+def _conversion_voxel_size(input, ndim, voxel_size, unit):
+    """``(voxel size (z, y, x) nm or None, source, known)`` of a conversion: ``voxel_size``
+    if given, else the input's own metadata (:func:`read_voxel_size`). A stack whose metadata
+    gives the in-plane size only gets z recorded as x, and counts as unknown (one warning)."""
+    given = _voxel_size_nm(voxel_size, unit, ndim)
+    if given is not None:
+        return given, "--voxel-size", True
+    sizes, source = read_voxel_size(input)
+    if "y" not in sizes or "x" not in sizes:
+        return None, "not given", False
+    y, x = sizes["y"], sizes["x"]
+    if ndim == 2:
+        return (1.0, y, x), source, True
+    if "z" in sizes:
+        return (sizes["z"], y, x), source, True
+    warnings.warn(f"{str(input)!r}: the pixel size {y:g} x {x:g} nm ({SOURCE_WORDS[source]}) "
+                  f"comes with no slice spacing: z is recorded as {x:g} nm (as x) and the voxel "
+                  f"size counts as not given; pass voxel_size=Z,{y:g},{x:g} to set it",
+                  MetadataWarning, stacklevel=3)
+    return (x, y, x), source, False
+
+
+
+
+
+
+def _text(values):
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def _check_tuple(name, values, n, example, *, cast):
+    """``values`` as a tuple of ``n`` positive numbers, or a one-line error in the user's form
+    (``chunks=1,256 has 2 values; give 3 (Z,Y,X), e.g. 1,1024,1024``)."""
+    if values is None:
+        return None
+    try:
+        out = tuple(cast(v) for v in values)
+    except (TypeError, ValueError):
+        raise EmtileError(f"{name}={values!r} is not a list of numbers: give Z,Y,X, e.g. "
+                          f"{example}") from None
+    axes = "Z,Y,X"[-(2 * n - 1):]
+    if len(out) != n:
+        raise EmtileError(f"{name}={_text(out)} has {len(out)} value"
+                          f"{'s' if len(out) != 1 else ''}; give {n} ({axes}), e.g. {example}")
+    if any(not v > 0 for v in out):
+        raise EmtileError(f"{name}={_text(out)}: every value must be positive, e.g. {example}")
+    return out
+
+
+def _voxel_size_nm(voxel_size, unit, ndim):
+    """The voxel size (Z, Y, X) in nm of a ``voxel_size`` given in ``unit`` for an input of
+    ``ndim`` dimensions (Y, X is enough for a single image)."""
+    nm = _store.unit_to_nm(unit)
+    if voxel_size is None:
+        return None
+    n = 2 if ndim == 2 and len(voxel_size) == 2 else 3
+    sizes = _check_tuple("voxel_size", voxel_size, n, "50,4,4" if n == 3 else "4,4",
+                         cast=float)
+    sizes = (1.0,) * (3 - n) + sizes
+    return tuple(v * nm for v in sizes)
+
+
+def convert(input, output, *, labels=False, threshold=None, channel=None, dataset=None,
+            chunks=None, voxel_size=None, unit="nm", levels=1, compression="zstd",
+            compression_level=3, overwrite=False, allow_partial=False, progress=True):
+    """Convert a stack to a chunked, compressed OME-Zarr store, streaming in bounded memory.
+
+    Parameters
+    ----------
+    input : str or Path
+        Anything :func:`open_volume` reads.
+    output : str or Path
+        The new store (a folder). An existing complete output is refused unless ``overwrite``;
+        an incomplete one (an interrupted conversion) is replaced. An output that is, holds or
+        lies inside the input is refused, and so is one that another live run is writing.
+    labels : bool
+        Store a binary mask as uint8 {0, 1}. Accepts 0/1, 0/255 and bool input; more than two
+        values is an error that names them, unless ``threshold`` is given (``value > threshold``).
+    chunks : tuple of int, optional
+        Chunk shape ``(Z, Y, X)``; default one slice by up to 1024×1024.
+    voxel_size : tuple of float, optional
+        ``(Z, Y, X)`` (``(Y, X)`` for a single image) in ``unit``. Default: what the input's
+        own metadata records (:func:`read_voxel_size`: OME-XML, ImageJ, TIFF resolution tags,
+        an OME-Zarr input's scale), else ``(1, 1, 1)`` nm recorded as unknown. The store
+        records where it came from (``attrs["emtile"]["voxel_size_source"]``, one of
+        :data:`emtile.voxels.VOXEL_SOURCES`), and :func:`emtile.info` says it.
+    unit : str
+        Unit of ``voxel_size``: ``"nm"`` (default), ``"um"`` / ``"µm"``, ``"mm"`` or
+        ``"angstrom"``. The store records nanometres.
+    levels : int
+        Resolution levels for viewers: level ``k`` is 2^k times smaller in y and x.
+    allow_partial : bool
+        Convert the complete pages of a TIFF cut short instead of refusing it; the store records
+        what was expected and what was found (``attrs["emtile"]["partial"]``, shown by
+        :func:`emtile.info`).
+
+    Returns
+    -------
+    dict
+        What :func:`emtile.info` reports for the new store
+        (:func:`emtile.describe.describe_volume`).
+
+    Memory stays bounded by a few 64 MB slabs whatever the stack size. The store is marked
+    complete only after its last chunk is written; a write that fails (disk full, permission
+    denied) is a :class:`emtile.store.StoreWriteError` and leaves it incomplete. A re-run
+    replaces an incomplete store: a conversion is one streaming pass, so starting over costs at
+    most that pass and gives the same bytes.
+    """
+    _store.check_output(output, inputs=[input])
+    src = open_volume(input, channel=channel, dataset=dataset, allow_partial=allow_partial,
+                      require_complete=True)
+    dtype = np.dtype(src.dtype)
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise EmtileError(f"input {str(input)!r} has non-numeric dtype {dtype}")
+    if src.ndim not in (2, 3):
+        raise EmtileError(
+            f"input {str(input)!r} has shape {src.shape}: expected a 2-D image or a 3-D stack "
+            "(for multi-channel data keep one with channel=N)"
+        )
+    if threshold is not None and not labels:
+        raise EmtileError("threshold= only applies with labels=True")
+    shape = (1,) + tuple(src.shape) if src.ndim == 2 else tuple(src.shape)
+    chunks = _check_tuple("chunks", chunks, 3, "1,1024,1024", cast=int)
+    voxel_size, voxel_source, known = _conversion_voxel_size(input, src.ndim, voxel_size, unit)
+    if levels < 1 or 2 ** (levels - 1) > max(shape[1:]):
+        raise EmtileError(f"levels={levels} is not valid for slices of {shape[1:]}: "
+                          f"at most {int(math.log2(max(shape[1:]))) + 1}")
+    attrs = {"source": str(input), "source_dtype": str(dtype), "voxel_size_given": known,
+             "voxel_size_source": voxel_source}
+    if getattr(src, "partial", None):
+        attrs["partial"] = src.partial
+    with _store.output_lock(output):
+        _store.prepare_output(output, overwrite=overwrite)
+        with _store.write_errors(output):
+            group = _store.create_image(
+                output, shape, np.uint8 if labels or dtype == np.bool_ else dtype, chunks=chunks,
+                voxel_size=voxel_size, levels=levels, kind="labels" if labels else "image",
+                name=Path(str(output)).stem, compression=compression,
+                compression_level=compression_level, attrs=attrs)
+        try:
+            _copy_slabs(src, [group[str(level)] for level in range(levels)], input, output,
+                        labels=labels, threshold=threshold, progress=progress)
+        except _store.StoreWriteError:
+            raise  # the output stays, incomplete: a re-run replaces it
+        except EmtileError:
+            _store.remove_store(output)  # bad input: leave nothing behind
+            raise
+        with _store.write_errors(output):
+            _faults.point("convert.before_complete")
+            _store.mark_complete(group)
+    return describe_volume(output)
+
+
+def _copy_slabs(src, arrays, input, output, *, labels, threshold, progress):
+    """Stream ``src`` into the level arrays slab by slab (a reader and a writer thread)."""
+    from tqdm.auto import tqdm
+
+    squeeze = src.ndim == 2
+    depth = slab_depth(arrays[0].shape, np.dtype(src.dtype).itemsize,
+                       chunk_z=arrays[0].chunks[0])
+    checker = LabelChecker() if labels and threshold is None else None
+    out_dtype = arrays[0].dtype
+
+    def read(z0, z1):
+        try:
+            slab = np.asarray(src[...] if squeeze else src[z0:z1])
+        except EmtileError:
+            raise
+        except Exception as exc:  # a corrupt or truncated file shows itself only when read
+            raise EmtileError(f"cannot read {str(input)!r} at slices {z0}:{z1}: {exc}") from None
+        slab = slab[None] if squeeze else slab
+        if labels:
+            fg = slab > threshold if checker is None else checker.foreground(slab, f"slices {z0}:{z1}")
+            slab = fg.astype(np.uint8)
+        elif slab.dtype != out_dtype:
+            slab = slab.astype(out_dtype)
+        return slab
+
+    def write(z0, z1, slab):
+        with _store.write_errors(output):
+            for level, arr in enumerate(arrays):
+                if level:
+                    slab = _store.downsample(slab, labels=labels)
+                arr[z0:z1] = slab
+            _faults.point("convert.slab")
+
+    n = arrays[0].shape[0]
+    with tqdm(total=n, unit="slice", desc=f"convert {Path(str(input)).name}",
+              disable=not progress, delay=1.0) as bar:
+        _pipeline(((z0, min(z0 + depth, n)) for z0 in range(0, n, depth)),
+                  read, write, on_done=lambda z0, z1: bar.update(z1 - z0))
+
+
+def _pipeline(ranges, read, write, *, on_done):
+    """Read slabs on this thread while a :class:`WriterThread` writes the previous ones."""
+    with WriterThread(lambda z0, z1, slab: (write(z0, z1, slab), on_done(z0, z1))) as writer:
+        for z0, z1 in ranges:
+            writer.check()  # a failed write stops the reading too
+            writer.put(z0, z1, read(z0, z1))
