@@ -49,7 +49,7 @@ def test_bench_rejects_an_invalid_tile():
     result = CliRunner().invoke(main, ["bench", "--base", "2", "--depth", "2", "--tile", "90",
                                        "--device", "cpu"])
     assert result.exit_code == 1
-    assert "Error: tile=90 is not valid for depth 2: nearest valid sizes are" in result.output
+    assert "Error: --tile 90 is not valid for depth 2: nearest valid sizes are" in result.output
 
 
 def test_every_bench_option_reaches_the_figures(tmp_path):
