@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emtile._errors import EmtileError
+from emtile._errors import EmtileError, whole_number
 
 __all__ = ["run_bench", "format_bench", "mirrored_volume", "model_flops", "peak_rss"]
 
@@ -146,6 +146,59 @@ def tiles_volume_shape(model, tile, tiles):
 # --------------------------------------------------------------------------- the benchmark
 
 
+def _model_timer(model, dev, amp_name, fmt, *, tile, batch_size, tiles, warmup):
+    """``(time_model, flops)``: a function timing the model alone on ``tiles`` tiles already in
+    memory (seconds), after ``warmup`` untimed batches; the FLOPs of one tile."""
+    import torch
+
+    from emtile.device import autocast
+
+    x = torch.rand(batch_size, model.in_channels, tile, tile, device=dev)
+    x = x.contiguous(memory_format=fmt)
+    n_batches = -(-tiles // batch_size)
+
+    def time_model():
+        model.to(memory_format=fmt)  # predict restores the default layout when it returns
+        with autocast(dev, amp_name), torch.inference_mode():
+            model(x)
+            _sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(n_batches):
+                model(x)
+            _sync(dev)
+        return (time.perf_counter() - t0) * tiles / (n_batches * batch_size)
+
+    with autocast(dev, amp_name):
+        flops, _ = model_flops(model, x[:1])
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+    return time_model, flops
+
+
+def _interleaved(model, time_model, kwargs, *, shape, out_tile, repeat, data, seed, workdir,
+                 dev):
+    """``repeat`` rounds of (the model alone, ``predict`` of a volume of ``shape``),
+    interleaved so that load from other processes hits both alike, after ``predict`` warmed up
+    on a one-tile volume. Returns ``(model_times, predict_times, last PredictResult)``."""
+    from emtile.predictor import predict
+
+    model_times, predict_times = [], []
+    with tempfile.TemporaryDirectory(prefix="emtile-bench-", dir=workdir) as tmp:
+        tmp = Path(tmp)
+        mirrored_volume(tmp / "warm.zarr", (1, out_tile, out_tile), source=data, seed=seed)
+        predict(model, tmp / "warm.zarr", tmp / "warm-pred.zarr", **kwargs)
+        mirrored_volume(tmp / "vol.zarr", shape, source=data, seed=seed)
+        for _ in range(repeat):
+            model_times.append(time_model())
+            _sync(dev)
+            t0 = time.perf_counter()
+            result = predict(model, tmp / "vol.zarr", tmp / "pred.zarr", **kwargs)
+            _sync(dev)
+            predict_times.append(time.perf_counter() - t0)
+    return model_times, predict_times, result
+
+
 def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=8,
               channels_last=True, amp=False, num_workers=None, repeat=1, warmup=2, data=None,
               seed=0, workdir=None, progress=False):
@@ -192,13 +245,11 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     """
     import torch
 
-    from emtile.device import autocast, resolve_amp, resolve_device
-    from emtile.predictor import predict
+    from emtile.device import resolve_amp, resolve_device
     from emtile.unet import UNet
 
     for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat)):
-        if not isinstance(value, int) or value < 1:
-            raise EmtileError(f"{name}={value!r} must be a positive integer")
+        whole_number(name, value, least=1)
     dev = resolve_device(device)
     amp_name = resolve_amp(amp, dev)
     torch.manual_seed(seed)
@@ -209,47 +260,17 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
 
-    # (a) the model alone on tiles already in memory
-    x = torch.rand(batch_size, model.in_channels, tile, tile, device=dev)
-    x = x.contiguous(memory_format=fmt)
-    n_batches = -(-tiles // batch_size)
-
-    def time_model():
-        model.to(memory_format=fmt)  # predict restores the default layout when it returns
-        with autocast(dev, amp_name), torch.inference_mode():
-            model(x)
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(n_batches):
-                model(x)
-            _sync(dev)
-        return (time.perf_counter() - t0) * tiles / (n_batches * batch_size)
-
-    with autocast(dev, amp_name):
-        flops, _ = model_flops(model, x[:1])
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-
-    # (b) the whole predict path on a volume of exactly `tiles` output tiles
+    time_model, flops = _model_timer(model, dev, amp_name, fmt, tile=tile,
+                                     batch_size=batch_size, tiles=tiles, warmup=warmup)
+    # the whole predict path on a volume of exactly `tiles` output tiles
     shape = tiles_volume_shape(model, tile, tiles)
     kwargs = dict(tile=tile, batch_size=batch_size, device=str(dev), progress=progress,
                   amp=amp_name, channels_last=channels_last, overwrite=True)
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
-    model_times, predict_times = [], []
-    with tempfile.TemporaryDirectory(prefix="emtile-bench-", dir=workdir) as tmp:
-        tmp = Path(tmp)
-        mirrored_volume(tmp / "warm.zarr", (1, out_tile, out_tile), source=data, seed=seed)
-        predict(model, tmp / "warm.zarr", tmp / "warm-pred.zarr", **kwargs)
-        mirrored_volume(tmp / "vol.zarr", shape, source=data, seed=seed)
-        for _ in range(repeat):  # interleaved, so that load from other processes hits both alike
-            model_times.append(time_model())
-            _sync(dev)
-            t0 = time.perf_counter()
-            result = predict(model, tmp / "vol.zarr", tmp / "pred.zarr", **kwargs)
-            _sync(dev)
-            predict_times.append(time.perf_counter() - t0)
+    model_times, predict_times, result = _interleaved(
+        model, time_model, kwargs, shape=shape, out_tile=out_tile, repeat=repeat, data=data,
+        seed=seed, workdir=workdir, dev=dev)
     model_s, predict_s = min(model_times), min(predict_times)
 
     out_voxels = tiles * out_tile * out_tile

@@ -47,7 +47,7 @@ def resolve_device(device, net=None):
         raise EmtileError(f"device={device!r} is not a device: choose auto, cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EmtileError(f"device={device!r} was asked for but CUDA is not available here; use "
-                          f"--device cpu or auto")
+                          f"device='cpu' or device='auto'")
     if dev.type not in ("cpu", "cuda"):
         raise EmtileError(f"device={device!r} is not supported: choose auto, cpu or cuda")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

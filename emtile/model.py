@@ -119,30 +119,6 @@ class Model:
         """Context pixels per side of every output pixel (92 at depth 4)."""
         return self.net.halo
 
-    @property
-    def align(self):
-        """Tile origins must be multiples of ``2 ** depth`` for exact stitching."""
-        return self.net.align
-
-    @property
-    def min_size(self):
-        return self.net.min_size
-
-    def output_size(self, n_in):
-        return self.net.output_size(n_in)
-
-    def input_size(self, n_out):
-        return self.net.input_size(n_out)
-
-    def valid_sizes(self, lo, hi):
-        return self.net.valid_sizes(lo, hi)
-
-    def is_valid(self, n):
-        return self.net.is_valid(n)
-
-    def check(self, n, name="tile"):
-        return self.net.check(n, name)
-
 
 def is_run_folder(path):
     """True for a training run folder (``run.json``, written by ``emtile train``)."""

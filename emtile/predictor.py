@@ -231,8 +231,8 @@ def _check_ramps(net, grid, overlap, blend):
         strides = {v: (out - v) // net.align * net.align for v in range(out)}
         fits = [v for v, s in strides.items() if s >= net.align and 2 * (out - s) < out]
         most = f"at most {max(fits)}" if fits else "no overlap fits; use a larger tile"
-        raise EmtileError(f"--overlap {asked[ax]} is too large for tile {grid.in_tile[g]} "
-                          f"(output {out}) with --blend {blend}: tiles would overlap by {ov} px "
+        raise EmtileError(f"overlap={asked[ax]} is too large for tile {grid.in_tile[g]} "
+                          f"(output {out}) with blend={blend!r}: tiles would overlap by {ov} px "
                           f"(the stride is a multiple of {net.align}) and each {blend} ramp must "
                           f"fit in half the output; {most}")
 
@@ -845,9 +845,13 @@ def _fingerprint(job, array):
     }
 
 
+#: Settings that change no byte and are left out of an output's record: which process reads.
+_UNRECORDED = ("num_workers",)
+
+
 def _provenance(job, settings):
     """What made the output, for ``emtile info``: model, input, region, options, mask, and the
-    settings as given."""
+    settings as given (less :data:`_UNRECORDED`)."""
     from emtile import __version__
 
     return {"model": job.model or "(a model in memory)", "input": job.input or "(an array)",
@@ -856,7 +860,8 @@ def _provenance(job, settings):
             "amp": job.amp or "off", "dtype": job.dtype, "threshold": job.threshold,
             "mask": "labels/mask" if job.threshold is not None else None,
             "normalization": list(job.normalize), "device": job.device,
-            "settings": settings.to_json(), "emtile": __version__}
+            "settings": {k: v for k, v in settings.to_json().items() if k not in _UNRECORDED},
+            "emtile": __version__}
 
 
 def _create_output(job, path, settings):

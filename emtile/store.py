@@ -645,6 +645,27 @@ def spatial_scale(ms):
     return {n: s for n, s in zip(names, scale) if n != "c"}
 
 
+def placement(attrs):
+    """``(voxel size, translation)`` of an image's full-resolution level, from its group's
+    attributes, each as (z, y, x) in its units (a 2-D image gets z = 1 and 0); defaults
+    ``(1, 1, 1)`` and None (no translation, or no metadata emtile can read)."""
+    voxel, translation = (1.0,) * 3, None
+    try:
+        ms = multiscales(attrs)
+        names = [a["name"] for a in ms["axes"]]
+        spatial = [k for k, n in enumerate(names) if n in "zyx"]
+        for t in ms["datasets"][0]["coordinateTransformations"]:
+            values = [float(t[t["type"]][k]) for k in spatial]
+            values = [1.0 if t["type"] == "scale" else 0.0] * (3 - len(values)) + values
+            if t["type"] == "scale":
+                voxel = tuple(values)
+            elif t["type"] == "translation":
+                translation = tuple(values)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    return voxel, translation
+
+
 def voxel_size(path, ndim):
     """The last ``ndim`` spatial voxel sizes of the OME-Zarr group at ``path``, in nm where its
     axes name a unit emtile knows (:data:`UNITS_NM`; as written otherwise), or None when

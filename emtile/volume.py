@@ -271,8 +271,8 @@ class ImageStack(LazyArray):
 
 def _one_channel_hint(path, n):
     """How to get one channel of a multi-channel source, in words every command can use."""
-    return (f"emtile works on one channel: convert it first, e.g. convert({str(path)!r}, "
-            f"'one_channel.zarr', channel=N) (N from 0 to {n - 1})")
+    return (f"emtile works on one channel: convert it first, e.g. emtile convert "
+            f"{str(path)} one_channel.zarr --channel N (N from 0 to {n - 1})")
 
 
 def _check_channel(channel, n, what):

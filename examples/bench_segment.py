@@ -221,10 +221,10 @@ def oracle(pred_path, tmp, slices, p, t, *, min_px=300):
 
     import emtile
     from emtile.metrics import truth_segments
-    from emtile.segmenter import DEFAULTS
+    from emtile.settings import SegmentSettings
 
     emtile.segment(pred_path, tmp / "fragments.zarr", method="cc", min_size=0,
-                   threshold=DEFAULTS["threshold"], overwrite=True, progress=False)
+                   threshold=SegmentSettings().threshold, overwrite=True, progress=False)
     frag = read(tmp / "fragments.zarr")[slice(*slices)]
     q = 1 - (p.astype(np.float64) / (255 if p.dtype == np.uint8 else 1))
     merged, medians, same = np.zeros_like(frag, dtype=np.int64), [], []

@@ -71,7 +71,7 @@ def test_cuda_n_reaches_predict_and_is_refused_in_one_line_without_cuda(tmp_path
             "--device", "cuda:1")
     assert r.exit_code == 1
     assert r.output == ("Error: --device cuda:1 was asked for but CUDA is not available here; "
-                        "use --device cpu or auto\n")
+                        "use --device cpu or --device auto\n")
     assert not (tmp_path / "p.zarr").exists()
 
 
@@ -177,8 +177,8 @@ def test_multichannel_inputs_point_to_convert(tmp_path):
     rgb = np.zeros((2, 20, 24, 3), np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     save_model(UNet(base=2, depth=2), tmp_path / "m")
-    hint = (f"emtile works on one channel: convert it first, e.g. convert("
-            f"{str(tmp_path / 'rgb.tif')!r}, 'one_channel.zarr', channel=N) (N from 0 to 2)")
+    hint = (f"emtile works on one channel: convert it first, e.g. emtile convert "
+            f"{tmp_path / 'rgb.tif'} one_channel.zarr --channel N (N from 0 to 2)")
     for args in (("info", tmp_path / "rgb.tif"),
                  ("predict", "--model", tmp_path / "m", tmp_path / "rgb.tif", tmp_path / "p.zarr")):
         r = cli(*args)

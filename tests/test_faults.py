@@ -389,7 +389,8 @@ class ForkServer:
 
 
 # predict writes blocks of at most 4000 px in 56-px chunks here: tens of blocks on a tiny volume
-SETUP = "emtile.predictor.predict.__kwdefaults__.update(max_block_px=4000, chunk_size=56)"
+SETUP = ("import functools, emtile.cli.predict as cli; cli.PredictSettings = functools.partial("
+         "cli.PredictSettings, max_block_px=4000, chunk_size=56)")
 
 
 @pytest.fixture(scope="module")
@@ -405,9 +406,9 @@ def here(forks, *args):
     ``convert``'s re-runs)."""
     import torch
 
-    import emtile.predictor
+    import emtile.cli.predict
 
-    defaults = dict(emtile.predictor.predict.__kwdefaults__)
+    settings = emtile.cli.predict.PredictSettings
     threads = torch.get_num_threads()
     exec(SETUP, {"emtile": emtile})
     torch.set_num_threads(forks.threads)
@@ -415,7 +416,7 @@ def here(forks, *args):
         return CliRunner().invoke(main, [str(a) for a in args])
     finally:
         torch.set_num_threads(threads)
-        emtile.predictor.predict.__kwdefaults__ = defaults
+        emtile.cli.predict.PredictSettings = settings
 
 
 def numbered(points):

@@ -121,7 +121,7 @@ def test_a_failing_step_stops_the_run_with_its_log(isbi_dir, tmp_path):
                "--model", tmp_path / "model", "--tile", 570, "--steps", "build,convert,predict")
     assert done.returncode == 1
     assert "step predict failed (exit 1)" in done.stderr
-    assert "tile=570 is not valid" in done.stderr  # the command's own line, from its log
+    assert "--tile 570 is not valid" in done.stderr  # the command's own line, from its log
     assert (out / "0.0005gb" / "predict.log").exists()
     assert not (out / "results.json").exists()  # no table that looks complete
 

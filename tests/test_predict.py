@@ -550,8 +550,8 @@ def test_roi_output_is_placed_where_it_lies_in_the_input(tmp_path):
 
 def test_overlap_too_large_for_the_blend_is_refused_before_any_output(tmp_path):
     out = tmp_path / "p.zarr"
-    with pytest.raises(EmtileError, match=r"--overlap 80 is too large for tile 300 \(output 116\) "
-                                          r"with --blend linear: .*; at most 52"):
+    with pytest.raises(EmtileError, match=r"overlap=80 is too large for tile 300 \(output 116\) "
+                                          r"with blend='linear': .*; at most 52"):
         predict(make_net(4), rand_volume((30, 30)), out, tile=300, blend="linear", overlap=80)
     assert not out.exists()
     predict(make_net(4), rand_volume((30, 30)), out, tile=300, blend="linear", overlap=52,

@@ -198,7 +198,7 @@ def test_rgb_stack_needs_channel(tmp_path, rng):
     rgb = rng.integers(0, 255, size=(3, 10, 12, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     r = run_cli("convert", tmp_path / "rgb.tif", tmp_path / "o.zarr")
-    assert r.exit_code == 1 and "has 3 channels" in r.output and "channel=N) (N from 0 to 2)" in r.output
+    assert r.exit_code == 1 and "has 3 channels" in r.output and "--channel N (N from 0 to 2)" in r.output
     r = run_cli("convert", tmp_path / "rgb.tif", tmp_path / "o.zarr", "--channel", "1", "--no-progress")
     assert r.exit_code == 0, r.output
     np.testing.assert_array_equal(emtile.open_volume(tmp_path / "o.zarr")[:], rgb[..., 1])
@@ -239,7 +239,7 @@ def test_existing_output_is_refused_then_overwritten(tmp_path, isbi_raw):
     out = tmp_path / "o.zarr"
     assert run_cli("convert", tmp_path / "a.tif", out, "--no-progress").exit_code == 0
     r = run_cli("convert", tmp_path / "b.tif", out, "--no-progress")
-    assert r.exit_code == 1 and "already exists; pass overwrite=True" in r.output
+    assert r.exit_code == 1 and "already exists; pass --overwrite" in r.output
     np.testing.assert_array_equal(emtile.open_volume(out)[:], isbi_raw[:2])  # untouched
     assert run_cli("convert", tmp_path / "b.tif", out, "--overwrite", "--no-progress").exit_code == 0
     np.testing.assert_array_equal(emtile.open_volume(out)[:], isbi_raw[2:4])
@@ -430,7 +430,7 @@ def test_zlib_stack_cut_at_300_kB_is_an_error_naming_what_is_missing(zlib_stack,
     assert line.startswith(f"Error: TIFF '{src}' is damaged or cut short: its page chain is cut "
                            "after page 1")
     assert "promises shape (30, 512, 512) (its shaped metadata) but its pages hold (512, 512)" in line
-    assert "found 1 complete slice of shape (512, 512) (pass allow_partial=True" in line
+    assert "found 1 complete slice of shape (512, 512) (pass --allow-partial" in line
     assert not out.exists()
 
 

@@ -122,30 +122,12 @@ def _open_prediction(path):
     if kind == "probabilities" and not meta.get("complete"):
         raise EmtileError(f"prediction {path!r} is incomplete (its emtile predict run did not "
                           f"finish): run emtile predict again to finish it")
-    voxel, translation = _ngff_transforms(attrs, len(arr.shape))
+    from emtile.store import placement
+
+    voxel, translation = placement(attrs or {})
     model = (meta.get("predict") or {}).get("model") or {}
     return _Prediction(path, tuple(int(s) for s in arr.shape), dtype, voxel, translation,
                        int(model.get("ndim", 2)))
-
-
-def _ngff_transforms(attrs, ndim):
-    """(voxel size, translation) of the full-resolution level, as (z, y, x); defaults 1, None."""
-    voxel, translation = (1.0,) * 3, None
-    try:
-        ms = (attrs.get("ome") or attrs)["multiscales"][0]
-        names = [a["name"] for a in ms["axes"]]
-        spatial = [k for k, n in enumerate(names) if n in "zyx"]
-        transforms = ms["datasets"][0]["coordinateTransformations"]
-        for t in transforms:
-            values = [float(t[t["type"]][k]) for k in spatial]
-            values = [1.0 if t["type"] == "scale" else 0.0] * (3 - len(values)) + values
-            if t["type"] == "scale":
-                voxel = tuple(values)
-            elif t["type"] == "translation":
-                translation = tuple(values)
-    except (KeyError, IndexError, TypeError, AttributeError):
-        pass
-    return voxel, translation
 
 
 # --------------------------------------------------------------------------- options
