@@ -42,7 +42,7 @@ def test_modules_that_were_split_stay_small(module, limit):
 
 
 def test_the_check_can_fail(tmp_path):
-    """A function of 81 lines is found (so the first test is not vacuous)."""
-    body = "\n".join(f"    x{i} = {i}" for i in range(81))
+    """A function of 81 lines (its def and 80 statements) is found: the first test can fail."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(80))
     (tmp_path / "long.py").write_text(f"def long():\n    \"\"\"doc\"\"\"\n{body}\n")
     assert _long_functions(tmp_path) == ["long.py:long (81 lines)"]
