@@ -30,7 +30,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -92,13 +92,6 @@ class Runner:
             raise EmtileError("give either client= or cluster= / scheduler_file=, not both")
         if self.distributed and self.client is None:
             self.spec()  # the cluster's own checks, now
-
-    @classmethod
-    def of(cls, **kwargs):
-        """A runner from keyword arguments, ignoring those that are not its fields (``None``
-        means the field's default)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in kwargs.items() if k in names and v is not None})
 
     @property
     def distributed(self):
