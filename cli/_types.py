@@ -139,9 +139,10 @@ def defaults(cls):
 
 def _runner_option(f):
     """The click option of one :class:`emtile.blockwise.Runner` field, from its metadata."""
+    import typing
+
     meta = f.metadata
-    kind = {"cluster_workers": int, "blocks_per_task": int, "retries": int,
-            "timeout": float}.get(f.name, str)
+    kind = next((t for t in (f.type, *typing.get_args(f.type)) if t in (int, float, str)), str)
     if meta.get("path"):
         type_ = click.Path()
     elif kind is int:

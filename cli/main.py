@@ -57,41 +57,61 @@ class LazyGroup(click.Group):
                 raise click.ClickException(as_flags(str(exc), command)) from None
 
 
-_KEYWORD = re.compile(r"\b([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|\S*)")
+# a keyword at the start, after white space or "(", with its value: quoted, or up to white space
+_KEYWORD = re.compile(r"(?<![^\s(])([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|\S*)")
+# a quoted span (a path, a value): its quote opens after no letter or digit (not "convert's")
+_QUOTED = re.compile(r"(?<![A-Za-z0-9])('[^']*'|\"[^\"]*\")")
+
+
+def _names(command):
+    """``{keyword: (flag or ARGUMENT, is_flag, the flag's off form)}`` of a command's params."""
+    names = {}
+    for p in command.params:
+        if not p.name:
+            continue
+        if isinstance(p, click.Option):
+            off = p.secondary_opts[0] if p.secondary_opts else None
+            names[p.name] = (max(p.opts, key=len), p.is_flag, off)
+        else:
+            names[p.name] = (p.human_readable_name, False, None)
+    return names
 
 
 def as_flags(message, command):
-    """A library error names keyword arguments (``threshold=1.5``, ``overwrite=True``); on the
-    command line it names the command's flags instead (``--threshold 1.5``, ``--overwrite``).
-    Names that are not options of ``command`` are left as they are."""
+    """A library error names keyword arguments (``threshold=1.5``, ``overwrite=True``,
+    ``pred=``); on the command line it names the command's flags and arguments instead
+    (``--threshold 1.5``, ``--overwrite``, ``PRED``). Names that are not parameters of
+    ``command``, and text inside quotes (paths), are left as they are."""
     if command is None:
         return message
-    flags = {}
-    for p in command.params:
-        if isinstance(p, click.Option) and p.name:
-            flags[p.name] = (max(p.opts, key=len), p.is_flag)
+    names = _names(command)
+
+    quoted = [m.span() for m in _QUOTED.finditer(message)]
 
     def flag(match):
         name, value = match.groups()
-        if name not in flags:
+        if name not in names or any(a < match.start() < b for a, b in quoted):
             return match.group(0)
-        text, is_flag = flags[name]
+        text, is_flag, off = names[name]
         stripped = value.rstrip(",.;:)")
         tail = value[len(stripped):]
         if is_flag and stripped in ("True", ""):
             return text + tail
+        if is_flag and stripped == "False":
+            return (off or f"no {text}") + tail
         if "/" not in stripped and os.sep not in stripped:  # a path keeps its quotes
             stripped = stripped.strip("'\"")
         return f"{text} {stripped}{tail}" if stripped else text + tail
 
-    return _KEYWORD.sub(flag, message)
+    return _KEYWORD.sub(flag, message)  # never inside quotes: '/runs/levels=2/out.zarr' stays
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     """emtile's own warnings (user-facing: an input far from the training data, overlapping
     slices) as one ``Warning: ...`` line on stderr; anything else as Python prints it."""
     if category.__module__.startswith("emtile") or os.path.abspath(str(filename)).startswith(_OWN):
-        click.echo(f"Warning: {message}", err=True)
+        ctx = click.get_current_context(silent=True)
+        click.echo(f"Warning: {as_flags(str(message), ctx.command if ctx else None)}", err=True)
     else:
         click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip(),
                    err=True)

@@ -39,7 +39,7 @@ from emtile import _faults
 from emtile._errors import EmtileError, whole_number
 from emtile.markers import MARKERS, BlockMarkers
 
-__all__ = ["Runner", "Stage", "Pass", "StageResult", "run_stage", "RESUME"]
+__all__ = ["Runner", "Stage", "Pass", "StageResult", "run_stage", "fingerprint_of", "RESUME"]
 
 RESUME = "run the same command again to resume"
 _FINGERPRINTS = "fingerprints"  # where a stage's fingerprint lives in the output's emtile attrs
@@ -164,8 +164,10 @@ class Pass:
     #: as each block finishes (default: ``fn`` on groups of ``blocks_per_task``).
     here: Optional[Callable] = None
     gpu: bool = False  # tasks ask for {"GPU": 1} when the cluster's workers declare GPUs
-    flush_blocks: int = 64  # results kept before they and their markers are written
-    flush_seconds: float = 2.0  # ... or after this long
+    #: Blocks recorded before their markers are written (without ``keep``; with it, the
+    #: buffer's ``full()`` decides) ...
+    flush_blocks: int = 64
+    flush_seconds: float = 2.0  # ... or after this long, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,6 @@ class Stage:
     markers_group: str = ""  # the group (inside the output) that holds the passes' markers
     resumable: Optional[Callable] = None  # resumable(group) -> bool: beyond the markers
     finish: Optional[Callable] = None  # finish(group) -> attrs for mark_complete
-    check_output: bool = True  # False: the caller checked it (with its other files)
 
 
 @dataclass
@@ -206,8 +207,7 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
 
     t0 = time.perf_counter()
     runner = runner or Runner()
-    if stage.check_output:
-        store.check_output(stage.output, inputs=[p for p in stage.inputs if p])
+    store.check_output(stage.output, inputs=[p for p in stage.inputs if p])
     with store.output_lock(stage.output):
         with store.write_errors(stage.output, then=RESUME):
             group, resumed = _open(stage, overwrite)
@@ -216,8 +216,9 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
             for p in stage.passes:
                 done.append(_run_pass(stage, p, group, started, progress=progress))
         with store.write_errors(stage.output, then=RESUME):
+            _set_meta(group, finishing=True)  # a finish cut short is redone, never resumed
             attrs = (stage.finish(group) if stage.finish else None) or {}
-            store.mark_complete(group, **attrs)
+            store.mark_complete(group, finishing=False, **attrs)
     return StageResult(group=group, resumed=resumed, blocks=tuple(len(p.plan) for p in
                                                                    stage.passes),
                        blocks_done=tuple(done), where=where, seconds=time.perf_counter() - t0,
@@ -242,19 +243,29 @@ def _open(stage, overwrite):
             return group, True
         store.prepare_output(stage.output, overwrite=overwrite)  # another run's, or unfinished
     group = stage.create()
-    meta = dict(group.attrs.get("emtile", {}))
-    meta[_FINGERPRINTS] = {stage.name: stage.fingerprint}
-    group.attrs["emtile"] = meta
+    _set_meta(group, **{_FINGERPRINTS: {stage.name: stage.fingerprint}})
     mgroup = _markers_group(stage, group)
     for p in stage.passes:  # last: their presence means the set-up finished
         BlockMarkers.create(mgroup, len(p.plan), name=p.markers)
     return group, False
 
 
+def _set_meta(group, **entries):
+    """Set ``entries`` in the output's ``emtile`` attributes."""
+    group.attrs["emtile"] = {**group.attrs.get("emtile", {}), **entries}
+
+
+def fingerprint_of(meta, name):
+    """The fingerprint stage ``name`` recorded in an output's ``emtile`` attributes, or None."""
+    return (meta.get(_FINGERPRINTS) or {}).get(name)
+
+
 def _resumable(stage, group):
     """True when ``group`` is this stage's, with the same fingerprint and a finished set-up."""
     meta = group.attrs.asdict().get("emtile", {})
-    recorded = (meta.get(_FINGERPRINTS) or {}).get(stage.name)
+    if meta.get("finishing"):  # killed while finishing (working data may be half deleted)
+        return False
+    recorded = fingerprint_of(meta, stage.name)
     if recorded != json.loads(json.dumps(stage.fingerprint)):
         return False
     try:

@@ -103,13 +103,13 @@ def check_kinds(pred, labels, *, command="evaluate"):
     if lk in ("image", "probabilities"):
         what = "an image volume" if lk == "image" else "a prediction"
         raise EmtileError(f"labels {str(labels)!r} is {what} (its store says kind {lk!r}), not "
-                          f"labels: {command} takes binary labels (convert's labels=True) as "
-                          f"labels=")
+                          f"labels: {command} takes binary labels (converted with the labels "
+                          f"option) as labels=")
     if lk == "labels" and "segment" in lmeta:
         raise EmtileError(f"labels {str(labels)!r} is a segmentation (emtile segment wrote it), "
                           f"not binary labels: {command} takes binary labels (1 = cell interior, "
-                          f"0 = membrane; convert's labels=True) as labels=; a segmentation is "
-                          f"scored by giving it as pred=")
+                          f"0 = membrane; converted with the labels option) as labels=; a "
+                          f"segmentation is scored by giving it as pred=")
 
 
 def open_pair(pred, other, *, other_name="labels", command="evaluate"):

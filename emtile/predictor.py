@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -147,13 +147,17 @@ def _check_volume(net, arr, name="input"):
         raise EmtileError(f"{name} is empty (shape {tuple(arr.shape)})")
 
 
-def _as_model(model):
+def _as_model(model, *, weights=True):
     """The :class:`emtile.model.Model` of ``model`` (loaded once: network, metadata,
-    normalisation, weights hash). A network lent by the caller keeps its mode."""
+    normalisation, weights hash). A network lent by the caller keeps its mode; without
+    ``weights`` its hash is not computed (a run in this process on an array needs none)."""
     from emtile.model import Model, load
     from emtile.unet import UNet
 
     if isinstance(model, UNet):
+        if not weights:
+            return Model(net=model, source="", kind="memory", metadata={}, normalization=None,
+                         voxel_size=None, weights_sha256="")
         was_training = model.training
         loaded = load(model)
         model.train(was_training)
@@ -860,6 +864,7 @@ def _provenance(job, settings):
             "amp": job.amp or "off", "dtype": job.dtype, "threshold": job.threshold,
             "mask": "labels/mask" if job.threshold is not None else None,
             "normalization": list(job.normalize), "device": job.device,
+            "model_ndim": job.model_ndim,
             "settings": {k: v for k, v in settings.to_json().items() if k not in _UNRECORDED},
             "emtile": __version__}
 
@@ -1137,7 +1142,9 @@ def _resumed_tile(output):
     if not store.is_zarr_store(output):
         return None
     meta = store.emtile_attrs(output) or {}
-    tile = ((meta.get("fingerprints") or {}).get("predict") or {}).get("tile")
+    from emtile.blockwise import fingerprint_of
+
+    tile = (fingerprint_of(meta, "predict") or {}).get("tile")
     if meta.get("complete") or not tile:
         return None
     sizes = [t for t in tile if t > 1]
@@ -1209,8 +1216,12 @@ def predict_array(model, array, settings=None, *, progress=False, **overrides):
 
     from emtile.settings import PredictSettings
 
+    unknown = sorted(set(overrides) - {f.name for f in fields(PredictSettings)})
+    if unknown:
+        raise EmtileError(f"{unknown[0]}= is not a setting of predict_array (it runs in this "
+                          f"process, on an array)")
     settings = replace(settings or PredictSettings(dtype="float32", num_workers=0), **overrides)
-    model = _as_model(model)
+    model = _as_model(model, weights=False)
     net, arr, _, grid, chunks, dev, num_workers = _setup(model, array, settings)
     scaling = _scaling(model, arr, None, settings.normalize)
     out = np.zeros((net.out_channels,) + grid.region_shape, np.dtype(settings.dtype))

@@ -4,7 +4,7 @@
 :class:`emtile.training.settings.TrainSettings`: each default lives here once, the command line
 builds its options' defaults from these fields, :func:`emtile.predict` and
 :func:`emtile.segment` take one (or its fields as keyword arguments), and every output records
-the settings that made it (``emtile info`` shows them). Built settings are checked: a bad value
+the settings that made it in its attributes. Built settings are checked: a bad value
 raises :class:`emtile.EmtileError` naming the field. Checks that need the model or the data
 (a tile size valid for the model's depth, an overlap that fits the tile) happen when the stage
 is planned.
@@ -55,11 +55,12 @@ class _Settings:
 
 
 def _jsonable(value):
-    if isinstance(value, slice):
-        return [value.start, value.stop]
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
+    """A field's value as JSON (:func:`emtile.training.settings.jsonable`; arrays as lists)."""
+    from emtile.training.settings import jsonable
+
+    if getattr(value, "ndim", 0) and hasattr(value, "tolist"):
+        value = value.tolist()
+    return jsonable(value)
 
 
 @dataclass(frozen=True)

@@ -334,3 +334,42 @@ def test_every_cli_default_is_its_settings_field(command):
     missing = {n for n, f in fields.items() if f.default is not dataclasses.MISSING} - checked
     assert missing <= internal | {"base", "depth", "batch_norm", "train_slices", "val_slices"}, \
         missing
+
+
+def test_a_finish_cut_short_is_redone_not_resumed(tmp_path, volume, monkeypatch):
+    """The fingerprint is cleared before ``finish`` (which may delete working data): a run
+    killed there starts over instead of resuming from half-deleted arrays."""
+    inp, values = volume
+    out, log = tmp_path / "out.zarr", tmp_path / "a.log"
+    stage = toy_stage(inp, out, log)
+
+    def broken(group):
+        del group["work/twice"]  # half of what finish removes, then the process dies
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(dataclasses.replace(stage, finish=broken), progress=False)
+    assert not is_complete(out)
+    again = tmp_path / "b.log"
+    result = run_stage(toy_stage(inp, out, again), progress=False)
+    assert not result.resumed and len(ran(again)) == 2 * 6
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["0"][...],
+                                  2 * values.astype(np.int32) + 1)
+
+
+@pytest.mark.parametrize("message, expect", [
+    ("threshold=1.5 must be a number", "--threshold 1.5 must be a number"),
+    ("give either cluster= or scheduler_file=, not both (cluster='local')",
+     "give either --cluster or --scheduler-file, not both (--cluster local)"),
+    ("output '/runs/levels=2/o.zarr' exists; pass overwrite=True",
+     "output '/runs/levels=2/o.zarr' exists; pass --overwrite"),  # never inside quotes
+    ("block_size=1,16 must give", "--block-size 1,16 must give"),
+    ("keep_boundaries=False here", "no --keep-boundaries here"),
+    ("pred='x.zarr' is not one; seeds='peaks'", "PRED x.zarr is not one; --seeds peaks"),
+    ("foo=3 and the_threshold=2", "foo=3 and the_threshold=2"),  # not the command's
+])
+def test_the_cli_names_flags_where_the_library_names_keywords(message, expect):
+    from emtile.cli.main import as_flags
+
+    command = main.get_command(click.Context(main), "segment")
+    assert as_flags(message, command) == expect

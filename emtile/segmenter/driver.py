@@ -37,7 +37,6 @@ __all__ = ["segment", "segment_stage", "SegmentResult", "METHODS", "MODES", "SEE
 BLOCK_PX = 2**22  # pixels per default block
 _FLUSH_EVERY = 64  # label counts buffered before they and the markers are written (or _FLUSH_S)
 _FLUSH_S = 2.0
-PASSES = ("done1", "done2", "done3")  # the markers of the three passes
 _TABLE_CHUNK = 2**18
 UINT32_IDS = int(np.iinfo(np.uint32).max)  # more objects than this: uint64 labels
 
@@ -125,9 +124,9 @@ def _open_prediction(path):
     from emtile.store import placement
 
     voxel, translation = placement(attrs or {})
-    model = (meta.get("predict") or {}).get("model") or {}
+    model_ndim = (meta.get("provenance") or {}).get("model_ndim", 2)
     return _Prediction(path, tuple(int(s) for s in arr.shape), dtype, voxel, translation,
-                       int(model.get("ndim", 2)))
+                       int(model_ndim))
 
 
 # --------------------------------------------------------------------------- options
