@@ -182,7 +182,11 @@ class Stage:
     passes: tuple
     markers_group: str = ""  # the group (inside the output) that holds the passes' markers
     resumable: Optional[Callable] = None  # resumable(group) -> bool: beyond the markers
-    finish: Optional[Callable] = None  # finish(group) -> attrs for mark_complete
+    #: ``finish(group) -> attrs`` for mark_complete, after every pass. A run killed inside it
+    #: is resumed, so it must leave the output resumable or refused: working data goes with
+    #: :func:`emtile.store.remove_store` (renamed away first: then the markers are gone and
+    #: the next run starts over), never array by array.
+    finish: Optional[Callable] = None
 
 
 @dataclass
@@ -216,9 +220,8 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
             for p in stage.passes:
                 done.append(_run_pass(stage, p, group, started, progress=progress))
         with store.write_errors(stage.output, then=RESUME):
-            _set_meta(group, finishing=True)  # a finish cut short is redone, never resumed
             attrs = (stage.finish(group) if stage.finish else None) or {}
-            store.mark_complete(group, finishing=False, **attrs)
+            store.mark_complete(group, **attrs)
     return StageResult(group=group, resumed=resumed, blocks=tuple(len(p.plan) for p in
                                                                    stage.passes),
                        blocks_done=tuple(done), where=where, seconds=time.perf_counter() - t0,
@@ -263,8 +266,6 @@ def fingerprint_of(meta, name):
 def _resumable(stage, group):
     """True when ``group`` is this stage's, with the same fingerprint and a finished set-up."""
     meta = group.attrs.asdict().get("emtile", {})
-    if meta.get("finishing"):  # killed while finishing (working data may be half deleted)
-        return False
     recorded = fingerprint_of(meta, stage.name)
     if recorded != json.loads(json.dumps(stage.fingerprint)):
         return False

@@ -117,8 +117,10 @@ def toy_stage(inp, out, log, rows=2):
         return f"rows {plan.box(i)}"
 
     def finish(group):
+        from emtile.store import remove_store
+
         total = int(np.asarray(group["work/counts"][:]).sum())
-        del group["work"]
+        remove_store(Path(out) / "work")
         return {"voxels": total}
 
     passes = (Pass(name="toy 1/2", fn=double_blocks, job=job, plan=plan, describe=describe,
@@ -336,15 +338,18 @@ def test_every_cli_default_is_its_settings_field(command):
         missing
 
 
-def test_a_finish_cut_short_is_redone_not_resumed(tmp_path, volume, monkeypatch):
-    """The fingerprint is cleared before ``finish`` (which may delete working data): a run
-    killed there starts over instead of resuming from half-deleted arrays."""
+def test_a_finish_cut_short_is_redone_not_resumed(tmp_path, volume):
+    """``finish`` removes the working group with ``store.remove_store``, which renames it away
+    first: a run killed while it is deleted finds no markers and starts over, never resumes
+    from half-deleted arrays."""
+    import os
+
     inp, values = volume
     out, log = tmp_path / "out.zarr", tmp_path / "a.log"
     stage = toy_stage(inp, out, log)
 
     def broken(group):
-        del group["work/twice"]  # half of what finish removes, then the process dies
+        os.rename(out / "work", out / ".work-trash")  # remove_store's first step, then death
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -287,7 +287,7 @@ def test_cli_warning_is_one_line(tmp_path):
     assert r.exit_code == 0, r.output
     warned = [line for line in r.stderr.splitlines() if line.startswith("Warning:")]
     assert warned == [f"Warning: {str(src)!r}: OME-XML: PhysicalSizeX 0 µm is not a voxel size "
-                      f"(a voxel is from 1 pm to 1 cm); ignored (pass voxel_size= to give one)"]
+                      f"(a voxel is from 1 pm to 1 cm); ignored (pass --voxel-size to give one)"]
     assert "Traceback" not in r.output
     assert "(not given at conversion; recorded as 1 nm)" in r.output
 

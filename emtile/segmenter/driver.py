@@ -310,7 +310,11 @@ class _Steps:
         self.dtype = _output_dtype(group, self.count, self.job)
 
     def finish(self, group):
-        del group[TEMP]
+        """The working arrays removed whole (renamed away first: a run killed while they go
+        finds no markers and starts over, never resumes from half of them)."""
+        from emtile.store import remove_store
+
+        remove_store(os.path.join(self.job.output, TEMP))
         return {"objects": self.count}
 
 
