@@ -1,4 +1,5 @@
-"""Training losses: the U-Net paper's border-weighted cross-entropy, soft Dice, and their sum.
+"""Training losses: the U-Net paper's border-weighted cross-entropy, soft Dice, and their sum;
+for affinities, masked losses with MALA's class balancing or torch-em's Dice.
 
 The weight map is computed in NumPy/SciPy, once per label patch, in the DataLoader workers
 (:func:`weight_map`); the losses themselves are torch functions of the logits, the binary target
@@ -12,6 +13,10 @@ where ``w_c`` balances the class frequencies and ``d1``, ``d2`` are the distance
 and second-nearest cell, so that the thin membranes separating touching cells weigh most.
 Cells are the 4-connected components of the label ``1`` pixels; the border term is applied to the
 background (label ``0``, membrane) pixels, the ones the term is about.
+
+Affinity outputs (several channels, one per offset, 1 = same object) have a mask instead of a
+weight map: :func:`affinity_loss` leaves out the pairs that :func:`emtile.affinities.affinities`
+masks, and balances the classes itself (see :mod:`emtile.affinities` for the choice of loss).
 """
 
 import numpy as np
@@ -174,3 +179,96 @@ def get_loss(name):
 def uses_weights(name):
     """Whether the loss ``name`` reads the weight map (so the workers must compute it)."""
     return name in ("bce", "bce+dice")
+
+
+# --- affinities ----------------------------------------------------------------------------------
+
+#: The losses of multi-channel affinity outputs (:func:`affinity_loss`); the first is the default.
+#: Not in :data:`LOSSES`: those take a weight map, these a mask.
+AFFINITY_LOSSES = ("balanced_bce", "dice")
+
+
+def affinity_loss(logits, target, mask, *, kind="balanced_bce", per_channel=False):
+    """The loss of affinity logits over the masked-in pairs only.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (N, K, Z, Y, X) or (N, K, Y, X)
+        The network's output, one channel per offset (emtile's convention: 1 = same object).
+    target, mask : torch.Tensor, same shape
+        From :func:`emtile.affinities.affinities`; pairs where ``mask`` is 0 (leaving the volume,
+        touching an unlabelled voxel) change neither the loss nor any gradient, whatever their
+        logits or targets.
+    kind : {"balanced_bce", "dice"}
+        ``"balanced_bce"`` (the default; the field's, MALA's): binary cross-entropy with logits,
+        each pair weighted by MALA's class balancing of its sample (the weights of
+        :func:`emtile.affinities.class_weights`, computed here per sample, without gradient),
+        summed and divided by the number of masked-in pairs. ``"dice"``: torch-em's affinity
+        loss, 1 - soft Dice of the boundary class: ``q = 1 - sigmoid(logits)`` against
+        ``1 - target`` (torch-em's targets are ``1 - affinity``), per channel over the batch and
+        space, ``(2 sum(q t) + 1) / (sum(q^2) + sum(t^2) + 1)`` (torch-em's squared
+        denominators; the 1 instead of its clamp makes a channel without boundaries score 1
+        when predicted right), averaged over the channels (torch-em sums ``1 - score`` over
+        them: the same direction, a scale that here does not grow with the number of
+        offsets). Which segments better is not measured yet (:mod:`emtile.affinities`).
+    per_channel : bool
+        ``"balanced_bce"`` only: balance each channel on its own (default: pool the channels,
+        as MALA does).
+
+    Returns
+    -------
+    torch.Tensor, a scalar (0 where no pair is masked in)
+    """
+    import torch
+
+    if kind not in AFFINITY_LOSSES:
+        raise EmtileError(f"kind={kind!r} is not supported: choose one of "
+                          f"{', '.join(AFFINITY_LOSSES)}")
+    if logits.ndim < 3:
+        raise EmtileError(f"logits of shape {tuple(logits.shape)} must be (N, K, *spatial)")
+    for name, value in (("target", target), ("mask", mask)):
+        if tuple(value.shape) != tuple(logits.shape):
+            raise EmtileError(f"{name} of shape {tuple(value.shape)} must have the logits' shape, "
+                              f"{tuple(logits.shape)}")
+    mask = (mask != 0).to(logits.device)
+    target = target.to(device=logits.device, dtype=torch.float32)
+    if kind == "dice":
+        return _affinity_dice(logits, target, mask)
+    return _balanced_bce(logits, target, mask, per_channel)
+
+
+def balance_weights(target, mask, *, per_channel=False):
+    """MALA's balancing weights of a batch, per sample: :func:`emtile.affinities.class_weights`
+    of each sample in torch (``target``, ``mask``: (N, K, *spatial); ``mask`` bool)."""
+    import torch
+
+    from emtile.affinities import CLIP
+
+    dims = tuple(range(2 if per_channel else 1, target.ndim))
+    positive = (target >= 0.5) & mask
+    count = mask.sum(dims, keepdim=True).clamp_min(1)
+    frac = (positive.sum(dims, keepdim=True) / count).clamp(*CLIP)
+    zero = torch.zeros((), dtype=frac.dtype, device=frac.device)
+    return torch.where(positive, 0.5 / frac, torch.where(mask, 0.5 / (1.0 - frac), zero))
+
+
+def _balanced_bce(logits, target, mask, per_channel):
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        weight = balance_weights(target, mask, per_channel=per_channel)
+    per_pair = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+    zero = torch.zeros((), dtype=per_pair.dtype, device=per_pair.device)
+    return torch.where(mask, weight * per_pair, zero).sum() / mask.sum().clamp_min(1)
+
+
+def _affinity_dice(logits, target, mask, eps=1.0):
+    import torch
+
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    q = torch.where(mask, (-logits.float()).sigmoid(), zero)  # 1 - p: the boundary class
+    t = torch.where(mask, 1.0 - target, zero)
+    dims = (0,) + tuple(range(2, q.ndim))
+    score = (2 * (q * t).sum(dims) + eps) / ((q * q).sum(dims) + (t * t).sum(dims) + eps)
+    return 1.0 - score.mean()
