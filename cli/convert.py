@@ -9,8 +9,14 @@ from emtile.cli._types import IntTuple, progress_option
 @click.argument("input", metavar="INPUT")
 @click.argument("output", metavar="OUTPUT")
 @click.option("--labels", is_flag=True, help="Store a binary mask as uint8 {0,1} (accepts 0/1, 0/255, bool).")
+@click.option("--ids", is_flag=True,
+              help="With --labels: keep the object ids (instance labels, 0 = unlabelled) instead "
+                   "of binarising; uint8/16/32/64 as INPUT is, signed or float ids in the "
+                   "smallest unsigned type that holds them (negative or fractional values are "
+                   "refused).")
 @click.option("--threshold", type=float, default=None,
-              help="With --labels: binarise as value > T (for masks with more than two values).")
+              help="With --labels: binarise as value > T (for masks with more than two values). "
+                   "Not with --ids.")
 @click.option("--channel", type=int, default=None, help="For RGB / multi-channel stacks: the channel to keep.")
 @click.option("--dataset", default=None, help="HDF5 input: the dataset inside the file.")
 @click.option("--chunks", type=IntTuple(3, example="1,1024,1024"), default=None,
@@ -34,8 +40,8 @@ from emtile.cli._types import IntTuple, progress_option
               help="Convert the complete pages of a TIFF cut short (refused otherwise); the store "
                    "records what was expected and what was found, and 'emtile info' shows it.")
 @progress_option()
-def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_size, unit, levels,
-            compression, overwrite, allow_partial, progress):
+def convert(input, output, labels, ids, threshold, channel, dataset, chunks, voxel_size, unit,
+            levels, compression, overwrite, allow_partial, progress):
     """Convert INPUT (TIFF, PNG/TIFF folder or glob, Zarr, HDF5) to an OME-Zarr store OUTPUT.
 
     The voxel size is --voxel-size if given, else the one INPUT's metadata records.
@@ -43,12 +49,13 @@ def convert(input, output, labels, threshold, channel, dataset, chunks, voxel_si
     \b
     emtile convert stack.tif vol.zarr
     emtile convert labels.tif labels.zarr --labels
+    emtile convert groundtruth.tif truth.zarr --labels --ids --voxel-size 10,10,10
     emtile convert 'slices/*.png' vol.zarr --voxel-size 50,4,4 --levels 3
     """
     from emtile.converter import convert as run
     from emtile.describe import format_info
 
-    result = run(input, output, labels=labels, threshold=threshold, channel=channel,
+    result = run(input, output, labels=labels, ids=ids, threshold=threshold, channel=channel,
                  dataset=dataset, chunks=chunks, voxel_size=voxel_size, unit=unit, levels=levels,
                  compression=compression, overwrite=overwrite, allow_partial=allow_partial,
                  progress=progress)

@@ -3,10 +3,13 @@
 The input is read slab by slab (:func:`emtile.stacks.slab_depth`, about 64 MB each) on the
 calling thread while a :class:`~emtile.stacks.WriterThread` compresses and writes the previous
 slab and its downsampled levels. Labels are checked binary as they stream
-(:class:`~emtile.stacks.LabelChecker`). The voxel size is ``voxel_size=`` if given, else what the
-input's metadata records (:func:`emtile.voxels.read_voxel_size`), recorded with its source.
-The store is written in the order every writing command follows (``docs/ARCHITECTURE.md``,
-Stores) and marked complete only after its last chunk.
+(:class:`~emtile.stacks.LabelChecker`), or kept as instance ids (``ids=True``: whole numbers >= 0,
+checked by :func:`~emtile.stacks.check_id_values`; the store is an NGFF label image recording
+``ids: true``, its largest id and, when cheap, how many there are). The voxel size is
+``voxel_size=`` if given, else what the input's metadata records
+(:func:`emtile.voxels.read_voxel_size`), recorded with its source. The store is written in the
+order every writing command follows (``docs/ARCHITECTURE.md``, Stores) and marked complete only
+after its last chunk.
 
 (Not ``convert.py``: a submodule of that name would replace the lazily exported function
 ``emtile.convert`` as soon as anything imported it.)
@@ -22,7 +25,8 @@ from emtile import _faults
 from emtile import store as _store
 from emtile._errors import EmtileError
 from emtile.describe import describe_volume
-from emtile.stacks import LabelChecker, WriterThread, slab_depth
+from emtile.stacks import (IdCounter, LabelChecker, WriterThread, check_id_values, slab_depth,
+                           smallest_unsigned)
 from emtile.volume import open_volume
 from emtile.voxels import SOURCE_WORDS, MetadataWarning, read_voxel_size
 
@@ -91,7 +95,7 @@ def _voxel_size_nm(voxel_size, unit, ndim):
     return tuple(v * nm for v in sizes)
 
 
-def convert(input, output, *, labels=False, threshold=None, channel=None, dataset=None,
+def convert(input, output, *, labels=False, ids=False, threshold=None, channel=None, dataset=None,
             chunks=None, voxel_size=None, unit="nm", levels=1, compression="zstd",
             compression_level=3, overwrite=False, allow_partial=False, progress=True):
     """Convert a stack to a chunked, compressed OME-Zarr store, streaming in bounded memory.
@@ -107,6 +111,16 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
     labels : bool
         Store a binary mask as uint8 {0, 1}. Accepts 0/1, 0/255 and bool input; more than two
         values is an error that names them, unless ``threshold`` is given (``value > threshold``).
+    ids : bool
+        With ``labels``: keep the object ids instead of binarising (instance labels, 0 =
+        unlabelled). An unsigned source keeps its type (uint8 / uint16 / uint32 / uint64; bool
+        becomes uint8); a signed or float source whose values are all whole numbers >= 0 is
+        stored in the smallest unsigned type that holds its largest value (found by a first
+        pass over the input); a negative or fractional value is a one-line error naming it.
+        The store is an NGFF label image with ``attrs["emtile"]["ids"] = True``, ``max_id``
+        and ``id_count`` (None when the ids run past 2^20: counting them would cost a sort);
+        pyramid levels take every other voxel, so they hold only ids of level 0. Not with
+        ``threshold``.
     chunks : tuple of int, optional
         Chunk shape ``(Z, Y, X)``; default one slice by up to 1024×1024.
     voxel_size : tuple of float, optional
@@ -148,8 +162,7 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
             f"input {str(input)!r} has shape {src.shape}: expected a 2-D image or a 3-D stack "
             "(for multi-channel data keep one with channel=N)"
         )
-    if threshold is not None and not labels:
-        raise EmtileError("threshold= only applies with labels=True")
+    _check_label_options(labels=labels, ids=ids, threshold=threshold)
     shape = (1,) + tuple(src.shape) if src.ndim == 2 else tuple(src.shape)
     chunks = _check_tuple("chunks", chunks, 3, "1,1024,1024", cast=int)
     voxel_size, voxel_source, known = _conversion_voxel_size(input, src.ndim, voxel_size, unit)
@@ -162,45 +175,102 @@ def convert(input, output, *, labels=False, threshold=None, channel=None, datase
         attrs["partial"] = src.partial
     with _store.output_lock(output):
         _store.prepare_output(output, overwrite=overwrite)
+        out_dtype = (_id_dtype(src, input) if ids else  # signed or float ids: a first pass
+                     np.dtype(np.uint8) if labels or dtype == np.bool_ else dtype)
         with _store.write_errors(output):
-            group = _store.create_image(
-                output, shape, np.uint8 if labels or dtype == np.bool_ else dtype, chunks=chunks,
-                voxel_size=voxel_size, levels=levels, kind="labels" if labels else "image",
-                name=Path(str(output)).stem, compression=compression,
-                compression_level=compression_level, attrs=attrs)
+            group = _create_store(output, shape, out_dtype, ids=ids, labels=labels,
+                                  chunks=chunks, voxel_size=voxel_size, levels=levels,
+                                  compression=compression, compression_level=compression_level,
+                                  attrs=attrs)
         try:
-            _copy_slabs(src, [group[str(level)] for level in range(levels)], input, output,
-                        labels=labels, threshold=threshold, progress=progress)
+            counter = _copy_slabs(src, [group[str(level)] for level in range(levels)], input,
+                                  output, labels=labels, ids=ids, threshold=threshold,
+                                  progress=progress)
         except _store.StoreWriteError:
             raise  # the output stays, incomplete: a re-run replaces it
-        except EmtileError:
+        except EmtileError as exc:
             _store.remove_store(output)  # bad input: leave nothing behind
+            if str(exc).startswith("labels are not binary"):
+                raise EmtileError(f"{exc}; or keep them as instance ids with ids=True") from None
             raise
         with _store.write_errors(output):
             _faults.point("convert.before_complete")
-            _store.mark_complete(group)
+            extra = {} if counter is None else {"max_id": counter.max_id,
+                                                "id_count": counter.count}
+            _store.mark_complete(group, **extra)
     return describe_volume(output)
 
 
-def _copy_slabs(src, arrays, input, output, *, labels, threshold, progress):
-    """Stream ``src`` into the level arrays slab by slab (a reader and a writer thread)."""
+def _check_label_options(*, labels, ids, threshold):
+    """One line for options that do not go together."""
+    if ids and not labels:
+        raise EmtileError("ids=True only applies with labels=True (instance labels: "
+                          "convert(LABELS, 'labels.zarr', labels=True, ids=True))")
+    if ids and threshold is not None:
+        raise EmtileError(f"threshold={threshold:g} does not apply with ids=True, which keeps "
+                          "the ids as they are instead of binarising them: give one or the other")
+    if threshold is not None and not labels:
+        raise EmtileError("threshold= only applies with labels=True")
+
+
+def _id_dtype(src, input):
+    """The dtype a conversion with ``ids=True`` stores: an unsigned source's own (bool: uint8);
+    for a signed or float source, the smallest unsigned type that holds its largest value, after
+    a pass over it that checks every value is a whole number >= 0."""
+    dtype = np.dtype(src.dtype)
+    if dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if dtype.kind == "u":
+        return dtype
+    shape = (1,) + tuple(src.shape) if src.ndim == 2 else tuple(src.shape)
+    depth = slab_depth(shape, max(dtype.itemsize, 1))
+    top = 0
+    for z0 in range(0, shape[0], depth):
+        z1 = min(z0 + depth, shape[0])
+        slab = _read_slab(src, input, z0, z1)
+        top = max(top, check_id_values(slab, f"{str(input)!r} slices {z0}:{z1}")[1])
+    return smallest_unsigned(top)
+
+
+def _create_store(output, shape, dtype, *, ids, labels, attrs, **kwargs):
+    """The new store: an image, binary labels, or (``ids``) an NGFF label image of ids."""
+    name = Path(str(output)).stem
+    if ids:
+        return _store.create_label_image(output, shape, dtype, source=None, name=name,
+                                         attrs={**attrs, "ids": True}, **kwargs)
+    return _store.create_image(output, shape, dtype, kind="labels" if labels else "image",
+                               name=name, attrs=attrs, **kwargs)
+
+
+def _read_slab(src, input, z0, z1):
+    """Slices ``z0:z1`` of ``src`` (the whole of a 2-D image) as a NumPy array, (Z, Y, X)."""
+    squeeze = src.ndim == 2
+    try:
+        slab = np.asarray(src[...] if squeeze else src[z0:z1])
+    except EmtileError:
+        raise
+    except Exception as exc:  # a corrupt or truncated file shows itself only when read
+        raise EmtileError(f"cannot read {str(input)!r} at slices {z0}:{z1}: {exc}") from None
+    return slab[None] if squeeze else slab
+
+
+def _copy_slabs(src, arrays, input, output, *, labels, ids, threshold, progress):
+    """Stream ``src`` into the level arrays slab by slab (a reader and a writer thread); with
+    ``ids``, return the :class:`IdCounter` of what was written (else None)."""
     from tqdm.auto import tqdm
 
-    squeeze = src.ndim == 2
     depth = slab_depth(arrays[0].shape, np.dtype(src.dtype).itemsize,
                        chunk_z=arrays[0].chunks[0])
-    checker = LabelChecker() if labels and threshold is None else None
+    checker = LabelChecker() if labels and not ids and threshold is None else None
+    counter = IdCounter() if ids else None
     out_dtype = arrays[0].dtype
 
     def read(z0, z1):
-        try:
-            slab = np.asarray(src[...] if squeeze else src[z0:z1])
-        except EmtileError:
-            raise
-        except Exception as exc:  # a corrupt or truncated file shows itself only when read
-            raise EmtileError(f"cannot read {str(input)!r} at slices {z0}:{z1}: {exc}") from None
-        slab = slab[None] if squeeze else slab
-        if labels:
+        slab = _read_slab(src, input, z0, z1)
+        if ids:  # checked whole and >= 0 by _id_dtype's pass (an unsigned source needs none)
+            slab = slab.astype(out_dtype, copy=False)
+            counter.update(slab)
+        elif labels:
             fg = slab > threshold if checker is None else checker.foreground(slab, f"slices {z0}:{z1}")
             slab = fg.astype(np.uint8)
         elif slab.dtype != out_dtype:
@@ -220,6 +290,7 @@ def _copy_slabs(src, arrays, input, output, *, labels, threshold, progress):
               disable=not progress, delay=1.0) as bar:
         _pipeline(((z0, min(z0 + depth, n)) for z0 in range(0, n, depth)),
                   read, write, on_done=lambda z0, z1: bar.update(z1 - z0))
+    return counter
 
 
 def _pipeline(ranges, read, write, *, on_done):

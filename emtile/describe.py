@@ -149,7 +149,9 @@ def describe_volume(path, *, stats=False, progress=False):
     dict
         ``what`` is ``"volume"``; ``complete`` is True/False for stores emtile wrote and None
         for other sources; ``partial`` (stores converted with ``allow_partial`` from a TIFF cut
-        short) says what was expected and what was found, else None.
+        short) says what was expected and what was found, else None. Instance labels
+        (converted with ``ids=True``) add ``ids`` (True), ``max_id`` and ``id_count`` (None
+        when it was not counted).
     """
     p = Path(str(path))
     meta = _store.emtile_attrs(p) if _store.is_zarr_store(p) else None
@@ -199,6 +201,8 @@ def describe_volume(path, *, stats=False, progress=False):
                 out["provenance"] = meta["provenance"]
             if meta.get("kind") == "labels" and meta.get("threshold") is not None:
                 out["threshold"] = meta["threshold"]  # a predicted mask
+            if meta.get("ids"):  # instance labels (convert's ids=True)
+                out.update(ids=True, max_id=meta.get("max_id"), id_count=meta.get("id_count"))
         ms = _store.multiscales(attrs)
         if ms:
             out["levels"] = len(ms["datasets"])
@@ -278,7 +282,7 @@ def _format_volume(d):
     if d["levels"]:
         lines.append(f"levels        {d['levels']}")
     if d["kind"]:
-        lines.append(f"kind          {d['kind']}")
+        lines.append(f"kind          {d['kind']}" + (f" ({_ids_text(d)})" if d.get("ids") else ""))
     lines.append(f"complete      {complete}")
     if d.get("partial"):
         lines.append(f"partial       YES: {_format_partial(d['partial'])}")
@@ -290,6 +294,14 @@ def _format_volume(d):
         if key in d:
             lines.append(f"{key:<13} {d[key]:.6g}")
     return "\n".join(lines)
+
+
+def _ids_text(d):
+    """``instance ids: 525 ids, max id 525`` (the count only where convert could afford it)."""
+    parts = [f"{d['id_count']:,} ids" if d.get("id_count") is not None else None,
+             f"max id {d['max_id']:,}" if d.get("max_id") is not None else None]
+    shown = ", ".join(p for p in parts if p)
+    return "instance ids" + (f": {shown}" if shown else "") + "; 0 = unlabelled"
 
 
 def _format_provenance(path, p):

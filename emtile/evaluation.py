@@ -1,10 +1,13 @@
 """The evaluate driver: a prediction (or a segmentation) and binary labels opened on one grid,
 checked by the kinds their stores record, scored slab by slab with :mod:`emtile.metrics`' per-slice
-scores and summarised in one result (:func:`evaluate`; :mod:`emtile.reports` prints and writes it).
+scores and summarised in one result (:func:`evaluate`; :mod:`emtile.reports` prints and writes it);
+or two id volumes (a segmentation and instance labels) scored as one whole volume with
+:mod:`emtile.scores3d` (``mode="volume"``, chosen by itself when both are id volumes).
 
 Whether a prediction is a label image (scored as segments) or a probability map or mask
-(thresholded and thinned) is decided here (:func:`is_label_image`); the scores and their
-conventions are :mod:`emtile.metrics`'.
+(thresholded and thinned) is decided here (:func:`is_label_image`), and so is the mode
+(:func:`choose_mode`); the scores and their conventions are :mod:`emtile.metrics`' (per slice) and
+:mod:`emtile.scores3d`' (whole volume).
 """
 
 import numpy as np
@@ -15,6 +18,7 @@ from emtile.metrics import (CONVENTIONS, SCORES, SWEEP_THRESHOLDS, PredictionDec
                             confusion_counts, metrics_from_counts, segmentation_stats,
                             thin_boundaries, truth_segments)
 from emtile.reports import write_csv, write_json
+from emtile.scores3d import VOLUME_CONVENTIONS, Contingency
 from emtile.geometry import Window
 from emtile.stacks import (LabelChecker, Stack, open_stack, resolve_slices, slab_depth,
                            slice_runs)
@@ -26,8 +30,14 @@ __all__ = [
     "store_kind",
     "is_label_image",
     "is_segmentation_store",
+    "choose_mode",
+    "check_volume_kinds",
     "LABEL_IMAGE_DTYPES",
+    "EVALUATE_MODES",
 ]
+
+#: ``evaluate``'s modes: chosen from the inputs, per slice (binary labels), whole volume (ids).
+EVALUATE_MODES = ("auto", "slices", "volume")
 
 _SLAB_BYTES = 64 * 2**20  # how much prediction one read may hold
 
@@ -67,12 +77,15 @@ def is_segmentation_store(source):
 
 
 def is_label_image(source, dtype):
-    """Whether ``evaluate`` scores the prediction ``source`` (of ``dtype``) as a label image.
+    """Whether ``evaluate`` scores the prediction ``source`` (of ``dtype``) as a label image, and
+    whether a volume holds ids (both sides of ``mode="volume"``).
 
-    The store's own record first: an ``emtile segment`` store is one; any other emtile store
-    (probabilities, a predicted mask, converted labels, an image) is not. Otherwise (arrays,
-    TIFFs, other tools' stores) an integer dtype of 32 or 64 bits (:data:`LABEL_IMAGE_DTYPES`)
-    is one; bool, 8- and 16-bit integers and floats are probabilities or masks.
+    The store's own record first: an ``emtile segment`` store is one, and so are labels
+    converted with ``ids=True`` (instance ids); any other emtile store (probabilities, a
+    predicted mask, binary labels, an image) is not. Otherwise (arrays, TIFFs, other tools'
+    stores) an integer dtype of 32 or 64 bits (:data:`LABEL_IMAGE_DTYPES`) is one; bool, 8- and
+    16-bit integers and floats are probabilities or masks (``mode="volume"`` takes them as ids
+    all the same).
 
     Examples
     --------
@@ -81,7 +94,7 @@ def is_label_image(source, dtype):
     """
     kind, meta = store_kind(source)
     if kind is not None:
-        return kind == "labels" and "segment" in meta
+        return kind == "labels" and ("segment" in meta or bool(meta.get("ids")))
     return np.dtype(dtype) in LABEL_IMAGE_DTYPES
 
 
@@ -110,6 +123,56 @@ def check_kinds(pred, labels, *, command="evaluate"):
                           f"not binary labels: {command} takes binary labels (1 = cell interior, "
                           f"0 = membrane; converted with the labels option) as labels=; a "
                           f"segmentation is scored by giving it as pred=")
+    if lk == "labels" and lmeta.get("ids"):
+        hint = ("; instance ids are scored against a segmentation (emtile segment's output) as "
+                "one volume, mode='volume'" if command == "evaluate" else "")
+        raise EmtileError(f"labels {str(labels)!r} holds instance ids (converted with the ids option), not "
+                          f"binary labels: {command} takes binary labels (1 = cell interior, "
+                          f"0 = membrane) as labels={hint}")
+
+
+def _what_store_holds(kind, meta):
+    """How a refusal names an emtile store that holds no ids."""
+    if kind == "probabilities":
+        return "a prediction (probabilities): segment it first (emtile segment)"
+    if kind == "labels" and meta.get("threshold") is not None:
+        return "a predicted mask"
+    if kind == "labels":
+        return "binary labels (converted without ids=True)"
+    return f"an image volume (its store says kind {kind!r})"
+
+
+def check_volume_kinds(pred, labels, pstack, lstack):
+    """Refuse what whole-volume scores cannot compare: an emtile store that records something
+    other than ids (a prediction, a mask, binary labels, an image), or a non-integer array."""
+    for name, source, stack in (("pred", pred, pstack), ("labels", labels, lstack)):
+        kind, meta = store_kind(source)
+        if kind is not None and not (kind == "labels" and ("segment" in meta or meta.get("ids"))):
+            raise EmtileError(f"{name} {str(source)!r} is {_what_store_holds(kind, meta)}, not "
+                              f"an id volume: whole-volume scores (mode='volume') compare two "
+                              f"id volumes (emtile segment's output, labels converted with "
+                              f"ids=True, or integer arrays)")
+        if not (np.issubdtype(stack.dtype, np.integer) or stack.dtype == np.bool_):
+            raise EmtileError(f"{name} {stack.display!r} has dtype {stack.dtype}: whole-volume "
+                              f"scores (mode='volume') compare integer ids (0 = unlabelled in "
+                              f"the labels)")
+
+
+def _check_mode(mode):
+    if mode not in EVALUATE_MODES:
+        raise EmtileError(f"mode={mode!r} is not valid: choose auto, slices (per-slice scores "
+                          f"against binary labels) or volume (one score of two id volumes)")
+
+
+def choose_mode(mode, pred, labels, pdtype, ldtype):
+    """``"slices"`` or ``"volume"``: ``mode`` itself, or for ``"auto"``, ``"volume"`` when both
+    the prediction and the labels are id volumes (:func:`is_label_image`: emtile segment's
+    output, labels converted with ``ids=True``, 32/64-bit integer arrays), else ``"slices"``."""
+    _check_mode(mode)
+    if mode != "auto":
+        return mode
+    ids = is_label_image(pred, pdtype) and is_label_image(labels, ldtype)
+    return "volume" if ids else "slices"
 
 
 def open_pair(pred, other, *, other_name="labels", command="evaluate"):
@@ -160,9 +223,10 @@ def _mean(values):
 
 
 def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=False,
-             progress=True, json_path=None, csv_path=None):
+             mode="auto", progress=True, json_path=None, csv_path=None):
     """Score a prediction or a segmentation against binary labels: the ISBI 2012 scores (V-Rand,
-    V-Info), the CREMI ones (VOI split and merge, adapted Rand error) and pixel metrics.
+    V-Info), the CREMI ones (VOI split and merge, adapted Rand error) and pixel metrics, per
+    slice; or a segmentation against instance ids over the whole volume (``mode="volume"``).
 
     Reads the two volumes in z-slabs (at most ~64 MB of prediction at a time), so volumes
     larger than memory can be scored; pixel counts are accumulated over the slabs.
@@ -179,9 +243,11 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
     labels : str, Path or array-like, same shape
         Binary truth: {0, 1} (``emtile convert --labels``) or {0, 255} (the ISBI TIFF);
         non-zero = cell interior. A segmentation store is refused here (instance ids are not
-        binary labels).
+        binary labels), except in ``mode="volume"``, where ``labels`` are instance ids (labels
+        converted with ``ids=True``, or any integer volume; 0 = unlabelled, left out).
     slices : None, int, list of int or slice
-        Slices (z indices) to score; all by default.
+        Slices (z indices) to score; all by default. In volume mode, the slices scored together
+        as one volume (e.g. ``slice(150, 250)``: a held-out block).
     threshold : float, optional
         Interior where probability > threshold (default 0.5); pixel metrics always use it.
         Refused with a label image, which has no threshold.
@@ -192,6 +258,15 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
     invert : bool
         The prediction is a membrane probability (0 = interior); use ``1 - p``. (ISBI labels
         are 255 = cell interior; emtile predicts the interior.) Refused with a label image.
+    mode : {"auto", "slices", "volume"}
+        ``"slices"``: the per-slice scores above, against binary labels. ``"volume"``: ``pred``
+        and ``labels`` are both id volumes, scored as one volume (every scored slice together,
+        not slice by slice): VOI split, VOI merge and the adapted Rand error, truth 0 left out,
+        ids as given, CREMI's way (:mod:`emtile.scores3d`); any integer ids are accepted (a
+        uint16 TIFF too), a store that records something else is refused, and ``threshold``,
+        ``sweep`` and ``invert`` are refused. ``"auto"`` (default): ``"volume"`` when both are
+        id volumes by :func:`is_label_image` (``emtile segment``'s output, labels converted with
+        ``ids=True``, 32/64-bit integer arrays), else ``"slices"``.
     progress : bool
         Show a tqdm progress bar.
     json_path, csv_path : str or Path, optional
@@ -213,7 +288,12 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
         over all), ``sweep`` (None, or ``thresholds``, mean ``v_rand`` / ``v_info`` /
         ``voi_split`` / ``voi_merge`` / ``adapted_rand_error`` lists, ``best_v_rand`` /
         ``best_v_info`` with ``value`` and ``threshold``). Plain Python numbers, ready for JSON.
-        :mod:`emtile.metrics`' docstring states every convention.
+        :mod:`emtile.metrics`' docstring states every convention. ``settings["mode"]`` is
+        ``"slices"`` or ``"volume"``; in volume mode the scores are under ``volume``
+        (:meth:`emtile.scores3d.Contingency.scores`: ``voi_split``, ``voi_merge``, ``voi``,
+        ``adapted_rand_error``, ``rand_precision``, ``rand_recall``, ``n``, ``voxels``,
+        ``truth_ids``, ``pred_ids``, ``pred_zero``, entropies, ``empty``), ``slices`` is
+        empty and ``pixel``, ``mean`` and ``sweep`` are None.
 
     Examples
     --------
@@ -232,23 +312,18 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
                                                                 "csv_path": csv_path})
     if threshold is not None:
         check_threshold(threshold)
+    _check_mode(mode)
     pstack, lstack, offset = open_pair(pred, labels)  # unfinished or unreadable stores first
-    check_kinds(pred, labels)
-    zs = _local_slices(slices, pstack.shape[0], offset[0])
-    label_image = is_label_image(pred, pstack.dtype)
-    if label_image:
+    if choose_mode(mode, pred, labels, pstack.dtype, lstack.dtype) == "volume":
         _refuse_map_options(pstack.display, threshold=threshold, sweep=sweep, invert=invert)
-        results = _score_label_image(pstack, lstack, zs, progress=progress)
-        kind = f"label image ({pstack.dtype}): its ids are the segments"
+        check_volume_kinds(pred, labels, pstack, lstack)
+        zs = _local_slices(slices, pstack.shape[0], offset[0])
+        out = _evaluate_volume(pstack, lstack, zs, progress=progress)
     else:
-        threshold = 0.5 if threshold is None else float(threshold)
-        thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
-        decoder = PredictionDecoder(pstack.dtype, invert=invert)
-        results = _score_map(pstack, lstack, zs, thresholds, decoder, progress=progress)
-        kind = decoder.describe()
-
-    out = _summarise(results, zs, threshold=threshold, sweep=sweep, invert=invert, kind=kind,
-                     label_image=label_image, names=(pstack.display, lstack.display))
+        check_kinds(pred, labels)
+        zs = _local_slices(slices, pstack.shape[0], offset[0])
+        out = _evaluate_slices(pred, pstack, lstack, zs, threshold=threshold, sweep=sweep,
+                               invert=invert, progress=progress)
     if any(offset):  # a prediction of a region: slices in the labels' numbering
         out["settings"]["offset"] = list(offset)
         out["settings"]["slices"] = [z + offset[0] for z in zs]
@@ -258,6 +333,61 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
         if path is not None:
             write(out, path)
     return out
+
+
+def _evaluate_slices(pred, pstack, lstack, zs, *, threshold, sweep, invert, progress):
+    """The result of per-slice scoring (``mode="slices"``)."""
+    label_image = is_label_image(pred, pstack.dtype)
+    if label_image:
+        _refuse_map_options(pstack.display, threshold=threshold, sweep=sweep, invert=invert)
+        try:
+            results = _score_label_image(pstack, lstack, zs, progress=progress)
+        except EmtileError as exc:
+            if not str(exc).startswith("labels are not binary"):
+                raise
+            raise EmtileError(f"{exc}; or, if they are instance ids, score the two id volumes "
+                              f"as one with mode='volume'") from None
+        kind = f"label image ({pstack.dtype}): its ids are the segments"
+    else:
+        threshold = 0.5 if threshold is None else float(threshold)
+        thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
+        decoder = PredictionDecoder(pstack.dtype, invert=invert)
+        results = _score_map(pstack, lstack, zs, thresholds, decoder, progress=progress)
+        kind = decoder.describe()
+    return _summarise(results, zs, threshold=threshold, sweep=sweep, invert=invert, kind=kind,
+                      label_image=label_image, names=(pstack.display, lstack.display))
+
+
+def _evaluate_volume(pstack, lstack, zs, *, progress):
+    """The result of whole-volume scoring (``mode="volume"``): one contingency table over the
+    slices ``zs``, read in slabs."""
+    from emtile import __version__
+
+    table = Contingency()
+    # the two slabs and the working arrays (mask, ids as uint64, their keys) within the budget
+    depth = slab_depth(pstack.shape, pstack.dtype.itemsize + lstack.dtype.itemsize + 24,
+                       budget=_SLAB_BYTES)
+    bar = _progress_bar(len(zs), progress)
+    try:
+        for z0, z1 in slice_runs(zs, depth):
+            pslab, tslab = pstack.read(z0, z1), lstack.read(z0, z1)
+            check_ids(pslab, f"label image {pstack.display!r} in {_where(z0, z1)}")
+            check_ids(tslab, f"labels {lstack.display!r} in {_where(z0, z1)}")
+            table.add(tslab, pslab)
+            bar.update(z1 - z0)
+    finally:
+        bar.close()
+    settings = {
+        "pred": pstack.display, "labels": lstack.display, "mode": "volume", "slices": list(zs),
+        "threshold": None, "sweep": False, "thresholds": [], "invert": False,
+        "prediction_kind": f"label image ({pstack.dtype}): its ids are the segments",
+        "truth_kind": f"instance ids ({lstack.dtype}), 0 = unlabelled",
+        "label_image": True, "ignored": "truth 0 (unlabelled)",
+        "connectivity": "none: ids as given (an id is one object wherever its voxels lie)",
+        "conventions": dict(VOLUME_CONVENTIONS), "emtile_version": __version__,
+    }
+    return {"settings": settings, "volume": table.scores(), "pixel": None, "slices": [],
+            "mean": None, "sweep": None}
 
 
 def _refuse_map_options(name, *, threshold, sweep, invert):
@@ -457,8 +587,8 @@ def _settings(zs, *, threshold, sweep, invert, kind, label_image, names):
     from emtile import __version__
 
     return {
-        "pred": names[0], "labels": names[1], "slices": list(zs), "threshold": threshold,
-        "sweep": bool(sweep),
+        "pred": names[0], "labels": names[1], "mode": "slices", "slices": list(zs),
+        "threshold": threshold, "sweep": bool(sweep),
         "thresholds": list(SWEEP_THRESHOLDS) if sweep else [] if label_image else [threshold],
         "invert": bool(invert), "prediction_kind": kind, "label_image": bool(label_image),
         "foreground": ("label 1 (cell interior); for the pixel metrics, predicted ids != 0"

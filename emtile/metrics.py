@@ -84,9 +84,9 @@ Conventions and documented differences
 predicted segments S (no threshold, no thinning, no connected components: an id is one segment
 even where it is cut in two), and step 3 above applies unchanged: truth membrane pixels are left out, and a predicted
 0 pixel inside the truth foreground is its own singleton segment (ISBI). ``evaluate`` takes a
-prediction as a label image when its store says so (``emtile segment`` marks it: kind
-``"labels"`` with ``segment`` settings), or, for arrays and other tools' files, when its dtype is
-an integer of 32 or 64 bits (uint32 / uint64 / int32 / int64); bool, uint8, int8, (u)int16 stay
+prediction as a label image when its store says so (kind ``"labels"`` with ``segment`` settings,
+or ``ids`` from ``convert(..., ids=True)``), or, for arrays and other tools' files, when its dtype
+is an integer of 32 or 64 bits (uint32 / uint64 / int32 / int64); bool, uint8, int8, (u)int16 stay
 probabilities (0-255) or 0/1 masks. A threshold, a sweep and ``invert`` mean nothing for a label
 image and are refused.
 
@@ -114,8 +114,8 @@ slice and averaged over the scored slices like the ISBI ones:
 - Edge cases: an empty truth slice scores 0, 0, 0 (left out of the means, as above); when every
   segment of both is a single pixel (no pair at all), the adapted Rand error is 0 (scikit-image
   divides by zero).
-- CREMI scores 3-D volumes with 3-D truth ids; emtile's truth is binary and its segments are
-  the 4-connected components of each slice, so every score here is per slice.
+- CREMI scores 3-D volumes with 3-D truth ids: :mod:`emtile.scores3d` does (``evaluate``'s
+  ``mode="volume"``); here the truth is binary, its segments each slice's 4-connected cells.
 """
 
 from fractions import Fraction

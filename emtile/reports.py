@@ -1,10 +1,12 @@
 """The reports of an evaluation: the text ``emtile evaluate`` prints (:func:`format_report`), and
 the result written as CSV (:func:`write_csv`) or JSON (:func:`write_json`).
 
-Each takes the result dict of :func:`emtile.evaluation.evaluate`.
+Each takes the result dict of :func:`emtile.evaluation.evaluate`, per slice or (``mode``
+``"volume"``) of a whole volume.
 """
 
 from emtile.metrics import SCORES
+from emtile.scores3d import VOLUME_SCORES
 
 __all__ = ["format_report", "write_csv", "write_json"]
 
@@ -24,6 +26,8 @@ def format_report(result):
     :func:`emtile.evaluation.evaluate`: the settings, a per-slice table with the mean, the
     threshold sweep and the pixel metrics."""
     s, sweep = result["settings"], result["sweep"]
+    if s.get("mode") == "volume":
+        return _volume_report(result)
     label_image = s.get("label_image", False)
     region = (f"  (a region: slices {s['slices'][0]}..{s['slices'][-1]} of the labels, offset "
               f"{','.join(map(str, s['offset']))})" if s.get("offset") else "")
@@ -78,6 +82,34 @@ def format_report(result):
     return "\n".join(lines)
 
 
+def _volume_report(result):
+    """The report of whole-volume scores (``mode="volume"``)."""
+    s, v = result["settings"], result["volume"]
+    zs = s["slices"]
+    where = (f"slices {zs[0]}..{zs[-1]}" + ("" if len(zs) == zs[-1] - zs[0] + 1 else
+                                            f" ({len(zs)} of them)") if zs else "no slices")
+    region = (f", a region at offset {','.join(map(str, s['offset']))}" if s.get("offset")
+              else "")
+    lines = [f"prediction  {s['pred']}  ({s['prediction_kind']})",
+             f"labels      {s['labels']}  ({s['truth_kind']})",
+             f"scored as   one volume: {where}{region}; {v['n']:,} of {v['voxels']:,} voxels "
+             f"labelled (truth 0 left out)", ""]
+    if v["empty"]:
+        lines.append("no labelled voxel (truth > 0): nothing to score (0, 0, 0 reported)")
+    lines += [f"VOI split   {v['voi_split']:.4f} bits  (H(pred|truth): objects split)",
+              f"VOI merge   {v['voi_merge']:.4f} bits  (H(truth|pred): objects merged)",
+              f"VOI         {v['voi']:.4f} bits  (split + merge)",
+              f"ARE         {v['adapted_rand_error']:.4f}  (adapted Rand error; Rand precision "
+              f"{v['rand_precision']:.4f}, recall {v['rand_recall']:.4f})",
+              f"objects     {v['truth_ids']:,} truth ids; {v['pred_ids']:,} predicted ids on "
+              f"the labelled voxels" + (f" (0 among them, on {v['pred_zero']:,} voxels: one "
+                                        f"object)" if v["pred_zero"] else ""),
+              "",
+              "CREMI's scores over the whole volume: ids as given (no connected components), "
+              "truth 0 left out, a predicted 0 one object."]
+    return "\n".join(lines)
+
+
 def _sweep_lines(sweep, t):
     lines = ["", "threshold sweep (mean over slices):",
              "  t        " + "".join(f"{t:>7.1f}" for t in sweep["thresholds"])]
@@ -106,6 +138,8 @@ def write_csv(result, path):
     s = result["settings"]
     import csv
 
+    if s.get("mode") == "volume":
+        return _write_volume_csv(result, path)
     threshold = "" if s["threshold"] is None else s["threshold"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -130,6 +164,34 @@ def write_csv(result, path):
             sw = result["sweep"]
             for i, t in enumerate(sw["thresholds"]):
                 row("sweep", {"threshold": t, **{k: sw[k][i] for k in SCORES}})
+
+
+#: The columns of a whole-volume CSV (one ``volume`` row).
+_VOLUME_FIELDS = list(VOLUME_SCORES) + ["n", "voxels", "truth_ids", "pred_ids", "pred_zero",
+                                        "h_truth", "h_pred", "mutual_info", "empty"]
+
+
+def _runs(zs):
+    """Slice indices as ``150:250`` (contiguous) or ``1,3,4``."""
+    if zs and len(zs) == zs[-1] - zs[0] + 1:
+        return f"{zs[0]}:{zs[-1] + 1}"
+    return ",".join(map(str, zs))
+
+
+def _write_volume_csv(result, path):
+    """A whole-volume result as CSV: a settings line, the column names, one ``volume`` row."""
+    import csv
+
+    s = result["settings"]
+    zs = s["slices"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["# emtile evaluate", f"pred={s['pred']}", f"labels={s['labels']}",
+                    "mode=volume", f"slices={_runs(zs)}",
+                    f"prediction_kind={s['prediction_kind']}", f"truth_kind={s['truth_kind']}",
+                    f"version={s['emtile_version']}"])
+        w.writerow(["row"] + _VOLUME_FIELDS)
+        w.writerow(["volume"] + [result["volume"][k] for k in _VOLUME_FIELDS])
 
 
 def write_json(result, path):

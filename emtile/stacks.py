@@ -1,10 +1,12 @@
 """Stacks read slab by slab: which slices (``"25:30"``, ``[25, 27]``), in how many slabs, checked
-as binary labels, and written behind the reader.
+as binary labels or as instance ids, and written behind the reader.
 
 :class:`Stack` views a 2-D, 3-D or single-channel 4-D array as ``(Z, Y, X)``;
 :func:`resolve_slices` checks a slice selection against it (every command's ``slices=``);
 :func:`slab_depth` sizes a slab to about :data:`SLAB_BYTES`; :class:`LabelChecker` checks that
-labels are binary as the slabs go by; :class:`WriterThread` writes (or computes) one item while
+labels are binary as the slabs go by; :func:`check_id_values`, :func:`smallest_unsigned` and
+:class:`IdCounter` check instance ids (whole numbers >= 0, 0 = unlabelled), choose the type that
+holds them and count them (convert's ``ids=True``); :class:`WriterThread` writes (or computes) one item while
 the caller reads the next (convert, predict).
 """
 
@@ -17,7 +19,8 @@ from emtile._errors import EmtileError
 from emtile.volume import open_input
 
 __all__ = ["Stack", "open_stack", "resolve_slices", "parse_slices", "slice_runs", "slab_depth",
-           "SLAB_BYTES", "LabelChecker", "check_labels", "WriterThread"]
+           "SLAB_BYTES", "LabelChecker", "check_labels", "check_id_values", "smallest_unsigned",
+           "IdCounter", "WriterThread"]
 
 SLAB_BYTES = 64 * 2**20  # how much one slab read holds (convert, info, evaluate)
 
@@ -203,6 +206,104 @@ def check_labels(labels, zs):
         ones += int(np.count_nonzero(fg))
         total += fg.size
     return ones / max(total, 1)
+
+
+# --------------------------------------------------------------------------- instance ids
+
+
+def _value_text(v):
+    """A value as an error message shows it: ``-3``, ``2.5``, ``nan``."""
+    v = v.item() if hasattr(v, "item") else v
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def check_id_values(data, where):
+    """``(min, max)`` of a slab of instance ids (0 for an empty one), after checking that every
+    value is a whole number >= 0 (0 = unlabelled) that a uint64 holds; else one
+    :class:`EmtileError` naming the offending value and ``where`` it is (e.g. ``"'x.tif'
+    slices 0:8"``).
+
+    Examples
+    --------
+    >>> check_id_values(np.array([0, 3, 7], np.int64), "here")
+    (0, 7)
+    >>> check_id_values(np.array([0.0, 2.5]), "'x.tif' slices 0:1")
+    Traceback (most recent call last):
+    ...
+    emtile._errors.EmtileError: labels 'x.tif' slices 0:1 hold 2.5: instance ids must be whole numbers >= 0 (0 = unlabelled)
+    """
+    data = np.asarray(data)
+    if not data.size:
+        return 0, 0
+    if data.dtype == np.bool_ or data.dtype.kind == "u":
+        return int(data.min()), int(data.max())
+    if data.dtype.kind not in "if":
+        raise EmtileError(f"labels {where} have dtype {data.dtype}: instance ids must be whole "
+                          "numbers >= 0 (0 = unlabelled)")
+
+    def refuse(value, extra=""):
+        return EmtileError(f"labels {where} hold {_value_text(value)}{extra}: instance ids must "
+                           "be whole numbers >= 0 (0 = unlabelled)")
+
+    lo = data.min()
+    if lo < 0:
+        raise refuse(lo)
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        bad |= np.floor(data, where=~bad, out=np.zeros_like(data)) != data
+        if bad.any():
+            raise refuse(data[bad].flat[0])
+        hi = data.max()
+        if hi >= 2.0 ** 64:
+            raise refuse(hi, ", more than the largest uint64")
+        return int(lo), int(hi)
+    return int(lo), int(data.max())
+
+
+def smallest_unsigned(max_id):
+    """The smallest unsigned integer dtype that holds ``max_id``.
+
+    >>> smallest_unsigned(255), smallest_unsigned(256), smallest_unsigned(2**40)
+    (dtype('uint8'), dtype('uint16'), dtype('uint64'))
+    """
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_id <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise EmtileError(f"max id {max_id} does not fit in uint64")
+
+
+class IdCounter:
+    """The largest id and the number of distinct non-zero ids of a volume, slab after slab.
+
+    Counting stays cheap (one ``bincount`` per slab) while every id is at most :attr:`COUNTED`;
+    past that only the largest id is kept (``count`` is None).
+    """
+
+    COUNTED = 2**20
+
+    def __init__(self):
+        self.max_id = 0
+        self._seen = np.zeros(0, bool)
+
+    def update(self, slab):
+        if not slab.size:
+            return
+        top = int(slab.max())
+        self.max_id = max(self.max_id, top)
+        if self._seen is None or self.max_id > self.COUNTED:
+            self._seen = None
+            return
+        present = np.bincount(slab.ravel().astype(np.intp, copy=False),
+                              minlength=self.max_id + 1) > 0
+        present[: self._seen.size] |= self._seen
+        self._seen = present
+
+    @property
+    def count(self):
+        """Distinct non-zero ids seen, or None when they ran past :attr:`COUNTED`."""
+        return None if self._seen is None else int(np.count_nonzero(self._seen[1:]))
 
 
 # --------------------------------------------------------------------------- the writer thread

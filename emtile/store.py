@@ -719,7 +719,7 @@ def create_label_image(path, shape, dtype, *, source, starts=None, physical=None
                        register=False, **kwargs):
     """Create an incomplete NGFF 0.5 label image at ``path`` (:func:`create_image` with
     ``kind="labels"`` and chunks halved per level) whose ``image-label`` names its image by the
-    relative path ``source``, placed as :func:`set_translation` says (``starts`` in voxels or
+    relative path ``source`` (None: labels with no image beside them, e.g. converted ones), placed as :func:`set_translation` says (``starts`` in voxels or
     ``physical``). ``register``: also list it in its parent ``labels`` group (created when
     missing), as a label image inside an image's ``labels/`` folder must be."""
     import zarr
@@ -737,7 +737,8 @@ def create_label_image(path, shape, dtype, *, source, starts=None, physical=None
     if starts is not None or physical is not None:
         set_translation(group, starts, physical=physical)
     ome = dict(group.attrs["ome"])
-    ome["image-label"] = {"source": {"image": source}}  # NGFF 0.5: the version is ome's
+    # NGFF 0.5: the version is ome's; "source" is optional
+    ome["image-label"] = {} if source is None else {"source": {"image": source}}
     group.attrs["ome"] = ome
     return group
 

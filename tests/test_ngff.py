@@ -45,6 +45,17 @@ def test_converted_images_and_labels(stack, levels):
     validate(stack / "labels.zarr", Image)
 
 
+@pytest.mark.parametrize("levels", [1, 3])
+def test_converted_instance_ids_are_a_label_image(stack, levels):
+    """convert(..., labels=True, ids=True): an NGFF image-label group (no source image)."""
+    ids = np.random.default_rng(1).integers(0, 500, (3, 70, 60)).astype(np.uint16)
+    tifffile.imwrite(stack / "ids.tif", ids, photometric="minisblack")
+    convert(stack / "ids.tif", stack / "ids.zarr", labels=True, ids=True, levels=levels,
+            voxel_size=(10, 10, 10), progress=False)
+    label = validate(stack / "ids.zarr", ImageLabel)
+    assert len(label.attributes.ome.multiscales[0].datasets) == levels
+
+
 @pytest.mark.parametrize("levels, roi", [(1, None), (2, (slice(1, 3), slice(16, 70), slice(None)))])
 def test_predictions_with_their_mask(stack, levels, roi):
     convert(stack / "raw.tif", stack / "raw.zarr", voxel_size=(50, 4, 4), progress=False)
