@@ -10,20 +10,21 @@ _D = defaults(PredictSettings)
 
 
 class TileSize(click.ParamType):
-    """A positive integer tile size, or ``auto``."""
+    """A positive integer tile size, one per axis (``Z,Y,X`` for a 3-D model), or ``auto``."""
 
-    name = "N|auto"
+    name = "N|Z,Y,X|auto"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value == "auto":
+        if isinstance(value, (int, tuple)) or value == "auto":
             return value
         try:
-            n = int(value)
+            sizes = tuple(int(v) for v in str(value).split(","))
         except ValueError:
-            self.fail(f"{value!r} is not a tile size: give an integer such as 572, or auto", param, ctx)
-        if n <= 0:
+            self.fail(f"{value!r} is not a tile size: give an integer such as 572, one per axis "
+                      f"such as 20,132,132, or auto", param, ctx)
+        if min(sizes) <= 0:
             self.fail(f"{value!r}: the tile size must be positive", param, ctx)
-        return n
+        return sizes[0] if len(sizes) == 1 else sizes
 
 
 @click.command()
@@ -34,8 +35,9 @@ class TileSize(click.ParamType):
                    "bioimage.io package (.zip) written by emtile export. The model's recorded "
                    "input normalisation is applied to INPUT.")
 @click.option("--tile", default=_D.tile, show_default=True, type=TileSize(),
-              help="Input tile size (valid for the model's depth, e.g. 572 at depth 4), or auto: "
-                   "the size that computes the fewest pixels for this volume.")
+              help="Input tile size (valid for the model's depth, e.g. 572 at depth 4; Z,Y,X for "
+                   "a 3-D model, e.g. 20,132,132), or auto: the size that computes the fewest "
+                   "pixels for this volume.")
 @click.option("--batch-size", default=_D.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Tiles per forward pass.")
 @click.option("--workers", "num_workers", default=_D.num_workers, type=click.IntRange(min=0),

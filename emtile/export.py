@@ -396,6 +396,9 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
         raise EmtileError(f"model={str(model)!r} is a bioimage.io package; export takes an emtile "
                           f"model folder (config.json, model.safetensors)")
     net = load_folder(model)
+    if net.ndim != 2:
+        raise EmtileError(f"model={str(model)!r} is a {net.ndim}-D U-Net (ndim={net.ndim}); emtile "
+                          f"exports 2-D models only (a 3-D bioimage.io export is not there yet)")
     meta = load_metadata(model)
     path = _check_destination(path, overwrite, inputs=[model, sample])
     if net.in_channels != 1:

@@ -1,12 +1,16 @@
 """Pure arithmetic of tiled valid-convolution inference: sizes, the global tile grid, the block plan.
 
 A valid-convolution U-Net maps an input tile of ``n`` pixels per axis to ``n - 2 * halo`` output
-pixels, and only some ``n`` are valid (every feature map must stay even before each 2×2 max-pool).
-:class:`ShapeMap` holds that arithmetic; :class:`emtile.unet.UNet` delegates to it, so tests and
-planners can use it without torch.
+pixels, and only some ``n`` are valid (every feature map must be a multiple of the factor of each
+max-pool). :class:`ShapeMap` holds that arithmetic, per axis: a 3-D U-Net for serial sections
+down-samples z less than y and x (``factors=((1, 2, 2), (2, 2, 2))``, :func:`default_factors`) and
+convolves less across sections (``kernels``), so each axis has its own valid sizes, halo and
+alignment. :class:`emtile.unet.UNet` delegates to it, so tests and planners can use it without
+torch.
 
 The **tile grid** (:func:`tile_grid`) covers a region of a volume with output tiles whose origins
-lie on multiples of ``2 ** depth`` in *volume* coordinates. Max-pooling is shift-equivariant for
+lie on multiples of the alignment (the product of an axis's factors: ``2 ** depth`` for the
+paper's 2-D U-Net) in *volume* coordinates. Max-pooling is shift-equivariant for
 such shifts only, so every tile computes exactly what one forward pass over the whole
 (mirror-padded) volume computes at the same pixels, and a region's result is the crop of the
 whole volume's result. Context outside the volume is mirrored (NumPy ``"reflect"``) per tile at
@@ -32,27 +36,153 @@ import numpy as np
 
 from emtile._errors import EmtileError
 
-__all__ = ["ShapeMap", "Grid", "Block", "BlockPlan", "tile_grid", "block_plan", "choose_tile",
+__all__ = ["ShapeMap", "default_factors", "default_kernels", "check_factors", "check_kernels",
+           "Grid", "Block", "BlockPlan", "tile_grid", "block_plan", "choose_tile",
            "normalize_roi", "reflect_index", "read_window", "per_axis", "tile_costs",
            "center_crop", "Window", "LazyArray", "check_levels"]
 
 
 # --------------------------------------------------------------------------- shape map
 
+AXIS_NAMES = {1: ("x",), 2: ("y", "x"), 3: ("z", "y", "x")}
+MAX_FACTOR = 4  # down-sampling per level per axis (a 4x4 max-pool is already coarse)
+MAX_KERNEL = 7
+
+
+def _axis_names(ndim):
+    return AXIS_NAMES.get(ndim, tuple(f"axis {a}" for a in range(ndim)))
+
+
+def _fmt_levels(levels):
+    """``((1, 2, 2), (2, 2, 2))`` as the user would type it (ints, no spaces lost)."""
+    return "(" + ", ".join("(" + ", ".join(str(v) for v in lv) + ")" for lv in levels) + ")"
+
+
+def _per_level(value, count, ndim, name, what):
+    """``value``: one entry per level, each an int (every axis) or ``ndim`` ints -> tuples."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise EmtileError(f"{name}={value!r} must give {count} {what}, one per level, each an "
+                          f"integer or {ndim} integers")
+    if len(value) != count:
+        raise EmtileError(f"{name}={value!r} has {len(value)} entries; expected {count} ({what})")
+    out = []
+    for entry in value:
+        if isinstance(entry, bool):
+            entry = None  # a bool is not a size
+        if isinstance(entry, (int, np.integer)):
+            out.append((int(entry),) * ndim)
+            continue
+        try:
+            sizes = tuple(entry)
+        except TypeError:
+            sizes = ()
+        if len(sizes) != ndim or not all(isinstance(v, (int, np.integer))
+                                         and not isinstance(v, bool) for v in sizes):
+            raise EmtileError(f"{name}={value!r}: the entry {entry!r} is not an integer or "
+                              f"{ndim} integers (one per axis, {''.join(_axis_names(ndim))})")
+        out.append(tuple(int(v) for v in sizes))
+    return tuple(out)
+
+
+def check_factors(factors, depth, ndim):
+    """Per-level down-sampling factors, checked: ``depth`` tuples of ``ndim`` integers from 1 to
+    ``MAX_FACTOR``, each level down-sampling some axis. None: 2 along every axis (the paper's
+    2×2 max-pools)."""
+    if factors is None:
+        return ((2,) * ndim,) * depth
+    out = _per_level(factors, depth, ndim, "factors", f"down-sampling factors for depth={depth}")
+    for level, f in enumerate(out):
+        if not all(1 <= v <= MAX_FACTOR for v in f) or max(f) < 2:
+            raise EmtileError(f"factors={_fmt_levels(out)}: level {level} has {f}; each factor "
+                              f"must be from 1 to {MAX_FACTOR}, and each level must down-sample "
+                              f"some axis by 2 or more")
+    return out
+
+
+def default_kernels(factors, ndim, kernel=3):
+    """Kernel sizes per resolution level (``depth + 1``): 1 along the axes a level down-samples
+    less than its others (the coarse z of serial sections: no convolution across sections
+    there), ``kernel`` elsewhere; the bottom level as the level above it.
+
+    Examples
+    --------
+    >>> default_kernels(((1, 2, 2), (2, 2, 2)), 3)
+    ((1, 3, 3), (3, 3, 3), (3, 3, 3))
+    >>> default_kernels(((2, 2),) * 2, 2)
+    ((3, 3), (3, 3), (3, 3))
+    """
+    if not factors:
+        return ((kernel,) * ndim,)
+    levels = list(factors) + [factors[-1]]
+    return tuple(tuple(1 if v < max(f) else kernel for v in f) for f in levels)
+
+
+def check_kernels(kernels, factors, ndim, kernel=3):
+    """Per-level convolution kernel sizes, checked: ``len(factors) + 1`` tuples of ``ndim`` odd
+    integers from 1 to ``MAX_KERNEL``. None: :func:`default_kernels`."""
+    if kernels is None:
+        return default_kernels(factors, ndim, kernel)
+    depth = len(factors)
+    out = _per_level(kernels, depth + 1, ndim, "kernels",
+                     f"kernel sizes for depth={depth} (one per resolution level: depth + 1)")
+    for level, k in enumerate(out):
+        if not all(1 <= v <= MAX_KERNEL and v % 2 for v in k):
+            raise EmtileError(f"kernels={_fmt_levels(out)}: level {level} has {k}; each kernel "
+                              f"size must be odd, from 1 to {MAX_KERNEL}")
+    return out
+
+
+def default_factors(voxel_size, depth):
+    """Down-sampling factors per level for a voxel size ``(z, y, x)`` in nm: ``(1, 2, 2)`` while
+    the in-plane size at that level is below half the z size (serial sections), then
+    ``(2, 2, 2)`` (isotropic).
+
+    Examples
+    --------
+    >>> default_factors((40, 4, 4), 4)
+    ((1, 2, 2), (1, 2, 2), (1, 2, 2), (2, 2, 2))
+    >>> default_factors((10, 10, 10), 2)
+    ((2, 2, 2), (2, 2, 2))
+    """
+    try:
+        z, y, x = (float(v) for v in voxel_size)
+    except (TypeError, ValueError):
+        raise EmtileError(f"voxel_size={voxel_size!r} must be 3 numbers (z, y, x) in nm") from None
+    if not all(math.isfinite(v) and v > 0 for v in (z, y, x)):
+        raise EmtileError(f"voxel_size={voxel_size!r} must be 3 positive numbers (z, y, x) in nm")
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= 8:
+        raise EmtileError(f"depth={depth!r} must be an integer from 1 to 8")
+    factors = []
+    for _ in range(int(depth)):
+        f = (1, 2, 2) if max(y, x) < 0.5 * z else (2, 2, 2)
+        z, y, x = z * f[0], y * f[1], x * f[2]
+        factors.append(f)
+    return tuple(factors)
+
 
 class ShapeMap:
-    """Input -> output size arithmetic of a valid-convolution U-Net.
+    """Input -> output size arithmetic of a valid-convolution U-Net, per axis.
 
     Parameters
     ----------
     depth : int
-        Number of 2×2 max-pools (4 in the U-Net paper).
+        Number of down-sampling steps (4 in the U-Net paper).
     ndim : int
-        Spatial dimensions of the model (2 for a 2-D U-Net).
+        Spatial dimensions of the model (2 for a 2-D U-Net, 3 for a 3-D one).
     convs : int
         Unpadded convolutions per level (2).
     kernel : int
-        Convolution kernel size (3).
+        Convolution kernel size where ``kernels`` does not say otherwise (3).
+    factors : sequence, optional
+        Down-sampling factor per level (``depth`` entries, each an int or one per axis), e.g.
+        ``((1, 2, 2), (2, 2, 2))``; default 2 along every axis (:func:`check_factors`).
+    kernels : sequence, optional
+        Kernel size per resolution level (``depth + 1`` entries, odd); default
+        :func:`default_kernels` of the factors.
+
+    Every axis has its own valid sizes, halo and alignment (``min_sizes``, ``halos``,
+    ``aligns``); ``min_size``, ``halo`` and ``align`` are the one number they share when they
+    are the same along every axis (every 2-D model), and an error otherwise.
 
     Examples
     --------
@@ -61,85 +191,158 @@ class ShapeMap:
     (388, 572, 92, 16)
     >>> m.valid_sizes(550, 590)
     [556, 572, 588]
+    >>> a = ShapeMap(depth=2, ndim=3, factors=((1, 2, 2), (2, 2, 2)))
+    >>> a.kernels
+    ((1, 3, 3), (3, 3, 3), (3, 3, 3))
+    >>> a.halos, a.aligns, a.min_sizes, a.output_size((18, 44, 44))
+    ((8, 20, 20), (2, 4, 4), (18, 44, 44), (2, 4, 4))
     """
 
-    def __init__(self, depth=4, ndim=2, *, convs=2, kernel=3):
+    def __init__(self, depth=4, ndim=2, *, convs=2, kernel=3, factors=None, kernels=None):
         if depth < 0:
             raise EmtileError(f"depth={depth} must be 0 or more")
         self.depth, self.ndim, self.convs, self.kernel = int(depth), int(ndim), convs, kernel
-        self._loss = convs * (kernel - 1)  # pixels lost per axis by one level's convolutions
-        self.min_size = next(n for n in itertools.count(1) if self._out(n) is not None)
+        self.factors = check_factors(factors, self.depth, self.ndim)
+        self.kernels = check_kernels(kernels, self.factors, self.ndim, kernel)
+        # per axis: (factor, pixels lost by the level's convolutions) per level, the bottom's loss
+        self._axes = tuple(
+            (tuple((f[a], convs * (k[a] - 1)) for f, k in zip(self.factors, self.kernels)),
+             convs * (self.kernels[-1][a] - 1)) for a in range(self.ndim))
+        self.uniform = len(set(self._axes)) <= 1  # every axis the same arithmetic (2-D models)
+        self.min_sizes = tuple(self._smallest(a) for a in range(self.ndim))
 
-    def _out(self, n):
-        """Output size for input ``n`` along one axis, or None if ``n`` is not valid."""
-        for _ in range(self.depth):
-            n -= self._loss
-            if n < 2 or n % 2:
+    def _smallest(self, axis):
+        """The smallest valid input along ``axis``: built up from the smallest bottom size whose
+        expanding path stays positive (valid sizes are exactly those built from a bottom size)."""
+        levels, bottom = self._axes[axis]
+        for m in itertools.count(1):
+            n = m + bottom
+            for f, loss in reversed(levels):
+                n = n * f + loss
+            if self._out(n, axis) is not None:
+                return n
+
+    def _out(self, n, axis=0):
+        """Output size for input ``n`` along ``axis``, or None if ``n`` is not valid there."""
+        levels, bottom = self._axes[axis]
+        for f, loss in levels:
+            n -= loss
+            if n < f or n % f:
                 return None
-            n //= 2
-        n -= self._loss
+            n //= f
+        n -= bottom
         if n < 1:
             return None
-        for _ in range(self.depth):
-            n = 2 * n - self._loss
+        for f, loss in reversed(levels):
+            n = f * n - loss
             if n < 1:
                 return None
         return n
 
+    def output_along(self, n, axis):
+        """Output size for input size ``n`` along ``axis``, or None where ``n`` is not valid."""
+        return self._out(int(n), axis)
+
+    def _shared(self, values, name):
+        if len(set(values)) == 1:
+            return values[0]
+        per = ", ".join(f"{a} {v}" for a, v in zip(_axis_names(self.ndim), values))
+        raise EmtileError(f"the {name} differs per axis ({per}) for factors="
+                          f"{_fmt_levels(self.factors)}: use {name}s")
+
+    @property
+    def aligns(self):
+        """Per axis: tile origins must be multiples of this (the product of that axis's
+        factors; ``2 ** depth`` by default) for exact stitching."""
+        return tuple(math.prod(f for f, _ in levels) for levels, _ in self._axes)
+
+    @property
+    def halos(self):
+        """Per axis: context pixels per side, ``(input - output) / 2``, the same for every valid
+        size."""
+        return tuple((m - self._out(m, a)) // 2 for a, m in enumerate(self.min_sizes))
+
     @property
     def align(self):
-        """Tile origins must be multiples of this (``2 ** depth``) for exact stitching."""
-        return 2 ** self.depth
+        """Tile origins must be multiples of this (``2 ** depth``) for exact stitching (the one
+        value of :attr:`aligns`)."""
+        return self._shared(self.aligns, "align")
 
     @property
     def halo(self):
-        """Context pixels per side: ``(input - output) / 2``, the same for every valid size."""
-        return (self.min_size - self._out(self.min_size)) // 2
+        """Context pixels per side (the one value of :attr:`halos`)."""
+        return self._shared(self.halos, "halo")
+
+    @property
+    def min_size(self):
+        """The smallest valid input size (the one value of :attr:`min_sizes`)."""
+        return self._shared(self.min_sizes, "min_size")
+
+    def _valid(self, n, axis):
+        axes = range(self.ndim) if axis is None else (axis,)
+        return all(self._out(n, a) is not None for a in axes)
 
     def is_valid(self, n):
-        """True if ``n`` (an int, or one per axis) is a valid input size."""
-        return all(self._out(int(v)) is not None for v in per_axis(n, self.ndim, "n"))
+        """True if ``n`` (an int for every axis, or one per axis) is a valid input size."""
+        return all(self._out(int(v), a) is not None
+                   for a, v in enumerate(per_axis(n, self.ndim, "n")))
 
-    def nearest_valid(self, n):
-        """The valid input sizes just below and just above ``n`` (below is None if there is none)."""
-        lo = next((m for m in range(n - 1, self.min_size - 1, -1) if self._out(m) is not None), None)
-        hi = next(m for m in itertools.count(max(n + 1, self.min_size)) if self._out(m) is not None)
+    def nearest_valid(self, n, axis=None):
+        """The valid input sizes just below and just above ``n`` (below is None if there is
+        none), along ``axis`` (None: valid along every axis)."""
+        least = min(self.min_sizes) if axis is None else self.min_sizes[axis]
+        lo = next((m for m in range(n - 1, least - 1, -1) if self._valid(m, axis)), None)
+        hi = next(m for m in itertools.count(max(n + 1, least)) if self._valid(m, axis))
         return lo, hi
 
     def check(self, n, name="tile"):
         """Return ``n`` as a tuple (one per axis), raising :class:`EmtileError` if not valid."""
         sizes = per_axis(n, self.ndim, name)
-        for v in sizes:
-            if self._out(v) is None:
-                lo, hi = self.nearest_valid(v)
+        for a, v in enumerate(sizes):
+            if self._out(v, a) is None:
+                lo, hi = self.nearest_valid(v, a)
                 near = (f"nearest valid sizes are {lo} and {hi}" if lo is not None
                         else f"the smallest valid size is {hi}")
-                raise EmtileError(f"{name}={v} is not valid for depth {self.depth}: {near}")
+                if self.uniform and self.ndim == 2:
+                    raise EmtileError(f"{name}={v} is not valid for depth {self.depth}: {near}")
+                ax = _axis_names(self.ndim)[a]
+                raise EmtileError(f"{name}={n!r} is not valid: {v} along {ax} for depth "
+                                  f"{self.depth} with factors={_fmt_levels(self.factors)}; along "
+                                  f"{ax}, {near}")
         return sizes
 
     def output_size(self, n):
-        """Output size for a valid input size ``n`` (int -> int, tuple -> tuple)."""
-        out = tuple(self._out(v) for v in self.check(n, "input size"))
-        return out[0] if isinstance(n, (int, np.integer)) else out
+        """Output size for a valid input size ``n`` (tuple -> tuple; int -> int, or a tuple
+        where the axes' halos differ)."""
+        out = tuple(self._out(v, a) for a, v in enumerate(self.check(n, "input size")))
+        if isinstance(n, (int, np.integer)) and len(set(out)) == 1:
+            return out[0]
+        return out
 
     def input_size(self, n):
-        """Input size that gives output size ``n`` (int -> int, tuple -> tuple)."""
+        """Input size that gives output size ``n`` (tuple -> tuple; int -> int, or a tuple
+        where the axes' halos differ)."""
         sizes = per_axis(n, self.ndim, "output size")
         ins = []
-        for v in sizes:
-            m = v + 2 * self.halo
-            if v < 1 or self._out(m) is None:
-                below = next((o for o in range(v - 1, 0, -1) if self._out(o + 2 * self.halo)), None)
-                above = next(o for o in itertools.count(v + 1) if self._out(o + 2 * self.halo))
+        for a, (v, h) in enumerate(zip(sizes, self.halos)):
+            m = v + 2 * h
+            if v < 1 or self._out(m, a) is None:
+                below = next((o for o in range(v - 1, 0, -1) if self._out(o + 2 * h, a)), None)
+                above = next(o for o in itertools.count(v + 1) if self._out(o + 2 * h, a))
                 near = f"{below} and {above}" if below else f"{above}"
-                raise EmtileError(f"output size {v} is not reachable at depth {self.depth}: "
-                                  f"nearest output sizes are {near}")
+                where = "" if self.uniform else f" along {_axis_names(self.ndim)[a]}"
+                raise EmtileError(f"output size {v} is not reachable{where} at depth "
+                                  f"{self.depth}: nearest output sizes are {near}")
             ins.append(m)
-        return ins[0] if isinstance(n, (int, np.integer)) else tuple(ins)
+        if isinstance(n, (int, np.integer)) and len(set(ins)) == 1:
+            return ins[0]
+        return tuple(ins)
 
-    def valid_sizes(self, lo, hi):
-        """Valid input sizes ``n`` with ``lo <= n <= hi``."""
-        return [n for n in range(max(lo, self.min_size), hi + 1) if self._out(n) is not None]
+    def valid_sizes(self, lo, hi, axis=None):
+        """Valid input sizes ``n`` with ``lo <= n <= hi``, along ``axis`` (None: valid along
+        every axis)."""
+        least = max(self.min_sizes) if axis is None else self.min_sizes[axis]
+        return [n for n in range(max(lo, least), hi + 1) if self._valid(n, axis)]
 
 
 def per_axis(value, ndim, name):
@@ -301,9 +504,9 @@ def tile_grid(volume_shape, shape_map, tile, *, roi=None, overlap=0, owned=None)
         ``(Y, X)`` or ``(Z, Y, X)``: the model's spatial axes are the last ``shape_map.ndim``; any
         leading axes are tiled one slice at a time.
     shape_map : ShapeMap (or a UNet)
-        Anything with ``ndim``, ``halo``, ``align``, ``check`` and ``output_size``.
+        Anything with ``ndim``, ``halos``, ``aligns``, ``check`` and ``output_size``.
     tile : int or tuple of int
-        Valid input tile size along the model axes.
+        Valid input tile size along the model axes (one size for every axis, or one per axis).
     roi : tuple, optional
         Region to predict (see :func:`normalize_roi`); default the whole volume.
     overlap : int or tuple of int
@@ -332,25 +535,38 @@ def tile_grid(volume_shape, shape_map, tile, *, roi=None, overlap=0, owned=None)
     tile = tuple(shape_map.check(tile))
     out = tuple(shape_map.output_size(tile))
     overlap = per_axis(overlap, k, "overlap")
-    a, h = shape_map.align, shape_map.halo
+    aligns, halos = tuple(shape_map.aligns), tuple(shape_map.halos)
     stride = []
-    for o, ov in zip(out, overlap):
-        s = (o - ov) // a * a
-        if ov < 0 or s < a:
-            raise EmtileError(f"overlap={ov} is too large for tile={tile[0]} (output {o}): the "
+    for t, o, ov, a in zip(tile, out, overlap, aligns):
+        s = _stride(o, ov, a)
+        if s is None:
+            raise EmtileError(f"overlap={ov} is too large for tile={t} (output {o}): the "
                               f"stride must stay at least {a}, so overlap <= {o - a}")
         stride.append(s)
     in_tile = (1,) * lead + tile
     out_tile = (1,) * lead + out
     stride = (1,) * lead + tuple(stride)
-    align = (1,) * lead + (a,) * k
-    origin = tuple(r0 // al * al for (r0, _), al in zip(region, align))
-    counts = tuple(max(1, -(-(r1 - g - o) // s) + 1)
-                   for (_, r1), g, o, s in zip(region, origin, out_tile, stride))
+    align = (1,) * lead + aligns
+    layout = [_axis_layout(r, o, s, al) for r, o, s, al in zip(region, out_tile, stride, align)]
     if owned is None:
         owned = not any(overlap)
-    return Grid(volume_shape, region, in_tile, out_tile, (0,) * lead + (h,) * k, stride,
-                origin, counts, bool(owned))
+    return Grid(volume_shape, region, in_tile, out_tile, (0,) * lead + halos, stride,
+                tuple(g for g, _ in layout), tuple(n for _, n in layout), bool(owned))
+
+
+def _stride(out, overlap, align):
+    """The tile stride along an axis: ``out - overlap`` rounded down to a multiple of ``align``;
+    None where that leaves less than ``align`` (or the overlap is negative)."""
+    s = (out - overlap) // align * align
+    return None if overlap < 0 or s < align else s
+
+
+def _axis_layout(region, out, stride, align):
+    """``(origin, count)`` of the tiles along an axis covering ``region = (start, stop)``: the
+    first origin is the start rounded down to a multiple of ``align``."""
+    r0, r1 = region
+    origin = r0 // align * align
+    return origin, max(1, -(-(r1 - origin - out) // stride) + 1)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -495,29 +711,37 @@ def check_levels(levels, sizes, units, *, unit="output chunks"):
     return int(levels)
 
 
-def tile_costs(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None):
-    """Every valid tile size with its cost for this region, cheapest first.
+def tile_costs(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None,
+               max_voxels=None, limit=64):
+    """Valid tile sizes with their cost for this region, cheapest first.
 
-    Tries every valid size from ``min_tile`` (default the smallest) to ``max_tile`` (default: a
-    size whose output covers the region's largest model axis in one tile).
+    A 2-D model's tiles are square, as always: every valid size from ``min_tile`` (default the
+    smallest) to ``max_tile`` (default: a size whose output covers the region's largest model
+    axis in one tile). A 3-D model's tiles have a size per axis (a volume is rarely as deep as it
+    is wide, and the axes' valid sizes differ): see :func:`_tile_costs_per_axis`.
 
     Returns
     -------
     list of (tile, n_tiles, pixels)
-        Input tile size (the same along every model axis), the tiles of its grid and the input
-        pixels they compute, sorted by pixels (then by tile size).
+        Input tile size (an int, the same along both axes, for a 2-D model; a tuple per axis
+        for a 3-D one), the tiles of its grid and the input pixels they compute, sorted by
+        pixels (then by tile size).
     """
     region = normalize_roi(roi, volume_shape)
+    if shape_map.ndim != 2:
+        return _tile_costs_per_axis(volume_shape, shape_map, region, overlap, max_tile=max_tile,
+                                    min_tile=min_tile, max_voxels=max_voxels, limit=limit)
     k = shape_map.ndim
     spatial = [b - a for a, b in region[len(region) - k:]]
-    lo = shape_map.min_size if min_tile is None else int(min_tile)
+    halo, align = max(shape_map.halos), max(shape_map.aligns)
+    lo = max(shape_map.min_sizes) if min_tile is None else int(min_tile)
     # larger tiles than one covering the region gain nothing; but at least one size from lo up
-    need = max(max(spatial) + 2 * shape_map.halo + 2 * shape_map.align, lo + shape_map.align)
+    need = max(max(spatial) + 2 * halo + 2 * align, lo + align)
     hi = need if max_tile is None else min(int(max_tile), need)
     sizes = shape_map.valid_sizes(lo, hi)
     if not sizes:
         raise EmtileError(f"no valid tile size between {lo} and {hi} at depth {shape_map.depth} "
-                          f"(the smallest is {shape_map.min_size}); raise the memory budget")
+                          f"(the smallest is {max(shape_map.min_sizes)}); raise the memory budget")
     costs = []
     for t in sizes:
         try:
@@ -530,14 +754,73 @@ def tile_costs(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, m
     return sorted(costs, key=lambda c: (c[2], c[0]))
 
 
-def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None):
+def _axis_costs(shape_map, axis, region, overlap, lo, hi):
+    """``[(size, tiles, pixels)]`` along one axis for the valid sizes in ``[lo, hi]``, only
+    those that compute fewer pixels than every smaller size (a larger tile with no fewer pixels
+    only costs memory)."""
+    align = shape_map.aligns[axis]
+    out = []
+    for t in shape_map.valid_sizes(lo, hi, axis=axis):
+        stride = _stride(shape_map._out(t, axis), overlap, align)
+        if stride is None:
+            continue
+        n = _axis_layout(region, shape_map._out(t, axis), stride, align)[1]
+        if not out or n * t < out[-1][2]:
+            out.append((t, n, n * t))
+    return out
+
+
+def _tile_costs_per_axis(volume_shape, shape_map, region, overlap, *, max_tile, min_tile,
+                         max_voxels, limit):
+    """Tile sizes per axis for a model of 3 (or more) axes: the cost (tiles x input voxels) is
+    the product of one cost per axis, so each axis offers its valid sizes that no smaller size
+    beats; the combinations whose tile has at most ``max_voxels`` voxels are ranked, and the
+    ``limit`` cheapest returned. ``min_tile`` / ``max_tile``: an int or one per axis."""
+    k = shape_map.ndim
+    lead = len(region) - k
+    extents = [b - a for a, b in region[lead:]]
+    halos, aligns = shape_map.halos, shape_map.aligns
+    ov = per_axis(overlap, k, "overlap")
+    lo = shape_map.min_sizes if min_tile is None else per_axis(min_tile, k, "min_tile")
+    top = (None,) * k if max_tile is None else per_axis(max_tile, k, "max_tile")
+    axes = []
+    for a in range(k):
+        need = max(extents[a] + 2 * halos[a] + 2 * aligns[a], lo[a] + aligns[a])
+        hi = need if top[a] is None else min(top[a], need)
+        costs = _axis_costs(shape_map, a, region[lead + a], ov[a], lo[a], hi)
+        if not costs:
+            raise EmtileError(f"no valid tile size along {_axis_names(k)[a]} between {lo[a]} and "
+                              f"{hi} for overlap={ov[a]} at depth {shape_map.depth} (the "
+                              f"smallest is {shape_map.min_sizes[a]})")
+        axes.append(np.array(costs, dtype=np.float64))
+    grids = np.meshgrid(*[c[:, 0] for c in axes], indexing="ij")
+    voxels = np.prod(grids, axis=0)
+    pixels = np.prod(np.meshgrid(*[c[:, 2] for c in axes], indexing="ij"), axis=0)
+    ok = voxels <= (np.inf if max_voxels is None else max_voxels)
+    if not ok.any():
+        raise EmtileError(f"no valid tile fits in {max_voxels} voxels (the smallest has "
+                          f"{int(voxels.min())}); raise the memory budget")
+    flat = np.flatnonzero(ok.ravel())
+    order = flat[np.lexsort((voxels.ravel()[flat], pixels.ravel()[flat]))][:limit]
+    lead_px = math.prod(b - a for a, b in region[:lead])
+    out = []
+    for i in order:
+        idx = np.unravel_index(i, voxels.shape)
+        tile = tuple(int(axes[a][j, 0]) for a, j in enumerate(idx))
+        n = math.prod(int(axes[a][j, 1]) for a, j in enumerate(idx)) * lead_px
+        out.append((tile, n, n * math.prod(tile)))
+    return out
+
+
+def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, min_tile=None,
+                max_voxels=None):
     """The valid tile size that computes the fewest input pixels for this region (the first of
     :func:`tile_costs`).
 
     Returns
     -------
-    tile : int
-        Input tile size (the same along every model axis).
+    tile : int or tuple of int
+        Input tile size: an int (both axes) for a 2-D model, one per axis for a 3-D one.
     efficiency : float
         Region pixels / input pixels computed, in (0, 1].
 
@@ -548,7 +831,7 @@ def choose_tile(volume_shape, shape_map, *, roi=None, overlap=0, max_tile=None, 
     """
     region = normalize_roi(roi, volume_shape)
     tile, _, pixels = tile_costs(volume_shape, shape_map, roi=region, overlap=overlap,
-                                 max_tile=max_tile, min_tile=min_tile)[0]
+                                 max_tile=max_tile, min_tile=min_tile, max_voxels=max_voxels)[0]
     return tile, math.prod(b - a for a, b in region) / pixels
 
 

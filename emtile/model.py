@@ -70,7 +70,7 @@ class Model:
     --------
     >>> from emtile.unet import UNet
     >>> m = load(UNet(base=2, depth=2))
-    >>> m.kind, m.source, m.halo, m.min_size, m.normalization
+    >>> m.kind, m.source, m.halo, m.shape_map.min_size, m.normalization
     ('memory', '', 20, 44, None)
     """
 
@@ -94,7 +94,7 @@ class Model:
 
     @property
     def ndim(self):
-        """Spatial dimensions the network convolves (2)."""
+        """Spatial dimensions the network convolves (2 or 3)."""
         return self.net.ndim
 
     @property
@@ -116,8 +116,14 @@ class Model:
 
     @property
     def halo(self):
-        """Context pixels per side of every output pixel (92 at depth 4)."""
+        """Context pixels per side of every output pixel (92 at depth 4); an error where it
+        differs per axis (an anisotropic 3-D network: see :attr:`halos`)."""
         return self.net.halo
+
+    @property
+    def halos(self):
+        """Context pixels per side, per axis (``(z, y, x)`` for a 3-D network)."""
+        return self.net.halos
 
 
 def is_run_folder(path):

@@ -362,11 +362,15 @@ def _meta_model(config, label):
 
     try:
         with torch.device("meta"):
-            return UNet(**config)
+            net = UNet(**config)
     except TypeError as exc:
         raise EmtileError(f"{label}: architecture kwargs has unknown arguments ({exc})") from None
     except EmtileError as exc:
         raise EmtileError(f"{label}: architecture kwargs are not valid: {exc}") from None
+    if net.ndim != 2:
+        raise EmtileError(f"{label}: architecture kwargs describe a {net.ndim}-D UNet "
+                          f"(ndim={net.ndim}); emtile reads and writes 2-D packages only")
+    return net
 
 
 def _read_weights(files, rdf, expected, label):

@@ -140,6 +140,9 @@ def _check_volume(net, arr, name="input"):
         raise EmtileError(f"the model expects {net.in_channels} input channels; emtile predicts "
                           f"single-channel volumes only")
     k = net.ndim
+    if k == 3 and len(arr.shape) != 3:
+        raise EmtileError(f"the model is 3-D: it predicts (Z, Y, X) volumes, but {name} has "
+                          f"{len(arr.shape)} dimensions (shape {tuple(arr.shape)})")
     if len(arr.shape) not in (k, k + 1):
         raise EmtileError(f"the model is {k}-D: it predicts (Y, X) images or (Z, Y, X) stacks, but "
                           f"{name} has {len(arr.shape)} dimensions (shape {tuple(arr.shape)})")
@@ -181,15 +184,9 @@ def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, m
     ramps = blend in ("linear", "cosine")
     if isinstance(tile, str):
         if tile != "auto":
-            raise EmtileError(f"tile={tile!r} is not a tile size: give a valid size (e.g. 572) or "
-                              f"'auto'")
-        per_px = net.activation_bytes(1, batch_size)
-        max_tile = int(math.sqrt(max_tile_memory / per_px))
-        min_out = net.align
-        if ramps:  # both ramps fit in the output whatever the stride's rounding
-            min_out = 2 * (max(geometry.per_axis(overlap, net.ndim, "overlap")) + net.align) + 1
-        costs = geometry.tile_costs(shape, net.shape_map, roi=region, overlap=overlap,
-                                    max_tile=max_tile, min_tile=2 * net.halo + min_out)
+            raise EmtileError(f"tile={tile!r} is not a tile size: give a valid size (e.g. 572), "
+                              f"one per axis (e.g. (20, 132, 132) for a 3-D model) or 'auto'")
+        costs = _auto_costs(net, shape, region, overlap, ramps, max_tile_memory, batch_size)
         tile = costs[0][0] if probe is None else probe(costs)
     grid = _grid(net, shape, tile, region, overlap)
     if ramps and not grid.owned:
@@ -201,22 +198,46 @@ def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, m
     return grid, _chunks(net, grid, chunk_size)
 
 
+def _auto_costs(net, shape, region, overlap, ramps, max_tile_memory, batch_size):
+    """:func:`emtile.geometry.tile_costs` of the tiles whose forward pass fits in
+    ``max_tile_memory`` and whose output holds an alignment step (with blending ramps: both
+    ramps, whatever the stride's rounding). 2-D tiles are square; 3-D ones a size per axis."""
+    sm = net.shape_map
+    per_px = net.activation_bytes(1, batch_size)
+    ov = geometry.per_axis(overlap, net.ndim, "overlap")
+    min_tile = tuple(2 * h + (2 * (o + a) + 1 if ramps else a)
+                     for h, o, a in zip(sm.halos, ov, sm.aligns))
+    if net.ndim == 2:
+        return geometry.tile_costs(shape, sm, roi=region, overlap=overlap,
+                                   max_tile=int(math.sqrt(max_tile_memory / per_px)),
+                                   min_tile=max(min_tile))
+    return geometry.tile_costs(shape, sm, roi=region, overlap=overlap, min_tile=min_tile,
+                               max_voxels=max_tile_memory // per_px)
+
+
 def _chunks(net, grid, chunk_size):
     """Output chunks: a multiple of the tile stride, so blocks end where tiles end (no tile runs
-    twice without blending); a region smaller than that is one chunk."""
+    twice without blending); a region smaller than that is one chunk. ``chunk_size`` is the
+    target edge along a 2-D model's axes; a 3-D model's chunks hold about as many voxels
+    (``chunk_size ** (2/3)`` per axis: 64 for 512)."""
     lead = grid.ndim - net.ndim
-    chunks = (1,) * lead + tuple(s * max(1, round(chunk_size / s)) for s in grid.stride[lead:])
+    edge = chunk_size if net.ndim == 2 else max(1, round(chunk_size ** (2 / 3)))
+    chunks = (1,) * lead + tuple(s * max(1, round(edge / s)) for s in grid.stride[lead:])
     return tuple(min(c, n) for c, n in zip(chunks, grid.region_shape))
 
 
 def _grid(net, shape, tile, region, overlap):
     sizes = net.check(tile)
-    for t in sizes:
-        if net.output_size(t) < net.align:
-            smallest = next(s for s in net.valid_sizes(t, 10 * t + 1000)
-                            if net.output_size(s) >= net.align)
-            raise EmtileError(f"tile={t} gives an output of {net.output_size(t)} px, less than "
-                              f"the {net.align}-px alignment at depth {net.depth}; use a tile of "
+    sm = net.shape_map
+    names = "zyx"[3 - net.ndim:]
+    for ax, (t, a) in enumerate(zip(sizes, sm.aligns)):
+        out = sm.output_along(t, ax)
+        if out < a:
+            smallest = next(s for s in net.valid_sizes(t, 10 * t + 1000, axis=ax)
+                            if sm.output_along(s, ax) >= a)
+            where = "" if net.ndim == 2 and sm.uniform else f" along {names[ax]}"
+            raise EmtileError(f"tile={t}{where} gives an output of {out} px, less than "
+                              f"the {a}-px alignment at depth {net.depth}; use a tile of "
                               f"at least {smallest}")
     return geometry.tile_grid(shape, net.shape_map, sizes, roi=region, overlap=overlap)
 
@@ -227,17 +248,17 @@ def _check_ramps(net, grid, overlap, blend):
     rounded down to a multiple of ``2 ** depth``, so it can exceed what was asked for."""
     k = net.ndim
     asked = geometry.per_axis(overlap, k, "overlap")
-    for ax in range(k):
+    for ax, align in enumerate(net.shape_map.aligns):
         g = grid.ndim - k + ax
         out, ov = grid.out_tile[g], grid.overlap[g]
         if 2 * ov < out:
             continue
-        strides = {v: (out - v) // net.align * net.align for v in range(out)}
-        fits = [v for v, s in strides.items() if s >= net.align and 2 * (out - s) < out]
+        strides = {v: (out - v) // align * align for v in range(out)}
+        fits = [v for v, s in strides.items() if s >= align and 2 * (out - s) < out]
         most = f"at most {max(fits)}" if fits else "no overlap fits; use a larger tile"
         raise EmtileError(f"overlap={asked[ax]} is too large for tile {grid.in_tile[g]} "
                           f"(output {out}) with blend={blend!r}: tiles would overlap by {ov} px "
-                          f"(the stride is a multiple of {net.align}) and each {blend} ramp must "
+                          f"(the stride is a multiple of {align}) and each {blend} ramp must "
                           f"fit in half the output; {most}")
 
 
@@ -283,9 +304,12 @@ class PredictJob:
     threads: int  # torch intra-op threads (0: leave the process's setting)
     levels: int = 1  # resolution levels written (each halves y and x)
     normalize: tuple = Scaling("dtype")  # emtile.normalize.Scaling: raw pixels -> model input
+    factors: tuple = None  # the model's max-pool factors per level (None: 2 along every axis)
+    kernels: tuple = None  # its kernel sizes per level (None: from the factors)
 
     def grid(self):
-        shape_map = geometry.ShapeMap(self.depth, self.model_ndim)
+        shape_map = geometry.ShapeMap(self.depth, self.model_ndim, factors=self.factors,
+                                      kernels=self.kernels)
         return geometry.tile_grid(self.volume_shape, shape_map, self.tile, roi=self.region,
                                   overlap=self.overlap)
 
@@ -554,7 +578,7 @@ def _prepare(net, device, channels_last, compile):
 
     net.eval().to(device)
     if channels_last:
-        net.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last if net.ndim == 2 else torch.channels_last_3d)
     if not compile:
         return net
     # freezing: weights folded in as constants (inference only); applied at the first call
@@ -584,9 +608,12 @@ class _Forward:
 
         self.torch, self.fn, self.device, self.tta, self.amp = torch, fn, device, tta, amp
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format_3d = (torch.channels_last_3d if channels_last
+                                 else torch.contiguous_format)
 
     def _run(self, x):
-        x = x.contiguous(memory_format=self.memory_format)
+        x = x.contiguous(memory_format=self.memory_format if x.ndim == 4
+                         else self.memory_format_3d)
         with autocast(self.device, self.amp):
             return self.torch.sigmoid(self.fn(x).float())
 
@@ -980,7 +1007,7 @@ def _probe_tiles(costs, *, net, device, amp, batch_size, channels_last, record):
     with _prepared(net, device, channels_last, False) as fn:
         forward = _Forward(fn, device, amp, channels_last, tta=False)
         for t, _, _ in candidates:
-            x = torch.rand((batch_size, 1) + (t,) * net.ndim)
+            x = torch.rand((batch_size, 1) + geometry.per_axis(t, net.ndim, "tile"))
             forward(x)  # warm-up: allocations, kernels chosen for this size
             t0 = time.perf_counter()
             forward(x)
@@ -993,6 +1020,7 @@ def _job(net, grid, chunks, settings, *, input, output, model, weights, amp, dev
     k, s = net.ndim, settings
     return PredictJob(
         input=input, output=output, model=model, weights=weights, depth=net.depth, model_ndim=k,
+        factors=net.shape_map.factors, kernels=net.shape_map.kernels,
         channels=net.out_channels, volume_shape=grid.volume_shape, region=grid.region,
         tile=grid.in_tile[grid.ndim - k:],
         overlap=tuple(geometry.per_axis(s.overlap, k, "overlap")), blend=s.blend, chunks=chunks,
@@ -1047,7 +1075,8 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
                               "themselves), not an array")
     tile = s.tile
     if tile == "auto" and not overwrite:
-        tile = _resumed_tile(output) or tile  # the interrupted run's choice, not a new probe
+        # the interrupted run's choice, not a new probe
+        tile = _resumed_tile(output, model.ndim) or tile
     probe = {}
     net, arr, path, grid, chunks, dev, num_workers = _setup(
         model, input, replace(s, tile=tile), probe=probe)
@@ -1134,21 +1163,19 @@ def predict(model, input, output, settings=None, runner=None, *, overwrite=False
         mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold)
 
 
-def _resumed_tile(output):
+def _resumed_tile(output, ndim):
     """The tile an interrupted prediction into ``output`` chose, or None: ``tile="auto"`` must
     choose it again for the run to resume (its choice by measurement could differ)."""
     from emtile import store
+    from emtile.blockwise import fingerprint_of
 
     if not store.is_zarr_store(output):
         return None
     meta = store.emtile_attrs(output) or {}
-    from emtile.blockwise import fingerprint_of
-
     tile = (fingerprint_of(meta, "predict") or {}).get("tile")
-    if meta.get("complete") or not tile:
+    if meta.get("complete") or not tile or len(tile) < ndim:
         return None
-    sizes = [t for t in tile if t > 1]
-    return tuple(sizes) if sizes else None
+    return tuple(int(t) for t in tile[-ndim:])
 
 
 def _default_threads(threads, dev, runner):

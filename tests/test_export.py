@@ -359,6 +359,9 @@ ARCH = "weights.pytorch_state_dict.architecture"
      r"architecture kwargs has unknown arguments \(.*'heads'"),
     (_set(f"{ARCH}.kwargs", {"base": 2, "depth": 20}),
      r"architecture kwargs are not valid: depth=20 must be an integer from 1 to 8"),
+    (_set(f"{ARCH}.kwargs", {"base": 2, "depth": 2, "ndim": 3}),
+     r"architecture kwargs describe a 3-D UNet \(ndim=3\); emtile reads and writes 2-D packages "
+     r"only"),
     (_set("inputs.0.axes.2.size", {"min": 44, "step": 8}),
      r"inputs\[0\].axes\[2\] is \('space', 'y', \{'min': 44, 'step': 8\}, None\); emtile's UNet "
      r"\(depth 2, 1 in, 1 out channels\) needs \('space', 'y', \{'min': 44, 'step': 4\}, None\)"),
@@ -465,6 +468,14 @@ def test_export_refuses_bad_requests(exported, tmp_path, volume):
     r = run_cli("export", folder, tmp_path / "notes.zip", "--overwrite")
     assert r.exit_code == 1 and "exists and is not a bioimage.io package" in r.output
     assert (tmp_path / "notes.zip").read_text() == "mine"
+
+
+def test_export_refuses_a_3d_model_in_one_line(tmp_path):
+    save_model(UNet(base=2, depth=2, ndim=3, factors=((1, 2, 2), (2, 2, 2))), tmp_path / "m3")
+    with pytest.raises(EmtileError, match=r"^model='.*m3' is a 3-D U-Net \(ndim=3\); emtile "
+                                          r"exports 2-D models only") as info:
+        emtile.export_model(tmp_path / "m3", tmp_path / "m3.zip")
+    assert "\n" not in str(info.value) and not (tmp_path / "m3.zip").exists()
 
 
 def test_export_needs_a_sample_when_the_training_volume_is_gone(tmp_path, volume):

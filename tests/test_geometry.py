@@ -1,5 +1,7 @@
 """emtile.geometry: hand-worked cases and property tests of the tile grid and block plan."""
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 
 from emtile import EmtileError
 from emtile.geometry import (ShapeMap, block_plan, choose_tile, normalize_roi, read_window,
-                             reflect_index, tile_grid)
+                             reflect_index, tile_costs, tile_grid)
 
 M4 = ShapeMap(depth=4)
 
@@ -147,17 +149,47 @@ def grids(draw):
     return m, grid
 
 
+@st.composite
+def grids_3d(draw):
+    """3-D models with per-level factors (anisotropic or isotropic), tiles per axis."""
+    depth = draw(st.integers(1, 3))
+    factors = tuple(draw(st.sampled_from([(1, 2, 2), (2, 2, 2), (1, 3, 3), (2, 1, 2)]))
+                    for _ in range(depth))
+    m = ShapeMap(depth=depth, ndim=3, factors=factors)
+    shape = tuple(draw(st.integers(1, n)) for n in (12, 48, 48))
+    roi = []
+    for n in shape:  # mostly large regions: several tiles along each axis
+        a = draw(st.integers(0, n // 3))
+        roi.append(slice(a, draw(st.integers(max(a + 1, 2 * n // 3), n))))
+    tile, overlap = [], []
+    for ax, a in enumerate(m.aligns):
+        lo = next(t for t in itertools.count(m.min_sizes[ax]) if (m.output_along(t, ax) or 0) >= a)
+        t = draw(st.sampled_from(m.valid_sizes(lo, lo + 4 * a, axis=ax)))
+        tile.append(t)
+        overlap.append(draw(st.integers(0, m.output_along(t, ax) - a)))
+    return m, tile_grid(shape, m, tuple(tile), roi=tuple(roi), overlap=tuple(overlap))
+
+
 @settings(max_examples=60, deadline=None)
 @given(grids())
 def test_tiles_cover_the_region_and_stay_aligned(args):
-    m, g = args
+    check_cover(*args)
+
+
+@settings(max_examples=40, deadline=None)
+@given(grids_3d())
+def test_3d_tiles_cover_the_region_and_stay_aligned_per_axis(args):
+    check_cover(*args)
+
+
+def check_cover(m, g):
     count = np.zeros(g.region_shape, np.int32)
     r0 = [a for a, _ in g.region]
     for idx in g.tiles():
         start, stop = g.out_window(idx)
         istart, istop = g.in_window(idx)
-        # origins on multiples of 2**depth along the model axes (volume coordinates)
-        assert all(s % m.align == 0 for s in start[-2:])
+        # origins on multiples of the alignment along the model axes (volume coordinates)
+        assert all(s % a == 0 for s, a in zip(start[g.ndim - m.ndim:], m.aligns))
         assert all(b - a == t for a, b, t in zip(istart, istop, g.in_tile))
         own0, own1 = g.own_window(idx)
         assert all(a <= b for a, b in zip(own0, own1))
@@ -177,7 +209,17 @@ def test_tiles_cover_the_region_and_stay_aligned(args):
 @given(grids(), st.integers(1, 3), st.integers(1, 5000))
 def test_blocks_partition_the_region_on_chunk_boundaries(args, chunk_factor, budget):
     m, g = args
-    chunks = (1,) * (g.ndim - 2) + (chunk_factor * 7, chunk_factor * 5)
+    check_blocks(g, (1,) * (g.ndim - 2) + (chunk_factor * 7, chunk_factor * 5), budget)
+
+
+@settings(max_examples=25, deadline=None)
+@given(grids_3d(), st.integers(1, 3), st.integers(1, 50000))
+def test_3d_blocks_partition_the_region_on_chunk_boundaries(args, chunk_factor, budget):
+    m, g = args
+    check_blocks(g, (chunk_factor * 3, chunk_factor * 7, chunk_factor * 5), budget)
+
+
+def check_blocks(g, chunks, budget):
     plan = block_plan(g, chunks, max_block_px=budget)
     seen = np.zeros(g.region_shape, np.int32)
     needed = {}
@@ -193,6 +235,49 @@ def test_blocks_partition_the_region_on_chunk_boundaries(args, chunk_factor, bud
                   if all(max(a, b) < min(c, d) for a, b, c, d in zip(o0, block.start, o1, block.stop))}
         assert set(block.tiles) == expect
     assert (seen == 1).all()
+
+
+def test_per_axis_shape_map_by_hand():
+    # z at depth 2 with factors (1,2,2), (2,2,2): no pooling and 1x3x3 kernels at level 0, then
+    # 3x3x3: 18 -> 18 -(4) 14 /2 7 -(4) 3 -> 6 -(4) 2 -> 2 (halo 8, alignment 2)
+    m = ShapeMap(depth=2, ndim=3, factors=((1, 2, 2), (2, 2, 2)))
+    assert m.kernels == ((1, 3, 3), (3, 3, 3), (3, 3, 3))
+    assert m.halos == (8, 20, 20) and m.aligns == (2, 4, 4) and m.min_sizes == (18, 44, 44)
+    assert m.output_size((18, 44, 48)) == (2, 4, 8) and m.input_size((4, 4, 4)) == (20, 44, 44)
+    assert m.output_size(48) == (32, 8, 8) and m.input_size(4) == (20, 44, 44)
+    assert m.valid_sizes(40, 50) == [44, 48] and m.valid_sizes(17, 23, axis=0) == [18, 20, 22]
+    with pytest.raises(EmtileError, match=r"^tile=\(19, 44, 44\) is not valid: 19 along z for "
+                                          r"depth 2 with factors=\(\(1, 2, 2\), \(2, 2, 2\)\); "
+                                          r"along z, nearest valid sizes are 18 and 20$"):
+        m.check((19, 44, 44))
+    with pytest.raises(EmtileError, match=r"^the halo differs per axis \(z 8, y 20, x 20\)"):
+        m.halo
+    # kernels of 5 along y and x at the bottom: 2 * 2 more pixels lost there, 4x in the input
+    k = ShapeMap(depth=1, ndim=3, factors=((1, 2, 2),), kernels=((1, 3, 3), (3, 5, 5)))
+    assert k.halos == (2, 4 + 2 * 4, 4 + 2 * 4) and k.aligns == (1, 2, 2)
+    with pytest.raises(EmtileError, match="kernels=.*must be odd"):
+        ShapeMap(depth=1, ndim=3, kernels=((3, 3, 3), (2, 3, 3)))
+    with pytest.raises(EmtileError, match=r"factors=.* has 1 entries; expected 2"):
+        ShapeMap(depth=2, ndim=3, factors=((1, 2, 2),))
+
+
+def test_3d_tile_costs_are_the_cheapest_per_axis_combination():
+    m = ShapeMap(depth=2, ndim=3, factors=((1, 2, 2), (2, 2, 2)))
+    shape = (13, 41, 37)
+    first = tile_costs(shape, m)[0]
+    assert first == ((30, 84, 80), 1, 30 * 84 * 80)  # one tile covers the volume
+    # under a budget of voxels: the cheapest of every valid combination that fits, by brute force
+    budget = 60_000
+    costs = tile_costs(shape, m, max_voxels=budget)
+    best = min((tile_grid(shape, m, (z, y, x)).n_tiles * z * y * x, z * y * x)
+               for z in m.valid_sizes(18, 30, axis=0) for y in m.valid_sizes(44, 84, axis=1)
+               for x in m.valid_sizes(44, 80, axis=2) if z * y * x <= budget)
+    assert (costs[0][2], np.prod(costs[0][0])) == best
+    assert all(np.prod(t) <= budget for t, _, _ in costs)
+    assert [c[2] for c in costs] == sorted(c[2] for c in costs)
+    assert choose_tile(shape, m, max_voxels=budget)[0] == costs[0][0]
+    with pytest.raises(EmtileError, match="no valid tile fits in 1000 voxels"):
+        tile_costs(shape, m, max_voxels=1000)
 
 
 def test_center_crop_of_arrays_and_tensors():
