@@ -66,6 +66,18 @@ def _metadata(path):
     return meta.get("emtile", {}) if isinstance(meta, dict) else {}
 
 
+def _geometry(sm):
+    """Halo, smallest valid tile, step and a few valid sizes: numbers when every axis agrees
+    (every 2-D model), lists (z, y, x) for an anisotropic 3-D model."""
+    if sm.uniform:
+        return {"halo": sm.halo, "min_size": sm.min_size, "step": sm.align,
+                "valid_sizes": sm.valid_sizes(sm.min_size, 1024), "border": 2 * sm.halo}
+    return {"halo": list(sm.halos), "min_size": list(sm.min_sizes), "step": list(sm.aligns),
+            "valid_sizes": [sm.valid_sizes(m, m + 8 * a, axis=k)
+                            for k, (m, a) in enumerate(zip(sm.min_sizes, sm.aligns))],
+            "border": [2 * h for h in sm.halos]}
+
+
 def describe_model(path):
     """A model folder or package as a dict: ``architecture`` (its config), ``parameters``,
     ``geometry`` (halo, smallest valid tile, step, a few valid sizes), and what its
@@ -81,8 +93,7 @@ def describe_model(path):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in UNet(**net.config).parameters())
     info = _metadata(path)
-    sm = net.shape_map
-    sizes = net.valid_sizes(sm.min_size, 1024)
+    geometry = _geometry(net.shape_map)
     training = {k: info[k] for k in ("kind", "raw", "labels", "train_slices", "val_slices",
                                      "iteration", "iterations", "seed", "elapsed_s")
                 if k in info}
@@ -91,8 +102,7 @@ def describe_model(path):
         "what": "model", "path": str(path),
         "format": "bioimage.io package" if is_package(path) else "emtile model folder",
         "architecture": dict(net.config), "parameters": int(n_params),
-        "geometry": {"halo": sm.halo, "min_size": sm.min_size, "step": sm.align,
-                     "valid_sizes": sizes, "border": 2 * sm.halo},
+        "geometry": geometry,
         "training": training,
         "settings": {k: settings[k] for k in ("lr", "loss", "w0", "class_balance", "freeze_bn",
                                               "tile", "amp", "normalize") if k in settings},
@@ -363,7 +373,19 @@ def _slices_text(zs):
     return ",".join(str(a) if b == a + 1 else f"{a}:{b}" for a, b in slice_runs(sorted(zs)))
 
 
+def _factors_text(a):
+    """`` (factors 1,2,2; 2,2,2)`` for a model whose down-sampling is not 2 along every axis."""
+    factors = a.get("factors")
+    if not factors:
+        return ""
+    return " (factors " + "; ".join(",".join(str(v) for v in np.atleast_1d(f))
+                                    for f in factors) + ")"
+
+
 def _sizes_text(g):
+    if isinstance(g["min_size"], list):  # per axis (an anisotropic 3-D model)
+        return "; ".join(f"{ax} " + _sizes_text({k: v[i] for k, v in g.items()})
+                         for i, ax in enumerate("zyx"[-len(g["min_size"]):]))
     sizes = g["valid_sizes"]
     shown = ", ".join(str(s) for s in sizes[:4])
     if 572 in sizes and sizes.index(572) > 3:
@@ -389,7 +411,8 @@ def _model_lines(d, indent=""):
 
     a, g, t = d["architecture"], d["geometry"], d["training"]
     lines = [
-        f"architecture  U-Net 2-D, depth {a['depth']}, base {a['base']}, batch norm "
+        f"architecture  U-Net {a.get('ndim', 2)}-D{_factors_text(a)}, depth {a['depth']}, "
+        f"base {a['base']}, batch norm "
         f"{'on' if a['batch_norm'] else 'off'}, dropout {a['dropout']:g}, "
         f"{a['in_channels']} -> {a['out_channels']} channels",
         f"parameters    {d['parameters']:,}",

@@ -245,3 +245,16 @@ def test_the_command_line_takes_a_tile_per_axis():
     assert TileSize().convert("auto", None, None) == "auto"
     with pytest.raises(Exception, match="is not a tile size"):
         TileSize().convert("20,x", None, None)
+
+
+def test_info_describes_an_anisotropic_3d_model_per_axis(tmp_path):
+    from emtile.describe import format_info, info
+    from emtile.unet import UNet, save_model
+
+    save_model(UNet(base=2, depth=2, ndim=3, factors=((1, 2, 2), (2, 2, 2))), tmp_path / "m")
+    d = info(tmp_path / "m")
+    g = d["geometry"]
+    assert g["min_size"] == [18, 44, 44] and g["halo"] == [8, 20, 20] and g["step"] == [2, 4, 4]
+    text = format_info(d)
+    assert "U-Net 3-D (factors 1,2,2; 2,2,2), depth 2" in text
+    assert "z 18 + 2 n (18, 20, 22, 24, ...); output = input - 16" in text
