@@ -371,7 +371,7 @@ def test_volume_mode_refusals(id_stores, tmp_path):
 def test_per_slice_scores_refuse_instance_ids_as_labels(id_stores, tmp_path):
     d, truth, seg = id_stores
     with pytest.raises(EmtileError, match=r"^labels '.*truth.zarr' holds instance ids "
-                                          r"\(convert's ids=True\), not binary labels"):
+                                          r"\(converted with the ids option\), not binary labels"):
         E.evaluate(d / "seg.zarr", d / "truth.zarr", mode="slices", progress=False)
     with pytest.raises(EmtileError, match=r"labels are not binary in slice 0.*; or, if they are "
                                           r"instance ids, score the two id volumes as one with "
