@@ -330,7 +330,14 @@ def main(argv=None):
     a.has_dask_cuda = subprocess.run([python, "-c", "import dask_cuda"],
                                      capture_output=True).returncode == 0
     with tempfile.TemporaryDirectory(prefix="emtile-gpu-check-", dir=a.workdir) as work:
-        records = run_all(a, python, Path(work), t0)
+        # the steps' own temporary files go here too, so a step killed on timeout leaves none
+        (Path(work) / "tmp").mkdir()
+        old = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(Path(work) / "tmp")
+        try:
+            records = run_all(a, python, Path(work), t0)
+        finally:
+            os.environ.pop("TMPDIR") if old is None else os.environ.update(TMPDIR=old)
     env = {r["name"]: r["figures"] for r in records if r["name"] in ("versions", "nvidia-smi")}
     report = {"tool": "examples/gpu_check.py", "started": started, "budget_s": a.budget_s,
               "total_s": time.perf_counter() - t0, "python": python, "environment": env,

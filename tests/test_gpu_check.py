@@ -1,6 +1,7 @@
 """examples/gpu_check.sh: one line without CUDA; its steps, parsing, table and JSON on the CPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,10 @@ def test_main_writes_json_and_table(tmp_path, monkeypatch, capsys, saved_bench):
     monkeypatch.setattr(gpu_check, "cuda_line", lambda: None)
     monkeypatch.setattr(gpu_check, "plan", plan)
     out = tmp_path / "g.json"
-    gpu_check.main(["--out", str(out), "--budget-s", "200"])
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    gpu_check.main(["--out", str(out), "--budget-s", "200", "--workdir", str(tmp_path)])
+    assert os.environ["TMPDIR"] == str(tmp_path)  # restored
+    assert [p.name for p in tmp_path.iterdir()] == ["g.json"]  # its work folder is gone
     report = json.loads(out.read_text())
     assert [s["status"] for s in report["steps"]] == ["ok", "failed", "not available"]
     assert report["steps"][0]["figures"]["ratio"] > 0
