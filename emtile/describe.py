@@ -211,6 +211,9 @@ def describe_volume(path, *, stats=False, progress=False):
                 out["provenance"] = meta["provenance"]
             if meta.get("kind") == "labels" and meta.get("threshold") is not None:
                 out["threshold"] = meta["threshold"]  # a predicted mask
+            if meta.get("segment"):  # a segmentation: the settings that shaped its labels
+                out.update(segment=meta["segment"], objects=meta.get("objects"),
+                           source=meta.get("source"))
             if meta.get("ids"):  # instance labels (convert's ids=True)
                 out.update(ids=True, max_id=meta.get("max_id"), id_count=meta.get("id_count"))
         ms = _store.multiscales(attrs)
@@ -300,6 +303,8 @@ def _format_volume(d):
         lines += _format_provenance(d["path"], d["provenance"])
     if d.get("threshold") is not None:
         lines.append(f"mask of       cell interior where p > {d['threshold']:g}")
+    if d.get("segment"):
+        lines += _format_segment(d)
     for key in ("min", "max", "mean"):
         if key in d:
             lines.append(f"{key:<13} {d[key]:.6g}")
@@ -312,6 +317,16 @@ def _ids_text(d):
              f"max id {d['max_id']:,}" if d.get("max_id") is not None else None]
     shown = ", ".join(p for p in parts if p)
     return "instance ids" + (f": {shown}" if shown else "") + "; 0 = unlabelled"
+
+
+def _format_segment(d):
+    """The lines of a segmentation's record (``emtile segment``'s settings that applied)."""
+    settings = ", ".join(f"{k} {'mean' if v is None and k == 'merge_quantile' else v}"
+                         for k, v in d["segment"].items() if k != "block")
+    objects = d.get("objects")
+    return [f"segmented     {d.get('source')}" + (f" into {objects:,} objects" if objects is not None
+                                                    else ""),
+            f"settings      {settings}"]
 
 
 def _format_provenance(path, p):

@@ -955,3 +955,14 @@ def test_cli(tmp_path, pred8):
 
 def test_lazy_export():
     assert emtile.segment is segment
+
+
+def test_info_shows_what_made_a_segmentation(tmp_path):
+    from emtile.describe import format_info, info
+
+    _, r = run(tmp_path, plus_shape((3, 70, 90)), method="cc", block_size=(1, 32, 32))
+    d = info(r.output)
+    assert d["segment"] == r.settings and d["objects"] == r.objects
+    text = format_info(d)
+    assert f"into {r.objects:,} objects" in text
+    assert "settings      method cc, mode 2d, threshold" in text and "block" not in text
