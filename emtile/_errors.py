@@ -49,3 +49,11 @@ def one_line(exc, limit=200):
     one-line error quotes from a library's exception."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def one_of(name, value, allowed):
+    """One line naming ``name=`` when ``value`` is not one of ``allowed``: the one wording of
+    every such check."""
+    if value not in allowed:
+        raise EmtileError(f"{name}={value!r} is not supported: choose one of "
+                          f"{', '.join(str(a) for a in allowed)}")

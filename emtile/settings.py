@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Optional
 
-from emtile._errors import EmtileError, whole_number as _whole
+from emtile._errors import EmtileError, one_of as _one_of, whole_number as _whole
 
 __all__ = ["PredictSettings", "SegmentSettings", "DTYPES", "BLENDS", "METHODS", "MODES",
            "SEEDS", "AUTO_TILE_MEMORY", "CHUNK_TARGET", "split_overrides"]
@@ -31,27 +31,17 @@ AUTO_TILE_MEMORY = 2**30  # activation memory tile="auto" may use
 CHUNK_TARGET = 512  # output chunks are the multiple of the tile stride nearest to this
 
 
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise EmtileError(f"{name}={value!r} is not supported: choose one of "
-                          f"{', '.join(str(a) for a in allowed)}")
-
-
 def _fraction(name, value):
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
         raise EmtileError(f"{name}={value!r} must be a number between 0 and 1")
 
 
 class _Settings:
-    """What both settings classes share: JSON for provenance, and a copy with changes."""
+    """What both settings classes share: JSON for provenance."""
 
     def to_json(self):
         """A JSON-ready dict of every field."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def replace(self, **changes):
-        """A copy with ``changes`` (checked like a new object)."""
-        return dataclasses.replace(self, **changes)
 
 
 def _jsonable(value):
@@ -142,8 +132,8 @@ class PredictSettings(_Settings):
         _whole("levels", self.levels, least=1)
         _whole("max_block_px", self.max_block_px, least=1)
         _whole("chunk_size", self.chunk_size, least=1)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("blend", self.blend, BLENDS)
+        _one_of("dtype", self.dtype, DTYPES)
+        _one_of("blend", self.blend, BLENDS)
         if self.threshold is not None:
             _fraction("threshold", self.threshold)
         if self.amp is not None:
@@ -217,7 +207,7 @@ class SegmentSettings(_Settings):
         if q is not None and (isinstance(q, bool) or not isinstance(q, Real) or not 0 < q <= 1):
             raise EmtileError(f"merge_quantile={q!r} must be a number in (0, 1], or None for "
                               f"the mean")
-        _choice("mode", self.mode, MODES)
+        _one_of("mode", self.mode, MODES)
         _fraction("threshold", self.threshold)
         _fraction("merge_threshold", self.merge_threshold)
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, Integral) \

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from numbers import Integral
 
-from emtile._errors import EmtileError
+from emtile._errors import EmtileError, one_of as _one_of
 from emtile.losses import LOSSES
 
 __all__ = ["TrainSettings", "OPTIMIZERS", "SCHEDULES", "MODEL_DEFAULTS", "jsonable"]
@@ -169,9 +169,9 @@ class TrainSettings:
             value = getattr(self, name)
             if not isinstance(value, Integral) or isinstance(value, bool) or value < lo:
                 raise EmtileError(f"{name}={value!r} must be an integer >= {lo}")
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("loss", self.loss, LOSSES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("schedule", self.schedule, SCHEDULES)
+        _one_of("loss", self.loss, LOSSES)
         if not _number(self.lr) or not self.lr > 0:
             raise EmtileError(f"lr={self.lr!r} must be positive")
         if not _number(self.bn_momentum) or not 0.0 < self.bn_momentum <= 1.0:
@@ -241,11 +241,6 @@ class TrainSettings:
                 start, _, stop = values[k].partition(":")
                 values[k] = slice(int(start) if start else None, int(stop) if stop else None)
         return cls(**values)
-
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise EmtileError(f"{name}={value!r} is not supported: choose one of {', '.join(allowed)}")
 
 
 def _number(value):
