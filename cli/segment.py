@@ -3,26 +3,10 @@ image whose labels do not depend on the blocks."""
 
 import click
 
-from emtile.cli._types import defaults, pop_runner, progress_option, runner_options
+from emtile.cli._types import IntTuple, defaults, pop_runner, progress_option, runner_options
 from emtile.settings import METHODS, MODES, SEEDS, SegmentSettings
 
 _D = defaults(SegmentSettings)
-
-
-class BlockSize(click.ParamType):
-    """``Z,Y,X`` (or ``Y,X``) whole numbers; their count and size are checked against the
-    prediction by the library."""
-
-    name = "Z,Y,X"
-
-    def convert(self, value, param, ctx):
-        if value is None or isinstance(value, tuple):
-            return value
-        try:
-            return tuple(int(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of whole numbers, e.g. "
-                      f"1,1024,1024 (Z,Y,X)", param, ctx)
 
 
 class Quantile(click.ParamType):
@@ -69,7 +53,8 @@ class Quantile(click.ParamType):
                    "probabilities, or by their mean.")
 @click.option("--keep-boundaries", is_flag=True, default=_D.keep_boundaries,
               help="Leave boundary pixels (p < T) 0 instead of giving them to the cells.")
-@click.option("--block-size", default=_D.block_size, type=BlockSize(),
+@click.option("--block-size", default=_D.block_size,
+              type=IntTuple(positive=False, example="1,1024,1024"),
               help="Block shape in pixels, one number per axis [default: about 4 M pixels; "
                    "2d: whole slices up to 1024x1024]. The labels do not depend on it.")
 @click.option("--grow", default=_D.grow, show_default=True, type=int,

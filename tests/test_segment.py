@@ -925,7 +925,7 @@ def test_cli(tmp_path, pred8):
     assert "objects" in r.output and is_complete(out)
     for args, match in [
         (["--threshold", "1.5"], "--threshold 1.5 must be a number between 0 and 1"),
-        (["--block-size", "1,a,16"], "'1,a,16' is not a comma-separated list"),
+        (["--block-size", "1,a,16"], "1,a,16 is not a comma-separated list of integers"),
         (["--block-size", "1,16"], "--block-size 1,16 must give one positive whole number"),
         (["--merge-quantile", "x"], "'x' must be a number in (0, 1] or 'mean'"),
         (["--merge-quantile", "1.5"], "--merge-quantile 1.5 must be a number in (0, 1]"),
