@@ -1091,7 +1091,7 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     seconds = []
     every = 64 if runner.distributed else 1  # here, every block's marker is written at once
     one = Pass(name="predict", fn=run_blocks, job=job, plan=plan,
-               describe=functools.partial(_describe, job, plan), point="predict.block_recorded",
+               describe=functools.partial(job.describe, plan=plan), point="predict.block_recorded",
                keep=lambda group: _Seconds(seconds, every),
                here=functools.partial(_run_here, job, net, arr, readers=num_workers),
                gpu=job.device.startswith("cuda"), flush_blocks=every, flush_seconds=0.5)
@@ -1103,10 +1103,6 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     info = {"grid": grid, "plan": plan, "device": dev, "threads": threads, "probe": probe,
             "seconds": seconds}
     return stage, info
-
-
-def _describe(job, plan, i):
-    return job.describe(i, plan)
 
 
 def predict(model, input, output, settings=None, runner=None, *, overwrite=False, progress=True,
