@@ -158,7 +158,7 @@ def _runner_option(f):
 
 def runner_options():
     """``--cluster``, ``--cluster-workers``, ``--scheduler-file``, ``--blocks-per-task``,
-    ``--retries`` and ``--timeout``: where a blockwise command's blocks run, built once from the
+    ``--retries`` and ``--cluster-timeout``: where a blockwise command's blocks run, built once from the
     fields of :class:`emtile.blockwise.Runner`, so they mean the same in every command."""
     import dataclasses
 

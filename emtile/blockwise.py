@@ -74,9 +74,11 @@ class Runner:
     #: Extra tries of a failed Dask task (user errors are not retried).
     retries: int = field(default=2, metadata={
         "help": "Extra tries of a failed Dask task before the run stops.", "min": 0})
-    #: Seconds to wait for a scheduler and its first worker.
-    timeout: float = field(default=60.0, metadata={
-        "help": "Seconds to wait for the Dask scheduler and its first worker.", "min": 0})
+    #: Seconds to wait for a running scheduler (its scheduler file, its address) and for the
+    #: first worker; past it, one line names what was waited for.
+    cluster_timeout: float = field(default=60.0, metadata={
+        "help": "Seconds to wait for the Dask scheduler (its scheduler file, its address) and "
+                "its first worker before stopping with one line.", "min": 0})
     #: A running ``distributed.Client`` to use (Python only).
     client: Any = field(default=None, compare=False, repr=False, metadata={"cli": False})
 
@@ -85,9 +87,9 @@ class Runner:
         whole_number("retries", self.retries, least=0)
         if self.cluster_workers is not None:
             whole_number("cluster_workers", self.cluster_workers, least=1)
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) \
-                or not self.timeout > 0:
-            raise EmtileError(f"timeout={self.timeout!r} must be a positive number of seconds")
+        t = self.cluster_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise EmtileError(f"cluster_timeout={t!r} must be a positive number of seconds")
         if self.client is not None and (self.cluster or self.scheduler_file):
             raise EmtileError("give either client= or cluster= / scheduler_file=, not both")
         if self.distributed and self.client is None:
@@ -130,7 +132,7 @@ class Runner:
 
         with distributed.start_cluster(self.cluster, workers=self.cluster_workers,
                                        scheduler_file=self.scheduler_file,
-                                       timeout=self.timeout) as (client, info):
+                                       cluster_timeout=self.cluster_timeout) as (client, info):
             if progress:
                 from tqdm.auto import tqdm
 
@@ -213,10 +215,11 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
     runner = runner or Runner()
     store.check_output(stage.output, inputs=[p for p in stage.inputs if p])
     with store.output_lock(stage.output):
-        with store.write_errors(stage.output, then=RESUME):
-            group, resumed = _open(stage, overwrite)
-        done = []
+        # the cluster first: one that cannot be reached leaves no output behind
         with runner.started(progress=progress) as (started, where):
+            with store.write_errors(stage.output, then=RESUME):
+                group, resumed = _open(stage, overwrite)
+            done = []
             for p in stage.passes:
                 done.append(_run_pass(stage, p, group, started, progress=progress))
         with store.write_errors(stage.output, then=RESUME):

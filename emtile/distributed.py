@@ -322,8 +322,60 @@ def gpu_resources(client):
     return {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in workers) else None
 
 
+def _scheduler_address(path, deadline, cluster_timeout):
+    """The address a scheduler file names, waiting until ``deadline`` for a scheduler to write it
+    (distributed's own Client waits for the file forever)."""
+    import json
+
+    while True:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = None
+        except OSError as exc:
+            raise EmtileError(f"scheduler_file={str(path)!r} cannot be read: "
+                              f"{type(exc).__name__}: {exc.strerror or exc}") from None
+        if text:
+            try:
+                address = json.loads(text)["address"]
+                if isinstance(address, str) and address:
+                    return address
+            except (ValueError, KeyError, TypeError):
+                pass
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    what = ("does not exist" if text is None else
+            "names no scheduler address (no JSON with an \"address\")")
+    raise EmtileError(f"scheduler_file={str(path)!r} {what}: waited {cluster_timeout:g} s "
+                      f"(cluster_timeout={cluster_timeout:g}) for a Dask scheduler to write it "
+                      f"(dask scheduler --scheduler-file {path})")
+
+
+def _join(spec, stack, client_cls, cluster_timeout):
+    """A client of the running scheduler a spec names, within ``cluster_timeout`` seconds."""
+    deadline = time.monotonic() + cluster_timeout
+    path = spec["kwargs"].get("scheduler_file")
+    address = (_scheduler_address(path, deadline, cluster_timeout) if path is not None
+               else spec["kwargs"]["address"])
+    where = f"{address} (from scheduler_file={str(path)!r})" if path is not None else address
+    left = max(deadline - time.monotonic(), 0.5)
+    try:
+        return stack.enter_context(client_cls(address, timeout=left)), where
+    except (OSError, TimeoutError) as exc:
+        raise EmtileError(f"could not reach the Dask scheduler at {where}: waited "
+                          f"{cluster_timeout:g} s (cluster_timeout={cluster_timeout:g}) to "
+                          f"connect: {_reason(exc)}") from None
+
+
+def _reason(exc):
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @contextlib.contextmanager
-def start_cluster(cluster=None, *, workers=None, scheduler_file=None, timeout=60):
+def start_cluster(cluster=None, *, workers=None, scheduler_file=None, cluster_timeout=60):
     """Start or join a Dask cluster; yield ``(client, info)``; close what was started.
 
     Parameters
@@ -334,30 +386,34 @@ def start_cluster(cluster=None, *, workers=None, scheduler_file=None, timeout=60
         Workers of a local or cuda cluster (default: one per core / per GPU), or SLURM jobs.
     scheduler_file : path, optional
         The file a running scheduler wrote (``dask scheduler --scheduler-file``).
-    timeout : float
-        Seconds to wait for the scheduler and the first worker (not for SLURM jobs, which may
-        wait in the queue: tasks start as their workers join).
+    cluster_timeout : float
+        Seconds to wait for the scheduler (its file, its address) and the first worker (not
+        for SLURM jobs, which may wait in the queue: tasks start as their workers join). Past
+        it, one :class:`EmtileError` line names the file or address and what was waited for.
     """
     spec = cluster_spec(cluster, workers=workers, scheduler_file=scheduler_file)
     from distributed import Client
 
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        try:
-            if spec["kind"] in ("address", "scheduler-file"):
-                client = stack.enter_context(Client(**spec["kwargs"], timeout=timeout))
-            else:
+        if spec["kind"] in ("address", "scheduler-file"):
+            client, where = _join(spec, stack, Client, cluster_timeout)
+        else:
+            where = f"{spec['kind']} cluster"
+            try:
                 made = stack.enter_context(_factory(spec["factory"])(**spec["kwargs"]))
                 if spec["scale"]:
                     made.scale(jobs=spec["scale"])
-                client = stack.enter_context(Client(made, timeout=timeout))
-            if spec["kind"] != "slurm":
-                client.wait_for_workers(1, timeout=timeout)
-        except (OSError, TimeoutError) as exc:
-            where = (spec["kwargs"].get("address") or spec["kwargs"].get("scheduler_file")
-                     or spec["kind"])
-            raise EmtileError(f"could not reach the Dask cluster {where}: "
-                              f"{type(exc).__name__}: {exc}") from None
+                client = stack.enter_context(Client(made, timeout=cluster_timeout))
+            except (OSError, TimeoutError) as exc:
+                raise EmtileError(f"could not start the Dask {where}: {_reason(exc)}") from None
+        if spec["kind"] != "slurm":
+            try:
+                client.wait_for_workers(1, timeout=cluster_timeout)
+            except (OSError, TimeoutError):
+                raise EmtileError(f"the Dask scheduler at {where} has no worker: waited "
+                                  f"{cluster_timeout:g} s (cluster_timeout={cluster_timeout:g}) "
+                                  f"for the first one to join") from None
         info = client.scheduler_info()
         workers_now = info.get("workers", {})
         yield client, ClusterInfo(

@@ -249,8 +249,10 @@ RUNNER_ERRORS = [  # (Runner keywords, library line, CLI options, CLI line or cl
     (dict(retries=1.5), "retries=1.5 must be 0 or a positive integer", None, None),
     (dict(cluster="local", cluster_workers=0), "cluster_workers=0 must be a positive integer",
      ["--cluster", "local", "--cluster-workers", "0"], "Invalid value for '--cluster-workers'"),
-    (dict(timeout=0), "timeout=0 must be a positive number of seconds",
-     ["--timeout", "0"], "Invalid value for '--timeout'"),
+    (dict(cluster_timeout=0), "cluster_timeout=0 must be a positive number of seconds",
+     ["--cluster-timeout", "0"], "Invalid value for '--cluster-timeout'"),
+    (dict(cluster_timeout=float("nan")), "cluster_timeout=nan must be a positive number", None,
+     None),
     (dict(client=object(), cluster="local"), "give either client= or cluster=", None, None),
 ]
 

@@ -89,8 +89,9 @@ def test_bad_map_options():
 
 
 def test_unreachable_scheduler_is_one_line():
-    with pytest.raises(EmtileError, match=r"could not reach the Dask cluster tcp://127.0.0.1:9"):
-        with start_cluster("tcp://127.0.0.1:9", timeout=2):
+    with pytest.raises(EmtileError, match=r"could not reach the Dask scheduler at "
+                                          r"tcp://127.0.0.1:9: waited 2 s \(cluster_timeout=2\)"):
+        with start_cluster("tcp://127.0.0.1:9", cluster_timeout=2):
             pass
 
 
@@ -184,3 +185,100 @@ def sleepy_blocks(seconds, ids):
     t0 = time.time()
     time.sleep(seconds)
     return [(get_worker().address, t0, time.time()) for _ in ids]
+
+
+# --------------------------------------------------------------------------- joining a cluster
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def command_inputs(tmp_path_factory):
+    """A model folder and a volume for predict, a probability map for segment."""
+    from emtile.store import create_image, mark_complete
+    from emtile.unet import UNet, save_model
+
+    d = tmp_path_factory.mktemp("join")
+    save_model(UNet(base=2, depth=2), d / "model")
+    rng = np.random.default_rng(0)
+    for name, kind in (("in.zarr", "image"), ("pred.zarr", "probabilities")):
+        g = create_image(d / name, (2, 40, 40), np.uint8, kind=kind)
+        g["0"][...] = rng.integers(0, 256, (2, 40, 40), dtype=np.uint8)  # no intensity warning
+        mark_complete(g)
+    return d
+
+
+@pytest.mark.parametrize("command", ["predict", "segment"])
+@pytest.mark.parametrize("case", ["missing", "nobody listens"])
+def test_a_scheduler_that_never_comes_is_one_line_in_time(command_inputs, tmp_path, command,
+                                                          case):
+    """--scheduler-file naming a file nobody writes, or an address nobody listens on: one line
+    naming the file (and address) and what was waited for, within --cluster-timeout."""
+    import json
+    import time
+
+    from click.testing import CliRunner
+
+    from emtile.cli.main import main
+
+    d, out = command_inputs, tmp_path / "out.zarr"
+    sched = tmp_path / "scheduler.json"
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    if case == "nobody listens":
+        sched.write_text(json.dumps({"type": "Scheduler", "address": address}))
+    argv = {"predict": ["predict", "--model", str(d / "model"), str(d / "in.zarr")],
+            "segment": ["segment", str(d / "pred.zarr")]}[command]
+    t0 = time.monotonic()
+    result = CliRunner().invoke(main, [*argv, str(out), "--no-progress", "--scheduler-file",
+                                       str(sched), "--cluster-timeout", "2"])
+    took = time.monotonic() - t0
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "Traceback" not in result.output and not out.exists()
+    assert took < 2 + 8, took
+    if case == "missing":
+        assert lines[0] == (f"Error: --scheduler-file '{sched}' does not exist: waited 2 s "
+                            f"(--cluster-timeout 2) for a Dask scheduler to write it (dask "
+                            f"scheduler --scheduler-file {sched})")
+        assert took >= 2  # it did wait for the file to appear
+    else:
+        assert lines[0].startswith(f"Error: could not reach the Dask scheduler at {address} "
+                                   f"(from --scheduler-file '{sched}'): waited 2 s "
+                                   f"(--cluster-timeout 2) to connect: "), lines[0]
+
+
+def test_a_scheduler_file_written_late_is_joined(tmp_path):
+    """The file may appear after the command starts (a scheduler starting beside it): it is
+    waited for, then the scheduler it names is joined."""
+    import json
+    import threading
+
+    from distributed import LocalCluster
+
+    sched = tmp_path / "scheduler.json"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as lc:
+        timer = threading.Timer(0.5, lambda: sched.write_text(
+            json.dumps({"address": lc.scheduler_address})))
+        timer.start()
+        with start_cluster(scheduler_file=str(sched), cluster_timeout=20) as (client, info):
+            assert info.kind == "scheduler-file" and info.workers == 1
+            assert client.submit(sum, [1, 2]).result() == 3
+        timer.join()
+
+
+def test_a_scheduler_without_workers_is_one_line(tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as lc:
+        with pytest.raises(EmtileError, match=rf"^the Dask scheduler at {lc.scheduler_address} "
+                                              r"has no worker: waited 1 s \(cluster_timeout=1\) "
+                                              r"for the first one to join$"):
+            with start_cluster(lc.scheduler_address, cluster_timeout=1):
+                pass
