@@ -19,7 +19,7 @@ from emtile.cli._types import SliceList, progress_option
               help="Also sweep thresholds 0.0..1.0 (step 0.1) and report the best mean V-Rand "
                    "and V-Info (the ISBI 'maximal' scores). Not for a label image.")
 @click.option("--invert", is_flag=True,
-              help="PRED is a membrane probability (opposite polarity): use 1 - p. "
+              help="PRED is a boundary map (1 = membrane, e.g. another tool's): use 1 - p. "
                    "ISBI labels are 255 = cell interior. Not for a label image.")
 @click.option("--mode", type=click.Choice(["auto", "slices", "volume"]), default="auto",
               show_default=True,
@@ -39,6 +39,10 @@ def evaluate(pred, labels, slices, threshold, sweep, invert, mode, json_path, cs
     255 = cell interior, 0 = membrane): the ISBI 2012 V-Rand / V-Info / Rand error, the CREMI
     VOI split / merge and adapted Rand error, and pixel metrics, per slice and averaged, each
     named by its threshold.
+
+    PRED may come from any tool (TIFF, HDF5, Zarr without emtile metadata): uint8 is read as
+    v / 255, uint16 as v / 65535, floats as they are (values in [0, 1]); --invert reads a
+    boundary map (1 = membrane).
 
     A label image as PRED (emtile segment's seg.zarr, or any uint32/uint64/int32/int64 volume)
     is scored as a segmentation: its ids are the segments, 0 the boundary; there is no

@@ -234,7 +234,9 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
     Parameters
     ----------
     pred : str, Path or array-like, shape (Z, Y, X) or (Y, X)
-        Cell-interior probabilities: float in [0, 1], or uint8 0-255 (255 = 1.0); or a mask
+        Cell-interior probabilities, from emtile or any other tool (TIFF, HDF5, Zarr without
+        emtile metadata): float in [0, 1], uint8 0-255 (255 = 1.0) or uint16 0-65535
+        (65535 = 1.0; :mod:`emtile.maps`); or a mask
         (bool, or integers that are all 0/1); or a label image, scored as a segmentation (its
         ids are the segments, 0 = boundary): ``emtile segment``'s store, or any uint32 / uint64
         / int32 / int64 array (:func:`is_label_image`). Paths open with
@@ -256,7 +258,7 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
         report the best mean V-Rand and the best mean V-Info, each with its threshold.
         Refused with a label image.
     invert : bool
-        The prediction is a membrane probability (0 = interior); use ``1 - p``. (ISBI labels
+        The prediction is a boundary map (1 = membrane, 0 = interior); use ``1 - p``. (ISBI labels
         are 255 = cell interior; emtile predicts the interior.) Refused with a label image.
     mode : {"auto", "slices", "volume"}
         ``"slices"``: the per-slice scores above, against binary labels. ``"volume"``: ``pred``
@@ -351,11 +353,24 @@ def _evaluate_slices(pred, pstack, lstack, zs, *, threshold, sweep, invert, prog
     else:
         threshold = 0.5 if threshold is None else float(threshold)
         thresholds = sorted(set(SWEEP_THRESHOLDS) | {threshold}) if sweep else [threshold]
+        pstack, kind = _map_stack(pstack)
         decoder = PredictionDecoder(pstack.dtype, invert=invert)
         results = _score_map(pstack, lstack, zs, thresholds, decoder, progress=progress)
-        kind = decoder.describe()
+        kind = kind or decoder.describe()
     return _summarise(results, zs, threshold=threshold, sweep=sweep, invert=invert, kind=kind,
                       label_image=label_image, names=(pstack.display, lstack.display))
+
+
+def _map_stack(pstack):
+    """``(stack, kind)``: a uint16 map read through :mod:`emtile.maps` (``v / 65535``, in float64
+    so that ``p > threshold`` is exact for decimal thresholds) and how the report names it; any
+    other dtype as it is, with None (uint8 0-255 and 0/1 masks are the decoder's, exactly)."""
+    if pstack.dtype != np.uint16:
+        return pstack, None
+    from emtile.maps import ProbabilityMap
+
+    pmap = ProbabilityMap(pstack.array, pstack.display, dtype=np.float64)
+    return Stack(pmap, pstack.display), "probability (uint16, 0-65535 = 0..1)"
 
 
 def _evaluate_volume(pstack, lstack, zs, *, progress):

@@ -116,3 +116,66 @@ def test_files_that_cannot_be_written_are_refused_before_any_work(files, monkeyp
     (d / "folder").mkdir()
     with pytest.raises(EmtileError, match="csv_path=.* is an existing folder"):
         evaluate(str(d / "pred.zarr"), str(d / "labels.tif"), csv_path=d / "folder")
+
+
+# --------------------------------------------------------------------------- other tools' maps
+
+
+def _json_of(d, name, *args):
+    res = CliRunner().invoke(main, ["evaluate", *map(str, args), str(d / "labels.tif"),
+                                    "--no-progress", "--threshold", "0.3",
+                                    "--json", str(d / name)])
+    assert res.exit_code == 0, res.output
+    return json.loads((d / name).read_text())
+
+
+def _scores(data):
+    return data["mean"], [{k: r[k] for k in ("v_rand", "v_info", "tp", "fp")}
+                          for r in data["slices"]]
+
+
+def test_foreign_uint8_and_uint16_maps_score_as_their_float_maps(files):
+    """uint8 (TIFF) and uint16 (HDF5, and a Zarr array without emtile metadata) maps are read as
+    v / 255 and v / 65535: the same scores as the float maps they stand for; --invert on the
+    boundary map (1 = membrane) gives the same scores as the probability map."""
+    import h5py
+    import tifffile
+    import zarr
+
+    d, pred, _ = files
+    u8 = np.rint(pred * 255).astype(np.uint8)
+    u16 = np.rint(pred * 65535).astype(np.uint16)
+    assert u16.max() > 255  # not readable as 0-255 values
+    tifffile.imwrite(d / "p8.tif", u8, photometric="minisblack")
+    tifffile.imwrite(d / "b8.tif", 255 - u8, photometric="minisblack")
+    tifffile.imwrite(d / "f8.tif", u8 / np.float64(255), photometric="minisblack")
+    with h5py.File(d / "maps.h5", "w") as f:
+        f["p16"], f["b16"] = u16, 65535 - u16
+        f["f16"] = u16 / np.float64(65535)
+    z = zarr.create_array(str(d / "b16.zarr"), shape=u16.shape, dtype="uint16", chunks=(1, 48, 48))
+    z[:] = 65535 - u16
+
+    float8 = _scores(_json_of(d, "f8.json", d / "f8.tif"))
+    assert _scores(_json_of(d, "p8.json", d / "p8.tif")) == float8
+    assert _scores(_json_of(d, "b8.json", d / "b8.tif", "--invert")) == float8
+    float16 = _scores(_json_of(d, "f16.json", d / "maps.h5/f16"))
+    p16 = _json_of(d, "p16.json", d / "maps.h5/p16")
+    assert _scores(p16) == float16
+    assert p16["settings"]["prediction_kind"] == "probability (uint16, 0-65535 = 0..1)"
+    assert _scores(_json_of(d, "b16.json", d / "maps.h5/b16", "--invert")) == float16
+    assert _scores(_json_of(d, "z16.json", d / "b16.zarr", "--invert")) == float16
+    # and not as if it were read any other way: inverted twice, or as 0-255 values
+    assert _scores(_json_of(d, "wrong.json", d / "maps.h5/b16")) != float16
+
+
+def test_an_out_of_range_float_map_is_one_line(files):
+    import tifffile
+
+    d, pred, _ = files
+    bad = pred.copy()
+    bad[2, 5, 7] = 1.5
+    tifffile.imwrite(d / "bad.tif", bad, photometric="minisblack")
+    res = CliRunner().invoke(main, ["evaluate", str(d / "bad.tif"), str(d / "labels.tif"),
+                                    "--invert", "--no-progress"])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
+    assert "span [" in res.output and "1.5]" in res.output and "[0, 1]" in res.output

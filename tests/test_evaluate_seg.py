@@ -298,4 +298,4 @@ def test_negative_ids_and_integer_predictions_out_of_range(stores):
         E.evaluate(seg, labels, progress=False)
     with pytest.raises(EmtileError, match=r"0-255 probabilities .*\(a label image is scored as "
                                           r"segments when it is uint32, uint64, int32 or int64"):
-        E.evaluate(np.full(labels.shape, 300, np.uint16), labels, progress=False)
+        E.evaluate(np.full(labels.shape, 300, np.int16), labels, progress=False)

@@ -350,7 +350,7 @@ def test_error_float_prediction_out_of_range():
 
 def test_error_integer_prediction_out_of_range():
     with pytest.raises(EmtileError, match="0-255"):
-        E.evaluate(np.full((1, 3, 3), 300, np.uint16), np.ones((1, 3, 3), np.uint8), progress=False)
+        E.evaluate(np.full((1, 3, 3), 300, np.int16), np.ones((1, 3, 3), np.uint8), progress=False)
 
 
 def test_error_labels_not_binary():
