@@ -27,6 +27,7 @@ COMMANDS = {
     "show": "emtile.cli.show:show",
     "export": "emtile.cli.export:export",
     "segment": "emtile.cli.segment:segment",
+    "view": "emtile.cli.view:view",
 }
 
 
