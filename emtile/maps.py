@@ -50,7 +50,7 @@ def check_values(data, display, where=""):
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         at = f" at {index} of {where}" if where else f" at {index}"
-        raise EmtileError(f"prediction {display!r} holds {float(data[index]):g}{at}: a float "
+        raise EmtileError(f"prediction {display!r} holds {float(data[index])}{at}: a float "
                           f"probability map has values in [0, 1] (is it a raw image? 0-255 "
                           f"values are stored as uint8, 0-65535 as uint16)")
 

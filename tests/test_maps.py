@@ -42,7 +42,7 @@ def test_a_float_out_of_range_is_one_line_when_read(value):
     with pytest.raises(EmtileError) as info:
         m[2:4]
     text = str(info.value)
-    assert text.startswith(f"prediction 'pred array' holds {value:g} at (1, 2, 1) of [2:4]: a "
+    assert text.startswith(f"prediction 'pred array' holds {float(value)} at (1, 2, 1) of [2:4]: a "
                            f"float probability map has values in [0, 1]"), text
     assert "\n" not in text
 
