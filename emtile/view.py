@@ -9,7 +9,7 @@ role        store                                 layer
 =========== ===================================== ==========================================
 raw         an image                              image, grey
 pred        probabilities ``(Z, Y, X)``           image, a heat map (jet) over the raw, 50 %
-pred        affinities ``(C, Z, Y, X)``           one image layer, channels 0, 1, 2 as RGB
+pred        affinities ``(C, Z, Y, X)``           channels 0, 1, 2 as red, green, blue
 pred        its ``labels/mask`` (when present)    segmentation, hidden
 seg         a label image (emtile segment's)      segmentation (a colour per id)
 labels      binary labels or instance ids          segmentation, hidden
@@ -21,7 +21,10 @@ default) and starts neuroglancer's Python viewer, whose page and JavaScript come
 installed ``neuroglancer`` package (nothing is fetched from the internet). The browser reads the
 stores as ``zarr3://`` (``zarr://`` for Zarr v2) sources and their NGFF 0.5 metadata itself:
 levels, voxel size, a region's translation. The viewer's dimensions are the raw volume's voxel
-size (:func:`emtile.store.voxel_size`), in nm.
+size (:func:`emtile.store.voxel_size`), in nm, shown x right, y down. Affinities are one layer
+whose channel axis is a neuroglancer channel dimension (``c^``) when each chunk holds the first
+three channels (neuroglancer cannot split a channel dimension across chunks), else three
+additive layers, one per channel (its ``c'`` position), in red, green and blue.
 
 **napari.** :func:`napari_layers` gives each layer's ``add_image`` / ``add_labels`` call (lazy
 Dask arrays of every level, the voxel size as ``scale``, colours), so napari needs no reader
@@ -88,6 +91,7 @@ class Layer:
     zarr_format: int
     datasets: tuple  # the level arrays' paths inside ``path`` ("" for an array itself)
     visible: bool = True
+    channel_chunk: int = 0  # channels per chunk (0: no channel axis)
 
 
 # --------------------------------------------------------------------------- which layers
@@ -153,7 +157,8 @@ def _layer(path, role, *, name=None, visible=True):
     return Layer(name=title, role=role, path=str(path), kind=kind, style=style,
                  dtype=str(array.dtype), shape=shape, axes=axes,
                  voxel_size=tuple(voxel or (1.0,) * spatial), zarr_format=node.metadata.zarr_format,
-                 datasets=datasets, visible=visible)
+                 datasets=datasets, visible=visible,
+                 channel_chunk=int(array.chunks[axes.index("c")]) if "c" in axes else 0)
 
 
 def _style(role, meta, shape, axes):
@@ -208,6 +213,11 @@ def _replace(layer, **changes):
 _TOP = {"uint8": 255, "uint16": 65535, "int8": 127, "int16": 32767}
 
 
+def _one_chunk_rgb(layer):
+    """True when neuroglancer can read the first three channels as one channel dimension."""
+    return layer.channel_chunk >= min(3, layer.shape[layer.axes.index("c")])
+
+
 def _shader(layer):
     """The GLSL of an image layer: grey, a heat map, or three channels as RGB."""
     if layer.style == "grey":
@@ -226,7 +236,7 @@ def _source(layer, url):
     channel axis, renamed to a channel dimension (``c^``) so the shader reads channels."""
     scheme = "zarr3" if layer.zarr_format == 3 else "zarr"
     src = f"{scheme}://{url.rstrip('/')}/"
-    if layer.style != "rgb":
+    if layer.style != "rgb" or not _one_chunk_rgb(layer):
         return src
     voxel = iter(layer.voxel_size)
     dims = {("c^" if a == "c" else a): ([1, ""] if a == "c" else [next(voxel) * 1e-9, "m"])
@@ -242,6 +252,7 @@ def viewer_state(layers, urls):
     spatial = first.axes.replace("c", "")
     state = {
         "dimensions": {a: [v * 1e-9, "m"] for a, v in zip(spatial, first.voxel_size)},
+        "displayDimensions": list(spatial[::-1]),  # x right, y down, then z
         "layers": [],
         "layout": "4panel" if "z" in spatial and first.shape[first.axes.index("z")] > 1
         else "xy",
@@ -254,9 +265,24 @@ def viewer_state(layers, urls):
             entry["opacity"] = 1.0 if layer.style == "grey" else 0.5
             if layer.style != "grey":
                 entry["blend"] = "additive"
-        state["layers"].append(entry)
+        if layer.style == "rgb" and not _one_chunk_rgb(layer):
+            state["layers"].extend(_channel_layers(entry, layer))
+        else:
+            state["layers"].append(entry)
     state["selectedLayer"] = {"layer": layers[-1].name, "visible": False}
     return state
+
+
+def _channel_layers(entry, layer):
+    """The first three channels as additive layers, red, green and blue, each at its position
+    along the channel axis (``c'``): for stores that chunk their channels apart."""
+    out = []
+    for k in range(min(3, layer.shape[layer.axes.index("c")])):
+        colour = ", ".join("v" if i == k else "0.0" for i in range(3))
+        out.append({**entry, "name": f"{layer.name} {k}", "localPosition": [k],
+                    "shader": "void main() { float v = toNormalized(getDataValue()); "
+                              f"emitRGB(vec3({colour})); }}\n"})
+    return out
 
 
 def _require(module, extra):

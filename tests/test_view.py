@@ -39,12 +39,16 @@ def stores(tmp_path_factory):
     mask["0"][...] = pred["0"][...] > 127
     mark_complete(mask)
     mark_complete(pred)
-    aff = create_image(d / "aff.zarr", (3, *SHAPE), "uint8", axes="czyx", voxel_size=VOXEL,
-                       kind="probabilities", attrs={"target": "affinities",
-                                                    "offsets": [[-1, 0, 0], [0, -1, 0],
-                                                                [0, 0, -1]]})
-    aff["0"][...] = rng.integers(0, 256, (3, *SHAPE), dtype=np.uint8)
-    mark_complete(aff)
+    for name, chunks in (("aff.zarr", None), ("aff3.zarr", (3, 1, 40, 48))):
+        # channels chunked apart (as create_image chunks them by default), or together
+        aff = create_image(d / name, (3, *SHAPE), "uint8", axes="czyx", voxel_size=VOXEL,
+                           chunks=chunks, kind="probabilities",
+                           attrs={"target": "affinities",
+                                  "offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]})
+        aff["0"][...] = 0
+        aff["0"][0, :, :SHAPE[1] // 2] = 255  # channel 0 (red) in the top half,
+        aff["0"][1, :, SHAPE[1] // 2:] = 255  # channel 1 (green) in the bottom half
+        mark_complete(aff)
     seg = create_image(d / "seg.zarr", SHAPE, np.uint32, voxel_size=VOXEL, kind="labels",
                        attrs={"segment": {}})
     seg["0"][...] = np.broadcast_to((np.arange(SHAPE[2]) // 12 + 1).astype(np.uint32), SHAPE)
@@ -66,12 +70,13 @@ def test_layers_are_named_and_drawn_by_what_each_store_holds(stores):
                    ("seg", "segmentation", "segments", True),
                    ("labels", "segmentation", "segments", False)]
     assert layers[0].voxel_size == VOXEL and layers[0].datasets == ("0", "1")
-    aff = plan_layers(pred=d / "aff.zarr")[0]
+    aff = plan_layers(pred=d / "aff3.zarr")[0]
     assert (aff.name, aff.style, aff.axes, aff.shape) == ("affinities", "rgb", "czyx", (3, *SHAPE))
+    assert aff.channel_chunk == 3
 
     state = viewer_state(layers + [aff], {l.name: f"http://h/{l.name}" for l in layers + [aff]})
     assert state["dimensions"] == {a: [v * 1e-9, "m"] for a, v in zip("zyx", VOXEL)}
-    assert state["layout"] == "4panel"
+    assert state["layout"] == "4panel" and state["displayDimensions"] == ["x", "y", "z"]
     by_name = {l["name"]: l for l in state["layers"]}
     assert by_name["raw"]["source"] == "zarr3://http://h/raw/"
     assert "emitGrayscale" in by_name["raw"]["shader"]
@@ -81,6 +86,13 @@ def test_layers_are_named_and_drawn_by_what_each_store_holds(stores):
     assert rgb["source"]["transform"]["outputDimensions"] == {
         "c^": [1, ""], **{a: [v * 1e-9, "m"] for a, v in zip("zyx", VOXEL)}}
     assert all(f"getDataValue({i})" in rgb["shader"] for i in range(3))
+    # channels in chunks of one: neuroglancer cannot make them a channel dimension
+    apart = plan_layers(pred=d / "aff.zarr")[0]
+    three = viewer_state([apart], {"affinities": "http://h/a"})["layers"]
+    assert [(l["name"], l["source"], l["localPosition"]) for l in three] == [
+        (f"affinities {k}", "zarr3://http://h/a/", [k]) for k in range(3)]
+    assert [l["shader"].count("vec3(v") for l in three] == [1, 0, 0] and all(
+        l["blend"] == "additive" for l in three)
 
 
 @pytest.mark.parametrize("kwargs, line", [
@@ -147,7 +159,8 @@ def test_neuroglancer_serves_the_page_from_the_package_and_every_layer(stores):
             status, headers, chunk = _get(f"{base}/{key}", origin=origin)
             assert chunk == (Path(layer.path) / key).read_bytes() and len(chunk) > 0
         state = shown.viewer.state.to_json()
-        assert [l["name"] for l in state["layers"]] == ["raw", "affinities", "seg"]
+        assert [l["name"] for l in state["layers"]] == ["raw", "affinities 0", "affinities 1",
+                                                        "affinities 2", "seg"]
         assert state["layers"][0]["source"] == f"zarr3://{shown.sources['raw']}/"
         with pytest.raises(urllib.error.HTTPError):  # only the store's own files
             _get(shown.sources["raw"] + "/../seg.zarr/zarr.json")
@@ -186,3 +199,85 @@ def test_napari_gets_lazy_levels_with_the_voxel_size(stores):
     assert aff.shape == (3, *SHAPE) and not k1["multiscale"]
     np.testing.assert_array_equal(np.asarray(seg[0, 0]),
                                   (np.arange(SHAPE[2]) // 12 + 1).astype(np.uint32))
+
+
+def _browser():
+    """A headless Chromium: $EMTILE_BROWSER, or one on the PATH; None when there is none."""
+    import os
+    import shutil
+
+    found = os.environ.get("EMTILE_BROWSER")
+    for name in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome"):
+        found = found or shutil.which(name)
+    return found
+
+
+class _Headless:
+    """A headless Chromium showing ``url`` while the block runs (software WebGL)."""
+
+    def __init__(self, url):
+        self.url = url
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(
+            [_browser(), "--headless", "--no-sandbox", "--enable-unsafe-swiftshader",
+             "--use-angle=swiftshader", "--window-size=800,600", "--remote-debugging-port=0",
+             self.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _shot(viewer):
+    """neuroglancer's own screenshot (taken once every visible chunk is drawn), RGB."""
+    return viewer.screenshot(size=[400, 300]).screenshot.image_pixels[..., :3].astype(int)
+
+
+needs_browser = pytest.mark.skipif(_browser() is None,
+                                   reason="no headless Chromium here (set EMTILE_BROWSER)")
+
+
+@needs_browser
+@pytest.mark.parametrize("pred", ["aff.zarr", "aff3.zarr"])
+def test_a_headless_browser_draws_the_affinities(stores, pred):
+    """The affinities' channel 0 (red) above their channel 1 (green), whether the store chunks
+    its channels together (one layer) or apart (three), not an empty canvas."""
+    pytest.importorskip("neuroglancer")
+    from emtile.view import NeuroglancerView
+
+    with NeuroglancerView(plan_layers(pred=stores / pred)) as shown:
+        with shown.viewer.txn() as s:
+            s.layout = "xy"
+            s.show_axis_lines = False  # no cross-hair through the middle
+        with _Headless(shown.url):
+            img = _shot(shown.viewer)
+    cy, cx = img.shape[0] // 2, img.shape[1] // 2
+    top, bottom = img[cy - 12, cx], img[cy + 12, cx]
+    assert top[0] > 100 and top[1] < 20 and top[2] < 20, (top, bottom)  # red
+    assert bottom[1] > 100 and bottom[0] < 20 and bottom[2] < 20, (top, bottom)  # green
+
+
+@needs_browser
+def test_a_headless_browser_draws_raw_in_grey_and_segments_in_colour(stores):
+    pytest.importorskip("neuroglancer")
+    from emtile.view import NeuroglancerView
+
+    with NeuroglancerView(plan_layers(stores / "raw.zarr", seg=stores / "seg.zarr")) as shown:
+        with shown.viewer.txn() as s:
+            s.layout = "xy"
+            s.show_axis_lines = False  # no cross-hair through the middle
+            s.layers["seg"].visible = False
+        with _Headless(shown.url):
+            raw = _shot(shown.viewer)
+            with shown.viewer.txn() as s:
+                s.layers["seg"].visible = True
+            both = _shot(shown.viewer)
+    cy, cx = raw.shape[0] // 2, raw.shape[1] // 2
+    crop = (slice(cy - 10, cy + 10), slice(cx - 10, cx + 10))
+    grey = raw[crop]
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert grey[..., 0].std() > 20  # the raw volume's noise, not a flat canvas
+    coloured = both[crop]
+    assert (coloured[..., 0] != coloured[..., 1]).mean() > 0.5  # segment colours over it
