@@ -260,20 +260,25 @@ def test_a_headless_browser_draws_the_affinities(stores, pred):
 
 
 @needs_browser
-def test_a_headless_browser_draws_raw_in_grey_and_segments_in_colour(stores):
+def test_a_headless_browser_draws_raw_in_grey_and_segments_and_heat_in_colour(stores):
     pytest.importorskip("neuroglancer")
     from emtile.view import NeuroglancerView
 
-    with NeuroglancerView(plan_layers(stores / "raw.zarr", seg=stores / "seg.zarr")) as shown:
+    d = stores
+    with NeuroglancerView(plan_layers(d / "raw.zarr", pred=d / "pred.zarr",
+                                      seg=d / "seg.zarr")) as shown:
         with shown.viewer.txn() as s:
             s.layout = "xy"
             s.show_axis_lines = False  # no cross-hair through the middle
-            s.layers["seg"].visible = False
+            s.layers["seg"].visible = s.layers["pred"].visible = False
         with _Headless(shown.url):
             raw = _shot(shown.viewer)
             with shown.viewer.txn() as s:
                 s.layers["seg"].visible = True
             both = _shot(shown.viewer)
+            with shown.viewer.txn() as s:
+                s.layers["seg"].visible, s.layers["pred"].visible = False, True
+            heat = _shot(shown.viewer)
     cy, cx = raw.shape[0] // 2, raw.shape[1] // 2
     crop = (slice(cy - 10, cy + 10), slice(cx - 10, cx + 10))
     grey = raw[crop]
@@ -281,3 +286,5 @@ def test_a_headless_browser_draws_raw_in_grey_and_segments_in_colour(stores):
     assert grey[..., 0].std() > 20  # the raw volume's noise, not a flat canvas
     coloured = both[crop]
     assert (coloured[..., 0] != coloured[..., 1]).mean() > 0.5  # segment colours over it
+    hot = heat[crop]
+    assert (hot[..., 0] != hot[..., 2]).mean() > 0.5  # the heat map's colours over it
