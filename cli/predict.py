@@ -74,7 +74,8 @@ class Shards(click.ParamType):
               help="Storage type of the probabilities (uint8 stores round(255 p)).")
 @click.option("--threshold", default=_D.threshold, type=click.FloatRange(0, 1),
               help="Also write a binary mask at OUTPUT/labels/mask: cell interior where p > T "
-                   "(the rule of evaluate and show too).")
+                   "(the rule of evaluate and show too). Not for an affinity model: no mask "
+                   "is defined for affinities.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()

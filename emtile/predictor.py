@@ -95,6 +95,7 @@ class PredictResult:
     tile_probe: dict = field(default_factory=dict)  # tile="auto": seconds per tile measured
     mask: str = ""  # the mask store's path ("" without a threshold)
     threshold: float = None
+    offsets: list = None  # an affinity model's offsets, one per channel (None: boundaries)
 
     def __str__(self):
         model_axes = [ax for ax, (t, o) in enumerate(zip(self.tile, self.out_tile))
@@ -108,7 +109,11 @@ class PredictResult:
             where += f" on {self.cluster}"
         mask = (f"mask: {self.mask} (cell interior where p > {self.threshold:g})" if self.mask
                 else "no mask (--threshold T writes one)")
-        return (f"{self.output}: {self.shape} {self.dtype} probabilities; {mask}\n"
+        what = "probabilities"
+        if self.offsets:
+            what = "affinities (offsets " + "; ".join(",".join(map(str, o)) for o in self.offsets) + ")"
+            mask = "no mask (not defined for affinities)"
+        return (f"{self.output}: {self.shape} {self.dtype} {what}; {mask}\n"
                 f"tile {fmt(self.tile)} -> {fmt(self.out_tile)} (stride {fmt(self.stride)}), "
                 f"{self.tiles} tiles in {self.blocks} blocks, {self.seconds:.1f} s on {where}; "
                 f"efficiency {self.efficiency:.0%} (output pixels per input pixel computed: the "
@@ -1180,7 +1185,8 @@ def predict(model, input, output, settings=None, runner=None, *, overwrite=False
         efficiency=_efficiency(grid, n_runs), seconds=time.perf_counter() - t0,
         device=str(info["device"]), threads=info["threads"], cluster=done.where,
         block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=info["probe"],
-        mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold)
+        mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold,
+        offsets=stage.passes[0].job.affinities.get("offsets"))
 
 
 def _resumed_tile(output, ndim):

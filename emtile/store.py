@@ -2,7 +2,10 @@
 
 Every store emtile writes is a Zarr v3 group carrying OME-NGFF 0.5 ``multiscales`` metadata,
 with the full-resolution array at ``"0"`` and optional 2× downsampled levels ``"1"``, ``"2"``,
-… in y and x. napari (napari-ome-zarr) and neuroglancer open it as an image.
+… in y and x. napari (napari-ome-zarr) and neuroglancer open it as an image. Arrays can be
+stored with Zarr v3's sharding codec (``create_image(shards=...)``: the chunks become the
+shards' inner chunks; zarr writes a shard assigned whole as one file, replaced atomically), and
+a channel axis can name its channels (NGFF ``omero.channels[].label``).
 
 Completeness is a group attribute, ``attrs["emtile"]["complete"]``. It is written ``False`` when
 the store is created and set ``True`` by :func:`mark_complete` only after the writer has written

@@ -42,6 +42,7 @@ def uint8_store(aff):
     out = d / "aff_u8.zarr"
     r = emtile.predict(str(d / "model"), str(d / "in.zarr"), str(out), levels=2, **OPTS)
     assert r.blocks > 4  # several blocks: the pyramid and the shards are written per block
+    assert "uint8 affinities (offsets -1,0,0; 0,-1,0; 0,0,-1); no mask" in str(r)
     return out
 
 
