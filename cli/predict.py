@@ -27,6 +27,24 @@ class TileSize(click.ParamType):
         return sizes[0] if len(sizes) == 1 else sizes
 
 
+class Shards(click.ParamType):
+    """``auto``, ``none`` or a shard shape ``Z,Y,X`` (positive integers)."""
+
+    name = "auto|none|Z,Y,X"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple) or value is None or value in ("auto", "none"):
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a shard shape: give auto, none or Z,Y,X such as "
+                      f"16,512,512", param, ctx)
+        if min(sizes) <= 0:
+            self.fail(f"{value!r}: every shard size must be positive", param, ctx)
+        return sizes
+
+
 @click.command()
 @click.argument("input", type=click.Path())
 @click.argument("output", type=click.Path())
@@ -56,7 +74,8 @@ class TileSize(click.ParamType):
               help="Storage type of the probabilities (uint8 stores round(255 p)).")
 @click.option("--threshold", default=_D.threshold, type=click.FloatRange(0, 1),
               help="Also write a binary mask at OUTPUT/labels/mask: cell interior where p > T "
-                   "(the rule of evaluate and show too).")
+                   "(the rule of evaluate and show too). Not for an affinity model: no mask "
+                   "is defined for affinities.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()
@@ -70,6 +89,11 @@ class TileSize(click.ParamType):
 @click.option("--levels", default=_D.levels, show_default=True, type=click.IntRange(min=1),
               help="Resolution levels: an OME-Zarr pyramid for viewers (each level halves y and "
                    "x; probabilities by the mean, the mask by sampling), written as blocks finish.")
+@click.option("--shards", default=_D.shards, show_default=True, type=Shards(),
+              help="Zarr v3 sharding of every array written: auto = one shard file per block "
+                   "per level (blocks own whole shards), none = one file per chunk, or a shard "
+                   "shape Z,Y,X (whole output chunks dividing the block). The array bytes are "
+                   "the same either way.")
 def predict(input, output, model, overwrite, progress, **options):
     """Predict INPUT (TIFF, image folder, Zarr, HDF5) into the OME-Zarr store OUTPUT.
 

@@ -66,6 +66,13 @@ def _metadata(path):
     return meta.get("emtile", {}) if isinstance(meta, dict) else {}
 
 
+def _target_record(path):
+    """The model's :func:`emtile.model.target_record` (what its channels are)."""
+    from emtile.model import read_metadata, target_record
+
+    return target_record(read_metadata(path))
+
+
 def _geometry(sm):
     """Halo, smallest valid tile, step and a few valid sizes: numbers when every axis agrees
     (every 2-D model), lists (z, y, x) for an anisotropic 3-D model."""
@@ -93,6 +100,7 @@ def describe_model(path):
     with torch.device("meta"):
         n_params = sum(p.numel() for p in UNet(**net.config).parameters())
     info = _metadata(path)
+    target = _target_record(path)
     geometry = _geometry(net.shape_map)
     training = {k: info[k] for k in ("kind", "raw", "labels", "train_slices", "val_slices",
                                      "iteration", "iterations", "seed", "elapsed_s")
@@ -110,6 +118,8 @@ def describe_model(path):
         "normalization": info.get("normalization"),
         "calibration": info.get("calibration"),
         "metrics": info.get("metrics") or {},
+        "target": target.get("target", "boundaries"),
+        "offsets": target.get("offsets"),
     }
 
 
@@ -190,6 +200,8 @@ def describe_volume(path, *, stats=False, progress=False):
     if hasattr(arr, "chunks") and hasattr(arr, "compressors"):
         out["chunks"] = tuple(int(c) for c in arr.chunks)
         out["compressor"] = ", ".join(_codec_name(c) for c in arr.compressors) or "none"
+        shards = getattr(arr, "shards", None)
+        out["shards"] = tuple(int(c) for c in shards) if shards else None
     if p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
         import tifffile
 
@@ -209,6 +221,8 @@ def describe_volume(path, *, stats=False, progress=False):
             out["partial"] = meta.get("partial")
             if meta.get("provenance"):  # a prediction: what made it
                 out["provenance"] = meta["provenance"]
+            if meta.get("target"):  # an affinity prediction: its channels' offsets
+                out.update(target=meta["target"], offsets=meta.get("offsets"))
             if meta.get("kind") == "labels" and meta.get("threshold") is not None:
                 out["threshold"] = meta["threshold"]  # a predicted mask
             if meta.get("segment"):  # a segmentation: the settings that shaped its labels
@@ -276,6 +290,8 @@ def _format_volume(d):
         f"shape         {d['shape'] or '-'}",
         f"dtype         {d['dtype'] or '-'}",
         f"chunks        {d['chunks'] or '-'}",
+        *([f"shards        {d['shards']} (one file per shard, the chunks inside it)"]
+          if d.get("shards") else []),
         f"compressor    {d['compressor'] or '-'}",
         f"uncompressed  {_size(d['bytes_uncompressed'])}",
     ]
@@ -296,6 +312,8 @@ def _format_volume(d):
         lines.append(f"levels        {d['levels']}")
     if d["kind"]:
         lines.append(f"kind          {d['kind']}" + (f" ({_ids_text(d)})" if d.get("ids") else ""))
+    if d.get("target"):
+        lines.append(f"target        {_target_text(d)}")
     lines.append(f"complete      {complete}")
     if d.get("partial"):
         lines.append(f"partial       YES: {_format_partial(d['partial'])}")
@@ -343,13 +361,23 @@ def _format_provenance(path, p):
                f"{p.get('blend')}, overlap {','.join(str(o) for o in p.get('overlap', []))}, "
                f"dtype {p.get('dtype')}, normalisation {norm_text}, device {p.get('device')}")
     mask = (f"{path.rstrip('/')}/{p['mask']} (cell interior where p > {p['threshold']:g})"
-            if p.get("mask") else "none (predict --threshold T writes one)")
+            if p.get("mask") else f"none: {p['mask_note']}" if p.get("mask_note") else
+            "none (predict --threshold T writes one)")
     return [f"model         {p.get('model')}",
             f"input         {p.get('input')}",
             f"region        {where}" + (f" (offset {','.join(map(str, offset))} in the input)"
                                         if any(offset) else " (the whole input)"),
             f"options       {options}",
             f"mask          {mask}"]
+
+
+def _target_text(d):
+    """``affinities, channel k of offset k: -1,0,0; 0,-1,0; 0,0,-1`` (or the target alone)."""
+    offsets = d.get("offsets")
+    if d["target"] != "affinities" or not offsets:
+        return str(d["target"])
+    return (f"affinities, channel k of offset k (dz,dy,dx; 1 = same object): "
+            + "; ".join(",".join(str(v) for v in o) for o in offsets))
 
 
 def _codec_name(codec):
@@ -433,6 +461,8 @@ def _model_lines(d, indent=""):
         f"parameters    {d['parameters']:,}",
         f"tile sizes    {_sizes_text(g)}",
     ]
+    if d.get("target"):
+        lines.append(f"target        {_target_text(d)}")
     if t:
         where = ", ".join(f"{k} {t[k]}" for k in ("raw", "labels") if k in t)
         sl = ", ".join(f"{k.replace('_', ' ')} {_slices_text(t[k])}"

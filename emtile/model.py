@@ -27,11 +27,13 @@ from pathlib import Path
 from emtile import normalize, package
 from emtile._errors import EmtileError
 
-__all__ = ["Model", "load", "load_model", "read_metadata", "weights_hash", "is_run_folder", "KINDS"]
+__all__ = ["Model", "load", "load_model", "read_metadata", "weights_hash", "is_run_folder",
+           "target_record", "KINDS", "TARGETS"]
 
 KINDS = ("folder", "run", "package", "memory")
 RUN_FILE = "run.json"  # emtile.training.run.RUN_FILE (not imported: it pulls in torch)
 BEST = "best"
+TARGETS = ("boundaries", "affinities")  # what a model's channels are; boundaries when unrecorded
 
 
 def weights_hash(net):
@@ -121,9 +123,48 @@ class Model:
         return self.net.halo
 
     @property
+    def target(self):
+        """What its output channels are: ``"affinities"`` or ``"boundaries"`` (when its
+        metadata records no ``target``; see :func:`target_record`)."""
+        return target_record(self.metadata).get("target", "boundaries")
+
+    @property
+    def offsets(self):
+        """The offsets ``[(dz, dy, dx), ...]`` of an affinity model's channels, in channel
+        order; None for any other model."""
+        offsets = target_record(self.metadata).get("offsets")
+        return None if offsets is None else [tuple(o) for o in offsets]
+
+    @property
     def halos(self):
         """Context pixels per side, per axis (``(z, y, x)`` for a 3-D network)."""
         return self.net.halos
+
+
+def target_record(metadata):
+    """``{"target": ..., "offsets": [[dz, dy, dx], ...]}`` as a model's ``metadata.json``
+    records them (at its top level, or in its ``emtile`` section), checked: a target of
+    :data:`TARGETS`, and for affinities one offset per channel, each a list of whole numbers of
+    one length; {} when it records no target (a boundary model)."""
+    meta = metadata if isinstance(metadata, dict) else {}
+    section = meta.get("emtile") if isinstance(meta.get("emtile"), dict) else {}
+    source = meta if "target" in meta else section
+    if "target" not in source:
+        return {}
+    target = source["target"]
+    if target not in TARGETS:
+        raise EmtileError(f"the model's metadata records target={target!r}: emtile knows "
+                          f"{', '.join(TARGETS)}")
+    if target != "affinities":
+        return {"target": target}
+    offsets = source.get("offsets")
+    ok = (isinstance(offsets, list) and offsets and
+          all(isinstance(o, list) and o and len(o) == len(offsets[0]) and
+              all(isinstance(v, int) and not isinstance(v, bool) for v in o) for o in offsets))
+    if not ok:
+        raise EmtileError(f"the model's metadata records offsets={offsets!r}: an affinity model "
+                          f"needs a list of [dz, dy, dx] lists of whole numbers, one per channel")
+    return {"target": target, "offsets": [list(o) for o in offsets]}
 
 
 def is_run_folder(path):

@@ -61,6 +61,7 @@ from emtile.blockwise import RESUME as _RESUME
 from emtile.markers import MARKERS
 from emtile.model import weights_hash
 from emtile.normalize import Scaling, apply as normalize_pixels
+from emtile.prediction_store import NO_MASK_NOTE, affinity_record, channel_names, resolve_shards
 from emtile.settings import DTYPES
 from emtile.stacks import WriterThread
 from emtile.volume import open_input
@@ -94,6 +95,7 @@ class PredictResult:
     tile_probe: dict = field(default_factory=dict)  # tile="auto": seconds per tile measured
     mask: str = ""  # the mask store's path ("" without a threshold)
     threshold: float = None
+    offsets: list = None  # an affinity model's offsets, one per channel (None: boundaries)
 
     def __str__(self):
         model_axes = [ax for ax, (t, o) in enumerate(zip(self.tile, self.out_tile))
@@ -107,7 +109,11 @@ class PredictResult:
             where += f" on {self.cluster}"
         mask = (f"mask: {self.mask} (cell interior where p > {self.threshold:g})" if self.mask
                 else "no mask (--threshold T writes one)")
-        return (f"{self.output}: {self.shape} {self.dtype} probabilities; {mask}\n"
+        what = "probabilities"
+        if self.offsets:
+            what = "affinities (offsets " + "; ".join(",".join(map(str, o)) for o in self.offsets) + ")"
+            mask = "no mask (not defined for affinities)"
+        return (f"{self.output}: {self.shape} {self.dtype} {what}; {mask}\n"
                 f"tile {fmt(self.tile)} -> {fmt(self.out_tile)} (stride {fmt(self.stride)}), "
                 f"{self.tiles} tiles in {self.blocks} blocks, {self.seconds:.1f} s on {where}; "
                 f"efficiency {self.efficiency:.0%} (output pixels per input pixel computed: the "
@@ -306,6 +312,16 @@ class PredictJob:
     normalize: tuple = Scaling("dtype")  # emtile.normalize.Scaling: raw pixels -> model input
     factors: tuple = None  # the model's max-pool factors per level (None: 2 along every axis)
     kernels: tuple = None  # its kernel sizes per level (None: from the factors)
+    shards: tuple = None  # level-0 shard shape of every array (None: unsharded); see
+    #                       emtile.prediction_store.resolve_shards
+    offsets: tuple = None  # an affinity model's offsets, one per channel (None: boundaries)
+
+    @property
+    def affinities(self):
+        """``{"target": "affinities", "offsets": [[dz, dy, dx], ...]}``, or {} (boundaries)."""
+        if self.offsets is None:
+            return {}
+        return {"target": "affinities", "offsets": [list(o) for o in self.offsets]}
 
     def grid(self):
         shape_map = geometry.ShapeMap(self.depth, self.model_ndim, factors=self.factors,
@@ -873,6 +889,8 @@ def _fingerprint(job, array):
         "threads": job.threads if device == "cpu" else None, "torch": torch.__version__,
         "levels": job.levels,
         "normalize": list(job.normalize),
+        "shards": None if job.shards is None else list(job.shards),
+        **({"offsets": job.affinities["offsets"]} if job.affinities else {}),
     }
 
 
@@ -892,6 +910,7 @@ def _provenance(job, settings):
             "mask": "labels/mask" if job.threshold is not None else None,
             "normalization": list(job.normalize), "device": job.device,
             "model_ndim": job.model_ndim,
+            **({**job.affinities, "mask_note": NO_MASK_NOTE} if job.affinities else {}),
             "settings": {k: v for k, v in settings.to_json().items() if k not in _UNRECORDED},
             "emtile": __version__}
 
@@ -906,18 +925,21 @@ def _create_output(job, path, settings):
     shape = ((c,) if c > 1 else ()) + region_shape
     chunks = ((c,) if c > 1 else ()) + job.chunks
     axes = ("c" if c > 1 else "") + ("zyx" if len(region_shape) == 3 else "yx")
+    shards = None if job.shards is None else ((c,) if c > 1 else ()) + job.shards
     voxel = store.voxel_size(path, len(region_shape))
     offset = [a for a, _ in job.region]
+    aff = job.affinities
     group = store.create_image(output, shape, np.dtype(job.dtype), chunks=chunks,
                                levels=job.levels, halve_chunks=True, voxel_size=voxel, axes=axes,
-                               name="probabilities", kind="probabilities",
-                               attrs={"provenance": _provenance(job, settings),
+                               name="probabilities", kind="probabilities", shards=shards,
+                               channel_names=channel_names(aff["offsets"]) if aff else None,
+                               attrs={**aff, "provenance": _provenance(job, settings),
                                       **store.inherited_voxel_attrs(path, "input")})
     store.set_translation(group, offset)
     if job.threshold is not None:
         store.create_label_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
                                  levels=job.levels, voxel_size=voxel, axes=axes, name="mask",
-                                 source="../../", starts=offset, register=True,
+                                 source="../../", starts=offset, register=True, shards=shards,
                                  attrs={"threshold": job.threshold})
     return group
 
@@ -1058,6 +1080,11 @@ def _torch_threads(n):
             torch.set_num_threads(before)
 
 
+def _offsets(record):
+    """An affinity record's offsets as a tuple of tuples (a job is hashable), or None."""
+    return tuple(tuple(o) for o in record["offsets"]) if record else None
+
+
 def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     """The :class:`emtile.blockwise.Stage` of a prediction, checked and planned, and what
     :func:`predict` reports: ``(stage, info)``."""
@@ -1088,6 +1115,8 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
                model=model.source, weights=model.weights_sha256, amp=resolve_amp(s.amp, dev), device=dev,
                threads=threads, normalize=scaling)
     plan = job.plan()
+    job = replace(job, shards=resolve_shards(s.shards, plan),
+                  offsets=_offsets(affinity_record(model, net.out_channels, s.threshold)))
     seconds = []
     every = 64 if runner.distributed else 1  # here, every block's marker is written at once
     one = Pass(name="predict", fn=run_blocks, job=job, plan=plan,
@@ -1156,7 +1185,8 @@ def predict(model, input, output, settings=None, runner=None, *, overwrite=False
         efficiency=_efficiency(grid, n_runs), seconds=time.perf_counter() - t0,
         device=str(info["device"]), threads=info["threads"], cluster=done.where,
         block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=info["probe"],
-        mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold)
+        mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold,
+        offsets=stage.passes[0].job.affinities.get("offsets"))
 
 
 def _resumed_tile(output, ndim):

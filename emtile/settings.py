@@ -101,6 +101,12 @@ class PredictSettings(_Settings):
         Resolution levels of the output (each halves y and x).
     normalize : str or emtile.normalize.Scaling, optional
         How raw pixels become the model's input (None: the rule the model records).
+    shards : "auto", "none" or tuple of int
+        Zarr v3 sharding of every array written (probabilities, mask, every level): ``"auto"``
+        one shard file per block per level (the blocks own whole shards); ``"none"`` (or None)
+        one file per chunk, as before; a shard shape per spatial axis of the output (``Z,Y,X``,
+        whole multiples of the output chunks that divide the block). Changes files, never the
+        array bytes.
     """
 
     tile: object = 572
@@ -122,9 +128,11 @@ class PredictSettings(_Settings):
     threads: Optional[int] = None
     levels: int = 1
     normalize: object = None
+    shards: object = "auto"
 
     def __post_init__(self):
         _whole("batch_size", self.batch_size, least=1)
+        self._check_shards()
         if self.num_workers is not None:
             _whole("num_workers", self.num_workers, least=0)
         if self.threads is not None:
@@ -140,6 +148,16 @@ class PredictSettings(_Settings):
             from emtile.device import check_amp
 
             check_amp(self.amp)
+
+    def _check_shards(self):
+        """``shards``: "auto", "none", None or positive whole numbers."""
+        v = self.shards
+        if v is None or (isinstance(v, str) and v in ("auto", "none")):
+            return
+        if not (isinstance(v, (tuple, list)) and v and all(
+                isinstance(n, Integral) and not isinstance(n, bool) and n > 0 for n in v)):
+            raise EmtileError(f"shards={v!r} is not a shard shape: give 'auto', 'none' or one "
+                              f"positive whole number per axis (e.g. (16, 512, 512))")
 
 
 @dataclass(frozen=True)

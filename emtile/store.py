@@ -2,7 +2,10 @@
 
 Every store emtile writes is a Zarr v3 group carrying OME-NGFF 0.5 ``multiscales`` metadata,
 with the full-resolution array at ``"0"`` and optional 2× downsampled levels ``"1"``, ``"2"``,
-… in y and x. napari (napari-ome-zarr) and neuroglancer open it as an image.
+… in y and x. napari (napari-ome-zarr) and neuroglancer open it as an image. Arrays can be
+stored with Zarr v3's sharding codec (``create_image(shards=...)``: the chunks become the
+shards' inner chunks; zarr writes a shard assigned whole as one file, replaced atomically), and
+a channel axis can name its channels (NGFF ``omero.channels[].label``).
 
 Completeness is a group attribute, ``attrs["emtile"]["complete"]``. It is written ``False`` when
 the store is created and set ``True`` by :func:`mark_complete` only after the writer has written
@@ -109,9 +112,42 @@ def level_chunks(chunks, axes, level):
     return tuple(max(1, c // 2**level) if ax in "yx" else c for c, ax in zip(chunks, axes))
 
 
+def level_shards(shards, chunks, shape, axes, level, *, halve):
+    """The shard shape of pyramid level ``level`` (a multiple of its chunks ``chunks``, which are
+    already the level's): ``shards`` halved in y and x like the chunks when ``halve``; along an
+    axis where one shard holds the whole full-resolution axis, one shard holds the whole level
+    (its halving may leave a last pixel that a halved shard would put in a shard of its own)."""
+    lshape = level_shape(shape, axes, level)
+    out = []
+    for s, c, n, ln, ax in zip(shards, chunks, shape, lshape, axes):
+        f = 2**level if halve and ax in "yx" else 1
+        if s >= n:
+            out.append(-(-ln // c) * c)  # the whole axis in one shard
+        elif s % f or (s // f) % c:
+            raise EmtileError(f"shards={tuple(shards)} cannot be halved to whole chunks at level "
+                              f"{level} along {ax}: use shards divisible by {f * c} there")
+        else:
+            out.append(s // f)
+    return tuple(out)
+
+
+def _check_shards(shards, chunks, shape):
+    """Level-0 ``shards``: one whole multiple of the chunk per axis (clipped to the shape like
+    the chunks), or a one-line error naming ``shards=``."""
+    shards = tuple(int(s) for s in shards)
+    if len(shards) != len(shape) or any(s <= 0 for s in shards):
+        raise EmtileError(f"shards={shards} must give one positive size per axis of shape {shape}")
+    shards = tuple(min(s, -(-n // c) * c) if n else s for s, c, n in zip(shards, chunks, shape))
+    bad = [k for k, (s, c) in enumerate(zip(shards, chunks)) if s % c]
+    if bad:
+        raise EmtileError(f"shards={shards} must be whole multiples of the chunks {chunks} along "
+                          f"every axis (a shard holds whole chunks)")
+    return shards
+
+
 def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None, levels=1,
                  name=None, kind="image", attrs=None, compression="zstd", compression_level=3,
-                 fill_value=0, halve_chunks=False):
+                 fill_value=0, halve_chunks=False, shards=None, channel_names=None):
     """Create an incomplete OME-Zarr image group at ``path`` and return it (opened for writing).
 
     Parameters
@@ -136,6 +172,15 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
     halve_chunks : bool
         Level ``k``'s chunks are ``chunks // 2**k`` in y and x (:func:`level_chunks`) instead of
         ``chunks``: for blockwise writers, whose blocks then own whole chunks at every level.
+    shards : tuple of int, optional
+        Store each array with Zarr v3's sharding codec: level 0's shard shape (whole multiples
+        of ``chunks``, which become the shards' inner chunks); every other level's follows as
+        the chunks do (:func:`level_shards`). A writer that writes a whole shard in one
+        assignment writes its file once, whole (zarr replaces it atomically). None: unsharded,
+        one file per chunk.
+    channel_names : sequence of str, optional
+        Names of the channels of a ``c`` axis, in order: NGFF ``omero.channels[].label`` (with a
+        grey colour and a 0..1 window in the stored units, as viewers expect).
     """
     import zarr
 
@@ -158,6 +203,8 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
     chunks = tuple(min(c, s) if s else c for c, s in zip(chunks, shape))
     if levels < 1:
         raise EmtileError(f"levels={levels} must be at least 1")
+    if shards is not None:
+        shards = _check_shards(shards, chunks, shape)
 
     # the emtile attributes (complete: False) go in with the group itself, so a run killed while
     # the arrays are being created leaves a store that is recognisably an incomplete emtile one
@@ -166,17 +213,33 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
                             attributes={"emtile": emtile_attrs})
     compressor = _compressor(compression, compression_level)
     for level in range(levels):
+        level_chunk = level_chunks(chunks, axes, level) if halve_chunks else chunks
         group.create_array(
-            str(level), shape=level_shape(shape, axes, level), dtype=dtype,
-            chunks=level_chunks(chunks, axes, level) if halve_chunks else chunks,
+            str(level), shape=level_shape(shape, axes, level), dtype=dtype, chunks=level_chunk,
+            shards=None if shards is None else level_shards(shards, level_chunk, shape, axes,
+                                                            level, halve=halve_chunks),
             compressors=[compressor] if compressor else None, fill_value=fill_value,
             dimension_names=list(axes),
         )
-    group.attrs.update({
-        "ome": {"version": NGFF_VERSION, "multiscales": _multiscales(axes, full_voxel, levels, name)},
-        "emtile": emtile_attrs,
-    })
+    ome = {"version": NGFF_VERSION, "multiscales": _multiscales(axes, full_voxel, levels, name)}
+    if channel_names is not None:
+        ome["omero"] = _omero(channel_names, shape[axes.index("c")] if "c" in axes else None,
+                              dtype)
+    group.attrs.update({"ome": ome, "emtile": emtile_attrs})
     return group
+
+
+def _omero(names, channels, dtype):
+    """NGFF ``omero`` metadata naming each channel (a grey colour and a window over 0..1 in the
+    stored units: 0..255 for uint8 probabilities)."""
+    names = [str(n) for n in names]
+    if channels is None or len(names) != channels:
+        raise EmtileError(f"channel_names={names} must name each of the {channels or 0} channels "
+                          f"of the c axis")
+    top = 255.0 if np.dtype(dtype) == np.uint8 else 1.0
+    window = {"min": 0.0, "max": top, "start": 0.0, "end": top}
+    return {"channels": [{"label": n, "color": "FFFFFF", "active": True, "window": window}
+                         for n in names]}
 
 
 def emtile_attrs(path):

@@ -482,6 +482,8 @@ def predicted(forks, synthetic_small, tmp_path_factory):
     save_model(UNet(base=4, depth=2), d / "model")
     r = predict_run(forks, d, d / "ref.zarr", faults=f"trace={d / 'trace.txt'}")
     assert r.rc == 0, r.stderr
+    for name in ("0", "labels/mask/0"):  # the default: sharded, one shard file per block
+        assert zarr.open_array(d / "ref.zarr" / name, mode="r").shards is not None, name
     return d, chunk_files(d / "ref.zarr"), (d / "trace.txt").read_text().split()
 
 
@@ -548,8 +550,17 @@ def test_predict_sigkill_at_seeded_points_then_rerun_is_byte_identical(forks, pr
         r = predict_run(forks, d, out, faults=f"{name}@{n}=kill")
         assert r.rc == -signal.SIGKILL, (name, n, r.rc, r.stderr)
         assert not is_complete(out), f"killed at {name} #{n}, yet the store looks complete"
+        assert_whole_or_absent(out, ref, f"killed at {name} #{n}")
         resumed.append(resume_predict(forks, d, out, ref))
     assert max(resumed) > 0 and min(resumed) == 0  # runs resumed part-way, and from nothing
+
+
+def assert_whole_or_absent(out, ref, where):
+    """Every shard file a killed run left is the finished run's file, byte for byte: a block's
+    shard is written whole or not at all (the markers, rewritten as blocks finish, aside)."""
+    for key, data in chunk_files(out).items():
+        if "/c/" in key and not key.startswith("emtile_blocks"):
+            assert data == ref[key], f"{where}: {key} is not the finished run's shard"
 
 
 def marker_writes(points):

@@ -74,7 +74,28 @@ def test_cluster_run_is_byte_identical_to_a_local_run(data, cluster, tmp_path, p
     r = predict(data / "model", data / "in.zarr", out, client=cluster, blocks_per_task=per_task,
                 **OPTS)
     assert r.blocks_resumed == 0 and r.threads == 1 and is_complete(out)
+    assert zarr.open_array(out / "0", mode="r").shards is not None  # the default: sharded
     assert_same_output(data / "local.zarr", out)
+
+
+def test_a_sharded_cluster_run_is_byte_identical_to_a_local_one(data, cluster, tmp_path):
+    """Blocks of 2x2 chunks, each writing its own shard of every level on another worker: the
+    same shard files as a local run, the same arrays as an unsharded one."""
+    opts = dict(OPTS, chunk_size=28, levels=2)
+    local = predict(data / "model", data / "in.zarr", tmp_path / "local.zarr", num_workers=0,
+                    **opts)
+    r = predict(data / "model", data / "in.zarr", tmp_path / "cluster.zarr", client=cluster,
+                blocks_per_task=2, **opts)
+    assert r.blocks == local.blocks >= 8 and is_complete(tmp_path / "cluster.zarr")
+    a = zarr.open_array(tmp_path / "cluster.zarr" / "0", mode="r")
+    assert a.chunks == (1, 28, 28) and a.shards == (1, 56, 56)
+    assert_same_output(tmp_path / "local.zarr", tmp_path / "cluster.zarr")
+    predict(data / "model", data / "in.zarr", tmp_path / "plain.zarr", num_workers=0,
+            shards="none", **opts)
+    for name in ("0", "1", "labels/mask/0", "labels/mask/1"):
+        x = zarr.open_array(tmp_path / "plain.zarr" / name, mode="r")
+        y = zarr.open_array(tmp_path / "cluster.zarr" / name, mode="r")
+        assert x.shards is None and x[:].tobytes() == y[:].tobytes(), name
 
 
 def test_cli_cluster_local(data, tmp_path):
