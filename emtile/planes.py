@@ -151,8 +151,9 @@ def _check_ids(arr, name, display):
                           f"(integer ids, 0 = none)")
 
 
-def _affinity_planes(arr, path, at, channel):
-    """``({plane: float64 map in [0, 1]}, label)`` of a ``(C, Z, Y, X)`` or ``(Z, Y, X)`` pred."""
+def _affinity_planes(arr, path, at, channel, offsets=None):
+    """``({plane: float64 map in [0, 1]}, label)`` of a ``(C, Z, Y, X)`` or ``(Z, Y, X)`` pred;
+    ``offsets`` given, or those its store records."""
     from emtile.evaluation import store_kind
 
     meta = store_kind(path)[1] if path is not None else {}
@@ -164,16 +165,20 @@ def _affinity_planes(arr, path, at, channel):
         if channel is not None:
             raise EmtileError(f"channel={channel} does not apply: pred is a (Z, Y, X) map")
         return {p: v / scale for p, v in _read(arr, at).items()}, "probability"
-    offsets = meta.get("offsets") if meta.get("target") == "affinities" else None
     if offsets is not None and len(offsets) != arr.shape[0]:
-        offsets = None  # a record that does not match the channels is not used
+        raise EmtileError(f"offsets= gives {len(offsets)} offsets but pred has "
+                          f"{arr.shape[0]} channels")
+    if offsets is None and meta.get("target") == "affinities":
+        offsets = meta.get("offsets")
+        if offsets is not None and len(offsets) != arr.shape[0]:
+            offsets = None  # a record that does not match the channels is not used
     chs, label = affinity_channels(offsets, arr.shape[0], channel)
     maps = [_read(arr, at, (c,)) for c in chs]
     return {p: np.mean([m[p] for m in maps], axis=0) / scale for p in PLANES}, label
 
 
 def read_planes(raw, *, seg=None, labels=None, pred=None, at=None, channel=None,
-                voxel_size=None):
+                voxel_size=None, offsets=None):
     """Read the three orthogonal planes through ``at`` of ``raw`` and what is on its grid.
 
     Parameters
@@ -191,6 +196,9 @@ def read_planes(raw, *, seg=None, labels=None, pred=None, at=None, channel=None,
     voxel_size : tuple of float, optional
         ``(z, y, x)`` in nm; default what the stores record (seg, labels, pred, raw, in that
         order), else isotropic.
+    offsets : list of (dz, dy, dx), optional
+        The affinity offsets of ``pred``'s channels; default what its store records (an array
+        records none: give them, or ``channel``).
 
     Returns
     -------
@@ -226,7 +234,8 @@ def read_planes(raw, *, seg=None, labels=None, pred=None, at=None, channel=None,
     if "labels" in opened:
         views.truth = _read(opened["labels"][0], where)
     if "pred" in opened:
-        views.affinity, views.affinity_label = _affinity_planes(*opened["pred"], where, channel)
+        views.affinity, views.affinity_label = _affinity_planes(*opened["pred"], where, channel,
+                                                                offsets)
     views.names = {n: p for n, (_, p) in opened.items()}
     return views
 
@@ -269,7 +278,9 @@ def _row_title(kind, views, plane):
         n = int(np.count_nonzero(np.unique(ids[plane])))
         return f"{kind}: {n} object{'s' if n != 1 else ''}"
     if kind == "affinities":
-        return views.affinity_label
+        label = views.affinity_label
+        return ("affinities: mean of the nearest neighbours" if label.startswith("mean")
+                else f"affinities: {label}")
     return "raw"
 
 
@@ -278,6 +289,12 @@ def _cursor(ax, plane, at):
     rows, cols = PLANES[plane][1]
     ax.axhline(at[rows], color="w", lw=0.6, ls="--", alpha=0.7, gid="cursor")
     ax.axvline(at[cols], color="w", lw=0.6, ls="--", alpha=0.7, gid="cursor")
+
+
+def _wrap(text, width=48):
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
 
 
 def planes_figure(views, *, title=None):
@@ -328,7 +345,7 @@ def planes_figure(views, *, title=None):
             ax.set_title(f"{where}\n{_row_title(kind, views, plane)}", fontsize=8)
     if mapped is not None:
         fig.colorbar(mapped, ax=axes[[k for k, _ in rows].index("affinities"), :].tolist(),
-                     shrink=0.8, label="affinity (1 = same object)")
+                     shrink=0.8, label=_wrap(f"{views.affinity_label} (1 = same object)"))
     size = "x".join(f"{v:g}" for v in vs)
     note = f"voxel {size} nm" if views.voxel_known else "voxel size not recorded: drawn isotropic"
     fig.suptitle(f"{title + ' - ' if title else ''}planes through (z, y, x) = {views.at}, "

@@ -224,10 +224,12 @@ def test_affinities_are_drawn_as_the_nearest_neighbour_mean(affinity_store):
         (image,) = ax.get_images()
         assert np.allclose(np.asarray(image.get_array()), want[ax.emtile_plane], atol=1e-6)
         assert image.get_clim() == (0.0, 1.0)
-        assert "mean of the nearest-neighbour affinities (-1, 0, 0), (0, -1, 0), (0, 0, -1)" in \
-            ax.get_title()
+        assert "affinities: mean of the nearest neighbours" in ax.get_title()
     assert axes[1].get_aspect() == 4.0  # xz: 40 nm sections, 10 nm pixels
-    assert len(fig.axes) == 4  # three panels and the colour bar
+    assert len(fig.axes) == 4  # three panels and the colour bar, which names the channels
+    assert fig.axes[3].get_ylabel().replace("\n", " ") == (
+        "mean of the nearest-neighbour affinities (-1, 0, 0), (0, -1, 0), (0, 0, -1) (1 = same "
+        "object)")
     fig = P.show(d / "raw.zarr", pred=d / "aff.zarr", channel=3)
     for ax in panel_axes(fig):
         assert np.array_equal(np.asarray(ax.get_images()[0].get_array()),
@@ -237,6 +239,10 @@ def test_affinities_are_drawn_as_the_nearest_neighbour_mean(affinity_store):
     u8 = np.round(aff * 255).astype(np.uint8)
     views = PL.read_planes(raw, pred=u8, at=at, channel=0)
     assert np.array_equal(views.affinity["xz"], u8[0, :, 5, :] / 255.0)
+    # an array records no offsets: they can be given
+    views = PL.read_planes(raw, pred=aff[[3, 2]], at=at, offsets=[[0, -3, 0], [0, 0, -1]])
+    assert np.array_equal(views.affinity["yz"], aff[2, :, :, 7].astype(np.float64))
+    assert views.affinity_label == "mean of the nearest-neighbour affinities (0, 0, -1)"
 
 
 def test_bad_planes_requests_are_one_line(affinity_store, tmp_path):
