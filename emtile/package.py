@@ -165,8 +165,8 @@ def affinity_offsets(meta, *, channels, ndim):
                   for o in offsets))
     if not ok:
         raise EmtileError(f"metadata.json records target='affinities' with offsets={offsets!r}; "
-                          f"expected {channels} offsets (one per output channel) of {ndim} "
-                          f"integers each")
+                          f"expected {channels} offset{'s' if channels != 1 else ''} (one per "
+                          f"output channel) of {ndim} integers each")
     return [[int(v) for v in o] for o in offsets]
 
 

@@ -697,3 +697,29 @@ def test_bioimageio_check_script_runs_a_3d_model(exported3d):
     assert "volume (40, 72, 80) of" in out.stdout and "3 channel(s)" in out.stdout
     line = next(s for s in out.stdout.splitlines() if s.startswith("bioimageio.core (padding"))
     assert float(line.split("largest |difference| ")[1].split(",")[0]) < 1e-5, line
+
+
+def test_3d_descriptions_are_per_axis():
+    """The shared definitions for a 3-D shape map: per-axis sizes and offsets, percentiles over
+    (channel, z, y, x), affinity channel names; the 2-D ones keep their one-number form."""
+    from emtile.package import affinity_channel_names, affinity_offsets
+
+    sm = ShapeMap(3, 3, factors=((1, 2, 2), (1, 2, 2), (2, 2, 2)))
+    inp = input_description(sm, dtype="uint16", normalization="minmax")
+    out = output_description(sm, channels=2, channel_names=["aff_dz-1_dy0_dx0", "b"])
+    assert [a["size"] for a in inp["axes"][2:]] == [{"min": m, "step": s}
+                                                    for m, s in zip(sm.min_sizes, sm.aligns)]
+    assert sm.aligns == (2, 8, 8)
+    assert [a["size"]["offset"] for a in out["axes"][2:]] == [-2 * h for h in sm.halos]
+    assert out["axes"][1]["channel_names"] == ["aff_dz-1_dy0_dx0", "b"]
+    assert inp["preprocessing"][1]["kwargs"]["axes"] == ["channel", "z", "y", "x"]
+    assert preprocessing("uint8", "minmax")[1]["kwargs"]["axes"] == ["channel", "y", "x"]
+    assert affinity_channel_names([[-1, 0, 0], [0, -9, 3]]) == ["aff_dz-1_dy0_dx0",
+                                                                "aff_dz0_dy-9_dx3"]
+    assert affinity_channel_names([[0, -1]]) == ["aff_dy0_dx-1"]
+    meta = {"emtile": {"target": "affinities", "offsets": [[-1, 0, 0]]}}
+    assert affinity_offsets(meta, channels=1, ndim=3) == [[-1, 0, 0]]
+    assert affinity_offsets({"emtile": {"target": "boundaries"}}, channels=1, ndim=3) is None
+    with pytest.raises(EmtileError, match=r"offsets=\[\[-1, 0\]\]; expected 1 offset \(one per "
+                                          r"output channel\) of 3 integers each"):
+        affinity_offsets({"target": "affinities", "offsets": [[-1, 0]]}, channels=1, ndim=3)
