@@ -10,7 +10,8 @@ import click
               help="Volume to cut the test input from [default: the raw volume the model was "
                    "trained on, from its metadata.json].")
 @click.option("--slice", "slice_", default=None, type=click.IntRange(min=0),
-              help="Slice of --sample for the test input [default: the first validation slice].")
+              help="Slice of --sample for a 2-D model's test input [default: the first "
+                   "validation slice]; a 3-D model's is a centred block of --sample.")
 @click.option("--name", default=None, help="Package name (letters, digits, spaces, _+-()).")
 @click.option("--description", default=None, help="One-line description of the model.")
 @click.option("--author", "authors", multiple=True,
@@ -23,7 +24,9 @@ import click
 @click.option("--overwrite", is_flag=True, help="Replace an existing package OUTPUT.")
 def export(model_dir, output, sample, slice_, name, description, authors, license_, cite_isbi,
            torchscript, overwrite):
-    """Write MODEL_DIR as the bioimage.io model package OUTPUT (.zip, format 0.5).
+    """Write MODEL_DIR as the bioimage.io model package OUTPUT (.zip, format 0.5): a 2-D U-Net
+    with axes (batch, channel, y, x), a 3-D one with (batch, channel, z, y, x), the valid sizes
+    and halo per axis; an affinity model's channels named by their offsets.
 
     The package validates with bioimageio.core and runs in emtile: emtile predict --model
     OUTPUT. Writing it needs pip install 'emtile[bioimageio]'; reading it does not.

@@ -33,12 +33,26 @@ from emtile.cli._types import LABELS_HELP, Roi, SliceList
 @click.option("--dpi", type=click.IntRange(30, 1200), default=150, show_default=True,
               help="Resolution of PNG output.")
 @click.option("--title", default=None, help="Figure title.")
-def show(raw, pred, labels, seg, slices, roi, threshold, invert, log, output, dpi, title):
+@click.option("--planes", is_flag=True,
+              help="Draw a 3-D volume as three orthogonal planes (XY, XZ, YZ) through --at, "
+                   "at the voxel size the stores record: --seg and --labels are then id "
+                   "volumes (a segmentation and a ground truth, instances in colour over RAW), "
+                   "--pred a probability map or affinities. Implied by --at, --channel and an "
+                   "affinity --pred.")
+@click.option("--at", default=None, metavar="Z,Y,X",
+              help="Voxel where the planes cross [default: the volume's centre].")
+@click.option("--channel", type=click.IntRange(min=0), default=None,
+              help="Channel of an affinity --pred to draw [default: the mean of its "
+                   "nearest-neighbour channels].")
+def show(raw, pred, labels, seg, slices, roi, threshold, invert, log, output, dpi, title, planes,
+         at, channel):
     """Draw RAW with --pred/--labels/--seg (panels per slice, an error overlay in EM terms,
-    scores at the threshold and at the best one, a segmentation's instances in colour), or the
-    training curve of --log RUN (or of RUN given as RAW); write it to -o fig.png|pdf."""
+    scores at the threshold and at the best one, a segmentation's instances in colour), a 3-D
+    volume's orthogonal planes (--planes), or the training curve of --log RUN (or of RUN given
+    as RAW); write it to -o fig.png|pdf."""
     from emtile.plot import show as run
 
     run(raw, pred=pred, labels=labels, seg=seg, slices=slices, roi=roi, threshold=threshold,
-        invert=invert, log=log, output=output, dpi=dpi, title=title)
+        invert=invert, log=log, output=output, dpi=dpi, title=title, planes=planes, at=at,
+        channel=channel)
     click.echo(f"wrote {output}")

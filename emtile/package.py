@@ -9,11 +9,15 @@ through :func:`emtile.model.load`, so a package is a model wherever a model fold
 The tensor descriptions are built here, as the plain data ``rdf.yaml`` holds, so that the writer
 and the reader share one definition (:func:`input_description`, :func:`output_description`):
 
-* input ``(batch, channel, y, x)``, each spatial size ``min + n * step`` with ``min`` the
-  smallest valid input and ``step = 2 ** depth`` (exactly :class:`~emtile.geometry.ShapeMap`'s
-  valid sizes), padding declared as ``reflect`` (emtile mirrors context at a volume's border);
-* output ``(batch, channel, y, x)``, each spatial size a reference to the input's with offset
-  ``-2 * halo``: the unpadded convolutions crop the halo inside the model;
+* input ``(batch, channel, y, x)`` for a 2-D U-Net, ``(batch, channel, z, y, x)`` for a 3-D one,
+  each spatial size ``min + n * step`` with ``min`` the smallest valid input along that axis and
+  ``step`` the product of its down-sampling factors (``2 ** depth`` in 2-D): exactly
+  :class:`~emtile.geometry.ShapeMap`'s valid sizes per axis, padding declared as ``reflect``
+  (emtile mirrors context at a volume's border);
+* output with the same axes, each spatial size a reference to the input's with offset
+  ``-2 * halo`` of that axis: the unpadded convolutions crop the halo inside the model; the
+  channels of an affinity model (its ``metadata.json`` records ``target: affinities`` and the
+  ``offsets``) are named by their offsets (:func:`affinity_channel_names`);
 * pre-processing: the model's recorded input normalisation (:mod:`emtile.normalize`) as
   bioimage.io steps (:func:`preprocessing`): ``scale_linear`` for ``dtype``, ``scale_range``
   over each image for ``minmax`` (percentiles 0 and 100) and ``percentile``;
@@ -37,8 +41,8 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["is_package", "load_package", "read_package", "read_description", "package_metadata",
-           "input_description", "output_description", "preprocessing", "POSTPROCESSING",
-           "SCALE_RANGE_EPS"]
+           "input_description", "output_description", "preprocessing", "affinity_offsets",
+           "affinity_channel_names", "space_axes", "POSTPROCESSING", "SCALE_RANGE_EPS"]
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 ARCHITECTURE = {"import_from": "emtile.unet", "callable": "UNet"}
@@ -54,7 +58,12 @@ DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int6
 # --------------------------------------------------------------------------- the description
 
 
-def preprocessing(dtype, normalization=None):
+def space_axes(ndim):
+    """The spatial axis ids of a ``ndim``-D model: ``["y", "x"]`` or ``["z", "y", "x"]``."""
+    return list("zyx"[3 - ndim:])
+
+
+def preprocessing(dtype, normalization=None, *, ndim=2):
     """emtile's input mapping for ``dtype`` as bioimage.io pre-processing steps (plain data).
 
     ``dtype`` normalisation (None, a model that records none): integers are divided by their
@@ -64,9 +73,9 @@ def preprocessing(dtype, normalization=None):
     booleans are only cast to float32.
 
     ``minmax`` and ``percentile``: ``scale_range`` over each image's (channel, y, x) with the
-    percentiles 0 and 100 or the model's (``(x - lo) / (hi - lo + 1e-6)``). emtile computes them
-    over the whole volume it predicts; a bioimage.io consumer computes them per image, the same
-    for a single image.
+    percentiles 0 and 100 or the model's (``(x - lo) / (hi - lo + 1e-6)``); (channel, z, y, x)
+    for a 3-D model (``ndim=3``). emtile computes them over the whole volume it predicts; a
+    bioimage.io consumer computes them per image, the same for a single image.
 
     Parameters
     ----------
@@ -92,7 +101,7 @@ def preprocessing(dtype, normalization=None):
     if rule.method != "dtype":
         low, high = (0.0, 100.0) if rule.method == "minmax" else (rule.low, rule.high)
         return [dict(_FLOAT32), {"id": "scale_range", "kwargs": {
-            "axes": ["channel", "y", "x"], "min_percentile": float(low),
+            "axes": ["channel"] + space_axes(ndim), "min_percentile": float(low),
             "max_percentile": float(high), "eps": SCALE_RANGE_EPS}}, dict(_FLOAT32)]
     if dt.kind not in "ui":
         return [dict(_FLOAT32)]
@@ -107,33 +116,65 @@ def _channels(n, prefix):
 def input_description(shape_map, *, channels=1, dtype="uint8", normalization=None):
     """The input tensor of a U-Net with ``shape_map`` as ``rdf.yaml`` describes it (a dict).
 
-    Each spatial size is ``min + n * step``: ``min`` is the smallest valid input and ``step``
-    ``2 ** depth`` (:class:`~emtile.geometry.ShapeMap` has no other valid sizes). Missing context
-    at an image's border is mirrored (``pad: reflect``, NumPy's ``"reflect"``), as in emtile.
+    Axes ``(batch, channel, y, x)``, or ``(batch, channel, z, y, x)`` for a 3-D shape map. Each
+    spatial size is ``min + n * step``: ``min`` is the smallest valid input along that axis and
+    ``step`` its alignment (``2 ** depth`` in 2-D; :class:`~emtile.geometry.ShapeMap` has no
+    other valid sizes). Missing context at an image's border is mirrored (``pad: reflect``,
+    NumPy's ``"reflect"``), as in emtile.
     """
-    size = {"min": shape_map.min_size, "step": shape_map.align}
+    space = [{"type": "space", "id": axis, "size": {"min": m, "step": step}}
+             for axis, m, step in zip(space_axes(shape_map.ndim), shape_map.min_sizes,
+                                      shape_map.aligns)]
     return {"id": INPUT_ID, "axes": [
         {"type": "batch"},
         {"type": "channel", "channel_names": _channels(channels, "raw")},
-        {"type": "space", "id": "y", "size": dict(size)},
-        {"type": "space", "id": "x", "size": dict(size)},
+        *space,
     ], "data": {"type": np.dtype(dtype).name}, "pad": {"mode": "reflect"},
-        "preprocessing": preprocessing(dtype, normalization)}
+        "preprocessing": preprocessing(dtype, normalization, ndim=shape_map.ndim)}
 
 
-def output_description(shape_map, *, channels=1):
-    """The output tensor (a dict): spatial sizes are the input's minus ``2 * halo`` (a size
-    reference with that offset: the model crops the halo itself), sigmoid probabilities."""
-    def size(axis):
-        return {"tensor_id": INPUT_ID, "axis_id": axis, "offset": -2 * shape_map.halo}
-
+def output_description(shape_map, *, channels=1, channel_names=None):
+    """The output tensor (a dict): spatial sizes are the input's minus ``2 * halo`` of each axis
+    (a size reference with that offset: the model crops the halo itself), sigmoid
+    probabilities; ``channel_names`` (default ``foreground``, ``foreground0``, ...) for the
+    channels of an affinity model (:func:`affinity_channel_names`)."""
+    space = [{"type": "space", "id": axis,
+              "size": {"tensor_id": INPUT_ID, "axis_id": axis, "offset": -2 * halo}}
+             for axis, halo in zip(space_axes(shape_map.ndim), shape_map.halos)]
+    names = list(channel_names) if channel_names else _channels(channels, "foreground")
     return {"id": OUTPUT_ID, "axes": [
         {"type": "batch"},
-        {"type": "channel", "channel_names": _channels(channels, "foreground")},
-        {"type": "space", "id": "y", "size": size("y")},
-        {"type": "space", "id": "x", "size": size("x")},
+        {"type": "channel", "channel_names": names},
+        *space,
     ], "data": {"type": "float32", "range": [0.0, 1.0]},
         "postprocessing": [dict(p) for p in POSTPROCESSING]}
+
+
+def affinity_offsets(meta, *, channels, ndim):
+    """The offsets of an affinity model from its ``metadata.json`` (``meta``; the entries under
+    ``emtile``, or at the top): a list of ``channels`` offsets of ``ndim`` integers when it
+    records ``target: affinities``, None for any other model; a one-line error when the record
+    does not fit the network."""
+    info = meta.get("emtile", meta) if isinstance(meta, dict) else {}
+    if not isinstance(info, dict) or info.get("target") != "affinities":
+        return None
+    offsets = info.get("offsets")
+    ok = (isinstance(offsets, list) and len(offsets) == channels
+          and all(isinstance(o, (list, tuple)) and len(o) == ndim
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in o)
+                  for o in offsets))
+    if not ok:
+        raise EmtileError(f"metadata.json records target='affinities' with offsets={offsets!r}; "
+                          f"expected {channels} offset{'s' if channels != 1 else ''} (one per "
+                          f"output channel) of {ndim} integers each")
+    return [[int(v) for v in o] for o in offsets]
+
+
+def affinity_channel_names(offsets):
+    """Channel names of an affinity model, one per offset: ``aff_dz-1_dy0_dx0`` for
+    ``(-1, 0, 0)`` (``aff_dy-1_dx0`` in 2-D)."""
+    return ["aff_" + "_".join(f"d{axis}{v}" for axis, v in zip(space_axes(len(o)), o))
+            for o in offsets]
 
 
 # --------------------------------------------------------------------------- reading
@@ -342,7 +383,7 @@ def _check_tensors(rdf, shape_map, config, label):
             shown_g = g[i] if i < len(g) else "nothing"
             shown_w = w[i] if i < len(w) else "nothing"
             raise EmtileError(f"{label}: {where}[{i}] is {shown_g}; {unet} needs {shown_w} "
-                              f"(axes batch, channel, y, x)")
+                              f"(axes batch, channel, {', '.join(space_axes(shape_map.ndim))})")
     for where, got, want in (
             ("inputs[0].preprocessing", inputs[0].get("preprocessing", []),
              want_in["preprocessing"]),
@@ -367,9 +408,6 @@ def _meta_model(config, label):
         raise EmtileError(f"{label}: architecture kwargs has unknown arguments ({exc})") from None
     except EmtileError as exc:
         raise EmtileError(f"{label}: architecture kwargs are not valid: {exc}") from None
-    if net.ndim != 2:
-        raise EmtileError(f"{label}: architecture kwargs describe a {net.ndim}-D UNet "
-                          f"(ndim={net.ndim}); emtile reads and writes 2-D packages only")
     return net
 
 

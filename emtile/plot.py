@@ -13,8 +13,9 @@ above, the validation scores as lines on a [0, 1] axis below, each V-Rand named 
 threshold, with the batch-norm freeze and the calibration marked when the run folder records
 them.
 
-:func:`show` is the entry point behind ``emtile show``: it builds either figure and saves it
-(PNG or PDF, from the file suffix).
+:func:`show` is the entry point behind ``emtile show``: it builds either figure, or the three
+orthogonal planes of a 3-D volume (:mod:`emtile.planes`), and saves it (PNG or PDF, from the file
+suffix). The instance colours are :mod:`emtile.colours`'.
 """
 
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from emtile._errors import EmtileError
+from emtile.colours import SEG_ALPHA, segmentation_rgba
 
 __all__ = ["show", "comparison_figure", "training_curve", "read_log", "merge_outlines",
            "segmentation_rgba", "FP_COLOR", "FN_COLOR", "MERGE_COLOR", "SEG_ALPHA"]
@@ -29,9 +31,6 @@ __all__ = ["show", "comparison_figure", "training_curve", "read_log", "merge_out
 FP_COLOR = (1.0, 0.55, 0.0)  # orange: missing membrane (predicted interior, truth membrane)
 FN_COLOR = (0.0, 0.75, 1.0)  # sky blue: extra membrane (predicted membrane, truth interior)
 MERGE_COLOR = (1.0, 0.0, 1.0)  # magenta: outline of a predicted segment that merges cells
-SEG_ALPHA = 0.55  # opacity of the instance colours over the raw slice
-_HUES, _SHADES = 16, ((0.85, 1.0), (1.0, 0.7))  # the instance colour table: hue x (sat, value)
-_NEAR = ((0, 1), (1, 0), (0, 2), (2, 0), (1, 1), (1, -1))  # offsets of "neighbouring" segments
 _X_COLUMNS = ("iteration", "step", "epoch")
 _NOT_METRICS = {"iteration", "step", "epoch", "time", "elapsed", "elapsed_s", "wall", "wall_time",
                 "lr", "learning_rate", "seconds"}
@@ -191,100 +190,6 @@ def merge_outlines(mask, truth, *, share=0.5):
         return 0, np.zeros(mask.shape, bool)
     framed = np.pad(np.where(np.isin(pred, merged), pred, 0), 1)  # the image edge outlines too
     return int(merged.size), find_boundaries(framed, mode="inner")[1:-1, 1:-1]
-
-
-def segmentation_rgba(labels, *, seed=0, alpha=1.0):
-    """The instances of a label image in distinct colours, 0 transparent: an RGBA image.
-
-    Each id has a colour from a fixed table (16 hues in two shades, shuffled by ``seed``),
-    chosen by a hash of the id, so an object keeps its colour from slice to slice and figure to
-    figure; where two neighbouring segments (touching, or apart by a one-pixel line) would
-    share a hue, the later id takes the next entry whose hue differs from all its neighbours'.
-    Slices given together are coloured together: one colour per id in all of them.
-
-    Parameters
-    ----------
-    labels : ndarray of int, shape (Y, X) or (Z, Y, X)
-        Segment ids (>= 0); 0 = no segment (transparent).
-    seed : int
-        Shuffles the colour table.
-    alpha : float
-        Opacity of the labelled pixels.
-
-    Returns
-    -------
-    ndarray of float64, shape ``labels.shape + (4,)``
-        RGBA in [0, 1]; alpha 0 where ``labels`` is 0.
-
-    Examples
-    --------
-    >>> rgba = segmentation_rgba(np.array([[0, 7, 7, 9]]), alpha=0.5)
-    >>> rgba[0, 0].tolist(), float(rgba[0, 1, 3]), bool((rgba[0, 1] == rgba[0, 2]).all())
-    ([0.0, 0.0, 0.0, 0.0], 0.5, True)
-    >>> bool((rgba[0, 2, :3] != rgba[0, 3, :3]).any())      # neighbours differ
-    True
-    """
-    labels = np.asarray(labels)
-    if labels.ndim not in (2, 3) or not (np.issubdtype(labels.dtype, np.integer)
-                                         or labels.dtype == np.bool_):
-        raise EmtileError(f"labels must be a 2-D or 3-D array of integer ids, got shape "
-                          f"{labels.shape} and dtype {labels.dtype}")
-    ids, inverse = np.unique(labels, return_inverse=True)
-    inverse = inverse.reshape(labels.shape)
-    table = _colour_table(seed)
-    entries = _pick_entries(ids, _neighbours(inverse if labels.ndim == 3 else inverse[None], ids),
-                            seed)
-    colours = np.concatenate([table[entries], np.full((ids.size, 1), float(alpha))], axis=1)
-    colours[ids == 0] = 0.0
-    return colours[inverse]
-
-
-def _colour_table(seed):
-    """``_HUES * len(_SHADES)`` RGB colours; entries ``k`` and ``k + _HUES`` share a hue (the
-    hues' order shuffled by ``seed``)."""
-    from matplotlib.colors import hsv_to_rgb
-
-    hsv = [((h + 0.5) / _HUES, sat, val) for sat, val in _SHADES for h in range(_HUES)]
-    rgb = hsv_to_rgb(np.array(hsv))
-    hues = np.random.default_rng(seed).permutation(_HUES)  # which colour each hue slot shows
-    return rgb[np.concatenate([hues + k * _HUES for k in range(len(_SHADES))])]
-
-
-def _neighbours(index, ids):
-    """For each position in ``ids``, the set of positions of segments near it in any slice of
-    ``index`` (positions into ``ids``, shape (Z, Y, X)): touching, or one pixel apart."""
-    zero = 0 if ids.size and ids[0] == 0 else -1  # ids are sorted
-    pairs = []
-    for dy, dx in _NEAR:
-        y1, x1 = index.shape[1] - dy, index.shape[2] - abs(dx)
-        if y1 <= 0 or x1 <= 0:
-            continue
-        a = index[:, :y1, max(0, -dx):max(0, -dx) + x1]
-        b = index[:, dy:, max(0, dx):max(0, dx) + x1]
-        keep = (a != b) & (a != zero) & (b != zero)
-        pairs.append(np.stack([a[keep], b[keep]], axis=1))
-    near = [set() for _ in range(ids.size)]
-    if pairs:
-        for i, j in np.unique(np.sort(np.concatenate(pairs), axis=1), axis=0).tolist():
-            near[i].add(j)
-            near[j].add(i)
-    return near
-
-
-def _pick_entries(ids, near, seed):
-    """Table entry per id: its hashed entry, or the next one whose hue no neighbour has."""
-    size = _HUES * len(_SHADES)
-    with np.errstate(over="ignore"):
-        mixed = (ids.astype(np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
-    start = ((mixed >> np.uint64(32)) % np.uint64(size)).astype(np.int64)
-    entries = np.full(ids.size, -1, np.int64)
-    for i in range(ids.size):  # ascending ids: the earlier id keeps its colour
-        taken = {int(entries[j]) for j in near[i] if entries[j] >= 0}
-        hues = {e % _HUES for e in taken}
-        candidates = [(int(start[i]) + k) % size for k in range(size)]
-        entries[i] = next((e for e in candidates if e % _HUES not in hues),
-                          next((e for e in candidates if e not in taken), int(start[i])))
-    return entries
 
 
 def _prob(pslice, decoder, scale):
@@ -683,13 +588,27 @@ def _mark_freeze(ax, step):
 
 
 def show(raw=None, *, pred=None, labels=None, seg=None, slices=None, roi=None, threshold=0.5,
-         invert=False, log=None, output=None, dpi=150, title=None):
-    """Draw a comparison figure (``raw`` given) or a training curve (``log`` given); save it.
+         invert=False, log=None, output=None, dpi=150, title=None, planes=False, at=None,
+         channel=None):
+    """Draw a comparison figure (``raw`` given), the three orthogonal planes of a 3-D volume
+    (``planes``) or a training curve (``log`` given); save it.
 
     Parameters
     ----------
     raw, pred, labels, seg, slices, roi, threshold, invert, title
         See :func:`comparison_figure`. ``slices`` defaults to slice 0.
+    planes : bool
+        Draw the planes XY, XZ and YZ through ``at`` instead
+        (:func:`emtile.planes.read_planes`, :func:`emtile.planes.planes_figure`): ``seg`` and
+        ``labels`` are then id volumes (a segmentation and a ground truth, instances coloured
+        over ``raw``), ``pred`` a probability map or an affinity prediction. Chosen by itself
+        when ``at`` or ``channel`` is given or ``pred`` is an affinity prediction (a
+        ``(C, Z, Y, X)`` array, or a store recording ``target: affinities``).
+    at : str or tuple of int, optional
+        ``(z, y, x)`` (or ``"Z,Y,X"``) where the planes cross; default the volume's centre.
+    channel : int, optional
+        The channel of an affinity ``pred`` to draw, instead of the mean of its
+        nearest-neighbour channels.
     log : str or Path, optional
         A training run folder or its CSV log: draw :func:`training_curve` instead (``raw`` must
         then be None). A run folder given as ``raw`` (with no ``pred`` or ``labels``) is drawn
@@ -721,9 +640,36 @@ def show(raw=None, *, pred=None, labels=None, seg=None, slices=None, roi=None, t
     elif raw is None:
         raise EmtileError("nothing to show: give raw= (with pred=, labels= or seg=) or log= (a "
                           "training run folder or its train.csv)")
+    elif planes or at is not None or channel is not None or _is_affinities(pred):
+        fig = _planes(raw, pred=pred, labels=labels, seg=seg, slices=slices, roi=roi, at=at,
+                      channel=channel, title=title)
     else:
         fig = comparison_figure(raw, pred=pred, labels=labels, seg=seg, slices=slices, roi=roi,
                                 threshold=threshold, invert=invert, title=title)
     if output is not None:
         fig.savefig(output, dpi=dpi)
     return fig
+
+
+def _is_affinities(pred):
+    """An affinity prediction: a store that says so, or a (C, Z, Y, X) array."""
+    import os
+
+    if pred is None:
+        return False
+    if isinstance(pred, (str, os.PathLike)):
+        from emtile.planes import is_affinity_store
+
+        return is_affinity_store(pred)
+    return getattr(pred, "ndim", 0) == 4
+
+
+def _planes(raw, *, pred, labels, seg, slices, roi, at, channel, title):
+    from emtile.planes import planes_figure, read_planes
+
+    for name, value in (("slices", slices), ("roi", roi)):
+        if value is not None:
+            raise EmtileError(f"{name}= picks slices to draw one by one; the planes view draws "
+                              f"the planes through at= instead (give Z,Y,X)")
+    views = read_planes(raw, seg=seg, labels=labels, pred=pred, at=at, channel=channel)
+    return planes_figure(views, title=title)

@@ -25,6 +25,12 @@ Needs ``pip install 'emtile[bioimageio]'``. Steps:
    describes a valid-convolution network).
 
 The slices default to the model's validation slices; ``--raw`` to the volume it was trained on.
+
+A 3-D model (``UNet(ndim=3)``) is checked on the whole ``--raw`` volume (give a small one, e.g.
+a 40 x 72 x 80 crop): ``emtile predict`` with the folder and with the package (byte-identical),
+and ``bioimageio.core`` on the volume padded by its own ``Tensor.pad`` as the package declares
+(``reflect``, by the halo of each axis and up to the next valid size per axis), compared with
+emtile's float32 probabilities of every channel.
 """
 
 import argparse
@@ -84,6 +90,56 @@ def core_predict(package, raw, zs, halo, shape_map, pad_mode=None):
     return np.stack(out).astype(np.float32), str(pad_mode), blockwise
 
 
+def core_predict_3d(package, vol, net):
+    """bioimage.io core's prediction of the whole (Z, Y, X) ``vol``, padded by core as the
+    package declares: (C, Z, Y, X) float32."""
+    from bioimageio.core import Sample, Tensor, create_prediction_pipeline, load_description
+
+    descr = load_description(package)
+    sm, input_id = net.shape_map, descr.inputs[0].id
+    widths = {}
+    for a, (axis, n) in enumerate(zip("zyx", vol.shape)):
+        halo = sm.halos[a]
+        total = next(v for v in range(n + 2 * halo, n + 2 * halo + sm.aligns[a] + 1)
+                     if sm.output_along(v, a) is not None)
+        widths[axis] = (halo, total - n - halo)
+    tensor = Tensor.from_numpy(vol[None, None], dims=("batch", "channel", "z", "y", "x"))
+    sample = Sample(members={input_id: tensor}, stat={}, id="volume")
+    with create_prediction_pipeline(descr, devices=["cpu"]) as pp:
+        pred = pp.predict_sample_without_blocking(
+            sample.pad({input_id: widths}, mode=descr.inputs[0].pad))
+    p = pred.members[descr.outputs[0].id].data.values[0]
+    return np.asarray(p[:, :vol.shape[0], :vol.shape[1], :vol.shape[2]], np.float32)
+
+
+def check_3d(args, net):
+    """The 3-D check (see the module docstring)."""
+    raw_path = args.raw or load_metadata(args.model).get("emtile", {}).get("raw")
+    vol = np.asarray(emtile.open_volume(raw_path)[:])
+    with tempfile.TemporaryDirectory(prefix="bioimageio-check-") as tmp:
+        tmp = Path(tmp)
+        print(export_model(args.model, tmp / "model.zip", sample=raw_path))
+        tile = tuple(next(v for v in range(min(n + 2 * h, 160), 10**4)
+                          if net.shape_map.output_along(v, a) is not None)
+                     for a, (n, h) in enumerate(zip(vol.shape, net.shape_map.halos)))
+        outs = {}
+        for key, model, dtype in (("folder", args.model, "uint8"), ("zip", tmp / "model.zip",
+                                                                     "uint8"),
+                                  ("float", args.model, "float32")):
+            emtile.predict(model, raw_path, tmp / f"{key}.zarr", dtype=dtype, tile=tile,
+                           num_workers=0, device="cpu", progress=False)
+            outs[key] = np.asarray(emtile.open_volume(tmp / f"{key}.zarr")[:])
+        core = core_predict_3d(tmp / "model.zip", vol, net)
+    ours = outs["float"].reshape(core.shape)
+    print(f"volume {vol.shape} of {raw_path}, {core.shape[0]} channel(s)")
+    print(f"emtile --model model.zip vs --model {args.model}: "
+          f"{'byte-identical' if np.array_equal(outs['zip'], outs['folder']) else 'DIFFERENT'}")
+    diff = np.abs(core - ours)
+    print(f"bioimageio.core (padding reflect) vs emtile, float32: largest |difference| "
+          f"{float(diff.max()):.3g}, {int((core != ours).sum())} of {core.size} values not "
+          f"bit-identical")
+
+
 def to_uint8(p):
     """emtile's storage of probabilities, ``rint(clip(p, 0, 1) * 255)`` (stitch.normalize)."""
     from emtile.stitch import normalize
@@ -100,11 +156,13 @@ def main():
     ap.add_argument("--tile", type=int, default=572, help="emtile predict's tile size")
     args = ap.parse_args()
 
+    net = load_folder(args.model)
+    if net.ndim == 3:
+        return check_3d(args, net)
     meta = load_metadata(args.model).get("emtile", {})
     raw_path = args.raw or meta.get("raw")
     zs = parse_slices(args.slices) if args.slices else meta.get("val_slices") or [0]
     raw = emtile.open_volume(raw_path)
-    net = load_folder(args.model)
     with tempfile.TemporaryDirectory(prefix="bioimageio-check-") as tmp:
         tmp = Path(tmp)
         result = export_model(args.model, tmp / "model.zip", sample=raw_path, sample_slice=zs[0])

@@ -359,9 +359,9 @@ ARCH = "weights.pytorch_state_dict.architecture"
      r"architecture kwargs has unknown arguments \(.*'heads'"),
     (_set(f"{ARCH}.kwargs", {"base": 2, "depth": 20}),
      r"architecture kwargs are not valid: depth=20 must be an integer from 1 to 8"),
-    (_set(f"{ARCH}.kwargs", {"base": 2, "depth": 2, "ndim": 3}),
-     r"architecture kwargs describe a 3-D UNet \(ndim=3\); emtile reads and writes 2-D packages "
-     r"only"),
+    (_set(f"{ARCH}.kwargs", {"base": 2, "depth": 2, "ndim": 3}),  # a 3-D net, 2-D tensors
+     r"inputs\[0\].axes\[2\] is \('space', 'y', .*; emtile's UNet \(depth 2, 1 in, 1 out "
+     r"channels\) needs \('space', 'z', .*\(axes batch, channel, z, y, x\)"),
     (_set("inputs.0.axes.2.size", {"min": 44, "step": 8}),
      r"inputs\[0\].axes\[2\] is \('space', 'y', \{'min': 44, 'step': 8\}, None\); emtile's UNet "
      r"\(depth 2, 1 in, 1 out channels\) needs \('space', 'y', \{'min': 44, 'step': 4\}, None\)"),
@@ -470,14 +470,6 @@ def test_export_refuses_bad_requests(exported, tmp_path, volume):
     assert (tmp_path / "notes.zip").read_text() == "mine"
 
 
-def test_export_refuses_a_3d_model_in_one_line(tmp_path):
-    save_model(UNet(base=2, depth=2, ndim=3, factors=((1, 2, 2), (2, 2, 2))), tmp_path / "m3")
-    with pytest.raises(EmtileError, match=r"^model='.*m3' is a 3-D U-Net \(ndim=3\); emtile "
-                                          r"exports 2-D models only") as info:
-        emtile.export_model(tmp_path / "m3", tmp_path / "m3.zip")
-    assert "\n" not in str(info.value) and not (tmp_path / "m3.zip").exists()
-
-
 def test_export_needs_a_sample_when_the_training_volume_is_gone(tmp_path, volume):
     torch.manual_seed(0)
     folder = save_model(UNet(base=2, depth=2), tmp_path / "m",
@@ -534,3 +526,200 @@ def test_info_describes_a_package(exported):
     assert "kind          bioimage.io package" in r.output
     assert "U-Net 2-D, depth 2, base 4, batch norm on" in r.output
     assert "normalisation dtype (not recorded" in r.output  # an old-style model: dtype
+
+
+# ------------------------------------------------------------------ 3-D models
+
+OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+FACTORS = ((1, 2, 2), (2, 2, 2))
+
+
+def make_model_3d(folder, volume, *, out_channels=3, offsets=OFFSETS, seed=0):
+    """A tiny 3-D U-Net folder (anisotropic factors: every axis its own geometry) whose output
+    varies over EM: He-initialised, a steep head; an affinity model when ``offsets``."""
+    torch.manual_seed(seed)
+    net = UNet(base=2, depth=2, ndim=3, factors=FACTORS, out_channels=out_channels).eval()
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    net.head.weight.data *= 10
+    meta = {"emtile": {"kind": "best", "raw": str(volume), "iteration": 5}}
+    if offsets is not None:
+        meta["emtile"].update(target="affinities", offsets=offsets)
+    return save_model(net, folder, metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def volume3d(tmp_path_factory, isbi_dir):
+    """A FIB-25 crop, 40 x 72 x 80 voxels, in a Zarr store (uint8)."""
+    import tifffile
+
+    fib = isbi_dir.parent / "fib25" / "raw.tif"
+    if not fib.exists():
+        pytest.skip("FIB-25 data not found")
+    path = tmp_path_factory.mktemp("vol3d") / "fib.zarr"
+    arr = zarr.create_array(path, shape=(40, 72, 80), chunks=(8, 64, 64), dtype="uint8",
+                            zarr_format=3)
+    arr[:] = tifffile.imread(fib)[150:190, 100:172, 90:170]
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported3d(tmp_path_factory, volume3d):
+    """A 3-D affinity U-Net folder and its package (with TorchScript weights)."""
+    d = tmp_path_factory.mktemp("exported3d")
+    folder = make_model_3d(d / "model", volume3d)
+    result = emtile.export_model(folder, d / "model.zip", torchscript=True)
+    return folder, d / "model.zip", result
+
+
+def test_3d_package_describes_the_geometry_per_axis(exported3d, volume3d):
+    folder, package, result = exported3d
+    rdf, sm = read_rdf(package), ShapeMap(2, 3, factors=FACTORS)
+    assert (sm.min_sizes, sm.aligns, sm.halos) == ((18, 44, 44), (2, 4, 4), (8, 20, 20))
+    inp, out = rdf["inputs"][0], rdf["outputs"][0]
+    for tensor in (inp, out):
+        assert [a["type"] for a in tensor["axes"]] == ["batch", "channel", "space", "space",
+                                                       "space"]
+        assert [a.get("id") for a in tensor["axes"][2:]] == ["z", "y", "x"]
+    for i, axis in enumerate("zyx"):
+        assert inp["axes"][2 + i]["size"] == {"min": sm.min_sizes[i], "step": sm.aligns[i]}
+        assert out["axes"][2 + i]["size"] == {"tensor_id": "raw", "axis_id": axis,
+                                              "offset": -2 * sm.halos[i]}
+    # an affinity model's channels are named by their offsets, and the description says so
+    assert out["axes"][1]["channel_names"] == ["aff_dz-1_dy0_dx0", "aff_dz0_dy-1_dx0",
+                                               "aff_dz0_dy0_dx-1"]
+    assert out["description"].startswith("affinities (sigmoid)")
+    assert "affinities" in rdf["description"] and "3d" in rdf["tags"]
+    assert rdf["config"]["emtile"]["geometry"] == {"axes": ["z", "y", "x"],
+                                                   "min_sizes": [18, 44, 44],
+                                                   "steps": [2, 4, 4], "halos": [8, 20, 20],
+                                                   "depth": 2}
+    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["kwargs"] == \
+        load_model(folder).config
+    with zipfile.ZipFile(package) as z:
+        x = np.load(io.BytesIO(z.read("test_input.npy")))
+        y = np.load(io.BytesIO(z.read("test_output.npy")))
+        readme = z.read("README.md").decode()
+    # the test input: the centred block of the smallest valid size with 16 output voxels per axis
+    assert x.dtype == np.uint8 and x.shape == (1, 1, 32, 56, 56) and sm.is_valid(x.shape[2:])
+    want = np.asarray(zarr.open_array(str(volume3d))[4:36, 8:64, 12:68])
+    assert np.array_equal(x[0, 0], want)
+    assert y.shape == (1, 3, 16, 16, 16) and y.dtype == np.float32
+    with torch.no_grad():
+        ref = torch.sigmoid(load_model(folder)(torch.from_numpy(dtype_scaled(x)))).numpy()
+    assert np.array_equal(y, ref) and 0.05 < y.std()
+    assert "`aff_dz0_dy-1_dx0` (0, -1, 0)" in readme and "z 18 + n * 2, y 44 + n * 4" in readme
+    assert (result.min_size, result.step, result.halo) == ((18, 44, 44), (2, 4, 4), (8, 20, 20))
+    assert "input z 18 + n*2, y 44 + n*4, x 44 + n*4, output = input - (16, 40, 40)" in str(result)
+
+
+def test_3d_package_reads_back_to_the_same_model(exported3d):
+    """emtile.model.load reads the 3-D package (safe YAML, weights_only, checked against the
+    description) into a model whose outputs equal the folder model's, at two valid sizes."""
+    from emtile.model import load
+
+    folder, package, _ = exported3d
+    a, b = load(folder), load(package)
+    assert b.kind == "package" and b.ndim == 3 and b.net.config == a.net.config
+    assert b.metadata["emtile"]["offsets"] == OFFSETS
+    gen = torch.Generator().manual_seed(1)
+    for size in ((18, 44, 44), (20, 48, 52)):
+        x = torch.rand(1, 1, *size, generator=gen)
+        with torch.no_grad():
+            assert torch.equal(a.net(x), b.net(x))
+    assert b.weights_sha256 == a.weights_sha256
+
+
+def test_bioimageio_core_validates_a_3d_package(exported3d):
+    core = pytest.importorskip("bioimageio.core")
+    _, package, _ = exported3d
+    summary = core.test_model(package)
+    errors = [(d.name, e.msg) for d in summary.details for e in d.errors]
+    assert summary.status == "passed" and not errors, errors
+    names = [d.name for d in summary.details if d.status == "passed"]
+    for fmt in ("pytorch_state_dict", "torchscript"):
+        assert f"Reproduce test outputs from test inputs ({fmt})" in names
+        assert f"Run {fmt} inference for inputs with batch_size: 2 and size parameter n: 2" in names
+
+
+def test_3d_export_of_a_plain_model_and_its_refusals(tmp_path, volume3d, exported3d):
+    folder = make_model_3d(tmp_path / "plain", volume3d, out_channels=1, offsets=None)
+    r = run_cli("export", folder, tmp_path / "plain.zip")
+    assert r.exit_code == 0, r.output
+    assert "test tensors 32x56x56 -> 16x16x16 (32x56x56 block at the centre of fib.zarr)" in \
+        r.output
+    rdf = read_rdf(tmp_path / "plain.zip")
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["foreground"]
+    assert rdf["outputs"][0]["description"] == "probability of the foreground class (sigmoid)"
+    # a package whose tensors are 2-D while its kwargs are 3-D is refused in one line
+    _, package, _ = exported3d
+    bad = rewrite(package, tmp_path / "bad.zip",
+                  edit=lambda rdf: rdf["inputs"][0]["axes"].pop(2))
+    with pytest.raises(EmtileError, match=r"inputs\[0\].axes\[2\] is \('space', 'y', \{'min': 44, "
+                                          r"'step': 4\}, None\); emtile's UNet \(depth 2, 1 in, "
+                                          r"3 out channels\) needs \('space', 'z', \{'min': 18, "
+                                          r"'step': 2\}, None\) \(axes batch, channel, z, y, x\)"):
+        load_model(bad)
+    sample2d = tmp_path / "img.zarr"
+    zarr.create_array(sample2d, shape=(64, 64), dtype="uint8", zarr_format=3)[:] = 7
+    wrong = make_model_3d(tmp_path / "wrong", volume3d, offsets=[[-1, 0, 0], [0, -1, 0]])
+    cases = [
+        (("export", folder, tmp_path / "x.zip", "--slice", "3"),
+         r"sample_slice=3 picks a slice for a 2-D model's test input; a 3-D model's is a "
+         r"centred block of sample"),  # as the 2-D sample_slice errors are worded
+        (("export", folder, tmp_path / "x.zip", "--sample", sample2d),
+         r"--sample '.*img.zarr' has shape \(64, 64\) and dtype uint8; a 3-D model needs a "
+         r"\(Z, Y, X\) volume of numbers"),
+        (("export", wrong, tmp_path / "x.zip"),
+         r"metadata.json records target='affinities' with offsets=\[\[-1, 0, 0\], \[0, -1, 0\]\]; "
+         r"expected 3 offsets \(one per output channel\) of 3 integers each"),
+    ]
+    for args, message in cases:
+        r = run_cli(*args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.output
+        assert re.search(message, lines[0]), (message, lines[0])
+    assert not (tmp_path / "x.zip").exists()
+
+
+@pytest.mark.slow
+def test_bioimageio_check_script_runs_a_3d_model(exported3d):
+    """examples/bioimageio_check.py on a tiny 3-D model: the package predicts in emtile as the
+    folder does, and bioimageio.core's prediction of the padded volume is emtile's."""
+    pytest.importorskip("bioimageio.core")
+    folder, _, _ = exported3d
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "bioimageio_check.py"),
+                          str(folder)], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"emtile --model model.zip vs --model {folder}: byte-identical" in out.stdout
+    assert "volume (40, 72, 80) of" in out.stdout and "3 channel(s)" in out.stdout
+    line = next(s for s in out.stdout.splitlines() if s.startswith("bioimageio.core (padding"))
+    assert float(line.split("largest |difference| ")[1].split(",")[0]) < 1e-5, line
+
+
+def test_3d_descriptions_are_per_axis():
+    """The shared definitions for a 3-D shape map: per-axis sizes and offsets, percentiles over
+    (channel, z, y, x), affinity channel names; the 2-D ones keep their one-number form."""
+    from emtile.package import affinity_channel_names, affinity_offsets
+
+    sm = ShapeMap(3, 3, factors=((1, 2, 2), (1, 2, 2), (2, 2, 2)))
+    inp = input_description(sm, dtype="uint16", normalization="minmax")
+    out = output_description(sm, channels=2, channel_names=["aff_dz-1_dy0_dx0", "b"])
+    assert [a["size"] for a in inp["axes"][2:]] == [{"min": m, "step": s}
+                                                    for m, s in zip(sm.min_sizes, sm.aligns)]
+    assert sm.aligns == (2, 8, 8)
+    assert [a["size"]["offset"] for a in out["axes"][2:]] == [-2 * h for h in sm.halos]
+    assert out["axes"][1]["channel_names"] == ["aff_dz-1_dy0_dx0", "b"]
+    assert inp["preprocessing"][1]["kwargs"]["axes"] == ["channel", "z", "y", "x"]
+    assert preprocessing("uint8", "minmax")[1]["kwargs"]["axes"] == ["channel", "y", "x"]
+    assert affinity_channel_names([[-1, 0, 0], [0, -9, 3]]) == ["aff_dz-1_dy0_dx0",
+                                                                "aff_dz0_dy-9_dx3"]
+    assert affinity_channel_names([[0, -1]]) == ["aff_dy0_dx-1"]
+    meta = {"emtile": {"target": "affinities", "offsets": [[-1, 0, 0]]}}
+    assert affinity_offsets(meta, channels=1, ndim=3) == [[-1, 0, 0]]
+    assert affinity_offsets({"emtile": {"target": "boundaries"}}, channels=1, ndim=3) is None
+    with pytest.raises(EmtileError, match=r"offsets=\[\[-1, 0\]\]; expected 1 offset \(one per "
+                                          r"output channel\) of 3 integers each"):
+        affinity_offsets({"target": "affinities", "offsets": [[-1, 0]]}, channels=1, ndim=3)
