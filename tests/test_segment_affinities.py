@@ -160,6 +160,19 @@ def test_killed_run_resumes_to_the_same_labels(data, tmp_path):
     r = segment(root / "noisy.zarr", out, block_size=(8, 16, 16), progress=False)
     assert r.blocks_resumed[0] == 27 and r.blocks_resumed[1] >= 5
     np.testing.assert_array_equal(labels(out), labels(root / "whole.zarr"))
+    # a recut killed after recording 3 of its 27 blocks, resumed through the CLI
+    env["_EMTILE_FAULTS"] = "segment.recut.recorded@3=kill"
+    recut = RUN.replace("block_size=(8, 16, 16)", "recut=0.6")
+    killed = subprocess.run([sys.executable, "-c", recut, str(out), str(tmp_path / "c.zarr")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not is_complete(tmp_path / "c.zarr")
+    result = CliRunner().invoke(main, ["segment", str(out), str(tmp_path / "c.zarr"),
+                                       "--recut", "0.6", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "resumed: 3 of 27 blocks were done" in result.output
+    segment(out, tmp_path / "d.zarr", recut=0.6, progress=False)
+    np.testing.assert_array_equal(labels(tmp_path / "c.zarr"), labels(tmp_path / "d.zarr"))
 
 
 def test_foreign_tiff_and_hdf5_with_offsets_equal_the_store(data, tmp_path):
