@@ -193,6 +193,8 @@ def test_foreign_tiff_and_hdf5_with_offsets_equal_the_store(data, tmp_path):
     ("range", "hold 1.5 near voxel"),
     ("missing", "record no offsets: give them, one per channel, e.g. --offsets "),
     ("nearest", "lacks the nearest neighbour 0,0,-1"),
+    ("recut", "--recut needs a segmentation made from affinities by emtile segment"),
+    ("recut2", "--recut 1.5 must be a number between 0 and 1"),
 ])
 def test_bad_inputs_are_one_line(data, tmp_path, case, message):
     _, _, noisy = data
@@ -204,8 +206,10 @@ def test_bad_inputs_are_one_line(data, tmp_path, case, message):
         aff[0, 3, 4, 5] = 1.5
     elif case == "missing":
         args = []
-    else:
+    elif case == "nearest":
         args = ["--offsets", "-1,0,0;0,-1,0;0,0,-2;0,0,-3;0,-3,0"]
+    else:
+        args = ["--recut", "0.5" if case == "recut" else "1.5"]
     tifffile.imwrite(tmp_path / "aff.tif", aff)
     result = CliRunner().invoke(main, ["segment", str(tmp_path / "aff.tif"),
                                        str(tmp_path / "o.zarr"), "--no-progress", *args])

@@ -96,7 +96,7 @@ def _source(path):
     group = zarr.open_group(path, mode="r") if is_zarr_store(path) else None
     meta = group.attrs.asdict().get("emtile", {}) if group is not None else {}
     if group is None or GRAPH not in group or "segment" not in meta:
-        raise EmtileError(f"recut needs a segmentation made from affinities by emtile segment "
+        raise EmtileError(f"recut= needs a segmentation made from affinities by emtile segment "
                           f"(it keeps fragments and region graph), but {path!r} is not one")
     if not meta.get("complete"):
         raise EmtileError(f"segmentation {path!r} is incomplete: run emtile segment again to "
