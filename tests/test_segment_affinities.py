@@ -180,8 +180,10 @@ def test_foreign_tiff_and_hdf5_with_offsets_equal_the_store(data, tmp_path):
     tifffile.imwrite(tmp_path / "aff.tif", noisy)
     with h5py.File(tmp_path / "aff.h5", "w") as f:
         f["aff"] = noisy
-    for src in (tmp_path / "aff.tif", f"{tmp_path / 'aff.h5'}:aff"):
-        out = tmp_path / f"{os.path.basename(str(src))[-3:]}.zarr"
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=noisy.shape, chunks=(1, 8, 24, 24),
+                      dtype=noisy.dtype)[...] = noisy
+    for src in (tmp_path / "aff.tif", f"{tmp_path / 'aff.h5'}:aff", tmp_path / "plain.zarr"):
+        out = tmp_path / f"out_{os.path.basename(str(src))[-4:]}.zarr"
         result = CliRunner().invoke(main, ["segment", str(src), str(out), "--offsets", TEXT,
                                            "--block-size", "24,48,48", "--no-progress"])
         assert result.exit_code == 0, result.output

@@ -505,7 +505,10 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     prediction : str or Path
         A store written by :func:`emtile.predict` (probabilities of cell interior at ``"0"``,
         uint8 meaning ``v / 255``, or floats), or another float array in [0, 1] that
-        :func:`emtile.open_volume` opens; shape (Z, Y, X) or (Y, X).
+        :func:`emtile.open_volume` opens; shape (Z, Y, X) or (Y, X). Or affinities, shape
+        (C, Z, Y, X): an emtile affinity store (its attributes give the offsets) or a foreign
+        array with ``offsets`` (:mod:`emtile.segmenter.affinity`); the output then also keeps
+        the fragments and the region graph (``emtile_graph/``) for ``recut``.
     output : str or Path
         The new store: labels at ``"0"`` (uint32, or uint64 when the count needs it), 0 for
         background, objects numbered 1..N in the order of their first pixel (C order); every
