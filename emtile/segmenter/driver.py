@@ -523,10 +523,10 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
         Replace an existing output (and never resume an interrupted one).
     progress : bool
     **overrides
-        Fields of the settings or the runner by name (``recut=0.4``: ``prediction`` is a
+        Fields of the settings or the runner by name (``method="cc"``, ``block_size=(1, 512,
+        512)``, ``cluster="local"``, ``client=client``). ``recut=0.4``: ``prediction`` is a
         segmentation made from affinities, relabelled at merge threshold 0.4 from its stored
-        fragments and region graph, :mod:`emtile.segmenter.recut`) (``method="cc"``, ``block_size=(1, 512,
-        512)``, ``cluster="local"``, ``client=client``).
+        fragments and region graph (:mod:`emtile.segmenter.recut`).
 
     Returns
     -------
