@@ -23,9 +23,10 @@ Store layout (inside the output group, removed when the run completes)::
 
 With affinities, pass 3 also writes each voxel's fragment id to ``emtile_graph/fragments``,
 which stays (:mod:`emtile.segmenter.fragment_graph`). Pass 3 writes the labels at ``0`` and,
-with ``levels > 1``, every pyramid level of the block from the same labels (``k``: every ``2**k``-th pixel in y and x, so no level holds an id that level 0
-does not); blocks start at multiples of ``2**(levels - 1)`` in y and x and each level's chunks are
-halved, so a block owns whole chunks at every level.
+with ``levels > 1``, every pyramid level of the block from the same labels (``k``: every
+``2**k``-th pixel in y and x, so no level holds an id that level 0 does not); blocks start at
+multiples of ``2**(levels - 1)`` in y and x and each level's chunks are halved, so a block owns
+whole chunks at every level.
 """
 
 import math
