@@ -60,6 +60,16 @@ class Quantile(click.ParamType):
 @click.option("--grow", default=_D.grow, show_default=True, type=int,
               help="How far (pixels) labels are carried: boundary pixels further from every "
                    "cell stay 0. It also sets the context each block reads.")
+@click.option("--offsets", default=_D.offsets,
+              help="Affinities without recorded offsets (a (C, Z, Y, X) TIFF, HDF5 file.h5:"
+                   "dataset or Zarr array): one dz,dy,dx per channel, ';'-separated, e.g. "
+                   "\"-1,0,0;0,-1,0;0,0,-1\" (the three nearest neighbours must be there). "
+                   "An emtile affinity store records its own.")
+@click.option("--recut", default=_D.recut, type=float,
+              help="PRED is a segmentation made from affinities: write OUTPUT at this merge "
+                   "threshold from its stored fragments and region graph (seconds; the bytes a "
+                   "fresh run with --merge-threshold T gives); the other segmentation options are "
+                   "the ones PRED was made with.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()
@@ -81,13 +91,22 @@ def segment(pred, output, overwrite, progress, **options):
     emtile segment pred.zarr seg.zarr
     emtile segment pred.zarr seg.zarr --cluster local --cluster-workers 2 --levels 4
     emtile segment pred.zarr seg.zarr --cluster tcp://10.0.0.5:8786
+    emtile segment aff.zarr seg.zarr                  (an emtile affinity store)
+    emtile segment aff.tif seg.zarr --offsets "-1,0,0;0,-1,0;0,0,-1"
+    emtile segment seg.zarr seg_04.zarr --recut 0.4   (another merge threshold, no fragments)
+
+    PRED may also hold affinities (C, Z, Y, X): pairs above --threshold are linked, their
+    components flooded into fragments, merged while 1 - affinity across a face is at most
+    --merge-threshold; OUTPUT then keeps the fragments and the region graph for --recut.
     """
     from emtile.segmenter import segment as run
 
     runner = pop_runner(options)
     result = run(pred, output, SegmentSettings(**options), runner, overwrite=overwrite,
                  progress=progress)
-    if any(result.blocks_resumed):
+    if any(result.blocks_resumed) and len(result.blocks_resumed) == 1:
+        click.echo(f"resumed: {result.blocks_resumed[0]} of {result.blocks} blocks were done")
+    elif any(result.blocks_resumed):
         labels, fragments, write = result.blocks_resumed
         click.echo(f"resumed: of {result.blocks} blocks, {labels} (labels), {fragments} "
                    f"(fragments) and {write} (write) were already done")

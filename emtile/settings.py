@@ -198,6 +198,14 @@ class SegmentSettings(_Settings):
     seed_cap, seed_radius, interior_rounds : int
         ws with distance seeds: the distance cap, the radius of a seed's neighbourhood and the
         rounds a seed floods the interior first.
+    offsets : str or None
+        Affinities that record no offsets (a foreign (C, Z, Y, X) array): one ``dz,dy,dx`` per
+        channel, ``;``-separated, the three nearest neighbours among them. With affinities,
+        ``threshold`` links a pair (affinity above it) and ``merge_threshold`` compares
+        ``1 - affinity`` of the pairs across a face (:mod:`emtile.segmenter.affinity`).
+    recut : float or None
+        The input is a segmentation made from affinities: relabel it at this merge threshold
+        from its stored fragments and region graph (no fragments computed again).
     """
 
     method: str = "ws"
@@ -214,6 +222,8 @@ class SegmentSettings(_Settings):
     seed_cap: int = 12
     seed_radius: int = 2
     interior_rounds: int = 40
+    offsets: Optional[str] = None
+    recut: Optional[float] = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -234,6 +244,8 @@ class SegmentSettings(_Settings):
                               f"or more")
         for name in ("seed_cap", "seed_radius", "interior_rounds"):
             _whole(name, getattr(self, name), least=1)
+        if self.recut is not None:
+            _fraction("recut", self.recut)
 
 
 def split_overrides(settings_cls, settings, overrides, runner_cls, runner):

@@ -32,6 +32,21 @@ sides (the vectors to their seeds point away from each other); boundary pixels t
 fragments of one cell split side by side only count as contact. So two cells joined through a
 gap stay apart (their long shared membrane is evidence), while one cell's fragments merge.
 
+Affinities
+----------
+A ``(C, Z, Y, X)`` affinity map (an emtile affinity store, recognised by its attributes, or a
+foreign array with ``offsets``) goes through the same passes in 3d mode
+(:mod:`emtile.segmenter.affinity` says how): the seeds are the connected components of the
+nearest-neighbour pairs linked by an affinity above ``threshold``, the bounded flood climbs the
+mean affinity of each voxel's six pairs, and a face is scored by the affinities of the voxel
+pairs that cross it (``1 - affinity``: its ``merge_quantile``, from a histogram over the whole
+range, or its mean) up to ``merge_threshold``. The output keeps the fragments and the region
+graph (:mod:`emtile.segmenter.fragment_graph`), from which ``recut`` relabels at another
+threshold (:mod:`emtile.segmenter.recut`). The defaults are the probability map's: any
+``threshold`` and ``merge_threshold`` below 1 give perfect affinities' pieces back exactly
+(links never cross objects, faces between objects score 1), so they are left to be tuned on
+predicted affinities (FIB-25).
+
 Why the labels do not depend on the blocks
 ------------------------------------------
 The result is defined on the whole volume; each block computes the part of it in its write

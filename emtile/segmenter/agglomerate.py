@@ -157,7 +157,8 @@ def _roots(parent):
     return out
 
 
-def merge_objects(first, size, edges, *, merge_threshold=None, merge_quantile=None, min_size=0):
+def merge_objects(first, size, edges, *, merge_threshold=None, merge_quantile=None, min_size=0,
+                  quantile_limit=None):
     """Agglomerate (``merge_threshold``), absorb small objects (``min_size``) and number the
     objects by first pixel: ``RegionGraph(first, size, edges, quantile=merge_quantile)`` then
     ``agglomerate``, ``absorb_small`` and ``final_ids``, with the same result.
@@ -171,6 +172,9 @@ def merge_objects(first, size, edges, *, merge_threshold=None, merge_quantile=No
     merge_quantile : float, optional
         Quantile linkage on the edges' histograms (binned up to ``merge_threshold``).
     min_size : int
+    quantile_limit : int, optional
+        Quantile linkage on histograms over the whole altitude range (affinities,
+        :mod:`emtile.segmenter.affinity`): merge faces whose quantile bin is at most this.
 
     Returns
     -------
@@ -191,6 +195,8 @@ def merge_objects(first, size, edges, *, merge_threshold=None, merge_quantile=No
     if merge_threshold is not None:
         q = -1.0 if merge_quantile is None else float(merge_quantile)
         limit = float(merge_threshold) * 255.0 if merge_quantile is None else np.inf
+        if merge_quantile is not None and quantile_limit is not None:
+            limit = float(quantile_limit)
         _agglomerate(limit, q, adj, parent, first, size, s, c, t, h)
     if min_size > 1:
         _absorb_small(int(min_size), adj, parent, dropped, first, size, s, c, t, h)

@@ -18,12 +18,15 @@ Store layout (inside the output group, removed when the run completes)::
                                        returned by the workers, written by the driver in parts
                                        of many blocks (:mod:`emtile.segmenter.records`)
     emtile_segment/table      int64    provisional id -> output id (global step)
+    emtile_segment/ftable     int64    affinities: provisional id -> fragment id (global step)
     emtile_segment/done1..3   markers  blocks done per pass
 
-Pass 3 writes the labels at ``0`` and, with ``levels > 1``, every pyramid level of the block from
-the same labels (``k``: every ``2**k``-th pixel in y and x, so no level holds an id that level 0
-does not); blocks start at multiples of ``2**(levels - 1)`` in y and x and each level's chunks are
-halved, so a block owns whole chunks at every level.
+With affinities, pass 3 also writes each voxel's fragment id to ``emtile_graph/fragments``,
+which stays (:mod:`emtile.segmenter.fragment_graph`). Pass 3 writes the labels at ``0`` and,
+with ``levels > 1``, every pyramid level of the block from the same labels (``k``: every
+``2**k``-th pixel in y and x, so no level holds an id that level 0 does not); blocks start at
+multiples of ``2**(levels - 1)`` in y and x and each level's chunks are halved, so a block owns
+whole chunks at every level.
 """
 
 import math
@@ -69,6 +72,9 @@ class SegmentJob:
     levels: int = 1  # resolution levels of the output (each halves y and x)
     seeds: str = "distance"  # ws: "distance" (maxima of the distance transform) or "components"
     face_limit: int = -1  # ws, quantile linkage: highest altitude in the faces' histograms
+    #: affinities: the channels of the nearest neighbours (-1,0,0), (0,-1,0), (0,0,-1) in the
+    #: (C, Z, Y, X) input (:mod:`emtile.segmenter.affinity`); () for a probability map
+    channels: tuple = ()
 
     @property
     def axes(self):
@@ -88,6 +94,10 @@ class SegmentJob:
         r = self.seed_cap + self.seed_radius
         return tuple(int(math.ceil(r / self.sampling[ax] - 1e-9)) if ax in self.axes else 0
                      for ax in range(3))
+
+    @property
+    def affinity(self):
+        return bool(self.channels)
 
     @property
     def distance_seeds(self):
@@ -200,6 +210,23 @@ def _read_p(job, start, stop):
     return np.asarray(arr[_sl(start, stop)])
 
 
+def _levels(job, start, stop):
+    """Affinity input: the nearest-neighbour levels over ``[start, stop + 1)``."""
+    from emtile.segmenter.affinity import read_levels
+
+    return read_levels(_open(job)["input"], job.channels, start, stop, job.shape, job.input)
+
+
+def _affinity_signals(job, start, stop):
+    """Affinity input: ``(inside, alt, levels, lut)`` over ``[start, stop)``."""
+    from emtile.segmenter.affinity import link_lut, signals
+
+    levels = _levels(job, start, stop)
+    lut = link_lut(job.threshold)
+    inside, alt = signals(levels, start, stop, job.shape, lut)
+    return inside, alt, levels, lut
+
+
 def _check_values(p, job, start):
     if p.dtype.kind == "f" and not (np.all(p >= 0) and np.all(p <= 1)):
         from emtile._errors import EmtileError
@@ -240,6 +267,15 @@ def run_label_blocks(job, block_ids):
             out.append(None)
             continue
         start, stop = plan[i]
+        if job.affinity:
+            from emtile.segmenter.affinity import link_labels
+
+            inside, _, levels, lut = _affinity_signals(job, start, stop)
+            cells, n_cells = link_labels(levels, inside, lut)
+            _array(job, "cells")[_sl(start, stop)] = cells
+            _faults.point("segment.labels.written")
+            out.append((int(n_cells), 0))
+            continue
         r0, r1 = plan.read_box(i, job.label_halo)
         p = _read_p(job, r0, r1)
         _check_values(p, job, start)
@@ -276,9 +312,13 @@ def _provisional(job, plan, name, column, r0, r1):
 def _fragments(job, plan, r0, r1):
     """Provisional fragment ids over the read box (exact on the write region and one plane past
     its upper faces), the interior mask, the altitude, and the ids that are joined across faces."""
-    p = _read_p(job, r0, r1)
-    inside = kernels.interior_mask(p, job.threshold)
-    alt = kernels.altitude(p)
+    if job.affinity:
+        inside, alt, levels, lut = _affinity_signals(job, r0, r1)
+    else:
+        p = _read_p(job, r0, r1)
+        inside = kernels.interior_mask(p, job.threshold)
+        alt = kernels.altitude(p)
+        levels = lut = None
     cells = _provisional(job, plan, "cells", 0, r0, r1)
     labels = cells
     joined = [cells]
@@ -294,7 +334,7 @@ def _fragments(job, plan, r0, r1):
                         volume_shape=job.shape)
     frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape)
     source = key & np.int64(kernels.INDEX_LIMIT - 1)  # read where frag > 0 (the key is set)
-    return frag, inside, alt, joined, source
+    return frag, inside, alt, joined, source, (levels, lut)
 
 
 def run_fragment_blocks(job, block_ids):
@@ -312,18 +352,24 @@ def run_fragment_blocks(job, block_ids):
             continue
         start, stop = plan[i]
         r0, r1 = plan.read_box(i, job.fragment_halo)
-        frag, inside, alt, joined, source = _fragments(job, plan, r0, r1)
+        frag, inside, alt, joined, source, (levels, lut) = _fragments(job, plan, r0, r1)
         w0 = tuple(a - o for a, o in zip(start, r0))
         w1 = tuple(b - o for b, o in zip(stop, r0))
         own = _sl(w0, w1)
-        pairs = np.concatenate([kernels.face_pairs(lab, start=w0, stop=w1, axes=job.axes)
-                                for lab in joined])
         stats = kernels.fragment_stats(frag[own], inside[own], origin=start,
                                        volume_shape=job.shape)
-        bins = kernels.altitude_bins(job.face_limit) if job.face_limit >= 0 else None
-        edges = kernels.adjacent_pairs(frag, alt, source, start=w0, stop=w1, axes=job.axes,
-                                       origin=r0, volume_shape=job.shape,
-                                       sampling=job.sampling, bins=bins)
+        if job.affinity:
+            from emtile.segmenter import affinity
+
+            pairs = affinity.link_face_pairs(joined[0], levels, lut, start=w0, stop=w1)
+            edges = affinity.pair_edges(frag, levels, start=w0, stop=w1)
+        else:
+            pairs = np.concatenate([kernels.face_pairs(lab, start=w0, stop=w1, axes=job.axes)
+                                    for lab in joined])
+            bins = kernels.altitude_bins(job.face_limit) if job.face_limit >= 0 else None
+            edges = kernels.adjacent_pairs(frag, alt, source, start=w0, stop=w1,
+                                           axes=job.axes, origin=r0, volume_shape=job.shape,
+                                           sampling=job.sampling, bins=bins)
         stored = stored_ids(frag[own], inside[own], BOUNDARY_BIT)
         _array(job, "fragments")[_sl(start, stop)] = stored
         _faults.point("segment.fragments.written")  # test-only: written, not yet reported
@@ -334,14 +380,14 @@ def run_fragment_blocks(job, block_ids):
 # --------------------------------------------------------------------------- pass 3: output
 
 
-def map_ids(job, stored, dtype):
+def map_ids(job, stored, dtype, table="table"):
     """Output ids (``dtype``) of the provisional ids ``stored`` as pass 2 stored them
     (:data:`BOUNDARY_BIT` set on boundary pixels, which ``keep_boundaries`` leaves 0; id 0 stays
     0), read from the stored table: one contiguous read when the ids are dense (a block's and
     its neighbours'), else the ids found."""
     from emtile.segmenter.pixels import id_range, map_stored
 
-    table = _open(job)["temp"]["table"]  # not cached: a resumed run rewrites it
+    table = _open(job)["temp"][table]  # not cached: a resumed run rewrites it
     out = np.zeros(stored.shape, dtype)
     lo, hi = id_range(stored, BOUNDARY_BIT)
     if hi < 0:
@@ -377,6 +423,11 @@ def run_write_blocks(job, block_ids):
         stored = np.asarray(_array(job, "fragments")[_sl(start, stop)])
         labels = map_ids(job, stored, levels[0].dtype)
         count = int(np.count_nonzero(labels))
+        if job.affinity:  # the fragments, kept for recut
+            from emtile.segmenter.fragment_graph import GRAPH
+
+            frags = _open(job)["group"][GRAPH]["fragments"]
+            frags[_sl(start, stop)] = map_ids(job, stored, np.uint64, "ftable")
         for k, arr in enumerate(levels):
             if k:
                 labels = downsample(labels, labels=True)

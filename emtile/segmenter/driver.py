@@ -79,6 +79,8 @@ class _Prediction:
     voxel: tuple  # (z, y, x) nm
     translation: tuple  # (z, y, x) nm or None
     model_ndim: int
+    offsets: tuple = ()  # affinities: one (dz, dy, dx) per channel
+    channels: tuple = ()  # affinities: the channels of the three nearest neighbours
 
 
 def _ome(path):
@@ -96,16 +98,30 @@ def _ome(path):
     return node.attrs.asdict() if isinstance(node, zarr.Group) else None
 
 
-def _open_prediction(path):
-    """Open and check PRED: an emtile probability store, or a float array in [0, 1]."""
+def _open_prediction(path, offsets=None):
+    """Open and check PRED: an emtile probability store, or a float array in [0, 1]; or
+    affinities (an emtile affinity store, or a (C, Z, Y, X) array with ``offsets``)."""
+    from emtile.store import placement
     from emtile.volume import open_volume
 
     path = str(path)
+    if ".h5:" in path or ".hdf5:" in path:  # file.h5:dataset, as h5py users write it
+        path = path.replace(".h5:", ".h5/").replace(".hdf5:", ".hdf5/")
     attrs = _ome(path)
     arr = open_volume(path)
     meta = (attrs or {}).get("emtile") or {}
     kind = meta.get("kind")
     dtype = np.dtype(arr.dtype)
+    if (kind == "probabilities" and meta.get("target") == "affinities") or \
+            (kind is None and len(arr.shape) == 4):
+        from emtile.segmenter.affinity import open_affinities
+
+        shape, offs, channels = open_affinities(path, arr, meta, offsets)
+        voxel, translation = placement(attrs or {})
+        return _Prediction(path, shape, dtype, voxel, translation, 3, offs, channels)
+    if offsets is not None:
+        raise EmtileError(f"offsets={offsets!r} is for affinities, but {path!r} holds one "
+                          f"probability map of shape {tuple(arr.shape)}: leave offsets out")
     if kind is not None and kind != "probabilities":
         raise EmtileError(f"prediction {path!r} is an emtile {kind} store, not a probability map: "
                           f"give the output of emtile predict")
@@ -121,8 +137,6 @@ def _open_prediction(path):
     if kind == "probabilities" and not meta.get("complete"):
         raise EmtileError(f"prediction {path!r} is incomplete (its emtile predict run did not "
                           f"finish): run emtile predict again to finish it")
-    from emtile.store import placement
-
     voxel, translation = placement(attrs or {})
     model_ndim = (meta.get("provenance") or {}).get("model_ndim", 2)
     return _Prediction(path, tuple(int(s) for s in arr.shape), dtype, voxel, translation,
@@ -135,6 +149,13 @@ def _open_prediction(path):
 def _check_options(pred, settings):
     """The checks that need the prediction: ``(mode, shape3, block)``."""
     mode, grow = settings.mode, settings.grow
+    if pred.channels:
+        if mode == "2d":
+            raise EmtileError(f"mode='2d' does not apply to affinities {pred.path!r}: they "
+                              f"link voxels in 3-D; use mode='3d' or 'auto'")
+        if settings.method == "ws" and settings.seeds != "components":
+            raise EmtileError(f"seeds={settings.seeds!r} does not apply to affinities: their "
+                              f"seeds are the components of the links; use seeds='components'")
     if mode == "auto":
         mode = "3d" if pred.model_ndim == 3 and len(pred.shape) == 3 else "2d"
     if mode == "3d" and len(pred.shape) == 2:
@@ -189,6 +210,8 @@ def _settings(job, settings):
         if job.distance_seeds:
             out.update(seed_cap=job.seed_cap, seed_radius=job.seed_radius,
                        interior_rounds=job.interior_rounds)
+    if job.affinity:
+        out.update(input="affinities", channels=list(job.channels))
     return out
 
 
@@ -217,6 +240,11 @@ def _create_output(job, pred, plan, recorded, settings):
         attrs={"segment": recorded, "source": pred.path,
                "settings": settings.to_json(), "version": __version__,
                **store.inherited_voxel_attrs(pred.path, "prediction")})
+    if job.affinity:
+        from emtile.segmenter.fragment_graph import GRAPH
+
+        group.create_group(GRAPH).create_array("fragments", shape=job.shape, chunks=job.block,
+                                               dtype="uint64", fill_value=0)
     temp = group.create_group(TEMP)
     chunks3 = (1,) + job.block[1:] if job.mode == "2d" else job.block
     for name, dtype in (("cells", "uint32"), ("seeds", "uint32"), ("fragments", "uint64")):
@@ -228,6 +256,10 @@ def _create_output(job, pred, plan, recorded, settings):
     temp.create_array("counts", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
     temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
     bins = kernels.FACE_BINS if job.face_limit >= 0 else 0
+    if job.affinity:
+        from emtile.segmenter.affinity import AFF_BINS
+
+        bins = AFF_BINS
     RecordStore.create(temp, n, edge_width=5 + bins)
     return group
 
@@ -304,6 +336,16 @@ class _Steps:
     def global_step(self, group):
         """Before pass 3: the provisional -> output id table, and the output's dtype."""
         s = self.settings
+        if self.job.affinity:
+            from emtile.segmenter import fragment_graph
+
+            self.count = fragment_graph.global_step(
+                group, group[TEMP], RecordStore.open(group[TEMP], len(self.plan)),
+                len(self.plan), self.n_ids, method=self.job.method,
+                merge_threshold=s.merge_threshold, merge_quantile=s.merge_quantile,
+                min_size=s.min_size, table=_table)
+            self.dtype = _output_dtype(group, self.count, self.job)
+            return
         self.count = _global_step(self.job, group[TEMP], self.plan, self.n_ids,
                                   min_size=s.min_size, merge_threshold=s.merge_threshold,
                                   merge_quantile=s.merge_quantile)
@@ -339,16 +381,16 @@ def _groups(job, plan):
     return [range(k * per, (k + 1) * per) for k in range(plan.counts[0])]
 
 
-def _table(temp, n_ids):
+def _table(temp, n_ids, name="table"):
     """The provisional -> output id table, rewritten in place when a resumed run finds it: a
     task of a killed driver may still be reading it, and reads the same values either way."""
     try:
-        table = temp["table"]
+        table = temp[name]
         if table.shape == (n_ids,) and table.dtype == np.int64:
             return table
     except KeyError:
         pass
-    return temp.create_array("table", shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
+    return temp.create_array(name, shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
                              dtype="int64", fill_value=0, overwrite=True)
 
 
@@ -415,7 +457,7 @@ def segment_stage(prediction, output, settings, runner):
     from emtile import store
 
     s = settings
-    pred = _open_prediction(prediction)
+    pred = _open_prediction(prediction, s.offsets)
     mode, shape3, block = _check_options(pred, s)
     levels = check_levels(s.levels, shape3[1:], block[1:], unit="blocks")
     store.check_output(output, inputs=[pred.path])
@@ -427,7 +469,8 @@ def segment_stage(prediction, output, settings, runner):
         sampling=sampling, keep_boundaries=bool(s.keep_boundaries), run=uuid.uuid4().hex,
         levels=levels, seeds=s.seeds,
         face_limit=kernels.face_limit(s.merge_threshold)
-        if s.method == "ws" and s.merge_quantile is not None else -1)
+        if s.method == "ws" and s.merge_quantile is not None and not pred.channels else -1,
+        channels=pred.channels)
     plan = SegmentPlan(job.shape, job.block)
     recorded = _settings(job, s)
     steps = _Steps(job, plan, s)
@@ -445,7 +488,8 @@ def segment_stage(prediction, output, settings, runner):
              before=steps.global_step, flush_seconds=_FLUSH_S),
     )
     stage = Stage(name="segment", output=str(output), inputs=(pred.path,),
-                  fingerprint=_fingerprint(pred, recorded, levels),
+                  fingerprint=_fingerprint(pred, dict(recorded, offsets=pred.offsets)
+                                           if pred.channels else recorded, levels),
                   create=functools.partial(_create_output, job, pred, plan, recorded, s),
                   passes=passes, markers_group=TEMP,
                   resumable=functools.partial(_has_records, n), finish=steps.finish)
@@ -461,7 +505,10 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     prediction : str or Path
         A store written by :func:`emtile.predict` (probabilities of cell interior at ``"0"``,
         uint8 meaning ``v / 255``, or floats), or another float array in [0, 1] that
-        :func:`emtile.open_volume` opens; shape (Z, Y, X) or (Y, X).
+        :func:`emtile.open_volume` opens; shape (Z, Y, X) or (Y, X). Or affinities, shape
+        (C, Z, Y, X): an emtile affinity store (its attributes give the offsets) or a foreign
+        array with ``offsets`` (:mod:`emtile.segmenter.affinity`); the output then also keeps
+        the fragments and the region graph (``emtile_graph/``) for ``recut``.
     output : str or Path
         The new store: labels at ``"0"`` (uint32, or uint64 when the count needs it), 0 for
         background, objects numbered 1..N in the order of their first pixel (C order); every
@@ -477,7 +524,9 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     progress : bool
     **overrides
         Fields of the settings or the runner by name (``method="cc"``, ``block_size=(1, 512,
-        512)``, ``cluster="local"``, ``client=client``).
+        512)``, ``cluster="local"``, ``client=client``). ``recut=0.4``: ``prediction`` is a
+        segmentation made from affinities, relabelled at merge threshold 0.4 from its stored
+        fragments and region graph (:mod:`emtile.segmenter.recut`).
 
     Returns
     -------
@@ -485,6 +534,8 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     """
     t0 = time.perf_counter()
     settings, runner = split_overrides(SegmentSettings, settings, overrides, Runner, runner)
+    if settings.recut is not None:
+        return _recut(prediction, output, settings, runner, overwrite, progress, t0)
     stage, steps, pred = segment_stage(prediction, output, settings, runner)
     done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
     job = steps.job
@@ -494,3 +545,17 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
                          blocks_resumed=done.blocks_done, seconds=time.perf_counter() - t0,
                          settings=_settings(job, settings), levels=job.levels,
                          cluster=done.where)
+
+
+def _recut(segmentation, output, settings, runner, overwrite, progress, t0):
+    """``segment(..., recut=T)``: :func:`emtile.segmenter.recut.recut_stage` run."""
+    from emtile.segmenter.recut import recut_stage
+
+    stage, steps = recut_stage(segmentation, output, settings.recut)
+    done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
+    job = steps.job
+    return SegmentResult(output=str(output), shape=job.shape, dtype=str(steps.dtype),
+                         objects=steps.count, method="ws", mode="3d", block=job.block,
+                         blocks=len(stage.passes[0].plan), blocks_resumed=done.blocks_done,
+                         seconds=time.perf_counter() - t0, settings=steps.settings,
+                         levels=job.levels, cluster=done.where)
