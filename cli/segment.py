@@ -51,6 +51,8 @@ class Quantile(click.ParamType):
 @click.option("--merge-quantile", default=_D.merge_quantile, show_default=True, type=Quantile(),
               help="ws: measure a face by this quantile (0 < Q <= 1) of its pixels' boundary "
                    "probabilities, or by their mean.")
+@click.option("--invert", is_flag=True, default=_D.invert,
+              help="PRED is a boundary map (1 = membrane, e.g. another tool's): use 1 - p.")
 @click.option("--keep-boundaries", is_flag=True, default=_D.keep_boundaries,
               help="Leave boundary pixels (p < T) 0 instead of giving them to the cells.")
 @click.option("--block-size", default=_D.block_size,

@@ -188,6 +188,8 @@ class SegmentSettings(_Settings):
         None: by their mean.
     keep_boundaries : bool
         Leave boundary pixels 0 instead of giving them to the cells.
+    invert : bool
+        The map is a boundary map (1 = membrane, e.g. another tool's): read ``1 - p``.
     block_size : tuple of int, optional
         Block shape, one number per axis of the prediction (None: about 4 M pixels). The labels
         do not depend on it.
@@ -216,6 +218,7 @@ class SegmentSettings(_Settings):
     seeds: str = "components"
     merge_quantile: Optional[float] = 0.5
     keep_boundaries: bool = False
+    invert: bool = False
     block_size: Optional[tuple] = None
     grow: int = 32
     levels: int = 1

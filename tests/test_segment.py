@@ -875,8 +875,8 @@ def test_not_a_probability_map(tmp_path, isbi_labels):
     tif = tmp_path / "raw.tif"
     import tifffile
 
-    tifffile.imwrite(tif, np.zeros((2, 8, 8), np.uint8))
-    with pytest.raises(EmtileError, match=r"has dtype uint8 and no emtile metadata"):
+    tifffile.imwrite(tif, np.zeros((2, 8, 8), np.int16))
+    with pytest.raises(EmtileError, match=r"has dtype int16: a probability map is uint8"):
         segment(tif, tmp_path / "c.zarr", progress=False)
     floats = tmp_path / "floats.tif"
     tifffile.imwrite(floats, np.full((1, 8, 8), 3.0, np.float32))

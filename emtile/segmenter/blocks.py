@@ -72,6 +72,7 @@ class SegmentJob:
     levels: int = 1  # resolution levels of the output (each halves y and x)
     seeds: str = "distance"  # ws: "distance" (maxima of the distance transform) or "components"
     face_limit: int = -1  # ws, quantile linkage: highest altitude in the faces' histograms
+    invert: bool = False  # a boundary map (1 = membrane): read 1 - p (emtile.maps)
     #: affinities: the channels of the nearest neighbours (-1,0,0), (0,-1,0), (0,0,-1) in the
     #: (C, Z, Y, X) input (:mod:`emtile.segmenter.affinity`); () for a probability map
     channels: tuple = ()
@@ -176,11 +177,14 @@ def _open(job):
         if found is None:
             import zarr
 
+            from emtile.maps import open_probability_map
             from emtile.volume import open_volume
 
             _CACHE.clear()  # one run at a time per process
             group = zarr.open_group(job.output, mode="r+")
-            found = {"input": open_volume(job.input), "group": group, "temp": group[TEMP]}
+            source = (open_volume(job.input) if job.channels else  # affinities: as stored
+                      open_probability_map(job.input, invert=job.invert, native_uint8=True))
+            found = {"input": source, "group": group, "temp": group[TEMP]}
             _CACHE[key] = found
         return found
 

@@ -125,12 +125,9 @@ def _open_prediction(path, offsets=None):
     if kind is not None and kind != "probabilities":
         raise EmtileError(f"prediction {path!r} is an emtile {kind} store, not a probability map: "
                           f"give the output of emtile predict")
-    if kind is None and dtype.kind != "f":
-        raise EmtileError(f"prediction {path!r} has dtype {dtype} and no emtile metadata: give "
-                          f"the output of emtile predict (or probabilities as floats in [0, 1])")
-    if dtype not in (np.uint8, np.float16, np.float32, np.float64):
-        raise EmtileError(f"prediction {path!r} has dtype {dtype}: expected uint8, float16 or "
-                          f"float32 probabilities")
+    from emtile.maps import map_scale
+
+    map_scale(dtype, path)  # uint8 (v / 255), uint16 (v / 65535) or floats, from any tool
     if len(arr.shape) not in (2, 3) or 0 in arr.shape:
         raise EmtileError(f"prediction {path!r} has shape {tuple(arr.shape)}: expected one "
                           f"probability map, (Y, X) or (Z, Y, X) (one output channel)")
@@ -156,6 +153,9 @@ def _check_options(pred, settings):
         if settings.method == "ws" and settings.seeds != "components":
             raise EmtileError(f"seeds={settings.seeds!r} does not apply to affinities: their "
                               f"seeds are the components of the links; use seeds='components'")
+        if settings.invert:
+            raise EmtileError(f"invert=True does not apply to affinities {pred.path!r} (1 = the "
+                              f"same object): it reads a boundary map as 1 - p; leave it out")
     if mode == "auto":
         mode = "3d" if pred.model_ndim == 3 and len(pred.shape) == 3 else "2d"
     if mode == "3d" and len(pred.shape) == 2:
@@ -212,6 +212,8 @@ def _settings(job, settings):
                        interior_rounds=job.interior_rounds)
     if job.affinity:
         out.update(input="affinities", channels=list(job.channels))
+    if job.invert:  # recorded only when set: the settings of earlier runs keep their digest
+        out.update(invert=True)
     return out
 
 
@@ -467,7 +469,7 @@ def segment_stage(prediction, output, settings, runner):
         block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=int(s.grow),
         seed_cap=s.seed_cap, seed_radius=s.seed_radius, interior_rounds=s.interior_rounds,
         sampling=sampling, keep_boundaries=bool(s.keep_boundaries), run=uuid.uuid4().hex,
-        levels=levels, seeds=s.seeds,
+        levels=levels, seeds=s.seeds, invert=bool(s.invert),
         face_limit=kernels.face_limit(s.merge_threshold)
         if s.method == "ws" and s.merge_quantile is not None and not pred.channels else -1,
         channels=pred.channels)
