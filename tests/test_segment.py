@@ -966,3 +966,25 @@ def test_info_shows_what_made_a_segmentation(tmp_path):
     text = format_info(d)
     assert f"into {r.objects:,} objects" in text
     assert "settings      method cc, mode 2d, threshold" in text and "block" not in text
+
+
+def test_2d_mode_writes_one_shard_per_block_per_level(tmp_path):
+    """In 2d mode the labels are chunked slice by slice; each block's slices are one shard per
+    level, written whole by that block: as many files as blocks times levels, the same labels
+    as the whole volume segmented in one block (the store is still a valid label image)."""
+    rng = np.random.default_rng(0)
+    p = ndimage.gaussian_filter(rng.random((6, 200, 200)), (0, 3, 3))
+    p = ((p - p.min()) / (p.max() - p.min())).astype(np.float32)
+    pred = tmp_path / "p.zarr"
+    zarr.create_array(str(pred), data=p, chunks=(1, 200, 200))
+    segment(pred, tmp_path / "s.zarr", block_size=(3, 128, 128), levels=2, progress=False)
+    segment(pred, tmp_path / "one.zarr", block_size=(6, 200, 200), levels=2, progress=False)
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert g["0"].chunks == (1, 128, 128) and g["0"].shards == (3, 128, 128)
+    assert g["1"].chunks == (1, 64, 64) and g["1"].shards == (3, 64, 64)
+    files = [f for k in ("0", "1") for f in (tmp_path / "s.zarr" / k / "c").rglob("*")
+             if f.is_file()]
+    assert len(files) == 8 * 2  # 2 x 2 x 2 blocks, 2 levels
+    one = zarr.open_group(str(tmp_path / "one.zarr"), mode="r")
+    for k in ("0", "1"):
+        np.testing.assert_array_equal(g[k][...], one[k][...])

@@ -236,8 +236,11 @@ def _create_output(job, pred, plan, recorded, settings):
     if pred.translation is not None:
         translation = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
     source = os.path.relpath(os.path.abspath(pred.path), os.path.abspath(job.output))
+    # 2d mode chunks a block slice by slice: one shard per block per level holds its slices
+    # (pass 3 writes each level's box of a block in one assignment: the shard, whole)
+    shards = job.block if chunks != job.block and job.image_ndim == 3 else None
     group = store.create_label_image(
-        job.output, image_shape, np.uint32, chunks=chunks, voxel_size=voxel,
+        job.output, image_shape, np.uint32, chunks=chunks, shards=shards, voxel_size=voxel,
         name="segmentation", levels=job.levels, source=source, physical=translation,
         attrs={"segment": recorded, "source": pred.path,
                "settings": settings.to_json(), "version": __version__,
