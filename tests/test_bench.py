@@ -212,3 +212,13 @@ def test_shape_only_with_pipeline():
     result = CliRunner().invoke(main, TINY + ["--shape", "2,64,64"])
     assert result.exit_code == 1
     assert "Error: --shape 2,64,64 only applies with --pipeline" in result.output
+
+
+def test_pipeline_parts_come_back_from_reader_processes():
+    """With DataLoader workers (CUDA's default), reading happens in other processes: their
+    seconds come back through shared memory."""
+    from emtile.bench_pipeline import run_pipeline
+
+    r = run_pipeline(depth=2, tile=188, shape=(4, 256, 256), device="cpu", num_workers=1)
+    assert r["output_equals_input"] and r["num_workers"] == 1
+    assert r["parts"]["read_decode"] > 0 and r["parts"]["normalize"] > 0 and r["parts"]["tiles"] > 0
