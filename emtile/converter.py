@@ -5,10 +5,11 @@ calling thread while a :class:`~emtile.stacks.WriterThread` hands the previous s
 downsampled levels to a pool of threads, one per core (up to :data:`WRITE_THREADS`), that
 compress and write its rows of chunks side by side (the codecs release the GIL); an
 uncompressed, contiguous TIFF is read with one plain read per slab
-(:func:`emtile.tiff.read_contiguous`) instead of page by page through tifffile's Zarr view. Labels are checked binary as they stream
-(:class:`~emtile.stacks.LabelChecker`), or kept as instance ids (``ids=True``: whole numbers >= 0,
-checked by :func:`~emtile.stacks.check_id_values`; the store is an NGFF label image recording
-``ids: true``, its largest id and, when cheap, how many there are). The voxel size is
+(:func:`emtile.tiff.read_contiguous`) instead of page by page through tifffile's Zarr view.
+Labels are checked binary as they stream (:class:`~emtile.stacks.LabelChecker`), or kept as
+instance ids (``ids=True``: whole numbers >= 0, checked by
+:func:`~emtile.stacks.check_id_values`; the store is an NGFF label image recording ``ids:
+true``, its largest id and, when cheap, how many there are). The voxel size is
 ``voxel_size=`` if given, else what the input's metadata records
 (:func:`emtile.voxels.read_voxel_size`), recorded with its source. The store is written in the
 order every writing command follows (``docs/ARCHITECTURE.md``, Stores) and marked complete only
@@ -183,7 +184,7 @@ def convert(input, output, *, labels=False, ids=False, threshold=None, channel=N
     with _store.output_lock(output):
         _store.prepare_output(output, overwrite=overwrite)
         read_slab = _slab_reader(src, input, plain=channel is None and dataset is None)
-        out_dtype = (_id_dtype(src, input, read_slab) if ids else  # signed or float ids: a first pass
+        out_dtype = (_id_dtype(src, input, read_slab) if ids else  # signed/float ids: a pass
                      np.dtype(np.uint8) if labels or dtype == np.bool_ else dtype)
         with _store.write_errors(output):
             group = _create_store(output, shape, out_dtype, ids=ids, labels=labels,

@@ -132,10 +132,12 @@ def test_null_unet_crops_to_the_valid_output():
 
     net = NullUNet(depth=2)
     assert net.shape_map.halo == UNet(base=8, depth=2).shape_map.halo == 20
-    x = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16).repeat(1, 1, 4, 4)[..., :60, :60] / 255
+    x = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16).repeat(1, 1, 4, 4)
+    x = x[..., :60, :60] / 255  # every uint8 value, scaled as predict scales it
     y = torch.sigmoid(net(x))
     assert y.shape == (1, 1, 20, 20)
-    np.testing.assert_array_equal(np.rint(y.numpy() * 255), np.rint(x[..., 20:40, 20:40].numpy() * 255))
+    np.testing.assert_array_equal(np.rint(y.numpy() * 255),
+                                  np.rint(x[..., 20:40, 20:40].numpy() * 255))
     with pytest.raises(Exception, match="not valid for depth 2"):
         net(torch.zeros(1, 1, 61, 61))
 
@@ -174,7 +176,8 @@ def test_timed_parts_are_exclusive_and_removed():
 
     before = (geometry.read_window, predictor._Forward.__call__, predictor.normalize_pixels)
     with timed_parts():
-        assert geometry.read_window is not before[0] and hasattr(geometry.read_window, "__wrapped__")
+        assert geometry.read_window is not before[0]
+        assert hasattr(geometry.read_window, "__wrapped__")
     assert (geometry.read_window, predictor._Forward.__call__, predictor.normalize_pixels) == before
 
 
