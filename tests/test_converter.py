@@ -99,13 +99,16 @@ def test_a_tiff_cut_short_after_its_check_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("chunks", [(2, 32, 32), (3, 70, 50), (1, 16, 64)])
-def test_chunk_rows_in_a_pool_write_the_bytes_of_one_assignment(tmp_path, chunks):
+def test_chunk_rows_write_the_bytes_of_one_assignment(tmp_path, chunks):
     data = np.random.default_rng(3).integers(0, 255, (7, 70, 50), dtype=np.uint8)
     digests = []
-    for k, pool in enumerate((None, ThreadPoolExecutor(3))):
+    for k, pool in enumerate(("whole", None, ThreadPoolExecutor(3))):
         arr = store.create_image(tmp_path / f"{k}.zarr", data.shape, np.uint8, chunks=chunks)["0"]
-        converter._put(arr, 0, data[:4], pool)  # slabs that start and stop inside a z-chunk
-        converter._put(arr, 4, data[4:], pool)
+        if pool == "whole":
+            arr[:] = data
+        else:
+            converter._put(arr, 0, data[:4], pool)  # slabs that start and stop inside a z-chunk
+            converter._put(arr, 4, data[4:], pool)
         np.testing.assert_array_equal(arr[:], data)
         digests.append(stored_digest(tmp_path / f"{k}.zarr" / "0"))
-    assert digests[0] == digests[1]
+    assert digests[0] == digests[1] == digests[2]
