@@ -1,10 +1,11 @@
-"""``emtile bench``: the model alone against the whole predict path, on this machine."""
+"""``emtile bench``: the model alone against the whole predict path, on this machine; with
+``--pipeline``, predict's data path alone (a null model) and where its time goes."""
 
 import json
 
 import click
 
-from emtile.cli._types import amp_option, device_option
+from emtile.cli._types import IntTuple, amp_option, device_option
 
 
 @click.command()
@@ -32,11 +33,34 @@ from emtile.cli._types import amp_option, device_option
                    "train-volume.tif); default random data.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for the random weights, tiles and data.")
+@click.option("--pipeline", is_flag=True,
+              help="Time predict's data path alone instead: a null model with the U-Net's "
+                   "geometry (it crops each tile to its valid output), so reading, "
+                   "normalising, tiling, stitching and writing are all that cost; print "
+                   "Mvoxel/s and the seconds of each part (--base is not used).")
+@click.option("--shape", type=IntTuple(3, example="72,2048,2048"), default=None,
+              help="With --pipeline: the volume's Z,Y,X instead of --tiles output tiles.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 def bench(base, depth, tile, batch_size, device, tiles, channels_last, amp, num_workers, repeat,
-          data, seed, as_json):
+          data, seed, pipeline, shape, as_json):
     """Time a random-weight U-Net alone on tiles in memory, then the full predict path on a
-    Zarr volume of the same tiles; print both, their ratio, voxels/s and peak memory."""
+    Zarr volume of the same tiles; print both, their ratio, voxels/s and peak memory.
+
+    With --pipeline, time predict's whole path with a model that costs nothing instead, and
+    where the time goes: read and decode, normalise, tile assembly and mirroring, the (null)
+    model and its transfers, stitch, encode and write."""
+    if pipeline:
+        from emtile.bench_pipeline import format_pipeline, run_pipeline
+
+        result = run_pipeline(depth=depth, tile=tile, batch_size=batch_size, device=device,
+                              tiles=tiles, shape=shape, channels_last=channels_last, amp=amp,
+                              num_workers=num_workers, repeat=repeat, data=data, seed=seed)
+        click.echo(json.dumps(result, indent=2) if as_json else format_pipeline(result))
+        return
+    if shape is not None:
+        from emtile._errors import EmtileError
+
+        raise EmtileError(f"shape={','.join(map(str, shape))} only applies with pipeline=True")
     from emtile.bench import format_bench, run_bench
 
     result = run_bench(base=base, depth=depth, tile=tile, batch_size=batch_size, device=device,

@@ -6,7 +6,9 @@ strip / tile byte counts point past the end of the file. :func:`inspect` lists e
 :func:`salvage` says which whole 2-D slices the file still holds (what ``allow_partial=True``
 reads). tifffile's log records and warnings are captured while a file is parsed
 (:func:`tifffile_records`), never the only sign. The readers themselves (pages, raw slices,
-tifffile's Zarr view) are :mod:`emtile.volume`'s.
+tifffile's Zarr view) are :mod:`emtile.volume`'s; :func:`contiguous_layout` and
+:func:`read_contiguous` read a checked file's uncompressed, contiguous slices with one plain
+read per slab (convert's fast path: no per-page decoding, no Zarr view).
 """
 
 import contextlib
@@ -17,7 +19,8 @@ import warnings
 
 import numpy as np
 
-__all__ = ["TIFF_SUFFIXES", "tifffile_records", "single_page_series", "inspect", "salvage"]
+__all__ = ["TIFF_SUFFIXES", "tifffile_records", "single_page_series", "inspect", "salvage",
+           "contiguous_layout", "read_contiguous"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 
@@ -210,6 +213,48 @@ def salvage(tf, series, size):
         if min(whole, total) > n:
             return min(whole, total), tuple(first.shape), dtype, offset
     return n, tuple(first.shape), np.dtype(first.dtype), None
+
+
+def contiguous_layout(path):
+    """``(offset, shape, dtype)`` of the first series of the TIFF at ``path`` when its pixels
+    are stored uncompressed in one contiguous run of bytes in their final form (tifffile's
+    ``dataoffset``), else None. ``dtype`` carries the file's byte order.
+
+    Only for a file :func:`emtile.open_volume` has checked (page chain and byte counts): this
+    says where the bytes are, not that they are all there (:func:`read_contiguous` says that).
+    """
+    import tifffile
+
+    with tifffile_records(), tifffile.TiffFile(path) as tf:
+        series = tf.series[0]
+        offset = series.dataoffset
+        if offset is None or series.dtype is None:
+            return None
+        dtype = np.dtype(series.dtype).newbyteorder(tf.byteorder)
+        return int(offset), tuple(int(n) for n in series.shape), dtype
+
+
+def read_contiguous(path, layout, z0, z1):
+    """Slices ``z0:z1`` (a 2-D image: the whole of it, as one slice) of a contiguous TIFF, as
+    a NumPy array of shape ``(z1 - z0, Y, X)`` in native byte order, with one read of the file.
+
+    ``layout`` is :func:`contiguous_layout`'s. A file shorter than the layout says raises
+    ``OSError`` naming the bytes missing.
+    """
+    offset, shape, dtype = layout
+    plane = shape[-2:]
+    out = np.empty((z1 - z0,) + plane, dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset + z0 * int(np.prod(plane)) * dtype.itemsize)
+        done = 0
+        while done < len(view):  # a read may return less than asked (e.g. past 2 GiB)
+            n = f.readinto(view[done:])
+            if not n:
+                raise OSError(f"the file ends {len(view) - done} bytes before slice {z1 - 1}'s "
+                              f"last pixel")
+            done += n
+    return out if dtype.isnative else out.astype(dtype.newbyteorder("="))
 
 
 def _strip_repr(message):

@@ -13,8 +13,9 @@ and prints MB/s (of uncompressed data) for both, their ratio and each process's 
     .venv/bin/python examples/bench_convert.py --sizes 0.5,4 [--compression none|zlib] [--workdir DIR]
 
 ``--compare TREE --rounds N`` instead times this tree's convert against another checkout's
-(e.g. a ``git worktree`` of the commit before a change), interleaved A B, B A, ... on the same
-file, and prints the throughput ratio (this tree / TREE) per round and its median.
+(e.g. ``git archive OLD emtile | tar -x -C /tmp/old`` for the commit before a change; TREE
+holds its ``emtile/``), interleaved A B, B A, ... on the same file, and prints the throughput
+ratio (this tree / TREE) per round and its median, with the load average before and after.
 """
 
 import argparse
@@ -89,8 +90,10 @@ def timed(code, *args, pythonpath=None):
         "print('BENCH', dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(pythonpath)) if pythonpath else None
+    # run outside any checkout: `python -c` puts the working folder first on sys.path, which
+    # would import the emtile found there instead of PYTHONPATH's
     out = subprocess.run([sys.executable, "-c", wrapper, *map(str, args)], capture_output=True,
-                         text=True, check=True, env=env).stdout
+                         text=True, check=True, env=env, cwd=tempfile.gettempdir()).stdout
     line = [ln for ln in out.splitlines() if ln.startswith("BENCH")][-1].split()
     return float(line[1]), int(line[2])
 
@@ -148,11 +151,16 @@ def compare(args):
 
     work = Path(tempfile.mkdtemp(prefix="emtile-bench-", dir=args.workdir))
     trees = {"this": REPO, "other": args.compare.resolve()}
+    for name, tree in trees.items():  # which emtile each side imports, to be sure
+        print(name, subprocess.run([sys.executable, "-c", "import emtile; print(emtile.__file__)"],
+                                   capture_output=True, text=True, cwd=tempfile.gettempdir(),
+                                   env=dict(os.environ, PYTHONPATH=str(tree))).stdout.strip())
     try:
         for gb in (float(s) for s in args.sizes.split(",")):
             tif = work / f"stack-{gb:g}GB.tif"
             nbytes = build_stack(tif, gb, args.data, args.compression)
             seconds = {name: [] for name in trees}
+            load0 = os.getloadavg()
             for r in range(args.rounds):
                 for name in (trees if r % 2 == 0 else list(trees)[::-1]):
                     out = work / "out.zarr"
@@ -164,7 +172,8 @@ def compare(args):
                   f"{nbytes / statistics.median(seconds['this']) / 1e6:.0f}, other "
                   f"{nbytes / statistics.median(seconds['other']) / 1e6:.0f}; throughput "
                   f"this/other per round {[round(x, 3) for x in ratios]}, median "
-                  f"{statistics.median(ratios):.3f}; load average {os.getloadavg()}", flush=True)
+                  f"{statistics.median(ratios):.3f}; seconds {seconds}; load average before "
+                  f"{load0}, after {os.getloadavg()}", flush=True)
             tif.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)

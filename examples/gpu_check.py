@@ -9,7 +9,8 @@ step in its own process group under a timeout taken from the remaining budget:
 - ``emtile bench --device cuda --base 16 --tile 572 --tiles 64 --repeat 3 --json`` at ``--amp
   off``, ``bf16``, ``fp16``; bf16 with ``--no-channels-last``; bf16 with ``--workers 0, 2, 4, 8``;
   base 64 at bf16 (pinned memory is predict's default on CUDA: there is no switch to time);
-- ``emtile bench --pipeline`` when this emtile has it (issue 23 item 1), else "not available";
+- ``emtile bench --pipeline --shape 16,2048,2048`` (predict's data path with a null model, and
+  its parts) when this emtile has it (issue 23 item 1), else "not available";
 - a predict of a ~4 GB uint8 volume (``emtile.bench.mirrored_volume``) with ``--amp bf16``:
   seconds, Mvoxel/s, peak RSS, CUDA peak memory;
 - ``emtile predict --cluster cuda --cluster-workers 1`` on a smaller volume (needs dask-cuda);
@@ -44,6 +45,8 @@ BENCH_STEPS = [
     ("bf16 workers 8", ["--amp", "bf16", "--workers", "8"]),
     ("bf16 base 64", ["--amp", "bf16", "--base", "64"]),
 ]
+# `emtile bench --pipeline`: a volume of 16 x 2048^2 (67 Mvoxel) instead of --tiles 64 (9.6)
+PIPELINE = ["--shape", "16,2048,2048", "--repeat", "2"]
 BENCH_CAP_S = 90  # the most one step may take (or the budget left, if less)
 PREDICT_CAP_S = 180
 GIB = 2.0**30
@@ -126,6 +129,18 @@ def bench_figures(text):
     fig = {k: r[k] for k in keep}
     fig["model_mvox_s"] = r["model_vox_s"] / 1e6
     fig["predict_mvox_s"] = r["predict_vox_s"] / 1e6
+    return fig
+
+
+def pipeline_figures(text):
+    """The figures of an ``emtile bench --pipeline --json`` output (its Mvoxel/s as ``mvox_s``
+    for the table)."""
+    r = last_json(text)
+    keep = ("depth", "tile", "batch_size", "device", "amp", "num_workers", "cores",
+            "volume_shape", "out_voxels", "wall_s", "pipeline_mvox_per_s", "parts", "other_s",
+            "output_equals_input")
+    fig = {k: r[k] for k in keep}
+    fig["mvox_s"] = r["pipeline_mvox_per_s"]
     return fig
 
 
@@ -245,7 +260,7 @@ def plan(a, python, work):
     the most wanted figures first, so a budget that runs out cuts the least useful ones."""
     py = [python, str(Path(__file__).resolve())]
     benches = {name: emtile_cmd(python, *BENCH, *extra) for name, extra in BENCH_STEPS}
-    pipeline = emtile_cmd(python, *BENCH, "--amp", "bf16", "--pipeline")
+    pipeline = emtile_cmd(python, *BENCH, "--amp", "bf16", "--pipeline", *PIPELINE)
     steps = [
         ("versions", py + ["--versions"], 60, last_json, None),
         ("nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
@@ -253,7 +268,8 @@ def plan(a, python, work):
     ]
     steps += [(n, benches[n], BENCH_CAP_S, bench_figures, None) for n in ("amp bf16", "amp off",
                                                                    "amp fp16")]
-    steps.append(("pipeline bf16", pipeline if a.has_pipeline else None, BENCH_CAP_S, last_json,
+    steps.append(("pipeline bf16", pipeline if a.has_pipeline else None, BENCH_CAP_S,
+                  pipeline_figures,
                   None if a.has_pipeline else "not available: emtile bench has no --pipeline"))
     steps.append((f"predict {a.predict_gb:g} GB bf16",
                   py + ["--predict-run", "--workdir", str(work), "--predict-gb",

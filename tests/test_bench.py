@@ -71,7 +71,8 @@ def test_every_bench_option_reaches_the_figures(tmp_path):
     assert r["gflop_per_tile"] == pytest.approx(model_flops(UNet(base=3, depth=2), torch.zeros(1, 1, 92, 92))[0] / 1e9)
     assert {p.name for p in command.params} == {"base", "depth", "tile", "batch_size", "device",
                                                  "tiles", "channels_last", "amp", "num_workers",
-                                                 "repeat", "data", "seed", "as_json"}
+                                                 "repeat", "data", "seed", "pipeline",
+                                                 "shape", "as_json"}
 
 
 def test_model_flops_by_hand():
@@ -121,3 +122,106 @@ def test_mirrored_volume_rejects_a_bad_shape(tmp_path):
 
     with pytest.raises(EmtileError, match=r"shape=\(5, 5\) must be \(Z, Y, X\)"):
         mirrored_volume(tmp_path / "v.zarr", (5, 5))
+
+
+# --------------------------------------------------------------------------- --pipeline
+
+
+def test_null_unet_crops_to_the_valid_output():
+    from emtile.bench_pipeline import NullUNet
+
+    net = NullUNet(depth=2)
+    assert net.shape_map.halo == UNet(base=8, depth=2).shape_map.halo == 20
+    x = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16).repeat(1, 1, 4, 4)
+    x = x[..., :60, :60] / 255  # every uint8 value, scaled as predict scales it
+    y = torch.sigmoid(net(x))
+    assert y.shape == (1, 1, 20, 20)
+    np.testing.assert_array_equal(np.rint(y.numpy() * 255),
+                                  np.rint(x[..., 20:40, 20:40].numpy() * 255))
+    with pytest.raises(Exception, match="not valid for depth 2"):
+        net(torch.zeros(1, 1, 61, 61))
+
+
+@pytest.mark.parametrize("blend", ["linear", "none"])
+def test_null_model_prediction_equals_the_input(tmp_path, blend):
+    """Through emtile.predict (mirrored borders, a shape no tile divides, every uint8 value):
+    the written uint8 probabilities are the input itself."""
+    import emtile
+    from emtile.bench_pipeline import NullUNet
+
+    vol = np.random.default_rng(1).integers(0, 256, (2, 101, 75), dtype=np.uint8)
+    vol[0, :16, :16] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    mirrored_volume(tmp_path / "v.zarr", vol.shape, source=vol)  # the same shape: a copy
+    emtile.predict(NullUNet(depth=2), tmp_path / "v.zarr", tmp_path / "p.zarr", tile=60,
+                   blend=blend, device="cpu", progress=False, num_workers=0)
+    np.testing.assert_array_equal(open_volume(tmp_path / "p.zarr")[:], vol)
+
+
+def test_timed_parts_are_exclusive_and_removed():
+    """Nested timed functions: each part gets its own time only; the wrappers go away after."""
+    import time
+
+    from emtile import geometry, predictor
+    from emtile.bench_pipeline import _Parts
+
+    parts = _Parts()
+    inner = parts.wrap("read_decode", lambda: time.sleep(0.05))
+    outer = parts.wrap("tiles", lambda: (time.sleep(0.03), inner()))
+    outer()
+    t = parts.totals()
+    assert 0.05 <= t["read_decode"] < 0.09 and 0.03 <= t["tiles"] < 0.07
+    assert t["model"] == t["write"] == 0
+
+    from emtile.bench_pipeline import timed_parts
+
+    before = (geometry.read_window, predictor._Forward.__call__, predictor.normalize_pixels)
+    with timed_parts():
+        assert geometry.read_window is not before[0]
+        assert hasattr(geometry.read_window, "__wrapped__")
+    assert (geometry.read_window, predictor._Forward.__call__, predictor.normalize_pixels) == before
+
+
+def test_bench_pipeline_json(isbi_dir):
+    """`emtile bench --pipeline --json`: the keys, the output equal to the input, the parts
+    about the whole run (the data path is most of it on a volume of 2 Mvoxel)."""
+    from emtile.bench_pipeline import PARTS
+
+    args = ["bench", "--pipeline", "--depth", "2", "--tile", "188", "--shape", "8,512,512",
+            "--device", "cpu", "--workers", "0", "--data", str(isbi_dir / "train-volume.tif"),
+            "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert r["output_equals_input"] is True
+    assert r["volume_shape"] == [8, 512, 512] and r["out_voxels"] == 8 * 512 * 512
+    assert r["pipeline_mvox_per_s"] == pytest.approx(r["out_voxels"] / r["wall_s"] / 1e6)
+    assert r["mvox_per_s_per_core"] == pytest.approx(r["pipeline_mvox_per_s"] / r["cores"])
+    assert set(r["parts"]) == set(PARTS) and all(v > 0 for v in r["parts"].values())
+    assert r["other_s"] == pytest.approx(r["wall_s"] - sum(r["parts"].values()))
+    assert 0.5 * r["wall_s"] < sum(r["parts"].values()) < 2.0 * r["wall_s"]
+
+
+def test_bench_pipeline_table_and_tiles():
+    result = CliRunner().invoke(main, TINY + ["--pipeline"])
+    assert result.exit_code == 0, result.output
+    for field in ("null U-Net, depth 2, tile 92", "1x104x104 uint8", "Mvoxel/s", "per core",
+                  "output equals input: yes", "read and decode", "normalise",
+                  "tile assembly and mirroring", "model (null) and transfers", "stitch",
+                  "encode and write", "other (wall - parts)"):
+        assert field in result.output, f"{field!r} missing from:\n{result.output}"
+
+
+def test_shape_only_with_pipeline():
+    result = CliRunner().invoke(main, TINY + ["--shape", "2,64,64"])
+    assert result.exit_code == 1
+    assert "Error: --shape 2,64,64 only applies with --pipeline" in result.output
+
+
+def test_pipeline_parts_come_back_from_reader_processes():
+    """With DataLoader workers (CUDA's default), reading happens in other processes: their
+    seconds come back through shared memory."""
+    from emtile.bench_pipeline import run_pipeline
+
+    r = run_pipeline(depth=2, tile=188, shape=(4, 256, 256), device="cpu", num_workers=1)
+    assert r["output_equals_input"] and r["num_workers"] == 1
+    assert r["parts"]["read_decode"] > 0 and r["parts"]["normalize"] > 0 and r["parts"]["tiles"] > 0

@@ -135,3 +135,21 @@ def test_predict_helper_on_cpu(tmp_path, capsys):
     assert json.loads(first)["phase"] == "volume written"
     r = gpu_check.last_json(first + "\n" + last)
     assert r["shape"] == [1, 128, 128] and r["mvox_s"] > 0 and r["cuda_peak"] is None
+
+
+def test_pipeline_is_detected_and_parsed():
+    """This emtile's `bench --help` lists --pipeline, so the check runs it; its JSON parses."""
+    assert gpu_check.has_option(sys.executable, "--pipeline")
+    steps = gpu_check.plan(SimpleNamespace(has_pipeline=True, has_dask_cuda=False,
+                                           predict_gb=4.0, side=2048), "python", Path("."))
+    cmd = {s[0]: s for s in steps}["pipeline bf16"][1]
+    assert cmd[-5:] == ["--pipeline", "--shape", "16,2048,2048", "--repeat", "2"]
+    text = json.dumps({"depth": 4, "tile": 572, "batch_size": 1, "device": "cuda", "amp": "bf16",
+                       "num_workers": None, "cores": 16, "volume_shape": [16, 2048, 2048],
+                       "out_voxels": 67108864, "wall_s": 2.0, "pipeline_mvox_per_s": 33.5,
+                       "parts": {"read_decode": 0.5}, "other_s": 1.5,
+                       "output_equals_input": True}, indent=2)
+    fig = gpu_check.pipeline_figures("log line\n" + text)
+    assert fig["mvox_s"] == 33.5 and fig["parts"] == {"read_decode": 0.5}
+    rec = {"name": "pipeline bf16", "status": "ok", "seconds": 9.0, "figures": fig}
+    assert gpu_check.table_row(rec)[4] == "33.5"
