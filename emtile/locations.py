@@ -254,7 +254,9 @@ class Location:
         return zarr.storage.FsspecStore(self._async_filesystem(), read_only=read_only,
                                         path=path)
 
-    def _full(self, name=""):
+    def fs_path(self, name=""):
+        """The path of ``name`` under this location as its file system names it (the local path;
+        ``bucket/key`` for s3fs and gcsfs; the whole URL for HTTP)."""
         if self.is_local:
             return str(Path(self.path) / name) if name else self.path
         base = self.path if self.scheme not in READ_ONLY_SCHEMES else self.url
@@ -263,8 +265,8 @@ class Location:
     def exists(self, name=""):
         """Whether the object (or folder / key prefix) ``name`` under this location exists."""
         if self.is_local:
-            return Path(self._full(name)).exists()
-        return self.filesystem().exists(self._full(name))
+            return Path(self.fs_path(name)).exists()
+        return self.filesystem().exists(self.fs_path(name))
 
     def keys(self):
         """Every object under this location, as keys relative to it (sorted); [] if none."""
@@ -275,7 +277,7 @@ class Location:
             return sorted(str(p.relative_to(root)).replace("\\", "/")
                           for p in root.rglob("*") if p.is_file())
         fs = self.filesystem()
-        prefix = self._full().rstrip("/") + "/"
+        prefix = self.fs_path().rstrip("/") + "/"
         try:
             found = fs.find(prefix)
         except FileNotFoundError:
@@ -286,8 +288,8 @@ class Location:
         """The object ``name`` under this location (or this location itself); None if absent."""
         try:
             if self.is_local:
-                return Path(self._full(name)).read_bytes()
-            return self.filesystem().cat_file(self._full(name))
+                return Path(self.fs_path(name)).read_bytes()
+            return self.filesystem().cat_file(self.fs_path(name))
         except FileNotFoundError:
             return None
 
@@ -296,11 +298,11 @@ class Location:
         if self.read_only:
             raise EmtileError(f"location {self.url!r} is read only ({self.scheme}://)")
         if self.is_local:
-            target = Path(self._full(name))
+            target = Path(self.fs_path(name))
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         else:
-            self.filesystem().pipe_file(self._full(name), data)
+            self.filesystem().pipe_file(self.fs_path(name), data)
 
     def read_json(self, name=""):
         data = self.read_bytes(name)
@@ -316,12 +318,12 @@ class Location:
             return
         if self.is_local:
             for n in names:
-                Path(self._full(n)).unlink(missing_ok=True)
+                Path(self.fs_path(n)).unlink(missing_ok=True)
             return
         fs = self.filesystem()
         for i in range(0, len(names), 1000):  # S3 DeleteObjects takes up to 1000 keys
             try:
-                fs.rm([self._full(n) for n in names[i:i + 1000]])
+                fs.rm([self.fs_path(n) for n in names[i:i + 1000]])
             except FileNotFoundError:
                 pass
-        fs.invalidate_cache(self._full())
+        fs.invalidate_cache(self.fs_path())

@@ -4,6 +4,7 @@ through them, the conditional-put lock, ordered removal, a Dask LocalCluster on 
 
 import functools
 import http.server
+import json
 import os
 import pickle
 import subprocess
@@ -320,3 +321,38 @@ def test_a_local_cluster_reads_and_writes_s3(s3, rng, monkeypatch):
     back = zarr.open_group(loc.zarr_store("r"), mode="r")["0"][:]
     np.testing.assert_array_equal(back, data * 2)
     assert sums == [int(s) for s in (data * 2).reshape(4, -1).sum(axis=1)]
+
+
+def test_the_content_token_of_an_s3_input_follows_its_chunks(s3, rng):
+    from emtile.markers import content_token
+
+    data = rng.integers(0, 9, size=(4, 32, 32), dtype=np.uint8)
+    loc = Location(s3 / "in.zarr")
+    arr = _write_group(loc, data)["0"]
+    token = content_token(loc.url)
+    assert content_token(loc) == token and len(token) == 64
+    (loc / "notes").write_bytes(b"x", "a.txt")  # not the array read: no change
+    assert content_token(loc.url) == token
+    arr[1, :16, :16] = data[1, :16, :16] + 1
+    assert content_token(loc.url) != token
+
+
+def test_the_storage_option_flag_parses_and_refuses_in_one_line():
+    import click
+    from click.testing import CliRunner
+
+    from emtile.cli._storage import storage_option
+
+    @click.command()
+    @storage_option()
+    def show(storage_options):
+        click.echo(json.dumps(storage_options, sort_keys=True))
+
+    ok = CliRunner().invoke(show, ["--storage-option", "anon=true",
+                                   "--storage-option", "client_kwargs.region_name=eu-west-1"])
+    assert ok.exit_code == 0 and json.loads(ok.output) == {
+        "anon": True, "client_kwargs": {"region_name": "eu-west-1"}}
+    assert json.loads(CliRunner().invoke(show, []).output) == {}
+    bad = CliRunner().invoke(show, ["--storage-option", "anon"])
+    assert bad.exit_code == 2
+    assert "Invalid value for '--storage-option': 'anon' is not KEY=VALUE" in bad.output
