@@ -68,6 +68,7 @@ def test_predict_from_and_to_s3_gives_the_local_bytes(s3, tmp_path, monkeypatch)
     emtile.predict(net, str(tmp_path / "in.zarr"), str(tmp_path / "pred.zarr"), **options)
     result = emtile.predict(net, s3 / "in.zarr", s3 / "pred.zarr", **options)
     assert result.blocks > 3
+    local_probs = emtile.open_volume(str(tmp_path / "pred.zarr"))[:]
     for inner in ("", "/labels/mask"):
         local = emtile.open_volume(str(tmp_path / "pred.zarr") + inner)[:]
         np.testing.assert_array_equal(emtile.open_volume(s3 / "pred.zarr" + inner)[:], local)
@@ -75,5 +76,19 @@ def test_predict_from_and_to_s3_gives_the_local_bytes(s3, tmp_path, monkeypatch)
     assert Location(s3 / "pred.zarr/labels").read_json("zarr.json")["attributes"]["ome"][
         "labels"] == ["mask"]
     assert not objlock.lock_location(s3 / "pred.zarr").exists()
+
+    # a run killed after its first 2 blocks: the re-run computes only the missing ones
+    import zarr
+
+    group = zarr.open_group(Location(s3 / "pred.zarr").zarr_store("r+"), mode="r+")
+    group.attrs["emtile"] = {**group.attrs["emtile"], "complete": False}
+    group["emtile_blocks"][2:] = 0
+    group["0"][:] = 0  # the missing blocks' chunks too (and the done ones', to see they stay)
+    resumed = emtile.predict(net, s3 / "in.zarr", s3 / "pred.zarr", **options)
+    assert resumed.blocks_resumed == 2 and objoutput.is_complete(s3 / "pred.zarr")
+    again = emtile.open_volume(s3 / "pred.zarr")[:]
+    kept = np.flatnonzero(again.reshape(-1) != local_probs.reshape(-1))
+    assert kept.size > 0  # the 2 kept blocks were not recomputed (zeroed above) ...
+    assert (again.reshape(-1)[kept] == 0).all()  # ... and everything else is the local run
     with pytest.raises(emtile.EmtileError, match=r"already exists; pass overwrite=True"):
         emtile.predict(net, s3 / "in.zarr", s3 / "pred.zarr", **options)
