@@ -174,7 +174,8 @@ class ObjectLock:
     def _record(self):
         pid = os.getpid()
         return {"pid": pid, "host": socket.gethostname(), "pid_start": _pid_start(pid),
-                "started": self._started, "beat": _now().isoformat(timespec="seconds"),
+                "started": self._started, "beat": _now().isoformat(timespec="milliseconds"),
+                "beats": self._beats,  # every rewrite differs, so has a new ETag
                 "heartbeat": self.heartbeat, "output": self.output.url, "token": self.token}
 
     def _stale(self, holder, modified):
@@ -187,6 +188,7 @@ class ObjectLock:
     def acquire(self):
         """Take the lock or raise :class:`EmtileError` naming the output and the live holder."""
         self._started = _now().astimezone().isoformat(timespec="seconds")
+        self._beats = 0
         for _ in range(5):
             data = json.dumps(self._record()).encode()
             self.etag = self.backend.put(data, if_none_match=True)
@@ -216,6 +218,7 @@ class ObjectLock:
 
     def _beat(self):
         while not self._stop.wait(self.heartbeat):
+            self._beats += 1
             try:
                 etag = self.backend.put(json.dumps(self._record()).encode(), if_match=self.etag)
             except OSError:
