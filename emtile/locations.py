@@ -22,6 +22,7 @@ copied into a job. ``repr`` masks any option whose name looks like a secret.
 """
 
 import json
+import os
 import posixpath
 import re
 from pathlib import Path
@@ -186,8 +187,6 @@ class Location:
 
     def _key(self):
         if self.is_local:
-            import os
-
             return ("file", os.path.realpath(self.path))
         return (self.scheme, self.path)
 
@@ -205,7 +204,7 @@ class Location:
             return None
         if a[1] == b[1]:
             return "is"
-        sep = "/" if a[0] != "file" else __import__("os").sep
+        sep = "/" if a[0] != "file" else os.sep
         if b[1].startswith(a[1].rstrip(sep) + sep):
             return "holds"
         if a[1].startswith(b[1].rstrip(sep) + sep):
