@@ -29,7 +29,7 @@ from pathlib import Path
 
 from emtile._errors import EmtileError
 
-__all__ = ["Location", "parse_storage_options", "SCHEMES", "READ_ONLY_SCHEMES", "is_url"]
+__all__ = ["Location", "at", "parse_storage_options", "SCHEMES", "READ_ONLY_SCHEMES", "is_url"]
 
 SCHEMES = ("s3", "gs", "http", "https")  # URLs a Location takes (local paths need none)
 READ_ONLY_SCHEMES = ("http", "https")
@@ -44,6 +44,14 @@ _PROTOCOL_PACKAGE = {"s3": "s3fs (pip install 'emtile[s3]')",
 def is_url(text):
     """True for ``scheme://...`` text (any scheme; :class:`Location` checks which it takes)."""
     return isinstance(text, str) and _URL.match(text) is not None
+
+
+def at(where, storage_options=None):
+    """What an entry point passes on: a URL (or a Location) as a :class:`Location` carrying
+    ``storage_options``; anything else (a local path, an array, None) unchanged."""
+    if isinstance(where, Location) or is_url(where):
+        return Location(where, storage_options or None)
+    return where
 
 
 def parse_storage_options(items, *, keyword="storage_option"):

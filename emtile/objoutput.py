@@ -14,7 +14,8 @@ from emtile._errors import EmtileError, one_line
 from emtile.locations import Location, is_url
 from emtile.objremove import ROOT, remove_store
 
-__all__ = ["check_output", "prepare_output", "emtile_attrs", "is_complete", "store_root"]
+__all__ = ["check_output", "prepare_output", "emtile_attrs", "is_complete", "is_zarr_store",
+           "store_root"]
 
 
 def _root_doc(loc):
@@ -23,6 +24,11 @@ def _root_doc(loc):
     except ValueError:
         return None
     return doc if isinstance(doc, dict) and doc.get("zarr_format") == 3 else None
+
+
+def is_zarr_store(output):
+    """Whether a Zarr v3 group or array's ``zarr.json`` is at ``output`` (one GET)."""
+    return _root_doc(Location(output)) is not None
 
 
 def emtile_attrs(output):

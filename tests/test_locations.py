@@ -78,6 +78,10 @@ def test_a_location_pickles_and_hides_secrets():
     back = pickle.loads(pickle.dumps(loc))
     assert back == loc and back.storage_options == loc.storage_options
     assert "hunter2" not in repr(loc) and "tok'" not in repr(loc) and "http://e" in repr(loc)
+    from emtile.locations import at
+
+    assert at("s3://b/v.zarr", {"anon": True}).storage_options == {"anon": True}
+    assert at("/tmp/v.zarr", {"anon": True}) == "/tmp/v.zarr" and at(None) is None
     with pytest.raises(EmtileError, match="apply to URLs only"):
         Location("/tmp/v.zarr", {"anon": True})
 

@@ -39,7 +39,7 @@ def _wire(monkeypatch):
     url_to("check_output", lambda out, inputs=(), **_: objoutput.check_output(out, inputs=inputs))
     url_to("prepare_output", objoutput.prepare_output)
     url_to("emtile_attrs", objoutput.emtile_attrs)
-    url_to("is_zarr_store", lambda p: objoutput.emtile_attrs(p) is not None)
+    url_to("is_zarr_store", objoutput.is_zarr_store)
     url_to("output_lock", lambda out: objlock.object_lock(out))
     url_to("remove_store", objremove.remove_store)
     label = store.create_label_image
