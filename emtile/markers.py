@@ -140,8 +140,11 @@ def content_token(path):
 
     Parameters
     ----------
-    path : str or Path
-        Anything :func:`emtile.open_volume` reads.
+    path : str, Path or Location
+        Anything :func:`emtile.open_volume` reads. On an object store (``s3://``, ``gs://``,
+        ``https://``) the same, from one listing: every object's key, size, ETag and
+        last-modified time (S3 and GCS give each rewrite a new time; an ETag that stays is the
+        same bytes); over ``http(s)://``, which lists nothing, only the metadata documents'.
 
     Returns
     -------
@@ -149,8 +152,11 @@ def content_token(path):
         64 hex digits.
     """
     from emtile import store
+    from emtile.locations import Location, is_url
     from emtile.volume import natural_key, open_volume
 
+    if isinstance(path, Location) and not path.is_local or is_url(path):
+        return _url_token(Location(path))
     text = str(path)
     h = hashlib.sha256()
     if any(ch in text for ch in "*?["):
@@ -195,3 +201,31 @@ def _hash_tree(h, folder):
                 stack.append((name, e.path))
             else:
                 _hash_stat(h, name, e.stat())
+
+
+def _url_token(loc):
+    """:func:`content_token` of a Zarr store at a URL: its metadata documents at the path given
+    and every object under the array read, from the store's listing (no data read)."""
+    from emtile.volume import open_volume
+
+    inner = getattr(open_volume(loc), "path", "") or ""
+    fs = loc.filesystem()
+    h = hashlib.sha256()
+    base = loc.fs_path().rstrip("/")
+    for name in ("zarr.json", ".zarray", ".zgroup", ".zattrs"):
+        try:
+            _hash_info(h, name, fs.info(f"{base}/{name}"))
+        except FileNotFoundError:
+            pass
+    if loc.read_only:  # http(s): no listing to rely on; published data, metadata only
+        return h.hexdigest()
+    root = f"{base}/{inner}".rstrip("/") + "/"
+    for key, info in sorted(fs.find(root, detail=True).items()):
+        _hash_info(h, key[len(root):], info)
+    return h.hexdigest()
+
+
+def _hash_info(h, name, info):
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or ""
+    when = info.get("LastModified") or info.get("updated") or info.get("mtime") or ""
+    h.update(f"{name}\0{info.get('size')}\0{tag}\0{when}\n".encode())

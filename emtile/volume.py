@@ -27,6 +27,7 @@ What a TIFF promises is checked by :mod:`emtile.tiff`; converting to OME-Zarr is
 :mod:`emtile.voxels`', and reading stacks slab by slab :mod:`emtile.stacks`'.
 """
 
+import contextlib
 import glob as _glob
 import itertools
 import os
@@ -320,6 +321,11 @@ def open_volume(path, *, channel=None, dataset=None, allow_partial=False,
     >>> vol.shape, vol[0, :2, :2]                                        # doctest: +SKIP
     ((30, 512, 512), array([[...]], dtype=uint8))
     """
+    from emtile.locations import Location, is_url
+
+    if isinstance(path, Location) and not path.is_local or is_url(path):
+        return _select_channel(_open_zarr_url(Location(path), require_complete, name), channel,
+                               str(path))
     text = str(path)
     if any(ch in text for ch in "*?["):
         files = sorted(_glob.glob(text), key=natural_key)
@@ -492,6 +498,41 @@ def _open_zarr(path, require_complete=False):
     )
 
 
+def _open_zarr_url(loc, require_complete, name):
+    """A Zarr array or OME-Zarr group at a URL (``s3://``, ``gs://``, ``https://``), opened as
+    :func:`_open_zarr` opens a local one: the emtile attributes read from the group that holds
+    the array."""
+    import zarr
+
+    try:
+        node = zarr.open(loc.zarr_store("r"), mode="r")
+    except FileNotFoundError:
+        raise EmtileError(f"{name} {loc.url!r} does not exist (no Zarr store there)") from None
+    except EmtileError:
+        raise
+    except Exception as exc:
+        raise EmtileError(f"cannot open Zarr store {loc.url!r}: {exc}") from None
+    meta = None
+    with contextlib.suppress(Exception):  # an array with no group above it has no emtile attrs
+        group = node if not isinstance(node, zarr.Array) else \
+            zarr.open_group(loc.parent.zarr_store("r"), mode="r")
+        meta = group.attrs.asdict().get("emtile")
+    if require_complete and meta is not None and not meta.get("complete"):
+        raise EmtileError(
+            f"{name} {loc.url!r} is an emtile store whose writer has not finished (interrupted, "
+            f"or still running; 'emtile info' shows complete NO): run the command that writes "
+            f"it again to finish it")
+    if isinstance(node, zarr.Array):
+        return CheckedArray(node, loc.url)
+    ms = _store.multiscales(node.attrs.asdict())
+    inner = ms["datasets"][0]["path"] if ms else "0"
+    try:
+        return CheckedArray(node[inner], loc.url)
+    except KeyError:
+        raise EmtileError(f"Zarr group {loc.url!r} has no OME multiscales and no array '0'; "
+                          f"open one of its arrays as {loc.url}/NAME") from None
+
+
 def _select_channel(arr, channel, text):
     if channel is None:
         return arr
@@ -590,6 +631,10 @@ def open_input(source, *, name="input", require_complete=True):
     path : str or None
         The path, for re-opening in worker processes; None for an in-memory array.
     """
+    from emtile.locations import Location
+
+    if isinstance(source, Location):  # kept whole: its storage options travel to workers
+        return open_volume(source, name=name, require_complete=require_complete), source
     if isinstance(source, (str, os.PathLike)):
         return open_volume(source, name=name, require_complete=require_complete), str(source)
     if isinstance(source, (list, tuple)):

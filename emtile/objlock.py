@@ -1,0 +1,284 @@
+"""One live run per output on an object store, where there is no ``flock`` and no rename.
+
+The lock of ``s3://bucket/path/vol.zarr`` is the object ``s3://bucket/path/.vol.zarr.emtile-lock``
+beside the store (the local lock's name, :func:`emtile.store.lock_path`), so replacing the store
+never removes it. It holds a JSON record: host, pid, the pid's start time, the run's start, a
+random token, the heartbeat interval and the time of the last beat.
+
+- **Acquire** is a conditional create: S3 ``PutObject`` with ``If-None-Match: *`` (AWS since
+  2024; MinIO, Ceph and moto honour it). Of any number of racing runs exactly one create
+  succeeds; the others get ``412 Precondition Failed`` (or ``409 ConditionalRequestConflict``)
+  and read the winner's record.
+- **Heartbeat**: a daemon thread rewrites the record every ``heartbeat`` seconds with
+  ``If-Match: <its last ETag>``. If that fails, another run has taken the lock over (this one
+  was stale: suspended, cut off); :meth:`ObjectLock.check` then raises, and the run must not
+  mark its output complete.
+- **Stale** holders are taken over by a conditional overwrite (``If-Match`` the ETag read): a
+  holder on this host whose pid is dead at once; any holder whose record's ``LastModified``
+  (the server's clock) is older than ``stale_after`` heartbeats (this host's clock: a clock
+  ahead by more than that would take a live lock, so keep hosts on NTP). Two runs taking over
+  the same stale record: one ``If-Match`` succeeds, the other is refused.
+- **Release** deletes the record only while it is still this run's (token read back, then
+  ``DeleteObject`` with ``If-Match``).
+
+GCS would use ``ifGenerationMatch=0`` (create) and ``ifGenerationMatch=<generation>`` (beat,
+take over); it is not written yet, and a ``gs://`` output is refused in one line.
+"""
+
+import contextlib
+import datetime
+import functools
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from emtile._errors import EmtileError
+from emtile.locations import Location
+
+__all__ = ["object_lock", "ObjectLock", "lock_location", "HEARTBEAT", "STALE_AFTER"]
+
+HEARTBEAT = 10.0  # seconds between rewrites of the record
+STALE_AFTER = 6  # heartbeats without a rewrite after which a record is stale
+LOCK_SUFFIX = ".emtile-lock"
+
+
+def lock_location(output):
+    """The lock object of ``output``: ``.NAME.emtile-lock`` beside it."""
+    output = Location(output)
+    return output.sibling(f".{output.name}{LOCK_SUFFIX}")
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _pid_start(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _dead_here(holder):
+    """True only when the holder ran on this host and its process is gone (or its pid reused)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    start = holder.get("pid_start")
+    return start is not None and _pid_start(holder["pid"]) not in (None, start)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_botocore():
+    """Refuse, in one line, a botocore too old to send the conditions (it would drop them and
+    every run would win)."""
+    import botocore
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    put = model.operation_model("PutObject").input_shape.members
+    delete = model.operation_model("DeleteObject").input_shape.members
+    if not {"IfNoneMatch", "IfMatch"} <= set(put) or "IfMatch" not in delete:
+        raise EmtileError(f"botocore {botocore.__version__} cannot send conditional writes, "
+                          f"which the lock of an s3:// output needs: pip install -U s3fs "
+                          f"aiobotocore")
+
+
+class _S3:
+    """The four conditional operations on one S3 object, through s3fs's client."""
+
+    def __init__(self, loc):
+        _check_botocore()
+        self.fs = loc.filesystem()
+        self.bucket, self.key, _ = self.fs.split_path(loc.path)
+
+    def _call(self, method, **kwargs):
+        return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+
+    @staticmethod
+    def _conflict(exc):
+        """Whether s3fs's error is a failed condition (412) or a concurrent conditional write
+        (409): botocore's response rides on ``__cause__``."""
+        if isinstance(exc, FileExistsError):
+            return True
+        response = getattr(exc.__cause__, "response", None) or {}
+        code = response.get("Error", {}).get("Code")
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+    def put(self, data, *, if_none_match=False, if_match=None):
+        """The new ETag, or None when the condition failed."""
+        cond = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
+        try:
+            return self._call("put_object", Body=data, **cond)["ETag"]
+        except OSError as exc:
+            if self._conflict(exc):
+                return None
+            raise
+
+    def get(self):
+        """``(bytes, etag, last_modified)`` or None when the object is absent."""
+        from fsspec.asyn import sync
+
+        async def read():
+            resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
+            async with resp["Body"] as body:
+                return await body.read(), resp["ETag"], resp["LastModified"]
+
+        try:
+            return sync(self.fs.loop, read)
+        except FileNotFoundError:
+            return None
+
+    def delete(self, etag):
+        try:
+            self._call("delete_object", IfMatch=etag)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if not self._conflict(exc):
+                raise
+
+
+def _backend(loc, output):
+    if loc.scheme == "s3":
+        return _S3(loc)
+    raise EmtileError(f"output {output.url!r}: emtile can lock only s3:// outputs on an object "
+                      f"store ({loc.scheme}:// is not written yet); write to s3:// or a local path")
+
+
+class ObjectLock:
+    """A held lock (see the module docstring); made by :func:`object_lock`."""
+
+    def __init__(self, output, *, heartbeat=HEARTBEAT, stale_after=STALE_AFTER):
+        self.output = Location(output)
+        self.where = lock_location(self.output)
+        self.heartbeat = float(heartbeat)
+        self.stale_after = float(stale_after)
+        self.backend = _backend(self.where, self.output)
+        self.token = uuid.uuid4().hex
+        self.etag = None
+        self.lost_to = None  # the record that replaced ours, once the heartbeat finds one
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _record(self):
+        pid = os.getpid()
+        return {"pid": pid, "host": socket.gethostname(), "pid_start": _pid_start(pid),
+                "started": self._started, "beat": _now().isoformat(timespec="milliseconds"),
+                "beats": self._beats,  # every rewrite differs, so has a new ETag
+                "heartbeat": self.heartbeat, "output": self.output.url, "token": self.token}
+
+    def _stale(self, holder, modified):
+        if _dead_here(holder):
+            return True
+        interval = holder.get("heartbeat", self.heartbeat)
+        interval = float(interval) if isinstance(interval, (int, float)) else self.heartbeat
+        return (_now() - modified).total_seconds() > self.stale_after * interval
+
+    def acquire(self):
+        """Take the lock or raise :class:`EmtileError` naming the output and the live holder."""
+        self._started = _now().astimezone().isoformat(timespec="seconds")
+        self._beats = 0
+        for _ in range(5):
+            data = json.dumps(self._record()).encode()
+            self.etag = self.backend.put(data, if_none_match=True)
+            if self.etag is not None:
+                break
+            found = self.backend.get()
+            if found is None:
+                continue  # released between our put and our read: try again
+            raw, etag, modified = found
+            try:
+                holder = json.loads(raw or b"{}")
+            except ValueError:
+                holder = {}
+            if not self._stale(holder, modified):
+                raise EmtileError(_busy(self.output, self.where, holder, self.stale_after))
+            self.etag = self.backend.put(data, if_match=etag)  # take over: one run wins
+            if self.etag is not None:
+                break
+        else:
+            raise EmtileError(f"could not take the lock {self.where.url!r} of output "
+                              f"{self.output.url!r}: it keeps changing; is another emtile run "
+                              f"starting on it?")
+        self._thread = threading.Thread(target=self._beat, name="emtile-lock-heartbeat",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self):
+        while not self._stop.wait(self.heartbeat):
+            self._beats += 1
+            try:
+                etag = self.backend.put(json.dumps(self._record()).encode(), if_match=self.etag)
+            except OSError:
+                continue  # the store is unreachable for now: the next beat tries again
+            if etag is None:
+                found = self.backend.get()
+                self.lost_to = json.loads(found[0] or b"{}") if found else {}
+                return
+            self.etag = etag
+
+    def check(self):
+        """Raise if another run has taken the lock over (call before marking the output
+        complete)."""
+        if self.lost_to is not None:
+            raise EmtileError(
+                f"output {self.output.url!r}: this run's lock was taken over by "
+                f"{_who(self.lost_to)} after it missed {self.stale_after:g} heartbeats; the "
+                f"output is left incomplete")
+
+    def release(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.lost_to is not None:
+            return
+        found = self.backend.get()
+        if found is not None and json.loads(found[0] or b"{}").get("token") == self.token:
+            self.backend.delete(found[1])
+
+
+def _who(holder):
+    if not holder:
+        return "a run that has not written its record yet"
+    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}, "
+            f"last heartbeat {holder.get('beat')}")
+
+
+def _busy(output, where, holder, stale_after):
+    return (f"output {output.url!r} is being written by another emtile run ({_who(holder)}); "
+            f"wait for it to finish or stop it, then run again (if that run is gone, its lock "
+            f"{where.url!r} is taken over once it has missed {stale_after:g} heartbeats, or "
+            f"delete it)")
+
+
+@contextlib.contextmanager
+def object_lock(output, *, heartbeat=HEARTBEAT, stale_after=STALE_AFTER):
+    """Hold ``output``'s lock on an object store while writing it (see the module docstring).
+
+    Yields
+    ------
+    ObjectLock
+        Call ``.check()`` before marking the output complete.
+
+    Raises
+    ------
+    EmtileError
+        If another live run holds the lock, or the store cannot be locked (``gs://``).
+    """
+    lock = ObjectLock(output, heartbeat=heartbeat, stale_after=stale_after).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
