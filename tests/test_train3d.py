@@ -258,3 +258,31 @@ def test_bad_input_is_one_line(fib_crop, tmp_path, extra, message):
     assert "Traceback" not in r.output and r.output.strip().count("\n") == 0, r.output
     assert r.output.startswith("Error: ") and message in r.output, r.output
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_id_labels_as_2d_boundaries():
+    from emtile.training.targets import IdBoundaries
+
+    ids = np.array([[[1, 1, 1, 2, 2],
+                     [1, 1, 1, 2, 2],
+                     [0, 1, 1, 2, 2]]], np.uint32)
+    view = IdBoundaries(ids)
+    # interior: labelled, and every in-plane 4-neighbour inside the slice has the same id
+    expected = np.array([[[1, 1, 0, 0, 1],
+                          [0, 1, 0, 0, 1],
+                          [0, 0, 0, 0, 1]]], np.uint8)
+    np.testing.assert_array_equal(view[:, :, :], expected)
+    np.testing.assert_array_equal(view[0, 1:3, 1:4], expected[0, 1:3, 1:4])  # crops see context
+    np.testing.assert_array_equal(view[0], expected[0])
+
+
+def test_2d_boundaries_train_from_id_labels(fib_crop, tmp_path):
+    out = tmp_path / "run2d"
+    r = run("train", "--raw", fib_crop / "raw.zarr", "--labels", fib_crop / "gt.zarr", "--out", out,
+            "--train-slices", "0:4", "--val-slices", "4:5", "--base", "2", "--depth", "2",
+            "--tile", "60", "--iterations", "2", "--workers", "0", "--no-calibrate",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "run.json").read_text())
+    assert (info["settings"]["ndim"], info["settings"]["target"]) == (2, "boundaries")
+    assert "offsets" not in json.loads((out / "best" / "metadata.json").read_text())

@@ -13,17 +13,14 @@ from numbers import Integral
 
 from emtile._errors import EmtileError, one_of as _one_of
 from emtile.losses import AFFINITY_LOSSES, LOSSES
+from emtile.training.targets import TARGETS, TILE_2D, check_target_fields
 
 __all__ = ["TrainSettings", "OPTIMIZERS", "SCHEDULES", "TARGETS", "MODEL_DEFAULTS",
            "MODEL_DEFAULTS_3D", "TILE_2D", "jsonable"]
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "poly")
-#: What a network learns: ``boundaries`` (one channel, 1 = cell interior; 2-D) or
-#: ``affinities`` (one channel per offset, 1 = same object; 3-D, from object ids).
-TARGETS = ("boundaries", "affinities")
-#: The 2-D training tile when ``tile`` is None (the paper's 572).
-TILE_2D = 572
+
 #: The U-Net a new run builds when ``base``, ``depth`` or ``batch_norm`` is left as None: the
 #: documented CPU recipe (0.5 M parameters). The paper's size is ``base=64`` (31 M parameters,
 #: about 16 times the arithmetic per step).
@@ -235,8 +232,6 @@ class TrainSettings:
     def _check_target(self):
         """``ndim``, ``target``, ``offsets``, ``factors``, ``kernels``, ``tile``: checked, text
         parsed."""
-        from emtile.training.targets import check_target_fields
-
         for name, value in check_target_fields(self).items():
             object.__setattr__(self, name, value)
 

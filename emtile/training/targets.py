@@ -19,8 +19,13 @@ import numpy as np
 from emtile._errors import EmtileError, one_of
 
 __all__ = ["check_target_fields", "default_tile_3d", "is_id_volume", "IdBoundaries",
-           "parse_levels"]
+           "parse_levels", "TARGETS", "TILE_2D", "ELASTIC_SIGMA"]
 
+#: What a network learns: ``boundaries`` (one channel, 1 = cell interior; 2-D) or
+#: ``affinities`` (one channel per offset, 1 = same object; 3-D, from object ids).
+TARGETS = ("boundaries", "affinities")
+#: The 2-D training tile when ``tile`` is None (the paper's 572).
+TILE_2D = 572
 #: ``elastic_sigma`` when None, per ``ndim``.
 ELASTIC_SIGMA = {2: 10.0, 3: 4.0}
 _TILE_3D_SPAN = 32  # output voxels of the finest axis that the default 3-D tile spans
@@ -66,7 +71,6 @@ def check_target_fields(s):
     from emtile.affinities import check_offsets
     from emtile.geometry import check_factors, check_kernels
     from emtile.losses import AFFINITY_LOSSES
-    from emtile.training.settings import TARGETS, TILE_2D
 
     if s.ndim not in (2, 3) or isinstance(s.ndim, bool):
         raise EmtileError(f"ndim={s.ndim!r} must be 2 (slices) or 3 (volumes)")
