@@ -224,6 +224,11 @@ def test_fib25_smoke_run_and_predict(fib_crop, tmp_path):
             *TINY, "--train-slices", "0:16", "--iterations", "9", "--resume", "--offsets",
             "-1,0,0;0,-1,0;0,0,-1")
     assert r.exit_code == 1 and "differ from the run being resumed" in r.output
+    r = run("train", "--raw", fib_crop / "raw.zarr", "--labels", fib_crop / "gt.zarr", "--out", out,
+            "--ndim", "3", "--target", "affinities", "--tile", "28,28,28", "--workers", "0",
+            "--train-slices", "0:16", "--iterations", "9", "--resume", "--no-progress")
+    assert r.exit_code == 0, r.output  # offsets, factors and depth: the run's
+    assert json.loads((out / "run.json").read_text())["settings"]["offsets"] == offsets
 
 
 BAD = [

@@ -118,13 +118,18 @@ def model_record(s):
 
 def resumed(last, s):
     """``s`` for a resumed run: its target and offsets must be the run's (``last``'s metadata);
-    offsets left as None are the run's."""
+    offsets, factors and kernels left as None are the run's (the network's are checked against
+    its config by :meth:`~emtile.training.settings.TrainSettings.with_model`)."""
     from emtile.unet import load_metadata
 
     meta = load_metadata(last).get("emtile", {})
     theirs = tuple(tuple(o) for o in meta.get("offsets") or [])
     if s.offsets is None and theirs:
         s = dataclasses.replace(s, offsets=theirs)
+    recorded = meta.get("settings") or {}
+    if s.factors is None and recorded.get("factors") and s.depth in (None, recorded.get("depth")):
+        s = dataclasses.replace(s, factors=recorded["factors"], depth=recorded.get("depth"),
+                                kernels=s.kernels or recorded.get("kernels"))
     if meta.get("target", "boundaries") != s.target:
         raise EmtileError(f"target={s.target!r} differs from the run being resumed (target="
                           f"{meta.get('target', 'boundaries')!r}); leave it out or start a new run")
