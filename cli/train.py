@@ -117,7 +117,8 @@ _D = defaults(TrainSettings)
               help="Keep the calibrated best/ even when its validation V-Rand is lower.")
 @progress_option()
 def train(raw, labels, out, resume, overwrite, progress, **settings):
-    """Train a valid-convolution U-Net on annotated slices; write a model folder to --out.
+    """Train a valid-convolution U-Net on annotated slices (or, with --ndim 3 --target affinities,
+    on object ids in 3-D); write a model folder to --out.
 
     The defaults are the documented CPU recipe (base 16, depth 4, batch norm frozen for the last
     30%, lr 2e-3, no class balance, percentile normalisation, bf16 where native): about 30
@@ -128,6 +129,8 @@ def train(raw, labels, out, resume, overwrite, progress, **settings):
     emtile train --raw vol.zarr --labels labels.zarr --out model/ \\
         --train-slices 0:25 --val-slices 25:30
     emtile train ... --resume              # continue after a crash or Ctrl-C
+    emtile train --raw raw.zarr --labels ids.zarr --out aff/ --ndim 3 \\
+        --target affinities --train-slices 0:150 --val-slices 150:250
     emtile predict --model model/best ...  # the folder is all predict needs
     """
     from emtile.trainer import format_result, train as run

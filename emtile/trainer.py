@@ -16,6 +16,14 @@ and the optimiser, then runs the loop, :func:`emtile.training.loop.fit`, which k
 :mod:`emtile.training.validation`  ``predict_slices`` and ``Validator``: the predictor's tiled path
 :mod:`emtile.training.calibration` the logit map (scale, offset) folded into ``best/``
 :mod:`emtile.training.run`         the run folder, ``training_state.pt``, ``Checkpoint``
+:mod:`emtile.training.targets`     the target fields (``ndim``, ``target``, offsets, factors,
+                                   tile) checked; id labels as 2-D boundaries (``IdBoundaries``)
+:mod:`emtile.training.affinity_run` a 3-D affinity run's parts: id and z-range checks, offsets
+                                   and factors from the voxel size, loss, patches
+                                   (:mod:`emtile.sampling3d`, :mod:`emtile.augment3d`),
+                                   validation (:mod:`emtile.training.validation3d`: VOI of
+                                   :func:`emtile.affinity_cc.segment_affinities`, lower is
+                                   better), the model folders' ``ndim``/``target``/``offsets``
 =================================  ===============================================================
 
 Two steps go beyond the paper's recipe. With batch norm, the last 30% of the run (``freeze_bn``)
