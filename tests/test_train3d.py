@@ -212,6 +212,8 @@ def test_fib25_smoke_run_and_predict(fib_crop, tmp_path):
         assert meta["emtile"]["voxel_size"] == [10.0, 10.0, 10.0]
         assert meta["emtile"]["normalization"]["method"] == "percentile"
         assert meta["emtile"]["calibration"]["applied"] is False
+    r = run("info", out / "best")
+    assert r.exit_code == 0 and "none (affinity models are not calibrated)" in r.output, r.output
     pred = tmp_path / "pred.zarr"
     r = run("predict", "--model", out / "best", fib_crop / "raw.zarr", pred, "--tile", "44,44,44",
             "--no-progress")  # the predictor's default tile, 572 per axis, takes 20 GB in 3-D
