@@ -4,8 +4,8 @@ import click
 
 from emtile.cli._types import (LABELS_HELP, RAW_HELP, SliceList, amp_option, defaults,
                                device_option, progress_option)
-from emtile.losses import LOSSES
-from emtile.training.settings import OPTIMIZERS, SCHEDULES, TrainSettings
+from emtile.losses import AFFINITY_LOSSES, LOSSES
+from emtile.training.settings import OPTIMIZERS, SCHEDULES, TARGETS, TrainSettings
 
 _D = defaults(TrainSettings)
 
@@ -14,9 +14,28 @@ _D = defaults(TrainSettings)
 @click.option("--raw", required=True, help=RAW_HELP)
 @click.option("--labels", required=True, help=LABELS_HELP)
 @click.option("--out", required=True, help="Output folder: best/ and last/ model folders, train.csv.")
-@click.option("--train-slices", type=SliceList(), required=True, help="Slices to train on, e.g. 0:25 or 0,2,4.")
+@click.option("--train-slices", type=SliceList(), required=True,
+              help="Slices to train on, e.g. 0:25 or 0,2,4 (--ndim 3: one z range, e.g. 0:150).")
 @click.option("--val-slices", type=SliceList(), default=_D.val_slices,
-              help="Slices to validate on, e.g. 25:30 (default: no validation; best = last).")
+              help="Slices to validate on, e.g. 25:30 (--ndim 3: a z range scored by VOI of its "
+                   "segmentation; default: no validation; best = last).")
+@click.option("--ndim", type=int, default=_D.ndim, show_default=True,
+              help="2: a 2-D network on slices; 3: a 3-D network on volumes (--target affinities).")
+@click.option("--target", type=click.Choice(TARGETS), default=_D.target, show_default=True,
+              help="boundaries (2-D; binary labels or object ids) or affinities (3-D; object ids "
+                   "converted with --labels --ids: one output channel per offset).")
+@click.option("--offsets", default=_D.offsets,
+              help="Affinity offsets dz,dy,dx separated by ';', e.g. \"-1,0,0;0,-1,0;0,0,-1;0,-3,0\" "
+                   "[default: nearest neighbours and -3, -9 scaled by the voxel size].")
+@click.option("--factors", default=_D.factors,
+              help="3-D max-pool factors per level, e.g. \"1,2,2;2,2,2\" (sets --depth) "
+                   "[default: from the voxel size].")
+@click.option("--kernels", default=_D.kernels,
+              help="3-D kernel sizes per resolution level (depth + 1), e.g. \"1,3,3;3,3,3;3,3,3\" "
+                   "[default: 1 along axes a level pools less, else 3].")
+@click.option("--affinity-loss", type=click.Choice(AFFINITY_LOSSES), default=_D.affinity_loss,
+              show_default=True,
+              help="Affinity loss: MALA-balanced BCE or torch-em's Dice of the boundary class.")
 @click.option("--iterations", type=click.IntRange(min=1), default=_D.iterations, show_default=True,
               help="Total optimiser steps (a resumed run continues up to this number).")
 @click.option("--base", type=click.IntRange(min=1), default=_D.base,
@@ -35,8 +54,10 @@ _D = defaults(TrainSettings)
 @click.option("--freeze-bn", type=click.FloatRange(0, 1), default=_D.freeze_bn, show_default=True,
               help="Fraction of the run after which batch norm is frozen (statistics recomputed, "
                    "then fixed), so the rest trains the network as prediction runs it; 1: never.")
-@click.option("--tile", type=click.IntRange(min=1), default=_D.tile, show_default=True,
-              help="Training input patch size (a valid size for --depth); the label patch is its output.")
+@click.option("--tile", default=_D.tile,
+              help="Training input patch size (a valid size for the network; Z,Y,X in 3-D); the "
+                   "label patch is its output [default: 572 in 2-D; in 3-D about 32 voxels of "
+                   "output along the finest axis, 72 at 10 nm].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_D.batch_size, show_default=True, help="Patches per step.")
 @click.option("--lr", type=float, default=_D.lr, show_default=True, help="Base learning rate.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=_D.optimizer, show_default=True,
@@ -68,8 +89,9 @@ _D = defaults(TrainSettings)
 @click.option("--overwrite", is_flag=True, help="Replace the run in --out.")
 @click.option("--elastic/--no-elastic", default=_D.elastic, show_default=True,
               help="The paper's elastic deformation (3x3 grid, --elastic-sigma px).")
-@click.option("--elastic-sigma", type=float, default=_D.elastic_sigma, show_default=True,
-              help="Std of the coarse elastic displacements in pixels.")
+@click.option("--elastic-sigma", type=float, default=_D.elastic_sigma,
+              help="Std of the coarse elastic displacements in pixels [default: 10 in 2-D, 4 "
+                   "in 3-D (in-plane)].")
 @click.option("--flip/--no-flip", default=_D.flip, show_default=True, help="Random flips and 90-degree rotations.")
 @click.option("--intensity/--no-intensity", default=_D.intensity, show_default=True,
               help="Brightness, contrast and gamma jitter.")
@@ -95,7 +117,8 @@ _D = defaults(TrainSettings)
               help="Keep the calibrated best/ even when its validation V-Rand is lower.")
 @progress_option()
 def train(raw, labels, out, resume, overwrite, progress, **settings):
-    """Train a valid-convolution U-Net on annotated slices; write a model folder to --out.
+    """Train a valid-convolution U-Net on annotated slices (or, with --ndim 3 --target affinities,
+    on object ids in 3-D); write a model folder to --out.
 
     The defaults are the documented CPU recipe (base 16, depth 4, batch norm frozen for the last
     30%, lr 2e-3, no class balance, percentile normalisation, bf16 where native): about 30
@@ -106,6 +129,8 @@ def train(raw, labels, out, resume, overwrite, progress, **settings):
     emtile train --raw vol.zarr --labels labels.zarr --out model/ \\
         --train-slices 0:25 --val-slices 25:30
     emtile train ... --resume              # continue after a crash or Ctrl-C
+    emtile train --raw raw.zarr --labels ids.zarr --out aff/ --ndim 3 \\
+        --target affinities --train-slices 0:150 --val-slices 150:250
     emtile predict --model model/best ...  # the folder is all predict needs
     """
     from emtile.trainer import format_result, train as run

@@ -16,6 +16,14 @@ and the optimiser, then runs the loop, :func:`emtile.training.loop.fit`, which k
 :mod:`emtile.training.validation`  ``predict_slices`` and ``Validator``: the predictor's tiled path
 :mod:`emtile.training.calibration` the logit map (scale, offset) folded into ``best/``
 :mod:`emtile.training.run`         the run folder, ``training_state.pt``, ``Checkpoint``
+:mod:`emtile.training.targets`     the target fields (``ndim``, ``target``, offsets, factors,
+                                   tile) checked; id labels as 2-D boundaries (``IdBoundaries``)
+:mod:`emtile.training.affinity_run` a 3-D affinity run's parts: id and z-range checks, offsets
+                                   and factors from the voxel size, loss, patches
+                                   (:mod:`emtile.sampling3d`, :mod:`emtile.augment3d`),
+                                   validation (:mod:`emtile.training.validation3d`: VOI of
+                                   :func:`emtile.affinity_cc.segment_affinities`, lower is
+                                   better), the model folders' ``ndim``/``target``/``offsets``
 =================================  ===============================================================
 
 Two steps go beyond the paper's recipe. With batch norm, the last 30% of the run (``freeze_bn``)
@@ -50,7 +58,11 @@ from emtile.training.loop import fit, lr_factor
 from emtile.training.run import (Checkpoint, RunFolder, describe, load_training_state, versions,
                                  writes)
 from emtile.training.settings import TrainSettings, jsonable
+from emtile.training import affinity_run as aff
+from emtile.training.logs import CSV_COLUMNS
+from emtile.training.targets import IdBoundaries, default_tile_3d, is_id_volume
 from emtile.training.validation import Validator
+from emtile.training.validation3d import AFFINITY_COLUMNS
 from emtile.stacks import check_labels, resolve_slices
 from emtile.volume import open_input
 
@@ -106,12 +118,13 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
     s = (TrainSettings(**options) if settings is None else
          dataclasses.replace(settings, **options))
     data = _open_data(raw, labels, s)
-    loss_fn = get_loss(s.loss)
     dev = resolve_device(s.device)
     amp = resolve_amp(s.amp, dev)
     folder = RunFolder(out)
     last = folder.check(resume=resume, overwrite=overwrite)
-    s, net = _model(s, last, model)
+    s = _resolve(s, data, last)
+    task = _Task(s)
+    s, net = _model(s, last, model, data)
     in_shape, out_shape, class_weights, weight_fn = _check_patches(data, s, net)
     norm = statistics(data.raw, s.normalize, name="raw")  # the model's input rule, on raw
     scaling = norm["scaling"]
@@ -121,7 +134,7 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
     else:
         last = folder.recover()  # a save killed between its renames
     net.to(dev)
-    if s.channels_last:
+    if _channels_last(s):
         net.to(memory_format=torch.channels_last)
     opt = _optimizer(net, s)
     state = load_training_state(last, net, opt) if last is not None else {}
@@ -134,37 +147,35 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
                 "val_slices": data.vz, "input_size": list(in_shape),
                 "output_size": list(out_shape), "class_weights": list(class_weights),
                 "normalization": normalization_record(norm),
-                "voxel_size": _voxel_size(data.paths[0]), "amp": amp, "versions": versions()}
+                "voxel_size": data.voxel_size, "amp": amp, "versions": versions(),
+                **task.record}
     folder.write_run(run_info)
 
-    augment = Augmenter(elastic=s.elastic, elastic_sigma=s.elastic_sigma, flip=s.flip,
-                        intensity=s.intensity, noise=s.noise, blur=s.blur)
+    augment = task.augmenter(s, data)
     loader = _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev, scaling)
-    validator = (Validator(data.raw, data.labels, data.vz, loss_fn=loss_fn, weight_fn=weight_fn,
-                           tile=s.val_tile or "auto", batch_size=1, device=dev,
-                           normalize=scaling)
-                 if data.vz else None)
+    validator = task.validator(data, s, weight_fn, dev, scaling) if data.vz else None
     t0 = [time.perf_counter()]
     clock = Clock(lambda: elapsed0 + time.perf_counter() - t0[0])
     checkpoint = Checkpoint(
         folder, metadata=functools.partial(_metadata, run_info, clock.elapsed,
-                                           "val_vrand" if validator is not None else "val_f1"),
-        best_metric="val_vrand", validated=validator is not None, eligible_after=s.freeze_step(),
-        best_score=state.get("best_score"), best_scores=state.get("best_scores"))
+                                           task.best_metric if validator is not None else "val_f1"),
+        best_metric=task.best_metric, validated=validator is not None,
+        eligible_after=s.freeze_step(), best_score=state.get("best_score"),
+        best_scores=state.get("best_scores"), lower_is_better=task.lower_is_better)
     cbs = [*_freeze(s, data, in_shape, out_shape, augment, dev, scaling), checkpoint, clock,
-           *_logs(folder, start, s.iterations, progress), *callbacks]
+           *_logs(folder, start, s.iterations, progress, task.columns), *callbacks]
 
     t0[0] = time.perf_counter()
-    result = fit(net, iter(loader), optimizer=opt, loss_fn=loss_fn, start=start,
+    result = fit(net, iter(loader), optimizer=opt, loss_fn=task.loss_fn, start=start,
                  lr_at=lambda it: s.lr * lr_factor(it, s.iterations, schedule=s.schedule,
                                                    warmup=s.warmup_steps()),
                  iterations=s.iterations, device=dev, validate=validator, val_every=s.val_every,
-                 callbacks=cbs, amp=amp, clip=s.clip, channels_last=s.channels_last,
+                 callbacks=cbs, amp=amp, clip=s.clip, channels_last=_channels_last(s),
                  scaler_state=state.get("scaler"),
                  cause_hint=f"The last good checkpoint is in {str(folder.path / 'last')!r}.")
     if result["loss"] is None:  # resumed after its last step: only the end of the run was left
         result["loss"] = state.get("loss", float("nan"))
-    if s.calibrate:
+    if s.calibrate and task.calibrated:
         with writes(folder.path):
             result["calibration"] = calibrate_best(folder.path / "best", data.raw, data.labels,
                                                    data.tz, dev, validator, normalize=scaling,
@@ -177,6 +188,35 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
     return result
 
 
+class _Task:
+    """What differs between a 2-D boundary run and a 3-D affinity run (:mod:`emtile.training.
+    affinity_run`): the loss, augmentation, validation, the best metric, the log's columns,
+    calibration and what run.json and the model folders add."""
+
+    def __init__(self, s):
+        self.affinities = s.target == "affinities"
+        if self.affinities:
+            self.loss_fn = aff.loss_function(s.affinity_loss)
+            self.best_metric, self.lower_is_better, self.calibrated = "val_voi", True, False
+            self.columns, self.record = AFFINITY_COLUMNS, aff.model_record(s)
+        else:
+            self.loss_fn = get_loss(s.loss)
+            self.best_metric, self.lower_is_better, self.calibrated = "val_vrand", False, True
+            self.columns, self.record = CSV_COLUMNS, {}
+
+    def augmenter(self, s, data):
+        if self.affinities:
+            return aff.augmenter(s, data.voxel_size)
+        return Augmenter(elastic=s.elastic, elastic_sigma=s.elastic_sigma, flip=s.flip,
+                         intensity=s.intensity, noise=s.noise, blur=s.blur)
+
+    def validator(self, data, s, weight_fn, dev, scaling):
+        if self.affinities:
+            return aff.validator(data, s, self.loss_fn, dev, scaling)
+        return Validator(data.raw, data.labels, data.vz, loss_fn=self.loss_fn, weight_fn=weight_fn,
+                         tile=s.val_tile or "auto", batch_size=1, device=dev, normalize=scaling)
+
+
 @dataclasses.dataclass
 class _Data:
     raw: object
@@ -184,6 +224,7 @@ class _Data:
     paths: tuple  # (raw path or None, labels path or None): workers re-open paths
     tz: list  # training slices
     vz: list  # validation slices
+    voxel_size: tuple = None  # nm (z, y, x), when the raw store records one
 
 
 def _open_data(raw, labels, s):
@@ -201,10 +242,25 @@ def _open_data(raw, labels, s):
     if overlap:
         warnings.warn(f"train_slices and val_slices overlap in slices {overlap}: validation scores "
                       "will be optimistic", UserWarning, stacklevel=3)
-    return _Data(raw_a, labels_a, (raw_path, labels_path), tz, vz)
+    if s.target == "affinities":
+        aff.check_ids(labels_a, labels_path)
+        aff.z_range(tz, "train_slices"), aff.z_range(vz, "val_slices")
+    elif is_id_volume(labels_path, labels_a):  # 2-D boundaries from object ids
+        labels_a, labels_path = IdBoundaries(labels_a), None
+    return _Data(raw_a, labels_a, (raw_path, labels_path), tz, vz, _voxel_size(raw_path))
 
 
-def _model(s, last, model):
+def _resolve(s, data, last):
+    """The settings of an affinity run resolved: offsets, factors (the resumed run's, or from the
+    voxel size)."""
+    if s.target != "affinities":
+        return s
+    if last is not None:
+        s = aff.resumed(last, s)
+    return aff.resolve(s, data.voxel_size)
+
+
+def _model(s, last, model, data):
     """``(settings, model)``: the settings with the model's fields, and the model to train (the
     one given, or a new :class:`~emtile.unet.UNet` built after seeding torch with ``seed``)."""
     from emtile.unet import UNet, load_folder
@@ -217,8 +273,14 @@ def _model(s, last, model):
     if last is not None:
         s = s.with_model(load_folder(last).config)
     torch.manual_seed(s.seed)
-    net = model if model is not None else UNet(1, 1, **s.model_args())
+    out_channels = len(s.offsets) if s.target == "affinities" else 1
+    net = model if model is not None else UNet(1, out_channels, **s.model_args())
+    if net.out_channels != out_channels:
+        raise EmtileError(f"the model has {net.out_channels} output channels; this run needs "
+                          f"{out_channels} (one per offset)")
     s = s.with_model(net.config)  # run.json records the model's values, defaults included
+    if s.tile is None:  # 3-D: from the network and the voxel size
+        s = dataclasses.replace(s, tile=default_tile_3d(net, data.voxel_size))
     for m in norm_layers(net):
         m.momentum = s.bn_momentum
     net.check(s.tile, "tile")
@@ -227,6 +289,8 @@ def _model(s, last, model):
 
 def _check_patches(data, s, net):
     """Patch sizes, labels and class weights: ``(in_shape, out_shape, class_weights, weight_fn)``."""
+    if s.target == "affinities":
+        return (*aff.patch_shapes(data, s, net), (), None)
     in_shape, out_shape = check_patch_geometry(data.raw.shape[1:], s.tile, net.output_size(s.tile))
     fg = check_labels(data.labels, data.tz)
     if not 0.0 < fg < 1.0:
@@ -249,15 +313,22 @@ def _optimizer(net, s):
 def _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev, scaling):
     """A DataLoader of the training batches from ``start`` on, read, normalised, augmented and
     weighted by ``s.workers`` processes."""
-    dataset = PatchDataset(data.raw, data.labels, input_size=in_shape, output_size=out_shape,
-                           slices=data.tz, batch_size=s.batch_size, seed=s.seed, start=start,
-                           augment=augment, weights=weight_fn, foreground=s.foreground,
-                           paths=data.paths, normalize=scaling)
+    dataset = (aff.patch_dataset(data, s, in_shape, out_shape, start=start, scaling=scaling,
+                                 augment=augment)
+               if s.target == "affinities" else _patch_dataset(
+                   data, s, in_shape, out_shape, augment, weight_fn, start, scaling))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=s.workers, pin_memory=dev.type == "cuda",
         prefetch_factor=4 if s.workers else None, persistent_workers=False,
         generator=torch.Generator().manual_seed(s.seed))  # keeps the global RNG untouched
     return loader
+
+
+def _patch_dataset(data, s, in_shape, out_shape, augment, weight_fn, start, scaling):
+    return PatchDataset(data.raw, data.labels, input_size=in_shape, output_size=out_shape,
+                        slices=data.tz, batch_size=s.batch_size, seed=s.seed, start=start,
+                        augment=augment, weights=weight_fn, foreground=s.foreground,
+                        paths=data.paths, normalize=scaling)
 
 
 def _freeze(s, data, in_shape, out_shape, augment, dev, scaling):
@@ -266,15 +337,24 @@ def _freeze(s, data, in_shape, out_shape, augment, dev, scaling):
     if after is None:
         return []
     # its own stream (sample indices far beyond any run), read in this process
-    calib = PatchDataset(data.raw, data.labels, input_size=in_shape, output_size=out_shape,
-                         slices=data.tz, batch_size=s.batch_size, seed=s.seed, start=2**40,
-                         augment=augment, normalize=scaling)
+    if s.target == "affinities":
+        calib = aff.patch_dataset(data, s, in_shape, out_shape, start=2**40, scaling=scaling,
+                                  augment=augment)
+    else:
+        calib = PatchDataset(data.raw, data.labels, input_size=in_shape, output_size=out_shape,
+                             slices=data.tz, batch_size=s.batch_size, seed=s.seed, start=2**40,
+                             augment=augment, normalize=scaling)
     return [FreezeNorm(after, lambda m: precise_norm_stats(
-        m, iter(calib), FREEZE_BN_BATCHES, device=dev, channels_last=s.channels_last))]
+        m, iter(calib), FREEZE_BN_BATCHES, device=dev, channels_last=_channels_last(s)))]
 
 
-def _logs(folder, start, iterations, progress):
-    cbs = [CSVLog(folder.path / "train.csv", start)]
+def _channels_last(s):
+    """Channels-last memory layout: 2-D networks only (3-D ones keep the default layout)."""
+    return s.channels_last and s.ndim == 2
+
+
+def _logs(folder, start, iterations, progress, columns):
+    cbs = [CSVLog(folder.path / "train.csv", start, columns=columns)]
     try:
         cbs.append(TensorBoardLog(folder.path / "tensorboard"))
     except ImportError:
@@ -285,8 +365,11 @@ def _logs(folder, start, iterations, progress):
 
 
 def _metadata(run, elapsed, best_metric, iteration, scores, kind):
-    """The ``metadata.json`` of a checkpoint's model folder."""
-    return {"emtile": {"kind": kind, "raw": run["raw"], "labels": run["labels"],
+    """The ``metadata.json`` of a checkpoint's model folder; an affinity model's also names
+    ``ndim``, ``target`` and ``offsets`` at the top level (what the predictor reads)."""
+    extra = {k: run[k] for k in ("ndim", "target", "offsets", "calibration") if k in run}
+    contract = {k: extra[k] for k in ("ndim", "target", "offsets") if k in extra}
+    return {**contract, "emtile": {**extra, "kind": kind, "raw": run["raw"], "labels": run["labels"],
                        "train_slices": run["train_slices"], "val_slices": run["val_slices"],
                        "iteration": iteration, "iterations": run["settings"]["iterations"],
                        "seed": run["settings"]["seed"], "settings": run["settings"],
@@ -308,13 +391,14 @@ def format_result(result):
     """What ``emtile train`` prints about the ``result`` of :func:`train`."""
     from emtile.training.calibration import calibration_text
     from emtile.training.validation import format_scores
+    from emtile.training.validation3d import format_affinity_scores
 
     lines = [f"trained {result['iteration']} iterations in {result['elapsed_s']:.0f} s; "
              f"last loss {result['loss']:.4f}"]
     best = result.get("best") or {}
     if best:
         lines.append(f"best (iteration {best.get('iteration')}), validation: "
-                     f"{format_scores(best)}")
+                     f"{format_affinity_scores(best) or format_scores(best)}")
     cal = result.get("calibration")
     if cal:
         what = "calibrated best/" if cal.get("kept", True) else "calibration tried and undone"

@@ -179,7 +179,10 @@ def calibrate_best(best, raw, labels, zs, device, validator, *, normalize=None, 
 
 
 def calibration_text(cal):
-    """One line for a calibration record: the thresholds moved and the pixel error."""
+    """One line for a calibration record: the thresholds moved and the pixel error (or, for a
+    model that is not calibrated, e.g. an affinity model, why not)."""
+    if "threshold" not in cal:
+        return f"none ({cal.get('reason', 'not calibrated')})"
     moved = f"pixel-error threshold {cal['threshold']:.3f} -> 0.5"
     if cal.get("vrand_threshold") is not None:
         moved += f", V-Rand threshold {cal['vrand_threshold']:.3f} -> {VRAND_TARGET:g}"

@@ -29,8 +29,8 @@ class CSVLog(Callback):
     """``train.csv``: one row per iteration; a resumed run keeps the rows up to its start (the
     file is replaced whole, so a kill while it is rewritten loses no row)."""
 
-    def __init__(self, path, start):
-        self.path = Path(path)
+    def __init__(self, path, start, columns=CSV_COLUMNS):
+        self.path, self.columns = Path(path), tuple(columns)
         rows = []
         if start > 0 and self.path.exists():
             with self.path.open(newline="") as f:
@@ -38,15 +38,15 @@ class CSVLog(Callback):
         tmp = self.path.with_name(self.path.name + ".tmp")
         with writes(self.path.parent):
             with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+                writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(rows)
             os.replace(tmp, self.path)
             self.file = self.path.open("a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
 
     def on_row(self, state, row):
-        out = {k: "" for k in CSV_COLUMNS}
+        out = {k: "" for k in self.columns}
         for k, v in row.items():
             if k in out and v is not None:
                 # the loss exactly (repr round-trips), so runs can be compared bit for bit

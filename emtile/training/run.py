@@ -221,7 +221,8 @@ class Checkpoint(Callback):
     metadata : callable
         ``metadata(iteration, scores, kind)`` -> the model folder's metadata dict.
     best_metric : str
-        The score to maximise (``"val_vrand"``).
+        The score to maximise (``"val_vrand"``), or to minimise with ``lower_is_better``
+        (``"val_voi"``).
     validated : bool
         False when the run validates nothing: ``best/`` is then a copy of ``last/``.
     eligible_after : int, optional
@@ -229,11 +230,14 @@ class Checkpoint(Callback):
         before the freeze, scores swing from one check to the next and a maximum picks noise).
     best_score, best_scores :
         Of a resumed run.
+    lower_is_better : bool
+        Minimise ``best_metric`` instead.
     """
 
     def __init__(self, folder, *, metadata, best_metric, validated, eligible_after=None,
-                 best_score=None, best_scores=None):
+                 best_score=None, best_scores=None, lower_is_better=False):
         self.folder, self.metadata, self.best_metric = folder, metadata, best_metric
+        self.sign = -1.0 if lower_is_better else 1.0
         self.validated, self.eligible_after = validated, eligible_after
         self.best_score, self.best_scores = best_score, dict(best_scores or {})
 
@@ -241,7 +245,8 @@ class Checkpoint(Callback):
         it, model = state["iteration"], state["model"]
         if scores and (self.eligible_after is None or it > self.eligible_after):
             value = scores.get(self.best_metric)
-            if value is not None and (self.best_score is None or value > self.best_score):
+            if value is not None and (self.best_score is None
+                                      or self.sign * value > self.sign * self.best_score):
                 self.best_score, self.best_scores = value, dict(scores, iteration=it)
                 self.folder.save("best", model, self.metadata(it, scores, "best"))
         self.folder.save("last", model, self.metadata(it, scores or state.get("scores"), "last"),
