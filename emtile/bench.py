@@ -359,33 +359,33 @@ def run_bench(*, base=64, depth=4, tile=None, batch_size=1, device="auto", tiles
     model_times, predict_times, result = _interleaved(
         model, time_model, kwargs, shape=shape, warm_shape=tiles_volume_shape(model, tile, 1),
         repeat=repeat, data=data, seed=seed, workdir=workdir, dev=dev)
-    return _figures(locals(), model, result, flops, torch, dev)
-
-
-def _figures(a, model, result, flops, torch, dev):
-    """The dict :func:`run_bench` returns, from its locals ``a``."""
-    model_s, predict_s = min(a["model_times"]), min(a["predict_times"])
-    tiles, out_tile = a["tiles"], a["out_tile"]
-    out_voxels = tiles * int(np.prod(out_tile if model.ndim == 3 else (out_tile, out_tile)))
-    own, children = peak_rss()
-    three = model.ndim == 3
-    return {
-        "ndim": model.ndim, "base": a["base"], "depth": a["depth"],
-        "factors": [list(f) for f in model.factors], "out_channels": a["out_channels"],
-        "voxel_size": (list(a["voxel_size"] or (10.0,) * 3) if three and a["factors"] is None
-                       else None),
-        "tile": list(a["tile"]) if three else a["tile"],
-        "out_tile": list(out_tile) if three else out_tile,
+    three = ndim == 3
+    settings = {
+        "ndim": ndim, "base": base, "depth": depth,
+        "factors": [list(f) for f in model.factors], "out_channels": out_channels,
+        "voxel_size": list(voxel_size or (10.0,) * 3) if three and factors is None else None,
+        "tile": list(tile) if three else tile, "out_tile": list(out_tile) if three else out_tile,
         "tile_counts": list(tile_counts(tiles)) if three else None,
-        "batch_size": a["batch_size"], "tiles": tiles, "device": str(dev),
-        "threads": torch.get_num_threads(), "channels_last": a["channels_last"],
-        "amp": a["amp_name"] or "off",
-        "num_workers": a["num_workers"], "volume_shape": a["shape"], "repeat": a["repeat"],
-        "model_times": a["model_times"], "predict_times": a["predict_times"],
-        "data": str(a["data"]) if a["data"] is not None else "random", "seed": a["seed"],
+        "batch_size": batch_size, "tiles": tiles, "device": str(dev),
+        "threads": torch.get_num_threads(), "channels_last": channels_last,
+        "amp": amp_name or "off", "num_workers": num_workers, "volume_shape": shape,
+        "repeat": repeat, "data": str(data) if data is not None else "random", "seed": seed,
+    }
+    out_voxels = tiles * int(np.prod(out_tile if three else (out_tile, out_tile)))
+    return {**settings, **_figures(model_times, predict_times, result, flops, tiles=tiles,
+                                   out_voxels=out_voxels, dev=dev)}
+
+
+def _figures(model_times, predict_times, result, flops, *, tiles, out_voxels, dev):
+    """The timings, rates and memory :func:`run_bench` reports."""
+    import torch
+
+    model_s, predict_s = min(model_times), min(predict_times)
+    own, children = peak_rss()
+    return {
+        "model_times": model_times, "predict_times": predict_times,
         "model_s": model_s, "predict_s": predict_s, "ratio": predict_s / model_s,
-        "ratio_rounds": statistics.median(p / m for p, m in zip(a["predict_times"],
-                                                                a["model_times"])),
+        "ratio_rounds": statistics.median(p / m for p, m in zip(predict_times, model_times)),
         "out_voxels": out_voxels, "predict_tile_runs": result.tiles,
         "predict_efficiency": result.efficiency,
         "model_vox_s": out_voxels / model_s, "predict_vox_s": out_voxels / predict_s,

@@ -301,3 +301,6 @@ def test_3d_options_only_with_ndim_3():
     result = CliRunner().invoke(main, TINY + ["--factors", "2,2,2"])
     assert result.exit_code == 1
     assert result.output == "Error: --factors 2,2,2 only applies with --ndim 3\n"
+    result = CliRunner().invoke(main, TINY_3D + ["--pipeline"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --pipeline times the 2-D path only")
