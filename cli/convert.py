@@ -3,6 +3,8 @@
 import click
 
 from emtile.cli._types import IntTuple, progress_option
+from emtile.cli.predict import Shards
+from emtile.convert_shards import SHARDS
 
 
 @click.command()
@@ -35,13 +37,18 @@ from emtile.cli._types import IntTuple, progress_option
               help="Resolution levels for viewers (each halves y and x).")
 @click.option("--compression", type=click.Choice(["zstd", "lz4", "lz4hc", "zlib", "blosclz", "none"]),
               default="zstd", show_default=True, help="Blosc compressor.")
+@click.option("--shards", type=Shards(), default=SHARDS, show_default=True,
+              help="Zarr v3 shards at every level: auto (one slab of about 64 MB deep, one row "
+                   "of chunks high, the whole slice wide: each shard file written once, whole, "
+                   "by one thread), none (one file per chunk), or a shard shape Z,Y,X of whole "
+                   "chunks (slabs are then whole shards deep).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--allow-partial", is_flag=True,
               help="Convert the complete pages of a TIFF cut short (refused otherwise); the store "
                    "records what was expected and what was found, and 'emtile info' shows it.")
 @progress_option()
 def convert(input, output, labels, ids, threshold, channel, dataset, chunks, voxel_size, unit,
-            levels, compression, overwrite, allow_partial, progress):
+            levels, compression, shards, overwrite, allow_partial, progress):
     """Convert INPUT (TIFF, PNG/TIFF folder or glob, Zarr, HDF5) to an OME-Zarr store OUTPUT.
 
     The voxel size is --voxel-size if given, else the one INPUT's metadata records.
@@ -51,6 +58,7 @@ def convert(input, output, labels, ids, threshold, channel, dataset, chunks, vox
     emtile convert labels.tif labels.zarr --labels
     emtile convert groundtruth.tif truth.zarr --labels --ids --voxel-size 10,10,10
     emtile convert 'slices/*.png' vol.zarr --voxel-size 50,4,4 --levels 3
+    emtile convert stack.tif vol.zarr --shards none
     """
     from emtile.converter import convert as run
     from emtile.describe import format_info
@@ -58,6 +66,6 @@ def convert(input, output, labels, ids, threshold, channel, dataset, chunks, vox
     result = run(input, output, labels=labels, ids=ids, threshold=threshold, channel=channel,
                  dataset=dataset, chunks=chunks, voxel_size=voxel_size, unit=unit, levels=levels,
                  compression=compression, overwrite=overwrite, allow_partial=allow_partial,
-                 progress=progress)
+                 progress=progress, shards=shards)
     click.echo(f"wrote {output}")
     click.echo(format_info(result))

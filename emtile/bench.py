@@ -126,14 +126,22 @@ def _sync(device):
 
 
 def tiles_volume_shape(model, tile, tiles):
-    """``(Z, Y, X)`` whose output area is exactly ``tiles`` output tiles of the global grid.
+    """``(Z, Y, X)`` whose output is exactly ``tiles`` output tiles of the global grid.
 
-    Up to 2×2 tiles per slice (so tiles meet and are stitched), the rest in further slices.
+    A 2-D model: up to 2×2 tiles per slice (so tiles meet and are stitched), the rest in
+    further slices. A 3-D model (``tile`` per axis): the tiles arranged in a box of
+    :func:`tile_counts` ``(nz, ny, nx)`` tiles, so they meet along every axis they can.
     """
     from emtile.geometry import tile_grid
 
     if tiles < 1:
         raise EmtileError(f"tiles={tiles} must be at least 1")
+    if model.ndim == 3:
+        g = tile_grid((10_000,) * 3, model, tile)
+        counts = tile_counts(tiles)
+        shape = tuple(o + (n - 1) * s for o, n, s in zip(g.out_tile, counts, g.stride))
+        assert tile_grid(shape, model, tile).n_tiles == tiles, shape
+        return shape
     per = 4 if tiles % 4 == 0 else 2 if tiles % 2 == 0 else 1
     ny, nx = {4: (2, 2), 2: (1, 2), 1: (1, 1)}[per]
     g = tile_grid((1, 10_000, 10_000), model, tile)
@@ -141,6 +149,69 @@ def tiles_volume_shape(model, tile, tiles):
     shape = (tiles // per, oy + (ny - 1) * sy, ox + (nx - 1) * sx)
     assert tile_grid(shape, model, tile).n_tiles == tiles, shape
     return shape
+
+
+def tile_counts(tiles):
+    """``(nz, ny, nx)`` tiles with ``nz * ny * nx == tiles``, as near a cube as the prime factors
+    allow: each factor, largest first, goes to the axis with fewest tiles (x, then y, then z on
+    ties). 2 -> (1, 1, 2), 4 -> (1, 2, 2), 8 -> (2, 2, 2), 12 -> (2, 2, 3)."""
+    primes, n, p = [], int(tiles), 2
+    while n > 1:
+        while n % p == 0:
+            primes.append(p)
+            n //= p
+        p += 1
+    counts = [1, 1, 1]
+    for f in sorted(primes, reverse=True):
+        axis = min((2, 1, 0), key=lambda a: counts[a])
+        counts[axis] *= f
+    return tuple(counts)
+
+
+def _text(values):
+    """``20,132,132`` for a tuple (``1,2,2;2,2,2`` for a tuple of them), the value itself
+    otherwise."""
+    if not isinstance(values, (tuple, list)):
+        return str(values)
+    return ";".join(map(_text, values)) if any(isinstance(v, (tuple, list)) for v in values) \
+        else ",".join(map(str, values))
+
+
+def _build_model(*, ndim, base, depth, tile, factors, voxel_size, out_channels):
+    """The random-weight U-Net of a benchmark and its checked tile (an int in 2-D, ``(Z, Y,
+    X)`` in 3-D, where ``tile=None`` picks the smallest size per axis with an output of at
+    least 64 and ``factors=None`` follows :func:`default_factors` of ``voxel_size``)."""
+    from emtile.geometry import default_factors
+    from emtile.unet import UNet
+
+    if ndim not in (2, 3):
+        raise EmtileError(f"ndim={ndim!r} is not 2 or 3")
+    if ndim == 2:
+        for name, value in (("factors", factors), ("voxel_size", voxel_size)):
+            if value is not None:
+                raise EmtileError(f"{name}={_text(value)} only applies with ndim=3")
+        model = UNet(base=base, depth=depth, out_channels=out_channels)
+        tile = 572 if tile is None else tile
+        model.check(tile)
+        return model, tile
+    voxel_size = (10.0, 10.0, 10.0) if voxel_size is None else voxel_size
+    if factors is None:
+        factors = default_factors(voxel_size, depth)
+    model = UNet(ndim=3, base=base, depth=depth, factors=factors, out_channels=out_channels)
+    sm = model.shape_map
+    if tile is None:
+        tile = tuple(_smallest_tile(sm, a, 64) for a in range(3))
+    try:
+        tile = tuple(sm.check(tile))
+    except EmtileError as exc:
+        raise EmtileError(str(exc).replace(f"tile={tile!r}", f"tile={_text(tile)}")) from None
+    return model, tile
+
+
+def _smallest_tile(shape_map, axis, least):
+    """The smallest valid input size along ``axis`` whose output is at least ``least``."""
+    return next(n for n in shape_map.valid_sizes(1, 8192, axis)
+                if n - 2 * shape_map.halos[axis] >= least)
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -153,7 +224,8 @@ def _model_timer(model, dev, amp_name, fmt, *, tile, batch_size, tiles, warmup):
 
     from emtile.device import autocast
 
-    x = torch.rand(batch_size, model.in_channels, tile, tile, device=dev)
+    tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    x = torch.rand(batch_size, model.in_channels, *tile, device=dev)
     x = x.contiguous(memory_format=fmt)
     n_batches = -(-tiles // batch_size)
 
@@ -176,17 +248,17 @@ def _model_timer(model, dev, amp_name, fmt, *, tile, batch_size, tiles, warmup):
     return time_model, flops
 
 
-def _interleaved(model, time_model, kwargs, *, shape, out_tile, repeat, data, seed, workdir,
+def _interleaved(model, time_model, kwargs, *, shape, warm_shape, repeat, data, seed, workdir,
                  dev):
     """``repeat`` rounds of (the model alone, ``predict`` of a volume of ``shape``),
     interleaved so that load from other processes hits both alike, after ``predict`` warmed up
-    on a one-tile volume. Returns ``(model_times, predict_times, last PredictResult)``."""
+    on a one-tile volume (``warm_shape``). Returns ``(model_times, predict_times, last PredictResult)``."""
     from emtile.predictor import predict
 
     model_times, predict_times = [], []
     with tempfile.TemporaryDirectory(prefix="emtile-bench-", dir=workdir) as tmp:
         tmp = Path(tmp)
-        mirrored_volume(tmp / "warm.zarr", (1, out_tile, out_tile), source=data, seed=seed)
+        mirrored_volume(tmp / "warm.zarr", warm_shape, source=data, seed=seed)
         predict(model, tmp / "warm.zarr", tmp / "warm-pred.zarr", **kwargs)
         mirrored_volume(tmp / "vol.zarr", shape, source=data, seed=seed)
         for _ in range(repeat):
@@ -199,24 +271,29 @@ def _interleaved(model, time_model, kwargs, *, shape, out_tile, repeat, data, se
     return model_times, predict_times, result
 
 
-def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=8,
+def run_bench(*, base=64, depth=4, tile=None, batch_size=1, device="auto", tiles=8,
               channels_last=True, amp=False, num_workers=None, repeat=1, warmup=2, data=None,
-              seed=0, workdir=None, progress=False):
+              seed=0, workdir=None, progress=False, ndim=2, factors=None, voxel_size=None,
+              out_channels=1):
     """Time the model alone and the full ``predict`` path on the same tiles; return the figures.
 
     Parameters
     ----------
     base, depth : int
         U-Net width and depth (random weights; the time does not depend on them).
-    tile : int
-        Input tile size (valid for ``depth``).
+    tile : int or tuple of int, optional
+        Input tile size, valid for the network: one int (2-D; 572 by default), or in 3-D
+        ``(Z, Y, X)`` or one int for a cube (default: the smallest valid size per axis whose
+        output is at least 64).
     batch_size : int
         Tiles per forward pass, for both measurements.
     device : {"auto", "cpu", "cuda", "cuda:N"}
     tiles : int
-        Tiles timed in each measurement; the predicted volume is exactly that many output tiles.
+        Tiles timed in each measurement; the predicted volume is exactly that many output tiles
+        (:func:`tiles_volume_shape`: in 3-D, a box of :func:`tile_counts` tiles).
     channels_last : bool
-        Model and inputs in channels_last memory format (the faster layout on CPU).
+        Model and inputs in channels_last memory format (the faster layout on CPU;
+        channels_last_3d in 3-D).
     amp : {"off", "auto", "bf16", "fp16"} or bool
         Autocast, as in every command (:func:`emtile.device.resolve_amp`); the mode it
         resolves to is reported as ``amp``.
@@ -228,36 +305,47 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
         Untimed batches before timing the model alone; ``predict`` is warmed up on a one-tile
         volume first (this compiles the stitcher and starts the allocator).
     data : str or Path, optional
-        A stack whose slices are mirrored to build the volume (e.g. ISBI's train-volume.tif);
-        default random data.
+        A stack whose slices are mirrored to build the volume (e.g. ISBI's train-volume.tif, or
+        FIB-25's raw.tif in 3-D); default random data.
     workdir : str or Path, optional
         Where the temporary volume and output go (default the system temp folder).
+    ndim : {2, 3}
+        A 2-D U-Net predicting slice by slice, or a 3-D one over ``(Z, Y, X)`` tiles.
+    factors : sequence of (int, int, int), optional
+        3-D only: the down-sampling factors per level; default
+        :func:`emtile.geometry.default_factors` of ``voxel_size``.
+    voxel_size : tuple of float, optional
+        3-D only: ``(z, y, x)`` in nm for the default factors; default 10, 10, 10.
+    out_channels : int
+        Output channels (e.g. 3 or 5 affinities); predict writes them as (C, ..) uint8.
 
     Returns
     -------
     dict
         ``model_s``, ``predict_s``, ``ratio`` (predict / model, best of each), ``ratio_rounds``
         (the median over rounds of each round's predict / model: robust to a machine whose speed
-        drifts between rounds), ``out_voxels``,
+        drifts between rounds), ``out_voxels`` (spatial voxels of the output),
         ``model_vox_s``, ``predict_vox_s``, ``gflop_per_tile``, ``model_gflops``,
         ``predict_gflops``, ``peak_rss``, ``peak_rss_children``, ``cuda_peak`` (bytes or None),
-        and the settings used.
+        and the settings used (``ndim``, ``tile`` and ``out_tile`` per axis in 3-D,
+        ``factors``, ``out_channels``, ``voxel_size``).
     """
     import torch
 
     from emtile.device import resolve_amp, resolve_device
-    from emtile.unet import UNet
 
-    for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat)):
+    for name, value in (("batch_size", batch_size), ("tiles", tiles), ("repeat", repeat),
+                        ("out_channels", out_channels)):
         whole_number(name, value, least=1)
     dev = resolve_device(device)
     amp_name = resolve_amp(amp, dev)
     torch.manual_seed(seed)
-    model = UNet(base=base, depth=depth)
-    model.check(tile)
+    model, tile = _build_model(ndim=ndim, base=base, depth=depth, tile=tile, factors=factors,
+                               voxel_size=voxel_size, out_channels=out_channels)
     out_tile = model.output_size(tile)
     model = model.eval().to(dev)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = (torch.contiguous_format if not channels_last else
+           torch.channels_last if ndim == 2 else torch.channels_last_3d)
     model = model.to(memory_format=fmt)
 
     time_model, flops = _model_timer(model, dev, amp_name, fmt, tile=tile,
@@ -269,20 +357,33 @@ def run_bench(*, base=64, depth=4, tile=572, batch_size=1, device="auto", tiles=
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
     model_times, predict_times, result = _interleaved(
-        model, time_model, kwargs, shape=shape, out_tile=out_tile, repeat=repeat, data=data,
-        seed=seed, workdir=workdir, dev=dev)
-    model_s, predict_s = min(model_times), min(predict_times)
-
-    out_voxels = tiles * out_tile * out_tile
-    own, children = peak_rss()
-    return {
-        "base": base, "depth": depth, "tile": tile, "out_tile": out_tile,
+        model, time_model, kwargs, shape=shape, warm_shape=tiles_volume_shape(model, tile, 1),
+        repeat=repeat, data=data, seed=seed, workdir=workdir, dev=dev)
+    three = ndim == 3
+    settings = {
+        "ndim": ndim, "base": base, "depth": depth,
+        "factors": [list(f) for f in model.factors], "out_channels": out_channels,
+        "voxel_size": list(voxel_size or (10.0,) * 3) if three and factors is None else None,
+        "tile": list(tile) if three else tile, "out_tile": list(out_tile) if three else out_tile,
+        "tile_counts": list(tile_counts(tiles)) if three else None,
         "batch_size": batch_size, "tiles": tiles, "device": str(dev),
         "threads": torch.get_num_threads(), "channels_last": channels_last,
-        "amp": amp_name or "off",
-        "num_workers": num_workers, "volume_shape": shape, "repeat": repeat,
+        "amp": amp_name or "off", "num_workers": num_workers, "volume_shape": shape,
+        "repeat": repeat, "data": str(data) if data is not None else "random", "seed": seed,
+    }
+    out_voxels = tiles * int(np.prod(out_tile if three else (out_tile, out_tile)))
+    return {**settings, **_figures(model_times, predict_times, result, flops, tiles=tiles,
+                                   out_voxels=out_voxels, dev=dev)}
+
+
+def _figures(model_times, predict_times, result, flops, *, tiles, out_voxels, dev):
+    """The timings, rates and memory :func:`run_bench` reports."""
+    import torch
+
+    model_s, predict_s = min(model_times), min(predict_times)
+    own, children = peak_rss()
+    return {
         "model_times": model_times, "predict_times": predict_times,
-        "data": str(data) if data is not None else "random", "seed": seed,
         "model_s": model_s, "predict_s": predict_s, "ratio": predict_s / model_s,
         "ratio_rounds": statistics.median(p / m for p, m in zip(predict_times, model_times)),
         "out_voxels": out_voxels, "predict_tile_runs": result.tiles,
@@ -303,13 +404,21 @@ def format_bench(r):
     precision = f"amp {r['amp']}" if r["amp"] not in ("off", None, False) else "fp32"
     device = f"{r['device']} ({r['threads']} threads)" if r["device"] == "cpu" else r["device"]
     workers = "default" if r["num_workers"] is None else r["num_workers"]
-    per_slice = r["tiles"] // r["volume_shape"][0]
+    shape = "x".join(map(str, r["volume_shape"]))
+    if r.get("ndim", 2) == 3:
+        factors = ";".join(",".join(map(str, f)) for f in r["factors"])
+        net = (f"3-D UNet base {r['base']} depth {r['depth']} factors {factors}, "
+               f"{r['out_channels']} channel{'s' if r['out_channels'] != 1 else ''}, tile "
+               f"{'x'.join(map(str, r['tile']))} -> {'x'.join(map(str, r['out_tile']))}")
+        where = f"{'x'.join(map(str, r['tile_counts']))} (z x y x x)"
+    else:
+        net = f"UNet base {r['base']} depth {r['depth']}, tile {r['tile']} -> {r['out_tile']}"
+        where = f"{r['tiles'] // r['volume_shape'][0]} per slice"
     lines = [
-        f"model     UNet base {r['base']} depth {r['depth']}, tile {r['tile']} -> {r['out_tile']}, "
-        f"{r['gflop_per_tile']:.3g} GFLOP per tile",
+        f"model     {net}, {r['gflop_per_tile']:.3g} GFLOP per tile",
         f"run       {device}, batch {r['batch_size']}, {layout}, {precision}, workers {workers}",
-        f"volume    {'x'.join(map(str, r['volume_shape']))} ({r['tiles']} tiles, {per_slice} per "
-        f"slice; predict ran {r['predict_tile_runs']}), data {r['data']}",
+        f"volume    {shape} ({r['tiles']} tiles, {where}; predict ran "
+        f"{r['predict_tile_runs']}), data {r['data']}",
         f"timing    best of {r['repeat']} interleaved round(s)",
         "",
         f"{'':<13}{'time s':>9}{'tiles/s':>9}{'Mvox/s':>9}{'GFLOP/s':>9}",

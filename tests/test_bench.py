@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from emtile.bench import mirrored_volume, model_flops, tiles_volume_shape
+from emtile.bench import mirrored_volume, model_flops, tile_counts, tiles_volume_shape
 from emtile.cli.main import main
 from emtile.unet import UNet
 from emtile.volume import open_volume
@@ -72,7 +72,8 @@ def test_every_bench_option_reaches_the_figures(tmp_path):
     assert {p.name for p in command.params} == {"base", "depth", "tile", "batch_size", "device",
                                                  "tiles", "channels_last", "amp", "num_workers",
                                                  "repeat", "data", "seed", "pipeline",
-                                                 "shape", "as_json"}
+                                                 "shape", "as_json", "ndim", "factors",
+                                                 "voxel_size", "out_channels"}
 
 
 def test_model_flops_by_hand():
@@ -225,3 +226,81 @@ def test_pipeline_parts_come_back_from_reader_processes():
     r = run_pipeline(depth=2, tile=188, shape=(4, 256, 256), device="cpu", num_workers=1)
     assert r["output_equals_input"] and r["num_workers"] == 1
     assert r["parts"]["read_decode"] > 0 and r["parts"]["normalize"] > 0 and r["parts"]["tiles"] > 0
+
+
+# --------------------------------------------------------------------------- 3-D
+
+
+TINY_3D = ["bench", "--ndim", "3", "--base", "2", "--depth", "2", "--device", "cpu",
+           "--no-channels-last", "--workers", "0"]
+
+
+def test_tile_counts():
+    assert [tile_counts(n) for n in (1, 2, 3, 4, 6, 8, 12)] == [
+        (1, 1, 1), (1, 1, 2), (1, 1, 3), (1, 2, 2), (1, 2, 3), (2, 2, 2), (2, 2, 3)]
+
+
+def test_tiles_volume_shape_3d_holds_exactly_the_tiles():
+    from emtile.geometry import default_factors, tile_grid
+
+    net = UNet(ndim=3, base=2, depth=2, factors=((1, 2, 2), (2, 2, 2)))
+    tile = (20, 52, 60)  # output (4, 12, 20), also the stride (no overlap; z kernels 1 at level 0)
+    out = net.output_size(tile)
+    assert out == (4, 12, 20)
+    for n in (1, 2, 4, 8, 6):
+        shape = tiles_volume_shape(net, tile, n)
+        g = tile_grid(shape, net, tile)
+        assert g.n_tiles == n and g.counts == tile_counts(n)
+        # the last tile ends at the volume's end: no tile sticks out, none is missing
+        assert all(o + (c - 1) * s == v for o, c, s, v in zip(g.out_tile, g.counts, g.stride, shape))
+    assert tiles_volume_shape(net, tile, 8) == (2 * 4, 2 * 12, 2 * 20)
+    cube = UNet(ndim=3, base=2, depth=2, factors=default_factors((10, 10, 10), 2))
+    assert tiles_volume_shape(cube, 52, 2) == (12, 12, 12 + 12)
+
+
+def test_bench_3d_json():
+    args = TINY_3D + ["--tile", "20,52,60", "--factors", "1,2,2;2,2,2", "--tiles", "2",
+                      "--out-channels", "5", "--repeat", "2", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert r["ndim"] == 3 and r["factors"] == [[1, 2, 2], [2, 2, 2]] and r["out_channels"] == 5
+    assert r["tile"] == [20, 52, 60] and r["out_tile"] == [4, 12, 20]
+    assert r["tile_counts"] == [1, 1, 2] and r["volume_shape"] == [4, 12, 2 * 20]
+    assert r["tiles"] == r["predict_tile_runs"] == 2 and r["out_voxels"] == 2 * 4 * 12 * 20
+    assert r["voxel_size"] is None  # factors given, not derived from a voxel size
+    assert r["ratio"] == pytest.approx(r["predict_s"] / r["model_s"])
+    assert len(r["predict_times"]) == 2 and r["model_s"] == min(r["model_times"]) > 0
+    net = UNet(ndim=3, base=2, depth=2, factors=((1, 2, 2), (2, 2, 2)), out_channels=5)
+    assert r["gflop_per_tile"] == pytest.approx(model_flops(net, torch.zeros(1, 1, 20, 52, 60))[0] / 1e9)
+    assert r["model_gflops"] == pytest.approx(r["gflop_per_tile"] * 2 / r["model_s"])
+
+
+def test_bench_3d_default_factors_and_table():
+    """One size is a cube; the factors follow --voxel-size; the table names the 3-D net."""
+    result = CliRunner().invoke(main, TINY_3D + ["--tile", "52", "--tiles", "1", "--voxel-size",
+                                                 "40,10,10"])
+    assert result.exit_code == 0, result.output
+    for field in ("3-D UNet base 2 depth 2 factors 1,2,2;2,2,2, 1 channel, tile 52x52x52",
+                  "tile 52x52x52 -> 36x12x12", "36x12x12 (1 tiles, 1x1x1 (z x y x x); predict ran 1)", "predict / model alone:"):
+        assert field in result.output, f"{field!r} missing from:\n{result.output}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tile", "52,53,52"], "Error: --tile 52,53,52 is not valid: 53 along y for depth 2"),
+    (["--tile", "52,52"], "Error: --tile 52,52 has 2 values; expected 1 or 3"),
+    (["--factors", "2,2;2,2,2"], "Error: --factors"),
+])
+def test_bench_3d_rejects_bad_tiles_in_one_line(args, message):
+    result = CliRunner().invoke(main, TINY_3D + args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
+
+
+def test_3d_options_only_with_ndim_3():
+    result = CliRunner().invoke(main, TINY + ["--factors", "2,2,2"])
+    assert result.exit_code == 1
+    assert result.output == "Error: --factors 2,2,2 only applies with --ndim 3\n"
+    result = CliRunner().invoke(main, TINY_3D + ["--pipeline"])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --pipeline times the 2-D path only")

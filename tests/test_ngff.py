@@ -40,6 +40,7 @@ def test_converted_images_and_labels(stack, levels):
             progress=False)
     image = validate(stack / "raw.zarr", Image)
     assert len(image.attributes.ome.multiscales[0].datasets) == levels
+    assert all(zarr.open_array(stack / "raw.zarr" / str(k)).shards for k in range(levels))  # sharded
     convert(stack / "labels.tif", stack / "labels.zarr", labels=True, levels=levels,
             progress=False)
     validate(stack / "labels.zarr", Image)
@@ -54,6 +55,7 @@ def test_converted_instance_ids_are_a_label_image(stack, levels):
             voxel_size=(10, 10, 10), progress=False)
     label = validate(stack / "ids.zarr", ImageLabel)
     assert len(label.attributes.ome.multiscales[0].datasets) == levels
+    assert all(zarr.open_array(stack / "ids.zarr" / str(k)).shards for k in range(levels))  # sharded
 
 
 @pytest.mark.parametrize("levels, roi", [(1, None), (2, (slice(1, 3), slice(16, 70), slice(None)))])
