@@ -26,6 +26,7 @@ import errno
 import glob
 import json
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -875,6 +876,21 @@ def create_label_image(path, shape, dtype, *, source, starts=None, physical=None
     ome["image-label"] = {} if source is None else {"source": {"image": source}}
     group.attrs["ome"] = ome
     return group
+
+
+def relative_source(source, output):
+    """Where the store ``source`` is as seen from the store ``output`` (NGFF
+    ``image-label.source``): a relative path on the same disk or in the same bucket, else
+    ``source``'s URL."""
+    from emtile.locations import Location
+
+    if _url(source) is None and _url(output) is None:
+        return os.path.relpath(os.path.abspath(_local(source)), os.path.abspath(_local(output)))
+    src, out = Location(source), Location(output)
+    if src.is_local or out.is_local or src.scheme != out.scheme or \
+            src.path.split("/")[0] != out.path.split("/")[0]:
+        return src.url
+    return posixpath.relpath(src.path, out.path)
 
 
 def _register_label(loc):

@@ -106,6 +106,25 @@ def test_segment_evaluate_info_on_s3_give_the_local_results(s3, volumes, local):
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "lies inside the input" in r.output
 
 
+def test_a_segment_killed_on_s3_resumes_with_only_the_missing_blocks(s3, volumes, local):
+    pred, _ = _inputs_on(s3, volumes)
+    out = s3 / "out/seg.zarr"
+    env = dict(os.environ, _EMTILE_FAULTS="segment.fragments.recorded@3=kill",
+               OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "emtile.cli.main", "segment", pred, out, "--no-progress",
+            "--method", "ws", "--min-size", "20", "--block-size", "1,40,50"]
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL after the 3rd fragment block
+    assert not is_complete(out) and Location(out).exists("zarr.json")
+    # the killed run's lock is left behind; its holder is dead on this host: taken over
+    result = segment(pred, out, **OPTS)
+    labels_done, fragments_done, write_done = result.blocks_resumed
+    assert labels_done == 8 and fragments_done == 3 and write_done == 0
+    np.testing.assert_array_equal(_labels(out), _labels(str(local / "seg.zarr")))
+    assert is_complete(out) and not any(k.startswith("emtile_segment")
+                                        for k in Location(out).keys())
+
+
 _HOLD = """
 import sys
 from emtile import store
@@ -133,16 +152,24 @@ def test_a_second_run_into_one_s3_output_is_refused(s3, volumes):
     assert is_complete(out) and result.blocks == 8
 
 
-def test_segment_on_a_local_cluster_reads_and_writes_s3(s3, volumes, local):
+def test_segment_on_a_local_cluster_reads_and_writes_s3(s3, volumes, local, monkeypatch):
+    """The workers reach the server only through the job's storage options: the endpoint is
+    taken out of the environment before the cluster starts."""
+    import s3fs
+
     from emtile.distributed import start_cluster
 
     pred, _ = _inputs_on(s3, volumes)
     out = s3 / "out/seg.zarr"
-    with start_cluster("local", workers=2) as (client, _):  # workers inherit the endpoint
-        result = segment(pred, out, client=client, **OPTS)
-    assert result.blocks == 8
-    np.testing.assert_array_equal(_labels(out), _labels(str(local / "seg.zarr")))
-    assert is_complete(out)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    s3fs.S3FileSystem.clear_instance_cache()
+    options = {"endpoint_url": s3.endpoint}
+    with start_cluster("local", workers=2) as (client, _):
+        result = segment(pred, out, client=client, storage_options=options, **OPTS)
+    assert result.blocks == 8 and result.cluster
+    np.testing.assert_array_equal(_labels(Location(out, options)),
+                                  _labels(str(local / "seg.zarr")))
+    assert is_complete(Location(out, options))
 
 
 @pytest.fixture

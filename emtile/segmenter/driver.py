@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import os
-import posixpath
 import time
 import uuid
 from dataclasses import dataclass
@@ -237,20 +236,6 @@ def _real(path):
     return path.url if isinstance(path, Location) else os.path.realpath(path)
 
 
-def _relative(source, output):
-    """Where ``source`` is as seen from the store ``output`` (NGFF ``image-label.source``): a
-    relative path on the same disk or bucket, else ``source`` itself (a URL)."""
-    from emtile.locations import Location
-
-    if not isinstance(source, Location) and not isinstance(output, Location):
-        return os.path.relpath(os.path.abspath(source), os.path.abspath(output))
-    src, out = Location(source), Location(output)
-    if src.is_local or out.is_local or src.scheme != out.scheme or \
-            src.path.split("/")[0] != out.path.split("/")[0]:
-        return src.url
-    return posixpath.relpath(src.path, out.path)
-
-
 def _create_output(job, pred, plan, recorded, settings):
     """The label image (every level) and the working arrays of the passes in ``TEMP``."""
     from emtile import __version__, store
@@ -261,7 +246,7 @@ def _create_output(job, pred, plan, recorded, settings):
     translation = None
     if pred.translation is not None:
         translation = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
-    source = _relative(pred.path, job.output)
+    source = store.relative_source(pred.path, job.output)
     # 2d mode chunks a block slice by slice: one shard per block per level holds its slices
     # (pass 3 writes each level's box of a block in one assignment: the shard, whole)
     shards = job.block if chunks != job.block and job.image_ndim == 3 else None

@@ -161,9 +161,7 @@ def _create(job, group_attrs, recorded, source):
         image = os.path.relpath(os.path.join(os.path.abspath(source), image),
                                 os.path.abspath(job.output))  # the image, seen from the output
     elif image is not None:  # a URL: the image as a URL (or relative within one bucket)
-        from emtile.segmenter.driver import _relative
-
-        image = _relative(_child(source, image), job.output)
+        image = store.relative_source(_child(source, image), job.output)
     group = store.create_label_image(
         job.output, job.shape, np.uint32, chunks=job.block, voxel_size=voxel,
         name="segmentation", levels=job.levels, source=image,
