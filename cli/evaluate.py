@@ -4,6 +4,7 @@ volume."""
 
 import click
 
+from emtile.cli._storage import storage_option
 from emtile.cli._types import SliceList, progress_option
 
 
@@ -33,8 +34,9 @@ from emtile.cli._types import SliceList, progress_option
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write per-slice, mean, pixel and sweep rows to this CSV file.")
 @progress_option()
+@storage_option()
 def evaluate(pred, labels, slices, threshold, sweep, invert, mode, json_path, csv_path,
-             progress):
+             progress, storage_options):
     """Score PRED (probabilities or mask, e.g. pred.zarr) against LABELS (binary labels: 1 or
     255 = cell interior, 0 = membrane): the ISBI 2012 V-Rand / V-Info / Rand error, the CREMI
     VOI split / merge and adapted Rand error, and pixel metrics, per slice and averaged, each
@@ -60,7 +62,8 @@ def evaluate(pred, labels, slices, threshold, sweep, invert, mode, json_path, cs
     from emtile.reports import format_report
 
     result = run(pred, labels, slices=slices, threshold=threshold, sweep=sweep, invert=invert,
-                 mode=mode, progress=progress, json_path=json_path, csv_path=csv_path)
+                 mode=mode, progress=progress, json_path=json_path, csv_path=csv_path,
+                 storage_options=storage_options)
     click.echo(format_report(result))
     if json_path:
         click.echo(f"\nwrote {json_path}")

@@ -2,6 +2,7 @@
 
 import click
 
+from emtile.cli._storage import storage_option
 from emtile.cli._types import (Roi, amp_option, defaults, device_option, pop_runner,
                                progress_option, runner_options)
 from emtile.settings import BLENDS, DTYPES, PredictSettings
@@ -94,7 +95,8 @@ class Shards(click.ParamType):
                    "per level (blocks own whole shards), none = one file per chunk, or a shard "
                    "shape Z,Y,X (whole output chunks dividing the block). The array bytes are "
                    "the same either way.")
-def predict(input, output, model, overwrite, progress, **options):
+@storage_option()
+def predict(input, output, model, overwrite, progress, storage_options, **options):
     """Predict INPUT (TIFF, image folder, Zarr, HDF5) into the OME-Zarr store OUTPUT.
 
     A 2-D model runs slice by slice over a (Z, Y, X) stack. An interrupted run started again
@@ -109,8 +111,9 @@ def predict(input, output, model, overwrite, progress, **options):
     from emtile.predictor import predict as run
 
     runner = pop_runner(options)
+    stores = {"storage_options": storage_options} if storage_options else {}
     result = run(model, input, output, PredictSettings(**options), runner, overwrite=overwrite,
-                 progress=progress)
+                 progress=progress, **stores)
     if result.tile_probe:
         timed = ", ".join(f"{t}: {s:.2f} s" for t, s in sorted(result.tile_probe.items()))
         click.echo(f"tile auto: timed the model per tile ({timed}); fastest run: "

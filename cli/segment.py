@@ -3,6 +3,7 @@ image whose labels do not depend on the blocks."""
 
 import click
 
+from emtile.cli._storage import storage_option
 from emtile.cli._types import IntTuple, defaults, pop_runner, progress_option, runner_options
 from emtile.settings import METHODS, MODES, SEEDS, SegmentSettings
 
@@ -80,7 +81,8 @@ class Quantile(click.ParamType):
               help="Resolution levels: an OME-Zarr label pyramid for viewers (each level halves "
                    "y and x by sampling, so no level shows an id that level 0 does not), written "
                    "as blocks finish; block sizes in y and x must be divisible by 2^(N-1).")
-def segment(pred, output, overwrite, progress, **options):
+@storage_option()
+def segment(pred, output, overwrite, progress, storage_options, **options):
     """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
 
     Every cell gets its own id (1..N, 0 = background), uint32 or uint64; OUTPUT is an OME-Zarr
@@ -96,6 +98,7 @@ def segment(pred, output, overwrite, progress, **options):
     emtile segment aff.zarr seg.zarr                  (an emtile affinity store)
     emtile segment aff.tif seg.zarr --offsets "-1,0,0;0,-1,0;0,0,-1"
     emtile segment seg.zarr seg_04.zarr --recut 0.4   (another merge threshold, no fragments)
+    emtile segment s3://bucket/pred.zarr s3://bucket/seg.zarr   (object stores: s3://, gs://)
 
     PRED may also hold affinities (C, Z, Y, X): pairs above --threshold are linked, their
     components flooded into fragments, merged while 1 - affinity across a face is at most
@@ -105,7 +108,7 @@ def segment(pred, output, overwrite, progress, **options):
 
     runner = pop_runner(options)
     result = run(pred, output, SegmentSettings(**options), runner, overwrite=overwrite,
-                 progress=progress)
+                 progress=progress, storage_options=storage_options)
     if any(result.blocks_resumed) and len(result.blocks_resumed) == 1:
         click.echo(f"resumed: {result.blocks_resumed[0]} of {result.blocks} blocks were done")
     elif any(result.blocks_resumed):

@@ -28,6 +28,7 @@ _LAZY = {
     "show": "emtile.plot",
     "export_model": "emtile.export",
     "segment": "emtile.segmenter",
+    "Location": "emtile.locations",
 }
 
 __all__ = ["EmtileError", "__version__", *_LAZY]

@@ -214,7 +214,7 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
     t0 = time.perf_counter()
     runner = runner or Runner()
     store.check_output(stage.output, inputs=[p for p in stage.inputs if p])
-    with store.output_lock(stage.output):
+    with store.output_lock(stage.output) as lock:
         # the cluster first: one that cannot be reached leaves no output behind
         with runner.started(progress=progress) as (started, where):
             with store.write_errors(stage.output, then=RESUME):
@@ -224,6 +224,9 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
                 done.append(_run_pass(stage, p, group, started, progress=progress))
         with store.write_errors(stage.output, then=RESUME):
             attrs = (stage.finish(group) if stage.finish else None) or {}
+            check = getattr(lock, "check", None)  # an object store's lock: still this run's?
+            if check is not None:
+                check()
             store.mark_complete(group, **attrs)
     return StageResult(group=group, resumed=resumed, blocks=tuple(len(p.plan) for p in
                                                                    stage.passes),
@@ -244,7 +247,7 @@ def _open(stage, overwrite):
     resume = stage.fingerprint is not None and not overwrite
     state = store.prepare_output(stage.output, overwrite=overwrite, resume=resume)
     if state == "resume":
-        group = zarr.open_group(str(stage.output), mode="r+")
+        group = zarr.open_group(store.zarr_target(stage.output, "r+"), mode="r+")
         if _resumable(stage, group):
             return group, True
         store.prepare_output(stage.output, overwrite=overwrite)  # another run's, or unfinished

@@ -43,14 +43,20 @@ def _is_model(path):
     return (p.is_dir() and (p / "config.json").is_file()) or (p.exists() and is_package(p))
 
 
-def info(path, *, stats=False, progress=False):
+def info(path, *, stats=False, progress=False, storage_options=None):
     """Describe ``path`` (what ``emtile info`` prints): ``{"what": "volume" | "model" | "run",
     ...}``.
 
     A volume's dict is :func:`describe_volume`'s (``stats`` and ``progress`` are for it); a
     model folder's or package's :func:`describe_model`'s; a run folder's :func:`describe_run`'s.
-    :func:`format_info` turns any of them into text.
+    :func:`format_info` turns any of them into text. An object-store URL (``s3://``, ``gs://``,
+    ``https://``, with ``storage_options``) is a volume.
     """
+    from emtile.locations import at
+
+    path = at(path, storage_options)
+    if _url(path) is not None:
+        return describe_volume(path, stats=stats, progress=progress)
     if is_run_folder(path):
         return describe_run(path)
     if _is_model(path):
@@ -147,7 +153,22 @@ def describe_run(path):
 
 # --------------------------------------------------------------------------- volumes
 
+def _url(path):
+    """``path`` as a Location when it is an object-store URL (or a Location of one), else None."""
+    from emtile.locations import Location, is_url
+
+    if isinstance(path, Location):
+        return None if path.is_local else path
+    return Location(path) if is_url(path) else None
+
+
 def _du(path):
+    if _url(path) is not None:  # the objects' sizes, where the store lists them
+        loc = _url(path)
+        try:
+            return int(loc.filesystem().du(loc.fs_path(), total=True))
+        except Exception:  # http(s) lists nothing: unknown
+            return None
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
@@ -173,7 +194,7 @@ def describe_volume(path, *, stats=False, progress=False):
         (converted with ``ids=True``) add ``ids`` (True), ``max_id`` and ``id_count`` (None
         when it was not counted).
     """
-    p = Path(str(path))
+    p = _url(path) or Path(str(path))
     meta = _store.emtile_attrs(p) if _store.is_zarr_store(p) else None
     try:
         arr = open_volume(path)
@@ -189,7 +210,8 @@ def describe_volume(path, *, stats=False, progress=False):
         "compressor": None,
         "bytes_uncompressed": int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
         if arr is not None else None,
-        "bytes_on_disk": _du(h5[0] if (h5 := _store.split_hdf5_path(path)) else path)
+        "bytes_on_disk": _du(p) if _url(path) is not None else
+        _du(h5[0] if (h5 := _store.split_hdf5_path(path)) else path)
         if Path(str(path)).exists() else None,
         "voxel_size": None,
         "levels": None,
@@ -202,7 +224,7 @@ def describe_volume(path, *, stats=False, progress=False):
         out["compressor"] = ", ".join(_codec_name(c) for c in arr.compressors) or "none"
         shards = getattr(arr, "shards", None)
         out["shards"] = tuple(int(c) for c in shards) if shards else None
-    if p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
+    if _url(path) is None and p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
         import tifffile
 
         with tifffile.TiffFile(p) as tf:
@@ -212,7 +234,7 @@ def describe_volume(path, *, stats=False, progress=False):
     if _store.is_zarr_store(p):
         import zarr
 
-        node = zarr.open(str(p), mode="r")
+        node = zarr.open(_store.zarr_target(p), mode="r")
         attrs = node.attrs.asdict()
         meta = attrs.get("emtile")
         if meta is not None:

@@ -52,12 +52,18 @@ def store_kind(source):
     import os
     from pathlib import Path
 
+    from emtile.locations import Location, is_url
     from emtile.store import emtile_attrs, is_zarr_store
 
-    if not isinstance(source, (str, os.PathLike)):
+    if isinstance(source, Location) and not source.is_local or is_url(source):
+        loc = Location(source)  # a URL: the store, or the group holding an array of it
+        candidates = (loc, loc.parent) if "/" in loc.path else (loc,)
+    elif not isinstance(source, (str, os.PathLike)):
         return None, {}
-    p = Path(str(source))
-    for candidate in (p, p.parent):  # a group, or an array inside one (pred.zarr/0)
+    else:
+        p = Path(str(source))
+        candidates = (p, p.parent)
+    for candidate in candidates:  # a group, or an array inside one (pred.zarr/0)
         if is_zarr_store(candidate):
             meta = emtile_attrs(candidate)
             if meta:
@@ -192,7 +198,9 @@ def open_pair(pred, other, *, other_name="labels", command="evaluate"):
         return pstack, ostack, zero
     import os
 
-    start = offset_voxels(pred) if isinstance(pred, (str, os.PathLike)) else None
+    from emtile.locations import Location
+
+    start = offset_voxels(pred) if isinstance(pred, (str, os.PathLike, Location)) else None
     region = (f"prediction {pstack.display} has shape {tuple(pstack.array.shape)} but "
               f"{other_name} {ostack.display} have shape {tuple(ostack.array.shape)}")
     if start is None:
@@ -223,7 +231,7 @@ def _mean(values):
 
 
 def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=False,
-             mode="auto", progress=True, json_path=None, csv_path=None):
+             mode="auto", progress=True, json_path=None, csv_path=None, storage_options=None):
     """Score a prediction or a segmentation against binary labels: the ISBI 2012 scores (V-Rand,
     V-Info), the CREMI ones (VOI split and merge, adapted Rand error) and pixel metrics, per
     slice; or a segmentation against instance ids over the whole volume (``mode="volume"``).
@@ -309,7 +317,9 @@ def evaluate(pred, labels, *, slices=None, threshold=None, sweep=False, invert=F
     (1.0, 0.0, True)
     """
     from emtile import store
+    from emtile.locations import at
 
+    pred, labels = at(pred, storage_options), at(labels, storage_options)
     store.check_output(None, inputs=[pred, labels], files={"json_path": json_path,
                                                                 "csv_path": csv_path})
     if threshold is not None:
@@ -393,7 +403,8 @@ def _evaluate_volume(pstack, lstack, zs, *, progress):
     finally:
         bar.close()
     settings = {
-        "pred": pstack.display, "labels": lstack.display, "mode": "volume", "slices": list(zs),
+        "pred": str(pstack.display), "labels": str(lstack.display), "mode": "volume",
+        "slices": list(zs),
         "threshold": None, "sweep": False, "thresholds": [], "invert": False,
         "prediction_kind": f"label image ({pstack.dtype}): its ids are the segments",
         "truth_kind": f"instance ids ({lstack.dtype}), 0 = unlabelled",
@@ -602,7 +613,7 @@ def _settings(zs, *, threshold, sweep, invert, kind, label_image, names):
     from emtile import __version__
 
     return {
-        "pred": names[0], "labels": names[1], "mode": "slices", "slices": list(zs),
+        "pred": str(names[0]), "labels": str(names[1]), "mode": "slices", "slices": list(zs),
         "threshold": threshold, "sweep": bool(sweep),
         "thresholds": list(SWEEP_THRESHOLDS) if sweep else [] if label_image else [threshold],
         "invert": bool(invert), "prediction_kind": kind, "label_image": bool(label_image),

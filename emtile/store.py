@@ -26,6 +26,7 @@ import errno
 import glob
 import json
 import os
+import posixpath
 import re
 import shutil
 import socket
@@ -39,6 +40,32 @@ from emtile._errors import EmtileError
 FORMAT_VERSION = 1
 _UNITS = {"z": "nanometer", "y": "nanometer", "x": "nanometer"}
 NGFF_VERSION = "0.5"  # the OME-Zarr version of every store emtile writes
+
+
+def _url(path):
+    """``path`` as a :class:`emtile.locations.Location` when it is an object-store URL (or a
+    Location of one), else None: the one test every function here makes before its local code
+    path, which stays exactly as it is for local paths."""
+    from emtile.locations import Location, is_url
+
+    if isinstance(path, Location):
+        return None if path.is_local else path
+    return Location(path) if is_url(path) else None
+
+
+def _local(path):
+    """A local path as the local code paths take it (a local Location as its path)."""
+    from emtile.locations import Location
+
+    return path.path if isinstance(path, Location) else path
+
+
+def zarr_target(path, mode="r"):
+    """What ``zarr.open_group`` / ``zarr.open`` take for ``path``: the local path as a string,
+    or an object-store URL's Zarr store (:meth:`emtile.locations.Location.zarr_store`, with its
+    storage options)."""
+    loc = _url(path)
+    return str(_local(path)) if loc is None else loc.zarr_store(mode)
 
 
 def default_chunks(shape, dtype=np.uint8):
@@ -209,7 +236,7 @@ def create_image(path, shape, dtype, *, chunks=None, voxel_size=None, axes=None,
     # the emtile attributes (complete: False) go in with the group itself, so a run killed while
     # the arrays are being created leaves a store that is recognisably an incomplete emtile one
     emtile_attrs = {"format": FORMAT_VERSION, "kind": kind, "complete": False, **(attrs or {})}
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3,
+    group = zarr.open_group(zarr_target(path, "w"), mode="w-", zarr_format=3,
                             attributes={"emtile": emtile_attrs})
     compressor = _compressor(compression, compression_level)
     for level in range(levels):
@@ -246,6 +273,11 @@ def emtile_attrs(path):
     """The ``emtile`` attributes of the group at ``path``, or None if it is not an emtile store."""
     import zarr
 
+    if _url(path) is not None:
+        from emtile import objoutput
+
+        return objoutput.emtile_attrs(_url(path))
+
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception:  # not a group (or not Zarr at all)
@@ -267,7 +299,11 @@ def mark_complete(group, **extra):
 
 
 def is_zarr_store(path):
-    path = Path(path)
+    if _url(path) is not None:
+        from emtile import objoutput
+
+        return objoutput.is_zarr_store(_url(path))
+    path = Path(_local(path))
     return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists()
                               or (path / ".zarray").exists())
 
@@ -283,7 +319,11 @@ def prepare_output(path, *, overwrite=False, resume=False):
 
     Returns ``"new"``, ``"replaced"`` or ``"resume"``.
     """
-    path = Path(path)
+    if _url(path) is not None:
+        from emtile import objoutput
+
+        return objoutput.prepare_output(_url(path), overwrite=overwrite, resume=resume)
+    path = Path(_local(path))
     _sweep_trash(path)
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         path.rmdir()  # empty (a run killed as it created the store): nothing to lose
@@ -332,9 +372,14 @@ def remove_store(path):
     The store is first renamed (atomically) to a hidden ``.NAME.emtile-trash-ID`` beside it and
     then deleted; a kill during the deletion leaves only that hidden folder, which the next
     :func:`prepare_output` of the same output removes. Anything that is not a Zarr store is
-    refused (an internal error: callers check first).
+    refused (an internal error: callers check first). An object-store URL has no rename:
+    :func:`emtile.objremove.remove_store` marks the store as being removed, then deletes it.
     """
-    path = Path(path)
+    if _url(path) is not None:
+        from emtile import objremove
+
+        return objremove.remove_store(_url(path))
+    path = Path(_local(path))
     assert is_zarr_store(path), f"refusing to delete {path}: not a Zarr store"
     import uuid
 
@@ -346,7 +391,9 @@ def remove_store(path):
 
 def _sweep_trash(path):
     """Remove what a killed :func:`remove_store` of ``path`` left beside it."""
-    path = Path(path)
+    if _url(path) is not None:
+        return  # no rename on an object store: nothing is left beside it
+    path = Path(_local(path))
     for trash in path.parent.glob(f".{glob.escape(path.name)}{TRASH}*"):
         if trash.is_dir():
             shutil.rmtree(trash, ignore_errors=True)
@@ -371,8 +418,15 @@ def input_locations(spec):
     A glob gives the files it matches; ``file.h5/dataset`` the HDF5 file; a path inside a Zarr
     store (``pred.zarr/labels/mask``) itself and the outermost store that holds it; anything
     else itself.
-    A non-path input (an array, None) gives nothing.
+    A non-path input (an array, None) gives nothing, and so does a URL (the object-store
+    rules compare URLs: :func:`emtile.objoutput.check_output`).
     """
+    from emtile.locations import Location, is_url
+
+    if isinstance(spec, Location):
+        spec = spec.path if spec.is_local else None
+    if is_url(spec):
+        return []
     if spec is None or not isinstance(spec, (str, os.PathLike)):
         return []
     text = os.fspath(spec)
@@ -443,6 +497,11 @@ def check_output(output, *, inputs=(), files=None, overwrite=True):
         symlinks and trailing slashes; if its folder does not exist or is not writable; if a
         file to write is an existing folder, or an existing file and ``overwrite`` is False.
     """
+    if _url(output) is not None:
+        from emtile import objoutput
+
+        objoutput.check_output(_url(output), inputs=inputs)
+        output = None  # checked; the files below as for a local output
     named = ([(f"{key}={str(f)!r}", f) for key, f in files.items()] if isinstance(files, dict)
              else [(f"output file {str(f)!r}", f) for f in files or ()])
     targets = ([(f"output {str(output)!r}", output, False)] if output is not None else []) + \
@@ -539,6 +598,10 @@ def output_lock(output):
     file system has no ``flock`` the record alone decides, best effort. Take the lock after
     :func:`check_output` and before :func:`prepare_output`, which may replace the output.
 
+    An object-store URL takes :func:`emtile.objlock.object_lock` instead (a conditional put
+    with a heartbeat; it yields the :class:`emtile.objlock.ObjectLock`, whose ``check()`` says
+    whether the lock is still this run's).
+
     Yields
     ------
     Path
@@ -549,6 +612,13 @@ def output_lock(output):
     EmtileError
         If another live run holds the lock.
     """
+    if _url(output) is not None:
+        from emtile import objlock
+
+        with objlock.object_lock(_url(output)) as lock:
+            yield lock
+        return
+    output = _local(output)
     path = lock_path(output)
     record = _lock_record(output)
     fd = _acquire(path, output, record)
@@ -739,7 +809,7 @@ def voxel_size(path, ndim):
     try:
         import zarr
 
-        ms = multiscales(zarr.open_group(str(path), mode="r").attrs.asdict())
+        ms = multiscales(zarr.open_group(zarr_target(path), mode="r").attrs.asdict())
         units = {a["name"]: UNITS_NM.get(a.get("unit"), 1.0) for a in ms["axes"]}
         sizes = [s * units[n] for n, s in spatial_scale(ms).items()]
     except Exception:  # foreign metadata: the caller keeps its default voxel size
@@ -787,7 +857,9 @@ def create_label_image(path, shape, dtype, *, source, starts=None, physical=None
     missing), as a label image inside an image's ``labels/`` folder must be."""
     import zarr
 
-    if register:
+    if register and _url(path) is not None:
+        _register_label(_url(path))
+    elif register:
         parent = os.path.dirname(os.path.abspath(str(path)))
         name = os.path.basename(os.path.abspath(str(path)))
         if os.path.exists(os.path.join(parent, "zarr.json")):
@@ -804,6 +876,35 @@ def create_label_image(path, shape, dtype, *, source, starts=None, physical=None
     ome["image-label"] = {} if source is None else {"source": {"image": source}}
     group.attrs["ome"] = ome
     return group
+
+
+def relative_source(source, output):
+    """Where the store ``source`` is as seen from the store ``output`` (NGFF
+    ``image-label.source``): a relative path on the same disk or in the same bucket, else
+    ``source``'s URL."""
+    from emtile.locations import Location
+
+    if _url(source) is None and _url(output) is None:
+        return os.path.relpath(os.path.abspath(_local(source)), os.path.abspath(_local(output)))
+    src, out = Location(source), Location(output)
+    if src.is_local or out.is_local or src.scheme != out.scheme or \
+            src.path.split("/")[0] != out.path.split("/")[0]:
+        return src.url
+    return posixpath.relpath(src.path, out.path)
+
+
+def _register_label(loc):
+    """List the label image at the URL ``loc`` in its parent ``labels`` group (created when
+    missing), as :func:`create_label_image` does for a local path."""
+    import zarr
+
+    parent = loc.parent
+    if parent.exists("zarr.json"):
+        labels = zarr.open_group(parent.zarr_store("r+"), mode="r+")
+        names = list(labels.attrs.get("ome", {}).get("labels", [])) + [loc.name]
+    else:
+        labels, names = zarr.open_group(parent.zarr_store("a"), mode="a"), [loc.name]
+    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
 
 
 #: Length units of voxel sizes: the name the user gives (``--unit``) or NGFF writes, in nm.
@@ -845,7 +946,7 @@ def voxel_size_nm(path):
     try:
         import zarr
 
-        ms = multiscales(zarr.open_group(str(path), mode="r").attrs.asdict())
+        ms = multiscales(zarr.open_group(zarr_target(path), mode="r").attrs.asdict())
         scale = ms["datasets"][0]["coordinateTransformations"][0]["scale"]
         axes = ms["axes"]
         out = [float(s) * UNITS_NM[a.get("unit", "nanometer")]
@@ -864,7 +965,7 @@ def offset_voxels(path):
     try:
         import zarr
 
-        ms = multiscales(zarr.open_group(str(path), mode="r").attrs.asdict())
+        ms = multiscales(zarr.open_group(zarr_target(path), mode="r").attrs.asdict())
         transforms = ms["datasets"][0]["coordinateTransformations"]
         scale = transforms[0]["scale"]
         shift = next((t["translation"] for t in transforms if t.get("type") == "translation"),
@@ -887,12 +988,17 @@ def level_scale(path):
     import zarr
 
     try:
-        node = zarr.open(str(path), mode="r")
-        group_path, level = (Path(path), None) if isinstance(node, zarr.Group) else \
-            (Path(path).parent, Path(path).name)
+        loc = _url(path)
+        node = zarr.open(zarr_target(path), mode="r")
+        if loc is not None:
+            group_path, level = (loc, None) if isinstance(node, zarr.Group) else \
+                (loc.parent, loc.name)
+        else:
+            group_path, level = (Path(path), None) if isinstance(node, zarr.Group) else \
+                (Path(path).parent, Path(path).name)
         if level is not None and not is_zarr_store(group_path):
             return None
-        attrs = zarr.open_group(str(group_path), mode="r").attrs.asdict()
+        attrs = zarr.open_group(zarr_target(group_path), mode="r").attrs.asdict()
         ms = multiscales(attrs)
         datasets = ms["datasets"] if ms else []
         dataset = datasets[0] if level is None and datasets else \

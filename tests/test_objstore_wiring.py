@@ -1,18 +1,17 @@
 """The acceptance test of the object-store wiring plan (issue 24): ``emtile.predict`` from an
 ``s3://`` input to an ``s3://`` output gives the bytes of the same run on local disk.
 
-``store.py`` is being rewritten elsewhere, so until its URL dispatch is merged, ``_wire``
-applies that dispatch here (each line is one line of the plan: a URL goes to
-``emtile.objoutput`` / ``emtile.objlock`` / ``emtile.objremove``). When the plan is applied,
-delete ``_wire`` and its call: the test must still pass unchanged.
+``emtile.store`` hands every URL to ``emtile.objoutput`` / ``emtile.objlock`` /
+``emtile.objremove`` (the output rules, the lock, removal without rename); nothing is patched
+here.
 """
 
 import numpy as np
 import pytest
 
 import emtile
-from emtile import objlock, objoutput, objremove, store
-from emtile.locations import Location, is_url
+from emtile import objlock, objoutput, store
+from emtile.locations import Location
 
 from s3server import s3, s3_server  # noqa: F401  (pytest fixtures)
 
@@ -20,43 +19,9 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def _register_label(path):
-    """``create_label_image(register=True)`` for a URL: list the label in ``labels/``."""
-    loc = Location(path)
-    doc = loc.parent.read_json("zarr.json") or {"zarr_format": 3, "node_type": "group",
-                                                 "attributes": {}}
-    ome = doc["attributes"].setdefault("ome", {"version": store.NGFF_VERSION, "labels": []})
-    ome["labels"] = [*ome.get("labels", []), loc.name]
-    loc.parent.write_json(doc, "zarr.json")
-
-
-def _wire(monkeypatch):
-    def url_to(name, fn):
-        local = getattr(store, name)
-        monkeypatch.setattr(store, name, lambda p, *a, **k: fn(p, *a, **k) if is_url(str(p))
-                            else local(p, *a, **k))
-
-    url_to("check_output", lambda out, inputs=(), **_: objoutput.check_output(out, inputs=inputs))
-    url_to("prepare_output", objoutput.prepare_output)
-    url_to("emtile_attrs", objoutput.emtile_attrs)
-    url_to("is_zarr_store", objoutput.is_zarr_store)
-    url_to("output_lock", lambda out: objlock.object_lock(out))
-    url_to("remove_store", objremove.remove_store)
-    label = store.create_label_image
-
-    def create_label_image(path, *a, register=False, **k):
-        if register and is_url(str(path)):
-            _register_label(path)
-            register = False
-        return label(path, *a, register=register, **k)
-
-    monkeypatch.setattr(store, "create_label_image", create_label_image)
-
-
-def test_predict_from_and_to_s3_gives_the_local_bytes(s3, tmp_path, monkeypatch):
+def test_predict_from_and_to_s3_gives_the_local_bytes(s3, tmp_path):
     from emtile.unet import UNet
 
-    _wire(monkeypatch)
     torch.manual_seed(0)
     net = UNet(base=4, depth=2, out_channels=1).eval()
     vol = np.random.default_rng(1).integers(0, 255, size=(2, 131, 97), dtype=np.uint8)

@@ -54,8 +54,8 @@ class SegmentJob:
     so per-process caches never outlive it.
     """
 
-    input: str  # the probability array, as emtile.open_volume opens it
-    output: str  # the output group
+    input: object  # the probability array, as emtile.open_volume opens it (str or Location)
+    output: object  # the output group: a local path (str) or a URL's Location
     shape: tuple  # (Z, Y, X); a 2-D image is (1, Y, X)
     image_ndim: int  # 2 or 3: the input's own dimensions
     block: tuple  # (Z, Y, X)
@@ -181,7 +181,9 @@ def _open(job):
             from emtile.volume import open_volume
 
             _CACHE.clear()  # one run at a time per process
-            group = zarr.open_group(job.output, mode="r+")
+            from emtile.store import zarr_target
+
+            group = zarr.open_group(zarr_target(job.output, "r+"), mode="r+")
             source = (open_volume(job.input) if job.channels else  # affinities: as stored
                       open_probability_map(job.input, invert=job.invert, native_uint8=True))
             found = {"input": source, "group": group, "temp": group[TEMP]}

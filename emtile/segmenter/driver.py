@@ -89,10 +89,12 @@ def _ome(path):
 
     from emtile.store import is_zarr_store
 
+    from emtile.store import zarr_target
+
     if not is_zarr_store(path):
         return None
     try:
-        node = zarr.open(str(path), mode="r")
+        node = zarr.open(zarr_target(path), mode="r")
     except Exception:
         return None
     return node.attrs.asdict() if isinstance(node, zarr.Group) else None
@@ -101,11 +103,13 @@ def _ome(path):
 def _open_prediction(path, offsets=None):
     """Open and check PRED: an emtile probability store, or a float array in [0, 1]; or
     affinities (an emtile affinity store, or a (C, Z, Y, X) array with ``offsets``)."""
+    from emtile.locations import Location
     from emtile.store import placement
     from emtile.volume import open_volume
 
-    path = str(path)
-    if ".h5:" in path or ".hdf5:" in path:  # file.h5:dataset, as h5py users write it
+    if not (isinstance(path, Location) and not path.is_local):  # a URL keeps its options
+        path = str(path)
+    if isinstance(path, str) and (".h5:" in path or ".hdf5:" in path):  # file.h5:dataset
         path = path.replace(".h5:", ".h5/").replace(".hdf5:", ".hdf5/")
     attrs = _ome(path)
     arr = open_volume(path)
@@ -221,8 +225,15 @@ def _fingerprint(pred, recorded, levels):
     from emtile.markers import content_token
 
     digest = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
-    return {"input": os.path.realpath(pred.path), "input_token": content_token(pred.path),
+    return {"input": _real(pred.path), "input_token": content_token(pred.path),
             "settings": digest, "levels": int(levels)}
+
+
+def _real(path):
+    """An input as the fingerprint names it: a local path resolved, a URL normalised."""
+    from emtile.locations import Location
+
+    return path.url if isinstance(path, Location) else os.path.realpath(path)
 
 
 def _create_output(job, pred, plan, recorded, settings):
@@ -235,14 +246,14 @@ def _create_output(job, pred, plan, recorded, settings):
     translation = None
     if pred.translation is not None:
         translation = list(pred.translation if job.image_ndim == 3 else pred.translation[1:])
-    source = os.path.relpath(os.path.abspath(pred.path), os.path.abspath(job.output))
+    source = store.relative_source(pred.path, job.output)
     # 2d mode chunks a block slice by slice: one shard per block per level holds its slices
     # (pass 3 writes each level's box of a block in one assignment: the shard, whole)
     shards = job.block if chunks != job.block and job.image_ndim == 3 else None
     group = store.create_label_image(
         job.output, image_shape, np.uint32, chunks=chunks, shards=shards, voxel_size=voxel,
         name="segmentation", levels=job.levels, source=source, physical=translation,
-        attrs={"segment": recorded, "source": pred.path,
+        attrs={"segment": recorded, "source": str(pred.path),
                "settings": settings.to_json(), "version": __version__,
                **store.inherited_voxel_attrs(pred.path, "prediction")})
     if job.affinity:
@@ -361,7 +372,11 @@ class _Steps:
         finds no markers and starts over, never resumes from half of them)."""
         from emtile.store import remove_store
 
-        remove_store(os.path.join(self.job.output, TEMP))
+        from emtile.locations import Location
+
+        output = self.job.output
+        remove_store(Location(output) / TEMP if isinstance(output, Location) else
+                     os.path.join(output, TEMP))
         return {"objects": self.count}
 
 
@@ -461,6 +476,8 @@ def segment_stage(prediction, output, settings, runner):
     """
     from emtile import store
 
+    from emtile.locations import Location
+
     s = settings
     pred = _open_prediction(prediction, s.offsets)
     mode, shape3, block = _check_options(pred, s)
@@ -468,7 +485,7 @@ def segment_stage(prediction, output, settings, runner):
     store.check_output(output, inputs=[pred.path])
     sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
     job = SegmentJob(
-        input=pred.path, output=str(output), shape=shape3, image_ndim=len(pred.shape),
+        input=pred.path, output=output if isinstance(output, Location) else str(output), shape=shape3, image_ndim=len(pred.shape),
         block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=int(s.grow),
         seed_cap=s.seed_cap, seed_radius=s.seed_radius, interior_rounds=s.interior_rounds,
         sampling=sampling, keep_boundaries=bool(s.keep_boundaries), run=uuid.uuid4().hex,
@@ -492,7 +509,7 @@ def segment_stage(prediction, output, settings, runner):
              describe=describe, markers="done3", point="segment.write.recorded",
              before=steps.global_step, flush_seconds=_FLUSH_S),
     )
-    stage = Stage(name="segment", output=str(output), inputs=(pred.path,),
+    stage = Stage(name="segment", output=job.output, inputs=(pred.path,),
                   fingerprint=_fingerprint(pred, dict(recorded, offsets=pred.offsets)
                                            if pred.channels else recorded, levels),
                   create=functools.partial(_create_output, job, pred, plan, recorded, s),
@@ -502,7 +519,7 @@ def segment_stage(prediction, output, settings, runner):
 
 
 def segment(prediction, output, settings=None, runner=None, *, overwrite=False, progress=True,
-            **overrides):
+            storage_options=None, **overrides):
     """Segment a probability map into labelled cells, block by block, into an OME-Zarr label image.
 
     Parameters
@@ -527,6 +544,10 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     overwrite : bool
         Replace an existing output (and never resume an interrupted one).
     progress : bool
+    storage_options : dict, optional
+        Options of the object stores (``s3://``, ``gs://``, ``https://``) that ``prediction``
+        and ``output`` name (:func:`emtile.locations.parse_storage_options`); the endpoint and
+        credentials also come from the environment.
     **overrides
         Fields of the settings or the runner by name (``method="cc"``, ``block_size=(1, 512,
         512)``, ``cluster="local"``, ``client=client``). ``recut=0.4``: ``prediction`` is a
@@ -537,8 +558,11 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     -------
     SegmentResult
     """
+    from emtile.locations import at
+
     t0 = time.perf_counter()
     settings, runner = split_overrides(SegmentSettings, settings, overrides, Runner, runner)
+    prediction, output = at(prediction, storage_options), at(output, storage_options)
     if settings.recut is not None:
         return _recut(prediction, output, settings, runner, overwrite, progress, t0)
     stage, steps, pred = segment_stage(prediction, output, settings, runner)

@@ -52,8 +52,11 @@ def _open(job):
             from emtile.segmenter.fragment_graph import GRAPH
 
             _CACHE.clear()
-            out = zarr.open_group(job.output, mode="r+")
-            _CACHE[key] = {"fragments": zarr.open_group(job.source, mode="r")[GRAPH]["fragments"],
+            from emtile.store import zarr_target
+
+            out = zarr.open_group(zarr_target(job.output, "r+"), mode="r+")
+            _CACHE[key] = {"fragments": zarr.open_group(zarr_target(job.source),
+                                                        mode="r")[GRAPH]["fragments"],
                            "levels": [out[str(k)] for k in range(job.levels)],
                            "ids": out[WORK]["ids"]}
         return _CACHE[key]
@@ -90,10 +93,9 @@ def _source(path):
     import zarr
 
     from emtile.segmenter.fragment_graph import GRAPH
-    from emtile.store import is_zarr_store
+    from emtile.store import is_zarr_store, zarr_target
 
-    path = str(path)
-    group = zarr.open_group(path, mode="r") if is_zarr_store(path) else None
+    group = zarr.open_group(zarr_target(path), mode="r") if is_zarr_store(path) else None
     meta = group.attrs.asdict().get("emtile", {}) if group is not None else {}
     if group is None or GRAPH not in group or "segment" not in meta:
         raise EmtileError(f"recut= needs a segmentation made from affinities by emtile segment "
@@ -119,7 +121,10 @@ class _Steps:
 
         from emtile.segmenter.fragment_graph import agglomerate, read_graph
 
-        first, size, faces, attrs = read_graph(zarr.open_group(self.job.source, mode="r"))
+        from emtile.store import zarr_target
+
+        first, size, faces, attrs = read_graph(zarr.open_group(zarr_target(self.job.source),
+                                                               mode="r"))
         ids, self.count = agglomerate(first, size, faces, method=attrs["method"],
                                       merge_threshold=self.settings["merge_threshold"],
                                       merge_quantile=attrs["merge_quantile"],
@@ -139,7 +144,11 @@ class _Steps:
     def finish(self, group):
         from emtile.store import remove_store
 
-        remove_store(os.path.join(self.job.output, WORK))
+        from emtile.locations import Location
+
+        output = self.job.output
+        remove_store(Location(output) / WORK if isinstance(output, Location) else
+                     os.path.join(output, WORK))
         return {"objects": self.count}
 
 
@@ -148,17 +157,29 @@ def _create(job, group_attrs, recorded, source):
 
     voxel, translation = store.placement(group_attrs)
     image = (group_attrs.get("ome", {}).get("image-label") or {}).get("source", {}).get("image")
-    if image is not None:  # the image beside the source, as seen from the output
+    if image is not None and isinstance(source, str) and isinstance(job.output, str):
         image = os.path.relpath(os.path.join(os.path.abspath(source), image),
-                                os.path.abspath(job.output))
+                                os.path.abspath(job.output))  # the image, seen from the output
+    elif image is not None:  # a URL: the image as a URL (or relative within one bucket)
+        image = store.relative_source(_child(source, image), job.output)
     group = store.create_label_image(
         job.output, job.shape, np.uint32, chunks=job.block, voxel_size=voxel,
         name="segmentation", levels=job.levels, source=image,
         physical=list(translation) if translation is not None else None,
         attrs={"segment": recorded, "source": group_attrs["emtile"].get("source"),
-               "recut_of": source, "version": __version__})
+               "recut_of": str(source), "version": __version__})
     group.create_group(WORK)
     return group
+
+
+def _child(source, image):
+    """The URL of ``image`` (a path relative to the store ``source``)."""
+    from emtile.locations import Location
+
+    loc = Location(source)
+    for part in image.split("/"):
+        loc = loc.parent if part == ".." else loc if part in ("", ".") else loc / part
+    return loc
 
 
 def recut_stage(segmentation, output, merge_threshold):
@@ -169,13 +190,17 @@ def recut_stage(segmentation, output, merge_threshold):
     from emtile.segmenter.blocks import SegmentPlan
     from emtile.segmenter.fragment_graph import GRAPH
 
-    source = str(segmentation)
+    from emtile.locations import Location
+
+    source = segmentation if isinstance(segmentation, Location) and not segmentation.is_local \
+        else str(segmentation)
     group, meta = _source(source)
     store.check_output(output, inputs=[source])
     frags = group[GRAPH]["fragments"]
     levels = len(store.multiscales(group.attrs.asdict())["datasets"])
     recorded = dict(meta["segment"], merge_threshold=float(merge_threshold))
-    job = RecutJob(source=source, output=str(output), shape=tuple(frags.shape),
+    output = output if isinstance(output, Location) and not output.is_local else str(output)
+    job = RecutJob(source=source, output=output, shape=tuple(frags.shape),
                    block=tuple(frags.chunks), levels=levels, run=uuid.uuid4().hex)
     plan = SegmentPlan(job.shape, job.block)
     steps = _Steps(job, recorded)
@@ -186,9 +211,10 @@ def recut_stage(segmentation, output, merge_threshold):
 
     p = Pass(name="recut", fn=run_recut_blocks, job=job, plan=plan, describe=describe,
              markers="done", point="segment.recut.recorded", before=steps.table)
-    fingerprint = {"input": os.path.realpath(source), "input_token": content_token(source),
+    fingerprint = {"input": source.url if isinstance(source, Location) else
+                   os.path.realpath(source), "input_token": content_token(source),
                    "merge_threshold": float(merge_threshold), "levels": levels}
-    stage = Stage(name="recut", output=str(output), inputs=(source,), fingerprint=fingerprint,
+    stage = Stage(name="recut", output=output, inputs=(source,), fingerprint=fingerprint,
                   create=functools.partial(_create, job, group.attrs.asdict(), recorded,
                                            source),
                   passes=(p,), markers_group=WORK, finish=steps.finish)
