@@ -2,6 +2,7 @@
 
 import click
 
+from emtile.cli._storage import storage_option
 from emtile.cli._types import IntTuple, progress_option
 from emtile.cli.predict import Shards
 from emtile.convert_shards import SHARDS
@@ -47,8 +48,9 @@ from emtile.convert_shards import SHARDS
               help="Convert the complete pages of a TIFF cut short (refused otherwise); the store "
                    "records what was expected and what was found, and 'emtile info' shows it.")
 @progress_option()
+@storage_option()
 def convert(input, output, labels, ids, threshold, channel, dataset, chunks, voxel_size, unit,
-            levels, compression, shards, overwrite, allow_partial, progress):
+            levels, compression, shards, overwrite, allow_partial, progress, storage_options):
     """Convert INPUT (TIFF, PNG/TIFF folder or glob, Zarr, HDF5) to an OME-Zarr store OUTPUT.
 
     The voxel size is --voxel-size if given, else the one INPUT's metadata records.
@@ -59,6 +61,7 @@ def convert(input, output, labels, ids, threshold, channel, dataset, chunks, vox
     emtile convert groundtruth.tif truth.zarr --labels --ids --voxel-size 10,10,10
     emtile convert 'slices/*.png' vol.zarr --voxel-size 50,4,4 --levels 3
     emtile convert stack.tif vol.zarr --shards none
+    emtile convert stack.tif s3://bucket/vol.zarr     (object stores: s3://, gs://)
     """
     from emtile.converter import convert as run
     from emtile.describe import format_info
@@ -66,6 +69,6 @@ def convert(input, output, labels, ids, threshold, channel, dataset, chunks, vox
     result = run(input, output, labels=labels, ids=ids, threshold=threshold, channel=channel,
                  dataset=dataset, chunks=chunks, voxel_size=voxel_size, unit=unit, levels=levels,
                  compression=compression, overwrite=overwrite, allow_partial=allow_partial,
-                 progress=progress, shards=shards)
+                 progress=progress, shards=shards, storage_options=storage_options)
     click.echo(f"wrote {output}")
     click.echo(format_info(result))

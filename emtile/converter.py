@@ -32,6 +32,7 @@ from emtile import store as _store
 from emtile._errors import EmtileError
 from emtile.convert_shards import SHARDS, resolve_shards
 from emtile.describe import describe_volume
+from emtile.locations import at
 from emtile.stacks import (IdCounter, LabelChecker, WriterThread, check_id_values, slab_depth,
                            smallest_unsigned)
 from emtile.volume import open_volume
@@ -107,7 +108,7 @@ def _voxel_size_nm(voxel_size, unit, ndim):
 def convert(input, output, *, labels=False, ids=False, threshold=None, channel=None, dataset=None,
             chunks=None, voxel_size=None, unit="nm", levels=1, compression="zstd",
             compression_level=3, overwrite=False, allow_partial=False, progress=True,
-            shards=SHARDS):
+            shards=SHARDS, storage_options=None):
     """Convert a stack to a chunked, compressed OME-Zarr store, streaming in bounded memory.
 
     Parameters
@@ -155,6 +156,10 @@ def convert(input, output, *, labels=False, ids=False, threshold=None, channel=N
         unsharded (a file per chunk); or a shard shape ``(Z, Y, X)`` of whole chunks (slabs are
         then whole shards deep). The chunks stay the shards' inner chunks, so the arrays and
         what readers read are the same either way.
+    storage_options : dict, optional
+        Options of the object stores (``s3://``, ``gs://``; ``https://`` inputs) that ``input``
+        and ``output`` name (:func:`emtile.locations.parse_storage_options`); the endpoint and
+        credentials also come from the environment.
 
     Returns
     -------
@@ -168,6 +173,7 @@ def convert(input, output, *, labels=False, ids=False, threshold=None, channel=N
     replaces an incomplete store: a conversion is one streaming pass, so starting over costs at
     most that pass and gives the same bytes.
     """
+    input, output = at(input, storage_options), at(output, storage_options)
     _store.check_output(output, inputs=[input])
     src = open_volume(input, channel=channel, dataset=dataset, allow_partial=allow_partial,
                       require_complete=True)

@@ -86,6 +86,10 @@ def read_voxel_size(path):
     >>> read_voxel_size(path)
     ({'z': 50.0, 'y': 4.0, 'x': 4.0}, 'ImageJ')
     """
+    from emtile.locations import Location, is_url
+
+    if isinstance(path, Location) and not path.is_local or is_url(path):
+        return _ngff_voxel_size(path)  # an object store holds OME-Zarr only
     text = str(path)
     if _store.split_hdf5_path(text) is not None:
         return {}, "not given"

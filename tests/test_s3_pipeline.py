@@ -204,3 +204,32 @@ def test_info_and_evaluate_read_a_store_over_http(served, local, tmp_path):
     r = CliRunner().invoke(main, ["segment", f"{served}/pred.zarr", f"{served}/again.zarr",
                                   "--no-progress"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "read only" in r.output
+
+
+def test_convert_to_and_from_s3_gives_the_local_store(s3, volumes, tmp_path):
+    """``emtile convert stack.tif s3://...`` writes the arrays (every level, sharded as on disk)
+    and the voxel size that a local convert writes; converting that S3 store back to disk keeps
+    the voxel size the store records."""
+    import tifffile
+
+    p, _ = volumes
+    tif = tmp_path / "stack.tif"
+    tifffile.imwrite(tif, p)
+    args = ["--voxel-size", "50,4,4", "--levels", "2", "--no-progress"]
+    r = CliRunner().invoke(main, ["convert", str(tif), str(tmp_path / "vol.zarr"), *args])
+    assert r.exit_code == 0, r.output
+    out = s3 / "raw/vol.zarr"
+    r = CliRunner().invoke(main, ["convert", str(tif), out, *args])
+    assert r.exit_code == 0, r.output
+    assert is_complete(out)
+    here = zarr.open_group(str(tmp_path / "vol.zarr"), mode="r")
+    there = zarr.open_group(Location(out).zarr_store("r"), mode="r")
+    for k in ("0", "1"):
+        np.testing.assert_array_equal(there[k][...], here[k][...])
+        assert there[k].shards == here[k].shards
+    back = tmp_path / "back.zarr"
+    r = CliRunner().invoke(main, ["convert", out, str(back), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(zarr.open_group(str(back), mode="r")["0"][...], p)
+    r = CliRunner().invoke(main, ["info", str(back), "--json"])
+    assert json.loads(r.output)["voxel_size"] == {"z": 50.0, "y": 4.0, "x": 4.0}
