@@ -68,7 +68,6 @@ from emtile.settings import DTYPES
 from emtile.stacks import WriterThread
 from emtile.tile_reader import GROUP_BYTES, Batches, read_ahead as _read_ahead, tiles_dataset
 from emtile.volume import open_input
-from emtile.zarr_codecs import pipeline
 
 __all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
            "PredictResult", "weights_hash", "DTYPES"]
@@ -374,8 +373,7 @@ class _Context:
             torch.set_num_threads(job.threads)
         self.grid = job.grid()
         self.plan = job.plan()
-        with pipeline():  # arrays opened here keep zarrs' codecs where it is installed
-            self.array = self._input()
+        self.array = self._input()
         self.net, self.fn = self._model()
         self.device = torch.device(job.device)
         self.forward = _Forward(self.fn, self.device, job.amp, job.channels_last, job.tta)
@@ -390,10 +388,9 @@ class _Context:
             import zarr
 
             group = zarr.open_group(job.output, mode="r+")
-            with pipeline():
-                self.probs = [group[str(k)] for k in range(job.levels)]
-                self.mask = ([group[f"labels/mask/{k}"] for k in range(job.levels)]
-                             if job.threshold is not None else None)
+            self.probs = [group[str(k)] for k in range(job.levels)]
+            self.mask = ([group[f"labels/mask/{k}"] for k in range(job.levels)]
+                         if job.threshold is not None else None)
             self.markers = group[MARKERS]
 
     def _input(self):

@@ -65,10 +65,8 @@ class Tiles:
         if self.path is not None and (info is not None or array is None):
             # a worker never shares the parent's handles (a TIFF file offset, an HDF5 file)
             from emtile.volume import open_volume
-            from emtile.zarr_codecs import pipeline
 
-            with pipeline():
-                array = open_volume(self.path)
+            array = open_volume(self.path)
         i = 0
         for b in self.block_ids:
             block = self.plan[int(b)]
@@ -87,6 +85,8 @@ class Tiles:
         lo = starts.min(axis=0)
         hi = starts.max(axis=0) + np.asarray(grid.in_tile, np.int64)
         window = geometry.read_window(array, tuple(lo.tolist()), tuple(hi.tolist()))
+        if not window.dtype.isnative:  # torch takes native byte order only
+            window = window.astype(window.dtype.newbyteorder("="))
         if not window.flags.c_contiguous or not window.flags.writeable:
             window = np.ascontiguousarray(window)  # a view of an in-memory input: a copy
             window = window if window.flags.writeable else window.copy()

@@ -1,6 +1,5 @@
 """Predict's reader: one raw window per group of tiles, batches cut from it as views and
-normalised late give exactly the float32 tiles of reading and normalising tile by tile; zarrs'
-codec pipeline (optional) reads and writes the same array bytes."""
+normalised late give exactly the float32 tiles of reading and normalising tile by tile."""
 
 import numpy as np
 import pytest
@@ -18,13 +17,13 @@ def raw(dtype, shape=(3, 45, 38), seed=0):
     if np.dtype(dtype).kind == "f":
         return (rng.standard_normal(shape) * 40 + 7).astype(dtype)
     info = np.iinfo(dtype)
-    return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)  # any byte order
 
 
 SCALINGS = [Scaling("dtype"), Scaling("minmax", -3.25, 181.5), Scaling("percentile", 17.0, 17.0)]
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.float32,
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, ">u2", np.int16, np.int32, np.float32,
                                    np.float64, np.bool_])
 @pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s.method)
 def test_batches_equal_tiles_read_and_normalised_one_by_one(dtype, scaling):
@@ -40,7 +39,7 @@ def test_batches_equal_tiles_read_and_normalised_one_by_one(dtype, scaling):
     device = Batches(grid, 2, scaling, on_device=True)
     groups = 0
     for block_index, first, window, origins, _ in Tiles(volume, None, plan, range(len(plan)), 3):
-        assert window.dtype == volume.dtype  # raw pixels until the batch
+        assert window.dtype == volume.dtype.newbyteorder("=")  # raw pixels until the batch
         block = plan[block_index]
         tiles = block.tiles[first:first + 3]
         expected = np.stack([normalize.apply(geometry.read_window(volume, *grid.in_window(t)),
@@ -61,40 +60,3 @@ def test_a_window_of_an_in_memory_array_is_not_a_view_of_it():
     plan = geometry.block_plan(grid, (1, 48, 48))
     _, _, window, _, _ = next(iter(Tiles(volume, None, plan, [0], 8)))
     assert not np.shares_memory(window, volume) and window.flags.c_contiguous
-
-
-def test_zarrs_pipeline_reads_and_writes_the_same_bytes(tmp_path, monkeypatch):
-    pytest.importorskip("zarrs")
-    import zarr
-
-    from emtile import zarr_codecs
-
-    monkeypatch.setenv("EMTILE_ZARRS", "0")
-    assert not zarr_codecs.available()
-    monkeypatch.setenv("EMTILE_ZARRS", "1")
-    assert zarr_codecs.available()
-    data = raw(np.uint8, (2, 300, 200))
-    stored = {}
-    for use in (False, True):
-        path = tmp_path / f"{use}.zarr"
-        zarr.create_array(path, shape=data.shape, chunks=(1, 64, 64), shards=(1, 128, 128),
-                          dtype="uint8", compressors=zarr.codecs.BloscCodec(cname="zstd"))
-        with (zarr_codecs.pipeline() if use else _nothing()):
-            arr = zarr.open_array(path, mode="r+")
-        name = type(arr._async_array.codec_pipeline).__name__
-        assert (name == "ZarrsCodecPipeline") == use, name
-        arr[:, 5:290, 3:] = data[:, 5:290, 3:]
-        stored[use] = np.asarray(zarr.open_array(path, mode="r")[:])
-        with zarr_codecs.pipeline():
-            back = np.asarray(zarr.open_array(path, mode="r")[:])
-        np.testing.assert_array_equal(back, stored[use])
-    np.testing.assert_array_equal(stored[False], stored[True])
-    assert stored[True][:, 5:290, 3:].tolist() == data[:, 5:290, 3:].tolist()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
