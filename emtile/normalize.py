@@ -43,7 +43,8 @@ from emtile._errors import EmtileError
 
 __all__ = ["NORMALIZATIONS", "Rule", "Scaling", "InputWarning", "parse", "statistics", "apply",
            "dtype_scaled", "record", "rule_of", "model_record", "for_prediction", "range_warning",
-           "voxel_warning", "describe", "SAMPLE_PIXELS", "SAMPLE_SLICES"]
+           "voxel_warning", "describe", "SAMPLE_PIXELS", "SAMPLE_SLICES", "apply_inplace",
+           "apply_torch"]
 
 NORMALIZATIONS = ("dtype", "minmax", "percentile")
 DEFAULT_PERCENTILES = (1.0, 99.8)
@@ -182,6 +183,41 @@ def apply(data, scaling):
     out -= np.float32(lo)
     out *= gain
     return out
+
+
+def apply_inplace(out, dtype, scaling):
+    """:func:`apply` on pixels of ``dtype`` already cast into the float32 array ``out``: the
+    same arithmetic (float32, elementwise, so the same bytes) without a float32 copy of a
+    whole window; returns ``out``."""
+    method, lo, hi = _scaling(scaling)
+    dtype = np.dtype(dtype)
+    if method == "dtype":
+        if dtype.kind in "ui":
+            out *= np.float32(1.0 / np.iinfo(dtype).max)
+        return out
+    span = hi - lo
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / span if span > 0 else 1.0)
+    return out
+
+
+def apply_torch(x, scaling):
+    """:func:`apply` on a torch tensor (on any device): float32, the same arithmetic and
+    bytes as :func:`apply` on the same pixels."""
+    import torch
+
+    method, lo, hi = _scaling(scaling)
+    if method == "dtype":
+        if x.dtype == torch.float32:
+            return x
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            return x.to(torch.float32)
+        return x.to(torch.float32) * float(np.float32(1.0 / torch.iinfo(x.dtype).max))
+    span = hi - lo
+    gain = np.float32(1.0 / span if span > 0 else 1.0)
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    return (x.to(torch.float32) - float(np.float32(lo))) * float(gain)
 
 
 def _scaling(scaling):

@@ -9,12 +9,16 @@ changes the bytes, the device and the torch thread count; never an array or a mo
 1. it opens, once per process, the input, the output store (already prepared by the driver) and
    the model (loaded from the model folder and checked against the hash), and skips blocks that
    are already recorded as done;
-2. it reads each block's input tiles (mirroring context at the volume border,
-   :func:`emtile.geometry.read_window`) in groups of whole batches: in DataLoader worker
-   processes or a reader thread while the model runs on the previous batches when a core is
-   free for it (CUDA: pinned memory, non-blocking copies, AMP, channels_last), between forward
-   passes when torch's threads already use every core (CPU: channels_last);
-3. it adds the output tiles into the block's buffer (:func:`emtile.stitch.accumulate`);
+2. it reads each block's input in groups of whole batches, each group as one raw window in the
+   input's dtype (mirroring context at the volume border, :mod:`emtile.tile_reader`): in
+   DataLoader worker processes or a reader thread while the model runs on the previous batches
+   when a core is free for it (CUDA: pinned memory, non-blocking copies, AMP, channels_last),
+   between forward passes when torch's threads already use every core (CPU: channels_last);
+   the batches are views of the window, normalised as they become the model's input (on the
+   device, on CUDA);
+3. it adds the output tiles into the block's buffer (:func:`emtile.stitch.accumulate`), or, on
+   a grid without blending stored as uint8, quantises each tile straight into the block
+   (:func:`emtile.stitch.place_owned`: the same bytes);
 4. a writer thread normalises the finished block, writes its chunks (probabilities, and the
    thresholded mask) and only then reports it; reports carry the tiles run and the seconds spent
    reading, computing and writing.
@@ -44,8 +48,6 @@ import contextlib
 import functools
 import math
 import os
-import queue
-import threading
 import time
 import uuid
 import warnings
@@ -60,16 +62,16 @@ from emtile.device import autocast, keep_large_allocations, resolve_amp, resolve
 from emtile.blockwise import RESUME as _RESUME
 from emtile.markers import MARKERS
 from emtile.model import weights_hash
-from emtile.normalize import Scaling, apply as normalize_pixels
+from emtile.normalize import Scaling
 from emtile.prediction_store import NO_MASK_NOTE, affinity_record, channel_names, resolve_shards
 from emtile.settings import DTYPES
 from emtile.stacks import WriterThread
+from emtile.tile_reader import GROUP_BYTES, Batches, read_ahead as _read_ahead, tiles_dataset
 from emtile.volume import open_input
 
 __all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
            "PredictResult", "weights_hash", "DTYPES"]
 
-GROUP_BYTES = 64 * 2**20  # input tiles a reader reads at once
 MEMORY = "memory:"  # prefix of an input, output or model held by this process (not a path)
 
 
@@ -375,7 +377,10 @@ class _Context:
         self.net, self.fn = self._model()
         self.device = torch.device(job.device)
         self.forward = _Forward(self.fn, self.device, job.amp, job.channels_last, job.tta)
-        self.stitcher = _Stitcher(self.grid, job.channels, job.blend)
+        self.stitcher = _Stitcher(self.grid, job.channels, job.blend,
+                                  direct=job.dtype == "uint8" and job.threshold is None
+                                  and job.levels == 1)
+        self.batches = Batches(self.grid, job.model_ndim, job.normalize, job.device)
         self.probs = self.mask = self.markers = self.memory_out = None
         if job.output.startswith(MEMORY):
             self.memory_out = _MEMORY[job.output]
@@ -474,113 +479,6 @@ def _forget(job):
         _MEMORY.pop(token, None)
 
 
-# --------------------------------------------------------------------------- reading
-
-
-def _tiles_dataset(*args):
-    """A :class:`_Tiles` that is also a torch ``IterableDataset`` (torch is imported lazily)."""
-    global _TorchTiles
-    if "_TorchTiles" not in globals():
-        import torch
-
-        _TorchTiles = type("_TorchTiles", (_Tiles, torch.utils.data.IterableDataset), {})
-        _TorchTiles.__module__ = __name__
-    return _TorchTiles(*args)
-
-
-class _Tiles:
-    """Iterable of ``(block index, first tile, tiles, seconds)`` with ``tiles`` of shape
-    (n, 1, *T), float32.
-
-    Each block's tiles are cut into groups of whole batches; worker ``w`` of ``W`` reads groups
-    ``w, w + W, ...`` (the DataLoader collects them round-robin, so they arrive in order). A worker
-    re-opens a path input itself, and reads each group's bounding box once.
-    """
-
-    def __init__(self, array, path, plan, block_ids, group, model_ndim, scaling=Scaling("dtype")):
-        self.array, self.path, self.plan = array, path, plan
-        self.block_ids, self.group, self.model_ndim = block_ids, group, model_ndim
-        self.scaling = scaling
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        if self.path is not None:
-            state["array"] = None  # re-opened by path in the worker
-        return state
-
-    def __iter__(self):
-        import torch
-
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        array = self.array
-        if self.path is not None and (info is not None or array is None):
-            # a worker never shares the parent's handles (a TIFF file offset, an HDF5 file)
-            from emtile.volume import open_volume
-
-            array = open_volume(self.path)
-        i = 0
-        for b in self.block_ids:
-            block = self.plan[int(b)]
-            for first in range(0, len(block.tiles), self.group):
-                if i % workers == worker:
-                    t0 = time.perf_counter()
-                    _faults.point("predict.read")  # test-only: a reader killed here
-                    data = self.read(array, block.tiles[first:first + self.group])
-                    yield block.index, first, torch.from_numpy(data), time.perf_counter() - t0
-                i += 1
-
-    def read(self, array, tiles):
-        grid = self.plan.grid
-        windows = [grid.in_window(t) for t in tiles]
-        lo = tuple(min(w[0][ax] for w in windows) for ax in range(grid.ndim))
-        hi = tuple(max(w[1][ax] for w in windows) for ax in range(grid.ndim))
-        data = normalize_pixels(geometry.read_window(array, lo, hi), self.scaling)
-        spatial = grid.in_tile[grid.ndim - self.model_ndim:]
-        out = np.empty((len(tiles), 1) + spatial, np.float32)
-        for i, (a, b) in enumerate(windows):
-            box = tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))
-            out[i, 0] = data[box].reshape(spatial)
-        return out
-
-
-def _read_ahead(items, depth=2):
-    """Iterate ``items`` in a background thread, ``depth`` items ahead (reading overlaps the
-    model); an exception in the thread is raised here, at the item where it happened."""
-    q = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def reader():
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((item, None))
-        except BaseException as exc:  # handed to the consumer
-            q.put((None, exc))
-            return
-        q.put((done, None))
-
-    thread = threading.Thread(target=reader, name="emtile-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = q.get()
-            if exc is not None:
-                raise exc
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
-
 # --------------------------------------------------------------------------- the model
 
 
@@ -663,13 +561,17 @@ class _Stitcher:
     the block buffer. Blending grids weight the whole output window (clipped to the block, that
     is the tile's own window). Owned grids (no blending) weight a tile 1 on its own window and 0
     on the pixels its neighbour owns (``0 * p`` adds exactly nothing), one window per combination
-    of "last along this axis", where a tile owns its whole output.
+    of "last along this axis", where a tile owns its whole output. With ``direct`` (an owned grid
+    stored as uint8 at one level) the block buffer is the uint8 block itself and each tile is
+    quantised into it (:func:`emtile.stitch.place_owned`, the bytes of the two steps).
     """
 
-    def __init__(self, grid, channels, blend):
+    def __init__(self, grid, channels, blend, direct=False):
         from emtile import stitch
 
         self.stitch, self.grid, self.channels = stitch, grid, channels
+        # owned grids stored as uint8 at one level: each tile quantised straight into the block
+        self.direct = direct and grid.owned
         if not grid.owned:
             w = (np.ones(grid.out_tile, np.float32) if blend == "none" else
                  stitch.weight_window(grid.out_tile, blend=blend, overlap=grid.overlap))
@@ -684,6 +586,9 @@ class _Stitcher:
                 self.weights[last] = w
 
     def new(self, block):
+        if self.direct:  # the uint8 block and its flags of NaN under weight 0
+            return (np.zeros((self.channels,) + block.shape, np.uint8),
+                    np.zeros((self.channels,) + block.shape, np.uint8))
         return (np.zeros((self.channels,) + block.shape, np.float32),
                 np.zeros(block.shape, np.float32))
 
@@ -693,6 +598,12 @@ class _Stitcher:
         grid = self.grid
         tile = tile.reshape((self.channels,) + grid.out_tile)  # a view
         start, _ = grid.out_window(idx)
+        if self.direct:
+            owned = tuple(o if k == n - 1 else s for k, n, o, s
+                          in zip(idx, grid.counts, grid.out_tile, grid.stride))
+            origin = tuple(a - b for a, b in zip(start, block.start))
+            self.stitch.place_owned(acc, wsum, tile, origin, owned)
+            return
         if grid.owned:
             weight = self.weights[tuple(int(k == n - 1) for k, n in zip(idx, grid.counts))]
         else:
@@ -707,6 +618,8 @@ def _block_values(stitch, acc, wsum, dtype, threshold, levels=1):
     stored as ``dtype``, exactly as level 0) and the 2×2 top-left sample of its mask."""
     from emtile.store import downsample
 
+    if acc.dtype == np.uint8:  # quantised tile by tile (_Stitcher.direct)
+        return [(stitch.finish_owned(acc, wsum), None)]
     if threshold is None and levels == 1:
         return [(stitch.normalize(acc, wsum, dtype=np.dtype(dtype)), None)]
     f = stitch.normalize(acc, wsum, dtype=np.float32)
@@ -798,8 +711,8 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
         return [reports[i] for i in ids]
     tile_bytes = 4 * math.prod(ctx.grid.in_tile)
     group = max(1, GROUP_BYTES // (tile_bytes * job.batch_size)) * job.batch_size
-    dataset = _tiles_dataset(ctx.array, None if job.input.startswith(MEMORY) else job.input,
-                             ctx.plan, todo, group, job.model_ndim, job.normalize)
+    dataset = tiles_dataset(ctx.array, None if job.input.startswith(MEMORY) else job.input,
+                            ctx.plan, todo, group)
     if readers:
         ctx.stitcher.stitch.load_kernels()  # before any reader exists (see load_kernels)
         loader = torch.utils.data.DataLoader(
@@ -827,18 +740,18 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
     current = buffers = None
     numba_threads = _single_numba_thread()
     try:
-        for block_index, first, tiles, read_s in batches:
+        for block_index, first, window, origins, read_s in batches:
             t0 = time.perf_counter()
             if current is None or current.index != block_index:
                 current = ctx.plan[block_index]
                 buffers, done_tiles, reading, computing = ctx.stitcher.new(current), 0, 0.0, 0.0
-            for b0 in range(0, len(tiles), job.batch_size):
-                probs = ctx.forward(tiles[b0:b0 + job.batch_size])
+            for b0, x in ctx.batches(window, origins, job.batch_size):
+                probs = ctx.forward(x)
                 for i, p in enumerate(probs):
                     ctx.stitcher.add(buffers, current, current.tiles[first + b0 + i], p)
                 if on_tiles is not None:
                     on_tiles(len(probs))
-            done_tiles += len(tiles)
+            done_tiles += len(origins)
             reading += read_s
             computing += time.perf_counter() - t0
             if done_tiles == len(current.tiles):

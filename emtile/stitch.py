@@ -7,6 +7,11 @@ and the block is divided once with :func:`normalize` when all its tiles are in. 
 from :func:`weight_window`: all ones when tiles do not overlap (valid-convolution tiling is exact),
 or a linear / cosine / gaussian window for blending.
 
+Without blending, tiles own disjoint windows (weight 1 on their own pixels, 0 on the rest), so
+a pixel's sum is its owner's value: :func:`place_owned` quantises each tile straight into a uint8
+block (no float32 buffers, no second pass), giving the bytes of :func:`accumulate` and
+:func:`normalize`, NaN and all (:func:`finish_owned`).
+
 Everything is N-dimensional with 1 to 3 spatial axes: 2-D tiles ``(C, Y, X)`` today, 3-D tiles
 ``(C, Z, Y, X)`` later. Internally every array is viewed as 3-D spatial (a leading axis of length 1
 is inserted, never a copy), so one set of parallel kernels serves all cases; they run over the
@@ -174,6 +179,30 @@ def _normalize3_u8(acc, wsum, out):
                 orow[i] = np.uint8(np.rint(p * np.float32(255)))
 
 
+@njit(parallel=True, fastmath=False, cache=True)
+def _place3_u8(out, nan, tile, bz, by, bx, tz, ty, tx, nz, ny, nx, oz, oy, ox):
+    channels = out.shape[0]
+    for r in prange(nz * ny):
+        z = r // ny
+        y = r - z * ny
+        owned = min(nx, max(0, ox - tx)) if tz + z < oz and ty + y < oy else 0
+        for c in range(channels):
+            orow = out[c, bz + z, by + y, bx:bx + nx]
+            frow = nan[c, bz + z, by + y, bx:bx + nx]
+            trow = tile[c, tz + z, ty + y, tx:tx + nx]
+            for i in range(owned):  # weight 1
+                p = trow[i]
+                if not p > 0:  # NaN -> 0, as _normalize3_u8
+                    p = np.float32(0)
+                elif p > 1:
+                    p = np.float32(1)
+                orow[i] = np.uint8(np.rint(p * np.float32(255)))
+            for i in range(owned, nx):  # weight 0: 0 * NaN or inf makes the sum NaN (-> 0)
+                p = trow[i]
+                if not p - p == 0:
+                    frow[i] = 1
+
+
 @njit(inline="always")
 def _f32_bits_to_f16_bits(x, v):
     """float32 bits ``x`` (value ``v``) -> float16 bits, round to nearest even."""
@@ -293,6 +322,50 @@ def accumulate(acc, wsum, tile, weight, origin):
     _accumulate3(_as3(acc, 1), _as3(wsum, 0), _as3(tile, 1), _as3(weight, 0), *b0, *t0, *n)
 
 
+def place_owned(out, nan, tile, origin, owned):
+    """Quantise a tile into a uint8 block where it owns the pixels: the bytes that
+    :func:`accumulate` with 0/1 weights and :func:`normalize` to uint8 give, in one pass.
+
+    For grids whose tiles own disjoint windows (no blending): the tile's weight is 1 on
+    ``tile[..., :owned[0], :owned[1], ...]`` and 0 elsewhere, so a pixel's sum is its owner's
+    probability exactly, unless a tile that weights it 0 holds NaN or inf there (``0 * NaN``): such
+    pixels are flagged in ``nan``, and :func:`finish_owned` sets them to 0 as
+    :func:`normalize` does.
+
+    Parameters
+    ----------
+    out : ndarray, shape (C, *S), uint8
+    nan : ndarray, shape (C, *S), uint8
+        Flags of NaN under weight 0 (zeros to start).
+    tile : ndarray, shape (C, *T), float32
+    origin : tuple of int
+        Where the tile's first pixel lies in the block (may be negative).
+    owned : tuple of int
+        Per spatial axis, how many leading pixels of the tile have weight 1.
+    """
+    _check_array("out", out, (np.dtype(np.uint8),), range(2, MAX_SPATIAL + 2), writable=True)
+    spatial = out.ndim - 1
+    b0, t0, n = [0] * MAX_SPATIAL, [0] * MAX_SPATIAL, [1] * MAX_SPATIAL
+    own = [1] * MAX_SPATIAL
+    pad = MAX_SPATIAL - spatial
+    for ax, (o, size, tsize) in enumerate(zip(origin, out.shape[1:], tile.shape[1:])):
+        lo, hi = max(o, 0), min(o + tsize, size)
+        if hi <= lo:
+            return
+        b0[pad + ax], t0[pad + ax], n[pad + ax] = lo, lo - o, hi - lo
+        own[pad + ax] = owned[ax]
+    if tile.dtype != np.float32:
+        tile = tile.astype(np.float32)
+    _place3_u8(_as3(out, 1), _as3(nan, 1), _as3(tile, 1), *b0, *t0, *n, *own)
+
+
+def finish_owned(out, nan):
+    """Set the pixels :func:`place_owned` flagged to 0; returns ``out``."""
+    if nan.any():
+        out[nan != 0] = 0
+    return out
+
+
 def normalize(acc, wsum, *, out=None, dtype=None):
     """Divide the accumulated tiles by their weights, in one pass: ``acc / wsum`` where ``wsum > 0``.
 
@@ -353,3 +426,5 @@ def load_kernels():
     accumulate(acc, wsum, np.ones((1, 1, 1), np.float32), np.ones((1, 1), np.float32), (0, 0))
     for dtype in OUT_DTYPES:
         normalize(acc, wsum, dtype=dtype)
+    u8 = np.zeros((1, 1, 1), np.uint8)
+    place_owned(u8, u8.copy(), np.ones((1, 1, 1), np.float32), (0, 0), (1, 1))

@@ -10,6 +10,12 @@ batches, queues and blocks, which do not depend on the model's width in the way 
 volume, and the model is the same for both volumes.
 
 Target (issue 3): peak RSS for the 4 GB volume within 20% of the 0.2 GB one.
+
+``--null`` measures predict's data path alone (issue 23): the model's forward pass is replaced by
+a centre crop to its output size (the U-Net's geometry, no arithmetic), so reading, normalising,
+cutting tiles, stitching, encoding and writing are all that is left; Mvoxel/s and the CPU seconds
+of the prediction (its process, imports excluded) are printed beside the wall time (on a shared machine the CPU seconds
+move less with the load than the wall time does).
 """
 
 import argparse
@@ -23,16 +29,39 @@ from pathlib import Path
 ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012" / "train-volume.tif"
 
 
+def centre_crop_forward(net):
+    """``net`` whose forward pass is the centre crop of its input to its output size."""
+    import types
+
+    from emtile.geometry import center_crop
+
+    def forward(self, x):
+        out = self.shape_map.output_size(tuple(x.shape[2:]))
+        return center_crop(x, out) * 1.0  # a new tensor, as a network's output
+
+    net.forward = types.MethodType(forward, net)
+    return net
+
+
 def run_one(a):
+    import resource
+
     import emtile
     from emtile.bench import peak_rss
 
+    model = a.model
+    if a.null:
+        model = centre_crop_forward(emtile.load_model(a.model))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
     t0 = time.perf_counter()
-    r = emtile.predict(a.model, a.volume, a.output, tile=a.tile, progress=False,
+    r = emtile.predict(model, a.volume, a.output, tile=a.tile, progress=False,
                        channels_last=False)
     own, children = peak_rss()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": time.perf_counter() - t0, "rss": own, "rss_workers": children,
-            "shape": list(r.shape), "tiles": r.tiles, "blocks": r.blocks}
+            "shape": list(r.shape), "tiles": r.tiles, "blocks": r.blocks,
+            "cpu": usage.ru_utime + usage.ru_stime - cpu0}
 
 
 def main(argv=None):
@@ -45,6 +74,8 @@ def main(argv=None):
     p.add_argument("--tile", type=int, default=572, help="input tile size")
     p.add_argument("--data", type=Path, default=ISBI, help="stack whose slices are mirrored")
     p.add_argument("--workdir", type=Path, default=None, help="where the volumes go (temp)")
+    p.add_argument("--null", action="store_true",
+                   help="the data path alone: the model's forward is a centre crop")
     p.add_argument("--run", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--volume", help=argparse.SUPPRESS)
@@ -72,7 +103,8 @@ def main(argv=None):
             t_write = time.perf_counter() - t0
             done = subprocess.run(
                 [sys.executable, __file__, "--run", "--model", str(tmp / "model"), "--volume",
-                 str(vol), "--output", str(tmp / f"pred-{gb:g}.zarr"), "--tile", str(a.tile)],
+                 str(vol), "--output", str(tmp / f"pred-{gb:g}.zarr"), "--tile", str(a.tile)]
+                + (["--null"] if a.null else []),
                 capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"predict failed:\n{done.stderr}")
@@ -80,15 +112,17 @@ def main(argv=None):
             rows.append((z, z * a.side**2, t_write, r))
             emtile_store_cleanup(vol, tmp / f"pred-{gb:g}.zarr")
 
-    print(f"UNet base {a.base} depth {a.depth}, tile {a.tile}, volumes Z x {a.side} x {a.side} "
-          f"uint8 (mirrored {a.data.name}), one subprocess per prediction")
+    what = "forward = centre crop (data path alone)" if a.null else "real forward"
+    print(f"UNet base {a.base} depth {a.depth} ({what}), tile {a.tile}, volumes Z x {a.side} x "
+          f"{a.side} uint8 (mirrored {a.data.name}), one subprocess per prediction")
     head = f"{'volume GB':>10}{'Z':>6}{'tiles':>7}{'blocks':>7}{'write s':>9}{'predict s':>10}" \
-           f"{'peak RSS GiB':>14}{'worker GiB':>12}"
+           f"{'Mvoxel/s':>10}{'CPU s':>8}{'peak RSS GiB':>14}{'worker GiB':>12}"
     print(head)
     print("-" * len(head))
     for z, nbytes, t_write, r in rows:
         print(f"{nbytes / 1e9:>10.2f}{z:>6}{r['tiles']:>7}{r['blocks']:>7}{t_write:>9.1f}"
-              f"{r['seconds']:>10.1f}{r['rss'] / 2**30:>14.3f}{r['rss_workers'] / 2**30:>12.3f}")
+              f"{r['seconds']:>10.1f}{nbytes / r['seconds'] / 1e6:>10.1f}{r['cpu']:>8.1f}"
+              f"{r['rss'] / 2**30:>14.3f}{r['rss_workers'] / 2**30:>12.3f}")
     if len(rows) > 1:
         first, last = rows[0][3], rows[-1][3]
         print(f"\npeak RSS, largest / smallest volume: {last['rss'] / first['rss']:.3f} (main), "

@@ -269,3 +269,40 @@ def test_weight_window_errors():
         weight_window((8, 8), blend="gaussian", overlap=-1)
     with pytest.raises(EmtileError, match="overlap=True is not a tuple of integers"):
         weight_window((8, 8), blend="linear", overlap=True)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_place_owned_gives_the_bytes_of_accumulate_and_normalize(channels):
+    """Owned tiles (weight 1 on their first ``stride`` pixels, 0 on the rest, the last tile of a
+    row owning all of it) quantised straight into uint8 give what accumulate + normalize give,
+    whatever order the tiles come in; NaN under a zero weight poisons the pixel (0 * NaN) and
+    NaN under the owner becomes 0, as before."""
+    from emtile.stitch import finish_owned, place_owned
+
+    rng = np.random.default_rng(3)
+    block, tile, stride = (23, 31), (9, 11), (7, 8)
+    starts = [range(-3, block[ax] + 2, stride[ax]) for ax in range(2)]  # as geometry's Grid
+    tiles = []
+    for iy, y in enumerate(starts[0]):
+        for ix, x in enumerate(starts[1]):
+            last = (iy == len(starts[0]) - 1, ix == len(starts[1]) - 1)
+            t = rng.random((channels,) + tile, dtype=np.float32) * 1.2 - 0.1  # some out of [0, 1]
+            t[:, rng.integers(tile[0]), rng.integers(tile[1])] = np.nan
+            t[:, -1, -1] = np.nan  # under weight 0 unless last
+            owned = tuple(n if is_last else s for n, s, is_last in zip(tile, stride, last))
+            tiles.append(((y, x), owned, t))
+    acc = np.zeros((channels,) + block, np.float32)
+    wsum = np.zeros(block, np.float32)
+    out = np.zeros((channels,) + block, np.uint8)
+    nan = np.zeros_like(out)
+    for k in rng.permutation(len(tiles)):
+        origin, owned, t = tiles[k]
+        w = np.zeros(tile, np.float32)
+        w[:owned[0], :owned[1]] = 1
+        accumulate(acc, wsum, t, w, origin)
+    for k in rng.permutation(len(tiles)):
+        origin, owned, t = tiles[k]
+        place_owned(out, nan, t, origin, owned)
+    expected = normalize(acc, wsum, dtype=np.uint8)
+    assert nan.any() and (expected == 0).any()
+    np.testing.assert_array_equal(finish_owned(out, nan), expected)
