@@ -56,7 +56,7 @@ class Shards(click.ParamType):
 @click.option("--tile", default=_D.tile, show_default=True, type=TileSize(),
               help="Input tile size (valid for the model's depth, e.g. 572 at depth 4; Z,Y,X for "
                    "a 3-D model, e.g. 20,132,132), or auto: the size that computes the fewest "
-                   "pixels for this volume.")
+                   "pixels for this volume. Default: 572 for a 2-D model, auto for a 3-D one.")
 @click.option("--batch-size", default=_D.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Tiles per forward pass.")
 @click.option("--workers", "num_workers", default=_D.num_workers, type=click.IntRange(min=0),
@@ -107,13 +107,13 @@ def predict(input, output, model, overwrite, progress, storage_options, **option
     emtile predict --model m/best --tile 572 vol.zarr pred.zarr
     emtile predict --model m/best vol.zarr pred.zarr --cluster local --cluster-workers 2
     emtile predict --model m/best vol.zarr pred.zarr --cluster tcp://10.0.0.5:8786
+    emtile predict --model m/best s3://bucket/vol.zarr s3://bucket/pred.zarr
     """
     from emtile.predictor import predict as run
 
     runner = pop_runner(options)
-    stores = {"storage_options": storage_options} if storage_options else {}
     result = run(model, input, output, PredictSettings(**options), runner, overwrite=overwrite,
-                 progress=progress, **stores)
+                 progress=progress, storage_options=storage_options)
     if result.tile_probe:
         timed = ", ".join(f"{t}: {s:.2f} s" for t, s in sorted(result.tile_probe.items()))
         click.echo(f"tile auto: timed the model per tile ({timed}); fastest run: "

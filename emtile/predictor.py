@@ -58,6 +58,7 @@ import numpy as np
 
 from emtile._errors import EmtileError
 from emtile import _faults, geometry
+from emtile.locations import Location, at
 from emtile.device import autocast, keep_large_allocations, resolve_amp, resolve_device
 from emtile.blockwise import RESUME as _RESUME
 from emtile.markers import MARKERS
@@ -69,7 +70,7 @@ from emtile.stacks import WriterThread
 from emtile.tile_reader import GROUP_BYTES, Batches, read_ahead as _read_ahead, tiles_dataset
 from emtile.volume import open_input
 
-__all__ = ["predict", "predict_array", "run_blocks", "PredictJob", "BlockReport",
+__all__ = ["predict", "predict_array", "run_blocks", "default_tile", "PredictJob", "BlockReport",
            "PredictResult", "weights_hash", "DTYPES"]
 
 MEMORY = "memory:"  # prefix of an input, output or model held by this process (not a path)
@@ -182,10 +183,20 @@ def _as_model(model, *, weights=True):
 # --------------------------------------------------------------------------- the plan
 
 
+def default_tile(tile, ndim):
+    """``tile`` itself, or for None the default of a ``ndim``-D model: 572 in 2-D (the paper's
+    tile), ``"auto"`` in 3-D (a 572^3 tile would not fit in memory)."""
+    if tile is None:
+        return 572 if ndim == 2 else "auto"
+    return tile
+
+
 def _plan(net, arr, *, tile, overlap, roi, blend, max_tile_memory, batch_size, max_block_px,
           chunk_size, probe=None):
     """``(grid, chunks)``; ``tile="auto"`` takes the size computing the fewest pixels, or the
-    one ``probe(costs)`` picks from :func:`emtile.geometry.tile_costs`."""
+    one ``probe(costs)`` picks from :func:`emtile.geometry.tile_costs`; None: the model's
+    default (:func:`default_tile`)."""
+    tile = default_tile(tile, net.ndim)
     _check_volume(net, arr)
     shape = tuple(int(s) for s in arr.shape)
     region = geometry.normalize_roi(roi, shape)
@@ -287,8 +298,8 @@ class PredictJob:
     loads the model folder checks it, so a folder changed during a run cannot mix two models.
     """
 
-    input: str
-    output: str
+    input: object  # a path, "memory:<token>" or a URL's Location (its storage options)
+    output: object  # the same
     model: str
     weights: str
     depth: int  # the model's shape map (the grid is recomputed from these, pure arithmetic)
@@ -382,12 +393,14 @@ class _Context:
                                   and job.levels == 1)
         self.batches = Batches(self.grid, job.model_ndim, job.normalize, job.device)
         self.probs = self.mask = self.markers = self.memory_out = None
-        if job.output.startswith(MEMORY):
+        if _in_memory(job.output):
             self.memory_out = _MEMORY[job.output]
         else:
             import zarr
 
-            group = zarr.open_group(job.output, mode="r+")
+            from emtile.store import zarr_target
+
+            group = zarr.open_group(zarr_target(job.output, "r+"), mode="r+")
             self.probs = [group[str(k)] for k in range(job.levels)]
             self.mask = ([group[f"labels/mask/{k}"] for k in range(job.levels)]
                          if job.threshold is not None else None)
@@ -395,7 +408,7 @@ class _Context:
 
     def _input(self):
         job = self.job
-        if job.input.startswith(MEMORY):
+        if _in_memory(job.input):
             return _MEMORY[job.input]
         from emtile.volume import open_volume
 
@@ -711,7 +724,7 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
         return [reports[i] for i in ids]
     tile_bytes = 4 * math.prod(ctx.grid.in_tile)
     group = max(1, GROUP_BYTES // (tile_bytes * job.batch_size)) * job.batch_size
-    dataset = tiles_dataset(ctx.array, None if job.input.startswith(MEMORY) else job.input,
+    dataset = tiles_dataset(ctx.array, None if _in_memory(job.input) else job.input,
                             ctx.plan, todo, group)
     if readers:
         ctx.stitcher.stitch.load_kernels()  # before any reader exists (see load_kernels)
@@ -791,7 +804,7 @@ def _fingerprint(job, array):
     grid, plan = job.grid(), job.plan()
     device = job.device.split(":")[0]
     return {
-        "input": str(Path(job.input).resolve()), "input_token": content_token(job.input),
+        "input": _resolved(job.input), "input_token": content_token(job.input),
         "input_shape": list(grid.volume_shape), "input_dtype": str(np.dtype(array.dtype)),
         "region": [list(r) for r in grid.region], "tile": list(grid.in_tile),
         "stride": list(grid.stride), "owned": grid.owned, "chunks": list(plan.chunks),
@@ -816,7 +829,7 @@ def _provenance(job, settings):
     settings as given (less :data:`_UNRECORDED`)."""
     from emtile import __version__
 
-    return {"model": job.model or "(a model in memory)", "input": job.input or "(an array)",
+    return {"model": job.model or "(a model in memory)", "input": str(job.input or "(an array)"),
             "region": [list(r) for r in job.region], "tile": list(job.tile),
             "overlap": list(job.overlap), "blend": job.blend, "tta": bool(job.tta),
             "amp": job.amp or "off", "dtype": job.dtype, "threshold": job.threshold,
@@ -850,7 +863,7 @@ def _create_output(job, path, settings):
                                       **store.inherited_voxel_attrs(path, "input")})
     store.set_translation(group, offset)
     if job.threshold is not None:
-        store.create_label_image(f"{output}/labels/mask", shape, np.uint8, chunks=chunks,
+        store.create_label_image(_child(output, "labels/mask"), shape, np.uint8, chunks=chunks,
                                  levels=job.levels, voxel_size=voxel, axes=axes, name="mask",
                                  source="../../", starts=offset, register=True, shards=shards,
                                  attrs={"threshold": job.threshold})
@@ -872,7 +885,7 @@ def _finish(output, threshold, group):
     if threshold is not None:
         from emtile import store
 
-        store.mark_complete(_open_group(f"{output}/labels/mask"))
+        store.mark_complete(_open_group(_child(output, "labels/mask")))
     return {}
 
 
@@ -1005,15 +1018,16 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     from emtile.blockwise import Pass, Stage
 
     s = settings
+    output = output if isinstance(output, Location) and not output.is_local else str(output)
     model = _as_model(model)
     if runner.distributed:
         if not model.source:
             raise EmtileError("a cluster run needs the model as a model folder (workers load it "
                               "themselves): save it with emtile.save_model and pass its path")
-        if not isinstance(input, (str, os.PathLike)):
+        if not isinstance(input, (str, os.PathLike, Location)):
             raise EmtileError("a cluster run needs the input as a path (workers open it "
                               "themselves), not an array")
-    tile = s.tile
+    tile = default_tile(s.tile, model.ndim)
     if tile == "auto" and not overwrite:
         # the interrupted run's choice, not a new probe
         tile = _resumed_tile(output, model.ndim) or tile
@@ -1024,7 +1038,7 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     geometry.check_levels(s.levels, grid.region_shape[-2:], chunks[-2:])
     scaling = _scaling(model, arr, path, s.normalize)
     threads = _default_threads(s.threads, dev, runner)
-    job = _job(net, grid, chunks, s, input=path or "", output=str(output),
+    job = _job(net, grid, chunks, s, input=path or "", output=output,
                model=model.source, weights=model.weights_sha256, amp=resolve_amp(s.amp, dev), device=dev,
                threads=threads, normalize=scaling)
     plan = job.plan()
@@ -1037,18 +1051,18 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
                keep=lambda group: _Seconds(seconds, every),
                here=functools.partial(_run_here, job, net, arr, readers=num_workers),
                gpu=job.device.startswith("cuda"), flush_blocks=every, flush_seconds=0.5)
-    stage = Stage(name="predict", output=str(output), inputs=(path,),
+    stage = Stage(name="predict", output=output, inputs=(path,),
                   fingerprint=None if path is None else _fingerprint(job, arr),
                   create=functools.partial(_create_output, job, path, s), passes=(one,),
                   resumable=functools.partial(_has_arrays, job.threshold),
-                  finish=functools.partial(_finish, str(output), job.threshold))
+                  finish=functools.partial(_finish, output, job.threshold))
     info = {"grid": grid, "plan": plan, "device": dev, "threads": threads, "probe": probe,
             "seconds": seconds}
     return stage, info
 
 
 def predict(model, input, output, settings=None, runner=None, *, overwrite=False, progress=True,
-            **overrides):
+            storage_options=None, **overrides):
     """Predict a volume tile by tile into an OME-Zarr store of probabilities (and a mask).
 
     Parameters
@@ -1073,6 +1087,10 @@ def predict(model, input, output, settings=None, runner=None, *, overwrite=False
         interrupted run's output is resumed when everything matches, else replaced).
     progress : bool
         Show a progress bar (tiles/s here; blocks and voxels/s on a cluster).
+    storage_options : dict, optional
+        Options of the object stores (``s3://``, ``gs://``, ``https://``) that ``input`` and
+        ``output`` name (:func:`emtile.locations.parse_storage_options`); the endpoint and
+        credentials also come from the environment.
     **overrides
         Fields of the settings or the runner by name (``tile=388``, ``threshold=0.5``,
         ``cluster="local"``, ``client=client``).
@@ -1086,6 +1104,7 @@ def predict(model, input, output, settings=None, runner=None, *, overwrite=False
 
     t0 = time.perf_counter()
     settings, runner = split_overrides(PredictSettings, settings, overrides, Runner, runner)
+    input, output = at(input, storage_options), at(output, storage_options)
     stage, info = predict_stage(model, input, output, settings, runner, overwrite=overwrite)
     done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
     grid, plan, seconds = info["grid"], info["plan"], info["seconds"]
@@ -1155,7 +1174,24 @@ def _run_here(job, net, arr, ids, record, progress, *, readers):
 def _open_group(path):
     import zarr
 
-    return zarr.open_group(str(path), mode="r+")
+    from emtile.store import zarr_target
+
+    return zarr.open_group(zarr_target(path, "r+"), mode="r+")
+
+
+def _in_memory(where):
+    """Whether a job's input or output is an object the driver registered (``memory:...``)."""
+    return isinstance(where, str) and where.startswith(MEMORY)
+
+
+def _resolved(where):
+    """An input as the fingerprint names it: a local path resolved, a URL normalised."""
+    return where.url if isinstance(where, Location) else str(Path(where).resolve())
+
+
+def _child(output, name):
+    """``name`` inside the store ``output`` (a local path or a URL's Location)."""
+    return Location(output) / name if isinstance(output, Location) else f"{output}/{name}"
 
 
 def predict_array(model, array, settings=None, *, progress=False, **overrides):

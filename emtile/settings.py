@@ -59,8 +59,9 @@ class PredictSettings(_Settings):
 
     Attributes
     ----------
-    tile : int, tuple or "auto"
-        Valid input tile size along the model's axes (572 at depth 4 gives 388-px outputs).
+    tile : int, tuple, "auto" or None
+        Valid input tile size along the model's axes (572 at depth 4 gives 388-px outputs);
+        None: 572 for a 2-D model, ``"auto"`` for a 3-D one.
         ``"auto"``: the valid size computing the fewest pixels for this volume whose forward
         pass fits in ``max_tile_memory`` bytes (timed on the model when the run is long).
     batch_size : int
@@ -109,7 +110,7 @@ class PredictSettings(_Settings):
         array bytes.
     """
 
-    tile: object = 572
+    tile: object = None
     batch_size: int = 1
     num_workers: Optional[int] = None
     device: str = "auto"

@@ -144,3 +144,16 @@ def test_info_shows_target_and_offsets_of_store_and_model(aff, uint8_store):
     assert r.exit_code == 0 and "target        affinities" in r.output, r.output
     loaded = emtile.model.load(str(d / "model"))
     assert loaded.target == "affinities" and loaded.offsets == [(-1, 0, 0), (0, -1, 0), (0, 0, -1)]
+
+
+def test_a_3d_model_without_a_tile_takes_auto_not_572_per_axis(aff, tmp_path):
+    """``tile=None`` (the default) is 572 for a 2-D model and ``"auto"`` for a 3-D one: a 572^3
+    tile of even a tiny 3-D net would take tens of GB."""
+    from emtile.predictor import default_tile
+
+    assert default_tile(None, 2) == 572 and default_tile(None, 3) == "auto"
+    assert default_tile((20, 48, 48), 3) == (20, 48, 48)
+    d, _ = aff
+    opts = {k: v for k, v in OPTS.items() if k != "tile"}
+    r = emtile.predict(str(d / "model"), str(d / "in.zarr"), str(tmp_path / "a.zarr"), **opts)
+    assert max(r.tile) < 572 and len(r.tile) == 3
