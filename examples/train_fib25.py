@@ -141,6 +141,14 @@ def oracle(fragments, truth):
             "voi": s["voi_split"] + s["voi_merge"]}
 
 
+def _same(recorded, settings):
+    """Whether a run's recorded settings are ``settings``: fields a run of an older emtile did
+    not record take their defaults, and fields left None here are the trainer's to resolve."""
+    have = TrainSettings.from_json(recorded).to_json()
+    return all(have[k] == v for k, v in settings.to_json().items()
+               if v is not None and have[k] is not None)
+
+
 def trained(raw, labels, out, settings, overwrite):
     """Train into ``out``, or reuse the finished run there with the same settings; returns
     ``{"iterations", "best", "train_minutes", "reused"}``."""
@@ -148,7 +156,7 @@ def trained(raw, labels, out, settings, overwrite):
 
     if out.exists() and not overwrite:
         d = emtile.info(out)
-        if (d.get("what") == "run" and d.get("settings") == settings.to_json()
+        if (d.get("what") == "run" and _same(d.get("settings") or {}, settings)
                 and d.get("iterations_done", 0) >= settings.iterations
                 and "best" in d.get("folders", [])):
             last = Path(d["log"]).read_text().strip().splitlines()[-1]
