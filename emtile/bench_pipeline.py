@@ -16,9 +16,11 @@ path calls, for the duration of the run and removed afterwards (predict's code i
 part               what is timed (exclusive of the parts nested inside it)
 =================  ===========================================================================
 ``read_decode``    reads of the input array (``LazyArray.__getitem__``: Zarr chunks decoded)
-``normalize``      the input normalisation (``emtile.normalize.apply`` as predict calls it)
-``tiles``          mirroring at the volume's border (``geometry.read_window``) and cutting the
-                   float32 tiles out of the window read (``_Tiles.read``)
+``normalize``      the input normalisation of a batch (``apply_inplace`` on the CPU,
+                   ``apply_torch`` on the device, as ``emtile.tile_reader`` calls them)
+``tiles``          mirroring at the volume's border (``geometry.read_window``) and a group's
+                   raw window read (``tile_reader.Tiles.read``); cutting the batches' tiles out
+                   of the window happens as they are consumed and counts as ``other``
 ``model``          the forward pass and its transfers (``_Forward.__call__``: to the device,
                    the null model, the sigmoid, back to host memory)
 ``stitch``         adding tiles into block buffers (``_Stitcher.add``) and normalising a block
@@ -125,12 +127,13 @@ class _Parts:
 
 def _targets():
     """``(owner, attribute, part)`` of every function the timers wrap."""
-    from emtile import geometry, predictor
+    from emtile import geometry, predictor, tile_reader
 
     return [(geometry.LazyArray, "__getitem__", "read_decode"),
-            (predictor, "normalize_pixels", "normalize"),
+            (tile_reader, "apply_inplace", "normalize"),  # imported by name there
+            (tile_reader, "apply_torch", "normalize"),
             (geometry, "read_window", "tiles"),
-            (predictor._Tiles, "read", "tiles"),
+            (tile_reader.Tiles, "read", "tiles"),
             (predictor._Forward, "__call__", "model"),
             (predictor._Stitcher, "add", "stitch"),
             (predictor, "_block_values", "stitch"),

@@ -222,9 +222,11 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
             done = []
             for p in stage.passes:
                 done.append(_run_pass(stage, p, group, started, progress=progress))
+        check = getattr(lock, "check", None)  # an object store's lock: still this run's?
         with store.write_errors(stage.output, then=RESUME):
+            if check is not None:
+                check()  # before finish removes working data another run may now be using
             attrs = (stage.finish(group) if stage.finish else None) or {}
-            check = getattr(lock, "check", None)  # an object store's lock: still this run's?
             if check is not None:
                 check()
             store.mark_complete(group, **attrs)

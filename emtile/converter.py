@@ -197,7 +197,7 @@ def convert(input, output, *, labels=False, ids=False, threshold=None, channel=N
              "voxel_size_source": voxel_source}
     if getattr(src, "partial", None):
         attrs["partial"] = src.partial
-    with _store.output_lock(output):
+    with _store.output_lock(output) as lock:
         _store.prepare_output(output, overwrite=overwrite)
         read_slab = _slab_reader(src, input, plain=channel is None and dataset is None)
         out_dtype = (_id_dtype(src, input, read_slab) if ids else  # signed/float ids: a pass
@@ -224,6 +224,8 @@ def convert(input, output, *, labels=False, ids=False, threshold=None, channel=N
             _faults.point("convert.before_complete")
             extra = {} if counter is None else {"max_id": counter.max_id,
                                                 "id_count": counter.count}
+            if hasattr(lock, "check"):  # an object store's lock: still this run's?
+                lock.check()
             _store.mark_complete(group, **extra)
     return describe_volume(output)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from emtile import store as _store
 from emtile._errors import EmtileError
+from emtile.locations import remote
 from emtile.stacks import slab_depth, slice_runs
 from emtile.tiff import TIFF_SUFFIXES
 from emtile.voxels import SOURCE_WORDS
@@ -55,7 +56,7 @@ def info(path, *, stats=False, progress=False, storage_options=None):
     from emtile.locations import at
 
     path = at(path, storage_options)
-    if _url(path) is not None:
+    if remote(path) is not None:
         return describe_volume(path, stats=stats, progress=progress)
     if is_run_folder(path):
         return describe_run(path)
@@ -153,18 +154,9 @@ def describe_run(path):
 
 # --------------------------------------------------------------------------- volumes
 
-def _url(path):
-    """``path`` as a Location when it is an object-store URL (or a Location of one), else None."""
-    from emtile.locations import Location, is_url
-
-    if isinstance(path, Location):
-        return None if path.is_local else path
-    return Location(path) if is_url(path) else None
-
-
 def _du(path):
-    if _url(path) is not None:  # the objects' sizes, where the store lists them
-        loc = _url(path)
+    if remote(path) is not None:  # the objects' sizes, where the store lists them
+        loc = remote(path)
         try:
             return int(loc.filesystem().du(loc.fs_path(), total=True))
         except Exception:  # http(s) lists nothing: unknown
@@ -194,7 +186,7 @@ def describe_volume(path, *, stats=False, progress=False):
         (converted with ``ids=True``) add ``ids`` (True), ``max_id`` and ``id_count`` (None
         when it was not counted).
     """
-    p = _url(path) or Path(str(path))
+    p = remote(path) or Path(str(path))
     meta = _store.emtile_attrs(p) if _store.is_zarr_store(p) else None
     try:
         arr = open_volume(path)
@@ -210,7 +202,7 @@ def describe_volume(path, *, stats=False, progress=False):
         "compressor": None,
         "bytes_uncompressed": int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
         if arr is not None else None,
-        "bytes_on_disk": _du(p) if _url(path) is not None else
+        "bytes_on_disk": _du(p) if remote(path) is not None else
         _du(h5[0] if (h5 := _store.split_hdf5_path(path)) else path)
         if Path(str(path)).exists() else None,
         "voxel_size": None,
@@ -224,7 +216,7 @@ def describe_volume(path, *, stats=False, progress=False):
         out["compressor"] = ", ".join(_codec_name(c) for c in arr.compressors) or "none"
         shards = getattr(arr, "shards", None)
         out["shards"] = tuple(int(c) for c in shards) if shards else None
-    if _url(path) is None and p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
+    if remote(path) is None and p.suffix.lower() in TIFF_SUFFIXES and p.is_file():
         import tifffile
 
         with tifffile.TiffFile(p) as tf:
@@ -398,7 +390,7 @@ def _target_text(d):
     offsets = d.get("offsets")
     if d["target"] != "affinities" or not offsets:
         return str(d["target"])
-    return (f"affinities, channel k of offset k (dz,dy,dx; 1 = same object): "
+    return ("affinities, channel k of offset k (dz,dy,dx; 1 = same object): "
             + "; ".join(",".join(str(v) for v in o) for o in offsets))
 
 

@@ -395,8 +395,10 @@ def start_cluster(cluster=None, *, workers=None, scheduler_file=None, cluster_ti
     from distributed import Client
 
     t0 = time.perf_counter()
+    deadline = time.monotonic() + cluster_timeout
     with contextlib.ExitStack() as stack:
-        if spec["kind"] in ("address", "scheduler-file"):
+        joined = spec["kind"] in ("address", "scheduler-file")
+        if joined:
             client, where = _join(spec, stack, Client, cluster_timeout)
         else:
             where = f"{spec['kind']} cluster"
@@ -409,7 +411,9 @@ def start_cluster(cluster=None, *, workers=None, scheduler_file=None, cluster_ti
                 raise EmtileError(f"could not start the Dask {where}: {_reason(exc)}") from None
         if spec["kind"] != "slurm":
             try:
-                client.wait_for_workers(1, timeout=cluster_timeout)
+                # a running cluster: what is left of the one timeout (file, address, worker)
+                left = max(deadline - time.monotonic(), 0.5) if joined else cluster_timeout
+                client.wait_for_workers(1, timeout=left)
             except (OSError, TimeoutError):
                 raise EmtileError(f"the Dask scheduler at {where} has no worker: waited "
                                   f"{cluster_timeout:g} s (cluster_timeout={cluster_timeout:g}) "

@@ -29,6 +29,7 @@ import copy
 import json
 import os
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -544,11 +545,14 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
         descr = _build_description(m, files, name=name, description=description, net=net,
                                    meta=meta, crop=crop, authors=authors, license=license,
                                    cite_isbi=cite_isbi, torchscript=torchscript, offsets=offsets)
-        tmp_zip = path.with_name(path.name + ".tmp")
+        # a temporary name of this run's own beside the package: two exports never share it
+        tmp_zip = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp.zip")
         try:
             save_bioimageio_package(descr, output_path=tmp_zip)
             again = load_package(tmp_zip)  # emtile's own reader, as predict will use it
-            assert np.array_equal(_probabilities(again, crop, normalization), probs), "package does not reproduce"
+            if not np.array_equal(_probabilities(again, crop, normalization), probs):
+                raise EmtileError(f"path={str(path)!r}: the package written does not reproduce "
+                                  f"the model's outputs on its test input; nothing was written")
             os.replace(tmp_zip, path)
         finally:
             if tmp_zip.exists():

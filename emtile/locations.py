@@ -29,7 +29,8 @@ from pathlib import Path
 
 from emtile._errors import EmtileError
 
-__all__ = ["Location", "at", "parse_storage_options", "SCHEMES", "READ_ONLY_SCHEMES", "is_url"]
+__all__ = ["Location", "at", "remote", "parse_storage_options", "SCHEMES", "READ_ONLY_SCHEMES",
+           "is_url"]
 
 SCHEMES = ("s3", "gs", "http", "https")  # URLs a Location takes (local paths need none)
 READ_ONLY_SCHEMES = ("http", "https")
@@ -44,6 +45,14 @@ _PROTOCOL_PACKAGE = {"s3": "s3fs (pip install 'emtile[s3]')",
 def is_url(text):
     """True for ``scheme://...`` text (any scheme; :class:`Location` checks which it takes)."""
     return isinstance(text, str) and _URL.match(text) is not None
+
+
+def remote(path):
+    """``path`` as a :class:`Location` when it is an object-store URL (or a Location of one),
+    else None: the test every store function makes before its local code path."""
+    if isinstance(path, Location):
+        return None if path.is_local else path
+    return Location(path) if is_url(path) else None
 
 
 def at(where, storage_options=None):

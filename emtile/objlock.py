@@ -32,10 +32,10 @@ import json
 import os
 import socket
 import threading
-import time
 import uuid
 
 from emtile._errors import EmtileError
+from emtile._process import alive, pid_start
 from emtile.locations import Location
 
 __all__ = ["object_lock", "ObjectLock", "lock_location", "HEARTBEAT", "STALE_AFTER"]
@@ -55,26 +55,9 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _pid_start(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _dead_here(holder):
     """True only when the holder ran on this host and its process is gone (or its pid reused)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    start = holder.get("pid_start")
-    return start is not None and _pid_start(holder["pid"]) not in (None, start)
+    return holder.get("host") == socket.gethostname() and not alive(holder)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,11 +152,12 @@ class ObjectLock:
         self.etag = None
         self.lost_to = None  # the record that replaced ours, once the heartbeat finds one
         self._stop = threading.Event()
+        self._renewing = threading.Lock()  # the heartbeat and check() rewrite the record
         self._thread = None
 
     def _record(self):
         pid = os.getpid()
-        return {"pid": pid, "host": socket.gethostname(), "pid_start": _pid_start(pid),
+        return {"pid": pid, "host": socket.gethostname(), "pid_start": pid_start(pid),
                 "started": self._started, "beat": _now().isoformat(timespec="milliseconds"),
                 "beats": self._beats,  # every rewrite differs, so has a new ETag
                 "heartbeat": self.heartbeat, "output": self.output.url, "token": self.token}
@@ -216,22 +200,39 @@ class ObjectLock:
         self._thread.start()
         return self
 
-    def _beat(self):
-        while not self._stop.wait(self.heartbeat):
+    def _renew(self):
+        """Rewrite our record if it is still ours (``If-Match``); False once another run has
+        taken the lock over (``lost_to`` then names it). Store errors propagate."""
+        with self._renewing:
+            if self.lost_to is not None:
+                return False
             self._beats += 1
-            try:
-                etag = self.backend.put(json.dumps(self._record()).encode(), if_match=self.etag)
-            except OSError:
-                continue  # the store is unreachable for now: the next beat tries again
+            etag = self.backend.put(json.dumps(self._record()).encode(), if_match=self.etag)
             if etag is None:
                 found = self.backend.get()
                 self.lost_to = json.loads(found[0] or b"{}") if found else {}
-                return
+                return False
             self.etag = etag
+            return True
+
+    def _beat(self):
+        while not self._stop.wait(self.heartbeat):
+            try:
+                if not self._renew():
+                    return
+            except Exception:  # noqa: BLE001 - unreachable for now: the next beat tries again
+                continue
 
     def check(self):
-        """Raise if another run has taken the lock over (call before marking the output
-        complete)."""
+        """Renew the lock now and raise if another run has taken it over (call before the
+        output's last changes: removing working data, marking it complete). A run that was
+        suspended past the stale limit finds out here, not at its next heartbeat."""
+        try:
+            self._renew()
+        except OSError as exc:
+            raise EmtileError(f"output {self.output.url!r}: could not renew this run's lock "
+                              f"{self.where.url!r} ({exc}); the output is left incomplete: run "
+                              f"the same command again to finish it") from None
         if self.lost_to is not None:
             raise EmtileError(
                 f"output {self.output.url!r}: this run's lock was taken over by "

@@ -47,7 +47,7 @@ def resolve_shards(shards, plan):
         raise EmtileError(f"shards={shards} must give one size per axis of the output "
                           f"({','.join(names or [])}: shape {region})")
     for ax, (s, c, b, n) in enumerate(zip(shards, chunks, block, region)):
-        whole = s >= n
+        whole = s >= n and b >= n  # one shard for the axis only where one block spans it
         if not whole and (s % c or b % s):
             raise EmtileError(
                 f"shards={shards} along {names[ax] if names else ax}: {s} must be a whole "

@@ -36,21 +36,12 @@ import numpy as np
 
 from emtile import _faults  # noqa: F401  (in emtile's fault tests: hooks zarr's store writes)
 from emtile._errors import EmtileError
+from emtile._process import alive, pid_start
+from emtile.locations import remote
 
 FORMAT_VERSION = 1
 _UNITS = {"z": "nanometer", "y": "nanometer", "x": "nanometer"}
 NGFF_VERSION = "0.5"  # the OME-Zarr version of every store emtile writes
-
-
-def _url(path):
-    """``path`` as a :class:`emtile.locations.Location` when it is an object-store URL (or a
-    Location of one), else None: the one test every function here makes before its local code
-    path, which stays exactly as it is for local paths."""
-    from emtile.locations import Location, is_url
-
-    if isinstance(path, Location):
-        return None if path.is_local else path
-    return Location(path) if is_url(path) else None
 
 
 def _local(path):
@@ -64,7 +55,7 @@ def zarr_target(path, mode="r"):
     """What ``zarr.open_group`` / ``zarr.open`` take for ``path``: the local path as a string,
     or an object-store URL's Zarr store (:meth:`emtile.locations.Location.zarr_store`, with its
     storage options)."""
-    loc = _url(path)
+    loc = remote(path)
     return str(_local(path)) if loc is None else loc.zarr_store(mode)
 
 
@@ -273,10 +264,10 @@ def emtile_attrs(path):
     """The ``emtile`` attributes of the group at ``path``, or None if it is not an emtile store."""
     import zarr
 
-    if _url(path) is not None:
+    if remote(path) is not None:
         from emtile import objoutput
 
-        return objoutput.emtile_attrs(_url(path))
+        return objoutput.emtile_attrs(remote(path))
 
     try:
         group = zarr.open_group(str(path), mode="r")
@@ -299,10 +290,10 @@ def mark_complete(group, **extra):
 
 
 def is_zarr_store(path):
-    if _url(path) is not None:
+    if remote(path) is not None:
         from emtile import objoutput
 
-        return objoutput.is_zarr_store(_url(path))
+        return objoutput.is_zarr_store(remote(path))
     path = Path(_local(path))
     return path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists()
                               or (path / ".zarray").exists())
@@ -319,10 +310,10 @@ def prepare_output(path, *, overwrite=False, resume=False):
 
     Returns ``"new"``, ``"replaced"`` or ``"resume"``.
     """
-    if _url(path) is not None:
+    if remote(path) is not None:
         from emtile import objoutput
 
-        return objoutput.prepare_output(_url(path), overwrite=overwrite, resume=resume)
+        return objoutput.prepare_output(remote(path), overwrite=overwrite, resume=resume)
     path = Path(_local(path))
     _sweep_trash(path)
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
@@ -375,10 +366,10 @@ def remove_store(path):
     refused (an internal error: callers check first). An object-store URL has no rename:
     :func:`emtile.objremove.remove_store` marks the store as being removed, then deletes it.
     """
-    if _url(path) is not None:
+    if remote(path) is not None:
         from emtile import objremove
 
-        return objremove.remove_store(_url(path))
+        return objremove.remove_store(remote(path))
     path = Path(_local(path))
     assert is_zarr_store(path), f"refusing to delete {path}: not a Zarr store"
     import uuid
@@ -391,7 +382,7 @@ def remove_store(path):
 
 def _sweep_trash(path):
     """Remove what a killed :func:`remove_store` of ``path`` left beside it."""
-    if _url(path) is not None:
+    if remote(path) is not None:
         return  # no rename on an object store: nothing is left beside it
     path = Path(_local(path))
     for trash in path.parent.glob(f".{glob.escape(path.name)}{TRASH}*"):
@@ -497,10 +488,10 @@ def check_output(output, *, inputs=(), files=None, overwrite=True):
         symlinks and trailing slashes; if its folder does not exist or is not writable; if a
         file to write is an existing folder, or an existing file and ``overwrite`` is False.
     """
-    if _url(output) is not None:
+    if remote(output) is not None:
         from emtile import objoutput
 
-        objoutput.check_output(_url(output), inputs=inputs)
+        objoutput.check_output(remote(output), inputs=inputs)
         output = None  # checked; the files below as for a local output
     named = ([(f"{key}={str(f)!r}", f) for key, f in files.items()] if isinstance(files, dict)
              else [(f"output file {str(f)!r}", f) for f in files or ()])
@@ -612,10 +603,10 @@ def output_lock(output):
     EmtileError
         If another live run holds the lock.
     """
-    if _url(output) is not None:
+    if remote(output) is not None:
         from emtile import objlock
 
-        with objlock.object_lock(_url(output)) as lock:
+        with objlock.object_lock(remote(output)) as lock:
             yield lock
         return
     output = _local(output)
@@ -698,20 +689,11 @@ def _same_file(fd, path):
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _pid_start(pid):
-    """The process's start time in clock ticks since boot (Linux), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _lock_record(output):
     import uuid
 
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "pid_start": _pid_start(pid),
+    return {"pid": pid, "host": socket.gethostname(), "pid_start": pid_start(pid),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "output": str(output), "token": uuid.uuid4().hex}
 
@@ -723,33 +705,18 @@ def _read_record(path):
         return {}
 
 
-def _alive(holder):
-    """Whether the recorded holder may still run: unknown hosts count as alive."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return True
-    pid = holder["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    start = holder.get("pid_start")
-    return start is None or _pid_start(pid) in (None, start)  # a reused pid is not the holder
-
-
 def _stale(holder, recheck=None):
     """A recorded holder that is dead on this host (re-read once after a moment, so a run that
     has just taken the lock and not yet written its record is not mistaken for its dead
     predecessor)."""
-    if not holder or _alive(holder):
+    if not holder or alive(holder):
         return False
     if recheck is not None:
         import time
 
         time.sleep(0.2)
         again = _read_record(recheck)
-        return again.get("token") == holder.get("token") and not _alive(again)
+        return again.get("token") == holder.get("token") and not alive(again)
     return True
 
 
@@ -857,8 +824,8 @@ def create_label_image(path, shape, dtype, *, source, starts=None, physical=None
     missing), as a label image inside an image's ``labels/`` folder must be."""
     import zarr
 
-    if register and _url(path) is not None:
-        _register_label(_url(path))
+    if register and remote(path) is not None:
+        _register_label(remote(path))
     elif register:
         parent = os.path.dirname(os.path.abspath(str(path)))
         name = os.path.basename(os.path.abspath(str(path)))
@@ -884,7 +851,7 @@ def relative_source(source, output):
     ``source``'s URL."""
     from emtile.locations import Location
 
-    if _url(source) is None and _url(output) is None:
+    if remote(source) is None and remote(output) is None:
         return os.path.relpath(os.path.abspath(_local(source)), os.path.abspath(_local(output)))
     src, out = Location(source), Location(output)
     if src.is_local or out.is_local or src.scheme != out.scheme or \
@@ -988,7 +955,7 @@ def level_scale(path):
     import zarr
 
     try:
-        loc = _url(path)
+        loc = remote(path)
         node = zarr.open(zarr_target(path), mode="r")
         if loc is not None:
             group_path, level = (loc, None) if isinstance(node, zarr.Group) else \

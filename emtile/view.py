@@ -34,7 +34,6 @@ Neither viewer is a dependency: ``pip install 'emtile[view]'`` (neuroglancer) or
 ``pip install 'emtile[napari]'``; a missing one is one line.
 """
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -175,11 +175,13 @@ def test_timed_parts_are_exclusive_and_removed():
 
     from emtile.bench_pipeline import timed_parts
 
-    before = (geometry.read_window, predictor._Forward.__call__, predictor.normalize_pixels)
+    from emtile import tile_reader
+
+    before = (geometry.read_window, predictor._Forward.__call__, tile_reader.apply_inplace)
     with timed_parts():
         assert geometry.read_window is not before[0]
         assert hasattr(geometry.read_window, "__wrapped__")
-    assert (geometry.read_window, predictor._Forward.__call__, predictor.normalize_pixels) == before
+    assert (geometry.read_window, predictor._Forward.__call__, tile_reader.apply_inplace) == before
 
 
 def test_bench_pipeline_json(isbi_dir):

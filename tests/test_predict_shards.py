@@ -100,6 +100,9 @@ def test_a_shard_shape_dividing_the_blocks(data, plain, tmp_path):
     ((1, 42, 56), r"^shards=\(1, 42, 56\) along y: 42 must be a whole multiple of the output "
                   r"chunk \(28\) that divides the block \(56\).*e.g. shards=\(1, 56, 56\)$"),
     ((2, 56, 56), r"along z: 2 must be a whole multiple"),
+    # one shard holding the whole y axis, which two blocks share: two writers of one file
+    ((1, 112, 56), r"along y: 112 must be a whole multiple of the output chunk \(28\) that "
+                   r"divides the block \(56\)"),
     ((56, 56), r"^shards=\(56, 56\) must give one size per axis of the output \(z,y,x"),
     ((0, 56, 56), r"^shards=\(0, 56, 56\) is not a shard shape"),
     ("some", r"^shards='some' is not a shard shape: give 'auto', 'none'"),
