@@ -61,7 +61,7 @@ def convert(input, output, labels, ids, threshold, channel, dataset, chunks, vox
     emtile convert groundtruth.tif truth.zarr --labels --ids --voxel-size 10,10,10
     emtile convert 'slices/*.png' vol.zarr --voxel-size 50,4,4 --levels 3
     emtile convert stack.tif vol.zarr --shards none
-    emtile convert stack.tif s3://bucket/vol.zarr     (object stores: s3://, gs://)
+    emtile convert stack.tif s3://bucket/vol.zarr     (an object store)
     """
     from emtile.converter import convert as run
     from emtile.describe import format_info

@@ -98,7 +98,7 @@ def segment(pred, output, overwrite, progress, storage_options, **options):
     emtile segment aff.zarr seg.zarr                  (an emtile affinity store)
     emtile segment aff.tif seg.zarr --offsets "-1,0,0;0,-1,0;0,0,-1"
     emtile segment seg.zarr seg_04.zarr --recut 0.4   (another merge threshold, no fragments)
-    emtile segment s3://bucket/pred.zarr s3://bucket/seg.zarr   (object stores: s3://, gs://)
+    emtile segment s3://bucket/pred.zarr s3://bucket/seg.zarr   (an object store)
 
     PRED may also hold affinities (C, Z, Y, X): pairs above --threshold are linked, their
     components flooded into fragments, merged while 1 - affinity across a face is at most

@@ -15,8 +15,9 @@ conditional put (``If-None-Match: *``) that the object-store lock needs
 (:mod:`emtile.objlock`). HTTP(S) is fsspec's ``HTTPFileSystem`` (read only). obstore would be a
 second I/O stack beside them for a speed that zarr's concurrent chunk requests already give.
 
-**Secrets never travel.** A location carries only the options given explicitly
-(``--storage-option KEY=VALUE``, :func:`parse_storage_options`); credentials from the
+**What travels.** A location carries only the options given explicitly
+(``--storage-option KEY=VALUE``, :func:`parse_storage_options`), and those go to Dask workers
+with the jobs (so give secrets through the environment, not as options); credentials from the
 environment are read by s3fs / gcsfs in each process (the driver and every Dask worker), never
 copied into a job. ``repr`` masks any option whose name looks like a secret.
 """
