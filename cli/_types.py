@@ -13,7 +13,9 @@ import click
 #: How every command describes its raw image and label volumes.
 RAW_HELP = "Image volume (TIFF, image folder, Zarr / OME-Zarr, HDF5), axes Z,Y,X."
 LABELS_HELP = ("Binary labels of the same shape: 1 (or 255) = cell interior, 0 = membrane "
-               "(emtile convert --labels writes them).")
+               "(emtile convert --labels writes them); for --target affinities (and 2-D "
+               "boundaries from objects) instance ids, 0 = unlabelled (emtile convert --labels "
+               "--ids).")
 
 
 class IntTuple(click.ParamType):

@@ -39,10 +39,11 @@ _D = defaults(TrainSettings)
 @click.option("--iterations", type=click.IntRange(min=1), default=_D.iterations, show_default=True,
               help="Total optimiser steps (a resumed run continues up to this number).")
 @click.option("--base", type=click.IntRange(min=1), default=_D.base,
-              help="Channels of the first level, doubled per level [default: 16, the CPU recipe; "
-                   "64 is the paper's size, ~16x the arithmetic; on --resume: the run's].")
+              help="Channels of the first level, doubled per level [default: 16, the CPU recipe "
+                   "(8 for --ndim 3); 64 is the paper's size, ~16x the arithmetic; on --resume: "
+                   "the run's].")
 @click.option("--depth", type=click.IntRange(min=1), default=_D.depth,
-              help="Number of poolings [default: 4; on --resume: the run's].")
+              help="Number of poolings [default: 4 (2 for --ndim 3); on --resume: the run's].")
 @click.option("--batch-norm/--no-batch-norm", default=_D.batch_norm,
               help="Batch normalisation after every convolution [default: on; on --resume: the "
                    "run's].")

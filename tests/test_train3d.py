@@ -248,6 +248,8 @@ BAD = [
     (("--tile", "29,28,28"), "nearest valid sizes are 28 and 30"),
     (("--tile", "124,124,124"), "choose a smaller tile"),
     (("--train-slices", "0,2,4,6"), "must be one z range in 3-D"),
+    (("--loss", "dice"), "--loss dice applies to 2-D boundary training only"),
+    (("--w0", "5"), "--w0 5.0 applies to 2-D boundary training only"),
 ]
 
 

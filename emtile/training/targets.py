@@ -66,6 +66,21 @@ def _tile(value, ndim):
     return int(sizes[0]) if len(sizes) == 1 else tuple(int(v) for v in sizes)
 
 
+#: Fields that only the 2-D boundary training reads: given for ndim=3 they would be ignored.
+ONLY_2D = ("loss", "w0", "sigma", "class_balance", "foreground", "noise", "blur")
+
+
+def _refuse_2d_only(s):
+    """One line for a 2-D-only field set away from its default in a 3-D run."""
+    import dataclasses
+
+    for f in dataclasses.fields(s):
+        if f.name in ONLY_2D and getattr(s, f.name) != f.default:
+            raise EmtileError(f"{f.name}={getattr(s, f.name)!r} applies to 2-D boundary training "
+                              f"only; a 3-D affinity run takes affinity_loss= (balanced_bce or "
+                              f"dice): leave {f.name} out")
+
+
 def check_target_fields(s):
     """The target fields of settings ``s`` checked and parsed: a dict of the values to set."""
     from emtile.affinities import check_offsets
@@ -92,6 +107,7 @@ def check_target_fields(s):
                                   "only; leave it out in 2-D")
         out["tile"] = TILE_2D if out["tile"] is None else out["tile"]
         return out
+    _refuse_2d_only(s)
     out["offsets"] = None if s.offsets is None else check_offsets(s.offsets, ndim=3)
     factors = parse_levels(s.factors, "factors", "1,2,2;2,2,2")
     if factors is not None:
