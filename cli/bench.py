@@ -66,7 +66,7 @@ class Factors(click.ParamType):
 @device_option()
 @click.option("--tiles", type=click.IntRange(min=1), default=8, show_default=True,
               help="Tiles timed in each measurement (the predicted volume is exactly this many "
-                   "output tiles, up to 2x2 per slice).")
+                   "output tiles: up to 2x2 per slice in 2-D, a box of them in 3-D).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Run the model in channels_last memory format (faster on CPU).")
 @amp_option("off")

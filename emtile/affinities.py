@@ -1,6 +1,6 @@
 """Affinity targets from object ids, and MALA's class balancing (pure NumPy, light to import).
 
-Convention (``../shared/DESIGN.md``, gunpowder's): axes ``(c, z, y, x)``; an offset is
+Convention (gunpowder's): axes ``(c, z, y, x)``; an offset is
 ``o = (dz, dy, dx)`` (``(dy, dx)`` in 2-D), usually with negative entries; channel ``k`` at voxel
 ``v`` is the probability that ``v`` and ``v + o_k`` lie in the same object, so **1 = same
 object**, 0 = a boundary between them. torch-em trains on ``1 - affinity`` (1 = boundary); a

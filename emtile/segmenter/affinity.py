@@ -1,7 +1,7 @@
 """Affinities as the segmenter's input: the nearest-neighbour links, read per block.
 
 An affinity map (``(C, Z, Y, X)``; channel ``k`` at voxel ``v`` the probability that ``v`` and
-``v + o_k`` lie in one object, ``../shared/DESIGN.md``) enters the same engine as a probability
+``v + o_k`` lie in one object, :mod:`emtile.affinities`) enters the same engine as a probability
 map (:mod:`emtile.segmenter`), through three quantities of the three nearest-neighbour channels
 ``(-1, 0, 0), (0, -1, 0), (0, 0, -1)`` only (long-range channels are read by nobody here):
 
