@@ -71,7 +71,7 @@ SETTINGS_2D = TrainSettings(train_slices=TRAIN, val_slices=VAL, tile=428, iterat
 #: chosen on the validation slices z 120:150 (never on the scored ones) from this grid.
 SEGMENT_3D = SegmentSettings()
 SEGMENT_2D = SegmentSettings(mode="3d")
-GRID_THRESHOLDS = (0.8, 0.9, 0.95)
+GRID_THRESHOLDS = (0.8, 0.9, 0.95, 0.98, 0.99)
 GRID_MERGE = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
