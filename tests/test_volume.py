@@ -529,7 +529,9 @@ def damage(chunk_file):
 @pytest.fixture
 def damaged_store(tmp_path, isbi_raw):
     out = tmp_path / "vol.zarr"
-    emtile.convert(_tif(tmp_path, isbi_raw[:6]), out, chunks=(2, 256, 256), progress=False)
+    # one file per chunk (unsharded): the damage lands in one chunk, as the tests name it
+    emtile.convert(_tif(tmp_path, isbi_raw[:6]), out, chunks=(2, 256, 256), shards="none",
+                   progress=False)
     damage(out / "0" / "c" / "1" / "1" / "0")
     return out
 
@@ -723,7 +725,8 @@ def test_content_token_notices_a_chunk_rewritten_in_place(tmp_path, isbi_raw):
     import os
 
     out = tmp_path / "v.zarr"
-    emtile.convert(_tif(tmp_path, isbi_raw[:4]), out, chunks=(1, 256, 256), progress=False)
+    emtile.convert(_tif(tmp_path, isbi_raw[:4]), out, chunks=(1, 256, 256), shards="none",
+                   progress=False)  # a file per chunk, rewritten in place below
     token = emtile.markers.content_token(out)
     emtile.open_volume(out)[:]  # reading changes nothing
     assert emtile.markers.content_token(out) == token
