@@ -72,7 +72,7 @@ class Quantile(click.ParamType):
               help="PRED is a segmentation made from affinities: write OUTPUT at this merge "
                    "threshold from its stored fragments and region graph (seconds; the bytes a "
                    "fresh run with --merge-threshold T gives); the other segmentation options are "
-                   "the ones PRED was made with.")
+                   "the ones PRED was made with (giving one is refused).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()

@@ -142,6 +142,12 @@ def test_recut_equals_a_fresh_run(data, tmp_path):
             progress=False)
     segment(tmp_path / "m.zarr", tmp_path / "mcut.zarr", recut=0.3, progress=False)
     np.testing.assert_array_equal(labels(tmp_path / "mcut.zarr"), labels(tmp_path / "m3.zarr"))
+    # a recut keeps the segmentation's settings: another one given with it is refused, not ignored
+    r = CliRunner().invoke(main, ["segment", str(root / "whole.zarr"), str(tmp_path / "x.zarr"),
+                                  "--recut", "0.3", "--merge-threshold", "0.4", "--no-progress"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "--merge-threshold 0.4 does not apply with --recut 0.3" in r.output, r.output
+    assert not (tmp_path / "x.zarr").exists()
 
 
 RUN = ("import sys; from emtile.segmenter import segment; "

@@ -578,8 +578,16 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
 
 def _recut(segmentation, output, settings, runner, overwrite, progress, t0):
     """``segment(..., recut=T)``: :func:`emtile.segmenter.recut.recut_stage` run."""
+    import dataclasses
+
     from emtile.segmenter.recut import recut_stage
 
+    for f in dataclasses.fields(settings):  # a recut keeps the segmentation's own settings
+        value = getattr(settings, f.name)
+        if f.name != "recut" and value != f.default:
+            raise EmtileError(f"{f.name}={value!r} does not apply with recut={settings.recut!r}: "
+                              f"a recut keeps every setting of {str(segmentation)!r} and sets "
+                              f"only the merge threshold (recut); leave {f.name} out")
     stage, steps = recut_stage(segmentation, output, settings.recut)
     done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
     job = steps.job
