@@ -50,6 +50,39 @@ class IntTuple(click.ParamType):
         return out
 
 
+class Sizes(click.ParamType):
+    """Positive integers separated by commas, one per axis (``572`` or ``20,132,132``), or one
+    of :attr:`words`; a subclass sets the wording of its two errors. One number is returned as an
+    int when :attr:`scalar`, else every value as a tuple."""
+
+    name = "N|Z,Y,X"
+    words = ()
+    invalid = "is not a list of sizes: give Z,Y,X"
+    nonpositive = "every size must be positive"
+    scalar = True
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, (int, tuple)) or value in self.words:
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} {self.invalid}", param, ctx)
+        if min(sizes) <= 0:
+            self.fail(f"{value!r}: {self.nonpositive}", param, ctx)
+        return sizes[0] if self.scalar and len(sizes) == 1 else sizes
+
+
+class Shards(Sizes):
+    """``auto``, ``none`` or a shard shape ``Z,Y,X`` (positive integers): predict and convert."""
+
+    name = "auto|none|Z,Y,X"
+    words = ("auto", "none")
+    invalid = "is not a shard shape: give auto, none or Z,Y,X such as 16,512,512"
+    nonpositive = "every shard size must be positive"
+    scalar = False
+
+
 class Device(click.ParamType):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
 

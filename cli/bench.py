@@ -5,25 +5,15 @@ import json
 
 import click
 
-from emtile.cli._types import IntTuple, amp_option, device_option
+from emtile.cli._types import IntTuple, Sizes, amp_option, device_option
 
 
-class Tile(click.ParamType):
+class Tile(Sizes):
     """A tile size: one positive integer (a square in 2-D, a cube in 3-D) or ``Z,Y,X``."""
 
-    name = "N|Z,Y,X"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, tuple)):
-            return value
-        try:
-            sizes = tuple(int(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a tile size: give an integer such as 572, or Z,Y,X "
-                      f"such as 172,172,172 with --ndim 3", param, ctx)
-        if min(sizes) <= 0:
-            self.fail(f"{value!r}: the tile size must be positive", param, ctx)
-        return sizes[0] if len(sizes) == 1 else sizes
+    invalid = ("is not a tile size: give an integer such as 572, or Z,Y,X such as 172,172,172 "
+               "with --ndim 3")
+    nonpositive = "the tile size must be positive"
 
 
 class Factors(click.ParamType):

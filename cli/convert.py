@@ -3,8 +3,7 @@
 import click
 
 from emtile.cli._storage import storage_option
-from emtile.cli._types import IntTuple, progress_option
-from emtile.cli.predict import Shards
+from emtile.cli._types import IntTuple, Shards, progress_option
 from emtile.convert_shards import SHARDS
 
 

@@ -3,47 +3,21 @@
 import click
 
 from emtile.cli._storage import storage_option
-from emtile.cli._types import (Roi, amp_option, defaults, device_option, pop_runner,
-                               progress_option, runner_options)
+from emtile.cli._types import (Roi, Shards, Sizes, amp_option, defaults, device_option,
+                               pop_runner, progress_option, runner_options)
 from emtile.settings import BLENDS, DTYPES, PredictSettings
 
 _D = defaults(PredictSettings)
 
 
-class TileSize(click.ParamType):
+class TileSize(Sizes):
     """A positive integer tile size, one per axis (``Z,Y,X`` for a 3-D model), or ``auto``."""
 
     name = "N|Z,Y,X|auto"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (int, tuple)) or value == "auto":
-            return value
-        try:
-            sizes = tuple(int(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a tile size: give an integer such as 572, one per axis "
-                      f"such as 20,132,132, or auto", param, ctx)
-        if min(sizes) <= 0:
-            self.fail(f"{value!r}: the tile size must be positive", param, ctx)
-        return sizes[0] if len(sizes) == 1 else sizes
-
-
-class Shards(click.ParamType):
-    """``auto``, ``none`` or a shard shape ``Z,Y,X`` (positive integers)."""
-
-    name = "auto|none|Z,Y,X"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple) or value is None or value in ("auto", "none"):
-            return value
-        try:
-            sizes = tuple(int(v) for v in str(value).split(","))
-        except ValueError:
-            self.fail(f"{value!r} is not a shard shape: give auto, none or Z,Y,X such as "
-                      f"16,512,512", param, ctx)
-        if min(sizes) <= 0:
-            self.fail(f"{value!r}: every shard size must be positive", param, ctx)
-        return sizes
+    words = ("auto",)
+    invalid = ("is not a tile size: give an integer such as 572, one per axis such as "
+               "20,132,132, or auto")
+    nonpositive = "the tile size must be positive"
 
 
 @click.command()
