@@ -134,19 +134,26 @@ def _default_slice(meta):
     return 0
 
 
-def _test_crop(shape_map, sample, sample_slice, meta):
-    """A centred crop of one slice of ``sample``, of the smallest valid size whose output is at
-    least ``TEST_OUTPUT`` wide (context mirrored if the image is smaller) -> (crop, description)."""
-    from emtile.geometry import read_window
+def _open_sample(sample, meta, noun, kind):
+    """``(sample, array)``: the volume to cut the test input from, ``sample`` or else the raw
+    volume the model's metadata records (one line naming ``sample=`` when there is none)."""
     from emtile.volume import open_volume
 
     if sample is None:
         sample = meta.get("raw")
         if not isinstance(sample, str) or not Path(sample).exists():
-            raise EmtileError(f"no sample image for the test tensors: the model's metadata.json "
+            raise EmtileError(f"no sample {noun} for the test tensors: the model's metadata.json "
                               f"records raw={sample!r}, which is not an existing volume; give "
-                              f"sample= (a volume to cut the test input from)")
-    arr = open_volume(sample)
+                              f"sample= ({kind} to cut the test input from)")
+    return sample, open_volume(sample)
+
+
+def _test_crop(shape_map, sample, sample_slice, meta):
+    """A centred crop of one slice of ``sample``, of the smallest valid size whose output is at
+    least ``TEST_OUTPUT`` wide (context mirrored if the image is smaller) -> (crop, description)."""
+    from emtile.geometry import read_window
+
+    sample, arr = _open_sample(sample, meta, "image", "a volume")
     if arr.ndim not in (2, 3) or np.dtype(arr.dtype).kind not in "biuf":
         raise EmtileError(f"sample={str(sample)!r} has shape {tuple(arr.shape)} and dtype "
                           f"{arr.dtype}; expected a (Z, Y, X) or (Y, X) volume of numbers")
@@ -169,18 +176,11 @@ def _test_block(shape_map, sample, sample_slice, meta):
     size per axis whose output is at least ``TEST_OUTPUT_3D`` along it (context mirrored where
     the volume is smaller) -> (block, description)."""
     from emtile.geometry import read_window
-    from emtile.volume import open_volume
 
     if sample_slice is not None:
         raise EmtileError(f"sample_slice={sample_slice} picks a slice for a 2-D model's test "
                           f"input; a 3-D model's is a centred block of sample")
-    if sample is None:
-        sample = meta.get("raw")
-        if not isinstance(sample, str) or not Path(sample).exists():
-            raise EmtileError(f"no sample volume for the test tensors: the model's metadata.json "
-                              f"records raw={sample!r}, which is not an existing volume; give "
-                              f"sample= (a (Z, Y, X) volume to cut the test input from)")
-    arr = open_volume(sample)
+    sample, arr = _open_sample(sample, meta, "volume", "a (Z, Y, X) volume")
     if arr.ndim != 3 or np.dtype(arr.dtype).kind not in "biuf":
         raise EmtileError(f"sample={str(sample)!r} has shape {tuple(arr.shape)} and dtype "
                           f"{arr.dtype}; a 3-D model needs a (Z, Y, X) volume of numbers")
