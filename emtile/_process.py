@@ -1,5 +1,6 @@
-"""Whether the process a lock record names may still run: one rule for the local lock
-(:func:`emtile.store.output_lock`) and the object-store lock (:mod:`emtile.objlock`)."""
+"""Facts about processes: whether the one a lock record names may still run (one rule for the
+local lock, :func:`emtile.store.output_lock`, and the object-store lock, :mod:`emtile.objlock`),
+and how many cores this one may use."""
 
 import os
 import socket
@@ -29,3 +30,11 @@ def alive(holder):
         pass
     start = holder.get("pid_start")
     return start is None or pid_start(pid) in (None, start)
+
+
+def usable_cores():
+    """The cores this process may run on (its CPU affinity on Linux, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

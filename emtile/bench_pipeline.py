@@ -39,7 +39,6 @@ core held by another thread is charged that wait.
 
 import contextlib
 import multiprocessing
-import os
 import tempfile
 import threading
 import time
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from emtile._errors import whole_number
+from emtile._process import usable_cores
 from emtile.geometry import center_crop
 from emtile.unet import UNet
 
@@ -240,10 +240,7 @@ def run_pipeline(*, depth=4, tile=572, batch_size=1, device="auto", tiles=8, sha
             equal = equal and _check_output(vol, out)
     wall, parts = min(runs, key=lambda r: r[0])
     voxels = int(np.prod(shape))
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     return {
         "depth": depth, "tile": tile, "batch_size": batch_size, "device": str(dev),
         "threads": torch.get_num_threads(), "cores": cores, "channels_last": channels_last,

@@ -30,6 +30,7 @@ import numpy as np
 from emtile import _faults, tiff
 from emtile import store as _store
 from emtile._errors import EmtileError
+from emtile._process import usable_cores
 from emtile.convert_shards import SHARDS, resolve_shards
 from emtile.describe import describe_volume
 from emtile.locations import at
@@ -322,11 +323,7 @@ def _slab_reader(src, input, *, plain):
 
 def _write_threads():
     """Threads that compress and write chunks: one per core this process may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(WRITE_THREADS, cores))
+    return max(1, min(WRITE_THREADS, usable_cores()))
 
 
 def _put(arr, z0, slab, pool):

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from emtile._errors import EmtileError
+from emtile._process import usable_cores
 from emtile import _faults, geometry
 from emtile.locations import Location, at
 from emtile.device import autocast, keep_large_allocations, resolve_amp, resolve_device
@@ -675,11 +676,7 @@ def _cores_saturated(device):
 
     if device.type != "cpu":
         return False
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return torch.get_num_threads() >= cores
+    return torch.get_num_threads() >= usable_cores()
 
 
 # --------------------------------------------------------------------------- a block's work
