@@ -5,7 +5,7 @@ import click
 
 from emtile.cli._storage import storage_option
 from emtile.cli._types import IntTuple, defaults, pop_runner, progress_option, runner_options
-from emtile.settings import METHODS, MODES, SEEDS, SegmentSettings
+from emtile.settings import CALIBRATIONS, METHODS, MODES, SEEDS, SegmentSettings
 
 _D = defaults(SegmentSettings)
 
@@ -73,6 +73,17 @@ class Quantile(click.ParamType):
                    "threshold from its stored fragments and region graph (seconds; the bytes a "
                    "fresh run with --merge-threshold T gives); the other segmentation options are "
                    "the ones PRED was made with (giving one is refused).")
+@click.option("--calibrate", default=_D.calibrate, show_default=True,
+              type=click.Choice(CALIBRATIONS),
+              help="map: read the map's levels on the scale the defaults were tuned on (each "
+                   "level becomes the reference level of the same rank in the whole map), so a "
+                   "map more or less sure of itself is segmented alike. none: as stored. auto: "
+                   "map unless --threshold or --merge-threshold is given (they then mean the "
+                   "map's own levels).")
+@click.option("--report", is_flag=True,
+              help="Print how sure the segmentation is: fragments merged, faces that merged "
+                   "close to --merge-threshold, where the threshold cuts the map (warnings "
+                   "are printed either way).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()
@@ -82,7 +93,8 @@ class Quantile(click.ParamType):
                    "y and x by sampling, so no level shows an id that level 0 does not), written "
                    "as blocks finish; block sizes in y and x must be divisible by 2^(N-1).")
 @storage_option()
-def segment(pred, output, overwrite, progress, storage_options, **options):
+@click.pass_context
+def segment(ctx, pred, output, overwrite, progress, storage_options, report, **options):
     """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
 
     Every cell gets its own id (1..N, 0 = background), uint32 or uint64; OUTPUT is an OME-Zarr
@@ -107,8 +119,12 @@ def segment(pred, output, overwrite, progress, storage_options, **options):
     from emtile.segmenter import segment as run
 
     runner = pop_runner(options)
+    given = {name for name in ("threshold", "merge_threshold")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if options["calibrate"] == "auto" and given:
+        options["calibrate"] = "none"  # a threshold given means the map's own level
     result = run(pred, output, SegmentSettings(**options), runner, overwrite=overwrite,
-                 progress=progress, storage_options=storage_options)
+                 progress=progress, storage_options=storage_options, report=report)
     if any(result.blocks_resumed) and len(result.blocks_resumed) == 1:
         click.echo(f"resumed: {result.blocks_resumed[0]} of {result.blocks} blocks were done")
     elif any(result.blocks_resumed):
@@ -116,3 +132,6 @@ def segment(pred, output, overwrite, progress, storage_options, **options):
         click.echo(f"resumed: of {result.blocks} blocks, {labels} (labels), {fragments} "
                    f"(fragments) and {write} (write) were already done")
     click.echo(str(result))
+    if result.report is not None:
+        for line in result.report.lines() if report else result.report.warnings():
+            click.echo(line)

@@ -20,13 +20,14 @@ from typing import Optional
 from emtile._errors import EmtileError, one_of as _one_of, whole_number as _whole
 
 __all__ = ["PredictSettings", "SegmentSettings", "DTYPES", "BLENDS", "METHODS", "MODES",
-           "SEEDS", "AUTO_TILE_MEMORY", "CHUNK_TARGET", "split_overrides"]
+           "SEEDS", "CALIBRATIONS", "AUTO_TILE_MEMORY", "CHUNK_TARGET", "split_overrides"]
 
 DTYPES = ("uint8", "float16", "float32")
 BLENDS = ("none", "linear", "cosine", "gaussian")
 METHODS = ("cc", "ws")
 MODES = ("auto", "2d", "3d")
 SEEDS = ("components", "distance")
+CALIBRATIONS = ("auto", "map", "none")  # emtile.segmenter.levels
 AUTO_TILE_MEMORY = 2**30  # activation memory tile="auto" may use
 CHUNK_TARGET = 512  # output chunks are the multiple of the tile stride nearest to this
 
@@ -209,6 +210,13 @@ class SegmentSettings(_Settings):
     recut : float or None
         The input is a segmentation made from affinities: relabel it at this merge threshold
         from its stored fragments and region graph (no fragments computed again).
+    calibrate : {"auto", "map", "none"}
+        A probability map's levels: ``map`` reads them on the scale the defaults were tuned on
+        (each level becomes the reference level of the same rank in the whole map, so a map
+        more or less sure of itself gets the same labels: :mod:`emtile.segmenter.levels`);
+        ``none``: as stored. ``auto``: ``map`` while ``threshold`` and ``merge_threshold`` are
+        the defaults, ``none`` when either is set (a given threshold means the map's own level).
+        Affinities are read as stored.
     """
 
     method: str = "ws"
@@ -228,6 +236,7 @@ class SegmentSettings(_Settings):
     interior_rounds: int = 40
     offsets: Optional[str] = None
     recut: Optional[float] = None
+    calibrate: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -240,6 +249,7 @@ class SegmentSettings(_Settings):
             raise EmtileError(f"merge_quantile={q!r} must be a number in (0, 1], or None for "
                               f"the mean")
         _one_of("mode", self.mode, MODES)
+        _one_of("calibrate", self.calibrate, CALIBRATIONS)
         _fraction("threshold", self.threshold)
         _fraction("merge_threshold", self.merge_threshold)
         if isinstance(self.min_size, bool) or not isinstance(self.min_size, Integral) \

@@ -76,6 +76,9 @@ class SegmentJob:
     #: affinities: the channels of the nearest neighbours (-1,0,0), (0,-1,0), (0,0,-1) in the
     #: (C, Z, Y, X) input (:mod:`emtile.segmenter.affinity`); () for a probability map
     channels: tuple = ()
+    #: calibrate="map": the map's level v reads as lut[v] (256 uint8 levels; () = as stored),
+    #: from the whole map's histogram (:mod:`emtile.segmenter.levels`)
+    lut: tuple = ()
 
     @property
     def axes(self):
@@ -212,8 +215,15 @@ def _offsets(job):
 def _read_p(job, start, stop):
     arr = _open(job)["input"]
     if job.image_ndim == 2:
-        return np.asarray(arr[start[1]:stop[1], start[2]:stop[2]])[None]
-    return np.asarray(arr[_sl(start, stop)])
+        p = np.asarray(arr[start[1]:stop[1], start[2]:stop[2]])[None]
+    else:
+        p = np.asarray(arr[_sl(start, stop)])
+    if job.lut:
+        from emtile.segmenter.levels import apply_lut
+
+        _check_values(p, job, start)
+        p = apply_lut(p, job.lut)
+    return p
 
 
 def _levels(job, start, stop):

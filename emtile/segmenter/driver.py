@@ -13,6 +13,7 @@ recorded as done in each pass are skipped, and the global step is recomputed fro
 records in the store (it is deterministic), so the labels are identical to an uninterrupted run.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,6 +30,7 @@ from emtile.geometry import check_levels
 from emtile.segmenter import blocks, kernels
 from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
 from emtile.segmenter.graph import number_objects
+from emtile.segmenter.report import SegmentReport
 from emtile.segmenter.records import PART_BLOCKS, PART_BYTES, RecordStore, record_nbytes
 from emtile.settings import METHODS, MODES, SEEDS, SegmentSettings, split_overrides
 
@@ -58,6 +60,7 @@ class SegmentResult:
     settings: dict  # every option that shaped the labels (also in the store's attributes)
     levels: int = 1  # resolution levels written
     cluster: str = ""  # the cluster it ran on ("" for this process)
+    report: SegmentReport = None  # how sure it is (emtile.segmenter.report); None for a recut
 
     def __str__(self):
         block = "x".join(str(b) for b in self.block)
@@ -218,7 +221,41 @@ def _settings(job, settings):
         out.update(input="affinities", channels=list(job.channels))
     if job.invert:  # recorded only when set: the settings of earlier runs keep their digest
         out.update(invert=True)
+    if job.lut:  # calibrate="map": the table the map's levels went through
+        out.update(calibrate="map", lut=list(job.lut))
     return out
+
+
+def _calibration(settings, pred):
+    """``"map"`` or ``"none"``: :attr:`SegmentSettings.calibrate` resolved for this input."""
+    if pred.channels or settings.calibrate == "none":
+        return "none"
+    if settings.calibrate == "map":
+        return "map"
+    default = SegmentSettings()
+    given = settings.threshold != default.threshold or (
+        settings.method == "ws" and settings.merge_threshold != default.merge_threshold)
+    return "none" if given else "map"
+
+
+def _map_lut(pred, invert):
+    """The calibration table of the whole map (:func:`emtile.segmenter.levels.reference_lut`),
+    or None for a map whose ranks say nothing (:func:`emtile.segmenter.levels.usable`)."""
+    from emtile.maps import open_probability_map
+    from emtile.segmenter.levels import apply_lut, histogram, reference_lut, usable
+
+    arr = open_probability_map(pred.path, invert=invert, native_uint8=True)
+    identity = np.arange(256, dtype=np.uint8)
+    if len(pred.shape) == 2:
+        def read(z0, z1, y0, y1):
+            return apply_lut(arr[y0:y1], identity)
+        shape = (1,) + pred.shape
+    else:
+        def read(z0, z1, y0, y1):
+            return apply_lut(arr[z0:z1, y0:y1], identity)
+        shape = pred.shape
+    counts = histogram(read, shape)
+    return reference_lut(counts) if usable(counts) else None
 
 
 def _fingerprint(pred, recorded, levels):
@@ -338,6 +375,9 @@ class _Steps:
         self.job, self.plan, self.settings = job, plan, settings
         self.n_ids = self.count = 0
         self.dtype = np.dtype(np.uint32)
+        self.report = SegmentReport(merge_threshold=float(settings.merge_threshold),
+                                    threshold=float(settings.threshold),
+                                    calibrated=bool(job.lut))
 
     def offsets(self, group):
         """After pass 1: each block's first provisional cell and seed id."""
@@ -362,9 +402,11 @@ class _Steps:
                 min_size=s.min_size, table=_table)
             self.dtype = _output_dtype(group, self.count, self.job)
             return
+        self.report = dataclasses.replace(self.report, fragments=0, objects=0, faces=0,
+                                          merge_side=0, close=0)  # a resumed step: again
         self.count = _global_step(self.job, group[TEMP], self.plan, self.n_ids,
                                   min_size=s.min_size, merge_threshold=s.merge_threshold,
-                                  merge_quantile=s.merge_quantile)
+                                  merge_quantile=s.merge_quantile, report=self.report)
         self.dtype = _output_dtype(group, self.count, self.job)
 
     def finish(self, group):
@@ -414,7 +456,8 @@ def _table(temp, n_ids, name="table"):
                              dtype="int64", fill_value=0, overwrite=True)
 
 
-def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold, merge_quantile):
+def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold, merge_quantile,
+                 report=None):
     """Per group of blocks: join ids across faces, agglomerate (ws), absorb small objects,
     number the objects by first pixel (after the groups before it); write the provisional ->
     output table. Returns N."""
@@ -438,7 +481,7 @@ def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold, merge_qua
         number, count = number_objects(
             1 + nc + int(hi[1] - lo[1]), local(pairs), stats, edges, min_size=min_size,
             merge_threshold=merge_threshold if job.method == "ws" else None,
-            merge_quantile=merge_quantile if job.method == "ws" else None)
+            merge_quantile=merge_quantile if job.method == "ws" else None, report=report)
         number[number > 0] += total
         total += count
         table[int(lo[0]):int(hi[0])] = number[1:1 + nc]
@@ -465,7 +508,7 @@ def _output_dtype(group, count, job):
 # --------------------------------------------------------------------------- the stage
 
 
-def segment_stage(prediction, output, settings, runner):
+def segment_stage(prediction, output, settings, runner, *, report=False):
     """The :class:`emtile.blockwise.Stage` of a segmentation, checked and planned, and the
     hooks between its passes: ``(stage, steps, pred)``.
 
@@ -473,6 +516,9 @@ def segment_stage(prediction, output, settings, runner):
     working group: labels (interior components or seeds, counted per block), fragments (the
     flood, with each block's records of faces and fragments), and write (ids through the table
     the global step made from the records, every pyramid level).
+
+    ``report``: also find where the threshold cuts the map when its levels are used as given
+    (one more read of the map; :mod:`emtile.segmenter.report`).
     """
     from emtile import store
 
@@ -484,6 +530,8 @@ def segment_stage(prediction, output, settings, runner):
     levels = check_levels(s.levels, shape3[1:], block[1:], unit="blocks")
     store.check_output(output, inputs=[pred.path])
     sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
+    calibrate = _calibration(s, pred) == "map"
+    lut = _map_lut(pred, s.invert) if calibrate or (report and not pred.channels) else None
     job = SegmentJob(
         input=pred.path, output=output if isinstance(output, Location) else str(output), shape=shape3, image_ndim=len(pred.shape),
         block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=int(s.grow),
@@ -492,10 +540,15 @@ def segment_stage(prediction, output, settings, runner):
         levels=levels, seeds=s.seeds, invert=bool(s.invert),
         face_limit=kernels.face_limit(s.merge_threshold)
         if s.method == "ws" and s.merge_quantile is not None and not pred.channels else -1,
-        channels=pred.channels)
+        channels=pred.channels,
+        lut=tuple(int(v) for v in lut) if calibrate and lut is not None else ())
     plan = SegmentPlan(job.shape, job.block)
     recorded = _settings(job, s)
     steps = _Steps(job, plan, s)
+    if lut is not None:
+        from emtile.segmenter.levels import level_of
+
+        steps.report.threshold_on_map = level_of(lut, s.threshold)
     describe = functools.partial(_describe, plan)
     n = len(plan)
     passes = (
@@ -519,7 +572,7 @@ def segment_stage(prediction, output, settings, runner):
 
 
 def segment(prediction, output, settings=None, runner=None, *, overwrite=False, progress=True,
-            storage_options=None, **overrides):
+            storage_options=None, report=False, **overrides):
     """Segment a probability map into labelled cells, block by block, into an OME-Zarr label image.
 
     Parameters
@@ -548,6 +601,10 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
         Options of the object stores (``s3://``, ``gs://``, ``https://``) that ``prediction``
         and ``output`` name (:func:`emtile.locations.parse_storage_options`); the endpoint and
         credentials also come from the environment.
+    report : bool
+        Also find where the defaults' threshold cuts the map when its own levels are used (one
+        more read of the map); the result's ``report`` has the signs either way
+        (:mod:`emtile.segmenter.report`).
     **overrides
         Fields of the settings or the runner by name (``method="cc"``, ``block_size=(1, 512,
         512)``, ``cluster="local"``, ``client=client``). ``recut=0.4``: ``prediction`` is a
@@ -565,7 +622,7 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     prediction, output = at(prediction, storage_options), at(output, storage_options)
     if settings.recut is not None:
         return _recut(prediction, output, settings, runner, overwrite, progress, t0)
-    stage, steps, pred = segment_stage(prediction, output, settings, runner)
+    stage, steps, pred = segment_stage(prediction, output, settings, runner, report=report)
     done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
     job = steps.job
     return SegmentResult(output=str(output), shape=pred.shape, dtype=str(steps.dtype),
@@ -573,13 +630,11 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
                          block=job.block[3 - len(pred.shape):], blocks=len(steps.plan),
                          blocks_resumed=done.blocks_done, seconds=time.perf_counter() - t0,
                          settings=_settings(job, settings), levels=job.levels,
-                         cluster=done.where)
+                         cluster=done.where, report=steps.report)
 
 
 def _recut(segmentation, output, settings, runner, overwrite, progress, t0):
     """``segment(..., recut=T)``: :func:`emtile.segmenter.recut.recut_stage` run."""
-    import dataclasses
-
     from emtile.segmenter.recut import recut_stage
 
     for f in dataclasses.fields(settings):  # a recut keeps the segmentation's own settings

@@ -217,7 +217,7 @@ class RegionGraph:
 
 
 def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, merge_quantile=None,
-                   min_size=0):
+                   min_size=0, report=None):
     """The whole global step on compact arrays: ids joined across faces -> objects, agglomerated
     (``merge_threshold``, ws), small ones absorbed, numbered 1..N by first pixel.
 
@@ -237,6 +237,8 @@ def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, merge_qu
         Quantile linkage instead (:class:`RegionGraph`): the edges carry histograms binned up to
         ``merge_threshold``.
     min_size : int
+    report : emtile.segmenter.report.SegmentReport, optional
+        Given: the fragments, objects and the faces' first scores are added to it.
 
     Returns
     -------
@@ -265,6 +267,14 @@ def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, merge_qu
                           *(edges[keep, k] for k in range(2, edges.shape[1])))
         ids, count = merge_objects(first, size, faces, merge_threshold=merge_threshold,
                                    merge_quantile=merge_quantile, min_size=min_size)
+        if report is not None and merge_threshold is not None:
+            from emtile.segmenter.report import face_scores
+
+            report.add_graph(objects.size, count, face_scores(
+                faces, merge_threshold, merge_quantile, faces.shape[1] - 5), merge_threshold)
+            report = None
+    if report is not None:
+        report.add_graph(objects.size, count, (), 0.0)
     number = np.zeros(n_ids, np.int64)
     if objects.size:
         pos = np.minimum(np.searchsorted(objects, comp), objects.size - 1)

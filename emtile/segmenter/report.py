@@ -1,0 +1,122 @@
+"""How sure a segmentation is: what the global step merged, how close the calls were, and how far
+the map sits from the maps the defaults were tuned on (``emtile segment --report``).
+
+A user who segments a map unlike the tuning data cannot see from the labels that another
+threshold would have scored much better (issue 22: V-Rand 0.89 against 0.97 on a second stack).
+Three signs are cheap to collect on the way, exactly and for any block size (the global step's
+region graph is the same for every cut):
+
+- *merges*: fragments (after the faces between blocks are joined) against objects: a map whose
+  cells break into many fragments leans on the merge rule;
+- *close calls*: faces between fragments whose first score (before any merge: the face's
+  ``merge_quantile`` of boundary levels, or their mean) lies in the top quarter of the merge
+  threshold (e.g. 0.19-0.25 for 0.25). They merged, but a slightly lower threshold would keep
+  them apart; many of them mean the partition hangs on the threshold. With quantile linkage the
+  faces' histograms stop at the merge threshold, so faces just above it cannot be told from the
+  rest: only the side that merges is counted;
+- *levels*: where the defaults' threshold cuts the map (:mod:`emtile.segmenter.levels`). Far from
+  the nominal value, the map is less or more sure of itself than the tuning maps.
+
+A sign past its limit (:data:`WARN`) is a warning line in the summary; ``--report`` prints all.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["SegmentReport", "face_scores", "WARN"]
+
+#: When a sign becomes a warning: share of fragments merged away, share of the faces that merged
+#: that were close calls, and how far (in probability) the threshold moved on the map's levels.
+WARN = {"merged": 0.5, "close": 0.25, "shift": 0.1}
+
+
+def face_scores(faces, merge_threshold, merge_quantile, n_bins):
+    """First score of each face (boundary probability, upper end of its bin for quantile
+    linkage; ``inf`` where the quantile lies above the histogram, i.e. above the threshold).
+
+    ``faces``: rows ``(u, v, altitude_sum, pixels, contact[, histogram...])``.
+    """
+    faces = np.asarray(faces, np.int64).reshape(-1, max(5, np.shape(faces)[-1]))
+    pixels = faces[:, 3]
+    if merge_quantile is None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(pixels > 0, faces[:, 2] / np.maximum(pixels, 1) / 255, np.inf)
+    hist = faces[:, 5:5 + n_bins]
+    cum = np.cumsum(hist, axis=1)
+    reached = cum >= merge_quantile * pixels[:, None]
+    b = np.where(reached.any(axis=1), reached.argmax(axis=1), n_bins)
+    limit = int(np.floor(np.float64(merge_threshold) * 255))
+    top = (b + 1) * (limit + 1) / n_bins - 1  # highest level of the bin
+    return np.where((b < n_bins) & (pixels > 0), top / 255, np.inf)
+
+
+@dataclass
+class SegmentReport:
+    """The signs, summed over the global step's groups of blocks."""
+
+    fragments: int = 0
+    objects: int = 0
+    faces: int = 0  # faces between fragments with evidence
+    merge_side: int = 0  # of them, scored at or below the merge threshold
+    close: int = 0  # of those, in the top quarter of the threshold
+    merge_threshold: float = 0.0
+    threshold: float = 0.0
+    threshold_on_map: float = None  # where the threshold cuts the map (levels), if known
+    calibrated: bool = False
+    notes: list = field(default_factory=list)
+
+    def add_graph(self, fragments, objects, scores, merge_threshold):
+        scores = np.asarray(scores, np.float64)
+        finite = scores[np.isfinite(scores)]
+        self.fragments += int(fragments)
+        self.objects += int(objects)
+        self.faces += int(scores.size)
+        below = finite <= merge_threshold + 1e-9
+        self.merge_side += int(below.sum())
+        self.close += int((below & (finite > 0.75 * merge_threshold)).sum())
+
+    def warnings(self):
+        """The signs past their limits, one line each."""
+        out = []
+        if self.fragments and (self.fragments - self.objects) / self.fragments > WARN["merged"]:
+            out.append(f"warning: {self.fragments - self.objects} of {self.fragments} fragments "
+                       f"were merged away: the labels lean on the merge rule "
+                       f"(--merge-threshold)")
+        if self.merge_side and self.close / self.merge_side > WARN["close"]:
+            out.append(f"warning: {self.close} of the {self.merge_side} faces that merge score "
+                       f"within the top quarter of --merge-threshold {self.merge_threshold:g}: "
+                       f"the partition hangs on it")
+        if self.threshold_on_map is not None and \
+                abs(self.threshold_on_map - self.threshold) > WARN["shift"]:
+            side = "less" if self.threshold_on_map < self.threshold else "more"
+            what = ("the levels were adapted (calibrate=map)" if self.calibrated else
+                    "its own levels were used as given")
+            out.append(f"warning: the map is {side} sure of itself than the maps the defaults "
+                       f"were tuned on (their threshold {self.threshold:g} sits at p > "
+                       f"{self.threshold_on_map:.2f} in it): {what}; check the result against "
+                       f"labelled slices")
+        return out
+
+    def lines(self):
+        """Every sign, then the warnings."""
+        out = []
+        if self.fragments:
+            out.append(f"report: {self.fragments} fragments, {self.objects} objects "
+                       f"({self.fragments - self.objects} merged away)")
+        if self.faces:
+            out.append(f"report: {self.faces} faces between fragments; {self.merge_side} score at "
+                       f"most --merge-threshold {self.merge_threshold:g}, {self.close} of them "
+                       f"above {0.75 * self.merge_threshold:.3g} (close calls)")
+        if self.threshold_on_map is not None:
+            out.append(f"report: the threshold {self.threshold:g} cuts the map at p > "
+                       f"{self.threshold_on_map:.2f} "
+                       f"({'calibrate=map' if self.calibrated else 'its own levels as given'})")
+        return out + list(self.notes) + self.warnings()
+
+    def to_json(self):
+        return {"fragments": self.fragments, "objects": self.objects, "faces": self.faces,
+                "merge_side": self.merge_side, "close": self.close,
+                "merge_threshold": self.merge_threshold, "threshold": self.threshold,
+                "threshold_on_map": self.threshold_on_map, "calibrated": self.calibrated,
+                "warnings": self.warnings()}
