@@ -7,8 +7,8 @@ the model, options, region and mask that made it (its provenance).
 A model folder (``config.json``) or bioimage.io package is described from its files alone:
 architecture, parameters, valid tile sizes, the data it was trained on and at which voxel size,
 its input normalisation, its calibration, its validation scores, each V-Rand named by its
-threshold, and the segmentation settings tuned on the validation slices. A training run folder (``run.json``) is described by its settings, how far it got,
-its best model and where to find it.
+threshold, and the segmentation settings tuned on the validation slices. A training run folder
+(``run.json``) is described by its settings, how far it got, its best model and where to find it.
 """
 
 import json

@@ -187,7 +187,7 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
                                                    data.tz, dev, validator, normalize=scaling,
                                                    before=checkpoint.best_scores,
                                                    keep=s.keep_calibrated)
-    if s.tune_segment and task.calibrated and validator is not None:  # warns, never raises
+    if s.tune_segment and not task.affinities and validator is not None:  # warns, never raises
         result["segment"] = tune_best(folder.path / "best", validator, progress=progress)
     folder.write_run({**run_info, "finished": True})
     result.update(best=checkpoint.best_scores, elapsed_s=round(clock.elapsed(), 2),

@@ -71,8 +71,13 @@ def resolve(prediction_path, choice, explicit=()):
 
 def _model_path(prediction_path):
     """The model folder that ``provenance.model`` of the prediction's attributes names."""
+    from pathlib import Path
+
+    from emtile.locations import remote
     from emtile.store import emtile_attrs
 
+    if remote(prediction_path) is None and not Path(str(prediction_path)).exists():
+        raise EmtileError(f"the prediction {str(prediction_path)!r} does not exist")
     meta = emtile_attrs(prediction_path) or {}
     model = (meta.get("provenance") or {}).get("model")
     if not model or str(model).startswith("("):  # "(a model in memory)"
@@ -92,8 +97,8 @@ def _record(model):
 
     if not Path(model).exists():
         raise EmtileError(f"the model {model!r} that made this prediction is gone (moved or "
-                          f"deleted), so its tuned settings cannot be read: use --settings default, "
-                          f"or run from the folder the prediction was made in")
+                          f"deleted), so its tuned settings cannot be read: use --settings "
+                          f"default, or run from the folder the prediction was made in")
     meta = read_metadata(model)
     record = (meta.get("emtile") or {}).get("segment") if isinstance(meta, dict) else None
     settings = record.get("settings") if isinstance(record, dict) else None

@@ -148,6 +148,8 @@ def test_resolve_errors_are_one_line(tuned, stores, tmp_path):
     _, raw, _ = stores
     one_line_error(resolve, d / "pred.zarr", "tuned", (),
                    match=r"choice='tuned' is not supported: choose one of default, model")
+    one_line_error(resolve, tmp_path / "missing.zarr", "model", (),
+                   match=r"the prediction .*missing.zarr' does not exist")
     # a prediction that records no model: an array from elsewhere, and a model in memory
     a = zarr.create_array(store=tmp_path / "foreign.zarr", shape=(2, 8, 8), dtype=np.float32)
     a[...] = 0.5

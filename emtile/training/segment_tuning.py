@@ -43,7 +43,13 @@ GRID = tuple((t, m) for t in THRESHOLDS for m in MERGE_THRESHOLDS)
 
 
 def region_text(zs):
-    """``validation slices 25:30`` (runs of the sorted slice indices ``zs``, comma-separated)."""
+    """``validation slices 25:30`` (runs of the sorted slice indices ``zs``, comma-separated).
+
+    Examples
+    --------
+    >>> region_text([25, 26, 27, 28, 29]), region_text([9, 4, 5])
+    ('validation slices 25:30', 'validation slices 4:6,9')
+    """
     from emtile.stacks import slice_runs
 
     runs = ",".join(str(a) if b == a + 1 else f"{a}:{b}" for a, b in slice_runs(sorted(zs)))
