@@ -116,6 +116,10 @@ _D = defaults(TrainSettings)
                    "validation V-Rand (best threshold) falls by more than 0.01.")
 @click.option("--keep-calibrated", is_flag=True,
               help="Keep the calibrated best/ even when its validation V-Rand is lower.")
+@click.option("--tune-segment/--no-tune-segment", default=_D.tune_segment, show_default=True,
+              help="With --val-slices (2-D): segment the validation slices over a small grid of "
+                   "thresholds and merge thresholds after training and record the best in "
+                   "best/ (emtile info shows it; emtile segment --settings model uses it).")
 @progress_option()
 def train(raw, labels, out, resume, overwrite, progress, **settings):
     """Train a valid-convolution U-Net on annotated slices (or, with --ndim 3 --target affinities,

@@ -6,9 +6,9 @@ compression, sizes, voxel size and where it came from, completeness and, for a p
 the model, options, region and mask that made it (its provenance).
 A model folder (``config.json``) or bioimage.io package is described from its files alone:
 architecture, parameters, valid tile sizes, the data it was trained on and at which voxel size,
-its input normalisation, its calibration and its validation scores, each V-Rand named by its
-threshold. A training run folder (``run.json``) is described by its settings, how far it got,
-its best model and where to find it.
+its input normalisation, its calibration, its validation scores, each V-Rand named by its
+threshold, and the segmentation settings tuned on the validation slices. A training run folder
+(``run.json``) is described by its settings, how far it got, its best model and where to find it.
 """
 
 import json
@@ -96,7 +96,8 @@ def describe_model(path):
     """A model folder or package as a dict: ``architecture`` (its config), ``parameters``,
     ``geometry`` (halo, smallest valid tile, step, a few valid sizes), and what its
     ``metadata.json`` records: ``training``, ``voxel_size``, ``normalization``, ``calibration``,
-    ``metrics``."""
+    ``segment`` (the segmentation settings tuned on the validation slices,
+    :mod:`emtile.training.segment_tuning`; None when not tuned), ``metrics``."""
     import torch
 
     from emtile.model import load_model
@@ -124,6 +125,7 @@ def describe_model(path):
         "voxel_size": info.get("voxel_size"),
         "normalization": info.get("normalization"),
         "calibration": info.get("calibration"),
+        "segment": info.get("segment"),
         "metrics": info.get("metrics") or {},
         "target": target.get("target", "boundaries"),
         "offsets": target.get("offsets"),
@@ -498,6 +500,11 @@ def _model_lines(d, indent=""):
                  + (" (before calibration)" if cal.get("kept") and cal.get("val_after") else ""))
     if cal.get("val_after") and cal.get("kept"):
         lines.append(f"  calibrated  {format_scores(cal['val_after'])}")
+    if d.get("segment"):
+        from emtile.training.segment_tuning import tuned_text
+
+        lines.append(f"segmentation  {tuned_text(d['segment'])}")
+        lines.append("              (emtile segment --settings model starts from them)")
     return [indent + line for line in lines]
 
 

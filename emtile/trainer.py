@@ -15,6 +15,8 @@ and the optimiser, then runs the loop, :func:`emtile.training.loop.fit`, which k
 :mod:`emtile.training.batchnorm`   precise statistics (``update_bn``), ``FreezeNorm``
 :mod:`emtile.training.validation`  ``predict_slices`` and ``Validator``: the predictor's tiled path
 :mod:`emtile.training.calibration` the logit map (scale, offset) folded into ``best/``
+:mod:`emtile.training.segment_tuning` ``emtile segment``'s threshold and merge threshold that
+                                   score best on the validation slices, recorded in ``best/``
 :mod:`emtile.training.run`         the run folder, ``training_state.pt``, ``Checkpoint``
 :mod:`emtile.training.targets`     the target fields (``ndim``, ``target``, offsets, factors,
                                    tile) checked; id labels as 2-D boundaries (``IdBoundaries``)
@@ -30,7 +32,9 @@ Two steps go beyond the paper's recipe. With batch norm, the last 30% of the run
 trains with fixed statistics, recomputed first, so that the network is trained as tiled
 prediction runs it (per-tile statistics would make the output depend on the tiling). At the end,
 ``best`` gets a logit scale and offset fitted on the training slices (``calibrate``), because the border
-weights bias the probabilities towards membrane.
+weights bias the probabilities towards membrane. With validation slices, a 2-D run then tries a
+small grid of ``emtile segment`` settings on them and records the best in ``best/``
+(``tune_segment``, :mod:`emtile.training.segment_tuning`).
 
 Resuming reproduces an uninterrupted run: the patch stream is a pure function of the seed and
 the batch index (see :mod:`emtile.sampling`), so no worker RNG state needs saving; the torch RNG
@@ -53,6 +57,7 @@ from emtile.normalize import record as normalization_record, statistics
 from emtile.sampling import PatchDataset, check_patch_geometry
 from emtile.training.batchnorm import FREEZE_BN_BATCHES, FreezeNorm, norm_layers, precise_norm_stats
 from emtile.training.calibration import calibrate_best
+from emtile.training.segment_tuning import tune_best
 from emtile.training.logs import Clock, CSVLog, ProgressBar, TensorBoardLog
 from emtile.training.loop import fit, lr_factor
 from emtile.training.run import (Checkpoint, RunFolder, describe, load_training_state, versions,
@@ -101,7 +106,8 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
     -------
     dict
         ``iteration``, ``loss``, ``scores`` (last validation), ``best`` (best scores),
-        ``calibration`` (when calibrated), ``elapsed_s``, ``setup_s`` and the paths
+        ``calibration`` (when calibrated), ``segment`` (the tuned segmentation settings, when
+        tuned: :mod:`emtile.training.segment_tuning`; None when tuning failed), ``elapsed_s``, ``setup_s`` and the paths
         ``best_path`` / ``last_path``.
     """
     from emtile import store
@@ -181,6 +187,8 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
                                                    data.tz, dev, validator, normalize=scaling,
                                                    before=checkpoint.best_scores,
                                                    keep=s.keep_calibrated)
+    if s.tune_segment and not task.affinities and validator is not None:  # warns, never raises
+        result["segment"] = tune_best(folder.path / "best", validator, progress=progress)
     folder.write_run({**run_info, "finished": True})
     result.update(best=checkpoint.best_scores, elapsed_s=round(clock.elapsed(), 2),
                   best_path=str(folder.path / "best"), last_path=str(folder.path / "last"),
@@ -390,6 +398,7 @@ def _voxel_size(path):
 def format_result(result):
     """What ``emtile train`` prints about the ``result`` of :func:`train`."""
     from emtile.training.calibration import calibration_text
+    from emtile.training.segment_tuning import tuned_text
     from emtile.training.validation import format_scores
     from emtile.training.validation3d import format_affinity_scores
 
@@ -407,5 +416,7 @@ def format_result(result):
             lines.append(f"  validation after calibration: {format_scores(cal['val_after'])}")
         if cal.get("reason"):
             lines.append(f"  {cal['reason']}")
+    if result.get("segment"):
+        lines.append(f"segmentation tuned: {tuned_text(result['segment'])}")
     lines.append(f"model: {result['best_path']}  (resume from {result['last_path']})")
     return "\n".join(lines)

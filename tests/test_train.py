@@ -239,7 +239,8 @@ def test_every_cli_option_reaches_the_settings(small, tmp_path):
                "--no-intensity": (None, False), "--noise": ("0.01", 0.01), "--blur": ("0.5", 0.5),
                "--foreground": ("0.5", 0.5), "--no-channels-last": (None, False),
                "--normalize": ("minmax", "minmax"), "--no-calibrate": (None, False),
-               "--keep-calibrated": (None, True), "--ndim": ("2", 2),
+               "--keep-calibrated": (None, True), "--no-tune-segment": (None, False),
+               "--ndim": ("2", 2),
                "--target": ("boundaries", "boundaries"), "--affinity-loss": ("dice", "dice")}
     three_d = {"offsets", "factors", "kernels"}  # 3-D only: tests/test_train3d.py passes them
     args = ["train", "--raw", raw, "--labels", labels, "--out", str(tmp_path / "run"), "--no-progress"]

@@ -142,6 +142,12 @@ class TrainSettings:
         ``calibration``.
     keep_calibrated : bool
         Keep the calibrated model as ``best`` even when its validation V-Rand is lower.
+    tune_segment : bool
+        At the very end, with validation slices (2-D boundary models only), segment the
+        validation slices with ``emtile segment`` over a small grid of thresholds and merge
+        thresholds and record the best pair and its V-Rand in ``best``'s metadata under
+        ``segment`` (see :mod:`emtile.training.segment_tuning`), for ``emtile segment --settings
+        model``.
 
     Examples
     --------
@@ -191,6 +197,7 @@ class TrainSettings:
     normalize: str = "percentile"
     calibrate: bool = True
     keep_calibrated: bool = False
+    tune_segment: bool = True
     ndim: int = 2
     target: str = "boundaries"
     offsets: object = None
