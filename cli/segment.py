@@ -80,6 +80,11 @@ class Quantile(click.ParamType):
                    "map more or less sure of itself is segmented alike. none: as stored. auto: "
                    "map unless --threshold or --merge-threshold is given (they then mean the "
                    "map's own levels).")
+@click.option("--settings", "start", default="default", show_default=True,
+              type=click.Choice(("default", "model")),
+              help="default: emtile's defaults. model: the threshold and merge threshold that the "
+                   "model which made PRED recorded when training tuned them on its validation "
+                   "slices (emtile info MODEL shows them); options given here still win.")
 @click.option("--report", is_flag=True,
               help="Print how sure the segmentation is: fragments merged, faces that merged "
                    "close to --merge-threshold, where the threshold cuts the map (warnings "
@@ -94,7 +99,7 @@ class Quantile(click.ParamType):
                    "as blocks finish; block sizes in y and x must be divisible by 2^(N-1).")
 @storage_option()
 @click.pass_context
-def segment(ctx, pred, output, overwrite, progress, storage_options, report, **options):
+def segment(ctx, pred, output, overwrite, progress, storage_options, report, start, **options):
     """Segment the probability map PRED (written by emtile predict) into the label image OUTPUT.
 
     Every cell gets its own id (1..N, 0 = background), uint32 or uint64; OUTPUT is an OME-Zarr
@@ -105,6 +110,8 @@ def segment(ctx, pred, output, overwrite, progress, storage_options, report, **o
 
     \b
     emtile segment pred.zarr seg.zarr
+    emtile segment pred.zarr seg.zarr --settings model   (the model's tuned settings)
+    emtile segment pred.zarr seg.zarr --report           (how sure: merges, close calls)
     emtile segment pred.zarr seg.zarr --cluster local --cluster-workers 2 --levels 4
     emtile segment pred.zarr seg.zarr --cluster tcp://10.0.0.5:8786
     emtile segment aff.zarr seg.zarr                  (an emtile affinity store)
@@ -123,6 +130,12 @@ def segment(ctx, pred, output, overwrite, progress, storage_options, report, **o
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if options["calibrate"] == "auto" and given:
         options["calibrate"] = "none"  # a threshold given means the map's own level
+    if start == "model":  # the model's tuned settings (equal to the defaults: scored calibrated)
+        from emtile.tuned_settings import resolve
+
+        tuned, note = resolve(pred, "model", given)
+        options.update(tuned)
+        click.echo(note)
     result = run(pred, output, SegmentSettings(**options), runner, overwrite=overwrite,
                  progress=progress, storage_options=storage_options, report=report)
     if any(result.blocks_resumed) and len(result.blocks_resumed) == 1:

@@ -73,9 +73,17 @@ def test_training_with_validation_records_the_best_of_the_grid(tuned, synthetic_
     import emtile
     from emtile.metrics import segmentation_stats, truth_segments
 
-    emtile.segment(d / "pred.zarr", d / "seg.zarr", overwrite=True, progress=False,
+    from emtile.store import create_image, mark_complete
+
+    # the validation slices alone, as tuning segments them (calibrate=map, which the defaults
+    # use, reads the levels of the whole map it is given)
+    val = np.asarray(zarr.open_array(str(d / "pred.zarr" / "0"), mode="r")[4:6])
+    g = create_image(d / "val.zarr", val.shape, val.dtype, kind="probabilities")
+    g["0"][...] = val
+    mark_complete(g)
+    emtile.segment(d / "val.zarr", d / "seg.zarr", overwrite=True, progress=False,
                    threshold=pair[0], merge_threshold=pair[1])
-    seg = np.asarray(zarr.open_array(str(d / "seg.zarr" / "0"), mode="r")[4:6])
+    seg = np.asarray(zarr.open_array(str(d / "seg.zarr" / "0"), mode="r")[...])
     truth = synthetic_small[1][4:6]
     v = np.mean([segmentation_stats(truth_segments(t), s)["v_rand"] for s, t in zip(seg, truth)])
     assert rec["v_rand"] == pytest.approx(v, abs=1e-9)
@@ -244,3 +252,23 @@ def test_tune_segmentation_picks_the_best_pair_and_ties_go_to_the_defaults():
     assert scores[(0.8, 0.1)] == pytest.approx(rec["default_v_rand"]) and scores[(0.9, 0.25)] < 1
     assert rec["v_rand"] == scores[(0.9, 0.1)]
     assert (rec["settings"]["threshold"], rec["settings"]["merge_threshold"]) == (0.9, 0.1)
+
+
+def test_segment_cli_starts_from_the_model_settings(tuned, tmp_path):
+    d, best, _ = tuned
+    rec = load_metadata(best)["emtile"]["segment"]["settings"]
+    r = cli("segment", d / "pred.zarr", tmp_path / "m.zarr", "--settings", "model",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("settings: model ")
+    used = zarr.open_group(str(tmp_path / "m.zarr"), mode="r").attrs["emtile"]["segment"]
+    assert (used["threshold"], used["merge_threshold"]) == (rec["threshold"],
+                                                          rec["merge_threshold"])
+    # an option given on the command line wins over the model's
+    r = cli("segment", d / "pred.zarr", tmp_path / "g.zarr", "--settings", "model",
+            "--threshold", "0.61", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert zarr.open_group(str(tmp_path / "g.zarr"), mode="r").attrs["emtile"]["segment"][
+        "threshold"] == 0.61
+    r = cli("segment", d / "pred.zarr", tmp_path / "x.zarr", "--settings", "nope")
+    assert r.exit_code == 2 and "Invalid value for '--settings'" in r.output
