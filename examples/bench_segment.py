@@ -7,6 +7,7 @@
     python examples/bench_segment.py speed --pred pred.zarr             # against skimage watershed
     python examples/bench_segment.py records --blocks 100000            # files of pass 2's records
     python examples/bench_segment.py graph --fragments 350000 --reference  # the global step
+    python examples/bench_segment.py robust --maps s0=runs/isbi3/seed0/pred.zarr ...  # issue 22
 
 ``quality`` scores slices 25-29 (``--slices``) of the ISBI 2012 training stack; ``--grid`` adds
 thresholds 0.8, 0.85, 0.9 x merge quantiles 0.25, 0.5 and the mean x merge thresholds 0.2, 0.25,
@@ -54,6 +55,15 @@ agglomeration at 0.5, ``min_size`` 60, numbering) on a random planar-like region
 ``--fragments`` fragments with ``--faces`` faces each (about), in a subprocess, with the peak
 memory it adds to what the records themselves take; ``--reference`` also times the Python
 definition (:class:`~emtile.segmenter.graph.RegionGraph`) on the same graph.
+
+``robust`` (issue 22) takes probability stores of the ISBI stack (``--maps NAME=PATH ...``; a
+store of slices 25-29 alone, as ``examples/train_isbi.py`` writes them, is read whole), and for
+each map and its monotone recalibrations ``p -> p ** gamma`` (``--gammas``, uint8 levels) scores
+the best threshold of the grid 0.0..1.0 and ``emtile segment``'s defaults (and ``--also`` JSON
+settings, e.g. ``'{"calibrate": "none"}'``); target: defaults >= best threshold - 0.002.
+``--truth STORE --slices A:B`` scores another binary truth (1 = interior), e.g. FIB-25's 2-D
+boundaries. ``reference`` prints the pooled levels of the maps at 64 steps of rank: the table of
+:mod:`emtile.segmenter.levels`.
 
 Timings and memory need a quiet machine; the figures go in the closing note of the issue.
 """
@@ -557,6 +567,83 @@ def graph(a):
           f"({r['peak_added'] / 2**20:.0f} MiB)")
 
 
+# --------------------------------------------------------------------------- robust (issue 22)
+
+
+def map_slices(path, slices):
+    """uint8 levels of ``slices`` (start, stop) of a probability store of the ISBI stack (30
+    slices) or of those slices alone (the recipe's predictions)."""
+    p = read(path)
+    if p.shape[0] != slices[1] - slices[0]:
+        p = p[slices[0]:slices[1]]
+    if p.dtype != np.uint8:
+        p = np.clip(np.rint(p.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    return p
+
+
+def recalibrated(p, gamma):
+    """``p -> p ** gamma`` on uint8 levels (a model more or less sure of itself)."""
+    return np.clip(np.rint(255 * (p / 255.0) ** gamma), 0, 255).astype(np.uint8)
+
+
+def robust(a):
+    """Each map (``--maps NAME=PATH ...``) of slices ``--slices`` and its recalibrations
+    ``p ** gamma`` (``--gammas``): the best threshold of the map against ``emtile segment``'s
+    defaults (and ``--also`` settings); the target: defaults >= best threshold - 0.002."""
+    import emtile
+
+    z0, z1 = a.slices
+    truth_ = (read(a.truth) if a.truth else truth(a))[z0:z1]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="emtile-robust-", dir=a.workdir) as tmp:
+        tmp = Path(tmp)
+        for spec in a.maps:
+            name, path = spec.split("=", 1)
+            base_map = map_slices(path, (z0, z1))
+            for gamma in a.gammas:
+                p = base_map if gamma == 1 else recalibrated(base_map, gamma)
+                pred = write_probabilities(tmp / f"{name}-{gamma:g}.zarr", p)
+                best = thresholded_scores(p, truth_)
+                row = {"map": name, "gamma": gamma, "best_threshold": best["threshold"],
+                       "best_v_rand": best["v_rand"]}
+                for label, kw in [("defaults", {})] + [(x, json.loads(x)) for x in a.also]:
+                    t0 = time.perf_counter()
+                    r = emtile.segment(pred, tmp / "s.zarr", overwrite=True, progress=False,
+                                       **kw)
+                    sc = segmentation_scores(read(tmp / "s.zarr"), truth_)
+                    row[label] = {"v_rand": sc["v_rand"], "voi_split": sc["voi_split"],
+                                  "voi_merge": sc["voi_merge"], "objects": r.objects,
+                                  "seconds": time.perf_counter() - t0,
+                                  "warnings": r.report.warnings() if r.report else []}
+                row["margin"] = row["defaults"]["v_rand"] - best["v_rand"]
+                row["meets"] = row["margin"] >= -0.002
+                rows.append(row)
+                extra = "".join(f", {k} {row[k]['v_rand']:.4f}" for k, _ in
+                                [(x, 0) for x in a.also])
+                print(f"{name} p^{gamma:g}: best threshold {best['v_rand']:.4f} at "
+                      f"{best['threshold']:g}; defaults {row['defaults']['v_rand']:.4f} "
+                      f"({row['margin']:+.4f}, {'meets' if row['meets'] else 'MISSES'} the "
+                      f"target){extra}", flush=True)
+                for w in row["defaults"]["warnings"]:
+                    print("   ", w)
+    met = sum(r["meets"] for r in rows)
+    print(f"{met} of {len(rows)} maps meet defaults >= best threshold - 0.002")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2, default=float) + "\n")
+
+
+def reference(a):
+    """The reference levels of :mod:`emtile.segmenter.levels`: the pooled histogram of the maps
+    (``--maps NAME=PATH``, slices ``--slices``), as levels at 64 equal steps of rank."""
+    from emtile.segmenter.levels import reference_from
+
+    counts = np.zeros(256, np.int64)
+    for spec in a.maps:
+        counts += np.bincount(map_slices(spec.split("=", 1)[-1], a.slices).ravel(),
+                              minlength=256)
+    print(json.dumps(reference_from(counts).tolist()))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -603,6 +690,19 @@ def main(argv=None):
         g.add_argument("--fragments", type=int, default=350_000)
         g.add_argument("--faces", type=float, default=2.3, help="faces per fragment, about")
         g.add_argument("--reference", action="store_true", help="also the Python definition")
+    for name in ("robust", "reference"):
+        rb = sub.add_parser(name, parents=[common], help="defaults against the best threshold "
+                            "on several maps" if name == "robust" else "the reference levels")
+        rb.add_argument("--maps", nargs="+", required=True, metavar="NAME=PATH",
+                        help="probability stores of the ISBI stack (or of --slices alone)")
+        rb.add_argument("--slices", type=lambda t: tuple(int(v) for v in t.split(":")),
+                        default=(25, 30), help="slices scored, start:stop")
+        rb.add_argument("--gammas", type=float, nargs="+", default=[1.0, 0.5, 2.0])
+        rb.add_argument("--truth", help="binary truth store (1 = interior) instead of the ISBI "
+                        "labels, e.g. FIB-25's 2-D boundaries")
+        rb.add_argument("--also", nargs="*", default=[], metavar="JSON",
+                        help='other settings to score, e.g. \'{"calibrate": "none"}\'')
+        rb.add_argument("--json", help="write the rows here")
     r = sub.add_parser("run", parents=[common], help=argparse.SUPPRESS)
     r.add_argument("--volume")
     r.add_argument("--output")
@@ -611,7 +711,7 @@ def main(argv=None):
         print(json.dumps(run_one(a) if a.what == "run" else graph_one(a)))
         return
     {"quality": quality, "invariance": invariance, "memory": memory, "speed": speed,
-     "records": records, "graph": graph}[a.what](a)
+     "records": records, "graph": graph, "robust": robust, "reference": reference}[a.what](a)
 
 
 if __name__ == "__main__":

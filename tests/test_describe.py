@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from emtile import EmtileError
 from emtile.cli.main import main
 
-TINY = ["--base", "4", "--depth", "2", "--tile", "68", "--workers", "0", "--no-progress"]
+TINY = ["--base", "4", "--depth", "2", "--tile", "68", "--workers", "0", "--no-progress",
+        "--no-tune-segment"]
 
 
 def cli(*args):

@@ -172,8 +172,10 @@ def test_report_counts_and_warnings():
     r.add_graph(100, 30, np.array([0.05, 0.18, 0.19, 0.3, np.inf]), 0.2)
     assert (r.fragments, r.objects, r.faces, r.merge_side, r.close) == (100, 30, 5, 3, 2)
     text = "\n".join(r.warnings())
-    assert "70 of 100 fragments" in text and "2 of the 3 faces" in text
+    assert "70 of 100 fragments" in text and "close calls" not in text
     assert "less sure of itself" in text and "p > 0.62" in text
+    assert any("3 score at most --merge-threshold 0.2, 2 of them above 0.15 (close calls)" in
+               line for line in r.lines())
     quiet = SegmentReport(merge_threshold=0.2, threshold=0.85, threshold_on_map=0.86)
     quiet.add_graph(100, 90, np.array([0.05, 0.1]), 0.2)
     assert quiet.warnings() == []

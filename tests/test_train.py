@@ -15,7 +15,8 @@ from emtile.training.logs import CSV_COLUMNS
 from emtile.training.loop import fit, lr_factor
 
 # a tiny model: depth 2, base 4; tile 68 -> output 28
-TINY = dict(base=4, depth=2, tile=68, batch_size=2, val_every=3, workers=0, progress=False)
+TINY = dict(base=4, depth=2, tile=68, batch_size=2, val_every=3, workers=0, progress=False,
+            tune_segment=False)  # segment tuning: tests/test_segment_tuning.py
 
 
 @pytest.fixture(scope="module")

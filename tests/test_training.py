@@ -15,7 +15,8 @@ from emtile.training.batchnorm import FreezeNorm
 from emtile.training.loop import Callback, fit
 from emtile.training.settings import TrainSettings
 
-TINY = dict(base=4, depth=2, tile=68, batch_size=2, val_every=3, workers=0)
+TINY = dict(base=4, depth=2, tile=68, batch_size=2, val_every=3, workers=0,
+            tune_segment=False)  # segment tuning: tests/test_segment_tuning.py
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ region graph is the same for every cut):
 - *close calls*: faces between fragments whose first score (before any merge: the face's
   ``merge_quantile`` of boundary levels, or their mean) lies in the top quarter of the merge
   threshold (e.g. 0.19-0.25 for 0.25). They merged, but a slightly lower threshold would keep
-  them apart; many of them mean the partition hangs on the threshold. With quantile linkage the
-  faces' histograms stop at the merge threshold, so faces just above it cannot be told from the
-  rest: only the side that merges is counted;
+  them apart. With quantile linkage the faces' histograms stop at the merge threshold, so faces
+  just above it cannot be told from the rest: only the side that merges is counted;
 - *levels*: where the defaults' threshold cuts the map (:mod:`emtile.segmenter.levels`). Far from
   the nominal value, the map is less or more sure of itself than the tuning maps.
 
-A sign past its limit (:data:`WARN`) is a warning line in the summary; ``--report`` prints all.
+Merges and levels past their limits (:data:`WARN`) are warning lines in the summary; ``--report``
+prints every sign.
 """
 
 from dataclasses import dataclass, field
@@ -26,9 +26,11 @@ import numpy as np
 
 __all__ = ["SegmentReport", "face_scores", "WARN"]
 
-#: When a sign becomes a warning: share of fragments merged away, share of the faces that merged
-#: that were close calls, and how far (in probability) the threshold moved on the map's levels.
-WARN = {"merged": 0.5, "close": 0.25, "shift": 0.1}
+#: When a sign becomes a warning: the share of fragments merged away, and how far (in
+#: probability) the threshold moved on the map's levels. Close calls are reported, not warned
+#: about: on the ISBI recipe's maps, where the defaults beat the best threshold, 55-62% of the
+#: faces that merge were close calls, as on the demo's weak map (``bench_segment.py robust``).
+WARN = {"merged": 0.5, "shift": 0.1}
 
 
 def face_scores(faces, merge_threshold, merge_quantile, n_bins):
@@ -83,10 +85,6 @@ class SegmentReport:
             out.append(f"warning: {self.fragments - self.objects} of {self.fragments} fragments "
                        f"were merged away: the labels lean on the merge rule "
                        f"(--merge-threshold)")
-        if self.merge_side and self.close / self.merge_side > WARN["close"]:
-            out.append(f"warning: {self.close} of the {self.merge_side} faces that merge score "
-                       f"within the top quarter of --merge-threshold {self.merge_threshold:g}: "
-                       f"the partition hangs on it")
         if self.threshold_on_map is not None and \
                 abs(self.threshold_on_map - self.threshold) > WARN["shift"]:
             side = "less" if self.threshold_on_map < self.threshold else "more"
