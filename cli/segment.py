@@ -86,9 +86,10 @@ class Quantile(click.ParamType):
                    "model which made PRED recorded when training tuned them on its validation "
                    "slices (emtile info MODEL shows them); options given here still win.")
 @click.option("--report", is_flag=True,
-              help="Print how sure the segmentation is: fragments merged, faces that merged "
-                   "close to --merge-threshold, where the threshold cuts the map (warnings "
-                   "are printed either way).")
+              help="Also print the faces that merged close to --merge-threshold, and where the "
+                   "threshold would cut the map when its own levels are used (one more read). "
+                   "Fragments merged, where the threshold cut the map and warnings are printed "
+                   "either way.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing OUTPUT (an interrupted run then starts over).")
 @progress_option()
@@ -146,5 +147,5 @@ def segment(ctx, pred, output, overwrite, progress, storage_options, report, sta
                    f"(fragments) and {write} (write) were already done")
     click.echo(str(result))
     if result.report is not None:
-        for line in result.report.lines() if report else result.report.warnings():
+        for line in result.report.lines(full=report):
             click.echo(line)

@@ -221,9 +221,9 @@ class SegmentSettings(_Settings):
 
     method: str = "ws"
     mode: str = "auto"
-    threshold: float = 0.85
+    threshold: float = 0.88
     min_size: int = 0
-    merge_threshold: float = 0.25
+    merge_threshold: float = 0.2
     seeds: str = "components"
     merge_quantile: Optional[float] = 0.5
     keep_boundaries: bool = False

@@ -611,8 +611,7 @@ def robust(a):
                     r = emtile.segment(pred, tmp / "s.zarr", overwrite=True, progress=False,
                                        **kw)
                     sc = segmentation_scores(read(tmp / "s.zarr"), truth_)
-                    row[label] = {"v_rand": sc["v_rand"], "voi_split": sc["voi_split"],
-                                  "voi_merge": sc["voi_merge"], "objects": r.objects,
+                    row[label] = {**sc, "objects": r.objects,
                                   "seconds": time.perf_counter() - t0,
                                   "warnings": r.report.warnings() if r.report else []}
                 row["margin"] = row["defaults"]["v_rand"] - best["v_rand"]

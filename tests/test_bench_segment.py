@@ -24,7 +24,7 @@ def test_oracle_merges_a_false_split_and_counts_the_faces(bench, tmp_path, faint
     truth[0, :, 31:33] = 0
     # the map: the true membrane at p = 0 (at p = faint below row 32: a membrane the model
     # half missed), and a false membrane (p = 0.5) across the left cell at row 32, so the left
-    # cell is two fragments at the default threshold (0.85)
+    # cell is two fragments at the default threshold (0.88)
     p = np.ones((1, 64, 64), np.float32)
     p[0, :, 31:33] = 0.0
     p[0, 33:, 31:33] = faint

@@ -71,7 +71,10 @@ def test_rank_lut_is_monotone_and_matches_the_reference():
 def test_degenerate_maps_are_read_as_stored():
     assert not levels.usable(np.bincount(np.zeros(100, int), minlength=256))
     assert not levels.usable(np.zeros(256, int))
+    assert not levels.usable(np.bincount(np.repeat([0, 255], 50), minlength=256))  # binary
     assert levels.usable(np.bincount(np.arange(256), minlength=256))
+    # a confident map: most pixels at 1, the rest graded
+    assert levels.usable(np.bincount(np.r_[np.full(900, 255), np.arange(1, 101)], minlength=256))
 
 
 def test_histogram_samples_slabs_by_shape_alone():
@@ -189,6 +192,17 @@ def test_cli_report_and_calibrate(tmp_path, mottled):
                              "--report"])
     assert r.exit_code == 0, r.output
     assert "report:" in r.output and "fragments" in r.output and "calibrate=map" in r.output
+    assert "close calls" in r.output
+    # without --report: the fragments and the levels, not the faces
+    r = runner.invoke(main, ["segment", pred, str(tmp_path / "a2.zarr"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "fragments" in r.output and "calibrate=map" in r.output
+    assert "close calls" not in r.output
+    # the map's own levels given: --report still says where the defaults' threshold would cut
+    r = runner.invoke(main, ["segment", pred, str(tmp_path / "a3.zarr"), "--no-progress",
+                             "--calibrate", "none", "--report"])
+    assert r.exit_code == 0, r.output
+    assert "its own levels as given" in r.output
     # --threshold given: the map's own levels (recorded: no table); --calibrate map forces it
     r = runner.invoke(main, ["segment", pred, str(tmp_path / "b.zarr"), "--no-progress",
                              "--threshold", "0.85"])

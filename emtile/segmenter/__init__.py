@@ -104,8 +104,10 @@ measured; quantile linkage adds 8 histogram counts, 64 B, per face and block to 
 the graph), and agglomerates in one thread (compiled, :mod:`emtile.segmenter.agglomerate`:
 seconds for 350,000 fragments).
 
-Defaults (:class:`emtile.settings.SegmentSettings`): ws, component seeds, threshold 0.85, median linkage
-(``merge_quantile`` 0.5) at ``merge_threshold`` 0.25, ``grow`` 32, chosen on the three models of
+Defaults (:class:`emtile.settings.SegmentSettings`): ws, component seeds, levels adapted to the map
+(``calibrate``, below), threshold 0.88, median linkage (``merge_quantile`` 0.5) at
+``merge_threshold`` 0.2, ``grow`` 32. Before issue 22 they were 0.85 and 0.25 on the map's own
+levels, chosen on the three models of
 ``examples/train_isbi.py --seeds 0,1,2`` (the calibrated CPU recipe; ``examples/bench_segment.py
 quality --grid``, ISBI slices 25-29): V-Rand 0.9708, 0.9691, 0.9768 against 0.9679, 0.9687,
 0.9740 for the best threshold of the thresholded map itself (0.8, 0.8, 0.9), so +0.0029,
@@ -125,6 +127,19 @@ maps. The limit is the map's (``bench_segment.py quality --oracle``): the defaul
 merged by the truth would score 0.983-0.987 on all three, but the faces that should merge and
 those that should not overlap in boundary probability (membranes the model missed look like
 interior), so no merge threshold separates them on every model.
+
+Those figures are the maps' own levels. Since issue 22 the levels are read on the scale of the
+maps the defaults were tuned on (``calibrate="map"``, the default while the thresholds are the
+defaults: :mod:`emtile.segmenter.levels`): every level becomes the reference level of the same
+rank in the whole map, so a threshold cuts every map at the share of pixels it cuts on the tuning
+maps, and a map more or less sure of itself (``p -> p ** gamma``, another model, another stack)
+gets the same labels. The threshold and merge threshold were chosen again on that scale (0.88 and
+0.2: of 12 pairs, the smallest worst loss against each map's best threshold over the recipe's
+three maps, their test-time-augmented maps and the demo's map). The table is global (one histogram of the map, counted in
+integers), so the labels still do not depend on the blocks. Given thresholds mean the map's own
+levels (``calibrate="none"``). ``examples/bench_segment.py robust`` measures it (README,
+"Segmenting maps the defaults were not tuned on"). :mod:`emtile.segmenter.report` says how sure a
+result is (fragments merged, close calls, where the threshold cut the map).
 
 Floats: probabilities stored as floats are turned into uint8 altitudes (nearest 1/255) before
 anything is compared, so no sum depends on the order of additions.

@@ -1,7 +1,7 @@
 """The map's own levels: a probability map brought to the distribution the defaults were tuned on.
 
-``emtile segment``'s defaults (seeds at ``p > 0.85``, faces merged up to a boundary probability
-of 0.25) were chosen on the maps of three models of one recipe. A map that is more or less sure
+``emtile segment``'s defaults (seeds above 0.88, faces merged up to a boundary probability of
+0.2) were chosen on the maps of three models of one recipe. A map that is more or less sure
 of itself (another model, another stack, a tool that calibrates differently) puts cells and
 membranes at other levels: the same cells at ``p ~ 0.75`` instead of 0.9. Fixed levels then split
 cells into many seeds or merge them (issue 22: V-Rand 0.89 against 0.97 for the map's own best
@@ -33,19 +33,19 @@ it), the maps the defaults were chosen on, as levels at 64 equal steps of rank.
 
 import numpy as np
 
-__all__ = ["REFERENCE", "SAMPLE_PX", "MAX_LEVEL_SHARE", "usable", "histogram", "rank_lut", "reference_lut",
-           "apply_lut", "level_of", "describe_lut", "reference_from"]
+__all__ = ["REFERENCE", "SAMPLE_PX", "MIN_GRADED", "usable", "histogram", "rank_lut",
+           "reference_lut", "apply_lut", "level_of", "reference_from"]
 
 #: Pixels counted for the histogram, at most: a larger volume counts evenly spaced z-slabs.
 SAMPLE_PX = 2**28
 
 #: Reference levels (0..255, as uint8 probabilities ``v / 255``) at ranks 0, 1/64, ..., 1.
 REFERENCE = np.array([
-    9.5, 26.1, 32.1, 38.1, 44.8, 52.3, 60.6, 69.7, 79.3, 89.3, 99.5, 109.6, 119.4, 128.8,
-    137.5, 146.0, 155.5, 164.9, 174.5, 183.6, 192.2, 199.8, 206.4, 212.1, 217.6, 222.6, 227.0,
-    230.9, 234.2, 236.8, 238.8, 240.5, 241.9, 243.1, 244.1, 244.9, 245.7, 246.3, 246.8, 247.4,
-    247.8, 248.2, 248.6, 248.9, 249.3, 249.6, 249.9, 250.2, 250.5, 250.8, 251.1, 251.4, 251.7,
-    252.0, 252.3, 252.6, 252.9, 253.2, 253.5, 253.7, 254.0, 254.2, 254.5, 254.9, 255.0])
+    0.0, 3.4, 14.0, 25.2, 32.6, 40.2, 48.9, 58.8, 70.0, 82.1, 94.6, 107.1, 119.5, 131.2, 142.2,
+    153.0, 164.4, 176.4, 187.5, 196.7, 205.0, 211.8, 217.9, 223.5, 227.9, 231.5, 234.3, 236.5,
+    238.4, 239.9, 241.2, 242.3, 243.4, 244.3, 245.1, 245.9, 246.6, 247.2, 247.7, 248.2, 248.7,
+    249.2, 249.6, 250.0, 250.5, 250.9, 251.4, 252.0, 252.6, 253.2, 253.7, 254.1, 254.5, 254.6,
+    254.7, 254.8, 254.8, 254.9, 255.0, 255.0, 255.0, 255.0, 255.0, 255.0, 255.0])
 REFERENCE.setflags(write=False)
 
 
@@ -76,18 +76,19 @@ def histogram(read, shape, *, sample_px=SAMPLE_PX, slab_px=2**24):
     return counts
 
 
-#: A map with one level holding more than this share of its pixels is read as stored: its ranks
-#: say nothing about its levels (an empty map, all 0, would otherwise read as the reference's
-#: median, cell interior).
-MAX_LEVEL_SHARE = 0.5
+#: A map with fewer than this share of its pixels strictly between 0 and 1 (levels 1..254) is
+#: read as stored: its ranks say nothing about its levels (an empty map, all 0, would otherwise
+#: read as the reference's median, cell interior; a binary map has no levels to match). A
+#: confident map's spike at 1 (seed 2 of the recipe: more than half its pixels) is no reason.
+MIN_GRADED = 0.05
 
 
 def usable(counts):
-    """Whether a histogram can be calibrated: pixels, and no level above
-    :data:`MAX_LEVEL_SHARE` of them."""
+    """Whether a histogram can be calibrated: at least :data:`MIN_GRADED` of its pixels on
+    levels strictly between 0 and 255."""
     counts = np.asarray(counts)
     total = counts.sum()
-    return bool(total) and counts.max() <= MAX_LEVEL_SHARE * total
+    return bool(total) and counts[1:255].sum() >= MIN_GRADED * total
 
 
 def rank_lut(counts, reference):
@@ -136,15 +137,6 @@ def level_of(lut, value):
     probability), as a probability of the map: where ``threshold=value`` cuts the map."""
     above = np.nonzero(np.asarray(lut, np.float64) / 255 > value)[0]
     return float(above[0]) / 255 if above.size else 1.0
-
-
-def describe_lut(lut, threshold, merge_threshold):
-    """One line: what the reference levels of the thresholds are on this map."""
-    t = level_of(lut, threshold)
-    m = level_of(lut, 1 - merge_threshold)
-    return (f"levels adapted to the map (calibrate=map): the threshold {threshold:g} cuts it at "
-            f"p > {t:.2f}, faces merge up to a boundary level of {1 - m:.2f} "
-            f"(the map's own levels: --calibrate none)")
 
 
 def reference_from(counts, steps=64):

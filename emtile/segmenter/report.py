@@ -91,25 +91,30 @@ class SegmentReport:
             what = ("the levels were adapted (calibrate=map)" if self.calibrated else
                     "its own levels were used as given")
             out.append(f"warning: the map is {side} sure of itself than the maps the defaults "
-                       f"were tuned on (their threshold {self.threshold:g} sits at p > "
+                       f"were tuned on ({self.threshold:g} on their scale sits at p > "
                        f"{self.threshold_on_map:.2f} in it): {what}; check the result against "
                        f"labelled slices")
         return out
 
-    def lines(self):
-        """Every sign, then the warnings."""
+    def lines(self, full=True):
+        """The signs (``full=False``: all but the faces), then the warnings: what ``emtile
+        segment`` prints under its summary (``full`` with ``--report``)."""
         out = []
         if self.fragments:
             out.append(f"report: {self.fragments} fragments, {self.objects} objects "
                        f"({self.fragments - self.objects} merged away)")
-        if self.faces:
+        if self.faces and full:
             out.append(f"report: {self.faces} faces between fragments; {self.merge_side} score at "
                        f"most --merge-threshold {self.merge_threshold:g}, {self.close} of them "
                        f"above {0.75 * self.merge_threshold:.3g} (close calls)")
         if self.threshold_on_map is not None:
-            out.append(f"report: the threshold {self.threshold:g} cuts the map at p > "
-                       f"{self.threshold_on_map:.2f} "
-                       f"({'calibrate=map' if self.calibrated else 'its own levels as given'})")
+            if self.calibrated:
+                out.append(f"report: levels adapted (calibrate=map): the threshold "
+                           f"{self.threshold:g} cut the map at p > {self.threshold_on_map:.2f}")
+            else:
+                out.append(f"report: its own levels as given (p > {self.threshold:g}); on the "
+                           f"tuning maps' scale {self.threshold:g} would cut it at p > "
+                           f"{self.threshold_on_map:.2f}")
         return out + list(self.notes) + self.warnings()
 
     def to_json(self):

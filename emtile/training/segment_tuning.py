@@ -35,7 +35,7 @@ __all__ = ["GRID", "THRESHOLDS", "MERGE_THRESHOLDS", "tune_segmentation", "tune_
            "region_text", "tuned_text"]
 
 #: The interior thresholds tried (``emtile segment --threshold``).
-THRESHOLDS = (0.75, 0.8, 0.85, 0.9, 0.95)
+THRESHOLDS = (0.75, 0.8, 0.85, 0.88, 0.9, 0.95)
 #: The merge thresholds tried (``--merge-threshold``; component seeds, median linkage).
 MERGE_THRESHOLDS = (0.15, 0.2, 0.25, 0.3, 0.35)
 #: Every ``(threshold, merge_threshold)`` pair tried, besides the defaults.
