@@ -736,11 +736,16 @@ def test_train_trace_lists_steps_checkpoints_and_writes(trained):
 def test_train_sigkill_at_seeded_points_then_resume_is_identical(forks, trained, tmp_path):
     d, ref, points = trained
     last = Counter(points)
-    picks = draw(points, TRAIN_KILLS, SEED + 3,
+    # the training's own points (the segmentation tuned after training adds segment.* and
+    # store.* points by the hundred); one kill inside the tuning is added as an edge
+    own = [p for p in points if p.startswith("train.")]
+    picks = draw(own, TRAIN_KILLS, SEED + 3,
                  edges=[("train.write", 1),  # before run.json: nothing to resume yet
                         ("train.checkpoint", last["train.checkpoint"]),  # before calibrating
+                        ("segment.fragments.recorded", 1),  # while tuning the segmentation
                         ("train.write", last["train.write"])])  # before it is marked finished
     assert {name for name, _ in picks} >= {"train.step", "train.checkpoint", "train.write"}, picks
+    assert last["segment.fragments.recorded"] >= 1  # the tuning ran
     kept = []
     for k, (name, n) in enumerate(picks):
         out = tmp_path / f"run{k}"
