@@ -673,7 +673,7 @@ def train_args(d, out, *extra):
     return ["train", "--raw", d / "raw.zarr", "--labels", d / "labels.zarr", "--out", out,
             "--train-slices", "0:4", "--val-slices", "4:6", "--iterations", "6", "--val-every",
             "2", "--base", "4", "--depth", "2", "--tile", "68", "--batch-size", "2", "--seed",
-            "1", "--workers", "0", "--no-progress", *extra]
+            "1", "--workers", "0", "--no-progress", "--no-tune-segment", *extra]
 
 
 def run_state(out):
@@ -736,16 +736,14 @@ def test_train_trace_lists_steps_checkpoints_and_writes(trained):
 def test_train_sigkill_at_seeded_points_then_resume_is_identical(forks, trained, tmp_path):
     d, ref, points = trained
     last = Counter(points)
-    # the training's own points (the segmentation tuned after training adds segment.* and
-    # store.* points by the hundred); one kill inside the tuning is added as an edge
+    # the training's own points (runs here tune no segmentation: --no-tune-segment; a tuning
+    # that fails keeps the model, tests/test_segment_tuning.py)
     own = [p for p in points if p.startswith("train.")]
     picks = draw(own, TRAIN_KILLS, SEED + 3,
                  edges=[("train.write", 1),  # before run.json: nothing to resume yet
                         ("train.checkpoint", last["train.checkpoint"]),  # before calibrating
-                        ("segment.fragments.recorded", 1),  # while tuning the segmentation
                         ("train.write", last["train.write"])])  # before it is marked finished
     assert {name for name, _ in picks} >= {"train.step", "train.checkpoint", "train.write"}, picks
-    assert last["segment.fragments.recorded"] >= 1  # the tuning ran
     kept = []
     for k, (name, n) in enumerate(picks):
         out = tmp_path / f"run{k}"
