@@ -617,8 +617,7 @@ def robust(a):
                 row["margin"] = row["defaults"]["v_rand"] - best["v_rand"]
                 row["meets"] = row["margin"] >= -0.002
                 rows.append(row)
-                extra = "".join(f", {k} {row[k]['v_rand']:.4f}" for k, _ in
-                                [(x, 0) for x in a.also])
+                extra = "".join(f", {k} {row[k]['v_rand']:.4f}" for k in a.also)
                 print(f"{name} p^{gamma:g}: best threshold {best['v_rand']:.4f} at "
                       f"{best['threshold']:g}; defaults {row['defaults']['v_rand']:.4f} "
                       f"({row['margin']:+.4f}, {'meets' if row['meets'] else 'MISSES'} the "

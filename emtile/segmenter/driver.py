@@ -242,18 +242,15 @@ def _map_lut(pred, invert):
     """The calibration table of the whole map (:func:`emtile.segmenter.levels.reference_lut`),
     or None for a map whose ranks say nothing (:func:`emtile.segmenter.levels.usable`)."""
     from emtile.maps import open_probability_map
-    from emtile.segmenter.levels import apply_lut, histogram, reference_lut, usable
+    from emtile.segmenter.levels import histogram, reference_lut, uint8_levels, usable
 
     arr = open_probability_map(pred.path, invert=invert, native_uint8=True)
-    identity = np.arange(256, dtype=np.uint8)
-    if len(pred.shape) == 2:
-        def read(z0, z1, y0, y1):
-            return apply_lut(arr[y0:y1], identity)
-        shape = (1,) + pred.shape
-    else:
-        def read(z0, z1, y0, y1):
-            return apply_lut(arr[z0:z1, y0:y1], identity)
-        shape = pred.shape
+    flat = len(pred.shape) == 2  # one 2-D image: read as the slice (1, Y, X)
+
+    def read(z0, z1, y0, y1):
+        return uint8_levels(arr[y0:y1] if flat else arr[z0:z1, y0:y1])
+
+    shape = (1,) * flat + tuple(pred.shape)
     counts = histogram(read, shape)
     return reference_lut(counts) if usable(counts) else None
 

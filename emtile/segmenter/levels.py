@@ -34,7 +34,7 @@ it), the maps the defaults were chosen on, as levels at 64 equal steps of rank.
 import numpy as np
 
 __all__ = ["REFERENCE", "SAMPLE_PX", "MIN_GRADED", "usable", "histogram", "rank_lut",
-           "reference_lut", "apply_lut", "level_of", "reference_from"]
+           "reference_lut", "uint8_levels", "apply_lut", "level_of", "reference_from"]
 
 #: Pixels counted for the histogram, at most: a larger volume counts evenly spaced z-slabs.
 SAMPLE_PX = 2**28
@@ -124,12 +124,17 @@ def reference_lut(counts):
     return rank_lut(counts, REFERENCE)
 
 
+def uint8_levels(p):
+    """The map's values as uint8 levels: uint8 as stored, floats in [0, 1] to the nearest 1/255."""
+    p = np.asarray(p)
+    if p.dtype == np.uint8:
+        return p
+    return np.clip(np.rint(p.astype(np.float32) * np.float32(255)), 0, 255).astype(np.uint8)
+
+
 def apply_lut(p, lut):
     """The map's values (uint8 levels, or floats in [0, 1]) through ``lut``: uint8 levels."""
-    p = np.asarray(p)
-    if p.dtype != np.uint8:
-        p = np.clip(np.rint(p.astype(np.float32) * np.float32(255)), 0, 255).astype(np.uint8)
-    return np.asarray(lut, np.uint8)[p]
+    return np.asarray(lut, np.uint8)[uint8_levels(p)]
 
 
 def level_of(lut, value):

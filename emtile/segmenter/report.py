@@ -20,7 +20,7 @@ Merges and levels past their limits (:data:`WARN`) are warning lines in the summ
 prints every sign.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -66,7 +66,6 @@ class SegmentReport:
     threshold: float = 0.0
     threshold_on_map: float = None  # where the threshold cuts the map (levels), if known
     calibrated: bool = False
-    notes: list = field(default_factory=list)
 
     def add_graph(self, fragments, objects, scores, merge_threshold):
         scores = np.asarray(scores, np.float64)
@@ -115,11 +114,4 @@ class SegmentReport:
                 out.append(f"report: its own levels as given (p > {self.threshold:g}); on the "
                            f"tuning maps' scale {self.threshold:g} would cut it at p > "
                            f"{self.threshold_on_map:.2f}")
-        return out + list(self.notes) + self.warnings()
-
-    def to_json(self):
-        return {"fragments": self.fragments, "objects": self.objects, "faces": self.faces,
-                "merge_side": self.merge_side, "close": self.close,
-                "merge_threshold": self.merge_threshold, "threshold": self.threshold,
-                "threshold_on_map": self.threshold_on_map, "calibrated": self.calibrated,
-                "warnings": self.warnings()}
+        return out + self.warnings()
