@@ -146,6 +146,15 @@ def test_block_invariance_with_calibration(mottled, block):
         assert np.array_equal(read(seg), out[gamma, "map"][0])
 
 
+def test_a_bad_calibrate_is_one_line(tmp_path):
+    from emtile import EmtileError
+    from emtile.settings import SegmentSettings
+
+    with pytest.raises(EmtileError, match=r"^calibrate='x' is not supported: choose one of "
+                                          r"auto, map, none$"):
+        SegmentSettings(calibrate="x")
+
+
 def test_an_empty_map_is_not_calibrated_into_cells(tmp_path):
     pred = write_pred(tmp_path / "zeros.zarr", np.zeros((2, 32, 32), np.uint8))
     result = segment(pred, str(tmp_path / "s.zarr"), progress=False)
