@@ -122,7 +122,7 @@ def signals(levels, start, stop, shape, lut):
     return inside, (255 - mean).astype(np.uint8)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _find(parent, i):
     while parent[i] != i:
         parent[i] = parent[parent[i]]
@@ -130,7 +130,7 @@ def _find(parent, i):
     return i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def link_labels(levels, inside, lut):
     """Connected components of the links inside the box ``inside.shape`` (``levels`` as
     :func:`read_levels` gives them for that box) -> (labels uint32, count), numbered in C order
@@ -195,7 +195,7 @@ def link_face_pairs(labels, levels, lut, *, start, stop):
     return np.unique(np.concatenate(out), axis=0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _pair_rows(frag, levels, start, stop, n_bins):
     shape = frag.shape
     rows = _new_table(1 << 12, 5 + n_bins)

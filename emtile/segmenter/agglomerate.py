@@ -19,12 +19,12 @@ from numba.typed import Dict, List
 __all__ = ["merge_objects"]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mean(s, c):
     return s / c if c else np.inf
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _value(f, s, c, h, q):
     """The mean altitude of face ``f``, or with ``q > 0`` (quantile linkage) the first bin of its
     histogram whose cumulative count reaches ``q * pixels`` (inf when none does)."""
@@ -39,7 +39,7 @@ def _value(f, s, c, h, q):
     return np.inf
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _build(n, edges):
     """One dict per object: neighbour -> face number (a row of ``edges``)."""
     adj = List()
@@ -51,7 +51,7 @@ def _build(n, edges):
     return adj
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _merge(a, b, adj, parent, first, size, s, c, t, h):
     """Join roots ``a`` and ``b`` as ``RegionGraph._merge``: the one with fewer faces is folded
     into the other (ties: into the smaller first pixel). Returns the new root and the neighbours
@@ -84,14 +84,14 @@ def _merge(a, b, adj, parent, first, size, s, c, t, h):
     return a, changed
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _entry(u, v, adj, first, s, c, h, q):
     f = adj[u][v]
     fu, fv = first[u], first[v]
     return (_value(f, s, c, h, q), min(fu, fv), max(fu, fv), s[f], c[f], u, v)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _agglomerate(limit, q, adj, parent, first, size, s, c, t, h):
     # Faces above the limit (or with no evidence: infinite) never merge: RegionGraph pops them
     # only to stop, so they are left out of the heap (the same merges, a smaller heap)
@@ -121,7 +121,7 @@ def _agglomerate(limit, q, adj, parent, first, size, s, c, t, h):
     return merges
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _absorb_small(min_size, adj, parent, dropped, first, size, s, c, t, h):
     heap = [(0, 0, 0)]
     heap.pop()
@@ -146,7 +146,7 @@ def _absorb_small(min_size, adj, parent, dropped, first, size, s, c, t, h):
             heapq.heappush(heap, (size[r], first[r], r))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _roots(parent):
     out = np.empty(parent.size, np.int64)
     for i in range(parent.size):

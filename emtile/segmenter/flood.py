@@ -13,7 +13,7 @@ from numba import njit
 COST_SHIFT = 44
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def flood_rounds(key, domain, alt, rounds, shape, axes):
     """Run up to ``rounds`` rounds on the flat arrays ``key`` (int64, updated in place),
     ``domain`` (bool) and ``alt`` (uint8) of a C-order array of ``shape`` (3 ints); ``axes``
@@ -81,7 +81,7 @@ def flood_rounds(key, domain, alt, rounds, shape, axes):
     return rounds
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def keep_supported(key, domain, alt, rounds, shape, axes):
     """Unset every domain pixel whose key is not carried by a chain of neighbours back to a
     seed in the final state: ``key[q] == key[p] + step(q)`` along the chain (in place).

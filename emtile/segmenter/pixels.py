@@ -17,7 +17,7 @@ COST_SHIFT = 44
 UNSET = np.int64(0x7FFFFFFFFFFFFFFF)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def init_keys(seeds, origin, volume_shape):
     """Flood keys of a box at ``origin``: the global C-order index at ``seeds``, UNSET elsewhere."""
     nz, ny, nx = seeds.shape
@@ -31,7 +31,7 @@ def init_keys(seeds, origin, volume_shape):
     return key
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def labels_at_sources(key, labels, fill, origin, volume_shape):
     """``labels`` read at each key's source (a global index inside the box at ``origin``);
     ``fill`` (same shape) where the key is UNSET. int64, shape of ``key``."""
@@ -55,7 +55,7 @@ def labels_at_sources(key, labels, fill, origin, volume_shape):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _vector(s, gz, gy, gx, Y, X):
     """(dz, dy, dx) from the pixel at global (gz, gy, gx) to the global index ``s``."""
     plane = Y * X
@@ -68,7 +68,7 @@ def _vector(s, gz, gy, gx, Y, X):
 _EMPTY = np.int64(-(1 << 63))  # an unused slot of a pair table
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _probe(table, u, v):
     """Slot of the pair ``(u, v)`` in the open-addressing table ``table`` (rows ``(u, v,
     sums...)``, ``u`` = _EMPTY where unused; rows a power of two): where it is, or the empty slot
@@ -81,14 +81,14 @@ def _probe(table, u, v):
     return pos
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _new_table(rows, columns):
     table = np.zeros((rows, columns), np.int64)
     table[:, 0] = _EMPTY
     return table
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _slot(table, k, u, v):
     """Slot of the pair ``(u, v)``, added (sums 0) if new: ``(slot, pairs held, table)``, the
     table doubled when it is half full."""
@@ -107,7 +107,7 @@ def _slot(table, k, u, v):
     return pos, k + 1, table
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows(table):
     """The used rows of a pair table (in slot order)."""
     k = 0
@@ -122,7 +122,7 @@ def _rows(table):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def edge_sums(frag, alt, source, start, stop, axes, origin, volume_shape, sampling, bins,
               n_bins):
     """The unsorted rows ``(u, v, altitude_sum, pixels, contact, histogram...)`` of
@@ -178,7 +178,7 @@ def edge_sums(frag, alt, source, start, stop, axes, origin, volume_shape, sampli
     return _rows(rows)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def group_sums(u, v, values):
     """Rows ``(u, v, *sums of values' columns)`` per distinct pair, in order of first
     appearance (int64 (k, 2 + m))."""
@@ -192,7 +192,7 @@ def group_sums(u, v, values):
     return _rows(rows)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def fragment_table(frag, inside, origin, volume_shape):
     """``(id, interior pixels, first global index)`` per nonzero id of ``frag`` (int64 (k, 3));
     see :func:`emtile.segmenter.kernels.fragment_stats`. Rows with a first index of -1 are
@@ -245,7 +245,7 @@ def fragment_table(frag, inside, origin, volume_shape):
     return rows
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def stored_ids(frag, inside, boundary_bit):
     """``frag`` as uint64 with ``boundary_bit`` set where not ``inside`` (what pass 2 stores)."""
     out = np.empty(frag.shape, np.uint64)
@@ -258,7 +258,7 @@ def stored_ids(frag, inside, boundary_bit):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def id_range(stored, boundary_bit):
     """Smallest and largest nonzero id of ``stored`` (``boundary_bit`` cleared); (0, -1) if none."""
     id_mask = ~boundary_bit
@@ -276,7 +276,7 @@ def id_range(stored, boundary_bit):
     return lo, hi
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def map_stored(stored, lut, lo, boundary_bit, drop_boundaries, out):
     """``out = lut[id - lo]`` for the ids of ``stored`` (provisional ids, ``boundary_bit`` set on
     boundary pixels), 0 for id 0 and, with ``drop_boundaries``, for boundary pixels."""
