@@ -166,6 +166,9 @@ class Pass:
     #: as each block finishes (default: ``fn`` on groups of ``blocks_per_task``).
     here: Optional[Callable] = None
     gpu: bool = False  # tasks ask for {"GPU": 1} when the cluster's workers declare GPUs
+    #: ``fn`` is thread-safe and its work releases the GIL: here, blocks run in one thread per
+    #: usable core (on a cluster, each worker runs its tasks as Dask gives them)
+    threads: bool = False
     #: Blocks recorded before their markers are written (without ``keep``; with it, the
     #: buffer's ``full()`` decides) ...
     flush_blocks: int = 64
@@ -341,10 +344,18 @@ def _run_pass(stage, p, group, runner, *, progress):
         resources = None
         if p.gpu and runner.client is not None:
             resources = distributed.gpu_resources(runner.client)
+        threads = 1
+        # (test-only: with faults injected, blocks run one at a time, so "killed after the
+        # N-th block" names the same blocks on every run)
+        if p.threads and runner.client is None and not os.environ.get(_faults.ENV):
+            from emtile._process import usable_cores
+
+            threads = min(usable_cores(), max(1, int(todo.size)))
         distributed.map_blocks(p.fn, p.job, iter(todo.tolist()), client=runner.client,
                                blocks_per_task=runner.blocks_per_task, retries=runner.retries,
                                progress=progress, desc=p.name, total=int(todo.size),
-                               on_result=record, describe=p.describe, resources=resources)
+                               on_result=record, describe=p.describe, resources=resources,
+                               threads=threads)
     record.flush()
     missing = np.flatnonzero(~markers.done())
     if missing.size:  # every block was run: a bug, never a user error

@@ -81,7 +81,7 @@ def _cluster_threads(client):
 
 def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2, window=None,
                progress=True, desc="blocks", total=None, describe=None, on_result=None,
-               resources=None):
+               resources=None, threads=1):
     """Call ``fn(job, ids)`` over ``block_ids`` in groups of ``blocks_per_task``.
 
     Parameters
@@ -114,6 +114,10 @@ def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2,
         ``on_result(block_id, result)``, in this process, as results arrive.
     resources : dict, optional
         Dask resources each task needs (``{"GPU": 1}`` on a dask-cuda cluster).
+    threads : int
+        Without a client: groups run at once in this many threads of this process (for an
+        ``fn`` whose work releases the GIL, such as Numba ``nogil`` kernels and chunk codecs);
+        results are delivered in this thread, in the order the groups finish.
 
     Returns
     -------
@@ -131,7 +135,10 @@ def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2,
         bar.write(f"dashboard: {link}")
     counter = _Counter(bar)
     try:
-        if client is None:
+        if client is None and threads > 1:
+            _run_in_threads(fn, job, _groups(block_ids, blocks_per_task), threads,
+                            counter=counter, on_result=on_result)
+        elif client is None:
             for ids in _groups(block_ids, blocks_per_task):
                 results = fn(job, ids)
                 counter.deliver(ids, results, on_result)
@@ -142,6 +149,34 @@ def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2,
     finally:
         bar.close()
     return counter.blocks
+
+
+def _run_in_threads(fn, job, groups, threads, *, counter, on_result):
+    """``fn`` over ``groups`` in a pool of ``threads``, at most two groups per thread in flight;
+    the first failure stops the run (groups in flight finish, none is started after it)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="emtile-block") as pool:
+        pending = {}
+
+        def fill():
+            while len(pending) < 2 * threads:
+                ids = next(groups, None)
+                if ids is None:
+                    return
+                pending[pool.submit(fn, job, ids)] = ids
+
+        fill()
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    ids = pending.pop(future)
+                    counter.deliver(ids, future.result(), on_result)
+                fill()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class _Counter:

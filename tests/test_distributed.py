@@ -42,6 +42,34 @@ def test_local_runs_in_this_process_in_order():
     assert seen == [(i, i * i + 1, os.getpid()) for i in range(7)]
 
 
+def threads_seen(job, ids):
+    """Records the thread of each group; the first group waits for a second to start, so the
+    test fails unless two groups really run at once."""
+    import threading
+
+    job["threads"].add(threading.get_ident())
+    if ids[0] == 0 and not job["second"].wait(10):
+        raise AssertionError("no second group ran beside the first")
+    job["second"].set()
+    return [Result(i * i, os.getpid()) for i in ids]
+
+
+def test_threads_run_groups_at_once_in_this_process():
+    import threading
+
+    job = {"threads": set(), "second": threading.Event()}
+    seen = {}
+    n = map_blocks(threads_seen, job, iter(range(9)), blocks_per_task=2, progress=False,
+                   threads=2, on_result=lambda i, r: seen.setdefault(i, (r.block, r.pid)))
+    assert n == 9 and seen == {i: (i * i, os.getpid()) for i in range(9)}
+    assert len(job["threads"]) == 2 and threading.get_ident() not in job["threads"]
+
+
+def test_a_failing_group_in_a_thread_stops_the_run():
+    with pytest.raises(ValueError, match="cannot do block 5"):
+        map_blocks(failing_blocks, 5, range(20), progress=False, threads=2)
+
+
 @pytest.mark.parametrize("per_task", [1, 4])
 def test_cluster_gives_every_block_once(cluster, per_task):
     client, info = cluster

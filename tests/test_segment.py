@@ -621,6 +621,36 @@ def test_block_invariance_3d(tmp_path, isbi_labels, method):
         np.testing.assert_array_equal(labels, whole, err_msg=str(block))
 
 
+@pytest.mark.parametrize("mode", ["2d", "3d"])
+def test_blocks_in_threads_give_the_same_labels(tmp_path, isbi_labels, monkeypatch, mode):
+    """Blocks (and the global step's rows) run in one thread per core here: the labels and the
+    report are those of one thread, whatever the order the blocks finish in."""
+    import threading
+
+    from emtile import _process
+    from emtile.segmenter import blocks as blocks_module
+
+    threads = set()
+    fragments = blocks_module.run_fragment_blocks
+
+    def recording(job, ids):
+        threads.add(threading.get_ident())
+        return fragments(job, ids)
+
+    monkeypatch.setattr(blocks_module, "run_fragment_blocks", recording)
+    p = boundary_map(isbi_labels[:4, :150, :170], noise=0.15)
+    opts = dict(WS_DISTANCE, min_size=20, block_size=(1, 40, 50) if mode == "2d" else (2, 64, 64),
+                mode=mode)
+    got = {}
+    for cores in (1, 4):
+        monkeypatch.setattr(_process, "usable_cores", lambda: cores)
+        threads.clear()
+        got[cores] = run(tmp_path, p, f"t{cores}.zarr", **opts)
+        assert (len(threads) > 1) == (cores > 1)
+    np.testing.assert_array_equal(got[4][0], got[1][0])
+    assert got[4][1].report == got[1][1].report and got[1][1].objects > 10
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["cc", "ws"])
 def test_block_invariance_isbi_size(tmp_path, isbi_labels, method):
@@ -653,7 +683,8 @@ def _segment_in_subprocess(pred, out, fault, **kw):
 
 
 @pytest.mark.parametrize("crash", ["labels.recorded@3", "fragments.recorded@5",
-                                   "fragments.written@4", "write.recorded@2"])
+                                   "fragments.written@4", "graph.recorded@1",
+                                   "write.recorded@2"])
 def test_resume_after_kill(tmp_path, isbi_labels, monkeypatch, crash):
     """A run killed after N blocks of a pass were recorded (or after the N-th block's data was
     written, before it was recorded) finishes only what is missing, with the same labels."""
@@ -677,22 +708,23 @@ def test_resume_after_kill(tmp_path, isbi_labels, monkeypatch, crash):
             return fn(job, ids)
         return wrapper
 
-    for name in ("run_label_blocks", "run_fragment_blocks", "run_write_blocks"):
+    names = ["run_label_blocks", "run_fragment_blocks", "run_graph_rows", "run_write_blocks"]
+    for name in names:
         monkeypatch.setattr(blocks_module, name, counting(name, getattr(blocks_module, name)))
     monkeypatch.setattr(driver, "blocks", blocks_module)
     result = segment(pred, out, progress=False, **opts)
     assert is_complete(out)
     np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "ref.zarr"))
     assert result.objects == ref.objects
-    n = result.blocks
-    assert ref.blocks_resumed == (0, 0, 0) and any(result.blocks_resumed)
+    assert result.report == ref.report  # the global step's signs, also from resumed rows
+    assert ref.blocks_resumed == (0, 0, 0) and (any(result.blocks_resumed) or "graph" in crash)
     done_pass, count = crash.split("@")
     done_pass, when = done_pass.split(".")
     expect_skipped = int(count) - (1 if when == "written" else 0)
-    order = ["labels", "fragments", "write"]
-    names = ["run_label_blocks", "run_fragment_blocks", "run_write_blocks"]
+    order = ["labels", "fragments", "graph", "write"]
     k = order.index(done_pass)
     for j, name in enumerate(names):
+        n = 2 if name == "run_graph_rows" else result.blocks  # the global step: per row
         ran = len(seen.get(name, []))
         if j < k:
             assert ran == 0, name

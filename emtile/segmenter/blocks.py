@@ -1,10 +1,11 @@
-"""The job, the block plan and the three per-block passes of ``emtile segment``.
+"""The job, the block plan and the passes of ``emtile segment``: labels, fragments, the global
+step (per row of blocks) and the write pass.
 
 A pass is a module-level function ``run_xxx_blocks(job, block_ids) -> [result per block]``: it
 opens what it needs (cached per process), skips blocks already recorded done, computes, writes
 whole chunks that no other block writes, and returns a small picklable result (None for a block
 it skipped). The driver (:mod:`emtile.segmenter.driver`) records blocks as done, writes what the
-results carry (label counts, the records of pass 2) and runs the global step between the passes.
+results carry (label counts, the records of pass 2, the rows' tables).
 
 Store layout (inside the output group, removed when the run completes)::
 
@@ -17,13 +18,24 @@ Store layout (inside the output group, removed when the run completes)::
     emtile_segment/records    grouped  each block's face pairs, fragment sizes and edges (pass 2),
                                        returned by the workers, written by the driver in parts
                                        of many blocks (:mod:`emtile.segmenter.records`)
-    emtile_segment/table      int64    provisional id -> output id (global step)
+    emtile_segment/table      int64    provisional id -> object id within its row (global step)
+    emtile_segment/rows       int64 (n_rows, 6)  per row of blocks: objects, then the report's
+                                       fragments, objects, faces, merge side, close calls
+    emtile_segment/row_offsets int64 (n_rows,)  objects of the rows before (added when written)
     emtile_segment/ftable     int64    affinities: provisional id -> fragment id (global step)
-    emtile_segment/done1..3   markers  blocks done per pass
+    emtile_segment/done1..3   markers  blocks done per pass (labels, fragments, write)
+    emtile_segment/done_rows  markers  rows done by the global step
 
-With affinities, pass 3 also writes each voxel's fragment id to ``emtile_graph/fragments``,
-which stays (:mod:`emtile.segmenter.fragment_graph`). Pass 3 writes the labels at ``0`` and,
-with ``levels > 1``, every pyramid level of the block from the same labels (``k``: every
+The global step of a probability map is a pass of its own over the *rows* of blocks
+(:func:`row_groups`: in 2d mode the blocks of each z-row, whose ids never meet another row's;
+in 3d mode one row of every block): each row's graph is read from the records, agglomerated and
+numbered 1..N in a worker, which returns the row's table; the driver writes the tables, and the
+rows' object counts give each row's first id. Affinity runs keep their global step in the
+driver (:mod:`emtile.segmenter.fragment_graph`).
+
+With affinities, the write pass also writes each voxel's fragment id to
+``emtile_graph/fragments``, which stays (:mod:`emtile.segmenter.fragment_graph`). The write pass
+writes the labels at ``0`` and, with ``levels > 1``, every pyramid level of the block from the same labels (``k``: every
 ``2**k``-th pixel in y and x, so no level holds an id that level 0 does not); blocks start at
 multiples of ``2**(levels - 1)`` in y and x and each level's chunks are halved, so a block owns
 whole chunks at every level.
@@ -38,8 +50,9 @@ import numpy as np
 from emtile import _faults
 from emtile.segmenter import kernels, records
 
-__all__ = ["SegmentJob", "SegmentPlan", "run_label_blocks", "run_fragment_blocks",
-           "run_write_blocks", "map_ids", "TEMP", "BOUNDARY_BIT"]
+__all__ = ["SegmentJob", "SegmentPlan", "GraphJob", "RowGraph", "row_groups", "run_label_blocks",
+           "run_fragment_blocks", "run_graph_rows", "run_write_blocks", "map_ids", "TEMP",
+           "BOUNDARY_BIT"]
 
 TEMP = "emtile_segment"
 BOUNDARY_BIT = np.uint64(1 << 63)
@@ -393,14 +406,118 @@ def run_fragment_blocks(job, block_ids):
     return out
 
 
-# --------------------------------------------------------------------------- pass 3: output
+# --------------------------------------------------------------------------- the global step
 
 
-def map_ids(job, stored, dtype, table="table"):
+@dataclass(frozen=True)
+class GraphJob:
+    """The global step's job: the blocks' job and the settings of the merges (picklable)."""
+
+    job: SegmentJob
+    min_size: int
+    merge_threshold: object  # float (ws) or None (cc)
+    merge_quantile: object  # float (quantile linkage) or None
+
+
+@dataclass(frozen=True)
+class RowGraph:
+    """One row's global step: ``numbers`` gives its cell ids ``lo[0]..`` and then its seed ids
+    ``lo[1]..`` their object (1..``count`` within the row; 0 for none), and ``signs`` the row's
+    report (fragments, objects, faces, merge side, close calls)."""
+
+    lo: tuple
+    cells: int
+    numbers: np.ndarray
+    count: int
+    signs: tuple
+
+
+def row_groups(job, plan):
+    """Blocks whose ids can meet in the global step, one range per *row*: in 2d mode each row of
+    blocks along z (slices never join), in 3d mode all of them."""
+    if job.mode == "3d":
+        return [range(len(plan))]
+    per = len(plan) // plan.counts[0]
+    return [range(k * per, (k + 1) * per) for k in range(plan.counts[0])]
+
+
+def row_of(job, plan, i):
+    """The row of block ``i``."""
+    return 0 if job.mode == "3d" else int(np.unravel_index(i, plan.counts)[0])
+
+
+def _records(job, n_blocks):
+    """Pass 2's records, opened once per process and run."""
+    cache = _open(job)
+    with _CACHE_LOCK:
+        if "records" not in cache:
+            cache["records"] = records.RecordStore.open(cache["temp"], n_blocks)
+        return cache["records"]
+
+
+def run_graph_rows(gjob, rows):
+    """The global step, per row of blocks: join ids across faces, agglomerate (ws), absorb
+    small objects, number the objects 1..N by first pixel. Returns a :class:`RowGraph` per row
+    (None for a row already recorded done); the driver writes the tables."""
+    from emtile.segmenter.graph import number_objects
+    from emtile.segmenter.report import SegmentReport
+
+    job = gjob.job
+    plan = SegmentPlan(job.shape, job.block)
+    groups = row_groups(job, plan)
+    done = _done(job, "done_rows", rows)
+    cache = _open(job)
+    if "counts" not in cache:
+        cache["counts"] = np.asarray(cache["temp"]["counts"][:])
+    counts, offsets = cache["counts"], _offsets(job)
+    store = _records(job, len(plan))
+    out = []
+    for k, skip in zip(rows, done):
+        if skip:
+            out.append(None)
+            continue
+        group = groups[k]
+        b0, b1 = group[0], group[-1]
+        # the row's provisional ids: one run of cell ids and one of seed ids
+        lo = offsets[b0] + 1
+        hi = offsets[b1] + counts[b1] + 1  # exclusive
+        nc = int(hi[0] - lo[0])
+
+        def local(x):
+            return np.where(x < hi[0], x - lo[0] + 1, x - lo[1] + 1 + nc)
+
+        pairs, stats, edges = store.read(group)
+        stats[:, 0] = local(stats[:, 0])
+        edges[:, :2] = local(edges[:, :2])
+        report = SegmentReport()
+        number, count = number_objects(
+            1 + nc + int(hi[1] - lo[1]), local(pairs), stats, edges, min_size=gjob.min_size,
+            merge_threshold=gjob.merge_threshold, merge_quantile=gjob.merge_quantile,
+            report=report)
+        out.append(RowGraph(lo=(int(lo[0]), int(lo[1])), cells=nc, numbers=number[1:],
+                            count=int(count),
+                            signs=(report.fragments, report.objects, report.faces,
+                                   report.merge_side, report.close)))
+    return out
+
+
+def _row_offsets(job):
+    """Objects of the rows before each row, read once per process."""
+    cache = _open(job)
+    if "row_offsets" not in cache:
+        cache["row_offsets"] = np.asarray(cache["temp"]["row_offsets"][:])
+    return cache["row_offsets"]
+
+
+# --------------------------------------------------------------------------- the write pass
+
+
+def map_ids(job, stored, dtype, table="table", shift=0):
     """Output ids (``dtype``) of the provisional ids ``stored`` as pass 2 stored them
     (:data:`BOUNDARY_BIT` set on boundary pixels, which ``keep_boundaries`` leaves 0; id 0 stays
     0), read from the stored table: one contiguous read when the ids are dense (a block's and
-    its neighbours'), else the ids found."""
+    its neighbours'), else the ids found. ``shift`` is added to every nonzero id of the table
+    (a row's first id)."""
     from emtile.segmenter.pixels import id_range, map_stored
 
     table = _open(job)["temp"][table]  # not cached: a resumed run rewrites it
@@ -410,6 +527,7 @@ def map_ids(job, stored, dtype, table="table"):
         return out
     if hi - lo < 4 * stored.size:
         lut = np.asarray(table[lo:hi + 1], np.int64)
+        lut[lut > 0] += shift
         map_stored(stored, lut, lo, BOUNDARY_BIT, bool(job.keep_boundaries), out)
         return out
     frag = (stored & _ID_MASK).astype(np.int64)
@@ -418,12 +536,13 @@ def map_ids(job, stored, dtype, table="table"):
     ids, inverse = np.unique(frag, return_inverse=True)
     mapped = np.zeros(ids.size, np.int64)
     mapped[ids > 0] = np.asarray(table.get_coordinate_selection(ids[ids > 0]))
+    mapped[mapped > 0] += shift
     out[...] = mapped[inverse.reshape(frag.shape)]
     return out
 
 
 def run_write_blocks(job, block_ids):
-    """Pass 3: per block, map its provisional fragment ids to output ids and write ``0`` and
+    """The write pass: per block, map its provisional fragment ids to output ids and write ``0`` and
     every further pyramid level. Returns the number of nonzero output pixels per block."""
     from emtile.store import downsample
 
@@ -437,7 +556,8 @@ def run_write_blocks(job, block_ids):
             continue
         start, stop = plan[i]
         stored = np.asarray(_array(job, "fragments")[_sl(start, stop)])
-        labels = map_ids(job, stored, levels[0].dtype)
+        shift = 0 if job.affinity else int(_row_offsets(job)[row_of(job, plan, i)])
+        labels = map_ids(job, stored, levels[0].dtype, shift=shift)
         count = int(np.count_nonzero(labels))
         if job.affinity:  # the fragments, kept for recut
             from emtile.segmenter.fragment_graph import GRAPH

@@ -1,12 +1,15 @@
-"""The driver of ``emtile segment``: checks, the output store, three passes and the global step.
+"""The driver of ``emtile segment``: checks, the output store, the passes and the global step.
 
 The process that calls :func:`segment` is the driver. It checks the input and the options (one
 line each), prepares the output store once, hands the blocks of each pass to
 :func:`emtile.distributed.map_blocks` (in this process, on a given client, or on a cluster it
 starts or joins for the run: ``cluster``), writes what the blocks' results carry (label counts,
-the records of pass 2: :mod:`emtile.segmenter.records`) and then records the blocks as done,
-runs the global step between passes 2 and 3 (:mod:`emtile.segmenter.graph`), and alone marks the
-store complete, after removing its working arrays. Workers write only their blocks' chunks.
+the records of pass 2: :mod:`emtile.segmenter.records`, the rows' tables of the global step)
+and then records the blocks as done, and alone marks the store complete, after removing its
+working arrays. Workers write only their blocks' chunks. The global step
+(:mod:`emtile.segmenter.graph`) runs between the fragments and the write pass: for a probability
+map as a pass over the rows of blocks, in the workers (:func:`blocks.run_graph_rows`); for
+affinities in the driver (:mod:`emtile.segmenter.fragment_graph`).
 
 A run killed at any point and started again with the same input and options resumes: the blocks
 recorded as done in each pass are skipped, and the global step is recomputed from the per-block
@@ -29,7 +32,6 @@ from emtile.blockwise import Pass, Runner, Stage, run_stage
 from emtile.geometry import check_levels
 from emtile.segmenter import blocks, kernels
 from emtile.segmenter.blocks import TEMP, SegmentJob, SegmentPlan
-from emtile.segmenter.graph import number_objects
 from emtile.segmenter.report import SegmentReport
 from emtile.segmenter.records import PART_BLOCKS, PART_BYTES, RecordStore, record_nbytes
 from emtile.settings import METHODS, MODES, SEEDS, SegmentSettings, split_overrides
@@ -305,6 +307,12 @@ def _create_output(job, pred, plan, recorded, settings):
     rows = min(n, 2**14)
     temp.create_array("counts", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
     temp.create_array("offsets", shape=(n, 2), chunks=(rows, 2), dtype="int64", fill_value=0)
+    if not job.affinity:  # the global step's rows: objects and the report's signs; first ids
+        k = len(blocks.row_groups(job, plan))
+        temp.create_array("rows", shape=(k, 6), chunks=(min(k, 2**14), 6), dtype="int64",
+                          fill_value=0)
+        temp.create_array("row_offsets", shape=(k,), chunks=(min(k, 2**17),), dtype="int64",
+                          fill_value=0)
     bins = kernels.FACE_BINS if job.face_limit >= 0 else 0
     if job.affinity:
         from emtile.segmenter.affinity import AFF_BINS
@@ -358,6 +366,57 @@ class _Records:
         self.nbytes = 0
 
 
+class _RowTables:
+    """The global step's rows, buffered: their tables written in runs of consecutive ids (one
+    write per run, not per row), then their counts and signs, before their markers."""
+
+    def __init__(self, temp):
+        self.table, self.rows_array, self.rows = temp["table"], temp["rows"], {}
+
+    def add(self, k, row):
+        self.rows[k] = row
+
+    def full(self):
+        return len(self.rows) >= _FLUSH_EVERY
+
+    def flush(self):
+        if not self.rows:
+            return
+        spans = []  # (first id, numbers) of each row's cell and seed ids
+        for row in self.rows.values():
+            spans.append((row.lo[0], row.numbers[:row.cells]))
+            spans.append((row.lo[1], row.numbers[row.cells:]))
+        for lo, values in _runs(spans):
+            self.table[lo:lo + values.size] = values
+        lo, hi = min(self.rows), max(self.rows) + 1
+        block = np.asarray(self.rows_array[lo:hi])
+        for k, row in self.rows.items():
+            block[k - lo] = (row.count, *row.signs)
+        self.rows_array[lo:hi] = block
+        self.rows.clear()
+
+
+def _runs(spans):
+    """``(first id, values)`` spans joined where one ends where the next begins."""
+    out = []
+    for lo, values in sorted(((lo, v) for lo, v in spans if v.size), key=lambda s: s[0]):
+        if out and out[-1][0] + sum(x.size for x in out[-1][1]) == lo:
+            out[-1][1].append(values)
+        else:
+            out.append((lo, [values]))
+    return [(lo, np.concatenate(parts)) for lo, parts in out]
+
+
+def _keep_rows(group):
+    return _RowTables(group[TEMP])
+
+
+def _describe_row(plan, groups, k):
+    first, last = plan[groups[k][0]], plan[groups[k][-1]]
+    return (f"row {k} of blocks (voxels "
+            f"{', '.join(f'{a}:{b}' for a, b in zip(first[0], last[1]))})")
+
+
 def _describe(plan, i):
     start, stop = plan[i]
     return f"block {i} (voxels {', '.join(f'{a}:{b}' for a, b in zip(start, stop))})"
@@ -385,25 +444,32 @@ class _Steps:
         offsets[:, 1] = counts[:, 0].sum() + np.concatenate([[0], np.cumsum(counts[:-1, 1])])
         temp["offsets"][:] = offsets
         self.n_ids = int(counts.sum()) + 1  # the provisional id space (0 included)
+        if not self.job.affinity:
+            _table(temp, self.n_ids)  # the rows' tables go here
 
     def global_step(self, group):
-        """Before pass 3: the provisional -> output id table, and the output's dtype."""
-        s = self.settings
-        if self.job.affinity:
-            from emtile.segmenter import fragment_graph
+        """Affinities, before the write pass: the provisional -> output id table (the fragments'
+        graph, in the driver), and the output's dtype."""
+        from emtile.segmenter import fragment_graph
 
-            self.count = fragment_graph.global_step(
-                group, group[TEMP], RecordStore.open(group[TEMP], len(self.plan)),
-                len(self.plan), self.n_ids, method=self.job.method,
-                merge_threshold=s.merge_threshold, merge_quantile=s.merge_quantile,
-                min_size=s.min_size, table=_table)
-            self.dtype = _output_dtype(group, self.count, self.job)
-            return
-        self.report = dataclasses.replace(self.report, fragments=0, objects=0, faces=0,
-                                          merge_side=0, close=0)  # a resumed step: again
-        self.count = _global_step(self.job, group[TEMP], self.plan, self.n_ids,
-                                  min_size=s.min_size, merge_threshold=s.merge_threshold,
-                                  merge_quantile=s.merge_quantile, report=self.report)
+        s = self.settings
+        self.count = fragment_graph.global_step(
+            group, group[TEMP], RecordStore.open(group[TEMP], len(self.plan)),
+            len(self.plan), self.n_ids, method=self.job.method,
+            merge_threshold=s.merge_threshold, merge_quantile=s.merge_quantile,
+            min_size=s.min_size, table=_table)
+        self.dtype = _output_dtype(group, self.count, self.job)
+
+    def rows_done(self, group):
+        """After the global step's pass: each row's first id, the object count, the report's
+        sums (from the rows' records: the same on a resumed run), the output's dtype."""
+        temp = group[TEMP]
+        rows = np.asarray(temp["rows"][:])
+        temp["row_offsets"][:] = np.concatenate([[0], np.cumsum(rows[:-1, 0])])
+        self.count = int(rows[:, 0].sum())
+        fragments, objects, faces, merge_side, close = (int(v) for v in rows[:, 1:].sum(axis=0))
+        self.report = dataclasses.replace(self.report, fragments=fragments, objects=objects,
+                                          faces=faces, merge_side=merge_side, close=close)
         self.dtype = _output_dtype(group, self.count, self.job)
 
     def finish(self, group):
@@ -431,15 +497,6 @@ def _keep_records(n_blocks, group):
     return _Records(RecordStore.open(group[TEMP], n_blocks))
 
 
-def _groups(job, plan):
-    """Blocks whose ids can meet in the global step: in 2d mode each row of blocks along z
-    (slices never join), so the graph held at once is a row's; in 3d mode all of them."""
-    if job.mode == "3d":
-        return [range(len(plan))]
-    per = len(plan) // plan.counts[0]
-    return [range(k * per, (k + 1) * per) for k in range(plan.counts[0])]
-
-
 def _table(temp, n_ids, name="table"):
     """The provisional -> output id table, rewritten in place when a resumed run finds it: a
     task of a killed driver may still be reading it, and reads the same values either way."""
@@ -451,40 +508,6 @@ def _table(temp, n_ids, name="table"):
         pass
     return temp.create_array(name, shape=(n_ids,), chunks=(min(n_ids, _TABLE_CHUNK),),
                              dtype="int64", fill_value=0, overwrite=True)
-
-
-def _global_step(job, temp, plan, n_ids, *, min_size, merge_threshold, merge_quantile,
-                 report=None):
-    """Per group of blocks: join ids across faces, agglomerate (ws), absorb small objects,
-    number the objects by first pixel (after the groups before it); write the provisional ->
-    output table. Returns N."""
-    counts, offsets = np.asarray(temp["counts"][:]), np.asarray(temp["offsets"][:])
-    records = RecordStore.open(temp, len(plan))
-    table = _table(temp, n_ids)
-    total = 0
-    for group in _groups(job, plan):
-        b0, b1 = group[0], group[-1]
-        # the group's provisional ids: one run of cell ids and one of seed ids
-        lo = offsets[b0] + 1
-        hi = offsets[b1] + counts[b1] + 1  # exclusive
-        nc = int(hi[0] - lo[0])
-
-        def local(x):
-            return np.where(x < hi[0], x - lo[0] + 1, x - lo[1] + 1 + nc)
-
-        pairs, stats, edges = records.read(group)
-        stats[:, 0] = local(stats[:, 0])
-        edges[:, :2] = local(edges[:, :2])
-        number, count = number_objects(
-            1 + nc + int(hi[1] - lo[1]), local(pairs), stats, edges, min_size=min_size,
-            merge_threshold=merge_threshold if job.method == "ws" else None,
-            merge_quantile=merge_quantile if job.method == "ws" else None, report=report)
-        number[number > 0] += total
-        total += count
-        table[int(lo[0]):int(hi[0])] = number[1:1 + nc]
-        if hi[1] > lo[1]:
-            table[int(lo[1]):int(hi[1])] = number[1 + nc:]
-    return total
 
 
 def _output_dtype(group, count, job):
@@ -548,22 +571,36 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
         steps.report.threshold_on_map = level_of(lut, s.threshold)
     describe = functools.partial(_describe, plan)
     n = len(plan)
-    passes = (
-        Pass(name="segment 1/3 labels", fn=blocks.run_label_blocks, job=job, plan=plan,
+    names = ("labels", "fragments", "write") if job.affinity else \
+        ("labels", "fragments", "graph", "write")
+    name = {k: f"segment {i}/{len(names)} {k}" for i, k in enumerate(names, 1)}
+    passes = [
+        Pass(name=name["labels"], fn=blocks.run_label_blocks, job=job, plan=plan,
              describe=describe, markers="done1", point="segment.labels.recorded",
-             keep=_keep_counts, after=steps.offsets, flush_seconds=_FLUSH_S),
-        Pass(name="segment 2/3 fragments", fn=blocks.run_fragment_blocks, job=job, plan=plan,
+             keep=_keep_counts, after=steps.offsets, flush_seconds=_FLUSH_S, threads=True),
+        Pass(name=name["fragments"], fn=blocks.run_fragment_blocks, job=job, plan=plan,
              describe=describe, markers="done2", point="segment.fragments.recorded",
-             keep=functools.partial(_keep_records, n), flush_seconds=_FLUSH_S),
-        Pass(name="segment 3/3 write", fn=blocks.run_write_blocks, job=job, plan=plan,
+             keep=functools.partial(_keep_records, n), flush_seconds=_FLUSH_S, threads=True),
+        Pass(name=name["write"], fn=blocks.run_write_blocks, job=job, plan=plan,
              describe=describe, markers="done3", point="segment.write.recorded",
-             before=steps.global_step, flush_seconds=_FLUSH_S),
-    )
+             before=steps.global_step if job.affinity else None, flush_seconds=_FLUSH_S,
+             threads=True)]
+    if not job.affinity:  # the global step, per row of blocks, in the workers
+        groups = blocks.row_groups(job, plan)
+        graph = blocks.GraphJob(
+            job=job, min_size=int(s.min_size),
+            merge_threshold=float(s.merge_threshold) if job.method == "ws" else None,
+            merge_quantile=s.merge_quantile if job.method == "ws" else None)
+        passes.insert(2, Pass(
+            name=name["graph"], fn=blocks.run_graph_rows, job=graph, plan=range(len(groups)),
+            describe=functools.partial(_describe_row, plan, groups), markers="done_rows",
+            point="segment.graph.recorded", keep=_keep_rows, after=steps.rows_done,
+            flush_seconds=_FLUSH_S, threads=True))
     stage = Stage(name="segment", output=job.output, inputs=(pred.path,),
                   fingerprint=_fingerprint(pred, dict(recorded, offsets=pred.offsets)
                                            if pred.channels else recorded, levels),
                   create=functools.partial(_create_output, job, pred, plan, recorded, s),
-                  passes=passes, markers_group=TEMP,
+                  passes=tuple(passes), markers_group=TEMP,
                   resumable=functools.partial(_has_records, n), finish=steps.finish)
     return stage, steps, pred
 
@@ -622,10 +659,11 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     stage, steps, pred = segment_stage(prediction, output, settings, runner, report=report)
     done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
     job = steps.job
+    resumed = done.blocks_done if job.affinity else done.blocks_done[:2] + done.blocks_done[3:]
     return SegmentResult(output=str(output), shape=pred.shape, dtype=str(steps.dtype),
                          objects=steps.count, method=job.method, mode=job.mode,
                          block=job.block[3 - len(pred.shape):], blocks=len(steps.plan),
-                         blocks_resumed=done.blocks_done, seconds=time.perf_counter() - t0,
+                         blocks_resumed=resumed, seconds=time.perf_counter() - t0,
                          settings=_settings(job, settings), levels=job.levels,
                          cluster=done.where, report=steps.report)
 

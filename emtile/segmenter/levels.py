@@ -32,6 +32,7 @@ it), the maps the defaults were chosen on, as levels at 64 equal steps of rank.
 """
 
 import numpy as np
+from numba import njit
 
 __all__ = ["REFERENCE", "SAMPLE_PX", "MIN_GRADED", "usable", "histogram", "rank_lut",
            "reference_lut", "uint8_levels", "apply_lut", "level_of", "reference_from"]
@@ -49,31 +50,50 @@ REFERENCE = np.array([
 REFERENCE.setflags(write=False)
 
 
-def histogram(read, shape, *, sample_px=SAMPLE_PX, slab_px=2**24):
+def histogram(read, shape, *, sample_px=SAMPLE_PX, slab_px=2**24, threads=None):
     """Counts of the map's uint8 levels (0..255): int64, shape (256,).
 
     Parameters
     ----------
     read : callable
-        ``read(z0, z1, y0, y1)`` -> uint8 levels of that box (floats already rounded to ``v/255``).
+        ``read(z0, z1, y0, y1)`` -> uint8 levels of that box (floats already rounded to ``v/255``);
+        called from several threads at once.
     shape : tuple of int
         (Z, Y, X).
     sample_px, slab_px : int
         A volume of more than ``sample_px`` pixels counts every ``k``-th slab of z-slices (a
         stride fixed by the shape alone); a slab reads at most ``slab_px`` pixels at a time.
+    threads : int, optional
+        Boxes read and counted at once (default: one per usable core). The counts are integer
+        sums, the same in any order.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from emtile._process import usable_cores
+
     z, y, x = shape
     rows = max(1, min(y, slab_px // max(1, x)))  # y rows per read within one slice
     slices = max(1, slab_px // (y * x)) if rows == y else 1  # slices per read
     starts = list(range(0, z, slices))
     step = max(1, int(np.ceil(z * y * x / sample_px)))
-    counts = np.zeros(256, np.int64)
-    for z0 in starts[::step]:
-        z1 = min(z, z0 + slices)
-        for y0 in range(0, y, rows):
-            levels = read(z0, z1, y0, min(y, y0 + rows))
-            counts += np.bincount(levels.ravel(), minlength=256)
-    return counts
+    boxes = [(z0, min(z, z0 + slices), y0, min(y, y0 + rows))
+             for z0 in starts[::step] for y0 in range(0, y, rows)]
+
+    def count(box):
+        out = np.zeros(256, np.int64)
+        _count_levels(np.ascontiguousarray(read(*box)).reshape(-1), out)
+        return out
+
+    with ThreadPoolExecutor(threads or usable_cores()) as pool:
+        return sum(pool.map(count, boxes), np.zeros(256, np.int64))
+
+
+@njit(cache=True, nogil=True)
+def _count_levels(levels, counts):
+    """``counts[v] += 1`` for every uint8 ``v`` of ``levels`` (np.bincount would first copy
+    them to int64: 8 bytes a pixel)."""
+    for v in levels:
+        counts[v] += 1
 
 
 #: A map with fewer than this share of its pixels strictly between 0 and 1 (levels 1..254) is

@@ -22,6 +22,7 @@ next run numbers its parts from one past the largest part referenced, so it repl
 """
 
 import collections
+import threading
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class RecordStore:
         self.next_part = int(parts.max(initial=-1)) + 1
         self._cache = collections.OrderedDict()  # part -> its data, least recently used first
         self._cached = 0  # bytes in the cache
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, parent, n_blocks, *, name="records", edge_width=5):
@@ -133,13 +135,16 @@ class RecordStore:
                      for name, w in self.parts)
 
     def _part(self, part):
-        data = self._cache.get(part)
-        if data is not None:
-            self._cache.move_to_end(part)
-            return data
+        with self._lock:  # rows of one process may be read in several threads
+            data = self._cache.get(part)
+            if data is not None:
+                self._cache.move_to_end(part)
+                return data
         data = np.asarray(self.group[f"p{part}"][:])
-        self._cache[part] = data
-        self._cached += data.nbytes
-        while self._cached > CACHE_BYTES and len(self._cache) > 1:
-            self._cached -= self._cache.popitem(last=False)[1].nbytes
+        with self._lock:
+            if part not in self._cache:
+                self._cache[part] = data
+                self._cached += data.nbytes
+            while self._cached > CACHE_BYTES and len(self._cache) > 1:
+                self._cached -= self._cache.popitem(last=False)[1].nbytes
         return data
