@@ -205,6 +205,7 @@ class StageResult:
     where: str
     seconds: float
     attrs: dict = field(default_factory=dict)  # what ``finish`` returned
+    pass_seconds: dict = field(default_factory=dict)  # wall seconds of each pass, by its name
 
 
 def run_stage(stage, runner=None, *, overwrite=False, progress=True):
@@ -222,9 +223,11 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
         with runner.started(progress=progress) as (started, where):
             with store.write_errors(stage.output, then=RESUME):
                 group, resumed = _open(stage, overwrite)
-            done = []
+            done, seconds = [], []
             for p in stage.passes:
+                t = time.perf_counter()
                 done.append(_run_pass(stage, p, group, started, progress=progress))
+                seconds.append(time.perf_counter() - t)
         check = getattr(lock, "check", None)  # an object store's lock: still this run's?
         with store.write_errors(stage.output, then=RESUME):
             if check is not None:
@@ -236,7 +239,8 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
     return StageResult(group=group, resumed=resumed, blocks=tuple(len(p.plan) for p in
                                                                    stage.passes),
                        blocks_done=tuple(done), where=where, seconds=time.perf_counter() - t0,
-                       attrs=attrs)
+                       attrs=attrs, pass_seconds={p.name: t for p, t in zip(stage.passes,
+                                                                            seconds)})
 
 
 def _markers_group(stage, group):

@@ -5,6 +5,7 @@
     python examples/bench_segment.py invariance --pred pred.zarr        # blocks 128..1024 px
     python examples/bench_segment.py memory --sizes-gb 0.4 4            # peak RSS, one process each
     python examples/bench_segment.py speed --pred pred.zarr             # against skimage watershed
+    python examples/bench_segment.py throughput --compare /tmp/old      # Mvoxel/s, here and on 2 workers
     python examples/bench_segment.py records --blocks 100000            # files of pass 2's records
     python examples/bench_segment.py graph --fragments 350000 --reference  # the global step
     python examples/bench_segment.py robust --maps s0=runs/isbi3/seed0/pred.zarr ...  # issue 22
@@ -43,6 +44,17 @@ a local cluster of ``--workers`` worker processes (``--cluster local --cluster-w
 cluster's start-up is timed apart, as a cluster that is already running costs nothing to join).
 Seconds per core are wall seconds x processes. Targets: emtile at least as fast per core; 1.6x
 faster than skimage with 2 workers. ``--blocks-per-task``, ``--block-size`` as the command's.
+
+``throughput`` (issue 23) mirrors a probability map (the ISBI truth, blurred, or ``--pred``) to
+``--slices`` x 2048 x 2048 and ``--cluster-slices`` x 2048 x 2048 (uint8), and times ``emtile
+segment`` with its defaults, each run in its own subprocess after a warm-up run on a small map
+(imports and compiled kernels loaded, on every worker too): the small volume in this process
+(blocks in one thread per core), the large one in this process and on a local cluster of
+``--workers`` workers. It prints Mvoxel/s, the seconds of each pass, and the cluster's speed-up
+over this process (best of ``--rounds``). ``--compare TREE`` runs every measurement with another checkout's ``emtile/``
+too (``git archive OLD emtile | tar -x -C TREE``), interleaved, so the ratios are from one run.
+Targets: at least 10 Mvoxel/s on 8 x 2048 x 2048, and the 2-worker cluster at least 1.6x this
+process on 64 x 2048 x 2048.
 
 ``records`` writes the per-block records of pass 2 for a synthetic plan of ``--blocks`` blocks
 (``--rows`` fragments a block; edges and face pairs in proportion) the way the driver does
@@ -437,6 +449,98 @@ def warm_up(warm, prefix, method):
                    progress=False)
 
 
+# --------------------------------------------------------------------------- throughput
+
+
+def throughput_one(a):
+    """In a subprocess (``run-throughput``): warm up, then time one segment run."""
+    import os
+
+    import emtile
+    from emtile.bench import peak_rss
+
+    def warm(prefix):
+        emtile.segment(a.warm, f"{prefix}-{os.getpid()}.zarr", overwrite=True, progress=False)
+
+    if a.workers:
+        from emtile.distributed import start_cluster
+
+        with start_cluster("local", workers=a.workers) as (client, info):
+            client.run(warm, a.output + "-warm")
+            t0 = time.perf_counter()
+            r = emtile.segment(a.volume, a.output, client=client, progress=False)
+            seconds = time.perf_counter() - t0
+    else:
+        warm(a.output + "-warm")
+        t0 = time.perf_counter()
+        r = emtile.segment(a.volume, a.output, progress=False)
+        seconds = time.perf_counter() - t0
+    own, _ = peak_rss()
+    return {"seconds": seconds, "voxels": int(np.prod(r.shape)), "objects": r.objects,
+            "blocks": r.blocks, "rss": own, "passes": getattr(r, "pass_seconds", None)}
+
+
+def throughput(a):
+    import os
+    import shutil
+
+    import zarr
+
+    from emtile.bench import mirrored_volume
+
+    trees = [("this", None)] + ([("other", str(Path(a.compare).resolve()))] if a.compare else [])
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="emtile-segtput-", dir=a.workdir) as tmp:
+        tmp = Path(tmp)
+        src = a.pred or write_probabilities(tmp / "synthetic.zarr", blurred_truth(a))
+        volumes = {}
+        for key, shape in [("warm", (1, 256, 256))] + [(z, (z, 2048, 2048)) for z in
+                                                        sorted({a.slices, a.cluster_slices})]:
+            vol = tmp / f"p-{'x'.join(map(str, shape))}.zarr"
+            mirrored_volume(vol, shape, source=src)
+            g = zarr.open_group(str(vol), mode="r+")
+            g.attrs["emtile"] = dict(g.attrs["emtile"], kind="probabilities")
+            volumes[key] = vol
+        runs = list(dict.fromkeys([(a.slices, 0), (a.cluster_slices, 0),
+                                   (a.cluster_slices, a.workers)]))
+        print(f"load average before: {os.getloadavg()}", flush=True)
+        for z, workers in [run for _ in range(a.rounds) for run in runs]:
+            for name, tree in trees:
+                env = dict(os.environ)
+                if tree:
+                    env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
+                out = tmp / f"seg-{name}-{z}-{workers}.zarr"
+                done = subprocess.run(
+                    [sys.executable, __file__, "run-throughput", "--volume", str(volumes[z]),
+                     "--output", str(out), "--warm", str(volumes["warm"]),
+                     "--workers", str(workers)], capture_output=True, text=True, env=env,
+                    cwd=tree or None)
+                if done.returncode:
+                    sys.exit(f"segment failed ({name}):\n{done.stderr[-3000:]}")
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append((name, z, workers, r))
+                where = f"{workers} workers" if workers else "this process"
+                print(f"{name:>6} {z:>3} x 2048^2 {where:>13}: {r['seconds']:7.2f} s "
+                      f"{r['voxels'] / r['seconds'] / 1e6:6.2f} Mvoxel/s  {r['blocks']} blocks "
+                      f"{r['objects']} objects  peak RSS {r['rss'] / 2**30:.2f} GiB"
+                      + (f"  passes {r['passes']}" if r["passes"] else ""), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+        print(f"load average after: {os.getloadavg()}")
+    best = {}  # (tree, slices, workers) -> the best seconds of the rounds
+    for n, z, w, r in rows:
+        best[n, z, w] = min(best.get((n, z, w), np.inf), r["seconds"])
+    for name, _ in trees:
+        t = {(z, w): v for (n, z, w), v in best.items() if n == name}
+        print(f"{name}: cluster of {a.workers} / this process on {a.cluster_slices} slices: "
+              f"{t[(a.cluster_slices, 0)] / t[(a.cluster_slices, a.workers)]:.2f}x "
+              f"(target >= 1.6)")
+    if a.compare:
+        for z, w in sorted({(z, w) for _, z, w, _ in rows}):
+            t = {n: v for (n, zz, ww), v in best.items() if (zz, ww) == (z, w)}
+            print(f"this / other, {z} slices, {w or 'no'} workers: "
+                  f"{t['other'] / t['this']:.2f}x faster")
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -701,15 +805,28 @@ def main(argv=None):
         rb.add_argument("--also", nargs="*", default=[], metavar="JSON",
                         help='other settings to score, e.g. \'{"calibrate": "none"}\'')
         rb.add_argument("--json", help="write the rows here")
+    tp = sub.add_parser("throughput", parents=[common], help="Mvoxel/s, here and on a cluster")
+    tp.add_argument("--slices", type=int, default=8)
+    tp.add_argument("--cluster-slices", type=int, default=64)
+    tp.add_argument("--workers", type=int, default=2)
+    tp.add_argument("--compare", help="another checkout's tree (holding emtile/)")
+    tp.add_argument("--rounds", type=int, default=1, help="rounds of every run (best kept)")
+    rt = sub.add_parser("run-throughput", parents=[common], help=argparse.SUPPRESS)
+    rt.add_argument("--volume")
+    rt.add_argument("--output")
+    rt.add_argument("--warm")
+    rt.add_argument("--workers", type=int, default=0)
     r = sub.add_parser("run", parents=[common], help=argparse.SUPPRESS)
     r.add_argument("--volume")
     r.add_argument("--output")
     a = ap.parse_args(argv)
-    if a.what in ("run", "graph-one"):
-        print(json.dumps(run_one(a) if a.what == "run" else graph_one(a)))
+    if a.what in ("run", "graph-one", "run-throughput"):
+        one = {"run": run_one, "graph-one": graph_one, "run-throughput": throughput_one}
+        print(json.dumps(one[a.what](a)))
         return
     {"quality": quality, "invariance": invariance, "memory": memory, "speed": speed,
-     "records": records, "graph": graph, "robust": robust, "reference": reference}[a.what](a)
+     "records": records, "graph": graph, "robust": robust, "reference": reference,
+     "throughput": throughput}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -649,6 +649,9 @@ def test_blocks_in_threads_give_the_same_labels(tmp_path, isbi_labels, monkeypat
         assert (len(threads) > 1) == (cores > 1)
     np.testing.assert_array_equal(got[4][0], got[1][0])
     assert got[4][1].report == got[1][1].report and got[1][1].objects > 10
+    seconds = got[4][1].pass_seconds  # where the time went, per pass
+    assert list(seconds) == ["levels", "labels", "fragments", "graph", "write"]
+    assert all(t > 0 for t in seconds.values())
 
 
 @pytest.mark.slow

@@ -63,6 +63,9 @@ class SegmentResult:
     levels: int = 1  # resolution levels written
     cluster: str = ""  # the cluster it ran on ("" for this process)
     report: SegmentReport = None  # how sure it is (emtile.segmenter.report); None for a recut
+    #: wall seconds of each pass ("labels", "fragments", "graph", "write"; "recut"), and
+    #: "levels" (the map's histogram, before the passes)
+    pass_seconds: dict = None
 
     def __str__(self):
         block = "x".join(str(b) for b in self.block)
@@ -430,6 +433,7 @@ class _Steps:
     def __init__(self, job, plan, settings):
         self.job, self.plan, self.settings = job, plan, settings
         self.n_ids = self.count = 0
+        self.levels_seconds = 0.0  # the map's histogram (calibrate="map"), before the stage
         self.dtype = np.dtype(np.uint32)
         self.report = SegmentReport(merge_threshold=float(settings.merge_threshold),
                                     threshold=float(settings.threshold),
@@ -551,7 +555,10 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
     store.check_output(output, inputs=[pred.path])
     sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
     calibrate = _calibration(s, pred) == "map"
-    lut = _map_lut(pred, s.invert) if calibrate or (report and not pred.channels) else None
+    t0 = time.perf_counter()
+    counted = calibrate or (report and not pred.channels)  # the map's histogram
+    lut = _map_lut(pred, s.invert) if counted else None
+    levels_seconds = round(time.perf_counter() - t0, 3) if counted else 0.0
     job = SegmentJob(
         input=pred.path, output=output if isinstance(output, Location) else str(output), shape=shape3, image_ndim=len(pred.shape),
         block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=int(s.grow),
@@ -565,6 +572,7 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
     plan = SegmentPlan(job.shape, job.block)
     recorded = _settings(job, s)
     steps = _Steps(job, plan, s)
+    steps.levels_seconds = levels_seconds
     if lut is not None:
         from emtile.segmenter.levels import level_of
 
@@ -665,7 +673,15 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
                          block=job.block[3 - len(pred.shape):], blocks=len(steps.plan),
                          blocks_resumed=resumed, seconds=time.perf_counter() - t0,
                          settings=_settings(job, settings), levels=job.levels,
-                         cluster=done.where, report=steps.report)
+                         cluster=done.where, report=steps.report,
+                         pass_seconds=_pass_seconds(done, steps))
+
+
+def _pass_seconds(done, steps=None):
+    """Wall seconds per pass, by the pass's last word ("segment 2/4 fragments": "fragments")."""
+    out = {"levels": steps.levels_seconds} if steps is not None and steps.levels_seconds else {}
+    out.update({name.split()[-1]: round(t, 3) for name, t in done.pass_seconds.items()})
+    return out
 
 
 def _recut(segmentation, output, settings, runner, overwrite, progress, t0):
@@ -685,4 +701,5 @@ def _recut(segmentation, output, settings, runner, overwrite, progress, t0):
                          objects=steps.count, method="ws", mode="3d", block=job.block,
                          blocks=len(stage.passes[0].plan), blocks_resumed=done.blocks_done,
                          seconds=time.perf_counter() - t0, settings=steps.settings,
-                         levels=job.levels, cluster=done.where)
+                         levels=job.levels, cluster=done.where,
+                         pass_seconds=_pass_seconds(done))
