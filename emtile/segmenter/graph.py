@@ -1,6 +1,8 @@
 """The global step: join ids across block faces, agglomerate, absorb small objects, number them.
 
-It runs once, in the driver, on compact arrays gathered from every block (never on pixels):
+It runs once per row of blocks (:func:`emtile.segmenter.blocks.run_graph_rows`, a task of its
+own, in a worker; for affinities once, in the driver), on compact arrays gathered from the row's
+blocks (never on pixels):
 face pairs (ids that are one object), per-fragment sizes and first pixels, and region-graph edges
 (altitude sums and pixel counts on the faces between fragments).
 
@@ -12,13 +14,13 @@ sums are exact integer sums over blocks, so the result does not depend on how th
 :class:`RegionGraph` is the definition of the merges, in Python; :func:`number_objects` runs the
 same merges compiled (:func:`emtile.segmenter.agglomerate.merge_objects`, identical output).
 
-Memory: the graph of a group of blocks is held whole in the driver (a row of blocks in 2d mode,
-the whole volume in 3d mode). Measured with :func:`number_objects` on random planar-like graphs
+Memory: the graph of a row of blocks is held whole in the process that numbers it (a z-row of
+blocks in 2d mode, the whole volume in 3d mode). Measured with :func:`number_objects` on random planar-like graphs
 (``examples/bench_segment.py graph``, 300,000 fragments with 2 and 6 faces each): the records
 take 24 B per fragment and 40 B per face (per block that sees them), and the step adds at its
 peak about 250 B per fragment and 380 B per face (id arrays, the sorted faces, a typed dict of
 faces per object, the heap). A 3-D graph has about 6 faces per fragment: about 2.8 kB per
-fragment in all, so 10^8 fragments need about 280 GB in the driver; segment volumes that large
+fragment in all, so 10^8 fragments need about 280 GB in one process; segment volumes that large
 in parts (predict a region of interest) or in 2d mode, whose graph is one row of blocks'.
 """
 

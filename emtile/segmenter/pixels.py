@@ -5,7 +5,8 @@ edges, fragment statistics, ids mapped through a table.
 Each is one pass over a block in C order that computes what the NumPy expressions it replaces
 computed, without their temporaries (an int64 array of global indices, masked copies, sorts of
 every pixel pair): ``tests/test_segment.py`` compares every kernel with a NumPy reference on
-random inputs. They are serial: segment blocks run one per Dask worker process, one thread each.
+random inputs. Each is serial and releases the GIL (``nogil``): blocks run one per Dask worker
+process, or one per thread of this process.
 Arrays are 3-D ``(Z, Y, X)``; a view (a block's write region in its read box) is read in place.
 """
 
