@@ -18,20 +18,6 @@ UNSET = np.int64(0x7FFFFFFFFFFFFFFF)
 
 
 @njit(cache=True, nogil=True)
-def init_keys(seeds, origin, volume_shape):
-    """Flood keys of a box at ``origin``: the global C-order index at ``seeds``, UNSET elsewhere."""
-    nz, ny, nx = seeds.shape
-    key = np.empty(seeds.shape, np.int64)
-    Y, X = volume_shape[1], volume_shape[2]
-    for z in range(nz):
-        for y in range(ny):
-            row = ((z + origin[0]) * Y + y + origin[1]) * X + origin[2]
-            for x in range(nx):
-                key[z, y, x] = row + x if seeds[z, y, x] else UNSET
-    return key
-
-
-@njit(cache=True, nogil=True)
 def labels_at_sources(key, labels, fill, origin, volume_shape):
     """``labels`` read at each key's source (a global index inside the box at ``origin``);
     ``fill`` (same shape) where the key is UNSET. int64, shape of ``key``."""
