@@ -250,3 +250,36 @@ def test_threads_keep_their_own_scratch():
         t.join()
     assert not errors
 
+
+def test_float_divmod_is_exact():
+    from emtile.segmenter.pixels import _divmod
+
+    rng = np.random.default_rng(11)
+    divisors = [1, 2, 3, 7, 512, 1000, 4096, 4097, 1 << 20, 12345 * 6789, (1 << 22) * 3 + 1]
+    for d in divisors:
+        g = np.concatenate([rng.integers(0, 1 << 44, 2000), rng.integers(0, 1 << 50, 2000),
+                            np.arange(0, 50) * d, np.arange(1, 50) * d - 1,
+                            (rng.integers(0, (1 << 44) // d, 1000) * d),
+                            (rng.integers(1, (1 << 44) // d, 1000) * d - 1)])
+        for v in g:
+            assert _divmod(np.int64(v), np.int64(d), 1.0 / d) == divmod(int(v), d), (v, d)
+
+
+def test_labels_at_sources_equal_a_numpy_reference():
+    from emtile.segmenter.pixels import labels_at_sources
+
+    rng = np.random.default_rng(12)
+    for volume_shape in [(5, 7, 9), (3, 4096, 4097), (40, 30000, 30001)]:
+        shape = (2, 5, 6)
+        origin = tuple(int(rng.integers(0, v - s + 1)) for v, s in zip(volume_shape, shape))
+        labels = rng.integers(-5, 1000, shape)
+        fill = rng.integers(-3, 3, shape)
+        local = np.stack([rng.integers(0, s, shape) for s in shape])
+        src = np.ravel_multi_index(tuple(local[i] + origin[i] for i in range(3)), volume_shape)
+        cost = rng.integers(0, 1 << 16, shape).astype(np.int64) << SHIFT
+        key = np.where(rng.random(shape) < 0.2, UNSET, cost + src)
+        want = np.where(key == UNSET, fill, labels[tuple(local)])
+        got = np.empty(shape, np.int64)
+        labels_at_sources(key, labels, fill, np.array(origin, np.int64),
+                          np.array(volume_shape, np.int64), got)
+        np.testing.assert_array_equal(got, want)

@@ -10,12 +10,15 @@ The kernels work on arrays padded by one pixel on both sides of every neighbour 
 domain False, key UNSET), flattened. A pixel's neighbour is then its flat index plus an offset,
 with no bounds check: only interior pixels are ever visited (a padding pixel is never in the
 domain and never holds a key), and an interior pixel's neighbours all lie in the padded array.
-The bounds checks of an unpadded array cost three integer divisions per visited pixel, about
-half of the rounds' time on a 4 x 1154 x 1154 block (``examples/bench_segment_kernels.py``).
+The bounds checks of an unpadded array cost three 64-bit integer divisions per visited pixel
+(slow: see ``pixels._divmod``). With the padding, the pushes and the scratch below, a 4 x 1154 x
+1154 block's flood went from 0.77 s to 0.37 s (``examples/bench_segment_kernels.py``).
 
-The scratch arrays (the frontier, candidates and their values, per-pixel marks, the padded
-domain and altitude) are kept per thread and reused, sized to the domain rather than the block:
-allocating and zeroing them per call cost more in page faults than the rounds themselves.
+The scratch arrays (the padded keys and costs, the changed pixels and their new keys, a slot
+per pixel) are kept per thread and reused, sized to the domain where they can be: allocating and
+zeroing block-sized arrays per call cost about as much in page faults as the rounds themselves.
+The keys returned are a new array, allocated by NumPy (huge pages, see
+:mod:`emtile.segmenter.pixels`).
 """
 
 import threading
@@ -47,14 +50,13 @@ def padded_keys(seeds, pad, origin, volume_shape, key):
 
 
 @njit(cache=True, nogil=True)
-def unpadded(key, shape, pad, check, cost):
-    """The keys of the flat padded ``key`` without the padding, as a new (Z, Y, X) int64 array;
+def unpadded(key, pad, check, cost, out):
+    """The keys of the flat padded ``key`` without the padding, into ``out`` (int64, (Z, Y, X));
     with ``check``, UNSET at the keyed domain pixels that :func:`mark_supported` did not mark.
-    Returns ``(keys, pixels unset)``: the unsetting rides on the copy, one pass."""
-    nz, ny, nx = shape[0], shape[1], shape[2]
+    Returns the pixels unset: the unsetting rides on the copy, one pass."""
+    nz, ny, nx = out.shape
     pz, py, px = pad[0], pad[1], pad[2]
     NY, NX = ny + 2 * py, nx + 2 * px
-    out = np.empty((nz, ny, nx), np.int64)
     dropped = 0
     for z in range(nz):
         for y in range(ny):
@@ -65,7 +67,7 @@ def unpadded(key, shape, pad, check, cost):
                     k = UNSET
                     dropped += 1
                 out[z, y, x] = k
-    return out, dropped
+    return dropped
 
 
 @njit(cache=True, nogil=True)
@@ -254,5 +256,6 @@ def run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape):
                             frontier, cand, value)
         if done == rounds:  # still moving at the limit: keep only keys that a chain of final
             mark_supported(flat, cost, int(rounds), offsets, n, frontier, cand)  # keys carries
-    key, dropped = unpadded(flat, shape, pad, done == rounds, cost)              # to a seed
+    key = np.empty(seeds.shape, np.int64)  # by NumPy: huge pages (see emtile.segmenter.pixels)
+    dropped = unpadded(flat, pad, done == rounds, cost, key)                    # to a seed
     return key, max(done, 0), dropped

@@ -217,8 +217,10 @@ def source_labels(key, labels, *, origin, volume_shape, fill=0):
     from emtile.segmenter.pixels import labels_at_sources
 
     fill = np.broadcast_to(np.asarray(fill, np.int64), key.shape)
-    return labels_at_sources(key, np.asarray(labels, np.int64), fill,
-                             np.array(origin, np.int64), np.array(volume_shape, np.int64))
+    out = np.empty(key.shape, np.int64)
+    labels_at_sources(key, np.asarray(labels, np.int64), fill, np.array(origin, np.int64),
+                      np.array(volume_shape, np.int64), out)
+    return out
 
 
 def face_pairs(labels, *, start, stop, axes):
