@@ -153,11 +153,13 @@ def flood_rounds(key, cost, rounds, offsets, n, slot, frontier, cand, value):
                     if c == 0:
                         continue
                     v = kp + _step(c)
+                    if v >= key[q]:  # most pushes (back where a key came from) stop here
+                        continue
                     j = slot[q]
                     if 0 <= j < k and cand[j] == q:
                         if v < value[j]:
                             value[j] = v
-                    elif v < key[q]:
+                    else:
                         slot[q] = k
                         cand[k] = q
                         value[k] = v

@@ -148,33 +148,33 @@ def edge_sums(frag, alt, source, start, stop, axes, origin, volume_shape, sampli
     for ax in range(3):
         if not axes[ax]:
             continue
+        dz, dy, dx = np.int64(ax == 0), np.int64(ax == 1), np.int64(ax == 2)
         end = min(stop[ax] + 1, shape[ax])  # the neighbour may be one plane past the box
-        hi = [stop[0], stop[1], stop[2]]
-        hi[ax] = end - 1
-        for z in range(start[0], hi[0]):
-            for y in range(start[1], hi[1]):
-                for x in range(start[2], hi[2]):
+        hz = end - 1 if ax == 0 else stop[0]
+        hy = end - 1 if ax == 1 else stop[1]
+        hx = end - 1 if ax == 2 else stop[2]
+        for z in range(start[0], hz):
+            for y in range(start[1], hy):
+                z2, y2 = z + dz, y + dy  # the neighbour, fixed per row: no branch per pixel
+                for x in range(start[2], hx):
                     a = frag[z, y, x]
                     if a <= 0:
                         continue
-                    if ax == 0:
-                        z2, y2, x2 = z + 1, y, x
-                    elif ax == 1:
-                        z2, y2, x2 = z, y + 1, x
-                    else:
-                        z2, y2, x2 = z, y, x + 1
+                    x2 = x + dx
                     b = frag[z2, y2, x2]
                     if b <= 0 or b == a:
                         continue
                     u, v = min(a, b), max(a, b)
                     if u != last_u or v != last_v:
-                        last, k, rows = _slot(rows, k, u, v)
+                        last = _probe(rows, u, v)
+                        if rows[last, 0] == _EMPTY:  # a new pair (the table may grow)
+                            last, k, rows = _slot(rows, k, u, v)
                         last_u, last_v = u, v
                     gz, gy, gx = z + origin[0], y + origin[1], x + origin[2]
                     az, ay, ax_ = _vector(source[z, y, x], gz, gy, gx, plane, inv_plane, row,
                                           inv_row)
-                    bz, by, bx = _vector(source[z2, y2, x2], gz + z2 - z, gy + y2 - y,
-                                         gx + x2 - x, plane, inv_plane, row, inv_row)
+                    bz, by, bx = _vector(source[z2, y2, x2], gz + dz, gy + dy, gx + dx, plane,
+                                         inv_plane, row, inv_row)
                     dot = s2[0] * az * bz + s2[1] * ay * by + s2[2] * ax_ * bx
                     still = az == 0 and ay == 0 and ax_ == 0 and bz == 0 and by == 0 and bx == 0
                     if dot < 0 or still:
