@@ -256,8 +256,9 @@ def run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape):
         value = _buffer("value", nd, np.int64)
         done = flood_rounds(flat, cost, int(rounds), offsets, n, _buffer("slot", n, index),
                             frontier, cand, value)
-        if done == rounds:  # still moving at the limit: keep only keys that a chain of final
-            mark_supported(flat, cost, int(rounds), offsets, n, frontier, cand)  # keys carries
+        if done == rounds:  # still moving at the limit: keep only the keys that a chain of
+            # final keys carries back to a seed (unpadded unsets the others)
+            mark_supported(flat, cost, int(rounds), offsets, n, frontier, cand)
     key = np.empty(seeds.shape, np.int64)  # by NumPy: huge pages (see emtile.segmenter.pixels)
-    dropped = unpadded(flat, pad, done == rounds, cost, key)                    # to a seed
+    dropped = unpadded(flat, pad, done == rounds, cost, key)
     return key, max(done, 0), dropped
