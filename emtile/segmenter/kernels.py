@@ -199,21 +199,9 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
     """
     if not 0 <= rounds <= MAX_ROUNDS:
         raise EmtileError(f"rounds={rounds} must be between 0 and {MAX_ROUNDS}")
-    from emtile.segmenter.flood import flood_rounds, keep_supported
-    from emtile.segmenter.pixels import init_keys
+    from emtile.segmenter.flood import run_flood
 
-    shape = seeds.shape
-    key = init_keys(np.asarray(seeds, bool), np.array(origin, np.int64),
-                    np.array(volume_shape, np.int64))
-    if not seeds.any() or not domain.any():
-        return key
-    flat = key.reshape(-1)
-    args = (np.ascontiguousarray(domain).reshape(-1),
-            np.ascontiguousarray(alt, dtype=np.uint8).reshape(-1), int(rounds),
-            np.array(shape, np.int64), np.array([ax in axes for ax in range(3)]))
-    if flood_rounds(flat, *args) == rounds:  # still moving at the limit: keep only keys that
-        keep_supported(flat, *args)          # a chain of final keys carries back to a seed
-    return key
+    return run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape)[0]
 
 
 def source_labels(key, labels, *, origin, volume_shape, fill=0):
@@ -229,8 +217,10 @@ def source_labels(key, labels, *, origin, volume_shape, fill=0):
     from emtile.segmenter.pixels import labels_at_sources
 
     fill = np.broadcast_to(np.asarray(fill, np.int64), key.shape)
-    return labels_at_sources(key, np.asarray(labels, np.int64), fill,
-                             np.array(origin, np.int64), np.array(volume_shape, np.int64))
+    out = np.empty(key.shape, np.int64)
+    labels_at_sources(key, np.asarray(labels, np.int64), fill, np.array(origin, np.int64),
+                      np.array(volume_shape, np.int64), out)
+    return out
 
 
 def face_pairs(labels, *, start, stop, axes):
