@@ -348,17 +348,17 @@ _WORKER_ENV_LEFT_OUT = ("MALLOC_TRIM_THRESHOLD_",)
 
 def _spawn_config(spec):
     """The Dask config a cluster is made under: for the workers that this process starts
-    (local, cuda), the nanny's environment without :data:`_WORKER_ENV_LEFT_OUT`."""
+    (local, cuda), the nanny's environment without :data:`_WORKER_ENV_LEFT_OUT` (a value of None
+    unsets a variable there)."""
     import importlib
 
     import dask
 
     if spec["kind"] not in ("local", "cuda"):
         return contextlib.nullcontext()
-    importlib.import_module("distributed")  # its defaults are in dask's config once imported
-    env = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
-    return dask.config.set({"distributed.nanny.pre-spawn-environ": {
-        k: v for k, v in env.items() if k not in _WORKER_ENV_LEFT_OUT}})
+    importlib.import_module("distributed")  # its defaults in the config first, then the change
+    return dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": None
+                            for name in _WORKER_ENV_LEFT_OUT})
 
 
 def create_cluster(cluster, *, workers=None):

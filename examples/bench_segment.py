@@ -429,7 +429,9 @@ def speed(a):
                       f"{'x'.join(map(str, r.block))} ({t_ws / t:.2f}x skimage; per core "
                       f"{t_ws / (t * processes):.2f}x)")
 
-        timed(", this process", 1)
+        from emtile._process import usable_cores
+
+        timed(f", this process ({usable_cores()} threads)", usable_cores())
         t0 = time.perf_counter()
         with start_cluster("local", workers=a.workers) as (client, info):
             for method in ("cc", "ws"):  # every worker: imports, compiled kernels loaded
