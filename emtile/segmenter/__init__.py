@@ -97,11 +97,11 @@ approximate: the tests compare every block size with the single-block run bit fo
 Known limits: in ws with distance seeds, interior pixels that no seed reaches within
 ``interior_rounds`` steps keep their whole interior component as one fragment, which can be in
 two pieces when the reached fragments between them are not merged (none on ISBI with 40 rounds;
-16 of 3,503 objects with 24 rounds). The global step holds one row of blocks' graph at a time
-in 2d mode, the whole volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D
+16 of 3,503 objects with 24 rounds). The global step (one task per row of blocks, in the workers)
+holds one row of blocks' graph per task in 2d mode, the whole volume's in 3d mode (about 2.8 kB per fragment at its peak for a 3-D
 graph, records included, with mean linkage: :mod:`emtile.segmenter.graph` says how it was
 measured; quantile linkage adds 8 histogram counts, 64 B, per face and block to the records and
-the graph), and agglomerates in one thread (compiled, :mod:`emtile.segmenter.agglomerate`:
+the graph), and agglomerates a row in one thread (compiled, :mod:`emtile.segmenter.agglomerate`:
 seconds for 350,000 fragments).
 
 Defaults (:class:`emtile.settings.SegmentSettings`): ws, component seeds, levels adapted to the map
