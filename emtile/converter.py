@@ -21,7 +21,6 @@ after its last chunk.
 
 import math
 import os
-import queue
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,7 +42,6 @@ from emtile.voxels import SOURCE_WORDS, MetadataWarning, read_voxel_size
 __all__ = ["convert"]
 
 WRITE_THREADS = 8  # the most threads compressing and writing chunks at once
-_PIPELINE_DEPTH = 2  # slabs read ahead of the writer
 
 
 def _conversion_voxel_size(input, ndim, voxel_size, unit):
@@ -314,37 +312,13 @@ def _slab_reader(src, input, *, plain):
     if layout is None:
         return lambda z0, z1: _read_slab(src, input, z0, z1)
 
-    def read(z0, z1, out=None):
+    def read(z0, z1):
         try:
-            return tiff.read_contiguous(input, layout, z0, z1, out=out)
+            return tiff.read_contiguous(input, layout, z0, z1)
         except Exception as exc:  # a file cut short since it was checked
             raise EmtileError(f"cannot read {str(input)!r} at slices {z0}:{z1}: {exc}") from None
 
-    read.fills = layout[2]  # reads into a given array of this dtype (out=)
     return read
-
-
-class _SlabBuffers:
-    """Slab arrays that a reader that ``fills`` reads into again and again: a fresh 64 MB array
-    costs its page faults on every read (reading a page-cached TIFF ran at 0.6-0.9 GB/s into
-    fresh arrays, 6.6 GB/s into reused ones). ``count`` covers the slab being read, the ones
-    waiting for the writer and the one being written; :meth:`take` waits for one given back."""
-
-    def __init__(self, shape, dtype, count):
-        self.free = queue.Queue()
-        for _ in range(count):
-            self.free.put(np.empty(shape, dtype))
-
-    def take(self, check):
-        """A free array; ``check()`` is called while waiting (a failed writer raises there)."""
-        while True:
-            try:
-                return self.free.get(timeout=0.5)
-            except queue.Empty:
-                check()
-
-    def give(self, array):
-        self.free.put(array)
 
 
 def _write_threads():
@@ -387,19 +361,8 @@ def _copy_slabs(src, read_slab, arrays, input, output, *, labels, ids, threshold
     counter = IdCounter() if ids else None
     out_dtype = arrays[0].dtype
 
-    # plain slabs go to the writer as read: read them into reused arrays
-    fills = getattr(read_slab, "fills", None)
-    buffers = taken = None
-    if fills is not None and not ids and not labels and np.dtype(fills) == out_dtype:
-        buffers = _SlabBuffers((depth,) + tuple(arrays[0].shape[1:]), fills, _PIPELINE_DEPTH + 2)
-        taken = {}  # z0 -> the array its slab was read into, until written
-
-    def read(z0, z1, check):
-        if buffers is not None:
-            taken[z0] = buffers.take(check)
-            slab = read_slab(z0, z1, out=taken[z0][:z1 - z0])
-        else:
-            slab = read_slab(z0, z1)
+    def read(z0, z1):
+        slab = read_slab(z0, z1)
         if ids:  # checked whole and >= 0 by _id_dtype's pass (an unsigned source needs none)
             slab = slab.astype(out_dtype, copy=False)
             counter.update(slab)
@@ -411,16 +374,12 @@ def _copy_slabs(src, read_slab, arrays, input, output, *, labels, ids, threshold
         return slab
 
     def write(z0, z1, slab):
-        try:
-            with _store.write_errors(output):
-                for level, arr in enumerate(arrays):
-                    if level:
-                        slab = _store.downsample(slab, labels=labels)
-                    _put(arr, z0, slab, pool)
-                _faults.point("convert.slab")
-        finally:
-            if buffers is not None:
-                buffers.give(taken.pop(z0))
+        with _store.write_errors(output):
+            for level, arr in enumerate(arrays):
+                if level:
+                    slab = _store.downsample(slab, labels=labels)
+                _put(arr, z0, slab, pool)
+            _faults.point("convert.slab")
 
     n = arrays[0].shape[0]
     threads = _write_threads()
@@ -434,10 +393,8 @@ def _copy_slabs(src, read_slab, arrays, input, output, *, labels, ids, threshold
 
 
 def _pipeline(ranges, read, write, *, on_done):
-    """Read slabs on this thread (``read(z0, z1, check)``; ``check()`` raises a failed write's
-    error) while a :class:`WriterThread` writes the previous ones."""
-    with WriterThread(lambda z0, z1, slab: (write(z0, z1, slab), on_done(z0, z1)),
-                      depth=_PIPELINE_DEPTH) as writer:
+    """Read slabs on this thread while a :class:`WriterThread` writes the previous ones."""
+    with WriterThread(lambda z0, z1, slab: (write(z0, z1, slab), on_done(z0, z1))) as writer:
         for z0, z1 in ranges:
             writer.check()  # a failed write stops the reading too
-            writer.put(z0, z1, read(z0, z1, writer.check))
+            writer.put(z0, z1, read(z0, z1))

@@ -65,8 +65,7 @@ def test_converted_bytes_are_pinned(tmp_path, isbi_dir):
 def test_contiguous_tiffs_take_one_read_per_slab(tmp_path, isbi_dir, monkeypatch):
     calls = []
     real = tiff.read_contiguous
-    monkeypatch.setattr(tiff, "read_contiguous",
-                        lambda *a, **kw: calls.append(a[2:]) or real(*a, **kw))
+    monkeypatch.setattr(tiff, "read_contiguous", lambda *a: calls.append(a[2:]) or real(*a))
     raw = tifffile.imread(isbi_dir / "train-volume.tif")[:12]
     tifffile.imwrite(tmp_path / "c.tif", raw)  # uncompressed, contiguous
     emtile.convert(tmp_path / "c.tif", tmp_path / "c.zarr", progress=False)
@@ -85,34 +84,6 @@ def test_contiguous_tiffs_take_one_read_per_slab(tmp_path, isbi_dir, monkeypatch
     emtile.convert(tmp_path / "one.tif", tmp_path / "one.zarr", progress=False)
     assert calls[-1] == (0, 1)
     np.testing.assert_array_equal(open_volume(tmp_path / "one.zarr")[:], image[None])
-
-
-def test_slabs_are_read_into_reused_arrays(tmp_path, isbi_dir, monkeypatch):
-    """A contiguous TIFF's slabs are read into a few arrays used again (a fresh array costs its
-    page faults on every read), never into one the writer still holds: the bytes are those of
-    the stack, at every level."""
-    from emtile import stacks
-
-    monkeypatch.setattr(stacks, "SLAB_BYTES", 2 * 512 * 512)  # 2 slices a slab: 6 slabs
-    arrays = []
-    real = tiff.read_contiguous
-
-    def recording(*a, out=None):
-        arrays.append(None if out is None else (out.base if out.base is not None else out))
-        return real(*a, out=out)
-
-    monkeypatch.setattr(tiff, "read_contiguous", recording)
-    raw = tifffile.imread(isbi_dir / "train-volume.tif")[:11]  # the last slab: one slice
-    tifffile.imwrite(tmp_path / "c.tif", raw)
-    emtile.convert(tmp_path / "c.tif", tmp_path / "c.zarr", levels=2, shards="none",
-                   progress=False)
-    assert len(arrays) == 6 and all(a is not None for a in arrays)
-    assert len({id(a) for a in arrays}) < 6  # used again
-    np.testing.assert_array_equal(open_volume(tmp_path / "c.zarr")[:], raw)
-    import zarr
-
-    level1 = zarr.open_array(str(tmp_path / "c.zarr" / "1"), mode="r")[:]
-    np.testing.assert_array_equal(level1, store.downsample(raw, labels=False))
 
 
 def test_a_tiff_cut_short_after_its_check_is_one_line(tmp_path):
