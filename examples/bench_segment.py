@@ -5,7 +5,7 @@
     python examples/bench_segment.py invariance --pred pred.zarr        # blocks 128..1024 px
     python examples/bench_segment.py memory --sizes-gb 0.4 4            # peak RSS, one process each
     python examples/bench_segment.py speed --pred pred.zarr             # against skimage watershed
-    python examples/bench_segment.py throughput --compare /tmp/old      # Mvoxel/s, here and on 2 workers
+    python examples/bench_segment.py throughput --compare OLD_TREE      # Mvoxel/s, here and on 2 workers
     python examples/bench_segment.py records --blocks 100000            # files of pass 2's records
     python examples/bench_segment.py graph --fragments 350000 --reference  # the global step
     python examples/bench_segment.py robust --maps s0=runs/isbi3/seed0/pred.zarr ...  # issue 22

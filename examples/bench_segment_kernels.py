@@ -1,11 +1,12 @@
 """Pass 2 of ``emtile segment`` on one block, kernel by kernel: seconds and minor page faults.
 
-    OMP_NUM_THREADS=1 python examples/bench_segment_kernels.py
-    OMP_NUM_THREADS=1 python examples/bench_segment_kernels.py --compare /tmp/kern-old
+    OMP_NUM_THREADS=1 .venv/bin/python examples/bench_segment_kernels.py [--pred MAP]
+    OMP_NUM_THREADS=1 .venv/bin/python examples/bench_segment_kernels.py --compare OLD_TREE
 
 The block is what the defaults read for an interior block of a large 2-D-mode volume: 4 slices of
 1024 x 1024 px plus a 65-px halo (``grow`` 32: ``2 * 32 + 1``), i.e. 4 x 1154 x 1154, cut from a
-real probability map (``/work/runs/maps/demo400.zarr``, 30 x 512 x 512 uint8) mirrored
+real probability map (``--pred``, default ``demo-out/pred.zarr``, which ``bash
+examples/demo.sh`` writes: 30 x 512 x 512 uint8) mirrored
 (``numpy.pad(mode="reflect")``). The calls are those of ``blocks._fragments`` and
 ``blocks.run_fragment_blocks`` with the defaults (component seeds: one flood of 32 rounds over the
 boundary pixels, quantile linkage's histogram bins).
@@ -26,15 +27,15 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAP = "/work/runs/maps/demo400.zarr"
+MAP = os.path.join(HERE, "demo-out", "pred.zarr")  # the demo's prediction of the ISBI stack
 
 
-def _block(size, z):
-    """``z`` slices of the map mirrored to ``size`` x ``size`` (uint8)."""
+def _block(path, size, z):
+    """``z`` slices of the map at ``path`` mirrored to ``size`` x ``size`` (uint8)."""
     import numpy as np
     import zarr
 
-    p = np.asarray(zarr.open(MAP, mode="r")["0"][:z, :size, :size])
+    p = np.asarray(zarr.open(path, mode="r")["0"][:z, :size, :size])
     pad = [(0, 0)] + [((size - n) // 2, size - n - (size - n) // 2) for n in p.shape[1:]]
     return np.ascontiguousarray(np.pad(p, pad, mode="reflect"))
 
@@ -48,7 +49,7 @@ def _child(args):
     from emtile.segmenter import kernels
     from emtile.segmenter.pixels import stored_ids
 
-    p = _block(args.size, args.z)
+    p = _block(args.pred, args.size, args.z)
     halo = 2 * args.grow + 1
     volume_shape = (2 * args.z, 4096, 4096)
     r0 = (0, 1024 - halo, 1024 - halo)
@@ -101,7 +102,8 @@ def _child(args):
 
 def _run(tree, args):
     env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--size", str(args.size),
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--pred", args.pred,
+           "--size", str(args.size),
            "--z", str(args.z), "--grow", str(args.grow), "--repeats", str(args.repeats)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -110,6 +112,7 @@ def _run(tree, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--compare", help="another checkout whose emtile package is timed too")
+    ap.add_argument("--pred", default=MAP, help="a uint8 probability store (emtile predict's)")
     ap.add_argument("--size", type=int, default=1154, help="read box side (px)")
     ap.add_argument("--z", type=int, default=4)
     ap.add_argument("--grow", type=int, default=32)
@@ -119,6 +122,10 @@ def main():
     args = ap.parse_args()
     if args.child:
         return _child(args)
+    args.pred = os.path.abspath(args.pred)
+    if not os.path.isdir(args.pred):
+        sys.exit(f"no probability map at {args.pred}: run bash examples/demo.sh first, or give "
+                 f"--pred an emtile prediction")
     trees = [("this", HERE)] + ([("compare", os.path.abspath(args.compare))] if args.compare
                                 else [])
     results = {name: [] for name, _ in trees}
