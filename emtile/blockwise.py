@@ -169,6 +169,7 @@ class Pass:
     #: ``fn`` is thread-safe and its work releases the GIL: here, blocks run in one thread per
     #: usable core (on a cluster, each worker runs its tasks as Dask gives them)
     threads: bool = False
+    unit: str = "block"  # what the plan's ids are, on the progress bar
     #: Blocks recorded before their markers are written (without ``keep``; with it, the
     #: buffer's ``full()`` decides) ...
     flush_blocks: int = 64
@@ -359,7 +360,7 @@ def _run_pass(stage, p, group, runner, *, progress):
                                blocks_per_task=runner.blocks_per_task, retries=runner.retries,
                                progress=progress, desc=p.name, total=int(todo.size),
                                on_result=record, describe=p.describe, resources=resources,
-                               threads=threads)
+                               threads=threads, unit=p.unit)
     record.flush()
     missing = np.flatnonzero(~markers.done())
     if missing.size:  # every block was run: a bug, never a user error

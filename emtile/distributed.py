@@ -81,7 +81,7 @@ def _cluster_threads(client):
 
 def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2, window=None,
                progress=True, desc="blocks", total=None, describe=None, on_result=None,
-               resources=None, threads=1):
+               resources=None, threads=1, unit="block"):
     """Call ``fn(job, ids)`` over ``block_ids`` in groups of ``blocks_per_task``.
 
     Parameters
@@ -118,6 +118,8 @@ def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2,
         Without a client: groups run at once in this many threads of this process (for an
         ``fn`` whose work releases the GIL, such as Numba ``nogil`` kernels and chunk codecs);
         results are delivered in this thread, in the order the groups finish.
+    unit : str
+        What an id is, on the bar ("block"; "row" for segment's global step).
 
     Returns
     -------
@@ -128,7 +130,7 @@ def map_blocks(fn, job, block_ids, *, client=None, blocks_per_task=1, retries=2,
 
     whole_number("blocks_per_task", blocks_per_task, least=1)
     whole_number("retries", retries, least=0)
-    bar = tqdm(total=total, unit="block", desc=desc, disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=total, unit=unit, desc=desc, disable=not progress, dynamic_ncols=True,
                smoothing=0.1)
     link = getattr(client, "dashboard_link", None) if client is not None else None
     if progress and link:

@@ -603,7 +603,7 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
             name=name["graph"], fn=blocks.run_graph_rows, job=graph, plan=range(len(groups)),
             describe=functools.partial(_describe_row, plan, groups), markers="done_rows",
             point="segment.graph.recorded", keep=_keep_rows, after=steps.rows_done,
-            flush_seconds=_FLUSH_S, threads=True))
+            flush_seconds=_FLUSH_S, threads=True, unit="row"))
     stage = Stage(name="segment", output=job.output, inputs=(pred.path,),
                   fingerprint=_fingerprint(pred, dict(recorded, offsets=pred.offsets)
                                            if pred.channels else recorded, levels),
