@@ -5,7 +5,7 @@
     python examples/bench_segment.py invariance --pred pred.zarr        # blocks 128..1024 px
     python examples/bench_segment.py memory --sizes-gb 0.4 4            # peak RSS, one process each
     python examples/bench_segment.py speed --pred pred.zarr             # against skimage watershed
-    python examples/bench_segment.py throughput --compare OLD_TREE      # Mvoxel/s, here and on 2 workers
+    python examples/bench_segment.py throughput --compare OLD_TREE      # Mvoxel/s; 2 workers
     python examples/bench_segment.py records --blocks 100000            # files of pass 2's records
     python examples/bench_segment.py graph --fragments 350000 --reference  # the global step
     python examples/bench_segment.py robust --maps s0=runs/isbi3/seed0/pred.zarr ...  # issue 22
@@ -50,12 +50,13 @@ faster than skimage with 2 workers. ``--blocks-per-task``, ``--block-size`` as t
 segment`` with its defaults, each run in its own subprocess after a warm-up run on a small map
 (imports and compiled kernels loaded, on every worker too): the small volume in this process
 (blocks in one thread per core), the large one in this process restricted to one core (its CPU
-affinity), in this process and on a local cluster of ``--workers`` workers. It prints Mvoxel/s, the seconds of each pass, and the cluster's speed-up
-over this process (best of ``--rounds``). ``--compare TREE`` runs every measurement with another checkout's ``emtile/``
-too (``git archive OLD emtile | tar -x -C TREE``), interleaved, so the ratios are from one run.
-Targets: at least 10 Mvoxel/s on 8 x 2048 x 2048, and the 2-worker cluster at least 1.6x one
-process on one core on 64 x 2048 x 2048 (the issue's "one process" ran its blocks on one core;
-now a process uses every core, so it is also printed against that).
+affinity), in this process and on a local cluster of ``--workers`` workers. It prints Mvoxel/s, the
+seconds of each pass, and the cluster's speed-up over this process (best of ``--rounds``).
+``--compare TREE`` runs every measurement with another checkout's ``emtile/`` too (``git archive
+OLD emtile | tar -x -C TREE``), interleaved, so the ratios are from one run. Targets: at least 10
+Mvoxel/s on 8 x 2048 x 2048, and the 2-worker cluster at least 1.6x one process on one core on 64 x
+2048 x 2048 (the issue's "one process" ran its blocks on one core; now a process uses every core,
+so it is also printed against that).
 
 ``records`` writes the per-block records of pass 2 for a synthetic plan of ``--blocks`` blocks
 (``--rows`` fragments a block; edges and face pairs in proportion) the way the driver does

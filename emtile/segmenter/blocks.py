@@ -33,9 +33,9 @@ numbered 1..N in a worker, which returns the row's table; the driver writes the 
 rows' object counts give each row's first id. Affinity runs keep their global step in the
 driver (:mod:`emtile.segmenter.fragment_graph`).
 
-With affinities, the write pass also writes each voxel's fragment id to
-``emtile_graph/fragments``, which stays (:mod:`emtile.segmenter.fragment_graph`). The write pass
-writes the labels at ``0`` and, with ``levels > 1``, every pyramid level of the block from the same labels (``k``: every
+With affinities, the write pass also writes each voxel's fragment id to ``emtile_graph/fragments``,
+which stays (:mod:`emtile.segmenter.fragment_graph`). The write pass writes the labels at ``0``
+and, with ``levels > 1``, every pyramid level of the block from the same labels (``k``: every
 ``2**k``-th pixel in y and x, so no level holds an id that level 0 does not); blocks start at
 multiples of ``2**(levels - 1)`` in y and x and each level's chunks are halved, so a block owns
 whole chunks at every level.
@@ -542,8 +542,9 @@ def map_ids(job, stored, dtype, table="table", shift=0):
 
 
 def run_write_blocks(job, block_ids):
-    """The write pass: per block, map its provisional fragment ids to output ids and write ``0`` and
-    every further pyramid level. Returns the number of nonzero output pixels per block."""
+    """The write pass: per block, map its provisional fragment ids to output ids (plus its row's
+    first id) and write ``0`` and every further pyramid level. Returns the number of nonzero
+    output pixels per block."""
     from emtile.store import downsample
 
     plan = SegmentPlan(job.shape, job.block)

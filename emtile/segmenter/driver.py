@@ -401,13 +401,14 @@ class _RowTables:
 
 def _runs(spans):
     """``(first id, values)`` spans joined where one ends where the next begins."""
-    out = []
+    out = []  # [first id, end, parts]
     for lo, values in sorted(((lo, v) for lo, v in spans if v.size), key=lambda s: s[0]):
-        if out and out[-1][0] + sum(x.size for x in out[-1][1]) == lo:
-            out[-1][1].append(values)
+        if out and out[-1][1] == lo:
+            out[-1][1] += values.size
+            out[-1][2].append(values)
         else:
-            out.append((lo, [values]))
-    return [(lo, np.concatenate(parts)) for lo, parts in out]
+            out.append([lo, lo + values.size, [values]])
+    return [(lo, np.concatenate(parts)) for lo, _, parts in out]
 
 
 def _keep_rows(group):
