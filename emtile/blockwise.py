@@ -257,7 +257,7 @@ def _open(stage, overwrite):
     resume = stage.fingerprint is not None and not overwrite
     state = store.prepare_output(stage.output, overwrite=overwrite, resume=resume)
     if state == "resume":
-        group = zarr.open_group(store.zarr_target(stage.output, "r+"), mode="r+")
+        group = zarr.open_group(store.zarr_target(stage.output, "r+"), mode="r+", zarr_format=3)
         if _resumable(stage, group):
             return group, True
         store.prepare_output(stage.output, overwrite=overwrite)  # another run's, or unfinished

@@ -226,9 +226,7 @@ def describe_volume(path, *, stats=False, progress=False):
             out["compressor"] = f"TIFF {page.compression.name.lower()}"
             out["chunks"] = (1,) + (tuple(page.chunks) if page.is_tiled else tuple(page.shape[:2]))
     if _store.is_zarr_store(p):
-        import zarr
-
-        node = zarr.open(_store.zarr_target(p), mode="r")
+        node = _store.open_zarr(p)
         attrs = node.attrs.asdict()
         meta = attrs.get("emtile")
         if meta is not None:

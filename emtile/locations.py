@@ -22,10 +22,13 @@ environment are read by s3fs / gcsfs in each process (the driver and every Dask 
 copied into a job. ``repr`` masks any option whose name looks like a secret.
 """
 
+import atexit
+import contextlib
 import json
 import os
 import posixpath
 import re
+import weakref
 from pathlib import Path
 
 from emtile._errors import EmtileError
@@ -248,9 +251,12 @@ class Location:
         import fsspec
 
         try:
-            return fsspec.filesystem(self.scheme, asynchronous=True, **self.storage_options)
+            fs = fsspec.filesystem(self.scheme, asynchronous=True, **self.storage_options)
         except ImportError:
             raise EmtileError(f"location {self.url!r} needs {_PROTOCOL_PACKAGE[self.scheme]}") from None
+        if self.scheme == "gs":
+            _closed_at_exit(fs)
+        return fs
 
     def zarr_store(self, mode="r"):
         """A Zarr v3 store object for ``zarr.open_group(store, mode=...)`` / ``zarr.open_array``.
@@ -344,3 +350,31 @@ class Location:
             except FileNotFoundError:
                 pass
         fs.invalidate_cache(self.fs_path())
+
+
+_GCS_ASYNC = weakref.WeakSet()  # gcsfs file systems that zarr's event loop drives
+
+
+def _closed_at_exit(fs):
+    """Close ``fs``'s HTTP session on zarr's event loop when this process exits.
+
+    gcsfs closes an asynchronous file system's session at exit on fsspec's loop, not on the
+    loop it was opened on (zarr's), which fails and prints a traceback after the command's own
+    output. Closing it first leaves gcsfs nothing to do. The first call registers the handler
+    after forcing ``weakref``'s own exit hook to exist: ``atexit`` runs the later-registered
+    handler first, so this one runs before gcsfs's finalizer."""
+    if not getattr(_closed_at_exit, "registered", False):
+        weakref.finalize(_closed_at_exit, lambda: None)
+        atexit.register(_close_gcs_sessions)
+        _closed_at_exit.registered = True
+    _GCS_ASYNC.add(fs)
+
+
+def _close_gcs_sessions():
+    from zarr.core.sync import sync
+
+    for fs in list(_GCS_ASYNC):
+        session = getattr(fs, "_session", None)
+        if session is not None and not session.closed:
+            with contextlib.suppress(Exception):  # exiting anyway: a close that fails is moot
+                sync(session.close(), timeout=2)

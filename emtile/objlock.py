@@ -21,12 +21,15 @@ random token, the heartbeat interval and the time of the last beat.
 - **Release** deletes the record only while it is still this run's (token read back, then
   ``DeleteObject`` with ``If-Match``).
 
-GCS would use ``ifGenerationMatch=0`` (create) and ``ifGenerationMatch=<generation>`` (beat,
-take over); it is not written yet, and a ``gs://`` output is refused in one line.
+On GCS (``gs://``) the same four steps use object generations instead of ETags: create with
+``ifGenerationMatch=0``, beat and take over with ``ifGenerationMatch=<generation read>``,
+release with a ``DELETE`` under the same condition; the record's age comes from the
+``Last-Modified`` of the server's read.
 """
 
 import contextlib
 import datetime
+import email.utils
 import functools
 import json
 import os
@@ -132,11 +135,70 @@ class _S3:
                 raise
 
 
+class _GCS:
+    """The same four operations on one GCS object through gcsfs's JSON API calls; the object's
+    generation plays the ETag's part (``ifGenerationMatch``, where 0 means "absent")."""
+
+    _BOUNDARY = "emtile-lock-record"
+
+    def __init__(self, loc):
+        self.fs = loc.filesystem()
+        self.bucket, self.key, _ = self.fs.split_path(loc.path)
+
+    def _quoted(self):
+        from urllib.parse import quote
+
+        return quote(self.bucket, safe=""), quote(self.key, safe="")
+
+    def put(self, data, *, if_none_match=False, if_match=None):
+        """The new generation, or None when the condition failed (gcsfs raises 412 as
+        ``FileExistsError``). A multipart upload: the media upload ignores the condition on
+        some servers."""
+        cond = {"ifGenerationMatch": "0"} if if_none_match else (
+            {"ifGenerationMatch": str(if_match)} if if_match else {})
+        meta = json.dumps({"name": self.key, "contentType": "application/json"})
+        body = (f"--{self._BOUNDARY}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+                f"{meta}\r\n--{self._BOUNDARY}\r\nContent-Type: application/json\r\n\r\n"
+                ).encode() + data + f"\r\n--{self._BOUNDARY}--".encode()
+        bucket, _ = self._quoted()
+        try:
+            done = self.fs.call(
+                "POST", f"{self.fs._location}/upload/storage/v1/b/{bucket}/o",
+                uploadType="multipart", data=body, json_out=True,
+                headers={"Content-Type": f'multipart/related; boundary="{self._BOUNDARY}"'},
+                **cond)
+        except FileExistsError:
+            return None
+        return str(done["generation"])
+
+    def get(self):
+        """``(bytes, generation, last_modified)`` or None when the object is absent."""
+        bucket, key = self._quoted()
+        try:
+            headers, data = self.fs.call(
+                "GET", f"{self.fs._location}/download/storage/v1/b/{bucket}/o/{key}",
+                alt="media")
+        except FileNotFoundError:
+            return None
+        modified = email.utils.parsedate_to_datetime(headers["Last-Modified"])
+        return data, headers["X-Goog-Generation"], modified
+
+    def delete(self, generation):
+        bucket, key = self._quoted()
+        try:
+            self.fs.call("DELETE", f"{self.fs._location}/storage/v1/b/{bucket}/o/{key}",
+                         ifGenerationMatch=str(generation))
+        except (FileNotFoundError, FileExistsError):  # gone, or no longer ours: leave it
+            pass
+
+
 def _backend(loc, output):
     if loc.scheme == "s3":
         return _S3(loc)
-    raise EmtileError(f"output {output.url!r}: emtile can lock only s3:// outputs on an object "
-                      f"store ({loc.scheme}:// is not written yet); write to s3:// or a local path")
+    if loc.scheme == "gs":
+        return _GCS(loc)
+    raise EmtileError(f"output {output.url!r}: emtile can lock only s3:// and gs:// outputs on "
+                      f"an object store, not {loc.scheme}://; write there or to a local path")
 
 
 class ObjectLock:
@@ -186,6 +248,9 @@ class ObjectLock:
                 holder = json.loads(raw or b"{}")
             except ValueError:
                 holder = {}
+            if holder.get("token") == self.token:  # ours: a retried put whose first try landed
+                self.etag = etag
+                break
             if not self._stale(holder, modified):
                 raise EmtileError(_busy(self.output, self.where, holder, self.stale_after))
             self.etag = self.backend.put(data, if_match=etag)  # take over: one run wins
@@ -210,7 +275,11 @@ class ObjectLock:
             etag = self.backend.put(json.dumps(self._record()).encode(), if_match=self.etag)
             if etag is None:
                 found = self.backend.get()
-                self.lost_to = json.loads(found[0] or b"{}") if found else {}
+                holder = json.loads(found[0] or b"{}") if found else {}
+                if holder.get("token") == self.token:  # a retried put whose first try landed
+                    self.etag = found[1]
+                    return True
+                self.lost_to = holder
                 return False
             self.etag = etag
             return True
@@ -276,7 +345,7 @@ def object_lock(output, *, heartbeat=HEARTBEAT, stale_after=STALE_AFTER):
     Raises
     ------
     EmtileError
-        If another live run holds the lock, or the store cannot be locked (``gs://``).
+        If another live run holds the lock, or the store cannot be locked (``http(s)://``).
     """
     lock = ObjectLock(output, heartbeat=heartbeat, stale_after=stale_after).acquire()
     try:

@@ -401,7 +401,7 @@ class _Context:
 
             from emtile.store import zarr_target
 
-            group = zarr.open_group(zarr_target(job.output, "r+"), mode="r+")
+            group = zarr.open_group(zarr_target(job.output, "r+"), mode="r+", zarr_format=3)
             self.probs = [group[str(k)] for k in range(job.levels)]
             self.mask = ([group[f"labels/mask/{k}"] for k in range(job.levels)]
                          if job.threshold is not None else None)
@@ -1173,7 +1173,7 @@ def _open_group(path):
 
     from emtile.store import zarr_target
 
-    return zarr.open_group(zarr_target(path, "r+"), mode="r+")
+    return zarr.open_group(zarr_target(path, "r+"), mode="r+", zarr_format=3)
 
 
 def _in_memory(where):

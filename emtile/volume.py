@@ -505,7 +505,7 @@ def _open_zarr_url(loc, require_complete, name):
     import zarr
 
     try:
-        node = zarr.open(loc.zarr_store("r"), mode="r")
+        node = _store.open_zarr(loc)
     except FileNotFoundError:
         raise EmtileError(f"{name} {loc.url!r} does not exist (no Zarr store there)") from None
     except EmtileError:
@@ -515,7 +515,8 @@ def _open_zarr_url(loc, require_complete, name):
     meta = None
     with contextlib.suppress(Exception):  # an array with no group above it has no emtile attrs
         group = node if not isinstance(node, zarr.Array) else \
-            zarr.open_group(loc.parent.zarr_store("r"), mode="r")
+            zarr.open_group(loc.parent.zarr_store("r"), mode="r",
+                            zarr_format=node.metadata.zarr_format)
         meta = group.attrs.asdict().get("emtile")
     if require_complete and meta is not None and not meta.get("complete"):
         raise EmtileError(

@@ -1,6 +1,7 @@
 """The object-store layer against real servers started here: moto's S3 server on 127.0.0.1
-(``tests/s3server.py``) and ``http.server`` for ``https://``-style reads; locations, Zarr v3
-through them, the conditional-put lock, ordered removal, a Dask LocalCluster on the same URL."""
+(``tests/s3server.py``), fake-gcs-server (``tests/gcsserver.py``) and ``http.server`` for
+``https://``-style reads; locations, Zarr v3 through them, the conditional-put lock (on S3 and
+GCS), ordered removal, a Dask LocalCluster on the same URL."""
 
 import functools
 import http.server
@@ -19,11 +20,11 @@ import zarr
 
 from emtile import EmtileError, store
 from emtile.locations import Location, parse_storage_options
-from emtile.objlock import lock_location, object_lock
+from emtile.objlock import ObjectLock, lock_location, object_lock
 from emtile.objremove import remove_store, removal_order
 from emtile.volume import open_input, open_volume
 
-from s3server import s3, s3_server  # noqa: F401  (pytest fixtures)
+from objstores import bucket, gcs, gcs_server, s3, s3_server  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -131,7 +132,21 @@ def test_create_image_and_open_volume_take_an_s3_url(s3):
         open_volume(s3 / "nothing.zarr")
 
 
+def test_zarr_v2_inputs_open_locally_and_on_a_bucket(bucket, tmp_path, rng):
+    """emtile writes Zarr v3 and opens a store as v3 first (one metadata read); many public
+    volumes are v2, which then opens as zarr finds it."""
+    data = rng.integers(0, 255, size=(3, 40, 50), dtype=np.uint8)
+    for where in (str(tmp_path / "v2.zarr"), bucket / "v2.zarr"):
+        group = zarr.open_group(Location(where).zarr_store("w"), mode="w", zarr_format=2)
+        group.create_array("0", shape=data.shape, chunks=(1, 32, 32), dtype=data.dtype)[:] = data
+        np.testing.assert_array_equal(open_volume(where)[:], data)  # the group's array "0"
+        np.testing.assert_array_equal(open_volume(where + "/0")[1:2], data[1:2])
+    with pytest.raises(EmtileError, match=r"does not exist"):
+        open_volume(bucket / "nothing.zarr")
+
+
 # --------------------------------------------------------------------------- the lock
+
 
 _RACER = textwrap.dedent("""
     import sys, time
@@ -148,8 +163,8 @@ _RACER = textwrap.dedent("""
 """)
 
 
-def test_two_processes_racing_for_one_s3_output_one_wins(s3):
-    url = s3 / "out.zarr"
+def test_two_processes_racing_for_one_output_one_wins(bucket):
+    url = bucket / "out.zarr"
     start = time.time() + 3  # both interpreters are up by then: they put at the same moment
     procs = [subprocess.Popen([sys.executable, "-c", _RACER, url, str(start)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -161,8 +176,8 @@ def test_two_processes_racing_for_one_s3_output_one_wins(s3):
     assert not lock_location(url).exists()  # the winner released it
 
 
-def test_a_live_lock_refuses_and_release_frees_it(s3):
-    url = s3 / "out.zarr"
+def test_a_live_lock_refuses_and_release_frees_it(bucket):
+    url = bucket / "out.zarr"
     with object_lock(url, heartbeat=0.3) as held:
         first, etag = lock_location(url).read_json(), held.etag
         assert first["token"] == held.token and first["pid"] == os.getpid()
@@ -178,8 +193,8 @@ def test_a_live_lock_refuses_and_release_frees_it(s3):
         pass
 
 
-def test_a_stale_lock_is_taken_over(s3):
-    url = s3 / "out.zarr"
+def test_a_stale_lock_is_taken_over(bucket):
+    url = bucket / "out.zarr"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     import socket
@@ -197,8 +212,8 @@ def test_a_stale_lock_is_taken_over(s3):
         assert where.read_json()["token"] == lock.token
 
 
-def test_a_run_whose_lock_was_taken_over_finds_out(s3):
-    url = s3 / "out.zarr"
+def test_a_run_whose_lock_was_taken_over_finds_out(bucket):
+    url = bucket / "out.zarr"
     with object_lock(url, heartbeat=0.2) as lock:
         lock_location(url).write_json({"pid": 2, "host": "elsewhere", "token": "thief"})
         time.sleep(0.8)
@@ -208,9 +223,36 @@ def test_a_run_whose_lock_was_taken_over_finds_out(s3):
     assert lock_location(url).read_json()["token"] == "thief"  # not ours to delete
 
 
-def test_gs_outputs_are_refused_in_one_line():
-    with pytest.raises(EmtileError, match=r"^output 'gs://b/v.zarr': emtile can lock only s3://"):
-        with object_lock("gs://b/v.zarr"):
+def test_a_write_that_landed_but_whose_answer_was_lost_keeps_the_lock(bucket):
+    """A client retries a put whose first try landed and gets "precondition failed" (the
+    object now exists / changed): the record read back is this run's own, so the run holds
+    the lock rather than refusing itself or calling it taken over."""
+    url = bucket / "out.zarr"
+    lock = ObjectLock(url, heartbeat=60)
+    put = lock.backend.put
+
+    def answer_lost(data, **conditions):
+        put(data, **conditions)
+        return None
+
+    lock.backend.put = answer_lost
+    lock.acquire()
+    try:
+        assert lock_location(url).read_json()["token"] == lock.token
+        lock.check()  # the heartbeat's rewrite, answer lost too
+        assert lock.lost_to is None and lock_location(url).read_json()["beats"] == 1
+        lock.backend.put = put
+        lock.check()  # and the next rewrite goes through on the generation / ETag read back
+        assert lock_location(url).read_json()["beats"] == 2
+    finally:
+        lock.release()
+    assert not lock_location(url).exists()
+
+
+def test_http_outputs_cannot_be_locked():
+    with pytest.raises(EmtileError, match=r"^output 'https://h/v.zarr': emtile can lock only "
+                                          r"s3:// and gs:// outputs"):
+        with object_lock("https://h/v.zarr"):
             pass
 
 

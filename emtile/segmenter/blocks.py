@@ -199,7 +199,7 @@ def _open(job):
             _CACHE.clear()  # one run at a time per process
             from emtile.store import zarr_target
 
-            group = zarr.open_group(zarr_target(job.output, "r+"), mode="r+")
+            group = zarr.open_group(zarr_target(job.output, "r+"), mode="r+", zarr_format=3)
             source = (open_volume(job.input) if job.channels else  # affinities: as stored
                       open_probability_map(job.input, invert=job.invert, native_uint8=True))
             found = {"input": source, "group": group, "temp": group[TEMP]}

@@ -97,12 +97,12 @@ def _ome(path):
 
     from emtile.store import is_zarr_store
 
-    from emtile.store import zarr_target
+    from emtile.store import open_zarr
 
     if not is_zarr_store(path):
         return None
     try:
-        node = zarr.open(zarr_target(path), mode="r")
+        node = open_zarr(path)
     except Exception:
         return None
     return node.attrs.asdict() if isinstance(node, zarr.Group) else None

@@ -54,7 +54,7 @@ def _open(job):
             _CACHE.clear()
             from emtile.store import zarr_target
 
-            out = zarr.open_group(zarr_target(job.output, "r+"), mode="r+")
+            out = zarr.open_group(zarr_target(job.output, "r+"), mode="r+", zarr_format=3)
             _CACHE[key] = {"fragments": zarr.open_group(zarr_target(job.source),
                                                         mode="r")[GRAPH]["fragments"],
                            "levels": [out[str(k)] for k in range(job.levels)],
