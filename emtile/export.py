@@ -506,9 +506,13 @@ def export_model(model, path, *, sample=None, sample_slice=None, name=None, desc
     -------
     ExportResult
     """
+    from emtile.locations import local_only
     from emtile.package import load_package
     from emtile.unet import load_folder, load_metadata
 
+    local_only(model, "model", "export reads a model folder on local disk")
+    local_only(path, "path", "a bioimage.io package is written as a local .zip (copy it to the "
+                             "store afterwards)")
     m = _spec()
     from bioimageio.spec import save_bioimageio_package
 

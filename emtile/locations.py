@@ -34,7 +34,7 @@ from pathlib import Path
 from emtile._errors import EmtileError
 
 __all__ = ["Location", "at", "remote", "parse_storage_options", "SCHEMES", "READ_ONLY_SCHEMES",
-           "is_url"]
+           "is_url", "local_only"]
 
 SCHEMES = ("s3", "gs", "http", "https")  # URLs a Location takes (local paths need none)
 READ_ONLY_SCHEMES = ("http", "https")
@@ -49,6 +49,14 @@ _PROTOCOL_PACKAGE = {"s3": "s3fs (pip install 'emtile[s3]')",
 def is_url(text):
     """True for ``scheme://...`` text (any scheme; :class:`Location` checks which it takes)."""
     return isinstance(text, str) and _URL.match(text) is not None
+
+
+def local_only(path, what, why):
+    """Refuse, in one line, an object-store URL given where emtile reads or writes only local
+    files (a model folder, a figure, a package, the stores ``emtile view`` serves): without
+    this, ``s3://b/m`` would be taken as the local folder ``s3:/b/m``."""
+    if is_url(str(path)) if path is not None else False:
+        raise EmtileError(f"{what} {str(path)!r} is a URL: {why}; give a local path")
 
 
 def remote(path):

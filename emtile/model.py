@@ -186,10 +186,13 @@ def _best(run):
 
 
 def _check_source(source):
+    from emtile.locations import local_only
+
     if not isinstance(source, (str, os.PathLike)):
         raise EmtileError(f"model must be an emtile UNet, a Model, or the path of a model folder, "
                           f"a training run folder or a bioimage.io package; got "
                           f"{type(source).__name__}")
+    local_only(source, "model", "models are read from local disk (copy it here first)")
     return Path(source)
 
 

@@ -623,7 +623,9 @@ def show(raw=None, *, pred=None, labels=None, seg=None, slices=None, roi=None, t
     matplotlib.figure.Figure
     """
     from emtile import store
+    from emtile.locations import local_only
 
+    local_only(output, "output", "figures are written to local disk")
     store.check_output(None, inputs=[raw, pred, labels, seg, log], files={"output": output})
     if output is not None and Path(output).suffix.lower() not in _SUFFIXES:
         raise EmtileError(f"output={str(output)!r} must end in .png or .pdf")

@@ -111,7 +111,10 @@ def train(raw, labels, out, settings=None, *, resume=False, overwrite=False, pro
         ``best_path`` / ``last_path``.
     """
     from emtile import store
+    from emtile.locations import local_only
 
+    local_only(out, "out", "a training run writes its model folders on local disk (copy them to "
+                           "an object store afterwards; raw and labels may be URLs)")
     store.check_output(out, inputs=[raw, labels])  # before any work
     with store.output_lock(out):  # one live run per folder (a killed run's lock is stale)
         return _train(raw, labels, out, settings, resume=resume, overwrite=overwrite,

@@ -102,6 +102,10 @@ def _node(path, role):
 
     from emtile.store import is_zarr_store
 
+    from emtile.locations import local_only
+
+    local_only(path, role, "emtile view serves local stores (a public s3://, gs:// or https:// "
+                           "store opens in neuroglancer directly, as zarr://URL)")
     p = Path(str(path))
     if not p.exists():
         raise EmtileError(f"{role}={str(path)!r} does not exist")

@@ -383,6 +383,30 @@ def test_the_content_token_of_an_s3_input_follows_its_chunks(s3, rng):
     assert content_token(loc.url) != token
 
 
+@pytest.mark.parametrize("argv, what", [
+    (["train", "--raw", "raw.zarr", "--labels", "lab.zarr", "--out", "s3://b/run",
+      "--train-slices", "0:2"], "out"),
+    (["show", "raw.zarr", "--output", "gs://b/fig.png"], "output"),
+    (["export", "model", "s3://b/model.zip"], "path"),
+    (["export", "gs://b/model", "model.zip"], "model"),
+    (["predict", "raw.zarr", "pred.zarr", "--model", "s3://b/model"], "model"),
+    (["view", "s3://b/raw.zarr", "--no-browser"], "raw"),
+])
+def test_a_url_where_only_a_local_path_works_is_one_line(argv, what, tmp_path, monkeypatch):
+    """Before any work and without touching the network; nothing is made on local disk (a
+    URL taken as a path would be the folder ``s3:/b/...``)."""
+    from click.testing import CliRunner
+
+    from emtile.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith(f"Error: {what} '") and "is a URL: " in r.output, r.output
+    assert r.output.rstrip().endswith("give a local path"), r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_storage_option_flag_parses_and_refuses_in_one_line():
     import click
     from click.testing import CliRunner
