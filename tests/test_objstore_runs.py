@@ -5,6 +5,8 @@
   URL gives the arrays and scores of the same commands on local disk;
 - a ``predict`` SIGKILLed after its second block resumes with only the missing blocks and the
   uninterrupted run's bytes;
+- ``train`` and ``show`` read their volumes from a bucket;
+- a command refused on a bucket prints one line, in a fresh interpreter (nothing at exit);
 - on ``gs://`` (S3 has its own in ``test_s3_pipeline.py``): a second run into a live run's
   output is refused naming it, and a Dask LocalCluster reads and writes the store.
 """
@@ -87,6 +89,20 @@ def test_convert_predict_segment_evaluate_on_a_bucket_give_the_local_results(buc
         assert is_complete(f"{bucket.url}/run/{name}"), name
     assert not any(".emtile-lock" in k or "emtile_segment" in k
                    for k in Location(bucket.url).keys())  # locks released, working data gone
+
+
+def test_train_and_show_read_their_volumes_from_a_bucket(bucket, inputs, tmp_path):
+    """The model folder and the figure are local files; the volumes they read may be URLs."""
+    _ok("convert", inputs / "stack.tif", bucket / "raw.zarr", "--no-progress")
+    _ok("convert", inputs / "labels.tif", bucket / "labels.zarr", "--labels", "--no-progress")
+    out = _ok("train", "--raw", bucket / "raw.zarr", "--labels", bucket / "labels.zarr", "--out",
+              tmp_path / "run", "--train-slices", "0:2", "--val-slices", "2:3", "--iterations",
+              "2", "--base", "4", "--depth", "2", "--tile", "68", "--batch-size", "1",
+              "--workers", "0", "--no-progress", "--no-tune-segment")
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists(), out
+    _ok("show", bucket / "raw.zarr", "--labels", bucket / "labels.zarr", "--output",
+        tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 1000
 
 
 # predict's blocks of at most 4000 px in 56-px chunks (as in test_faults.py): 12 blocks here
