@@ -362,7 +362,8 @@ def _fragments(job, plan, r0, r1):
     key = kernels.flood(inside, ~inside, alt, rounds=job.grow, axes=job.axes, origin=r0,
                         volume_shape=job.shape)
     frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape)
-    source = key & np.int64(kernels.INDEX_LIMIT - 1)  # read where frag > 0 (the key is set)
+    # read where frag > 0 (the key is set); in place: the key is not needed again
+    source = np.bitwise_and(key, np.int64(kernels.INDEX_LIMIT - 1), out=key)
     return frag, inside, alt, joined, source, (levels, lut)
 
 

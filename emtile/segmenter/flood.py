@@ -17,8 +17,7 @@ The bounds checks of an unpadded array cost three 64-bit integer divisions per v
 The scratch arrays (the padded keys and costs, the changed pixels and their new keys, a slot
 per pixel) are kept per thread and reused, sized to the domain where they can be: allocating and
 zeroing block-sized arrays per call cost about as much in page faults as the rounds themselves.
-The keys returned are a new array, allocated by NumPy (huge pages, see
-:mod:`emtile.segmenter.pixels`).
+The keys returned are a new array, allocated by NumPy (see :mod:`emtile.segmenter.pixels`).
 """
 
 import threading
@@ -259,6 +258,6 @@ def run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape):
         if done == rounds:  # still moving at the limit: keep only the keys that a chain of
             # final keys carries back to a seed (unpadded unsets the others)
             mark_supported(flat, cost, int(rounds), offsets, n, frontier, cand)
-    key = np.empty(seeds.shape, np.int64)  # by NumPy: huge pages (see emtile.segmenter.pixels)
+    key = np.empty(seeds.shape, np.int64)  # by NumPy (see emtile.segmenter.pixels)
     dropped = unpadded(flat, pad, done == rounds, cost, key)
     return key, max(done, 0), dropped
