@@ -174,11 +174,8 @@ def convert(input, output, *, labels=False, ids=False, threshold=None, channel=N
     replaces an incomplete store: a conversion is one streaming pass, so starting over costs at
     most that pass and gives the same bytes.
     """
-    from emtile._allocator import keep_freed_memory
-
     input, output = at(input, storage_options), at(output, storage_options)
     _store.check_output(output, inputs=[input])
-    keep_freed_memory()  # each slab reuses the last one's memory (emtile._allocator)
     src = open_volume(input, channel=channel, dataset=dataset, allow_partial=allow_partial,
                       require_complete=True)
     dtype = np.dtype(src.dtype)
