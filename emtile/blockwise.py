@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
@@ -39,7 +40,8 @@ from emtile import _faults
 from emtile._errors import EmtileError, whole_number
 from emtile.markers import MARKERS, BlockMarkers
 
-__all__ = ["Runner", "Stage", "Pass", "StageResult", "run_stage", "fingerprint_of", "RESUME"]
+__all__ = ["Runner", "Stage", "Pass", "StageResult", "run_stage", "fingerprint_of", "RESUME",
+           "StartOverWarning"]
 
 RESUME = "run the same command again to resume"
 _FINGERPRINTS = "fingerprints"  # where a stage's fingerprint lives in the output's emtile attrs
@@ -262,6 +264,7 @@ def _open(stage, overwrite):
         group = zarr.open_group(store.zarr_target(stage.output, "r+"), mode="r+", zarr_format=3)
         if _resumable(stage, group):
             return group, True
+        _say_why_not_resumed(stage, group)
         store.prepare_output(stage.output, overwrite=overwrite)  # another run's, or unfinished
     group = stage.create()
     _set_meta(group, **{_FINGERPRINTS: {stage.name: stage.fingerprint}})
@@ -269,6 +272,32 @@ def _open(stage, overwrite):
     for p in stage.passes:  # last: their presence means the set-up finished
         BlockMarkers.create(mgroup, len(p.plan), name=p.markers)
     return group, False
+
+
+class StartOverWarning(UserWarning):
+    """An interrupted output of this stage made with other settings: the run starts over
+    (one line naming what differs)."""
+
+
+def _say_why_not_resumed(stage, group):
+    """Warn when ``group`` holds this stage's interrupted output with another fingerprint: the
+    settings that differ, so a user who meant to resume (e.g. with another ``--threads``)
+    sees why every block is computed again."""
+    recorded = fingerprint_of(group.attrs.asdict().get("emtile", {}), stage.name)
+    now = json.loads(json.dumps(stage.fingerprint))
+    if not isinstance(recorded, dict) or recorded == now:
+        return
+    keys = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+
+    def short(v):
+        text = json.dumps(v)
+        return text if len(text) <= 24 else "..."
+
+    what = ", ".join(f"{k} {short(recorded.get(k))} -> {short(now.get(k))}" for k in keys[:4])
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    warnings.warn(f"output {str(stage.output)!r} holds an interrupted run with other settings "
+                  f"({what}{more}): starting over; give the interrupted run's settings to resume "
+                  f"it instead", StartOverWarning, stacklevel=4)
 
 
 def _set_meta(group, **entries):

@@ -44,6 +44,30 @@ def test_small_run_writes_a_complete_store(tmp_path, model_and_volume):
     assert emtile.open_volume(out / "labels" / "mask").dtype == np.uint8
 
 
+def test_an_interrupted_run_with_other_settings_starts_over_and_says_why(tmp_path,
+                                                                          model_and_volume):
+    """Resuming needs the interrupted run's settings (its fingerprint); with another one (here
+    --threads, which can change torch's rounding) every block is computed again, and one
+    Warning line names what differs."""
+    model, vol = model_and_volume
+    out = tmp_path / "pred.zarr"
+    args = ["predict", "--model", model, "--tile", "64", "--workers", "0", "--no-progress", vol,
+            out]
+    assert run_cli(*args, "--threads", "1").exit_code == 0
+    group = zarr.open_group(out, mode="r+")
+    group.attrs["emtile"] = {**group.attrs["emtile"], "complete": False}  # as if killed
+    group["emtile_blocks"][1:] = 0
+    result = run_cli(*args, "--threads", "2")
+    assert result.exit_code == 0, result.output
+    assert "resumed" not in result.output and is_complete(out)
+    warning = result.stderr.strip()
+    assert warning.count("\n") == 0, warning
+    assert warning.startswith(f"Warning: output '{out}' holds an interrupted run with other "
+                              f"settings (threads 1 -> 2): starting over"), warning
+    again = run_cli(*args, "--threads", "2")  # a complete output: refused as before
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
 def test_auto_tile_prints_its_choice_and_efficiency(tmp_path, model_and_volume):
     model, vol = model_and_volume
     result = run_cli("predict", "--model", model, "--tile", "auto", "--no-progress", vol,
