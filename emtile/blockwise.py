@@ -217,10 +217,8 @@ def run_stage(stage, runner=None, *, overwrite=False, progress=True):
     ``overwrite`` replaces an existing output and never resumes an interrupted one.
     """
     from emtile import store
-    from emtile._allocator import keep_freed_memory
 
     t0 = time.perf_counter()
-    keep_freed_memory()  # blocks reuse the memory the last one freed (emtile._allocator)
     runner = runner or Runner()
     store.check_output(stage.output, inputs=[p for p in stage.inputs if p])
     with store.output_lock(stage.output) as lock:

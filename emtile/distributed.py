@@ -68,9 +68,6 @@ class _Results:
 
 
 def _call(fn, job, ids):
-    from emtile._allocator import keep_freed_memory
-
-    keep_freed_memory()  # once per worker process (emtile._allocator)
     try:
         return _Results(fn(job, ids))
     except EmtileError as exc:

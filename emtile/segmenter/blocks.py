@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emtile import _faults
+from emtile._allocator import keep_freed_memory
 from emtile.segmenter import kernels, records
 
 __all__ = ["SegmentJob", "SegmentPlan", "GraphJob", "RowGraph", "row_groups", "run_label_blocks",
@@ -288,6 +289,7 @@ def _done(job, name, ids):
 def run_label_blocks(job, block_ids):
     """Pass 1: per block, label the interior components (and, for ws, the seeds) of its write
     region; write them to ``cells`` (``seeds``). Returns ``(n_cells, n_seeds)`` per block."""
+    keep_freed_memory()  # a Dask worker's first segment task sets it (emtile._allocator)
     plan = SegmentPlan(job.shape, job.block)
     done = _done(job, "done1", block_ids)
     out = []
@@ -371,6 +373,7 @@ def run_fragment_blocks(job, block_ids):
     """Pass 2: per block, flood the seeds into fragments over its read box; write the write
     region's provisional fragment ids to ``fragments``. Returns each block's record (face pairs,
     fragment stats, edges; :func:`emtile.segmenter.records.pack`), which the driver stores."""
+    keep_freed_memory()  # a Dask worker's first segment task sets it (emtile._allocator)
     from emtile.segmenter.pixels import stored_ids
 
     plan = SegmentPlan(job.shape, job.block)
@@ -460,6 +463,7 @@ def run_graph_rows(gjob, rows):
     """The global step, per row of blocks: join ids across faces, agglomerate (ws), absorb
     small objects, number the objects 1..N by first pixel. Returns a :class:`RowGraph` per row
     (None for a row already recorded done); the driver writes the tables."""
+    keep_freed_memory()  # a Dask worker's first segment task sets it (emtile._allocator)
     from emtile.segmenter.graph import number_objects
     from emtile.segmenter.report import SegmentReport
 
@@ -546,6 +550,7 @@ def run_write_blocks(job, block_ids):
     """The write pass: per block, map its provisional fragment ids to output ids (plus its row's
     first id) and write ``0`` and every further pyramid level. Returns the number of nonzero
     output pixels per block."""
+    keep_freed_memory()  # a Dask worker's first segment task sets it (emtile._allocator)
     from emtile.store import downsample
 
     plan = SegmentPlan(job.shape, job.block)

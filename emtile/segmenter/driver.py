@@ -665,6 +665,9 @@ def segment(prediction, output, settings=None, runner=None, *, overwrite=False, 
     prediction, output = at(prediction, storage_options), at(output, storage_options)
     if settings.recut is not None:
         return _recut(prediction, output, settings, runner, overwrite, progress, t0)
+    from emtile._allocator import keep_freed_memory
+
+    keep_freed_memory()  # blocks reuse the memory the last one freed (emtile._allocator)
     stage, steps, pred = segment_stage(prediction, output, settings, runner, report=report)
     done = run_stage(stage, runner, overwrite=overwrite, progress=progress)
     job = steps.job
