@@ -55,7 +55,7 @@ def local_only(path, what, why):
     """Refuse, in one line, an object-store URL given where emtile reads or writes only local
     files (a model folder, a figure, a package, the stores ``emtile view`` serves): without
     this, ``s3://b/m`` would be taken as the local folder ``s3:/b/m``."""
-    if is_url(str(path)) if path is not None else False:
+    if path is not None and is_url(str(path)):
         raise EmtileError(f"{what} {str(path)!r} is a URL: {why}; give a local path")
 
 

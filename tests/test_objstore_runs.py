@@ -7,8 +7,9 @@
   uninterrupted run's bytes;
 - ``train`` and ``show`` read their volumes from a bucket;
 - a command refused on a bucket prints one line, in a fresh interpreter (nothing at exit);
-- on ``gs://`` (S3 has its own in ``test_s3_pipeline.py``): a second run into a live run's
-  output is refused naming it, and a Dask LocalCluster reads and writes the store.
+- a second run into a live run's output is refused naming it;
+- on ``gs://`` (S3 has its own in ``test_s3_pipeline.py``): a Dask LocalCluster reads and writes
+  the store.
 """
 
 import json
@@ -157,14 +158,14 @@ with store.output_lock(sys.argv[1]):
 """
 
 
-def test_a_second_run_into_one_gs_output_is_refused(gcs, inputs):
-    _ok("convert", inputs / "stack.tif", gcs / "raw.zarr", "--no-progress")
-    out = gcs / "pred.zarr"
+def test_a_second_run_into_one_output_on_a_bucket_is_refused(bucket, inputs):
+    _ok("convert", inputs / "stack.tif", bucket / "raw.zarr", "--no-progress")
+    out = bucket / "pred.zarr"
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, out], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        r = CliRunner().invoke(main, ["predict", gcs / "raw.zarr", out, "--model",
+        r = CliRunner().invoke(main, ["predict", bucket / "raw.zarr", out, "--model",
                                       str(inputs / "model"), *PREDICT])
     finally:
         holder.communicate("")
@@ -172,6 +173,8 @@ def test_a_second_run_into_one_gs_output_is_refused(gcs, inputs):
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert r.output.startswith("Error: output") and f"pid {holder.pid} on" in r.output
     assert not Location(out).exists("zarr.json")  # nothing written by the refused run
+    _ok("predict", bucket / "raw.zarr", out, "--model", inputs / "model", *PREDICT)
+    assert is_complete(out)  # the lock released: a run goes through
 
 
 def test_a_local_cluster_reads_and_writes_gs(gcs, inputs, tmp_path):

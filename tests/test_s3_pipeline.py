@@ -1,8 +1,8 @@
 """The commands on object stores (issue 24): ``segment``, ``evaluate`` and ``info`` reading and
 writing ``s3://`` OME-Zarr on a real S3-compatible server on 127.0.0.1 (moto's server mode,
-``tests/s3server.py``) give what they give on local disk; a second run into one S3 output is
-refused naming the first; a Dask LocalCluster reads and writes S3; a store served over HTTP by
-``http.server`` is read by ``info`` and ``evaluate``.
+``tests/s3server.py``) give what they give on local disk; a Dask LocalCluster reads and writes
+S3; a store served over HTTP by ``http.server`` is read by ``info`` and ``evaluate``. (A second
+run into one output is refused: ``test_objstore_runs.py``, on S3 and GCS.)
 """
 
 import functools
@@ -123,33 +123,6 @@ def test_a_segment_killed_on_s3_resumes_with_only_the_missing_blocks(s3, volumes
     np.testing.assert_array_equal(_labels(out), _labels(str(local / "seg.zarr")))
     assert is_complete(out) and not any(k.startswith("emtile_segment")
                                         for k in Location(out).keys())
-
-
-_HOLD = """
-import sys
-from emtile import store
-with store.output_lock(sys.argv[1]):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-def test_a_second_run_into_one_s3_output_is_refused(s3, volumes):
-    pred, _ = _inputs_on(s3, volumes)
-    out = s3 / "out/seg.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, out], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        r = CliRunner().invoke(main, ["segment", pred, out, "--no-progress"])
-    finally:
-        holder.communicate("")
-    assert holder.returncode == 0
-    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
-    assert r.output.startswith("Error: output") and f"pid {holder.pid} on" in r.output
-    assert not Location(out).exists("zarr.json")  # nothing written by the refused run
-    result = segment(pred, out, **OPTS)  # the lock released: a run goes through
-    assert is_complete(out) and result.blocks == 8
 
 
 def test_segment_on_a_local_cluster_reads_and_writes_s3(s3, volumes, local, monkeypatch):
