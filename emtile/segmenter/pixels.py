@@ -12,7 +12,7 @@ Arrays are 3-D ``(Z, Y, X)``; a view (a block's write region in its read box) is
 Block-sized outputs are allocated by NumPy and passed in (``out``). Fresh memory is the cost
 here (first touching a 42 MB array took 18 ms in 4 KiB pages, 5 ms in huge pages); a stage
 therefore keeps freed memory in the process for the next block (:mod:`emtile._allocator`), which
-took a fresh 8 x 2048² run from 4.4 s to 3.0 s.
+took a fresh 8 x 2048² run from about 4.4 s to 3.1 s.
 """
 
 import numpy as np
