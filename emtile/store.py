@@ -54,7 +54,12 @@ def _local(path):
 def zarr_target(path, mode="r"):
     """What ``zarr.open_group`` / ``zarr.open`` take for ``path``: the local path as a string,
     or an object-store URL's Zarr store (:meth:`emtile.locations.Location.zarr_store`, with its
-    storage options)."""
+    storage options). Opening to write (any ``mode`` but ``"r"``) first installs emtile's
+    faster fill-value check for zarr's chunk writes (:func:`emtile._zarr_buffer.use`)."""
+    if mode != "r":
+        from emtile import _zarr_buffer
+
+        _zarr_buffer.use()
     loc = remote(path)
     return str(_local(path)) if loc is None else loc.zarr_store(mode)
 
