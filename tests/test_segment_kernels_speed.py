@@ -283,3 +283,23 @@ def test_labels_at_sources_equal_a_numpy_reference():
         labels_at_sources(key, labels, fill, np.array(origin, np.int64),
                           np.array(volume_shape, np.int64), got)
         np.testing.assert_array_equal(got, want)
+
+
+def test_add_offsets_equals_the_masked_numpy_update():
+    from emtile.segmenter.pixels import add_offsets
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, (3, 20, 30)).astype(np.int64)  # many 0s: left as they are
+    boxes = np.array([[0, 0, 0, 3, 10, 30], [0, 10, 0, 2, 20, 15], [2, 10, 15, 3, 20, 30]],
+                     np.int64)
+    offsets = np.array([100, 1000, 10**12], np.int64)
+    want = labels.copy()
+    for (z0, y0, x0, z1, y1, x1), off in zip(boxes, offsets):
+        part = want[z0:z1, y0:y1, x0:x1]
+        part[part > 0] += off
+    got = labels.copy()
+    add_offsets(got, boxes, offsets)
+    np.testing.assert_array_equal(got, want)
+    assert (got[2, 10:, :15] == labels[2, 10:, :15]).all()  # in no box: untouched
+    add_offsets(got, boxes[:0], offsets[:0])  # no boxes: nothing
+    np.testing.assert_array_equal(got, want)

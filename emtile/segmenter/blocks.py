@@ -330,13 +330,15 @@ def run_label_blocks(job, block_ids):
 
 def _provisional(job, plan, name, column, r0, r1):
     """Labels ``name`` over the box ``[r0, r1)`` as provisional ids (each block's offset added)."""
+    from emtile.segmenter.pixels import add_offsets
+
     local = np.asarray(_array(job, name)[_sl(r0, r1)]).astype(np.int64)
     offsets = _offsets(job)
-    for i, a, b in plan.overlapping(r0, r1):
-        box = _sl([max(x, y) - y0 for x, y, y0 in zip(a, r0, r0)],
-                  [min(x, y) - y0 for x, y, y0 in zip(b, r1, r0)])
-        part = local[box]
-        part[part > 0] += offsets[i, column]
+    found = list(plan.overlapping(r0, r1))
+    boxes = np.array([[max(x, y) - y0 for x, y, y0 in zip(a, r0, r0)]
+                      + [min(x, y) - y0 for x, y, y0 in zip(b, r1, r0)] for _, a, b in found],
+                     np.int64).reshape(-1, 6)
+    add_offsets(local, boxes, np.array([offsets[i, column] for i, _, _ in found], np.int64))
     return local
 
 

@@ -71,6 +71,22 @@ def labels_at_sources(key, labels, fill, origin, volume_shape, out):
 
 
 @njit(cache=True, nogil=True)
+def add_offsets(labels, boxes, offsets):
+    """In place: ``labels[box] += offset`` where ``labels > 0``, for each row ``(z0, y0, x0, z1,
+    y1, x1)`` of ``boxes`` and its ``offsets`` entry (a block's labels made provisional ids in a
+    read box that overlaps several blocks). The NumPy expression (a mask, then a masked update)
+    took 36 ms on a 2112² int64 slice, this one pass a few."""
+    for i in range(boxes.shape[0]):
+        off = offsets[i]
+        for z in range(boxes[i, 0], boxes[i, 3]):
+            for y in range(boxes[i, 1], boxes[i, 4]):
+                for x in range(boxes[i, 2], boxes[i, 5]):
+                    v = labels[z, y, x]
+                    if v > 0:
+                        labels[z, y, x] = v + off
+
+
+@njit(cache=True, nogil=True)
 def _vector(s, gz, gy, gx, plane, inv_plane, row, inv_row):
     """(dz, dy, dx) from the pixel at global (gz, gy, gx) to the global index ``s``."""
     sz, sy, sx = _coords(s, plane, inv_plane, row, inv_row)
