@@ -70,9 +70,13 @@ class Runner:
     scheduler_file: Optional[str] = field(default=None, metadata={
         "help": "The scheduler file of a running Dask cluster (instead of --cluster).",
         "path": True})
-    #: Blocks per Dask task (more when blocks take milliseconds).
-    blocks_per_task: int = field(default=1, metadata={
-        "help": "Blocks per Dask task (more when blocks take milliseconds).", "min": 1})
+    #: Blocks per Dask task (more when blocks take milliseconds); None: each pass's own
+    #: choice (:attr:`Pass.task_blocks`), fewer where the cluster would otherwise go short of
+    #: tasks (:func:`task_blocks`).
+    blocks_per_task: Optional[int] = field(default=None, metadata={
+        "help": "Blocks per Dask task [default: the stage's choice: 1 for predict, blocks of "
+                "about 2^24 voxels for segment, fewer when the cluster would get under 4 "
+                "tasks per thread].", "min": 1})
     #: Extra tries of a failed Dask task (user errors are not retried).
     retries: int = field(default=2, metadata={
         "help": "Extra tries of a failed Dask task before the run stops.", "min": 0})
@@ -85,7 +89,8 @@ class Runner:
     client: Any = field(default=None, compare=False, repr=False, metadata={"cli": False})
 
     def __post_init__(self):
-        whole_number("blocks_per_task", self.blocks_per_task, least=1)
+        if self.blocks_per_task is not None:
+            whole_number("blocks_per_task", self.blocks_per_task, least=1)
         whole_number("retries", self.retries, least=0)
         if self.cluster_workers is not None:
             whole_number("cluster_workers", self.cluster_workers, least=1)
@@ -172,6 +177,10 @@ class Pass:
     #: usable core (on a cluster, each worker runs its tasks as Dask gives them)
     threads: bool = False
     unit: str = "block"  # what the plan's ids are, on the progress bar
+    #: Blocks per Dask task when the runner leaves it to the pass (``blocks_per_task=None``):
+    #: a task's overhead (the scheduler's, the worker's, the driver's recording) is some ms of
+    #: CPU, so blocks that take a fraction of a second go several to a task (:func:`task_blocks`)
+    task_blocks: int = 1
     #: Blocks recorded before their markers are written (without ``keep``; with it, the
     #: buffer's ``full()`` decides) ...
     flush_blocks: int = 64
@@ -359,6 +368,30 @@ class _Recorder:
         self.last = time.monotonic()
 
 
+#: Tasks per cluster thread that :func:`task_blocks` keeps at least, so that the last tasks of
+#: a pass do not leave most of the cluster idle.
+TASKS_PER_THREAD = 4
+
+
+def task_blocks(want, blocks, client):
+    """Blocks per task for a pass that asks for ``want`` (:attr:`Pass.task_blocks`) over
+    ``blocks`` blocks: ``want`` on a cluster, reduced so that every thread of ``client``'s
+    workers gets at least :data:`TASKS_PER_THREAD` tasks; 1 in this process (no task overhead
+    there, and threads share the blocks one by one).
+
+    Examples
+    --------
+    >>> task_blocks(4, 1000, None)
+    1
+    """
+    if client is None or want <= 1:
+        return 1
+    from emtile.distributed import cluster_threads
+
+    threads = max(1, cluster_threads(client))
+    return max(1, min(int(want), blocks // (TASKS_PER_THREAD * threads)))
+
+
 def _run_pass(stage, p, group, runner, *, progress):
     """The blocks of pass ``p`` that its markers do not record; returns how many were done
     before."""
@@ -385,8 +418,10 @@ def _run_pass(stage, p, group, runner, *, progress):
             from emtile._process import usable_cores
 
             threads = min(usable_cores(), max(1, int(todo.size)))
+        per = runner.blocks_per_task or task_blocks(p.task_blocks, int(todo.size),
+                                                    runner.client)
         distributed.map_blocks(p.fn, p.job, iter(todo.tolist()), client=runner.client,
-                               blocks_per_task=runner.blocks_per_task, retries=runner.retries,
+                               blocks_per_task=per, retries=runner.retries,
                                progress=progress, desc=p.name, total=int(todo.size),
                                on_result=record, describe=p.describe, resources=resources,
                                threads=threads, unit=p.unit)

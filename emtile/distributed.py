@@ -35,7 +35,7 @@ import numpy as np
 
 from emtile._errors import EmtileError, whole_number
 
-__all__ = ["map_blocks", "start_cluster", "create_cluster", "cluster_spec", "gpu_resources",
+__all__ = ["map_blocks", "cluster_threads", "start_cluster", "create_cluster", "cluster_spec", "gpu_resources",
            "CLUSTERS", "ClusterInfo"]
 
 CLUSTERS = ("local", "slurm", "cuda")  # besides an address (tcp://...) or a scheduler file
@@ -74,7 +74,8 @@ def _call(fn, job, ids):
         return _UserError(str(exc))
 
 
-def _cluster_threads(client):
+def cluster_threads(client):
+    """Threads of ``client``'s workers, all together."""
     info = client.scheduler_info()
     return sum(w.get("nthreads", 1) for w in info.get("workers", {}).values())
 
@@ -210,7 +211,7 @@ def _run_on_cluster(client, fn, job, groups, *, counter, retries, window, desc, 
     finished = as_completed()
 
     def fill():
-        limit = window or max(2, 2 * _cluster_threads(client))
+        limit = window or max(2, 2 * cluster_threads(client))
         while len(pending) < limit:
             ids = next(groups, None)
             if ids is None:

@@ -90,6 +90,25 @@ def test_cluster_gives_the_labels_of_one_process(data, cluster, tmp_path, block,
         assert_same_output(data / "local.zarr", out)
 
 
+def test_by_default_small_blocks_go_several_to_a_task_and_every_thread_gets_four(data, cluster,
+                                                                                   tmp_path):
+    """``blocks_per_task`` not given: the block passes group blocks (segment asks for 2^24
+    voxels a task, far more than these 18 blocks of 2,000), cut down so that each of the 2
+    workers' threads still gets 4 tasks: 2 blocks a task, 9 tasks a pass (the graph pass keeps
+    one row a task); the labels are the single block's."""
+    from distributed import get_task_stream
+
+    out = tmp_path / "c.zarr"
+    with get_task_stream(cluster) as ts:
+        r = segment(data / "pred.zarr", out, block_size=BLOCK, client=cluster, **OPTS)
+    assert r.blocks == 18
+    np.testing.assert_array_equal(labels(out), labels(data / "whole.zarr"))
+    keys = [str(t["key"]) for t in ts.data]
+    tasks = {k: sum(1 for key in keys if f"segment {i}/4 {k}-" in key)
+             for i, k in enumerate(("labels", "fragments", "graph", "write"), 1)}
+    assert tasks == {"labels": 9, "fragments": 9, "graph": 2, "write": 9}, tasks
+
+
 def test_cli_cluster_local(data, tmp_path):
     """``--cluster local --cluster-workers 2``, with a pyramid: the bytes of a local CLI run."""
     args = ["segment", data / "pred.zarr", tmp_path / "cli.zarr", "--no-progress",

@@ -41,6 +41,12 @@ __all__ = ["segment", "segment_stage", "SegmentResult", "METHODS", "MODES", "SEE
 BLOCK_PX = 2**22  # pixels per default block
 _FLUSH_EVERY = 64  # label counts buffered before they and the markers are written (or _FLUSH_S)
 _FLUSH_S = 2.0
+#: Voxels of blocks per Dask task by default (``blocks_per_task`` not given): a block pass runs
+#: about 7-11 Mvoxel/s per core, so a task lasts a second or two, and a task's overhead (some ms
+#: of the scheduler's, the worker's and this process's CPU) stays small. Measured with
+#: ``examples/bench_segment.py throughput`` (64 x 2048², 2 workers on 2 cores, blocks of 2^22
+#: voxels): 1.51-1.63x one core with one block per task, 1.58-1.76x with 2, 1.63-1.74x with 4.
+TASK_VOXELS = 2**24
 _TABLE_CHUNK = 2**18
 UINT32_IDS = int(np.iinfo(np.uint32).max)  # more objects than this: uint64 labels
 
@@ -583,17 +589,20 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
     names = ("labels", "fragments", "write") if job.affinity else \
         ("labels", "fragments", "graph", "write")
     name = {k: f"segment {i}/{len(names)} {k}" for i, k in enumerate(names, 1)}
+    per = max(1, TASK_VOXELS // int(np.prod(job.block)))  # blocks per Dask task, by default
     passes = [
         Pass(name=name["labels"], fn=blocks.run_label_blocks, job=job, plan=plan,
              describe=describe, markers="done1", point="segment.labels.recorded",
-             keep=_keep_counts, after=steps.offsets, flush_seconds=_FLUSH_S, threads=True),
+             keep=_keep_counts, after=steps.offsets, flush_seconds=_FLUSH_S, threads=True,
+             task_blocks=per),
         Pass(name=name["fragments"], fn=blocks.run_fragment_blocks, job=job, plan=plan,
              describe=describe, markers="done2", point="segment.fragments.recorded",
-             keep=functools.partial(_keep_records, n), flush_seconds=_FLUSH_S, threads=True),
+             keep=functools.partial(_keep_records, n), flush_seconds=_FLUSH_S, threads=True,
+             task_blocks=per),
         Pass(name=name["write"], fn=blocks.run_write_blocks, job=job, plan=plan,
              describe=describe, markers="done3", point="segment.write.recorded",
              before=steps.global_step if job.affinity else None, flush_seconds=_FLUSH_S,
-             threads=True)]
+             threads=True, task_blocks=per)]
     if not job.affinity:  # the global step, per row of blocks, in the workers
         groups = blocks.row_groups(job, plan)
         graph = blocks.GraphJob(
