@@ -474,8 +474,8 @@ def throughput_one(a):
             client.run(warm, a.output + "-warm")
             warm(a.output + "-warm-driver")  # the driver's own passes (histogram, global step)
             t0 = time.perf_counter()
-            r = emtile.segment(a.volume, a.output, client=client, progress=False,
-                               blocks_per_task=a.blocks_per_task)
+            per = {} if a.blocks_per_task is None else {"blocks_per_task": a.blocks_per_task}
+            r = emtile.segment(a.volume, a.output, client=client, progress=False, **per)
             seconds = time.perf_counter() - t0
     else:
         warm(a.output + "-warm")
@@ -523,8 +523,9 @@ def throughput(a):
                 done = subprocess.run(
                     [sys.executable, __file__, "run-throughput", "--volume", str(volumes[z]),
                      "--output", str(out), "--warm", str(volumes["warm"]),
-                     "--workers", str(max(0, workers)), "--blocks-per-task",
-                     str(a.blocks_per_task)], capture_output=True, text=True,
+                     "--workers", str(max(0, workers))]
+                    + (["--blocks-per-task", str(a.blocks_per_task)] if a.blocks_per_task else []),
+                    capture_output=True, text=True,
                     env=env, cwd=tree or None,
                     preexec_fn=(lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
                     if one_core else None)
@@ -825,10 +826,10 @@ def main(argv=None):
     tp.add_argument("--workers", type=int, default=2)
     tp.add_argument("--compare", help="another checkout's tree (holding emtile/)")
     tp.add_argument("--rounds", type=int, default=1, help="rounds of every run (best kept)")
-    tp.add_argument("--blocks-per-task", type=int, default=1,
-                    help="blocks per Dask task of the cluster runs (the command's option)")
+    tp.add_argument("--blocks-per-task", type=int, default=None,
+                    help="blocks per Dask task of the cluster runs (default: the command's)")
     rt = sub.add_parser("run-throughput", parents=[common], help=argparse.SUPPRESS)
-    rt.add_argument("--blocks-per-task", type=int, default=1)
+    rt.add_argument("--blocks-per-task", type=int, default=None)
     rt.add_argument("--volume")
     rt.add_argument("--output")
     rt.add_argument("--warm")
