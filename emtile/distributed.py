@@ -35,8 +35,8 @@ import numpy as np
 
 from emtile._errors import EmtileError, whole_number
 
-__all__ = ["map_blocks", "cluster_threads", "start_cluster", "create_cluster", "cluster_spec", "gpu_resources",
-           "CLUSTERS", "ClusterInfo"]
+__all__ = ["map_blocks", "cluster_threads", "start_cluster", "create_cluster", "cluster_spec",
+           "gpu_resources", "CLUSTERS", "ClusterInfo"]
 
 CLUSTERS = ("local", "slurm", "cuda")  # besides an address (tcp://...) or a scheduler file
 _ADDRESS_SCHEMES = ("tcp://", "tls://", "ucx://", "inproc://")
