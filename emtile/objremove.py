@@ -8,7 +8,8 @@ of every object), so :func:`remove_store` keeps the same promise by ordering the
    other attributes (one PUT, atomic): from here on the store is an incomplete emtile store
    that no stage resumes (no fingerprint matches), so :func:`emtile.store.prepare_output` replaces
    it and ``emtile info`` says incomplete;
-2. every done-marker array (``emtile_blocks``, the working group ``emtile_segment/``) goes next,
+2. every done-marker array (``emtile_blocks``, the working groups ``emtile_segment/`` and
+   ``emtile_recut/``) goes next,
    its ``zarr.json`` first;
 3. then every other object, the root ``zarr.json`` last.
 
@@ -22,7 +23,9 @@ from emtile.locations import Location
 __all__ = ["remove_store", "removal_order", "ROOT"]
 
 ROOT = "zarr.json"
-_MARKER_PREFIXES = ("emtile_blocks", "emtile_segment")  # done-markers and working data
+# done-markers and working data: markers.MARKERS, segmenter.blocks.TEMP, segmenter.recut.WORK
+# (spelled out: this module stays free of NumPy and Zarr)
+_MARKER_PREFIXES = ("emtile_blocks", "emtile_segment", "emtile_recut")
 
 
 def removal_order(keys):

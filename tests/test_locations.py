@@ -302,9 +302,17 @@ def test_a_killed_removal_never_leaves_a_complete_or_resumable_store(s3, rng, mo
 
 
 def test_removal_order_and_refusals(s3):
-    keys = ["0/c/0", "zarr.json", "emtile_blocks/c/0", "emtile_blocks/zarr.json", "0/zarr.json"]
-    assert removal_order(keys) == ["emtile_blocks/zarr.json", "emtile_blocks/c/0", "0/c/0",
-                                   "0/zarr.json"]
+    keys = ["0/c/0", "zarr.json", "emtile_blocks/c/0", "emtile_blocks/zarr.json", "0/zarr.json",
+            "emtile_recut/emtile_blocks/c/0", "emtile_recut/zarr.json"]
+    assert removal_order(keys) == ["emtile_blocks/zarr.json", "emtile_recut/zarr.json",
+                                   "emtile_blocks/c/0", "emtile_recut/emtile_blocks/c/0",
+                                   "0/c/0", "0/zarr.json"]
+    from emtile.markers import MARKERS
+    from emtile.objremove import _MARKER_PREFIXES
+    from emtile.segmenter.blocks import TEMP
+    from emtile.segmenter.recut import WORK
+
+    assert set(_MARKER_PREFIXES) == {MARKERS, TEMP, WORK}  # every working group emtile writes
     loc = Location(s3 / "notes")
     loc.write_bytes(b"keep me", "a.txt")
     with pytest.raises(EmtileError, match=r"^refusing to delete 's3://.*/notes': it is not a Zarr"):
