@@ -7,7 +7,8 @@ bool and *signed* integers; an unsigned chunk (uint8 images and probability maps
 uint64 label ids: most of what emtile writes) goes through ``isnan``, a boolean mask and a
 masked copy of the chunk. Measured on the development VM: 1.4-4.6 ms per 1 MiB uint8 chunk
 against 0.07 ms for the plain comparison; about a fifth of the CPU samples of ``emtile
-convert`` (``perf record``). A sharded array pays it twice, for the shard and again for each inner chunk.
+convert`` (``perf record``). A sharded array pays it twice, for the shard and again for each
+inner chunk.
 
 :class:`NDBuffer` answers the same question the cheap way: one element first (a chunk of data
 seldom starts with the fill value), then one comparison of the whole chunk. Integer and bool
