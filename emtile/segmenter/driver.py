@@ -567,7 +567,8 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
     lut = _map_lut(pred, s.invert) if counted else None
     levels_seconds = round(time.perf_counter() - t0, 3) if counted else 0.0
     job = SegmentJob(
-        input=pred.path, output=output if isinstance(output, Location) else str(output), shape=shape3, image_ndim=len(pred.shape),
+        input=pred.path, output=output if isinstance(output, Location) else str(output),
+        shape=shape3, image_ndim=len(pred.shape),
         block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=int(s.grow),
         seed_cap=s.seed_cap, seed_radius=s.seed_radius, interior_rounds=s.interior_rounds,
         sampling=sampling, keep_boundaries=bool(s.keep_boundaries), run=uuid.uuid4().hex,
