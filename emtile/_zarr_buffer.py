@@ -67,6 +67,8 @@ def use():
     """Make :class:`NDBuffer` the NDBuffer zarr creates in this process (once), unless the
     ``"ndbuffer"`` setting was changed from zarr's default. Returns the setting now in force."""
     global _done
+    if _done:  # every later call: no lock on the way to each write's open
+        return zarr.config.get("ndbuffer")
     with _lock:
         if not _done:
             _done = True
