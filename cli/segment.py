@@ -48,7 +48,8 @@ class Quantile(click.ParamType):
                    "on their shared face (--merge-quantile) is at most this, in [0, 1].")
 @click.option("--seeds", default=_D.seeds, show_default=True, type=click.Choice(SEEDS),
               help="ws: seeds are the interior's connected components, or the maxima of its "
-                   "distance to the boundary (several per cell).")
+                   "distance to the boundary (several per cell). Affinities: the components "
+                   "of the links, or the maxima of the distance to the unlinked pairs.")
 @click.option("--merge-quantile", default=_D.merge_quantile, show_default=True, type=Quantile(),
               help="ws: measure a face by this quantile (0 < Q <= 1) of its pixels' boundary "
                    "probabilities, or by their mean.")

@@ -184,7 +184,8 @@ class SegmentSettings(_Settings):
         ws: the highest boundary probability on a face for its fragments to merge.
     seeds : {"components", "distance"}
         ws: the interior's connected components, or the maxima of its distance to the
-        boundary.
+        boundary (affinities: the links' components, or the maxima of the distance to the
+        voxels with an unlinked pair; :mod:`emtile.segmenter.affinity`).
     merge_quantile : float or None
         ws: measure a face by this quantile (in (0, 1]) of its pixels' boundary probabilities;
         None: by their mean.

@@ -24,7 +24,8 @@ knob.
    predicted the same way;
 4. each pipeline's segmentation (``emtile.segment``: fragments, region graph, agglomeration for
    affinities; ``mode="3d"`` for the 2-D maps) with the seed and merge thresholds of lowest VOI
-   on z 120:150 (:data:`GRID_THRESHOLDS` x :data:`GRID_MERGE`; affinities re-cut the stored
+   on z 120:150 (:data:`GRID_THRESHOLDS` x :data:`GRID_MERGE`, and for affinities both
+   :data:`GRID_SEEDS`; affinities re-cut the stored
    graph, ``recut=``), then z 150:250 segmented with them and scored: VOI split / merge and the
    adapted Rand error over the whole block (truth 0 left out); for affinities also the fragments
    merged by the truth (each fragment given the truth id it overlaps most), the bound the
@@ -73,6 +74,9 @@ SEGMENT_3D = SegmentSettings()
 SEGMENT_2D = SegmentSettings(mode="3d")
 GRID_THRESHOLDS = (0.8, 0.9, 0.95, 0.98, 0.99)
 GRID_MERGE = (0.1, 0.2, 0.3, 0.4, 0.5)
+#: Affinities: fragments from the links' components, or from the maxima of the distance to the
+#: unlinked pairs (emtile segment --seeds).
+GRID_SEEDS = ("components", "distance")
 
 
 def boundary_labels(ids):
@@ -170,28 +174,32 @@ def trained(raw, labels, out, settings, overwrite):
 
 
 def tune(pred, truth, base, work, *, affinities):
-    """The seed and merge thresholds of lowest VOI on the validation prediction ``pred``: every
-    pair of the grid (affinities: one segmentation per seed threshold, recut at each merge
-    threshold; maps: one segmentation per pair). Returns ``(settings, table)``."""
+    """The seeds, seed threshold and merge threshold of lowest VOI on the validation prediction
+    ``pred``: every point of the grid (affinities: both seeds, one segmentation per seed
+    threshold, recut at each merge threshold; maps: one segmentation per pair, the base's
+    seeds). Returns ``(settings, table)``."""
     import emtile
 
     work.mkdir(parents=True, exist_ok=True)
     table = []
-    for t in GRID_THRESHOLDS:
-        first = work / f"t{t}.zarr"
-        settings = dataclasses.replace(base, threshold=t, merge_threshold=GRID_MERGE[0])
-        emtile.segment(pred, first, settings, overwrite=True, progress=False)
-        for m in GRID_MERGE:
-            seg = first if m == GRID_MERGE[0] else work / f"t{t}_m{m}.zarr"
-            if seg != first and affinities:
-                emtile.segment(first, seg, recut=m, overwrite=True, progress=False)
-            elif seg != first:
-                emtile.segment(pred, seg, dataclasses.replace(settings, merge_threshold=m),
-                               overwrite=True, progress=False)
-            table.append(dict(scores(seg, truth), threshold=t, merge_threshold=m))
+    for seeds in GRID_SEEDS if affinities else (base.seeds,):
+        for t in GRID_THRESHOLDS:
+            first = work / f"{seeds}_t{t}.zarr"
+            settings = dataclasses.replace(base, seeds=seeds, threshold=t,
+                                           merge_threshold=GRID_MERGE[0])
+            emtile.segment(pred, first, settings, overwrite=True, progress=False)
+            for m in GRID_MERGE:
+                seg = first if m == GRID_MERGE[0] else work / f"{seeds}_t{t}_m{m}.zarr"
+                if seg != first and affinities:
+                    emtile.segment(first, seg, recut=m, overwrite=True, progress=False)
+                elif seg != first:
+                    emtile.segment(pred, seg, dataclasses.replace(settings, merge_threshold=m),
+                                   overwrite=True, progress=False)
+                table.append(dict(scores(seg, truth), seeds=seeds, threshold=t,
+                                  merge_threshold=m))
     best = min(table, key=lambda r: r["voi"])
     shutil.rmtree(work)
-    chosen = dataclasses.replace(base, threshold=best["threshold"],
+    chosen = dataclasses.replace(base, seeds=best["seeds"], threshold=best["threshold"],
                                  merge_threshold=best["merge_threshold"])
     return chosen, table
 

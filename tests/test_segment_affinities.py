@@ -1,7 +1,8 @@
 """``emtile segment`` from affinities: perfect affinities give the objects' pieces back, the
 labels do not depend on the blocks (here, on a LocalCluster, after a SIGKILL and a resume),
 ``--recut T`` equals a fresh run at T, foreign arrays with ``--offsets`` equal the store, bad
-inputs are one line each."""
+inputs are one line each. With distance seeds too: the pieces back from perfect affinities, the
+same labels for every block size, here and on a LocalCluster."""
 
 import json
 import os
@@ -113,6 +114,29 @@ def test_noisy_affinities_same_labels_for_every_block_size(data, tmp_path):
                                       labels(root / "whole.zarr", "emtile_graph/fragments"))
 
 
+def test_distance_seeds_perfect_pieces_and_same_labels_for_every_block_size(data, tmp_path):
+    root, lab, _ = data
+    want, n = pieces(lab)
+    r = segment(root / "perfect.zarr", tmp_path / "p.zarr", block_size=(8, 16, 16),
+                seeds="distance", progress=False)
+    got = labels(tmp_path / "p.zarr")
+    assert r.objects == n and same_partition(want[lab > 0], got[lab > 0])
+    # several seeds per piece: the fragments are finer than the pieces, and the faces between
+    # two fragments of one piece (affinity 1) merge them back
+    fragments = labels(tmp_path / "p.zarr", "emtile_graph/fragments")
+    assert len(np.unique(fragments[lab > 0])) > n
+    whole = tmp_path / "whole.zarr"
+    segment(root / "noisy.zarr", whole, block_size=SHAPE, seeds="distance", progress=False)
+    components = labels(root / "whole.zarr", "emtile_graph/fragments")
+    assert not np.array_equal(labels(whole, "emtile_graph/fragments"), components)
+    for block in ((8, 16, 16), (12, 20, 48)):
+        out = tmp_path / f"{block[0]}.zarr"
+        segment(root / "noisy.zarr", out, block_size=block, seeds="distance", progress=False)
+        np.testing.assert_array_equal(labels(out), labels(whole))
+        np.testing.assert_array_equal(labels(out, "emtile_graph/fragments"),
+                                      labels(whole, "emtile_graph/fragments"))
+
+
 def test_local_cluster_gives_the_same_bytes(data, tmp_path):
     root, _, _ = data
     out = tmp_path / "c.zarr"
@@ -120,6 +144,12 @@ def test_local_cluster_gives_the_same_bytes(data, tmp_path):
                 cluster_workers=2, progress=False)
     assert "local cluster" in r.cluster
     np.testing.assert_array_equal(labels(out), labels(root / "whole.zarr"))
+    # distance seeds (the pair-cost flood) too
+    segment(root / "noisy.zarr", tmp_path / "dw.zarr", block_size=SHAPE, seeds="distance",
+            progress=False)
+    segment(root / "noisy.zarr", tmp_path / "dc.zarr", block_size=(8, 24, 24), seeds="distance",
+            cluster="local", cluster_workers=2, progress=False)
+    np.testing.assert_array_equal(labels(tmp_path / "dc.zarr"), labels(tmp_path / "dw.zarr"))
 
 
 def test_recut_equals_a_fresh_run(data, tmp_path):

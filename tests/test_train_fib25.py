@@ -45,9 +45,12 @@ def test_the_3d_recipe_runs_both_pipelines_and_tunes_on_validation(tmp_path):
             assert s["voi_split"] >= 0 and s["voi_merge"] >= 0 and 0 <= s["adapted_rand_error"] <= 1
             # the segmentation is the grid's point of lowest validation VOI
             best = min(r_["tuning"], key=lambda row: row["voi"])
-            assert len(r_["tuning"]) == 25
-            assert (r_["segment"]["threshold"], r_["segment"]["merge_threshold"]) == \
-                (best["threshold"], best["merge_threshold"])
+            assert len(r_["tuning"]) == (50 if kind == "3d" else 25)
+            assert {row["seeds"] for row in r_["tuning"]} == \
+                ({"components", "distance"} if kind == "3d" else {"components"})
+            assert (r_["segment"]["seeds"], r_["segment"]["threshold"],
+                    r_["segment"]["merge_threshold"]) == \
+                (best["seeds"], best["threshold"], best["merge_threshold"])
         assert rep["3d"]["settings"]["target"] == "affinities"
         assert rep["3d"]["segment"]["mode"] == "auto" and rep["2d"]["segment"]["mode"] == "3d"
         oracle = rep["3d"]["oracle"]

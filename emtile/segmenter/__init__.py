@@ -38,7 +38,9 @@ A ``(C, Z, Y, X)`` affinity map (an emtile affinity store, recognised by its att
 foreign array with ``offsets``) goes through the same passes in 3d mode
 (:mod:`emtile.segmenter.affinity` says how): the seeds are the connected components of the
 nearest-neighbour pairs linked by an affinity above ``threshold``, the bounded flood climbs the
-mean affinity of each voxel's six pairs, and a face is scored by the affinities of the voxel
+mean affinity of each voxel's six pairs (``seeds="distance"``: the seeds are the maxima of the
+distance to the voxels with an unlinked pair, and each flood step costs the affinity of the pair
+it crosses), and a face is scored by the affinities of the voxel
 pairs that cross it (``1 - affinity``: its ``merge_quantile``, from a histogram over the whole
 range, or its mean) up to ``merge_threshold``. The output keeps the fragments and the region
 graph (:mod:`emtile.segmenter.fragment_graph`), from which ``recut`` relabels at another

@@ -247,14 +247,17 @@ def _levels(job, start, stop):
     return read_levels(_open(job)["input"], job.channels, start, stop, job.shape, job.input)
 
 
-def _affinity_signals(job, start, stop):
-    """Affinity input: ``(inside, alt, levels, lut)`` over ``[start, stop)``."""
+def _affinity_interior(job, start, stop):
+    """Affinity input: ``(interior, alt, levels, lut)`` over ``[start, stop)``. The interior:
+    voxels with a link (component seeds), or the core, voxels whose every pair is linked
+    (distance seeds: a contact between two objects is then a boundary, as a membrane is in a
+    probability map, so the distance maxima and the interior flood stay on one side of it)."""
     from emtile.segmenter.affinity import link_lut, signals
 
     levels = _levels(job, start, stop)
     lut = link_lut(job.threshold)
-    inside, alt = signals(levels, start, stop, job.shape, lut)
-    return inside, alt, levels, lut
+    inside, alt, core = signals(levels, start, stop, job.shape, lut)
+    return (core if job.distance_seeds else inside), alt, levels, lut
 
 
 def _check_values(p, job, start):
@@ -298,30 +301,32 @@ def run_label_blocks(job, block_ids):
             out.append(None)
             continue
         start, stop = plan[i]
+        r0, r1 = plan.read_box(i, job.label_halo)
+        w0 = [a - o for a, o in zip(start, r0)]
+        w1 = [b - o for b, o in zip(stop, r0)]
+        own = _sl(w0, w1)
         if job.affinity:
             from emtile.segmenter.affinity import link_labels
 
-            inside, _, levels, lut = _affinity_signals(job, start, stop)
-            cells, n_cells = link_labels(levels, inside, lut)
-            _array(job, "cells")[_sl(start, stop)] = cells
-            _faults.point("segment.labels.written")
-            out.append((int(n_cells), 0))
-            continue
-        r0, r1 = plan.read_box(i, job.label_halo)
-        p = _read_p(job, r0, r1)
-        _check_values(p, job, start)
-        inside = kernels.interior_mask(p, job.threshold)
-        own = _sl([a - o for a, o in zip(start, r0)], [b - o for b, o in zip(stop, r0)])
-        cells, n_cells = kernels.label_components(inside[own], axes=job.axes)
+            # the links' components on the write region (its levels: one plane past each
+            # upper face)
+            mask, _, levels, lut = _affinity_interior(job, r0, r1)
+            box = np.ascontiguousarray(levels[(slice(None),) + _sl(w0, [b + 1 for b in w1])])
+            cells, n_cells = link_labels(box, np.ascontiguousarray(mask[own]), lut)
+        else:
+            p = _read_p(job, r0, r1)
+            _check_values(p, job, start)
+            mask = kernels.interior_mask(p, job.threshold)
+            cells, n_cells = kernels.label_components(mask[own], axes=job.axes)
         _array(job, "cells")[_sl(start, stop)] = cells
         n_seeds = 0
         if job.distance_seeds:
-            peaks = kernels.seed_maxima(inside, cap=job.seed_cap, radius=job.seed_radius,
+            peaks = kernels.seed_maxima(mask, cap=job.seed_cap, radius=job.seed_radius,
                                         axes=job.axes, sampling=job.sampling)
             seeds, n_seeds = kernels.label_components(peaks[own], axes=job.axes)
             _array(job, "seeds")[_sl(start, stop)] = seeds
         _faults.point("segment.labels.written")  # test-only: written, not yet reported
-        out.append((n_cells, n_seeds))
+        out.append((int(n_cells), n_seeds))
     return out
 
 
@@ -346,12 +351,15 @@ def _fragments(job, plan, r0, r1):
     """Provisional fragment ids over the read box (exact on the write region and one plane past
     its upper faces), the interior mask, the altitude, and the ids that are joined across faces."""
     if job.affinity:
-        inside, alt, levels, lut = _affinity_signals(job, r0, r1)
+        inside, alt, levels, lut = _affinity_interior(job, r0, r1)
     else:
         p = _read_p(job, r0, r1)
         inside = kernels.interior_mask(p, job.threshold)
         alt = kernels.altitude(p)
         levels = lut = None
+    # affinities with distance seeds: a step costs its pair's altitude, so the floods cross a
+    # contact between two objects (unlinked pairs) only at its price, whatever the voxels'
+    pair_levels = levels if job.affinity and job.distance_seeds else None
     cells = _provisional(job, plan, "cells", 0, r0, r1)
     labels = cells
     joined = [cells]
@@ -359,12 +367,12 @@ def _fragments(job, plan, r0, r1):
         seeds = _provisional(job, plan, "seeds", 1, r0, r1)
         joined.append(seeds)
         key = kernels.flood(seeds > 0, inside & (seeds == 0), alt, rounds=job.interior_rounds,
-                            axes=job.axes, origin=r0, volume_shape=job.shape)
+                            axes=job.axes, origin=r0, volume_shape=job.shape, levels=pair_levels)
         # unreached interior keeps its component as a fragment
         labels = kernels.source_labels(key, seeds, origin=r0, volume_shape=job.shape,
                                        fill=np.where(inside, cells, 0))
     key = kernels.flood(inside, ~inside, alt, rounds=job.grow, axes=job.axes, origin=r0,
-                        volume_shape=job.shape)
+                        volume_shape=job.shape, levels=pair_levels)
     frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape)
     # read where frag > 0 (the key is set); in place: the key is not needed again
     source = np.bitwise_and(key, np.int64(kernels.INDEX_LIMIT - 1), out=key)
@@ -397,6 +405,9 @@ def run_fragment_blocks(job, block_ids):
             from emtile.segmenter import affinity
 
             pairs = affinity.link_face_pairs(joined[0], levels, lut, start=w0, stop=w1)
+            if job.distance_seeds:  # seeds are voxel components (of the core's maxima)
+                pairs = np.concatenate([pairs, kernels.face_pairs(joined[1], start=w0,
+                                                                  stop=w1, axes=job.axes)])
             edges = affinity.pair_edges(frag, levels, start=w0, stop=w1)
         else:
             pairs = np.concatenate([kernels.face_pairs(lab, start=w0, stop=w1, axes=job.axes)

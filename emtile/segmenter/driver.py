@@ -168,9 +168,6 @@ def _check_options(pred, settings):
         if mode == "2d":
             raise EmtileError(f"mode='2d' does not apply to affinities {pred.path!r}: they "
                               f"link voxels in 3-D; use mode='3d' or 'auto'")
-        if settings.method == "ws" and settings.seeds != "components":
-            raise EmtileError(f"seeds={settings.seeds!r} does not apply to affinities: their "
-                              f"seeds are the components of the links; use seeds='components'")
         if settings.invert:
             raise EmtileError(f"invert=True does not apply to affinities {pred.path!r} (1 = the "
                               f"same object): it reads a boundary map as 1 - p; leave it out")

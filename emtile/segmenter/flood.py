@@ -91,30 +91,64 @@ def pad_inputs(domain, alt, pad, cost):
 
 
 @njit(cache=True, nogil=True)
+def pad_pairs(levels, pad, out):
+    """Write into ``out`` (uint8, (6, padded size)) the altitude ``255 - level`` of the pair
+    between each pixel and its neighbour in direction ``d`` (the order of :func:`run_flood`'s
+    offsets: -z, +z, -y, +y, -x, +x), from the affinity ``levels`` of the box (``(3, Z + 1,
+    Y + 1, X + 1)``: ``levels[k, v]`` links ``v`` and ``v - e_k``). 255 in the padding."""
+    nz, ny, nx = levels.shape[1] - 1, levels.shape[2] - 1, levels.shape[3] - 1
+    pz, py, px = pad[0], pad[1], pad[2]
+    NY, NX = ny + 2 * py, nx + 2 * px
+    out[:, :(nz + 2 * pz) * NY * NX] = 255
+    for z in range(nz):
+        for y in range(ny):
+            at = ((z + pz) * NY + y + py) * NX + px
+            for x in range(nx):
+                out[0, at + x] = 255 - levels[0, z, y, x]
+                out[1, at + x] = 255 - levels[0, z + 1, y, x]
+                out[2, at + x] = 255 - levels[1, z, y, x]
+                out[3, at + x] = 255 - levels[1, z, y + 1, x]
+                out[4, at + x] = 255 - levels[2, z, y, x]
+                out[5, at + x] = 255 - levels[2, z, y, x + 1]
+
+
+@njit(cache=True, nogil=True)
 def _step(c):
     """The cost ``c`` (``1 + alt``) in key units."""
     return np.int64(c) << COST_SHIFT
 
 
 @njit(cache=True, nogil=True)
-def _best(key, q, step, offsets):
-    """The smallest of ``key[q]`` and each set neighbour's key plus ``step``."""
+def _edge(cost, pairs, d, p, q):
+    """The step from ``p`` to its neighbour ``q = p + offsets[d]`` (a domain pixel): ``1 +`` the
+    altitude of ``q`` or, with ``pairs`` (:func:`pad_pairs`), of the pair ``(p, q)``."""
+    if pairs.shape[0] == 0:
+        return _step(cost[q] & ~_OK)
+    return _step(np.uint16(pairs[d, p]) + 1)
+
+
+@njit(cache=True, nogil=True)
+def _best(key, cost, pairs, q, offsets, back):
+    """The smallest of ``key[q]`` and each set neighbour's key plus its step into ``q``."""
     best = key[q]
-    for o in offsets:
-        nb = key[q + o]
-        if nb != UNSET and nb + step < best:
-            best = nb + step
+    for d in range(offsets.size):
+        p = q + offsets[d]
+        nb = key[p]
+        if nb != UNSET:
+            v = nb + _edge(cost, pairs, back[d], p, q)
+            if v < best:
+                best = v
     return best
 
 
 @njit(cache=True, nogil=True)
-def _first_changes(key, cost, offsets, n, cand, value):
+def _first_changes(key, cost, pairs, offsets, back, n, cand, value):
     """Round 1: the domain pixels (in C order) whose key a keyed neighbour lowers, and their new
     keys. Returns how many."""
     k = 0
     for q in range(n):
         if cost[q]:
-            v = _best(key, q, _step(cost[q]), offsets)
+            v = _best(key, cost, pairs, q, offsets, back)
             if v < key[q]:
                 cand[k] = q
                 value[k] = v
@@ -123,11 +157,13 @@ def _first_changes(key, cost, offsets, n, cand, value):
 
 
 @njit(cache=True, nogil=True)
-def flood_rounds(key, cost, rounds, offsets, n, slot, frontier, cand, value):
+def flood_rounds(key, cost, pairs, rounds, offsets, back, n, slot, frontier, cand, value):
     """Run up to ``rounds`` rounds on the flat padded arrays ``key`` (int64, updated in place) and
     ``cost`` (:func:`pad_inputs`), of ``n`` pixels; ``offsets`` are the flat offsets of a
-    pixel's neighbours. ``frontier``, ``cand`` and ``value`` hold at least the domain's pixels;
-    ``slot`` (``n``, any values) is scratch. Returns the rounds that changed something.
+    pixel's neighbours (``back[d]``: the direction of ``-offsets[d]``); ``pairs`` (empty, or
+    :func:`pad_pairs`) the steps' altitudes. ``frontier``, ``cand`` and ``value`` hold at least
+    the domain's pixels; ``slot`` (``n``, any values) is scratch. Returns the rounds that
+    changed something.
 
     Round 1 evaluates every domain pixel. Later rounds push the keys that changed to their
     neighbours: a pixel's key is already at most each neighbour's previous key plus its step
@@ -137,7 +173,7 @@ def flood_rounds(key, cost, rounds, offsets, n, slot, frontier, cand, value):
     written after the round, so every push reads the previous round's keys."""
     if rounds == 0:
         return 0
-    k = _first_changes(key, cost, offsets, n, cand, value)
+    k = _first_changes(key, cost, pairs, offsets, back, n, cand, value)
     for r in range(1, rounds + 1):
         if r > 1:
             frontier, cand = cand, frontier
@@ -146,12 +182,11 @@ def flood_rounds(key, cost, rounds, offsets, n, slot, frontier, cand, value):
             for f in range(m):
                 p = frontier[f]
                 kp = key[p]
-                for o in offsets:
-                    q = p + o
-                    c = cost[q]
-                    if c == 0:
+                for d in range(offsets.size):
+                    q = p + offsets[d]
+                    if cost[q] == 0:
                         continue
-                    v = kp + _step(c)
+                    v = kp + _edge(cost, pairs, d, p, q)
                     if v >= key[q]:  # most pushes (back where a key came from) stop here
                         continue
                     j = slot[q]
@@ -174,7 +209,7 @@ _OK = np.uint16(0x8000)  # a cost's flag: the pixel is carried back to a seed (m
 
 
 @njit(cache=True, nogil=True)
-def mark_supported(key, cost, rounds, offsets, n, frontier, nxt):
+def mark_supported(key, cost, pairs, rounds, offsets, back, n, frontier, nxt):
     """Flag (``_OK`` in ``cost``) every domain pixel whose key is carried by a chain of
     neighbours back to a seed in the final state: ``key[q] == key[p] + step(q)`` along the chain.
     :func:`unpadded` unsets the others.
@@ -189,9 +224,10 @@ def mark_supported(key, cost, rounds, offsets, n, frontier, nxt):
         for q in range(n):
             c = cost[q]
             if c != 0 and key[q] != UNSET:
-                for o in offsets:
-                    p = q + o
-                    if cost[p] == 0 and key[p] != UNSET and key[q] == key[p] + _step(c):
+                for d in range(offsets.size):
+                    p = q + offsets[d]
+                    if cost[p] == 0 and key[p] != UNSET and \
+                            key[q] == key[p] + _edge(cost, pairs, back[d], p, q):
                         cost[q] = c | _OK
                         frontier[m] = q
                         m += 1
@@ -203,12 +239,12 @@ def mark_supported(key, cost, rounds, offsets, n, frontier, nxt):
         for f in range(m):
             p = frontier[f]
             kp = key[p]
-            for o in offsets:
-                q = p + o
+            for d in range(offsets.size):
+                q = p + offsets[d]
                 c = cost[q]
                 if c == 0 or c & _OK:
                     continue
-                if key[q] == kp + _step(c):  # (UNSET never equals a sum)
+                if key[q] == kp + _edge(cost, pairs, d, p, q):  # (UNSET never equals a sum)
                     cost[q] = c | _OK
                     nxt[k] = q
                     k += 1
@@ -217,6 +253,8 @@ def mark_supported(key, cost, rounds, offsets, n, frontier, nxt):
 
 
 # --------------------------------------------------------------------------- per-thread scratch
+
+_NO_PAIRS = np.zeros((0, 0), np.uint8)  # steps cost their target pixel's altitude
 
 _local = threading.local()
 
@@ -232,7 +270,7 @@ def _buffer(name, size, dtype):
     return buf
 
 
-def run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape):
+def run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape, levels=None):
     """The flood of :func:`emtile.segmenter.kernels.flood` (its arguments; ``rounds`` at most
     :data:`emtile.segmenter.kernels.MAX_ROUNDS`): ``(key, rounds that changed something,
     keyed pixels unset as not carried back to a seed)``."""
@@ -250,14 +288,21 @@ def run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape):
         strides = (dims[1] * dims[2], dims[2], 1)
         offsets = np.array([d * strides[ax] for ax in range(3) if pad[ax] for d in (-1, 1)],
                            np.int64)
+        back = np.arange(offsets.size, dtype=np.int64) ^ 1  # -z <-> +z, ...
+        pairs = _NO_PAIRS
+        if levels is not None:
+            if not pad.all():
+                raise ValueError("pair costs need all three axes")
+            pairs = _buffer("pairs", 6 * n, np.uint8)[:6 * n].reshape(6, n)
+            pad_pairs(np.asarray(levels, np.uint8), pad, pairs)
         index = np.int32 if n < 2**31 else np.int64
         frontier, cand = _buffer("frontier", nd, index), _buffer("cand", nd, index)
         value = _buffer("value", nd, np.int64)
-        done = flood_rounds(flat, cost, int(rounds), offsets, n, _buffer("slot", n, index),
-                            frontier, cand, value)
+        done = flood_rounds(flat, cost, pairs, int(rounds), offsets, back, n,
+                            _buffer("slot", n, index), frontier, cand, value)
         if done == rounds:  # still moving at the limit: keep only the keys that a chain of
             # final keys carries back to a seed (unpadded unsets the others)
-            mark_supported(flat, cost, int(rounds), offsets, n, frontier, cand)
+            mark_supported(flat, cost, pairs, int(rounds), offsets, back, n, frontier, cand)
     key = np.empty(seeds.shape, np.int64)  # by NumPy (see emtile.segmenter.pixels)
     dropped = unpadded(flat, pad, done == rounds, cost, key)
     return key, max(done, 0), dropped

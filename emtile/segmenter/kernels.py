@@ -149,7 +149,7 @@ def _axis_radius(radius, sampling, ax):
     return int(np.ceil(radius / sampling[ax] - 1e-9))
 
 
-def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
+def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape, levels=None):
     """Give domain pixels the seed they reach most cheaply over the boundary map, in ``rounds``
     local rounds (a seeded watershed on topographic distance, bounded).
 
@@ -201,7 +201,7 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape):
         raise EmtileError(f"rounds={rounds} must be between 0 and {MAX_ROUNDS}")
     from emtile.segmenter.flood import run_flood
 
-    return run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape)[0]
+    return run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape, levels)[0]
 
 
 def source_labels(key, labels, *, origin, volume_shape, fill=0):
