@@ -358,7 +358,8 @@ def _fragments(job, plan, r0, r1):
         alt = kernels.altitude(p)
         levels = lut = None
     # affinities with distance seeds: a step costs its pair's altitude, so the floods cross a
-    # contact between two objects (unlinked pairs) only at its price, whatever the voxels'
+    # contact between two objects (unlinked pairs) only at that price, whatever the mean
+    # altitudes of the voxels on either side
     pair_levels = levels if job.affinity and job.distance_seeds else None
     cells = _provisional(job, plan, "cells", 0, r0, r1)
     labels = cells

@@ -14,6 +14,10 @@ The bounds checks of an unpadded array cost three 64-bit integer divisions per v
 (slow: see ``pixels._divmod``). With the padding, the pushes and the scratch below, a 4 x 1154 x
 1154 block's flood went from 0.77 s to 0.37 s (``examples/bench_segment_kernels.py``).
 
+With affinity levels (distance seeds), a step's cost is that of the pair it crosses: six more
+padded arrays (:func:`pad_pairs`, one per direction) that the kernels read instead of the entered
+pixel's cost; the probability map's floods pass an empty table and run as before.
+
 The scratch arrays (the padded keys and costs, the changed pixels and their new keys, a slot
 per pixel) are kept per thread and reused, sized to the domain where they can be: allocating and
 zeroing block-sized arrays per call cost about as much in page faults as the rounds themselves.

@@ -190,6 +190,10 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape, levels=None
         Position of the array's first pixel in the volume (for global seed indices).
     volume_shape : tuple of int
         The whole volume's shape (3-D).
+    levels : ndarray of uint8, shape (3, Z + 1, Y + 1, X + 1), optional
+        Affinity levels of the box (:func:`emtile.segmenter.affinity.read_levels`; all three
+        axes): a step then costs ``1 + 255 - level`` of the pair it crosses instead of
+        ``1 + alt`` of the pixel it enters (:func:`emtile.segmenter.flood.pad_pairs`).
 
     Returns
     -------
