@@ -120,3 +120,13 @@ def test_a_step_costs_its_pair_not_the_pixel():
     by_pixel = kernels.flood(seeds, domain, alt, rounds=10, axes=(0, 1, 2), origin=(0, 0, 0),
                              volume_shape=(1, 1, 5))
     assert (by_pixel & ((1 << SHIFT) - 1))[0, 0].tolist() == [0, 0, 0, 4, 4]
+
+
+def test_pair_costs_need_all_three_axes():
+    """Pair altitudes come per direction of all three axes: a 2-D neighbourhood is refused."""
+    seeds = np.zeros((2, 3, 3), bool)
+    seeds[0, 0, 0] = True
+    levels = np.full((3, 3, 4, 4), 255, np.uint8)
+    with pytest.raises(ValueError, match="pair costs need all three axes"):
+        fl.run_flood(seeds, ~seeds, np.zeros((2, 3, 3), np.uint8), 4, (1, 2), (0, 0, 0),
+                     (2, 3, 3), levels)
