@@ -1,4 +1,4 @@
-"""Random 3-D training patches with affinity targets, as a worker-safe PyTorch dataset.
+"""Random 3-D training patches with affinity or boundary targets, as worker-safe PyTorch datasets.
 
 A sample is a raw input window of the model's input size (Z, Y, X) and the affinities and mask
 of its output window, the centre of the input's receptive field. The output window lies inside
@@ -7,6 +7,12 @@ volume's border, but ids are read only inside the training range: voxels outside
 the volume, count as unlabelled, so the pairs touching them are masked. Ids are read with the
 offsets' reach (:func:`emtile.affinities.offset_context`) around the output window, so the
 affinities at its border are those of the whole (training part of the) volume.
+
+:class:`BoundaryPatchDataset` is the same stream for a 3-D network with one output channel
+(``target="boundaries"``): binary labels (1 = cell interior) are read as codes 1 (membrane) and
+2 (interior), so that 0 keeps meaning "unlabelled" through the crops and the augmentation (outside
+the training range, a wrapped band of a shifted section); the target is ``code == 2`` and the
+mask ``code != 0``.
 
 Seeding is as :mod:`emtile.sampling`'s: sample ``i`` draws with
 ``numpy.random.default_rng([seed, i])``, batch ``b`` holds samples ``b * batch_size ...``, and
@@ -23,20 +29,23 @@ from emtile.affinities import affinities, check_offsets, offset_context
 from emtile.geometry import center_crop, read_window
 from emtile.normalize import Scaling, apply as normalize_pixels
 
-__all__ = ["AffinityPatchDataset", "read_ids"]
+__all__ = ["AffinityPatchDataset", "BoundaryPatchDataset", "read_ids"]
 
 
-def read_ids(ids, start, stop, z_range):
+def read_ids(ids, start, stop, z_range, *, codes=False):
     """``ids[start:stop]`` (per axis) with every voxel outside the volume or outside
-    ``z_range = (z0, z1)`` set to 0 (unlabelled)."""
+    ``z_range = (z0, z1)`` set to 0 (unlabelled). ``codes``: binary labels read as 1 (0,
+    membrane) and 2 (non-zero, interior), uint8."""
     shape = ids.shape
     lo = [max(a, 0) for a, n in zip(start, shape)]
     hi = [min(b, n) for b, n in zip(stop, shape)]
     lo[0], hi[0] = max(lo[0], z_range[0]), min(hi[0], z_range[1])
-    out = np.zeros(tuple(b - a for a, b in zip(start, stop)), np.asarray(ids[:1, :1, :1]).dtype)
+    dtype = np.uint8 if codes else np.asarray(ids[:1, :1, :1]).dtype
+    out = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype)
     if all(b > a for a, b in zip(lo, hi)):
         inner = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-        out[inner] = np.asarray(ids[tuple(slice(a, b) for a, b in zip(lo, hi))])
+        crop = np.asarray(ids[tuple(slice(a, b) for a, b in zip(lo, hi))])
+        out[inner] = (crop != 0) + np.uint8(1) if codes else crop
     return out
 
 
@@ -82,8 +91,10 @@ class AffinityPatchDataset(IterableDataset):
             raise EmtileError(f"the training region {span} (Z, Y, X) is smaller than the tile's "
                               f"output {self.output_size} (input {self.input_size}): choose a "
                               "smaller tile or a longer train_slices range")
-        self.offsets = check_offsets(offsets, ndim=3)
-        self.context = tuple(max(c) for c in offset_context(self.offsets))
+        self.offsets = check_offsets(offsets, ndim=3) if offsets else ()
+        # labels read around the output window: the offsets' reach (none for boundaries)
+        self.context = (tuple(max(c) for c in offset_context(self.offsets)) if self.offsets
+                        else (0, 0, 0))
         self.batch_size, self.seed, self.start = int(batch_size), int(seed), int(start)
         self.augment = augment
         self.paths = tuple(paths) if paths is not None else (None, None)
@@ -104,7 +115,9 @@ class AffinityPatchDataset(IterableDataset):
         start = tuple(a - p for a, p in zip(origin, pad))
         stop = tuple(a + o + p for a, o, p in zip(origin, self.output_size, pad))
         raw = normalize_pixels(read_window(self.raw, start, stop), self.normalize)
-        return raw, read_ids(self.ids, start, stop, self.z_range)
+        return raw, read_ids(self.ids, start, stop, self.z_range, codes=self.codes)
+
+    codes = False  # read ids as they are
 
     def sample(self, index):
         """Sample ``index``: ``(image, aff, mask)`` float32 arrays."""
@@ -115,11 +128,16 @@ class AffinityPatchDataset(IterableDataset):
         if self.augment is not None:
             raw, ids = self.augment(raw, ids, rng)
         image = center_crop(raw, self.input_size)
+        target, mask = self.targets(ids)
+        return (np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(target),
+                np.ascontiguousarray(mask))
+
+    def targets(self, ids):
+        """The output window's ``(aff, mask)``, float32 (K, *output), from the id crop."""
         wide = tuple(o + 2 * c for o, c in zip(self.output_size, self.context))
         aff, mask = affinities(center_crop(ids, wide), self.offsets)
         inner = (slice(None),) + tuple(slice(c, c + o) for c, o in zip(self.context, self.output_size))
-        return (np.ascontiguousarray(image, dtype=np.float32),
-                np.ascontiguousarray(aff[inner]), np.ascontiguousarray(mask[inner]))
+        return aff[inner], mask[inner]
 
     def batch(self, b):
         """Batch ``b`` as a dict of stacked float32 tensors."""
@@ -141,3 +159,22 @@ class AffinityPatchDataset(IterableDataset):
         while True:
             yield self.batch(b)
             b += workers
+
+
+class BoundaryPatchDataset(AffinityPatchDataset):
+    """:class:`AffinityPatchDataset`'s stream with one target channel: the cell interior.
+
+    ``labels`` are binary (non-zero = interior; :class:`emtile.training.targets.IdBoundaries`
+    makes them from ids). Batches: ``label`` (B, 1, *output) 1 = interior, ``weight`` (B, 1,
+    *output) 0 where the output window leaves the training range (or a shifted section's
+    wrapped band), 1 elsewhere. Parameters as :class:`AffinityPatchDataset`, without offsets.
+    """
+
+    codes = True
+
+    def __init__(self, raw, labels, **kwargs):
+        super().__init__(raw, labels, offsets=(), **kwargs)
+
+    def targets(self, codes):
+        codes = center_crop(codes, self.output_size)[None]
+        return (codes == 2).astype(np.float32), (codes != 0).astype(np.float32)

@@ -20,8 +20,8 @@ and the optimiser, then runs the loop, :func:`emtile.training.loop.fit`, which k
 :mod:`emtile.training.run`         the run folder, ``training_state.pt``, ``Checkpoint``
 :mod:`emtile.training.targets`     the target fields (``ndim``, ``target``, offsets, factors,
                                    tile) checked; id labels as 2-D boundaries (``IdBoundaries``)
-:mod:`emtile.training.affinity_run` a 3-D affinity run's parts: id and z-range checks, offsets
-                                   and factors from the voxel size, loss, patches
+:mod:`emtile.training.affinity_run` a 3-D run's parts (affinities; boundaries with one channel):
+                                   id and z-range checks, offsets and factors from the voxel size, loss, patches
                                    (:mod:`emtile.sampling3d`, :mod:`emtile.augment3d`),
                                    validation (:mod:`emtile.training.validation3d`: VOI of
                                    :func:`emtile.affinity_cc.segment_affinities`, lower is
@@ -190,7 +190,7 @@ def _train(raw, labels, out, settings, *, resume, overwrite, progress, model, ca
                                                    data.tz, dev, validator, normalize=scaling,
                                                    before=checkpoint.best_scores,
                                                    keep=s.keep_calibrated)
-    if s.tune_segment and not task.affinities and validator is not None:  # warns, never raises
+    if s.tune_segment and not task.volumes and validator is not None:  # warns, never raises
         result["segment"] = tune_best(folder.path / "best", validator, progress=progress)
     folder.write_run({**run_info, "finished": True})
     result.update(best=checkpoint.best_scores, elapsed_s=round(clock.elapsed(), 2),
@@ -206,23 +206,28 @@ class _Task:
 
     def __init__(self, s):
         self.affinities = s.target == "affinities"
+        self.volumes = s.ndim == 3  # the 3-D parts (affinity_run), affinities or boundaries
         if self.affinities:
             self.loss_fn = aff.loss_function(s.affinity_loss)
             self.best_metric, self.lower_is_better, self.calibrated = "val_voi", True, False
             self.columns, self.record = AFFINITY_COLUMNS, aff.model_record(s)
+        elif self.volumes:  # 3-D boundaries: the 3-D loss and patches, the 2-D scores
+            self.loss_fn = aff.loss_function(s.affinity_loss)
+            self.best_metric, self.lower_is_better, self.calibrated = "val_vrand", False, False
+            self.columns, self.record = CSV_COLUMNS, aff.model_record(s)
         else:
             self.loss_fn = get_loss(s.loss)
             self.best_metric, self.lower_is_better, self.calibrated = "val_vrand", False, True
             self.columns, self.record = CSV_COLUMNS, {}
 
     def augmenter(self, s, data):
-        if self.affinities:
+        if self.volumes:
             return aff.augmenter(s, data.voxel_size)
         return Augmenter(elastic=s.elastic, elastic_sigma=s.elastic_sigma, flip=s.flip,
                          intensity=s.intensity, noise=s.noise, blur=s.blur)
 
     def validator(self, data, s, weight_fn, dev, scaling):
-        if self.affinities:
+        if self.volumes:
             return aff.validator(data, s, self.loss_fn, dev, scaling)
         return Validator(data.raw, data.labels, data.vz, loss_fn=self.loss_fn, weight_fn=weight_fn,
                          tile=s.val_tile or "auto", batch_size=1, device=dev, normalize=scaling)
@@ -258,13 +263,15 @@ def _open_data(raw, labels, s):
         aff.z_range(tz, "train_slices"), aff.z_range(vz, "val_slices")
     elif is_id_volume(labels_path, labels_a):  # 2-D boundaries from object ids
         labels_a, labels_path = IdBoundaries(labels_a), None
+    if s.ndim == 3 and s.target == "boundaries":
+        aff.z_range(tz, "train_slices"), aff.z_range(vz, "val_slices")
     return _Data(raw_a, labels_a, (raw_path, labels_path), tz, vz, _voxel_size(raw_path))
 
 
 def _resolve(s, data, last):
     """The settings of an affinity run resolved: offsets, factors (the resumed run's, or from the
     voxel size)."""
-    if s.target != "affinities":
+    if s.ndim != 3:
         return s
     if last is not None:
         s = aff.resumed(last, s)
@@ -302,12 +309,18 @@ def _check_patches(data, s, net):
     """Patch sizes, labels and class weights: ``(in_shape, out_shape, class_weights, weight_fn)``."""
     if s.target == "affinities":
         return (*aff.patch_shapes(data, s, net), (), None)
-    in_shape, out_shape = check_patch_geometry(data.raw.shape[1:], s.tile, net.output_size(s.tile))
+    if s.ndim == 3:
+        in_shape, out_shape = aff.patch_shapes(data, s, net)
+    else:
+        in_shape, out_shape = check_patch_geometry(data.raw.shape[1:], s.tile,
+                                                   net.output_size(s.tile))
     fg = check_labels(data.labels, data.tz)
     if not 0.0 < fg < 1.0:
         raise EmtileError(f"the labels of the training slices are all {round(fg)}: training needs "
                           "both cell (1) and membrane (0) pixels")
     check_labels(data.labels, [z for z in data.vz if z not in data.tz])
+    if s.ndim == 3:
+        return in_shape, out_shape, (), None
     class_weights = balanced_class_weights(fg, power=float(s.class_balance))
     weight_fn = (functools.partial(weight_map, w0=s.w0, sigma=s.sigma, class_weights=class_weights)
                  if uses_weights(s.loss) else None)
@@ -326,7 +339,7 @@ def _patch_loader(data, s, in_shape, out_shape, augment, weight_fn, start, dev, 
     weighted by ``s.workers`` processes."""
     dataset = (aff.patch_dataset(data, s, in_shape, out_shape, start=start, scaling=scaling,
                                  augment=augment)
-               if s.target == "affinities" else _patch_dataset(
+               if s.ndim == 3 else _patch_dataset(
                    data, s, in_shape, out_shape, augment, weight_fn, start, scaling))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=s.workers, pin_memory=dev.type == "cuda",
@@ -348,7 +361,7 @@ def _freeze(s, data, in_shape, out_shape, augment, dev, scaling):
     if after is None:
         return []
     # its own stream (sample indices far beyond any run), read in this process
-    if s.target == "affinities":
+    if s.ndim == 3:
         calib = aff.patch_dataset(data, s, in_shape, out_shape, start=2**40, scaling=scaling,
                                   augment=augment)
     else:

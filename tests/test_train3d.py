@@ -15,7 +15,7 @@ from emtile._errors import EmtileError
 from emtile.affinities import affinities, check_offsets
 from emtile.affinity_cc import segment_affinities
 from emtile.augment3d import Augmenter3D, transpose
-from emtile.sampling3d import AffinityPatchDataset
+from emtile.sampling3d import AffinityPatchDataset, BoundaryPatchDataset
 from emtile.training import affinity_run
 
 FIB25 = Path(os.environ.get("EMTILE_FIB25_DIR", Path(__file__).resolve().parents[2] / "shared"
@@ -57,6 +57,38 @@ def test_patch_targets_are_the_volume_affinities_cropped():
     # a patch inside the volume keeps long-range pairs that leave the patch (read with context)
     assert full_mask[5].sum() > 0 and not np.array_equal(
         affinities(inside[3:13, 0:20, 0:20], OFFSETS)[1], full_mask[:, 3:13, 0:20, 0:20])
+
+
+def test_boundary_patches_are_the_labels_cropped_and_masked_outside_the_range():
+    ids = blobs(zeros=0.0)
+    labels = np.zeros(ids.shape, np.uint8)  # interior where the in-plane neighbours agree
+    labels[:, 1:-1, 1:-1] = ((ids[:, 1:-1, 1:-1] == ids[:, :-2, 1:-1])
+                             & (ids[:, 1:-1, 1:-1] == ids[:, 2:, 1:-1])
+                             & (ids[:, 1:-1, 1:-1] == ids[:, 1:-1, :-2])
+                             & (ids[:, 1:-1, 1:-1] == ids[:, 1:-1, 2:]))
+    raw = (labels * 200 + 20).astype(np.uint8)
+    d = BoundaryPatchDataset(raw, labels, input_size=(14, 24, 24), output_size=(10, 20, 20),
+                             z_range=(3, 15), seed=2, batch_size=3)
+    for i in range(6):
+        z, y, x = d.draw_origin(np.random.default_rng([2, i]))
+        image, target, mask = d.sample(i)
+        assert target.shape == mask.shape == (1, 10, 20, 20) and image.shape == (14, 24, 24)
+        np.testing.assert_array_equal(target[0], labels[z:z + 10, y:y + 20, x:x + 20])
+        assert mask.min() == 1.0  # the output window lies inside the training range
+    assert d.batch(1)["label"].shape == (3, 1, 10, 20, 20)
+    # membrane (0) is a label, not "unlabelled": read as code 1; outside the range: 0
+    from emtile.sampling3d import read_ids
+
+    codes = read_ids(labels, (1, 0, 0), (5, 4, 4), (3, 15), codes=True)
+    assert codes.dtype == np.uint8 and (codes[:2] == 0).all()
+    np.testing.assert_array_equal(codes[2:], labels[3:5, :4, :4] + 1)
+    # a shifted section's wrapped band leaves the loss: the mask sees it, the target does not
+    aug = Augmenter3D(voxel_size=(50.0, 4.0, 4.0), elastic=False, flip=False, transpose=False,
+                      intensity=False, missing=0.0, shift=1.0)
+    shifted = BoundaryPatchDataset(raw, labels, input_size=(14, 24, 24),
+                                   output_size=(10, 20, 20), z_range=(3, 15), augment=aug)
+    masks = [shifted.sample(i)[2] for i in range(4)]
+    assert any(m.min() == 0.0 for m in masks)
 
 
 @pytest.mark.parametrize("kind", ["balanced_bce", "dice"])
@@ -236,7 +268,8 @@ def test_fib25_smoke_run_and_predict(fib_crop, tmp_path):
 BAD = [
     (("--labels", "binary.zarr"), "are binary, not object ids: --target affinities needs ids; "
                                   "convert them with --labels --ids"),
-    (("--target", "boundaries"), "--ndim 3 with --target boundaries is not implemented"),
+    (("--target", "boundaries", "--offsets", "-1,0,0;0,-1,0;0,0,-1"),
+     "apply to --target affinities only"),
     (("--ndim", "2", "--tile", "28"), "--target affinities needs --ndim 3"),
     (("--ndim", "4"), "--ndim 4 must be 2 (slices) or 3 (volumes)"),
     (("--offsets", "-1,a,0"), "--offsets"),
@@ -267,6 +300,39 @@ def test_bad_input_is_one_line(fib_crop, tmp_path, extra, message):
     assert "Traceback" not in r.output and r.output.strip().count("\n") == 0, r.output
     assert r.output.startswith("Error: ") and message in r.output, r.output
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_3d_boundary_run_predicts_and_segments(fib_crop, tmp_path):
+    """``--ndim 3 --target boundaries`` (from ids: their in-plane boundaries): one channel, the
+    2-D run's V-Rand validation, a (Z, Y, X) probability map that ``emtile segment`` takes in
+    3-D."""
+    out = tmp_path / "run3b"
+    r = run("train", "--raw", fib_crop / "raw.zarr", "--labels", fib_crop / "gt.zarr",
+            "--out", out, "--ndim", "3", "--target", "boundaries", "--base", "2", "--depth", "1",
+            "--factors", "1,2,2", "--kernels", "1,3,3;3,3,3", "--tile", "12,28,28",
+            "--workers", "0", "--train-slices", "0:16", "--val-slices", "16:24",
+            "--iterations", "4", "--val-every", "4", "--no-progress")
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "run.json").read_text())
+    assert (info["settings"]["ndim"], info["settings"]["target"]) == (3, "boundaries")
+    assert info["settings"]["offsets"] is None
+    meta = json.loads((out / "best" / "metadata.json").read_text())
+    assert meta["target"] == "boundaries" and meta["ndim"] == 3 and "offsets" not in meta
+    rows = list(csv.DictReader((out / "train.csv").open()))
+    assert rows[-1]["val_vrand"] not in ("", None) and 0.0 <= float(rows[-1]["val_vrand"]) <= 1
+    pred, seg = tmp_path / "pred.zarr", tmp_path / "seg.zarr"
+    r = run("predict", "--model", out / "best", fib_crop / "raw.zarr", pred, "--tile", "12,44,44",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    from emtile import open_volume
+
+    p = open_volume(pred)
+    assert p.shape == (24, 64, 64) and p.dtype == np.uint8
+    r = run("segment", pred, seg, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert open_volume(seg).shape == (24, 64, 64)
+    assert json.loads((seg / "zarr.json").read_text())["attributes"]["emtile"]["segment"][
+        "mode"] == "3d"  # auto: a 3-D model's map
 
 
 def test_id_labels_as_2d_boundaries():

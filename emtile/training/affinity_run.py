@@ -1,4 +1,5 @@
-"""The parts of a training run that differ for 3-D affinity networks (``target="affinities"``).
+"""The parts of a training run that differ for 3-D networks: affinities (``target="affinities"``)
+and, with one output channel, boundaries (``ndim=3, target="boundaries"``).
 
 :func:`emtile.trainer.train` calls these where a 2-D boundary run does its own: the checks of the
 id labels and z ranges, the settings resolved from the voxel size (offsets, factors, tile), the
@@ -6,6 +7,12 @@ loss, the patch stream (:class:`emtile.sampling3d.AffinityPatchDataset` with
 :class:`emtile.augment3d.Augmenter3D`), validation (:mod:`emtile.training.validation3d`:
 VOI of the segmented validation range, lower is better) and what the model folders record
 (``ndim``, ``target``, ``offsets``; no calibration).
+
+A 3-D boundary run shares the z ranges, the factors from the voxel size, the loss (one channel:
+the interior, with the mask of the training range), the augmentation and the model record; its
+patches are :class:`emtile.sampling3d.BoundaryPatchDataset`'s and its validation is the 2-D
+run's (:class:`emtile.training.validation.Validator`: V-Rand of the validation slices, higher is
+better), predicted with the 3-D network.
 """
 
 import dataclasses
@@ -53,7 +60,7 @@ def resolve(s, voxel_size):
 
     size = voxel_size or (10.0, 10.0, 10.0)
     out = {}
-    if s.offsets is None:
+    if s.offsets is None and s.target == "affinities":
         out["offsets"] = default_offsets(size)
     if s.factors is None:
         depth = MODEL_DEFAULTS_3D["depth"] if s.depth is None else s.depth
@@ -81,12 +88,14 @@ def augmenter(s, voxel_size):
 
 
 def patch_dataset(data, s, in_shape, out_shape, *, start, scaling, augment):
-    from emtile.sampling3d import AffinityPatchDataset
+    from emtile.sampling3d import AffinityPatchDataset, BoundaryPatchDataset
 
-    return AffinityPatchDataset(data.raw, data.labels, input_size=in_shape, output_size=out_shape,
-                                z_range=z_range(data.tz, "train_slices"), offsets=s.offsets,
-                                batch_size=s.batch_size, seed=s.seed, start=start,
-                                augment=augment, paths=data.paths, normalize=scaling)
+    common = dict(input_size=in_shape, output_size=out_shape,
+                  z_range=z_range(data.tz, "train_slices"), batch_size=s.batch_size, seed=s.seed,
+                  start=start, augment=augment, paths=data.paths, normalize=scaling)
+    if s.target == "boundaries":
+        return BoundaryPatchDataset(data.raw, data.labels, **common)
+    return AffinityPatchDataset(data.raw, data.labels, offsets=s.offsets, **common)
 
 
 def patch_shapes(data, s, net):
@@ -102,15 +111,22 @@ def patch_shapes(data, s, net):
 
 
 def validator(data, s, loss_fn, dev, scaling):
-    from emtile.training.validation3d import AffinityValidator
+    from emtile.training.validation3d import AffinityValidator, BoundaryValidator3D
 
+    if s.target == "boundaries":
+        return BoundaryValidator3D(data.raw, data.labels, data.vz, loss_fn=loss_fn,
+                                   tile=s.val_tile or "auto", device=dev, normalize=scaling)
     return AffinityValidator(data.raw, data.labels, z_range(data.vz, "val_slices"),
                              offsets=s.offsets, loss_fn=loss_fn, tile=s.val_tile or "auto",
                              device=dev, normalize=scaling)
 
 
 def model_record(s):
-    """What an affinity model's ``metadata.json`` adds: the contract the predictor reads."""
+    """What a 3-D model's ``metadata.json`` adds: the contract the predictor reads."""
+    if s.target == "boundaries":
+        return {"ndim": 3, "target": "boundaries",
+                "calibration": {"applied": False,
+                                "reason": "3-D boundary models are not calibrated"}}
     return {"ndim": 3, "target": "affinities", "offsets": [list(o) for o in s.offsets],
             "calibration": {"applied": False,
                             "reason": "affinity models are not calibrated"}}

@@ -21,8 +21,8 @@ from emtile._errors import EmtileError, one_of
 __all__ = ["check_target_fields", "default_tile_3d", "is_id_volume", "IdBoundaries",
            "parse_levels", "TARGETS", "TILE_2D", "ELASTIC_SIGMA"]
 
-#: What a network learns: ``boundaries`` (one channel, 1 = cell interior; 2-D) or
-#: ``affinities`` (one channel per offset, 1 = same object; 3-D, from object ids).
+#: What a network learns: ``boundaries`` (one channel, 1 = cell interior; 2-D, or 3-D with z
+#: context) or ``affinities`` (one channel per offset, 1 = same object; 3-D, from object ids).
 TARGETS = ("boundaries", "affinities")
 #: The 2-D training tile when ``tile`` is None (the paper's 572).
 TILE_2D = 572
@@ -77,8 +77,8 @@ def _refuse_2d_only(s):
     for f in dataclasses.fields(s):
         if f.name in ONLY_2D and getattr(s, f.name) != f.default:
             raise EmtileError(f"{f.name}={getattr(s, f.name)!r} applies to 2-D boundary training "
-                              f"only; a 3-D affinity run takes affinity_loss= (balanced_bce or "
-                              f"dice): leave {f.name} out")
+                              f"only; a 3-D run takes affinity_loss= (balanced_bce or dice): "
+                              f"leave {f.name} out")
 
 
 def check_target_fields(s):
@@ -91,9 +91,6 @@ def check_target_fields(s):
         raise EmtileError(f"ndim={s.ndim!r} must be 2 (slices) or 3 (volumes)")
     one_of("target", s.target, TARGETS)
     one_of("affinity_loss", s.affinity_loss, AFFINITY_LOSSES)
-    if s.ndim == 3 and s.target == "boundaries":
-        raise EmtileError("ndim=3 with target='boundaries' is not implemented: 3-D networks "
-                          "train target='affinities' (from object ids), boundaries train in 2-D")
     if s.ndim == 2 and s.target == "affinities":
         raise EmtileError("target='affinities' needs ndim=3: 2-D affinity training is not "
                           "implemented")
@@ -108,6 +105,9 @@ def check_target_fields(s):
         out["tile"] = TILE_2D if out["tile"] is None else out["tile"]
         return out
     _refuse_2d_only(s)
+    if s.target == "boundaries" and s.offsets is not None:
+        raise EmtileError(f"offsets={s.offsets!r} apply to target='affinities' only; a 3-D "
+                          "boundary network has one output channel: leave them out")
     out["offsets"] = None if s.offsets is None else check_offsets(s.offsets, ndim=3)
     factors = parse_levels(s.factors, "factors", "1,2,2;2,2,2")
     if factors is not None:

@@ -70,6 +70,11 @@ class Validator:
                               batch_size=self.batch_size, device=self.device,
                               normalize=self.normalize)
 
+    def loss(self, logits):
+        """The training loss of the validation slices' logits (Z, Y, X)."""
+        w = torch.from_numpy(self.weights) if self.weights is not None else None
+        return self.loss_fn(logits, torch.from_numpy(self.truth).float(), w)
+
     def __call__(self, model):
         """``val_loss``, ``val_pixel_error``, ``val_f1``, ``val_vrand``,
         ``val_vrand_threshold`` and ``val_vrand_05`` of ``model``."""
@@ -77,10 +82,8 @@ class Validator:
 
         prob = self.predict(model)
         p = torch.from_numpy(np.clip(prob, 1e-6, 1 - 1e-6))
-        logits = torch.log(p) - torch.log1p(-p)
-        w = torch.from_numpy(self.weights) if self.weights is not None else None
         with torch.no_grad():
-            val_loss = float(self.loss_fn(logits, torch.from_numpy(self.truth).float(), w))
+            val_loss = float(self.loss(torch.log(p) - torch.log1p(-p)))
         r = evaluate(prob, self.truth, sweep=True, progress=False)
         return {"val_loss": val_loss, "val_pixel_error": float(r["pixel"]["pixel_error"]),
                 "val_f1": float(r["pixel"]["f1"]),

@@ -7,12 +7,19 @@ neighbour affinity > 0.5, connected components) and scored against the validatio
 :func:`emtile.scores3d.volume_scores` (truth 0 left out). The best model is the one with the
 lowest ``val_voi`` (split + merge). ``val_loss`` is the training loss on the logits of the
 stitched probabilities, with the region's own targets (ids outside it unlabelled).
+
+A 3-D boundary model (one channel) is validated as a 2-D one, by V-Rand of its validation slices
+(:class:`BoundaryValidator3D`, the 2-D :class:`~emtile.training.validation.Validator` with the
+3-D loss's shapes).
 """
 
 import numpy as np
 import torch
 
-__all__ = ["AffinityValidator", "AFFINITY_COLUMNS", "format_affinity_scores"]
+from emtile.training.validation import Validator
+
+__all__ = ["AffinityValidator", "BoundaryValidator3D", "AFFINITY_COLUMNS",
+           "format_affinity_scores"]
 
 #: ``train.csv``'s columns for an affinity run.
 AFFINITY_COLUMNS = ("iteration", "loss", "lr", "val_loss", "val_voi_split", "val_voi_merge",
@@ -70,6 +77,20 @@ class AffinityValidator:
         split, merge = float(s["voi_split"]), float(s["voi_merge"])
         return {"val_loss": val_loss, "val_voi_split": split, "val_voi_merge": merge,
                 "val_voi": split + merge, "val_rand_error": float(s["adapted_rand_error"])}
+
+
+class BoundaryValidator3D(Validator):
+    """:class:`~emtile.training.validation.Validator` for a 3-D network with one output channel:
+    the same scores (V-Rand of the validation slices ``zs`` first), its loss the 3-D run's
+    ``loss_fn(logits, target, mask)`` on (1, 1, Z, Y, X) with every voxel in."""
+
+    def __init__(self, raw, labels, zs, *, loss_fn, tile, device, normalize=None):
+        super().__init__(raw, labels, zs, loss_fn=loss_fn, weight_fn=None, tile=tile,
+                         batch_size=1, device=device, normalize=normalize)
+
+    def loss(self, logits):
+        target = torch.from_numpy(self.truth).float()[None, None]
+        return self.loss_fn(logits[None, None], target, torch.ones_like(target))
 
 
 def format_affinity_scores(scores):
