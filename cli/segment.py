@@ -61,9 +61,10 @@ class Quantile(click.ParamType):
               type=IntTuple(positive=False, example="1,1024,1024"),
               help="Block shape in pixels, one number per axis [default: about 4 M pixels; "
                    "2d: whole slices up to 1024x1024]. The labels do not depend on it.")
-@click.option("--grow", default=_D.grow, show_default=True, type=int,
+@click.option("--grow", default=_D.grow, type=int,
               help="How far (pixels) labels are carried: boundary pixels further from every "
-                   "cell stay 0. It also sets the context each block reads.")
+                   "cell stay 0. It also sets the context each block reads [default: 32 for a "
+                   "probability map, 4 for affinities].")
 @click.option("--offsets", default=_D.offsets,
               help="Affinities without recorded offsets (a (C, Z, Y, X) TIFF, HDF5 file.h5:"
                    "dataset or Zarr array): one dz,dy,dx per channel, ';'-separated, e.g. "

@@ -75,7 +75,8 @@ def mirrored_volume(path, shape, *, source=None, chunks=None, seed=0, progress=F
     chunks : tuple of int, optional
         Chunk shape; default one slice by up to 1024×1024.
 
-    Written one slice at a time, so memory stays at a few slices whatever ``shape``.
+    Written one slice at a time, so memory stays at a few slices whatever ``shape``. A source
+    store that records its voxel size passes it on.
     """
     from emtile.geometry import reflect_index
     from emtile.store import create_image, mark_complete
@@ -100,8 +101,15 @@ def mirrored_volume(path, shape, *, source=None, chunks=None, seed=0, progress=F
     zi = reflect_index(np.arange(shape[0]), src.shape[0])
     yi = reflect_index(np.arange(shape[1]), src.shape[1])
     xi = reflect_index(np.arange(shape[2]), src.shape[2])
+    voxel_size = None
+    if isinstance(source, (str, Path)):  # mirrored voxels keep their size
+        from emtile.voxels import read_voxel_size
+
+        sizes, _ = read_voxel_size(source)  # {"z": nm, "y": nm, "x": nm} or None
+        if sizes and all(a in sizes for a in "zyx"):
+            voxel_size = tuple(float(sizes[a]) for a in "zyx")
     group = create_image(path, shape, np.uint8, chunks=chunks, kind="image",
-                         attrs={"source": f"mirrored {name}"})
+                         voxel_size=voxel_size, attrs={"source": f"mirrored {name}"})
     arr = group["0"]
     cache = {}
     for z in range(shape[0]):

@@ -846,7 +846,9 @@ def _create_output(job, path, settings):
     region_shape = tuple(b - a for a, b in job.region)
     c = job.channels
     shape = ((c,) if c > 1 else ()) + region_shape
-    chunks = ((c,) if c > 1 else ()) + job.chunks
+    # one channel per chunk: a reader of some channels (segment reads the three nearest
+    # neighbours of nine) fetches and decodes only those
+    chunks = ((1,) if c > 1 else ()) + job.chunks
     axes = ("c" if c > 1 else "") + ("zyx" if len(region_shape) == 3 else "yx")
     shards = None if job.shards is None else ((c,) if c > 1 else ()) + job.shards
     voxel = store.voxel_size(path, len(region_shape))

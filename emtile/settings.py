@@ -196,8 +196,9 @@ class SegmentSettings(_Settings):
     block_size : tuple of int, optional
         Block shape, one number per axis of the prediction (None: about 4 M pixels). The labels
         do not depend on it.
-    grow : int
-        How far, in pixels, a flood carries a label; also the context a block reads.
+    grow : int or None
+        How far, in pixels, a flood carries a label; also the context a block reads. None: 32
+        for a probability map, 4 for affinities (``emtile.segmenter.driver.GROW``).
     levels : int
         Resolution levels of the label image (each samples every other pixel in y and x).
     seed_cap, seed_radius, interior_rounds : int
@@ -230,7 +231,7 @@ class SegmentSettings(_Settings):
     keep_boundaries: bool = False
     invert: bool = False
     block_size: Optional[tuple] = None
-    grow: int = 32
+    grow: Optional[int] = None
     levels: int = 1
     seed_cap: int = 12
     seed_radius: int = 2

@@ -4,6 +4,7 @@
     python examples/bench_segment.py quality --pred pred.zarr --grid    # + a small settings grid
     python examples/bench_segment.py invariance --pred pred.zarr        # blocks 128..1024 px
     python examples/bench_segment.py memory --sizes-gb 0.4 4            # peak RSS, one process each
+    python examples/bench_segment.py memory3d --model M --raw RAW        # affinities, cube and 8x
     python examples/bench_segment.py speed --pred pred.zarr             # against skimage watershed
     python examples/bench_segment.py throughput --compare OLD_TREE      # Mvoxel/s; 2 workers
     python examples/bench_segment.py records --blocks 100000            # files of pass 2's records
@@ -36,6 +37,14 @@ slices first, so that 1024-px blocks cut it too.
 ``memory`` mirrors a probability map (the ISBI truth, blurred, or ``--pred``) to volumes of the given
 sizes (uint8, Z x side x side) and segments each in its own subprocess; peak RSS should not grow
 with the volume (target: within 1.2x).
+
+``memory3d`` (issue 21) does the same for affinities: the raw cube (``--raw``, e.g. FIB-25's 250³
+as ``examples/train_fib25.py`` converts it) and the cube mirrored to ``--factor`` times its side on
+every axis (2: 8x the voxels) are each predicted with ``--model`` (a 3-D affinity model: the
+mirrored volume gets real affinities, not mirrored ones), then segmented with the defaults
+(``--seeds``, ``--grow``) in a subprocess each; the peak RSS of the larger should be within 1.2x
+the cube's. ``--keep DIR`` keeps the two affinity stores, ``--affinities SMALL LARGE`` segments
+stores kept before.
 
 ``speed`` times, in one process: scikit-image's ``watershed`` on the whole volume in memory
 (markers: components of ``p > threshold``, in-plane connectivity; relief ``1 - p``), and
@@ -349,7 +358,8 @@ def run_one(a):
     from emtile.bench import peak_rss
 
     t0 = time.perf_counter()
-    r = emtile.segment(a.volume, a.output, method=a.method, progress=False)
+    r = emtile.segment(a.volume, a.output, method=a.method, seeds=a.seeds, grow=a.grow,
+                       progress=False)
     own, _ = peak_rss()
     return {"seconds": time.perf_counter() - t0, "rss": own, "objects": r.objects,
             "blocks": r.blocks}
@@ -389,6 +399,52 @@ def memory(a):
     if len(rows) > 1:
         print(f"peak RSS largest / smallest: {rows[-1][2]['rss'] / rows[0][2]['rss']:.3f} "
               f"(target <= 1.20)")
+
+
+def memory3d(a):
+    import shutil
+
+    import emtile
+    from emtile.bench import mirrored_volume
+
+    if not (a.model and a.raw) and not a.affinities:
+        sys.exit("memory3d needs --model (a 3-D affinity model) and --raw (a Z, Y, X volume), "
+                 "or --affinities SMALL LARGE")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="emtile-segmem3-", dir=a.workdir) as tmp:
+        tmp = Path(tmp)
+        for k, factor in enumerate((1, a.factor)):
+            t0 = time.perf_counter()
+            if a.affinities:  # predicted before (keep them with --keep)
+                aff = Path(a.affinities[k])
+                shape = emtile.open_volume(aff).shape[1:]
+            else:
+                raw = emtile.open_volume(a.raw)
+                shape = tuple(n * factor for n in raw.shape)
+                vol = tmp / f"raw-{factor}.zarr"
+                mirrored_volume(vol, shape, source=a.raw)
+                aff = (Path(a.keep) if a.keep else tmp) / f"aff-{factor}.zarr"
+                emtile.predict(a.model, vol, aff, tile="auto", progress=False, overwrite=True)
+                shutil.rmtree(vol, ignore_errors=True)
+            predicted = time.perf_counter() - t0
+            out = tmp / f"seg-{factor}.zarr"
+            grow = ["--grow", str(a.grow)] if a.grow else []
+            done = subprocess.run([sys.executable, __file__, "run", "--volume", str(aff),
+                                   "--output", str(out), "--method", a.method,
+                                   "--seeds", a.seeds, *grow], capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"segment failed:\n{done.stderr}")
+            rows.append((shape, predicted, json.loads(done.stdout.strip().splitlines()[-1])))
+            shutil.rmtree(out, ignore_errors=True)
+    print(f"method {a.method}, seeds {a.seeds}, grow {a.grow or 'default'}, affinities of "
+          f"{a.model or a.affinities}; one subprocess each")
+    print(f"{'shape':>16}{'predict s':>11}{'blocks':>8}{'objects':>10}{'segment s':>11}"
+          f"{'peak RSS GiB':>14}")
+    for shape, predicted, r in rows:
+        print(f"{'x'.join(map(str, shape)):>16}{predicted:>11.1f}{r['blocks']:>8}"
+              f"{r['objects']:>10}{r['seconds']:>11.1f}{r['rss'] / 2**30:>14.3f}")
+    print(f"peak RSS largest / smallest: {rows[-1][2]['rss'] / rows[0][2]['rss']:.3f} "
+          f"(target <= 1.20)")
 
 
 # --------------------------------------------------------------------------- speed
@@ -773,6 +829,8 @@ def main(argv=None):
     common.add_argument("--pred", help="an emtile predict output (probabilities)")
     common.add_argument("--model", help="a model folder: predict the ISBI training stack first")
     common.add_argument("--method", default="ws", choices=["cc", "ws"])
+    common.add_argument("--seeds", default="components", choices=["components", "distance"])
+    common.add_argument("--grow", type=int, default=None, help="segment's grow (default: its own)")
     q = sub.add_parser("quality", parents=[common], help="scores on ISBI slices")
     q.add_argument("--slices", type=lambda s: tuple(int(v) for v in s.split(":")),
                    default=(25, 30), help="slices scored, start:stop")
@@ -786,6 +844,13 @@ def main(argv=None):
     m = sub.add_parser("memory", parents=[common], help="peak RSS against volume size")
     m.add_argument("--sizes-gb", type=float, nargs="+", default=[0.4, 4.0])
     m.add_argument("--side", type=int, default=2048, help="slice side (pixels)")
+    m3 = sub.add_parser("memory3d", parents=[common], help="peak RSS, affinities of a cube and "
+                        "of the cube mirrored")
+    m3.add_argument("--raw", help="a (Z, Y, X) raw volume, e.g. runs/fib25/raw.zarr")
+    m3.add_argument("--factor", type=int, default=2, help="mirrored to this many times each side")
+    m3.add_argument("--keep", help="keep the predicted affinities in this folder")
+    m3.add_argument("--affinities", nargs=2, metavar=("SMALL", "LARGE"),
+                    help="affinity stores predicted before (--keep): segment only")
     s = sub.add_parser("speed", parents=[common], help="against skimage watershed")
     s.add_argument("--threshold", type=float, default=0.9)
     s.add_argument("--workers", type=int, default=2, help="workers of the local cluster")
@@ -842,7 +907,8 @@ def main(argv=None):
         one = {"run": run_one, "graph-one": graph_one, "run-throughput": throughput_one}
         print(json.dumps(one[a.what](a)))
         return
-    {"quality": quality, "invariance": invariance, "memory": memory, "speed": speed,
+    {"quality": quality, "invariance": invariance, "memory": memory, "memory3d": memory3d,
+     "speed": speed,
      "records": records, "graph": graph, "robust": robust, "reference": reference,
      "throughput": throughput}[a.what](a)
 

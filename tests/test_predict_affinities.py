@@ -52,6 +52,7 @@ def test_store_shape_axes_dtype_channels_and_record(aff, uint8_store):
     a = g["0"]
     assert a.shape == (3,) + SHAPE and a.dtype == np.uint8
     assert list(a.metadata.dimension_names) == ["c", "z", "y", "x"]
+    assert a.chunks[0] == 1  # one channel per chunk: a reader of some channels decodes those
     # uint8 is round(255 p) of the same probabilities
     assert np.abs(a[:].astype(np.float32) / 255 - ref).max() <= 0.5 / 255 + 1e-5
     ome = g.attrs["ome"]

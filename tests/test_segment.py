@@ -777,6 +777,7 @@ def test_output_is_an_ngff_label_image(tmp_path):
     assert meta["kind"] == "labels" and meta["complete"] and meta["objects"] == r.objects == 6
     assert meta["segment"] == r.settings and meta["segment"]["method"] == "ws"
     assert meta["segment"]["threshold"] == SegmentSettings().threshold
+    assert meta["segment"]["grow"] == 32  # a probability map's grow (affinities: 4)
     assert g["0"].dtype == np.uint32 and g["0"].shape == p.shape
     assert "emtile_segment" not in g
     assert emtile.open_volume(tmp_path / "seg.zarr").shape == p.shape

@@ -267,6 +267,8 @@ def test_store_is_valid_ngff_and_info_reads_it(data):
     result = CliRunner().invoke(main, ["info", str(root / "whole.zarr")])
     assert result.exit_code == 0, result.output
     assert "(24, 48, 48)" in result.output and "input affinities" in result.output
+    meta = zarr.open_group(str(root / "whole.zarr"), mode="r").attrs["emtile"]
+    assert meta["segment"]["grow"] == 4 and meta["settings"]["grow"] is None  # affinities' own
     graph = zarr.open_group(str(root / "whole.zarr"), mode="r")["emtile_graph"]
     assert "ome" not in graph.attrs and graph.attrs["fragments"] == graph["first"].shape[0]
     assert json.loads(json.dumps(graph.attrs.asdict()))["method"] == "ws"

@@ -107,6 +107,14 @@ def read_levels(arr, channels, start, stop, shape, path):
     out = np.zeros((3,) + tuple(b + 1 - a for a, b in zip(start, stop)), np.uint8)
     box = tuple(slice(a, b) for a, b in zip(start, hi))
     inner = tuple(slice(0, b - a) for a, b in zip(start, hi))
+    lo = min(channels)
+    if sorted(channels) == list(range(lo, lo + len(channels))):
+        # one read: a chunk that holds several channels is fetched and decoded once, not once
+        # per channel (emtile's stores chunk every channel together)
+        run = np.asarray(arr[(slice(lo, lo + len(channels)),) + box])
+        for k, c in enumerate(channels):
+            out[(k,) + inner] = _levels(run[c - lo], path, start)
+        return out
     for k, c in enumerate(channels):
         out[(k,) + inner] = _levels(np.asarray(arr[(c,) + box]), path, start)
     return out

@@ -161,9 +161,19 @@ def _open_prediction(path, offsets=None):
 # --------------------------------------------------------------------------- options
 
 
+#: ``grow`` when None: a probability map's membranes are tens of pixels wide at ISBI's 4 nm (the
+#: 2-D defaults), an affinity map's boundaries the few voxels with an unlinked pair. On FIB-25
+#: (seed 0's 4,000-step affinities, z 150:250, distance seeds at 0.8, merge 0.4) grow 4 scored
+#: a VOI of 1.877 against 1.898 with 32, and a block reads 2 x 4 + 1 voxels of context per side
+#: instead of 65 (more with distance seeds: two steps per interior round besides).
+GROW = {"map": 32, "affinities": 4}
+
+
 def _check_options(pred, settings):
-    """The checks that need the prediction: ``(mode, shape3, block)``."""
+    """The checks that need the prediction: ``(mode, shape3, block, grow)``."""
     mode, grow = settings.mode, settings.grow
+    if grow is None:
+        grow = GROW["affinities" if pred.channels else "map"]
     if pred.channels:
         if mode == "2d":
             raise EmtileError(f"mode='2d' does not apply to affinities {pred.path!r}: they "
@@ -185,7 +195,7 @@ def _check_options(pred, settings):
     if np.prod(shape3, dtype=np.float64) >= kernels.INDEX_LIMIT:
         raise EmtileError(f"prediction of shape {pred.shape} has more than 2**44 pixels; "
                           f"segment it in parts with a region of interest")
-    return mode, shape3, block
+    return mode, shape3, block, int(grow)
 
 
 def _check_block(block_size, shape, mode):
@@ -554,7 +564,7 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
 
     s = settings
     pred = _open_prediction(prediction, s.offsets)
-    mode, shape3, block = _check_options(pred, s)
+    mode, shape3, block, grow = _check_options(pred, s)
     levels = check_levels(s.levels, shape3[1:], block[1:], unit="blocks")
     store.check_output(output, inputs=[pred.path])
     sampling = tuple(v / pred.voxel[2] for v in pred.voxel) if mode == "3d" else (1.0, 1.0, 1.0)
@@ -566,7 +576,7 @@ def segment_stage(prediction, output, settings, runner, *, report=False):
     job = SegmentJob(
         input=pred.path, output=output if isinstance(output, Location) else str(output),
         shape=shape3, image_ndim=len(pred.shape),
-        block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=int(s.grow),
+        block=block, method=s.method, mode=mode, threshold=float(s.threshold), grow=grow,
         seed_cap=s.seed_cap, seed_radius=s.seed_radius, interior_rounds=s.interior_rounds,
         sampling=sampling, keep_boundaries=bool(s.keep_boundaries), run=uuid.uuid4().hex,
         levels=levels, seeds=s.seeds, invert=bool(s.invert),
