@@ -17,13 +17,15 @@ _D = defaults(TrainSettings)
 @click.option("--train-slices", type=SliceList(), required=True,
               help="Slices to train on, e.g. 0:25 or 0,2,4 (--ndim 3: one z range, e.g. 0:150).")
 @click.option("--val-slices", type=SliceList(), default=_D.val_slices,
-              help="Slices to validate on, e.g. 25:30 (--ndim 3: a z range scored by VOI of its "
-                   "segmentation; default: no validation; best = last).")
+              help="Slices to validate on, e.g. 25:30 (--ndim 3: a z range, affinities scored by "
+                   "VOI of its segmentation; default: no validation; best = last).")
 @click.option("--ndim", type=int, default=_D.ndim, show_default=True,
-              help="2: a 2-D network on slices; 3: a 3-D network on volumes (--target affinities).")
+              help="2: a 2-D network on slices; 3: a 3-D network on volumes (affinities, or "
+                   "boundaries with z context).")
 @click.option("--target", type=click.Choice(TARGETS), default=_D.target, show_default=True,
-              help="boundaries (2-D; binary labels or object ids) or affinities (3-D; object ids "
-                   "converted with --labels --ids: one output channel per offset).")
+              help="boundaries (one channel: cell interior; binary labels or object ids; 2-D or "
+                   "3-D) or affinities (3-D; object ids converted with --labels --ids: one output "
+                   "channel per offset).")
 @click.option("--offsets", default=_D.offsets,
               help="Affinity offsets dz,dy,dx separated by ';', e.g. \"-1,0,0;0,-1,0;0,0,-1;0,-3,0\" "
                    "[default: nearest neighbours and -3, -9 scaled by the voxel size].")
@@ -136,6 +138,9 @@ def train(raw, labels, out, resume, overwrite, progress, **settings):
     emtile train ... --resume              # continue after a crash or Ctrl-C
     emtile train --raw raw.zarr --labels ids.zarr --out aff/ --ndim 3 \\
         --target affinities --train-slices 0:150 --val-slices 150:250
+    emtile train --raw vol.zarr --labels labels.zarr --out z/ --ndim 3 \\
+        --factors "1,2,2;1,2,2;1,2,2;1,2,2" --kernels "1,3,3;1,3,3;1,3,3;1,3,3;3,3,3" \\
+        --tile 5,380,380 --train-slices 0:25 --val-slices 25:30   # boundaries, z context
     emtile predict --model model/best ...  # the folder is all predict needs
     """
     from emtile.trainer import format_result, train as run

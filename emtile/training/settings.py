@@ -70,11 +70,14 @@ class TrainSettings:
         network at 10 nm isotropic). ``"Z,Y,X"`` text is read as a tuple.
     ndim : {2, 3}
         2: slices (the paper's network, ``target="boundaries"``); 3: volumes
-        (``target="affinities"``): patches (Z, Y, X), ``train_slices`` / ``val_slices`` are
-        z ranges (``"0:150"``), the network 3-D (:data:`MODEL_DEFAULTS_3D`).
+        (``target="affinities"``, or ``"boundaries"`` with z context): patches (Z, Y, X),
+        ``train_slices`` / ``val_slices`` are z ranges (``"0:150"``), the network 3-D
+        (:data:`MODEL_DEFAULTS_3D`), the loss ``affinity_loss``.
     target : {"boundaries", "affinities"}
-        ``boundaries`` (2-D, binary labels, or object ids: interior where the in-plane
-        4-neighbours carry the same id); ``affinities`` (3-D, object ids converted with
+        ``boundaries`` (binary labels, or object ids: interior where the in-plane
+        4-neighbours carry the same id; one output channel; in 3-D the interior of each
+        voxel of the output window, with the sections around it as context, validated by
+        V-Rand as in 2-D, not calibrated); ``affinities`` (3-D, object ids converted with
         ``emtile convert --labels --ids``): one output channel per offset, 1 = same object,
         pairs touching unlabelled voxels (or leaving the training range) out of the loss.
         No calibration for affinity models.
