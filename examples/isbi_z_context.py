@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_isbi import DATA, SETTINGS, THREADS, score  # noqa: E402  (the recipe's own)
+from train_isbi import DATA, SETTINGS, THREADS, prepare, score  # noqa: E402  (the recipe's)
 
 ARMS = ("2d", "3d-flat", "3d")
 DEPTH = 4
@@ -116,12 +116,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    raw, labels = args.out / "raw.zarr", args.out / "labels.zarr"
-    if not (raw.exists() and labels.exists()):
-        emtile.convert(args.data / "train-volume.tif", raw, voxel_size=(50, 4, 4),
-                       progress=False, overwrite=True)
-        emtile.convert(args.data / "train-labels.tif", labels, labels=True, voxel_size=(50, 4, 4),
-                       progress=False, overwrite=True)
+    raw, labels = prepare(args.data, args.out)
     truth = (np.asarray(emtile.open_volume(labels)[25:30]) != 0).astype(np.uint8)
     reports = [run_arm(arm, raw, labels, truth,
                        arm_settings(arm, args.iterations, args.tile, args.seed),

@@ -72,6 +72,20 @@ SETTINGS = TrainSettings(train_slices=slice(0, 25), val_slices=slice(25, 30),
                          iterations=ITERATIONS, amp="bf16", seed=0)
 
 
+def prepare(data, out):
+    """The ISBI training stack and its labels (0/1) as OME-Zarr stores in ``out`` (50 x 4 x 4 nm),
+    converted once: ``(raw, labels)`` paths."""
+    import emtile
+
+    raw, labels = out / "raw.zarr", out / "labels.zarr"
+    if not (raw.exists() and labels.exists()):
+        emtile.convert(data / "train-volume.tif", raw, voxel_size=(50, 4, 4), progress=False,
+                       overwrite=True)
+        emtile.convert(data / "train-labels.tif", labels, labels=True, voxel_size=(50, 4, 4),
+                       progress=False, overwrite=True)
+    return raw, labels
+
+
 def score(pred_path, truth):
     """Pixel error at 0.5, V-Rand at its best threshold (named) and at 0.5, V-Info (best)."""
     import emtile
@@ -178,12 +192,7 @@ def main():
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    raw, labels = args.out / "raw.zarr", args.out / "labels.zarr"
-    if not (raw.exists() and labels.exists()):
-        emtile.convert(args.data / "train-volume.tif", raw, voxel_size=(50, 4, 4),
-                       progress=False, overwrite=True)
-        emtile.convert(args.data / "train-labels.tif", labels, labels=True, voxel_size=(50, 4, 4),
-                       progress=False, overwrite=True)
+    raw, labels = prepare(args.data, args.out)
     settings = dataclasses.replace(SETTINGS, iterations=args.iterations)
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     for item in args.set:

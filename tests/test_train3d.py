@@ -361,3 +361,37 @@ def test_2d_boundaries_train_from_id_labels(fib_crop, tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert (info["settings"]["ndim"], info["settings"]["target"]) == (2, "boundaries")
     assert "offsets" not in json.loads((out / "best" / "metadata.json").read_text())
+
+
+def test_isbi_z_context_arms_differ_only_in_z_context():
+    """examples/isbi_z_context.py: the 3d arm's network reads 4 sections of z context (5 in, 1
+    out), the 3d-flat arm's none, with the same in-plane geometry; both are 3-D boundary runs
+    whose settings pass the checks."""
+    import dataclasses
+    import importlib.util
+    import sys
+
+    from emtile.training.targets import check_target_fields
+    from emtile.unet import UNet
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))
+    try:
+        spec = importlib.util.spec_from_file_location("isbi_z_context",
+                                                      examples / "isbi_z_context.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(examples))
+    outputs = {}
+    for arm in ("3d-flat", "3d"):
+        s = script.arm_settings(arm, 10, 188, seed=0)
+        assert (s.ndim, s.target, s.iterations) == (3, "boundaries", 10)
+        checked = check_target_fields(s)
+        s = dataclasses.replace(s, **checked)
+        net = UNet(1, 1, **s.model_args())
+        outputs[arm] = net.output_size(s.tile)
+    assert outputs["3d"] == (1, 4, 4) and outputs["3d-flat"] == (1, 4, 4)
+    flat, deep = (script.arm_settings(a, 10, 188, seed=0) for a in ("3d-flat", "3d"))
+    assert flat.tile == (1, 188, 188) and deep.tile == (5, 188, 188)
+    assert script.arm_settings("2d", 10, 188, seed=0).ndim == 2
