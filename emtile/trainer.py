@@ -20,8 +20,9 @@ and the optimiser, then runs the loop, :func:`emtile.training.loop.fit`, which k
 :mod:`emtile.training.run`         the run folder, ``training_state.pt``, ``Checkpoint``
 :mod:`emtile.training.targets`     the target fields (``ndim``, ``target``, offsets, factors,
                                    tile) checked; id labels as 2-D boundaries (``IdBoundaries``)
-:mod:`emtile.training.affinity_run` a 3-D run's parts (affinities; boundaries with one channel):
-                                   id and z-range checks, offsets and factors from the voxel size, loss, patches
+:mod:`emtile.training.affinity_run` a 3-D run's parts (affinities; boundaries, one channel):
+                                   id and z-range checks, offsets and factors from the voxel
+                                   size, loss, patches
                                    (:mod:`emtile.sampling3d`, :mod:`emtile.augment3d`),
                                    validation (:mod:`emtile.training.validation3d`: VOI of
                                    :func:`emtile.affinity_cc.segment_affinities`, lower is
@@ -269,8 +270,8 @@ def _open_data(raw, labels, s):
 
 
 def _resolve(s, data, last):
-    """The settings of an affinity run resolved: offsets, factors (the resumed run's, or from the
-    voxel size)."""
+    """The settings of a 3-D run resolved: offsets (affinities), factors (the resumed run's, or
+    from the voxel size)."""
     if s.ndim != 3:
         return s
     if last is not None:

@@ -75,9 +75,9 @@ class TrainSettings:
         (:data:`MODEL_DEFAULTS_3D`), the loss ``affinity_loss``.
     target : {"boundaries", "affinities"}
         ``boundaries`` (binary labels, or object ids: interior where the in-plane
-        4-neighbours carry the same id; one output channel; in 3-D the interior of each
-        voxel of the output window, with the sections around it as context, validated by
-        V-Rand as in 2-D, not calibrated); ``affinities`` (3-D, object ids converted with
+        4-neighbours carry the same id; one output channel; in 3-D each output voxel's
+        interior probability with the sections around it as context, validated by V-Rand
+        as in 2-D, not calibrated); ``affinities`` (3-D, object ids converted with
         ``emtile convert --labels --ids``): one output channel per offset, 1 = same object,
         pairs touching unlabelled voxels (or leaving the training range) out of the loss.
         No calibration for affinity models.
