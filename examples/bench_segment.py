@@ -410,6 +410,8 @@ def memory3d(a):
     if not (a.model and a.raw) and not a.affinities:
         sys.exit("memory3d needs --model (a 3-D affinity model) and --raw (a Z, Y, X volume), "
                  "or --affinities SMALL LARGE")
+    if a.keep:
+        Path(a.keep).mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="emtile-segmem3-", dir=a.workdir) as tmp:
         tmp = Path(tmp)
