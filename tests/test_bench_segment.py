@@ -50,3 +50,32 @@ def test_quality_refuses_a_prediction_that_is_not_the_whole_stack(bench, tmp_pat
     assert str(e.value) == (f"the prediction {path} has shape (5, 512, 512), the ISBI labels "
                             f"(30, 512, 512): give a prediction of the whole training stack (or "
                             f"--model)")
+
+
+def test_memory3d_segments_kept_affinity_stores_in_subprocesses(bench, tmp_path, capsys):
+    """``memory3d --affinities SMALL LARGE``: both stores segmented (each in its own process,
+    with the seeds asked for), a row each and the ratio printed."""
+    from emtile.affinities import affinities
+    from emtile.store import create_image, mark_complete
+
+    offsets = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+    paths = []
+    for side in (12, 24):
+        ids = (np.arange(side)[:, None, None] // 6 * 100 + np.arange(side)[None, :, None] // 6
+               + np.arange(side)[None, None, :] // 6 * 10 + 1).astype(np.uint32)
+        aff, _ = affinities(np.broadcast_to(ids, (side,) * 3), offsets)
+        g = create_image(tmp_path / f"aff{side}.zarr", aff.shape, np.uint8, axes="czyx",
+                         voxel_size=(10.0, 10.0, 10.0),
+                         attrs={"kind": "probabilities", "target": "affinities",
+                                "offsets": offsets})
+        g["0"][...] = np.rint(aff * 255).astype(np.uint8)
+        mark_complete(g)
+        paths.append(str(tmp_path / f"aff{side}.zarr"))
+    bench.main(["memory3d", "--affinities", *paths, "--workdir", str(tmp_path),
+                "--seeds", "distance"])
+    out = capsys.readouterr().out
+    assert "seeds distance" in out and "peak RSS largest / smallest" in out
+    # 8 and 64 cubes of 6^3 voxels: the perfect affinities give exactly those objects
+    assert "12x12x12" in out and "24x24x24" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("12x", "24x"))]
+    assert [int(r[3]) for r in rows] == [8, 64]
