@@ -261,10 +261,9 @@ def _open_data(raw, labels, s):
                       "will be optimistic", UserWarning, stacklevel=3)
     if s.target == "affinities":
         aff.check_ids(labels_a, labels_path)
-        aff.z_range(tz, "train_slices"), aff.z_range(vz, "val_slices")
     elif is_id_volume(labels_path, labels_a):  # 2-D boundaries from object ids
         labels_a, labels_path = IdBoundaries(labels_a), None
-    if s.ndim == 3 and s.target == "boundaries":
+    if s.ndim == 3:  # z ranges, not lists of slices
         aff.z_range(tz, "train_slices"), aff.z_range(vz, "val_slices")
     return _Data(raw_a, labels_a, (raw_path, labels_path), tz, vz, _voxel_size(raw_path))
 
