@@ -42,7 +42,9 @@ class TileSize(Sizes):
               help="Weighting of overlapping tile outputs (used with --overlap).")
 @click.option("--overlap", default=_D.overlap, show_default=True, type=click.IntRange(min=0),
               help="Minimum output overlap between neighbouring tiles, in pixels.")
-@click.option("--tta", is_flag=True, default=_D.tta, help="Test-time augmentation: average over 8 flips/transposes.")
+@click.option("--tta", is_flag=True, default=_D.tta,
+              help="Test-time augmentation: average over 8 flips/transposes (affinity models: "
+                   "over exchanges of alike axes, 6 if isotropic).")
 @click.option("--roi", default=_D.roi, type=Roi(),
               help="Region to predict, start:stop per axis, e.g. 0:5,0:256,0:256.")
 @click.option("--dtype", default=_D.dtype, show_default=True, type=click.Choice(DTYPES),

@@ -42,6 +42,7 @@ Examples
 ([[0, 1, 0, 0, 1]], [[0, 1, 0, 0, 1]])
 """
 
+import itertools
 import math
 from numbers import Integral, Real
 
@@ -50,7 +51,7 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["parse_offsets", "check_offsets", "default_offsets", "offset_context", "affinities",
-           "class_weights", "CLIP"]
+           "class_weights", "tta_permutations", "CLIP"]
 
 #: MALA's clipping of the positive fraction before balancing (gunpowder's ``BalanceLabels``
 #: defaults): a class that is absent or rarer than 5% gets a weight of at most 10.
@@ -245,6 +246,59 @@ def offset_context(offsets):
     offsets = check_offsets(offsets)
     return tuple((max(0, -min(o[a] for o in offsets)), max(0, max(o[a] for o in offsets)))
                  for a in range(len(offsets[0])))
+
+
+def tta_permutations(offsets, axes):
+    """The axis permutations test-time augmentation may apply to an affinity model's input, and
+    how each maps the output channels back.
+
+    A flip would turn offset ``o`` into ``-o``: the affinity of the pair ``(v, v - o)``, which the
+    store keeps at ``v - o``, one shift away, outside the output tile at one border. Exchanging
+    two axes only renames offsets: the pair ``(v, v + o)`` read along exchanged axes is another
+    offset of the same voxel. So only permutations are used, among axes that look alike to the
+    network (``axes``: one hashable description per spatial axis, e.g. its tile size, pooling
+    factors, kernel sizes and voxel size) and that map the set of offsets onto itself.
+
+    Parameters
+    ----------
+    offsets : sequence of (int, ...)
+        The model's offsets, one per output channel.
+    axes : sequence
+        One description per spatial axis; axes with equal descriptions may be exchanged.
+
+    Returns
+    -------
+    list of (perm, order)
+        The identity first. The transformed input's axis ``j`` is the input's axis ``perm[j]``;
+        the network's output, with its axes put back, holds in channel ``order[c]`` the
+        affinities of offset ``c``.
+
+    Examples
+    --------
+    >>> [p for p, _ in tta_permutations([(-1, 0, 0), (0, -1, 0), (0, 0, -1)], "zyy")]
+    [(0, 1, 2), (0, 2, 1)]
+    >>> tta_permutations([(-1, 0, 0), (0, -1, 0), (0, 0, -1)], "zyy")[1][1]
+    (0, 2, 1)
+    """
+    offsets = [tuple(int(v) for v in o) for o in check_offsets(offsets)]
+    axes = tuple(axes)
+    n = len(axes)
+    if len(offsets[0]) != n:
+        raise EmtileError(f"offsets of {len(offsets[0])} axes for a model of {n} spatial axes")
+    out = []
+    for perm in itertools.permutations(range(n)):
+        if any(axes[perm[j]] != axes[j] for j in range(n)):
+            continue
+        renamed = []  # offset o of the transformed frame, read in the input's frame
+        for o in offsets:
+            back = [0] * n
+            for j in range(n):
+                back[perm[j]] = o[j]
+            renamed.append(tuple(back))
+        if set(renamed) != set(offsets):
+            continue
+        out.append((perm, tuple(renamed.index(o) for o in offsets)))
+    return out
 
 
 def _pair_slices(offset, shape):

@@ -329,6 +329,7 @@ class PredictJob:
     shards: tuple = None  # level-0 shard shape of every array (None: unsharded); see
     #                       emtile.prediction_store.resolve_shards
     offsets: tuple = None  # an affinity model's offsets, one per channel (None: boundaries)
+    tta_perms: tuple = None  # an affinity model's tta: ((axis permutation, channel order), ...)
 
     @property
     def affinities(self):
@@ -388,7 +389,8 @@ class _Context:
         self.array = self._input()
         self.net, self.fn = self._model()
         self.device = torch.device(job.device)
-        self.forward = _Forward(self.fn, self.device, job.amp, job.channels_last, job.tta)
+        self.forward = _Forward(self.fn, self.device, job.amp, job.channels_last, job.tta,
+                                perms=job.tta_perms)
         self.stitcher = _Stitcher(self.grid, job.channels, job.blend,
                                   direct=job.dtype == "uint8" and job.threshold is None
                                   and job.levels == 1)
@@ -531,10 +533,11 @@ def _prepared(net, device, channels_last, compile):
 class _Forward:
     """Run the model on a batch of input tiles, return sigmoid probabilities as NumPy (B, C, *O)."""
 
-    def __init__(self, fn, device, amp, channels_last, tta):
+    def __init__(self, fn, device, amp, channels_last, tta, perms=None):
         import torch
 
         self.torch, self.fn, self.device, self.tta, self.amp = torch, fn, device, tta, amp
+        self.perms = perms  # affinities: tta by axis permutations (affinities.tta_permutations)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.memory_format_3d = (torch.channels_last_3d if channels_last
                                  else torch.contiguous_format)
@@ -551,6 +554,13 @@ class _Forward:
             x = x.to(self.device, non_blocking=True)
             if not self.tta:
                 p = self._run(x)
+            elif self.perms:  # affinities: exchange axes, rename the offsets back
+                p = 0
+                for perm, order in self.perms:
+                    inverse = [perm.index(a) for a in range(len(perm))]
+                    y = self._run(x.permute(0, 1, *(2 + a for a in perm)))
+                    p = p + y.permute(0, 1, *(2 + a for a in inverse))[:, list(order)]
+                p = p / len(self.perms)
             else:
                 square = x.shape[-1] == x.shape[-2]
                 transforms = [t for t in _TTA_2D if square or not t[1]]
@@ -1005,6 +1015,30 @@ def _torch_threads(n):
             torch.set_num_threads(before)
 
 
+def _tta_perms(model, net, grid, offsets):
+    """An affinity model's test-time augmentation: the axis permutations among axes alike in
+    tile size, pooling, kernels and (when the model records it) voxel size; refused when there
+    is none but the identity (a flip would shift every offset's pairs: see
+    :func:`emtile.affinities.tta_permutations`)."""
+    from emtile.affinities import tta_permutations
+
+    sm = net.shape_map
+    tile = tuple(grid.in_tile)[-net.ndim:]
+    voxel = tuple(model.voxel_size)[-net.ndim:] if model.voxel_size else (None,) * net.ndim
+    axes = [(tile[a], tuple(f[a] for f in sm.factors), tuple(k[a] for k in sm.kernels),
+             voxel[a]) for a in range(net.ndim)]
+    perms = tta_permutations(offsets, axes)
+    if len(perms) < 2:
+        names = "zyx"[-net.ndim:]
+        raise EmtileError(
+            f"tta=True with this affinity model and tile {'x'.join(map(str, tile))} has nothing "
+            f"to average: its test-time augmentation exchanges axes of equal tile size, pooling, "
+            f"kernels and voxel size ({', '.join(f'{n}: {t}' for n, t in zip(names, tile))}), "
+            f"and a flip would shift the affinities; give a tile of equal sizes along such axes, "
+            f"or leave tta out")
+    return tuple(perms)
+
+
 def _offsets(record):
     """An affinity record's offsets as a tuple of tuples (a job is hashable), or None."""
     return tuple(tuple(o) for o in record["offsets"]) if record else None
@@ -1041,8 +1075,9 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
                model=model.source, weights=model.weights_sha256, amp=resolve_amp(s.amp, dev), device=dev,
                threads=threads, normalize=scaling)
     plan = job.plan()
-    job = replace(job, shards=resolve_shards(s.shards, plan),
-                  offsets=_offsets(affinity_record(model, net.out_channels, s.threshold)))
+    offsets = _offsets(affinity_record(model, net.out_channels, s.threshold))
+    job = replace(job, shards=resolve_shards(s.shards, plan), offsets=offsets,
+                  tta_perms=_tta_perms(model, net, grid, offsets) if s.tta and offsets else None)
     seconds = []
     every = 64 if runner.distributed else 1  # here, every block's marker is written at once
     one = Pass(name="predict", fn=run_blocks, job=job, plan=plan,

@@ -79,7 +79,9 @@ class PredictSettings(_Settings):
     overlap : int
         Minimum output overlap between neighbouring tiles, in pixels.
     tta : bool
-        Average over the 8 flips / transposes of each tile.
+        Average over the 8 in-plane flips / transposes of each tile; for an affinity model,
+        over the exchanges of alike axes (6 for an isotropic 3-D model, y and x for an
+        anisotropic one), each offset's channel renamed back.
     roi : tuple of slices, optional
         The region to predict; context outside it is read from the volume.
     dtype : {"uint8", "float16", "float32"}

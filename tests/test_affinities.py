@@ -12,6 +12,7 @@ from emtile.affinities import (
     default_offsets,
     offset_context,
     parse_offsets,
+    tta_permutations,
 )
 
 NEAREST3 = ((-1, 0, 0), (0, -1, 0), (0, 0, -1))
@@ -254,3 +255,35 @@ def test_importing_the_module_loads_no_torch():
     code = "import sys, emtile.affinities; print('torch' in sys.modules, 'numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
+
+
+LONG9 = NEAREST3 + ((-3, 0, 0), (0, -3, 0), (0, 0, -3), (-9, 0, 0), (0, -9, 0), (0, 0, -9))
+
+
+@pytest.mark.parametrize("offsets", [NEAREST3, LONG9])
+def test_tta_permutations_rename_offsets_as_the_labels_transposed_do(offsets):
+    """Transposing the labels, taking their affinities and transposing back gives the
+    affinities of the labels themselves, channel ``order[c]`` for offset ``c``: the mapping the
+    predictor averages with, checked against the definition (not against itself)."""
+    labels = np.random.default_rng(0).integers(0, 4, (11, 11, 11))
+    labels[2:5, 3:9, 1:4] = 7  # some objects larger than one voxel
+    want, want_mask = affinities(labels, offsets)
+    perms = tta_permutations(offsets, "aaa")
+    assert len(perms) == 6 and perms[0] == ((0, 1, 2), tuple(range(len(offsets))))
+    for perm, order in perms:
+        aff, mask = affinities(labels.transpose(perm), offsets)
+        inverse = [perm.index(a) for a in range(3)]
+        back = aff.transpose(0, *(1 + a for a in inverse))[list(order)]
+        assert np.array_equal(back, want), perm
+        assert np.array_equal(mask.transpose(0, *(1 + a for a in inverse))[list(order)],
+                              want_mask)
+
+
+def test_tta_permutations_keep_to_alike_axes_and_a_closed_set_of_offsets():
+    assert [p for p, _ in tta_permutations(NEAREST3, ["z", "yx", "yx"])] == [(0, 1, 2), (0, 2, 1)]
+    assert [p for p, _ in tta_permutations(NEAREST3, "zyx")] == [(0, 1, 2)]
+    # (0, 0, -3) has no partner along z or y: only the permutations that keep x
+    only_x = NEAREST3 + ((0, 0, -3),)
+    assert [p for p, _ in tta_permutations(only_x, "aaa")] == [(0, 1, 2), (1, 0, 2)]
+    with pytest.raises(EmtileError, match="offsets of 3 axes for a model of 2 spatial axes"):
+        tta_permutations(NEAREST3, "aa")

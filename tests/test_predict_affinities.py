@@ -3,6 +3,8 @@ offset named by it, uint8 by default, pyramid levels over z, y, x only (never mi
 the target and offsets recorded for the segmenter, no mask; tiled == one whole-volume pass; and
 what ``emtile info`` says about the store and the model."""
 
+import itertools
+
 import numpy as np
 import pytest
 import zarr
@@ -158,3 +160,63 @@ def test_a_3d_model_without_a_tile_takes_auto_not_572_per_axis(aff, tmp_path):
     opts = {k: v for k, v in OPTS.items() if k != "tile"}
     r = emtile.predict(str(d / "model"), str(d / "in.zarr"), str(tmp_path / "a.zarr"), **opts)
     assert max(r.tile) < 572 and len(r.tile) == 3
+
+
+def test_tta_averages_the_axis_permutations_with_the_offsets_renamed(tmp_path):
+    """An isotropic affinity model: ``tta=True`` is the mean over the 6 axis permutations of one
+    whole-volume pass over the transposed volume, transposed back, each offset's channel taken
+    from the offset the transposition renamed it to; tiled as whole (two tiles); the plain
+    prediction differs. A model whose only alike axes are y and x averages 2."""
+    offsets = OFFSETS + [[0, 0, -3], [0, -3, 0], [-3, 0, 0]]
+    net = make_net(factors=((2, 2, 2),), out_channels=6, seed=5)
+    save_model(net, tmp_path / "iso", metadata={"target": "affinities", "offsets": offsets})
+    vol = np.random.default_rng(6).integers(0, 256, (23, 23, 23)).astype(np.uint8)
+    g = create_image(tmp_path / "in.zarr", vol.shape, np.uint8, chunks=(16, 16, 16))
+    g["0"][:] = vol
+    mark_complete(g)
+    want = 0
+    for perm in itertools.permutations(range(3)):
+        inverse = [perm.index(a) for a in range(3)]
+        y = reference(net, vol.transpose(perm)).transpose(0, *(1 + a for a in inverse))
+        renamed = [[0] * 3 for _ in offsets]  # offset o of the transposed frame: o[j] on perm[j]
+        for k, o in enumerate(offsets):
+            for j in range(3):
+                renamed[k][perm[j]] = o[j]
+        want = want + y[[renamed.index(o) for o in offsets]]
+    want = want / 6
+    opts = dict(OPTS, dtype="float32")
+    for tile in ((20, 20, 20), (28, 28, 28)):
+        opts["tile"] = tile
+        t = emtile.predict(str(tmp_path / "iso"), str(tmp_path / "in.zarr"),
+                           str(tmp_path / f"t{tile[0]}.zarr"), tta=True, **opts)
+        assert t.tiles > 1 or tile[0] == 28
+        got = zarr.open_array(str(tmp_path / f"t{tile[0]}.zarr" / "0"), mode="r")[:]
+        assert np.abs(got - want).max() <= 1e-5, tile
+    plain = reference(net, vol)
+    assert np.abs(plain - want).max() > 1e-3  # the average is not the plain pass
+    from emtile.predictor import _tta_perms
+
+    model = emtile.model.load(str(tmp_path / "iso"))
+    assert len(_tta_perms(model, net, _Grid((20, 20, 20)), [tuple(o) for o in offsets])) == 6
+
+
+class _Grid:
+    def __init__(self, tile):
+        self.in_tile = tile
+
+
+def test_tta_of_an_affinity_model_exchanges_y_and_x_or_is_refused(aff, tmp_path):
+    d, ref = aff
+    out = tmp_path / "t.zarr"
+    r = emtile.predict(str(d / "model"), str(d / "in.zarr"), str(out), dtype="float32",
+                       tta=True, **OPTS)
+    net = make_net(factors=FACTORS, out_channels=3, seed=2)
+    vol = zarr.open_array(str(d / "in.zarr" / "0"), mode="r")[:]
+    swapped = reference(net, vol.transpose(0, 2, 1)).transpose(0, 1, 3, 2)[[0, 2, 1]]
+    assert np.abs(zarr.open_array(str(out / "0"), mode="r")[:] - (ref + swapped) / 2).max() <= 1e-5
+    assert r.tiles > 1
+    with pytest.raises(EmtileError, match=r"^tta=True with this affinity model and tile "
+                                          r"20x48x52 has nothing to average"):
+        emtile.predict(str(d / "model"), str(d / "in.zarr"), str(tmp_path / "no.zarr"),
+                       tta=True, **dict(OPTS, tile=(20, 48, 52)))
+    assert not (tmp_path / "no.zarr").exists()
