@@ -61,3 +61,13 @@ def test_the_3d_recipe_runs_both_pipelines_and_tunes_on_validation(tmp_path):
     assert "OVER" in md  # a budget of 6 ms: reported, not obeyed
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert again.returncode == 0 and again.stdout.count("exists (--overwrite") == 4
+    # --tta: the trained 3-D model (not trained again) predicts the six axis exchanges
+    tta = subprocess.run(cmd + ["--only", "3d", "--seeds", "0", "--tta"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=600)
+    assert tta.returncode == 0, tta.stderr[-3000:]
+    rep = json.loads((out / "seed0" / "report_3d_tta.json").read_text())
+    assert rep["tta"] is True and rep["iterations"] == 2 and rep["scores"]["voi"] >= 0
+    assert (out / "summary_tta.md").exists() and (out / "summary.md").read_text() == md
+    pred = json.loads((out / "seed0" / "pred_3d_tta_test.zarr" / "zarr.json").read_text())
+    prov = pred["attributes"]["emtile"]["provenance"]
+    assert prov["tta"] is True and len(set(prov["tile"])) == 1  # cubic tiles
