@@ -260,10 +260,12 @@ def _interleaved(model, time_model, kwargs, *, shape, warm_shape, repeat, data, 
                  dev):
     """``repeat`` rounds of (the model alone, ``predict`` of a volume of ``shape``),
     interleaved so that load from other processes hits both alike, after ``predict`` warmed up
-    on a one-tile volume (``warm_shape``). Returns ``(model_times, predict_times, last PredictResult)``."""
+    on a one-tile volume (``warm_shape``). Returns ``(model_times, predict_times, forward_times,
+    last PredictResult)``: ``forward_times`` the seconds of the model's forward passes inside
+    each ``predict``."""
     from emtile.predictor import predict
 
-    model_times, predict_times = [], []
+    model_times, predict_times, forward_times = [], [], []
     with tempfile.TemporaryDirectory(prefix="emtile-bench-", dir=workdir) as tmp:
         tmp = Path(tmp)
         mirrored_volume(tmp / "warm.zarr", warm_shape, source=data, seed=seed)
@@ -276,7 +278,8 @@ def _interleaved(model, time_model, kwargs, *, shape, warm_shape, repeat, data, 
             result = predict(model, tmp / "vol.zarr", tmp / "pred.zarr", **kwargs)
             _sync(dev)
             predict_times.append(time.perf_counter() - t0)
-    return model_times, predict_times, result
+            forward_times.append(result.model_seconds)
+    return model_times, predict_times, forward_times, result
 
 
 def run_bench(*, base=64, depth=4, tile=None, batch_size=1, device="auto", tiles=8,
@@ -332,7 +335,12 @@ def run_bench(*, base=64, depth=4, tile=None, batch_size=1, device="auto", tiles
     dict
         ``model_s``, ``predict_s``, ``ratio`` (predict / model, best of each), ``ratio_rounds``
         (the median over rounds of each round's predict / model: robust to a machine whose speed
-        drifts between rounds), ``out_voxels`` (spatial voxels of the output),
+        drifts between rounds), ``forward_ratio`` (the median over rounds of the forward
+        passes' seconds inside ``predict`` over the model alone's), ``outside_s`` and
+        ``outside_ratio`` (the median over rounds of ``predict``'s seconds outside its forward
+        passes, and that over the best time of the model alone: reading, stitching and writing
+        on the critical path, measured within each run, so a machine's drift between rounds
+        does not enter it), ``out_voxels`` (spatial voxels of the output),
         ``model_vox_s``, ``predict_vox_s``, ``gflop_per_tile``, ``model_gflops``,
         ``predict_gflops``, ``peak_rss``, ``peak_rss_children``, ``cuda_peak`` (bytes or None),
         and the settings used (``ndim``, ``tile`` and ``out_tile`` per axis in 3-D,
@@ -364,7 +372,7 @@ def run_bench(*, base=64, depth=4, tile=None, batch_size=1, device="auto", tiles
                   amp=amp_name, channels_last=channels_last, overwrite=True)
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
-    model_times, predict_times, result = _interleaved(
+    model_times, predict_times, forward_times, result = _interleaved(
         model, time_model, kwargs, shape=shape, warm_shape=tiles_volume_shape(model, tile, 1),
         repeat=repeat, data=data, seed=seed, workdir=workdir, dev=dev)
     three = ndim == 3
@@ -380,20 +388,26 @@ def run_bench(*, base=64, depth=4, tile=None, batch_size=1, device="auto", tiles
         "repeat": repeat, "data": str(data) if data is not None else "random", "seed": seed,
     }
     out_voxels = tiles * int(np.prod(out_tile if three else (out_tile, out_tile)))
-    return {**settings, **_figures(model_times, predict_times, result, flops, tiles=tiles,
-                                   out_voxels=out_voxels, dev=dev)}
+    return {**settings, **_figures(model_times, predict_times, forward_times, result, flops,
+                                   tiles=tiles, out_voxels=out_voxels, dev=dev)}
 
 
-def _figures(model_times, predict_times, result, flops, *, tiles, out_voxels, dev):
+def _figures(model_times, predict_times, forward_times, result, flops, *, tiles, out_voxels,
+             dev):
     """The timings, rates and memory :func:`run_bench` reports."""
     import torch
 
     model_s, predict_s = min(model_times), min(predict_times)
     own, children = peak_rss()
+    outside = [p - f for p, f in zip(predict_times, forward_times)]
     return {
         "model_times": model_times, "predict_times": predict_times,
+        "forward_times": forward_times, "outside_times": outside,
         "model_s": model_s, "predict_s": predict_s, "ratio": predict_s / model_s,
         "ratio_rounds": statistics.median(p / m for p, m in zip(predict_times, model_times)),
+        "outside_s": statistics.median(outside),
+        "outside_ratio": statistics.median(outside) / model_s,
+        "forward_ratio": statistics.median(f / m for f, m in zip(forward_times, model_times)),
         "out_voxels": out_voxels, "predict_tile_runs": result.tiles,
         "predict_efficiency": result.efficiency,
         "model_vox_s": out_voxels / model_s, "predict_vox_s": out_voxels / predict_s,
@@ -439,6 +453,9 @@ def format_bench(r):
         "",
         f"predict / model alone: {r['ratio']:.3f} best / best, {r['ratio_rounds']:.3f} median of "
         f"the rounds' own ratios  (target <= 1.10 on CPU, <= 1.15 on CUDA with amp)",
+        f"inside predict: the forward passes {r['forward_ratio']:.3f} x the model alone (median "
+        f"of rounds); everything else {r['outside_s']:.3f} s, {r['outside_ratio']:.1%} of the "
+        f"model alone (median)",
         f"output voxels/s: {r['predict_vox_s']:.4g} (predict), {r['model_vox_s']:.4g} (model alone)",
         f"peak RSS: {r['peak_rss'] / gib:.2f} GiB (largest DataLoader worker "
         f"{r['peak_rss_children'] / gib:.2f} GiB)",

@@ -96,6 +96,7 @@ class PredictResult:
     threads: int = 0  # torch threads per process (CPU)
     cluster: str = ""  # the cluster it ran on ("" for this process)
     block_seconds: float = 0.0  # median seconds a block took (model + stitching + writing)
+    model_seconds: float = 0.0  # the model's forward passes, summed over the blocks computed
     tile_probe: dict = field(default_factory=dict)  # tile="auto": seconds per tile measured
     mask: str = ""  # the mask store's path ("" without a threshold)
     threshold: float = None
@@ -136,6 +137,7 @@ class BlockReport:
     write_s: float = 0.0  # normalising and writing its chunks
     skipped: bool = False  # already recorded as done: nothing was computed
     pid: int = 0  # the process that ran it
+    model_s: float = 0.0  # the model's forward passes (part of compute_s)
 
 
 # --------------------------------------------------------------------------- input
@@ -744,13 +746,13 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
     else:
         batches = _read_ahead(iter(dataset))
 
-    def finish(block, acc, wsum, read_s, compute_s):
+    def finish(block, acc, wsum, read_s, compute_s, model_s):
         t0 = time.perf_counter()
         values = _block_values(ctx.stitcher.stitch, acc, wsum, job.dtype, job.threshold,
                                job.levels)
         ctx.write(block, values)
         report = BlockReport(block.index, len(block.tiles), math.prod(block.shape), read_s,
-                             compute_s, time.perf_counter() - t0, False, os.getpid())
+                             compute_s, time.perf_counter() - t0, False, os.getpid(), model_s)
         _faults.point("predict.block_written")  # test-only: chunks written, not yet reported
         reports[block.index] = report
         if on_block is not None:
@@ -764,9 +766,12 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
             t0 = time.perf_counter()
             if current is None or current.index != block_index:
                 current = ctx.plan[block_index]
-                buffers, done_tiles, reading, computing = ctx.stitcher.new(current), 0, 0.0, 0.0
+                buffers, done_tiles = ctx.stitcher.new(current), 0
+                reading = computing = modelling = 0.0
             for b0, x in ctx.batches(window, origins, job.batch_size):
+                t1 = time.perf_counter()
                 probs = ctx.forward(x)
+                modelling += time.perf_counter() - t1
                 for i, p in enumerate(probs):
                     ctx.stitcher.add(buffers, current, current.tiles[first + b0 + i], p)
                 if on_tiles is not None:
@@ -775,7 +780,7 @@ def run_blocks(job, block_ids, *, readers=0, on_block=None, on_tiles=None):
             reading += read_s
             computing += time.perf_counter() - t0
             if done_tiles == len(current.tiles):
-                writer.put(current, *buffers, reading, computing)
+                writer.put(current, *buffers, reading, computing, modelling)
                 buffers = None
     except BaseException as exc:
         writer.abort()
@@ -902,13 +907,15 @@ class _Seconds:
     """Keeps the compute + write seconds of each block (for the median reported); full after
     ``every`` blocks, so the markers are written as often as the pass asks."""
 
-    def __init__(self, seconds, every):
+    def __init__(self, seconds, every, model_seconds=None):
         self.seconds, self.every, self.n = seconds, every, 0
+        self.model_seconds = [] if model_seconds is None else model_seconds
 
     def add(self, i, report):
         self.n += 1
         if not report.skipped:
             self.seconds.append(report.compute_s + report.write_s)
+            self.model_seconds.append(report.model_s)
 
     def full(self):
         return self.n >= self.every
@@ -1078,11 +1085,11 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
     offsets = _offsets(affinity_record(model, net.out_channels, s.threshold))
     job = replace(job, shards=resolve_shards(s.shards, plan), offsets=offsets,
                   tta_perms=_tta_perms(model, net, grid, offsets) if s.tta and offsets else None)
-    seconds = []
+    seconds, model_seconds = [], []
     every = 64 if runner.distributed else 1  # here, every block's marker is written at once
     one = Pass(name="predict", fn=run_blocks, job=job, plan=plan,
                describe=functools.partial(job.describe, plan=plan), point="predict.block_recorded",
-               keep=lambda group: _Seconds(seconds, every),
+               keep=lambda group: _Seconds(seconds, every, model_seconds),
                here=functools.partial(_run_here, job, net, arr, readers=num_workers),
                gpu=job.device.startswith("cuda"), flush_blocks=every, flush_seconds=0.5)
     stage = Stage(name="predict", output=output, inputs=(path,),
@@ -1091,7 +1098,7 @@ def predict_stage(model, input, output, settings, runner, *, overwrite=False):
                   resumable=functools.partial(_has_arrays, job.threshold),
                   finish=functools.partial(_finish, output, job.threshold))
     info = {"grid": grid, "plan": plan, "device": dev, "threads": threads, "probe": probe,
-            "seconds": seconds}
+            "seconds": seconds, "model_seconds": model_seconds}
     return stage, info
 
 
@@ -1150,7 +1157,8 @@ def predict(model, input, output, settings=None, runner=None, *, overwrite=False
         blocks=len(plan), blocks_resumed=done.blocks_done[0],
         efficiency=_efficiency(grid, n_runs), seconds=time.perf_counter() - t0,
         device=str(info["device"]), threads=info["threads"], cluster=done.where,
-        block_seconds=float(np.median(seconds)) if seconds else 0.0, tile_probe=info["probe"],
+        block_seconds=float(np.median(seconds)) if seconds else 0.0,
+        model_seconds=float(sum(info["model_seconds"])), tile_probe=info["probe"],
         mask=f"{output}/labels/mask" if threshold is not None else "", threshold=threshold,
         offsets=stage.passes[0].job.affinities.get("offsets"))
 

@@ -23,7 +23,8 @@ def test_bench_prints_every_figure():
     for field in ("UNet base 2 depth 2, tile 92 -> 52", "GFLOP per tile", "cpu (", "batch 1",
                   "contiguous", "fp32", "1x104x104 (4 tiles, 4 per slice; predict ran 4)",
                   "model alone", "predict", "Mvox/s", "GFLOP/s", "predict / model alone:",
-                  "output voxels/s:", "peak RSS:"):
+                  "output voxels/s:", "peak RSS:", "inside predict: the forward passes",
+                  "of the model alone (median)"):
         assert field in out, f"{field!r} missing from:\n{out}"
 
 
@@ -41,6 +42,12 @@ def test_bench_json(tmp_path, isbi_dir):
     rounds = sorted(p / m for p, m in zip(r["predict_times"], r["model_times"]))
     assert r["ratio_rounds"] == pytest.approx((rounds[0] + rounds[1]) / 2)
     assert r["out_voxels"] == 2 * 52 * 52
+    # the forward passes timed inside each predict: part of it, the rest is outside
+    assert len(r["forward_times"]) == 2
+    assert all(0 < f < p for f, p in zip(r["forward_times"], r["predict_times"]))
+    outside = sorted(p - f for p, f in zip(r["predict_times"], r["forward_times"]))
+    assert r["outside_s"] == pytest.approx((outside[0] + outside[1]) / 2)
+    assert r["outside_ratio"] == pytest.approx(r["outside_s"] / r["model_s"])
     assert r["peak_rss"] > 0 and r["cuda_peak"] is None
     assert r["data"].endswith("train-volume.tif")
 
