@@ -40,7 +40,7 @@ def fragment_graph(n_ids, pairs, stats, edges):
     faces : ndarray of int64, shape (E, edges' width), fragment indices ``u < v``
     """
     from emtile.segmenter.graph import join_faces
-    from emtile.segmenter.kernels import sum_edges
+    from emtile.segmenter.kernels import sum_edge_rows
 
     comp = join_faces(n_ids, pairs)
     objects, node = np.unique(comp[stats[:, 0]], return_inverse=True)
@@ -54,8 +54,7 @@ def fragment_graph(n_ids, pairs, stats, edges):
     u = rank[np.searchsorted(objects, comp[edges[:, 0]])]
     v = rank[np.searchsorted(objects, comp[edges[:, 1]])]
     keep = u != v
-    faces = sum_edges(np.minimum(u, v)[keep], np.maximum(u, v)[keep],
-                      *(edges[keep, k] for k in range(2, edges.shape[1])))
+    faces = sum_edge_rows(np.minimum(u, v)[keep], np.maximum(u, v)[keep], edges[keep, 2:])
     if not faces.size:
         faces = np.zeros((0, edges.shape[1]), np.int64)
     number = np.zeros(n_ids, np.int64)
@@ -103,7 +102,7 @@ def global_step(group, temp, records, n_blocks, n_ids, *, method, merge_threshol
                 merge_quantile, min_size, table):
     """The affinity run's global step: the fragment graph stored, agglomerated; the provisional
     -> fragment id table (``ftable``) and provisional -> output id table written. Returns N."""
-    pairs, stats, edges = records.read(range(n_blocks))
+    pairs, stats, edges = records.read(range(n_blocks), cache=False)
     number, first, size, faces = fragment_graph(n_ids, pairs, stats, edges)
     write_graph(group, first, size, faces,
                 {"method": method, "merge_quantile": merge_quantile, "min_size": int(min_size),

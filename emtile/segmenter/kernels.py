@@ -18,7 +18,7 @@ import numpy as np
 from emtile._errors import EmtileError
 
 __all__ = ["interior_mask", "altitude", "label_components", "seed_maxima", "flood",
-           "source_labels", "sum_edges", "altitude_bins", "face_limit", "COST_SHIFT",
+           "source_labels", "sum_edges", "sum_edge_rows", "altitude_bins", "face_limit", "COST_SHIFT",
            "INDEX_LIMIT", "UNSET", "MAX_ROUNDS", "FACE_BINS"]
 
 # A flood key packs (cost, source) into one int64, compared as a whole:
@@ -311,6 +311,18 @@ def sum_edges(u, v, *values):
     for k, x in enumerate(values):
         columns[:, k] = x
     return _by_pair(group_sums(u, v, columns))
+
+
+def sum_edge_rows(u, v, values):
+    """:func:`sum_edges` of the columns of ``values`` (int64, shape (k, m), C order): the same
+    rows, without a copy of each column first."""
+    from emtile.segmenter.pixels import group_sums
+
+    u, v = np.asarray(u, np.int64).reshape(-1), np.asarray(v, np.int64).reshape(-1)
+    values = np.ascontiguousarray(values, np.int64)
+    if u.size == 0:
+        return np.zeros((0, 2 + values.shape[1]), np.int64)
+    return _by_pair(group_sums(u, v, values))
 
 
 def _by_pair(rows):

@@ -113,26 +113,37 @@ class RecordStore:
             rows_c[ids[sel] - lo] = values[sel]
             self.index[lo:hi] = rows_c
 
-    def read(self, block_ids):
+    def read(self, block_ids, *, cache=True):
         """Concatenated ``(pairs, stats, edges)`` of the records of ``block_ids``, in their
-        order. Parts are read whole and the most recently used kept (:data:`CACHE_BYTES`), so
-        reading the rows of a plan one after the other reads each part about once."""
+        order. Parts are read whole; with ``cache`` the most recently used are kept
+        (:data:`CACHE_BYTES`), so reading the rows of a plan one after the other reads each part
+        about once. ``cache=False`` (one pass over every block, the affinity run's global step)
+        keeps only the part being copied: the tables are allocated once and filled part by part,
+        so the peak is the tables and one part, not twice the records."""
         ids = np.asarray(block_ids, np.int64).reshape(-1)
-        got = {name: [] for name, _ in self.parts}
-        if ids.size:
-            lo, hi = int(ids.min()), int(ids.max()) + 1
-            index = np.asarray(self.index[lo:hi])[ids - lo]
-            missing = np.flatnonzero(index[:, 0] < 0)
-            if missing.size:  # the markers say done only after the record is written
-                raise RuntimeError(f"internal error: no record for block {int(ids[missing[0]])}")
-            for part, offset, *rows in index.tolist():
-                data = self._part(part)
-                pos = offset
-                for (name, width), n in zip(self.parts, rows):
-                    got[name].append(data[pos:pos + n * width].reshape(n, width))
-                    pos += n * width
-        return tuple(np.concatenate(got[name]) if got[name] else np.zeros((0, w), np.int64)
-                     for name, w in self.parts)
+        if not ids.size:
+            return tuple(np.zeros((0, w), np.int64) for _, w in self.parts)
+        lo, hi = int(ids.min()), int(ids.max()) + 1
+        index = np.asarray(self.index[lo:hi])[ids - lo]
+        missing = np.flatnonzero(index[:, 0] < 0)
+        if missing.size:  # the markers say done only after the record is written
+            raise RuntimeError(f"internal error: no record for block {int(ids[missing[0]])}")
+        out = [np.empty((int(index[:, 2 + j].sum()), width), np.int64)
+               for j, (_, width) in enumerate(self.parts)]
+        filled = [0] * len(self.parts)
+        last = (None, None)  # the part read last (blocks of one part follow each other)
+        for part, offset, *rows in index.tolist():
+            if part != last[0]:
+                last = (part, self._part(part) if cache else self._read_part(part))
+            data, pos = last[1], offset
+            for j, ((_, width), n) in enumerate(zip(self.parts, rows)):
+                out[j][filled[j]:filled[j] + n] = data[pos:pos + n * width].reshape(n, width)
+                filled[j] += n
+                pos += n * width
+        return tuple(out)
+
+    def _read_part(self, part):
+        return np.asarray(self.group[f"p{part}"][:])
 
     def _part(self, part):
         with self._lock:  # rows of one process may be read in several threads
@@ -140,7 +151,7 @@ class RecordStore:
             if data is not None:
                 self._cache.move_to_end(part)
                 return data
-        data = np.asarray(self.group[f"p{part}"][:])
+        data = self._read_part(part)
         with self._lock:
             if part not in self._cache:
                 self._cache[part] = data
