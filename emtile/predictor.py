@@ -539,7 +539,10 @@ class _Forward:
         import torch
 
         self.torch, self.fn, self.device, self.tta, self.amp = torch, fn, device, tta, amp
-        self.perms = perms  # affinities: tta by axis permutations (affinities.tta_permutations)
+        # affinities: tta by axis permutations (affinities.tta_permutations), with each one's
+        # inverse (to put the output's axes back) and channel order
+        self.perms = [(p, [p.index(a) for a in range(len(p))], list(o))
+                      for p, o in perms] if perms else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.memory_format_3d = (torch.channels_last_3d if channels_last
                                  else torch.contiguous_format)
@@ -558,10 +561,9 @@ class _Forward:
                 p = self._run(x)
             elif self.perms:  # affinities: exchange axes, rename the offsets back
                 p = 0
-                for perm, order in self.perms:
-                    inverse = [perm.index(a) for a in range(len(perm))]
+                for perm, inverse, order in self.perms:
                     y = self._run(x.permute(0, 1, *(2 + a for a in perm)))
-                    p = p + y.permute(0, 1, *(2 + a for a in inverse))[:, list(order)]
+                    p = p + y.permute(0, 1, *(2 + a for a in inverse))[:, order]
                 p = p / len(self.perms)
             else:
                 square = x.shape[-1] == x.shape[-2]
@@ -904,12 +906,12 @@ def _finish(output, threshold, group):
 
 
 class _Seconds:
-    """Keeps the compute + write seconds of each block (for the median reported); full after
+    """Keeps the compute + write seconds of each block (for the median reported) and its
+    forward passes' seconds (summed in the result); full after
     ``every`` blocks, so the markers are written as often as the pass asks."""
 
-    def __init__(self, seconds, every, model_seconds=None):
-        self.seconds, self.every, self.n = seconds, every, 0
-        self.model_seconds = [] if model_seconds is None else model_seconds
+    def __init__(self, seconds, every, model_seconds):
+        self.seconds, self.model_seconds, self.every, self.n = seconds, model_seconds, every, 0
 
     def add(self, i, report):
         self.n += 1

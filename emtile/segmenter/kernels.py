@@ -302,15 +302,10 @@ def adjacent_pairs(frag, alt, source, *, start, stop, axes, origin, volume_shape
 def sum_edges(u, v, *values):
     """Sum each of ``values`` over repeated ``(u, v)`` pairs -> (k, 2 + len(values)) int64,
     sorted by ``(u, v)``."""
-    from emtile.segmenter.pixels import group_sums
-
-    u, v = np.asarray(u, np.int64).reshape(-1), np.asarray(v, np.int64).reshape(-1)
-    if u.size == 0:
-        return np.zeros((0, 2 + len(values)), np.int64)
-    columns = np.empty((u.size, len(values)), np.int64)
+    columns = np.empty((np.size(u), len(values)), np.int64)
     for k, x in enumerate(values):
         columns[:, k] = x
-    return _by_pair(group_sums(u, v, columns))
+    return sum_edge_rows(u, v, columns)
 
 
 def sum_edge_rows(u, v, values):
