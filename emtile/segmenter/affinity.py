@@ -123,29 +123,57 @@ def read_levels(arr, channels, start, stop, shape, path):
 def signals(levels, start, stop, shape, lut):
     """``(inside, alt, core)`` over ``[start, stop)``: voxels with a link, the altitude (255 -
     the rounded mean level of the pairs touching each voxel inside the volume), and the voxels
-    whose every pair inside the volume is linked (the interior that distance seeds measure)."""
+    whose every pair inside the volume is linked (the interior that distance seeds measure).
+
+    One pass in Numba: three bytes a voxel (NumPy's sums and masks took about 50 more at their
+    peak, the fragment pass's largest term)."""
     size = tuple(b - a for a, b in zip(start, stop))
-    total = np.zeros(size, np.int64)
-    count = np.zeros(size, np.int64)
-    inside = np.zeros(size, bool)
-    core = np.ones(size, bool)
-    for k in range(3):
-        for upper in (False, True):
-            sl = [slice(0, n) for n in size]
-            if upper:
-                sl[k] = slice(1, size[k] + 1)
-            lv = levels[(k,) + tuple(sl)]
-            pos = np.arange(size[k]) + start[k]
-            ok = pos + 1 < shape[k] if upper else pos > 0
-            ok = ok.reshape([-1 if ax == k else 1 for ax in range(3)])
-            ok = np.broadcast_to(ok, size)
-            total += np.where(ok, lv, 0)
-            count += ok
-            linked = lut[lv]
-            inside |= ok & linked
-            core &= linked | ~ok
-    mean = (2 * total + count) // np.maximum(2 * count, 1)
-    return inside, (255 - mean).astype(np.uint8), core & inside
+    inside = np.empty(size, bool)
+    alt = np.empty(size, np.uint8)
+    core = np.empty(size, bool)
+    _signals(levels, np.array(start, np.int64), np.array(shape, np.int64),
+             np.asarray(lut, bool), inside, alt, core)
+    return inside, alt, core
+
+
+@njit(cache=True, nogil=True)
+def _pair(level, lut, sums):
+    """Count one pair inside the volume: ``sums`` = (level total, pairs, linked, unlinked)."""
+    sums[0] += level
+    sums[1] += 1
+    if lut[level]:
+        sums[2] += 1
+    else:
+        sums[3] += 1
+
+
+@njit(cache=True, nogil=True)
+def _signals(levels, start, shape, lut, inside, alt, core):
+    Z, Y, X = inside.shape
+    sums = np.zeros(4, np.int64)
+    for z in range(Z):
+        gz = z + start[0]
+        for y in range(Y):
+            gy = y + start[1]
+            for x in range(X):
+                gx = x + start[2]
+                sums[:] = 0
+                if gz > 0:
+                    _pair(levels[0, z, y, x], lut, sums)
+                if gz + 1 < shape[0]:
+                    _pair(levels[0, z + 1, y, x], lut, sums)
+                if gy > 0:
+                    _pair(levels[1, z, y, x], lut, sums)
+                if gy + 1 < shape[1]:
+                    _pair(levels[1, z, y + 1, x], lut, sums)
+                if gx > 0:
+                    _pair(levels[2, z, y, x], lut, sums)
+                if gx + 1 < shape[2]:
+                    _pair(levels[2, z, y, x + 1], lut, sums)
+                mean = (2 * sums[0] + sums[1]) // max(2 * sums[1], 1)
+                alt[z, y, x] = 255 - mean
+                inside[z, y, x] = sums[2] > 0
+                core[z, y, x] = sums[2] > 0 and sums[3] == 0
 
 
 @njit(cache=True, nogil=True)

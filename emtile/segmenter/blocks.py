@@ -349,7 +349,8 @@ def _provisional(job, plan, name, column, r0, r1):
 
 def _fragments(job, plan, r0, r1):
     """Provisional fragment ids over the read box (exact on the write region and one plane past
-    its upper faces), the interior mask, the altitude, and the ids that are joined across faces."""
+    its upper faces), the interior mask, the altitude, the ids that are joined across faces, the
+    keys' sources (None for affinities) and the affinity levels."""
     if job.affinity:
         inside, alt, levels, lut = _affinity_interior(job, r0, r1)
     else:
@@ -374,6 +375,9 @@ def _fragments(job, plan, r0, r1):
                                        fill=np.where(inside, cells, 0))
     key = kernels.flood(inside, ~inside, alt, rounds=job.grow, axes=job.axes, origin=r0,
                         volume_shape=job.shape, levels=pair_levels)
+    if job.affinity:  # the faces are scored by their pairs, not by the sources: frag in place
+        frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape, out=key)
+        return frag, inside, alt, joined, None, (levels, lut)
     frag = kernels.source_labels(key, labels, origin=r0, volume_shape=job.shape)
     # read where frag > 0 (the key is set); in place: the key is not needed again
     source = np.bitwise_and(key, np.int64(kernels.INDEX_LIMIT - 1), out=key)

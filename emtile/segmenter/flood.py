@@ -263,13 +263,20 @@ _NO_PAIRS = np.zeros((0, 0), np.uint8)  # steps cost their target pixel's altitu
 _local = threading.local()
 
 
-def _buffer(name, size, dtype):
+def _buffer(name, size, dtype, spare=1.0):
     """This thread's flat scratch array ``name`` of ``dtype``, with room for ``size`` items
-    (any values); grown by half again when short, so a thread's blocks allocate it once."""
+    (any values), kept for the thread's next blocks. When short it grows to ``size``, or to
+    ``spare`` times its old size if that is more: arrays sized by the read box take exactly the
+    largest box (a plan has a few sizes, the edges' and the inside's; growing by half again
+    kept up to 50% more than any block needed, 14 bytes a voxel of the box per thread), arrays
+    sized by the domain, which differs from block to block, take ``spare=1.5``."""
     name = f"{name}_{np.dtype(dtype).name}"
     buf = getattr(_local, name, None)
     if buf is None or buf.size < size:
-        buf = np.empty(max(size, int(1.5 * (0 if buf is None else buf.size))), dtype)
+        old = 0 if buf is None else buf.size
+        buf = None
+        setattr(_local, name, None)  # the old one freed before the larger one is allocated
+        buf = np.empty(max(size, int(spare * old)), dtype)
         setattr(_local, name, buf)
     return buf
 
@@ -300,8 +307,9 @@ def run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape, levels=Non
             pairs = _buffer("pairs", 6 * n, np.uint8)[:6 * n].reshape(6, n)
             pad_pairs(np.asarray(levels, np.uint8), pad, pairs)
         index = np.int32 if n < 2**31 else np.int64
-        frontier, cand = _buffer("frontier", nd, index), _buffer("cand", nd, index)
-        value = _buffer("value", nd, np.int64)
+        frontier = _buffer("frontier", nd, index, spare=1.5)
+        cand = _buffer("cand", nd, index, spare=1.5)
+        value = _buffer("value", nd, np.int64, spare=1.5)
         done = flood_rounds(flat, cost, pairs, int(rounds), offsets, back, n,
                             _buffer("slot", n, index), frontier, cand, value)
         if done == rounds:  # still moving at the limit: keep only the keys that a chain of

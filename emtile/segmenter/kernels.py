@@ -208,11 +208,12 @@ def flood(seeds, domain, alt, *, rounds, axes, origin, volume_shape, levels=None
     return run_flood(seeds, domain, alt, rounds, axes, origin, volume_shape, levels)[0]
 
 
-def source_labels(key, labels, *, origin, volume_shape, fill=0):
+def source_labels(key, labels, *, origin, volume_shape, fill=0, out=None):
     """The label at each pixel's seed: ``labels`` (same shape as ``key``, at ``origin`` in the
     volume) read at the source of ``key``; ``fill`` where no seed arrived.
 
-    Every source must lie inside the array (a flood's sources always do).
+    Every source must lie inside the array (a flood's sources always do). ``out`` (int64, shape
+    of ``key``) may be ``key`` itself: each pixel's key is read before its label is written.
 
     Returns
     -------
@@ -221,7 +222,7 @@ def source_labels(key, labels, *, origin, volume_shape, fill=0):
     from emtile.segmenter.pixels import labels_at_sources
 
     fill = np.broadcast_to(np.asarray(fill, np.int64), key.shape)
-    out = np.empty(key.shape, np.int64)
+    out = np.empty(key.shape, np.int64) if out is None else out
     labels_at_sources(key, np.asarray(labels, np.int64), fill, np.array(origin, np.int64),
                       np.array(volume_shape, np.int64), out)
     return out
