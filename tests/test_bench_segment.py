@@ -72,10 +72,16 @@ def test_memory3d_segments_kept_affinity_stores_in_subprocesses(bench, tmp_path,
         mark_complete(g)
         paths.append(str(tmp_path / f"aff{side}.zarr"))
     bench.main(["memory3d", "--affinities", *paths, "--workdir", str(tmp_path),
-                "--seeds", "distance"])
+                "--seeds", "distance", "--repeat", "2"])
     out = capsys.readouterr().out
-    assert "seeds distance" in out and "peak RSS largest / smallest" in out
+    assert "seeds distance" in out and "peak RSS largest / smallest (medians)" in out
     # 8 and 64 cubes of 6^3 voxels: the perfect affinities give exactly those objects
     assert "12x12x12" in out and "24x24x24" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("12x", "24x"))]
     assert [int(r[3]) for r in rows] == [8, 64]
+    # two runs each: their peaks, and the median of the two in its column
+    for r in rows:
+        peaks = [float(v) for v in r[6:]]
+        assert len(peaks) == 2 and float(r[5]) == pytest.approx(np.median(peaks), abs=1e-3)
+    ratio = float(out.split("(medians):")[1].split()[0])
+    assert ratio == pytest.approx(float(rows[1][5]) / float(rows[0][5]), abs=0.01)

@@ -621,6 +621,21 @@ def test_block_invariance_3d(tmp_path, isbi_labels, method):
         np.testing.assert_array_equal(labels, whole, err_msg=str(block))
 
 
+@pytest.mark.parametrize("method", ["ws", "ws-distance"])
+def test_wide_provisional_ids_give_the_same_labels(tmp_path, isbi_labels, monkeypatch, method):
+    """A probability map's provisional ids, uint32 while they fit and int64 past
+    ``blocks.NARROW_IDS`` (forced here), give the same labels."""
+    from emtile.segmenter import blocks
+
+    p = boundary_map(isbi_labels[:2, :96, :120], noise=0.2, seed=5)
+    opts = dict(METHOD_OPTS[method], mode="3d", block_size=(1, 40, 50))
+    narrow, r = run(tmp_path, p, "narrow.zarr", **opts)
+    monkeypatch.setattr(blocks, "NARROW_IDS", 2)
+    wide, _ = run(tmp_path, p, "wide.zarr", **opts)
+    assert r.objects > 5
+    np.testing.assert_array_equal(wide, narrow)
+
+
 @pytest.mark.parametrize("mode", ["2d", "3d"])
 def test_blocks_in_threads_give_the_same_labels(tmp_path, isbi_labels, monkeypatch, mode):
     """Blocks (and the global step's rows) run in one thread per core here: the labels and the

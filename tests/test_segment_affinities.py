@@ -319,3 +319,34 @@ def test_signals_equal_their_numpy_definition(box):
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and np.array_equal(g, w)
         assert got[0].any() or shape == (1, 1, 1)
+
+
+@pytest.mark.parametrize("seeds", ["components", "distance"])
+def test_wide_provisional_ids_give_the_same_bytes(data, tmp_path, monkeypatch, seeds):
+    """Provisional ids stay uint32 while they fit (every run here); past
+    ``blocks.NARROW_IDS`` they are int64. Forcing the int64 path gives the same labels and
+    fragments, and each path is taken where it should be."""
+    from emtile.segmenter import blocks
+
+    root, _, _ = data
+    taken = []
+    real = blocks._provisional
+
+    def spy(*args):
+        ids = real(*args)
+        taken.append(ids.dtype)
+        return ids
+
+    monkeypatch.setattr(blocks, "_provisional", spy)
+    runs = {}
+    for limit in (blocks.NARROW_IDS, 2):
+        monkeypatch.setattr(blocks, "NARROW_IDS", limit)
+        out = tmp_path / f"{limit}.zarr"
+        segment(root / "noisy.zarr", out, block_size=(8, 16, 16), seeds=seeds, progress=False)
+        runs[limit] = (labels(out), labels(out, "emtile_graph/fragments"))
+        assert set(taken) == {np.dtype(np.uint32) if limit > 2 else np.dtype(np.int64)}
+        taken.clear()
+    wide, narrow = runs[2], runs[1 << 32]
+    for a, b in zip(wide, narrow):
+        np.testing.assert_array_equal(a, b)
+    assert len(np.unique(narrow[0])) > 5

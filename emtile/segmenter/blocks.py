@@ -333,17 +333,28 @@ def run_label_blocks(job, block_ids):
 # --------------------------------------------------------------------------- pass 2: fragments
 
 
+#: provisional ids below this stay uint32 (pass 1 stores them so): 4 bytes a voxel of the read
+#: box instead of 8, and no int64 copy (ids at or above it, more than 4 G labels, take int64)
+NARROW_IDS = 1 << 32
+
+
 def _provisional(job, plan, name, column, r0, r1):
-    """Labels ``name`` over the box ``[r0, r1)`` as provisional ids (each block's offset added)."""
+    """Labels ``name`` over the box ``[r0, r1)`` as provisional ids (each block's offset added):
+    uint32 as stored when every id in the box is below :data:`NARROW_IDS`, else int64."""
     from emtile.segmenter.pixels import add_offsets
 
-    local = np.asarray(_array(job, name)[_sl(r0, r1)]).astype(np.int64)
+    local = np.asarray(_array(job, name)[_sl(r0, r1)])
     offsets = _offsets(job)
     found = list(plan.overlapping(r0, r1))
     boxes = np.array([[max(x, y) - y0 for x, y, y0 in zip(a, r0, r0)]
                       + [min(x, y) - y0 for x, y, y0 in zip(b, r1, r0)] for _, a, b in found],
                      np.int64).reshape(-1, 6)
-    add_offsets(local, boxes, np.array([offsets[i, column] for i, _, _ in found], np.int64))
+    add = np.array([offsets[i, column] for i, _, _ in found], np.int64)
+    if local.size and int(add.max()) + int(local.max()) >= NARROW_IDS:
+        local = local.astype(np.int64)
+    elif not local.flags.writeable:
+        local = local.copy()
+    add_offsets(local, boxes, add)
     return local
 
 

@@ -223,7 +223,10 @@ def source_labels(key, labels, *, origin, volume_shape, fill=0, out=None):
 
     fill = np.broadcast_to(np.asarray(fill, np.int64), key.shape)
     out = np.empty(key.shape, np.int64) if out is None else out
-    labels_at_sources(key, np.asarray(labels, np.int64), fill, np.array(origin, np.int64),
+    labels = np.asarray(labels)
+    if labels.dtype not in (np.uint32, np.int64):  # the provisional ids' types, compiled once
+        labels = labels.astype(np.int64)
+    labels_at_sources(key, labels, fill, np.array(origin, np.int64),
                       np.array(volume_shape, np.int64), out)
     return out
 
