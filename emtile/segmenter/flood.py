@@ -266,10 +266,11 @@ _local = threading.local()
 def _buffer(name, size, dtype, spare=1.0):
     """This thread's flat scratch array ``name`` of ``dtype``, with room for ``size`` items
     (any values), kept for the thread's next blocks. When short it grows to ``size``, or to
-    ``spare`` times its old size if that is more: arrays sized by the read box take exactly the
-    largest box (a plan has a few sizes, the edges' and the inside's; growing by half again
-    kept up to 50% more than any block needed, 14 bytes a voxel of the box per thread), arrays
-    sized by the domain, which differs from block to block, take ``spare=1.5``."""
+    ``spare`` times its old size if that is more. Arrays sized by the read box (keys, costs,
+    slots: 14 bytes a voxel) take exactly the largest box so far: a plan has a few box sizes,
+    the edges' and the inside's, and growing them by half again kept up to half as much again
+    as any block needed, per thread. Arrays sized by the domain, which differs from block to
+    block, take ``spare=1.5``."""
     name = f"{name}_{np.dtype(dtype).name}"
     buf = getattr(_local, name, None)
     if buf is None or buf.size < size:
