@@ -260,13 +260,12 @@ def number_objects(n_ids, pairs, stats, edges, *, merge_threshold=None, merge_qu
         count = objects.size
     else:
         from emtile.segmenter.agglomerate import merge_objects
-        from emtile.segmenter.kernels import sum_edges
+        from emtile.segmenter.kernels import sum_edge_rows
 
         u = np.searchsorted(objects, comp[edges[:, 0]])
         v = np.searchsorted(objects, comp[edges[:, 1]])
         keep = u != v
-        faces = sum_edges(np.minimum(u, v)[keep], np.maximum(u, v)[keep],
-                          *(edges[keep, k] for k in range(2, edges.shape[1])))
+        faces = sum_edge_rows(np.minimum(u, v)[keep], np.maximum(u, v)[keep], edges[keep, 2:])
         ids, count = merge_objects(first, size, faces, merge_threshold=merge_threshold,
                                    merge_quantile=merge_quantile, min_size=min_size)
         if report is not None and merge_threshold is not None:
